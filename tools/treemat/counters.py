@@ -132,4 +132,3 @@ class StatsStore:
                     path.unlink()
                     removed += 1
         return removed
-

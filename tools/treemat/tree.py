@@ -1,0 +1,156 @@
+"""Input trees: a validated, hierarchical description of the files an action may read.
+
+Every path is relative and `/`-separated; `.`/`..` components, absolute paths, NUL bytes, a file beneath a
+file or symlink, and symlinks whose target leaves the tree are refused with ManifestError, so a tree can
+never write or point outside the directory it is materialized into.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from treemat.digest import Digest
+from treemat.errors import ManifestError
+
+
+@dataclass(frozen=True, slots=True)
+class FileNode:
+    """A regular file: its content digest and exec bit; `source` is where to ingest it from if needed."""
+
+    digest: Digest
+    executable: bool = False
+    source: Path | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SymlinkNode:
+    """A relative symlink that stays inside the tree."""
+
+    target: str
+
+
+@dataclass(slots=True)
+class DirectoryNode:
+    """A directory: named files, symlinks and subdirectories (names are single path components)."""
+
+    files: dict[str, FileNode] = field(default_factory=dict)
+    symlinks: dict[str, SymlinkNode] = field(default_factory=dict)
+    dirs: dict[str, DirectoryNode] = field(default_factory=dict)
+
+    def walk(self, prefix: str = "") -> Iterator[tuple[str, DirectoryNode]]:
+        """Yield `(relative path, node)` for this directory and every descendant, parents first."""
+        yield prefix, self
+        for name in sorted(self.dirs):
+            yield from self.dirs[name].walk(f"{prefix}/{name}" if prefix else name)
+
+    def iter_files(self, prefix: str = "") -> Iterator[tuple[str, FileNode]]:
+        """Yield `(relative path, FileNode)` for every file beneath this directory."""
+        for dir_path, node in self.walk(prefix):
+            for name in sorted(node.files):
+                yield (f"{dir_path}/{name}" if dir_path else name), node.files[name]
+
+    def iter_symlinks(self, prefix: str = "") -> Iterator[tuple[str, SymlinkNode]]:
+        """Yield `(relative path, SymlinkNode)` for every symlink beneath this directory."""
+        for dir_path, node in self.walk(prefix):
+            for name in sorted(node.symlinks):
+                yield (f"{dir_path}/{name}" if dir_path else name), node.symlinks[name]
+
+    def count_files(self) -> int:
+        """Number of files (not symlinks or directories) beneath this directory."""
+        return sum(len(node.files) for _, node in self.walk())
+
+    def total_bytes(self) -> int:
+        """Sum of file sizes beneath this directory."""
+        return sum(f.digest.size for _, f in self.iter_files())
+
+
+def normalize_path(raw: str) -> str:
+    """Validate a relative tree path and return it in canonical form (no trailing slash)."""
+    if not isinstance(raw, str) or not raw:
+        raise ManifestError(f"path must be a non-empty string, got {raw!r}")
+    if "\0" in raw:
+        raise ManifestError(f"path contains a NUL byte: {raw!r}")
+    if raw.startswith("/"):
+        raise ManifestError(f"absolute path not allowed in an input tree: {raw!r}")
+    parts = [part for part in raw.split("/") if part not in ("",)]
+    if not parts:
+        raise ManifestError(f"path names the tree root: {raw!r}")
+    for part in parts:
+        if part in (".", ".."):
+            raise ManifestError(f"path component {part!r} not allowed: {raw!r}")
+    return "/".join(parts)
+
+
+def check_symlink_target(link_path: str, target: str) -> str:
+    """Refuse absolute or escaping symlink targets; return the target unchanged."""
+    if not target or "\0" in target:
+        raise ManifestError(f"symlink {link_path!r} has an empty or NUL-containing target")
+    if target.startswith("/"):
+        raise ManifestError(f"symlink {link_path!r} -> {target!r}: absolute targets escape the exec root")
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(link_path), target))
+    if resolved == ".." or resolved.startswith("../"):
+        raise ManifestError(f"symlink {link_path!r} -> {target!r} points outside the tree")
+    return target
+
+
+class InputTree:
+    """A whole input tree, built entry by entry with validation."""
+
+    def __init__(self) -> None:
+        self.root = DirectoryNode()
+
+    def _parent_for(self, path: str) -> tuple[DirectoryNode, str]:
+        """Create (as needed) and return the parent directory of `path`, plus the leaf name."""
+        *parents, leaf = path.split("/")
+        node = self.root
+        walked: list[str] = []
+        for name in parents:
+            walked.append(name)
+            if name in node.files or name in node.symlinks:
+                raise ManifestError(
+                    f"{path!r} needs {'/'.join(walked)!r} to be a directory, but it is a file or symlink"
+                )
+            node = node.dirs.setdefault(name, DirectoryNode())
+        return node, leaf
+
+    def add_file(self, raw_path: str, file: FileNode) -> None:
+        """Add a file; re-adding the same path with the same digest and mode is allowed."""
+        path = normalize_path(raw_path)
+        parent, leaf = self._parent_for(path)
+        if leaf in parent.dirs or leaf in parent.symlinks:
+            raise ManifestError(f"{path!r} is listed both as a file and as a directory or symlink")
+        existing = parent.files.get(leaf)
+        if existing is not None and existing != file:
+            raise ManifestError(f"{path!r} is listed twice with different content or mode")
+        parent.files[leaf] = file
+
+    def add_symlink(self, raw_path: str, target: str) -> None:
+        """Add a relative symlink that must resolve inside the tree."""
+        path = normalize_path(raw_path)
+        check_symlink_target(path, target)
+        parent, leaf = self._parent_for(path)
+        if leaf in parent.dirs or leaf in parent.files:
+            raise ManifestError(f"{path!r} is listed both as a symlink and as a file or directory")
+        existing = parent.symlinks.get(leaf)
+        if existing is not None and existing.target != target:
+            raise ManifestError(f"symlink {path!r} is listed twice with different targets")
+        parent.symlinks[leaf] = SymlinkNode(target)
+
+    def add_directory(self, raw_path: str) -> None:
+        """Add a (possibly empty) directory."""
+        path = normalize_path(raw_path)
+        parent, leaf = self._parent_for(path)
+        if leaf in parent.files or leaf in parent.symlinks:
+            raise ManifestError(f"{path!r} is listed both as a directory and as a file or symlink")
+        parent.dirs.setdefault(leaf, DirectoryNode())
+
+    def iter_files(self) -> Iterator[tuple[str, FileNode]]:
+        """Every `(path, FileNode)` in the tree, sorted by directory then name."""
+        return self.root.iter_files()
+
+    def count_files(self) -> int:
+        """Number of files in the tree."""
+        return self.root.count_files()
