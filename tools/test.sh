@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every check: lint + types, the pytest suites (unit, property, fault, end-to-end through real Bazel and
+# swiftc), then `bazel test //tests/...`. Exits non-zero if anything fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tools/setup.sh
+
+echo "== ruff + mypy"
+python3 -m ruff check tools tests benchmarks
+python3 -m mypy
+
+echo "== pytest (unit, property, faults, e2e)"
+python3 -m pytest -q -ra tests
+
+echo "== bazel test //tests/..."
+bazel test //tests/... --test_output=errors

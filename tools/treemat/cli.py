@@ -1,0 +1,460 @@
+"""The `treemat` command line: stage trees, inspect telemetry, manage the CAS, benchmark.
+
+Every failure a user can cause is reported as one line on stderr (`treemat: error: ...`), exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from treemat.counters import FILE_METHOD_COUNTERS, Counters, StatsStore
+from treemat.errors import TreematError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def default_root() -> Path:
+    """`$TREEMAT_ROOT`, else `$XDG_CACHE_HOME/treemat`, else `~/.cache/treemat` (shared with the worker)."""
+    from treemat.worker import default_root as worker_default_root
+
+    return worker_default_root()
+
+
+def parse_size(text: str) -> int:
+    """Parse sizes like `500M`, `10G`, `1234` (bytes)."""
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = cleaned, ""
+    if cleaned and cleaned[-1] in _SIZE_UNITS:
+        number, unit = cleaned[:-1], cleaned[-1]
+    try:
+        return int(float(number) * _SIZE_UNITS[unit])
+    except ValueError as exc:
+        raise click.BadParameter(f"not a size: {text!r} (examples: 500M, 10G, 1048576)") from exc
+
+
+def human_bytes(count: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses, enums, paths and mappings -> plain JSON types."""
+    if hasattr(value, "to_json") and callable(value.to_json):
+        return value.to_json()
+    if is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "value") and hasattr(value, "name"):  # enum
+        return value.value
+    return value
+
+
+def emit_json(value: Any) -> None:
+    """Print `value` as indented JSON on stdout."""
+    click.echo(json.dumps(to_jsonable(value), indent=2, sort_keys=True))
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn TreematError / OSError into a one-line message and exit status 1 (no traceback)."""
+    try:
+        yield
+    except TreematError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise click.ClickException(f"{exc.strerror or exc}{where}") from None
+
+
+@contextmanager
+def progress_bar(total: int, label: str, *, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A click progress bar on stderr; yields an `advance(n)` callback (a no-op when disabled)."""
+    if not enabled or total <= 0:
+        yield lambda _n: None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True) as bar:
+        yield bar.update
+
+
+class RootedContext:
+    """Objects every subcommand shares: the treemat root directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+
+pass_rooted = click.make_pass_decorator(RootedContext)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TREEMAT_ROOT",
+    default=None,
+    help="treemat state directory (CAS, directory cache, exec dirs, stats). "
+    "Default: $TREEMAT_ROOT, else $XDG_CACHE_HOME/treemat, else ~/.cache/treemat.",
+)
+@click.version_option(package_name="treemat", message="treemat %(version)s")
+@click.pass_context
+def cli(ctx: click.Context, root: Path | None) -> None:
+    """Fast, hermetic input materialization for Bazel actions.
+
+    treemat keeps every input blob once in an on-disk CAS and builds each action's input tree in a
+    private directory with the cheapest kernel path the filesystems allow: APFS clonefile (whole
+    cached subtrees in one call), btrfs snapshots, FICLONE reflinks, hardlinks, and copy last.
+    Inputs come out read-only (0o444, 0o555 for executables) in writable directories, so an action
+    can create outputs anywhere but cannot change its inputs.
+
+    \b
+    Typical use:
+      bazel build --config=treemat //...     Bazel runs treemat as a persistent worker
+      treemat stats                          which backend files took; subtree cache hits
+      treemat stage manifest.json out/       materialize a tree by hand
+      treemat cas verify                     rehash every blob, quarantine corrupt ones
+    """
+    ctx.obj = RootedContext((root or default_root()).expanduser().absolute())
+
+
+# --------------------------------------------------------------------------- stage
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option(
+    "--prefer",
+    "prefer",
+    multiple=True,
+    type=click.Choice(["clonefile", "reflink", "hardlink", "copy"]),
+    help="Force a backend order (repeat to list several). Default: fastest safe method the filesystems allow.",
+)
+@click.option("--no-dircache", is_flag=True, help="Materialize file by file; skip the subtree cache.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=None, help="Threads (default: sized to CPUs).")
+@click.option("--json", "as_json", is_flag=True, help="Print the stage report as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@pass_rooted
+def stage(
+    rooted: RootedContext,
+    manifest: Path,
+    dest: Path,
+    prefer: tuple[str, ...],
+    no_dircache: bool,
+    concurrency: int | None,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Materialize the input tree described by MANIFEST into the new directory DEST.
+
+    MANIFEST is JSON: a list of entries (or {"inputs": [...]}), each one of
+
+    \b
+      {"path": "src/a.swift", "digest": "<sha256>/<size>", "executable": false,
+       "source": "/file/to/ingest/if/the/CAS/lacks/it"}
+      {"path": "lib/current", "symlink": "v2"}        relative, must stay inside the tree
+      {"path": "out/objs", "directory": true}         an empty directory
+
+    Blobs missing from the CAS are ingested from "source" (and verified against "digest").
+    DEST must not exist. Files come out read-only; directories writable.
+    """
+    from treemat.tree import load_manifest
+
+    with user_errors():
+        if dest.exists() or dest.is_symlink():
+            raise click.ClickException(f"destination already exists: {dest}")
+        tree = load_manifest(manifest)
+        counters = Counters()
+        cache = build_stack(rooted.root, counters, prefer=prefer, concurrency=concurrency, dircache=not no_dircache)
+        total = tree.count_files()
+        with progress_bar(total, "staging", enabled=not quiet and not as_json and total >= 500) as advance:
+            report = cache.stage(tree, dest.absolute(), progress=advance)
+        StatsStore(rooted.root).publish(counters, role="cli-stage")
+    if as_json:
+        emit_json({"dest": str(dest), "report": report, "counters": counters.snapshot()})
+    else:
+        click.echo(f"staged {total} files into {dest}")
+        click.echo(format_counters(counters.snapshot()))
+
+
+def build_stack(
+    root: Path,
+    counters: Counters,
+    *,
+    prefer: tuple[str, ...] = (),
+    concurrency: int | None = None,
+    dircache: bool = True,
+) -> Any:
+    """CAS -> backend probe -> materializer -> directory cache, wired for a CLI command."""
+    from treemat.backends import BackendProbe, Method
+    from treemat.cas import ContentStore
+    from treemat.dircache import DirectoryCache
+    from treemat.materializer import Materializer
+
+    cas = ContentStore(root, counters=counters)
+    probe = BackendProbe(prefer=[Method(name) for name in prefer] or None)
+    materializer = Materializer(cas, probe, counters=counters, concurrency=concurrency)
+    return DirectoryCache(root, materializer, counters=counters, min_files=32 if dircache else None)
+
+
+# --------------------------------------------------------------------------- stats
+
+
+def format_counters(values: Mapping[str, int]) -> str:
+    """Human summary of counters, with a loud line when files silently fell back to copying."""
+    placed = {name: values.get(name, 0) for name in FILE_METHOD_COUNTERS}
+    total = sum(placed.values())
+    lines = ["files by backend:"]
+    for name, count in placed.items():
+        share = f"{100 * count / total:5.1f}%" if total else "    -"
+        lines.append(f"  {name:<10} {count:>10}  {share}")
+    hits, misses = values.get("subtree_hits", 0), values.get("subtree_misses", 0)
+    lines.append(f"subtree cache: {hits} hits, {misses} misses, {values.get('evictions', 0)} evictions")
+    lines.append(
+        f"actions: {values.get('actions', 0)} ({values.get('action_failures', 0)} failed), "
+        f"ingested {values.get('ingested_blobs', 0)} blobs / {human_bytes(values.get('ingested_bytes', 0))}, "
+        f"quarantined {values.get('integrity_quarantined', 0)}"
+    )
+    others = sorted(k for k in values if k not in FILE_METHOD_COUNTERS and not _is_summarized(k))
+    for name in others:
+        lines.append(f"  {name}: {values[name]}")
+    fast = placed["clonefile"] + placed["reflink"] + placed["hardlink"]
+    if placed["copy"] and placed["copy"] >= fast:
+        lines.append(
+            "WARNING: most files were COPIED — the CAS and exec dirs are probably on different filesystems "
+            "or the filesystem supports neither reflinks nor hardlinks (see `treemat probe`)."
+        )
+    return "\n".join(lines)
+
+
+def _is_summarized(name: str) -> bool:
+    return name in {
+        "subtree_hits",
+        "subtree_misses",
+        "evictions",
+        "actions",
+        "action_failures",
+        "ingested_blobs",
+        "ingested_bytes",
+        "integrity_quarantined",
+    }
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable totals, per-process records included.")
+@click.option("--reset", is_flag=True, help="Forget all recorded counters.")
+@pass_rooted
+def stats(rooted: RootedContext, as_json: bool, reset: bool) -> None:
+    """Show what treemat did: files per backend, subtree cache hits, ingests, quarantines.
+
+    Every treemat process (persistent workers included) publishes its counters under ROOT/stats;
+    this sums them. A silent fallback to `copy` shows up here, loudly.
+    """
+    store = StatsStore(rooted.root)
+    if reset:
+        click.echo(f"removed {store.reset()} stats records")
+        return
+    records = store.load_all()
+    totals = store.totals()
+    if as_json:
+        emit_json({"root": str(rooted.root), "totals": totals, "processes": records})
+        return
+    click.echo(f"treemat root: {rooted.root}  ({len(records)} process records)")
+    click.echo(format_counters(totals))
+    recent = [a for r in records for a in _as_list(r.get("recent_actions"))]
+    if recent:
+        click.echo("recent actions:")
+        for action in recent[-10:]:
+            click.echo(f"  {json.dumps(action, sort_keys=True)}")
+
+
+def _as_list(value: object) -> list[object]:
+    return list(value) if isinstance(value, list) else []
+
+
+# --------------------------------------------------------------------------- probe
+
+
+@cli.command()
+@click.argument("dest_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=".")
+@click.option("--json", "as_json", is_flag=True)
+@pass_rooted
+def probe(rooted: RootedContext, dest_dir: Path, as_json: bool) -> None:
+    """Show which backends work from the CAS filesystem to DEST_DIR's filesystem, fastest first."""
+    from treemat.backends import BackendProbe
+
+    with user_errors():
+        cas_dir = rooted.root / "cas"
+        cas_dir.mkdir(parents=True, exist_ok=True)
+        methods = BackendProbe().methods_for(cas_dir, dest_dir.absolute())
+    names = [m.value for m in methods]
+    if as_json:
+        emit_json({"cas": str(cas_dir), "dest": str(dest_dir), "methods": names})
+    else:
+        click.echo(f"{cas_dir} -> {dest_dir}: {' > '.join(names)}")
+
+
+# --------------------------------------------------------------------------- cas
+
+
+@cli.group()
+def cas() -> None:
+    """Inspect and maintain the content-addressable store (ROOT/cas, Bazel disk-cache layout)."""
+
+
+@cas.command("ingest")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print path -> digest as JSON.")
+@pass_rooted
+def cas_ingest(rooted: RootedContext, paths: tuple[Path, ...], as_json: bool) -> None:
+    """Add files (directories are walked) to the CAS; prints each file's digest.
+
+    The exec bit of each file is kept: executables and plain files are stored as separate blobs.
+    """
+    from treemat.cas import ContentStore
+
+    files = list(_walk_files(paths))
+    result: dict[str, str] = {}
+    with user_errors():
+        store = ContentStore(rooted.root)
+        with progress_bar(len(files), "ingesting", enabled=not as_json and len(files) >= 200) as advance:
+            for path in files:
+                executable = os.access(path, os.X_OK)
+                result[str(path)] = str(store.ingest_file(path, executable=executable))
+                advance(1)
+    if as_json:
+        emit_json(result)
+    else:
+        for path_text, digest in result.items():
+            click.echo(f"{digest}  {path_text}")
+
+
+def _walk_files(paths: tuple[Path, ...]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            for dirpath, _dirs, names in os.walk(path):
+                for name in sorted(names):
+                    candidate = Path(dirpath) / name
+                    if candidate.is_file() and not candidate.is_symlink():
+                        yield candidate
+        else:
+            yield path
+
+
+@cas.command("verify")
+@click.option("--json", "as_json", is_flag=True)
+@pass_rooted
+def cas_verify(rooted: RootedContext, as_json: bool) -> None:
+    """Rehash every blob; corrupt blobs are moved to ROOT/quarantine and never served again.
+
+    Exit status 1 if anything was corrupt.
+    """
+    from treemat.cas import ContentStore
+
+    with user_errors():
+        store = ContentStore(rooted.root)
+        total = store.stats().blobs
+        with progress_bar(total, "verifying", enabled=not as_json and total >= 200) as advance:
+            report = store.verify_all(progress=advance)
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo(_describe(report))
+    if getattr(report, "corrupt", 0):
+        sys.exit(1)
+
+
+@cas.command("gc")
+@click.option("--max-size", required=True, help="Target CAS size, e.g. 20G. Least recently used blobs go first.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_rooted
+def cas_gc(rooted: RootedContext, max_size: str, as_json: bool) -> None:
+    """Delete least-recently-used blobs until the CAS fits in --max-size.
+
+    Blobs in use (hardlinked into a live exec dir or the directory cache) are never deleted; GC waits
+    for running stagers to release the CAS.
+    """
+    from treemat.cas import ContentStore
+
+    with user_errors():
+        report = ContentStore(rooted.root).gc(parse_size(max_size))
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo(_describe(report))
+
+
+@cas.command("stats")
+@click.option("--json", "as_json", is_flag=True)
+@pass_rooted
+def cas_stats(rooted: RootedContext, as_json: bool) -> None:
+    """Blob count and bytes in the CAS."""
+    from treemat.cas import ContentStore
+
+    with user_errors():
+        report = ContentStore(rooted.root).stats()
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo(_describe(report))
+
+
+def _describe(report: Any) -> str:
+    """`key: value` lines for a dataclass report, sizes made human."""
+    data = to_jsonable(report)
+    if not isinstance(data, dict):
+        return str(data)
+    parts = []
+    for key, value in data.items():
+        shown = human_bytes(value) if key.endswith("bytes") and isinstance(value, int) else value
+        parts.append(f"{key}: {shown}")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- worker
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def worker(args: tuple[str, ...]) -> None:
+    """Serve Bazel's persistent-worker protocol on stdin/stdout (what Bazel runs).
+
+    Same as `treemat --persistent_worker ARGS`. Options: --protocol=json|proto|auto, --root=DIR,
+    --max-workers=N.
+    """
+    from treemat.__main__ import main as entry
+
+    sys.exit(entry(["--persistent_worker", *args]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point."""
+    try:
+        cli.main(args=argv, prog_name="treemat", standalone_mode=True)
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
