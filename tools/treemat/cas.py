@@ -1,0 +1,376 @@
+"""On-disk content-addressable store, keyed by (digest, executable).
+
+Layout (Bazel `--disk_cache` compatible for plain blobs): `<root>/cas/<hh>/<hash>` (0o444) and
+`<root>/cas/<hh>/<hash>+x` (0o555), so an executable and a plain copy of the same bytes never share an inode
+and nobody ever chmods a shared blob. Every blob's mtime is the sentinel BLOB_MTIME_NS: together with the
+fixed mode and the size it forms a stat fingerprint, so a tool that chmods a hardlinked input and writes
+through it is caught by one `stat`. LRU recency lives in atime (set explicitly; mount options don't matter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import secrets
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from treemat.counters import Counters
+from treemat.digest import EMPTY_DIGEST, Digest, check_hash
+from treemat.errors import CasError, CorruptBlobError, MissingBlobError
+from treemat.locking import file_lock
+
+BLOB_MTIME_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z: a blob whose mtime differs was written to
+PLAIN_MODE = 0o444
+EXEC_MODE = 0o555
+TOUCH_INTERVAL_NS = 3600 * 1_000_000_000
+_FICLONE = 0x40049409
+_CHUNK = 1 << 20
+
+
+def blob_mode(executable: bool) -> int:
+    """The permission bits every blob (and every materialized input file) carries."""
+    return EXEC_MODE if executable else PLAIN_MODE
+
+
+@dataclass(frozen=True, slots=True)
+class CasStats:
+    """Size of the store."""
+
+    blobs: int
+    bytes: int
+    executable_blobs: int
+    quarantined: int
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    """Outcome of rehashing every blob."""
+
+    checked: int = 0
+    ok: int = 0
+    corrupt: int = 0
+    corrupt_blobs: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class GcReport:
+    """Outcome of a garbage collection."""
+
+    before_bytes: int = 0
+    after_bytes: int = 0
+    deleted_blobs: int = 0
+    deleted_bytes: int = 0
+    kept_in_use: int = 0
+
+
+class ContentStore:
+    """The CAS. Safe for many threads and processes at once; publishes are atomic (os.link of a temp file)."""
+
+    def __init__(self, root: Path, *, counters: Counters | None = None) -> None:
+        self.root = Path(root)
+        self.cas_dir = self.root / "cas"
+        self.tmp_dir = self.root / "tmp"
+        self.quarantine_dir = self.root / "quarantine"
+        self.gc_lock_path = self.root / "gc.lock"
+        self.counters = counters if counters is not None else Counters()
+        for directory in (self.cas_dir, self.tmp_dir, self.quarantine_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self._touched: dict[tuple[str, bool], int] = {}
+        self._touch_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ paths and lookups
+
+    def blob_path(self, hash_hex: str, executable: bool) -> Path:
+        """Where the blob for (hash, executable) lives (whether or not it exists)."""
+        return self.cas_dir / hash_hex[:2] / (hash_hex + ("+x" if executable else ""))
+
+    def lookup(self, hash_hex: str, executable: bool) -> Digest | None:
+        """The blob's Digest if present and intact by its stat fingerprint; a tampered blob is quarantined."""
+        if check_hash(hash_hex) == EMPTY_DIGEST.hash:
+            return EMPTY_DIGEST
+        path = self.blob_path(hash_hex, executable)
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            return None
+        if not _fingerprint_ok(info, executable):
+            self.quarantine(hash_hex, executable, "stat fingerprint changed (mode or mtime)")
+            return None
+        self.counters.add("cas_hits")
+        return Digest(hash_hex, info.st_size)
+
+    def check_fingerprint(self, hash_hex: str, executable: bool, size: int | None = None) -> bool:
+        """True if the blob still has its fixed mode, sentinel mtime (and `size`, when given)."""
+        try:
+            info = self.blob_path(hash_hex, executable).stat()
+        except FileNotFoundError:
+            return True  # nothing served from here any more: nothing to poison
+        return _fingerprint_ok(info, executable) and (size is None or info.st_size == size)
+
+    # ------------------------------------------------------------------ ingest
+
+    def ingest_file(self, source: Path, *, executable: bool, expected: str | Digest | None = None) -> Digest:
+        """Copy `source` into the CAS (reflink when possible), hashing it; verify against `expected`."""
+        expected_hash = expected.hash if isinstance(expected, Digest) else expected
+        if expected_hash is not None:
+            expected_hash = check_hash(expected_hash)
+            known = self.lookup(expected_hash, executable)
+            if known is not None:
+                return known
+        try:
+            src_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise MissingBlobError(f"cannot ingest {source}: no such file") from None
+        except IsADirectoryError:
+            raise CasError(f"cannot ingest {source}: it is a directory") from None
+        try:
+            if os.fstat(src_fd).st_size == 0:
+                digest = EMPTY_DIGEST
+                _check_expected(digest, expected_hash, source)
+                return digest
+            with self._temp_blob() as (tmp_fd, tmp_path):
+                digest = _copy_and_hash(src_fd, tmp_fd, source)
+                _check_expected(digest, expected_hash, source)
+                return self._publish(tmp_fd, tmp_path, digest, executable)
+        finally:
+            os.close(src_fd)
+
+    def ingest_bytes(self, data: bytes, *, executable: bool) -> Digest:
+        """Store an in-memory blob."""
+        digest = Digest(hashlib.sha256(data).hexdigest(), len(data))
+        if digest.is_empty:
+            return digest
+        known = self.lookup(digest.hash, executable)
+        if known is not None:
+            return known
+        with self._temp_blob() as (tmp_fd, tmp_path):
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(tmp_fd, view) :]
+            except OSError as exc:
+                raise _io_error(exc, "writing a blob") from None
+            return self._publish(tmp_fd, tmp_path, digest, executable)
+
+    @contextlib.contextmanager
+    def _temp_blob(self) -> Iterator[tuple[int, Path]]:
+        """A fresh temp file in `<root>/tmp`, always removed afterwards (the published blob is a link to it)."""
+        tmp_path = self.tmp_dir / f"{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(6)}"
+        try:
+            tmp_fd = os.open(tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise _io_error(exc, f"creating a temp file in {self.tmp_dir}") from None
+        try:
+            yield tmp_fd, tmp_path
+        finally:
+            os.close(tmp_fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_path)
+
+    def _publish(self, tmp_fd: int, tmp_path: Path, digest: Digest, executable: bool) -> Digest:
+        """Fix mode and mtime on the temp file, then link it into place; EEXIST means another writer won."""
+        final = self.blob_path(digest.hash, executable)
+        try:
+            os.fchmod(tmp_fd, blob_mode(executable))
+            os.utime(tmp_fd, ns=(time.time_ns(), BLOB_MTIME_NS))
+            final.parent.mkdir(exist_ok=True)
+            os.link(tmp_path, final)
+        except FileExistsError:
+            if self.lookup(digest.hash, executable) is None:  # the existing one was tampered: replace it
+                os.link(tmp_path, final)
+        except OSError as exc:
+            raise _io_error(exc, f"publishing blob {digest}") from None
+        self.counters.add("ingested_blobs")
+        self.counters.add("ingested_bytes", digest.size)
+        return digest
+
+    # ------------------------------------------------------------------ integrity
+
+    def quarantine(self, hash_hex: str, executable: bool, reason: str) -> None:
+        """Move a blob out of service (kept under `<root>/quarantine` for inspection)."""
+        path = self.blob_path(hash_hex, executable)
+        target = self.quarantine_dir / f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return
+        with contextlib.suppress(OSError):
+            (target.with_name(target.name + ".reason")).write_text(reason + "\n")
+        self.counters.add("integrity_quarantined")
+
+    def verify(self, hash_hex: str, executable: bool) -> bool:
+        """Rehash one blob; False if missing or corrupt."""
+        path = self.blob_path(hash_hex, executable)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            hasher = hashlib.sha256()
+            while chunk := os.read(fd, _CHUNK):
+                hasher.update(chunk)
+            info = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return hasher.hexdigest() == hash_hex and _fingerprint_ok(info, executable)
+
+    def iter_blobs(self) -> Iterator[tuple[str, bool, Path]]:
+        """Every (hash, executable, path) in the store."""
+        if not self.cas_dir.is_dir():
+            return
+        for shard in sorted(self.cas_dir.iterdir()):
+            if not shard.is_dir():
+                continue
+            for entry in sorted(shard.iterdir()):
+                name = entry.name
+                executable = name.endswith("+x")
+                yield (name[:-2] if executable else name), executable, entry
+
+    def verify_all(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
+        """Rehash every blob; corrupt ones are quarantined."""
+        report = VerifyReport()
+        for hash_hex, executable, _path in self.iter_blobs():
+            report.checked += 1
+            if self.verify(hash_hex, executable):
+                report.ok += 1
+            else:
+                report.corrupt += 1
+                report.corrupt_blobs.append(hash_hex + ("+x" if executable else ""))
+                self.quarantine(hash_hex, executable, "content does not match its digest")
+            if progress:
+                progress(1)
+        return report
+
+    # ------------------------------------------------------------------ LRU + GC
+
+    def touch(self, hash_hex: str, executable: bool) -> None:
+        """Record use of a blob (atime), at most once an hour per blob per store instance."""
+        key = (hash_hex, executable)
+        now = time.time_ns()
+        with self._touch_lock:
+            if now - self._touched.get(key, 0) < TOUCH_INTERVAL_NS:
+                return
+            self._touched[key] = now
+        with contextlib.suppress(OSError):
+            os.utime(self.blob_path(hash_hex, executable), ns=(now, BLOB_MTIME_NS))
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Hold while staging: GC (exclusive on the same lock) waits until every stager is done."""
+        with file_lock(self.gc_lock_path, shared=True):
+            yield
+
+    def gc(self, max_bytes: int) -> GcReport:
+        """Delete least-recently-used blobs until the store fits in `max_bytes`; linked (in-use) blobs stay."""
+        report = GcReport()
+        with file_lock(self.gc_lock_path):
+            entries: list[tuple[int, int, Path]] = []
+            pinned_bytes = 0
+            for _hash, _executable, path in self.iter_blobs():
+                try:
+                    info = path.stat()
+                except FileNotFoundError:
+                    continue
+                report.before_bytes += info.st_size
+                if info.st_nlink > 1:
+                    report.kept_in_use += 1
+                    pinned_bytes += info.st_size
+                    continue
+                entries.append((info.st_atime_ns, info.st_size, path))
+            total = report.before_bytes
+            for _atime, size, path in sorted(entries):
+                if total <= max_bytes:
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    total -= size
+                    report.deleted_blobs += 1
+                    report.deleted_bytes += size
+            report.after_bytes = total
+            self._sweep_tmp()
+        return report
+
+    def _sweep_tmp(self, older_than_s: float = 3600.0) -> None:
+        """Remove temp files left by killed processes (only old ones: live writers hold fresh ones)."""
+        cutoff = time.time() - older_than_s
+        for entry in self.tmp_dir.iterdir():
+            with contextlib.suppress(OSError):
+                if entry.stat().st_mtime < cutoff:
+                    entry.unlink()
+
+    def stats(self) -> CasStats:
+        """Blob count and bytes."""
+        blobs = total = executable_blobs = 0
+        for _hash, executable, path in self.iter_blobs():
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            blobs += 1
+            total += size
+            executable_blobs += executable
+        quarantined = sum(1 for p in self.quarantine_dir.iterdir() if not p.name.endswith(".reason"))
+        return CasStats(blobs=blobs, bytes=total, executable_blobs=executable_blobs, quarantined=quarantined)
+
+
+def _fingerprint_ok(info: os.stat_result, executable: bool) -> bool:
+    return stat.S_IMODE(info.st_mode) == blob_mode(executable) and info.st_mtime_ns == BLOB_MTIME_NS
+
+
+def _check_expected(digest: Digest, expected_hash: str | None, source: Path) -> None:
+    if expected_hash is not None and digest.hash != expected_hash:
+        raise CorruptBlobError(
+            f"{source}: content hashes to {digest.hash[:16]}… but {expected_hash[:16]}… was expected "
+            "(the file changed after Bazel digested it?)"
+        )
+
+
+def _io_error(exc: OSError, doing: str) -> CasError:
+    if exc.errno == errno.ENOSPC:
+        return CasError(f"disk full while {doing}: free space or run `treemat cas gc`")
+    return CasError(f"{exc.strerror or exc} while {doing}")
+
+
+def _copy_and_hash(src_fd: int, dst_fd: int, source: Path) -> Digest:
+    """Copy src into dst (reflink first: free on xfs/btrfs), then hash what landed in dst."""
+    try:
+        try:
+            fcntl.ioctl(dst_fd, _FICLONE, src_fd)
+        except OSError:
+            _plain_copy(src_fd, dst_fd)
+        os.lseek(dst_fd, 0, os.SEEK_SET)
+        hasher = hashlib.sha256()
+        size = 0
+        while chunk := os.read(dst_fd, _CHUNK):
+            hasher.update(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise _io_error(exc, f"ingesting {source}") from None
+    return Digest(hasher.hexdigest(), size)
+
+
+def _plain_copy(src_fd: int, dst_fd: int) -> None:
+    os.lseek(src_fd, 0, os.SEEK_SET)
+    if hasattr(os, "copy_file_range"):  # Linux: in-kernel copy (reflinks on xfs/btrfs)
+        try:
+            while os.copy_file_range(src_fd, dst_fd, 1 << 30):
+                pass
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+    os.lseek(src_fd, 0, os.SEEK_SET)
+    os.ftruncate(dst_fd, 0)
+    os.lseek(dst_fd, 0, os.SEEK_SET)
+    while chunk := os.read(src_fd, _CHUNK):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst_fd, view) :]
