@@ -7,13 +7,15 @@ never write or point outside the directory it is materialized into.
 
 from __future__ import annotations
 
+import os
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from treemat.digest import Digest
-from treemat.errors import ManifestError
+from treemat.errors import DigestError, ManifestError
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,3 +156,134 @@ class InputTree:
     def count_files(self) -> int:
         """Number of files in the tree."""
         return self.root.count_files()
+
+
+class MerkleIndex:
+    """REAPI Merkle digests of every directory in a tree (canonical `Directory` encoding), memoized."""
+
+    def __init__(self) -> None:
+        self._digests: dict[int, Digest] = {}
+        self._keepalive: list[DirectoryNode] = []  # id() keys stay valid while the nodes live
+
+    def digest_of(self, node: DirectoryNode) -> Digest:
+        """Digest of `node`'s canonical Directory message (children sorted by name)."""
+        known = self._digests.get(id(node))
+        if known is not None:
+            return known
+        from treemat import protos  # protobuf import kept off the one-shot fast path
+        from treemat.digest import digest_bytes
+
+        # iterative post-order so deep trees don't hit the recursion limit
+        stack: list[tuple[DirectoryNode, bool]] = [(node, False)]
+        while stack:
+            current, children_done = stack.pop()
+            if id(current) in self._digests:
+                continue
+            if not children_done:
+                stack.append((current, True))
+                stack.extend((child, False) for child in current.dirs.values() if id(child) not in self._digests)
+                continue
+            message = protos.Directory()
+            for name in sorted(current.files):
+                file = current.files[name]
+                entry = message.files.add(name=name, is_executable=file.executable)
+                entry.digest.hash = file.digest.hash
+                entry.digest.size_bytes = file.digest.size
+            for name in sorted(current.dirs):
+                child_digest = self._digests[id(current.dirs[name])]
+                sub = message.directories.add(name=name)
+                sub.digest.hash = child_digest.hash
+                sub.digest.size_bytes = child_digest.size
+            for name in sorted(current.symlinks):
+                message.symlinks.add(name=name, target=current.symlinks[name].target)
+            self._digests[id(current)] = digest_bytes(message.SerializeToString(deterministic=True))
+            self._keepalive.append(current)
+        return self._digests[id(node)]
+
+
+def _resolve_inside(tree: InputTree, link_path: str, target: str, hops: int = 40) -> None:
+    """Follow a symlink through the tree model; ManifestError if the chain leaves the root or loops."""
+    parts = link_path.split("/")[:-1]
+    pending = target.split("/")
+    seen = 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise ManifestError(f"symlink {link_path!r} -> {target!r} points outside the tree")
+            parts.pop()
+            continue
+        node: DirectoryNode | None = tree.root
+        for name in parts:
+            node = node.dirs.get(name) if node else None
+        link = node.symlinks.get(part) if node else None
+        if link is not None:
+            seen += 1
+            if seen > hops:
+                raise ManifestError(f"symlink {link_path!r} -> {target!r}: too many levels of links (a loop?)")
+            if link.target.startswith("/"):
+                raise ManifestError(f"symlink {link_path!r} -> {target!r} reaches an absolute link")
+            pending = link.target.split("/") + pending
+            continue
+        parts.append(part)
+
+
+def check_symlinks(tree: InputTree) -> None:
+    """Refuse any symlink whose chain, followed through the tree, leaves the root or loops."""
+    for path, link in tree.root.iter_symlinks():
+        _resolve_inside(tree, path, link.target)
+
+
+def load_manifest(source: str | os.PathLike[str] | list[Any] | dict[str, Any]) -> InputTree:
+    """Build an InputTree from the JSON manifest format (see docs/architecture.md).
+
+    `source` is a path to a JSON file, or the already-parsed JSON value.
+    """
+    import json
+
+    from treemat.digest import Digest as _Digest
+
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            data: Any = json.loads(Path(source).read_text())
+        except OSError as exc:
+            raise ManifestError(f"cannot read manifest {source}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ManifestError(f"manifest {source} is not valid JSON: {exc}") from None
+    else:
+        data = source
+    entries = data.get("inputs") if isinstance(data, dict) else data
+    if not isinstance(entries, list):
+        raise ManifestError('manifest must be a JSON list of entries or {"inputs": [...]}')
+    tree = InputTree()
+    for index, entry in enumerate(entries):
+        where = f"manifest entry #{index}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise ManifestError(f"{where}: must be an object with a string 'path'")
+        where = f"{where} ({entry['path']!r})"
+        try:
+            if "symlink" in entry:
+                tree.add_symlink(entry["path"], str(entry["symlink"]))
+            elif entry.get("directory"):
+                tree.add_directory(entry["path"])
+            else:
+                raw = entry.get("digest")
+                if isinstance(raw, dict):
+                    digest = _Digest(
+                        str(raw.get("hash", "")).lower(), int(str(raw.get("sizeBytes", raw.get("size", -1))))
+                    )
+                elif isinstance(raw, str):
+                    digest = _Digest.parse(raw)
+                else:
+                    raise ManifestError("needs a 'digest' ('<sha256>/<size>'), 'symlink' or 'directory'")
+                source_path = entry.get("source")
+                tree.add_file(
+                    entry["path"],
+                    FileNode(digest, bool(entry.get("executable", False)), Path(source_path) if source_path else None),
+                )
+        except (ManifestError, DigestError, ValueError, TypeError) as exc:
+            raise ManifestError(f"{where}: {exc}") from None
+    check_symlinks(tree)
+    return tree

@@ -1,0 +1,229 @@
+"""Protobuf messages treemat speaks, built at import time from descriptors (no protoc, no generated code).
+
+Field names and numbers match upstream exactly, so encodings are wire-compatible:
+REAPI `build.bazel.remote.execution.v2` (Directory & friends; canonical Merkle encoding), Bazel's
+`blaze.worker` worker protocol, and Bazel's `tools.protos` execution log (SpawnExec).
+"""
+
+from __future__ import annotations
+
+from typing import IO, Any, TypeVar
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError, Message
+
+from treemat.errors import ProtocolError
+
+_F = descriptor_pb2.FieldDescriptorProto
+_SCALARS = {
+    "string": _F.TYPE_STRING,
+    "bytes": _F.TYPE_BYTES,
+    "bool": _F.TYPE_BOOL,
+    "int32": _F.TYPE_INT32,
+    "int64": _F.TYPE_INT64,
+}
+
+# (message name, [(field name, number, type or ".pkg.Message", repeated)])
+FieldSpec = tuple[str, int, str, bool]
+MessageSpec = tuple[str, list[FieldSpec]]
+
+_REAPI = "build.bazel.remote.execution.v2"
+_REAPI_MESSAGES: list[MessageSpec] = [
+    ("Digest", [("hash", 1, "string", False), ("size_bytes", 2, "int64", False)]),
+    (
+        "FileNode",
+        [("name", 1, "string", False), ("digest", 2, f".{_REAPI}.Digest", False), ("is_executable", 4, "bool", False)],
+    ),
+    ("DirectoryNode", [("name", 1, "string", False), ("digest", 2, f".{_REAPI}.Digest", False)]),
+    ("SymlinkNode", [("name", 1, "string", False), ("target", 2, "string", False)]),
+    (
+        "Directory",
+        [
+            ("files", 1, f".{_REAPI}.FileNode", True),
+            ("directories", 2, f".{_REAPI}.DirectoryNode", True),
+            ("symlinks", 3, f".{_REAPI}.SymlinkNode", True),
+        ],
+    ),
+]
+
+_WORKER = "blaze.worker"
+_WORKER_MESSAGES: list[MessageSpec] = [
+    ("Input", [("path", 1, "string", False), ("digest", 2, "bytes", False)]),
+    (
+        "WorkRequest",
+        [
+            ("arguments", 1, "string", True),
+            ("inputs", 2, f".{_WORKER}.Input", True),
+            ("request_id", 3, "int32", False),
+            ("cancel", 4, "bool", False),
+            ("verbosity", 5, "int32", False),
+            ("sandbox_dir", 6, "string", False),
+        ],
+    ),
+    (
+        "WorkResponse",
+        [
+            ("exit_code", 1, "int32", False),
+            ("output", 2, "string", False),
+            ("request_id", 3, "int32", False),
+            ("was_cancelled", 4, "bool", False),
+        ],
+    ),
+]
+
+_SPAWN = "tools.protos"
+_SPAWN_MESSAGES: list[MessageSpec] = [
+    ("Duration", [("seconds", 1, "int64", False), ("nanos", 2, "int32", False)]),
+    (
+        "Digest",
+        [("hash", 1, "string", False), ("size_bytes", 2, "int64", False), ("hash_function_name", 3, "string", False)],
+    ),
+    (
+        "File",
+        [
+            ("path", 1, "string", False),
+            ("digest", 2, f".{_SPAWN}.Digest", False),
+            ("is_tool", 3, "bool", False),
+            ("symlink_target_path", 4, "string", False),
+        ],
+    ),
+    ("EnvironmentVariable", [("name", 1, "string", False), ("value", 2, "string", False)]),
+    (
+        "SpawnMetrics",
+        [
+            ("total_time", 1, f".{_SPAWN}.Duration", False),
+            ("parse_time", 2, f".{_SPAWN}.Duration", False),
+            ("fetch_time", 4, f".{_SPAWN}.Duration", False),
+            ("queue_time", 5, f".{_SPAWN}.Duration", False),
+            ("setup_time", 6, f".{_SPAWN}.Duration", False),
+            ("execution_wall_time", 8, f".{_SPAWN}.Duration", False),
+            ("input_bytes", 11, "int64", False),
+            ("input_files", 12, "int64", False),
+        ],
+    ),
+    (
+        "SpawnExec",
+        [
+            ("command_args", 1, "string", True),
+            ("environment_variables", 2, f".{_SPAWN}.EnvironmentVariable", True),
+            ("inputs", 4, f".{_SPAWN}.File", True),
+            ("listed_outputs", 5, "string", True),
+            ("remotable", 6, "bool", False),
+            ("cacheable", 7, "bool", False),
+            ("timeout_millis", 8, "int64", False),
+            ("mnemonic", 10, "string", False),
+            ("actual_outputs", 11, f".{_SPAWN}.File", True),
+            ("runner", 12, "string", False),
+            ("cache_hit", 13, "bool", False),
+            ("status", 14, "string", False),
+            ("exit_code", 15, "int32", False),
+            ("remote_cacheable", 16, "bool", False),
+            ("walltime", 17, f".{_SPAWN}.Duration", False),  # Bazel <= 6; reserved later
+            ("target_label", 18, "string", False),
+            ("digest", 19, f".{_SPAWN}.Digest", False),
+            ("metrics", 20, f".{_SPAWN}.SpawnMetrics", False),
+        ],
+    ),
+]
+
+
+def file_proto(name: str, package: str, messages: list[MessageSpec]) -> descriptor_pb2.FileDescriptorProto:
+    """A proto3 FileDescriptorProto for `messages` in `package`."""
+    proto = descriptor_pb2.FileDescriptorProto(name=name, package=package, syntax="proto3")
+    for message_name, fields in messages:
+        message = proto.message_type.add(name=message_name)
+        for field_name, number, kind, repeated in fields:
+            field = message.field.add(name=field_name, number=number)
+            field.label = _F.LABEL_REPEATED if repeated else _F.LABEL_OPTIONAL
+            if kind in _SCALARS:
+                field.type = _SCALARS[kind]  # type: ignore[assignment]
+            else:
+                field.type = _F.TYPE_MESSAGE
+                field.type_name = kind
+    return proto
+
+
+def build_messages(proto: descriptor_pb2.FileDescriptorProto) -> dict[str, type[Message]]:
+    """Message classes for every top-level message of `proto`, in a private descriptor pool."""
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    classes: dict[str, type[Message]] = {}
+    for message in proto.message_type:
+        descriptor = pool.FindMessageTypeByName(f"{proto.package}.{message.name}")
+        classes[message.name] = message_factory.GetMessageClass(descriptor)
+    return classes
+
+
+_reapi = build_messages(file_proto("treemat/reapi.proto", _REAPI, _REAPI_MESSAGES))
+_worker = build_messages(file_proto("treemat/worker_protocol.proto", _WORKER, _WORKER_MESSAGES))
+_spawn = build_messages(file_proto("treemat/spawn.proto", _SPAWN, _SPAWN_MESSAGES))
+
+# Module-level message *classes* (immutable types, not mutable state).
+Digest: Any = _reapi["Digest"]
+FileNode: Any = _reapi["FileNode"]
+DirectoryNode: Any = _reapi["DirectoryNode"]
+SymlinkNode: Any = _reapi["SymlinkNode"]
+Directory: Any = _reapi["Directory"]
+Input: Any = _worker["Input"]
+WorkRequest: Any = _worker["WorkRequest"]
+WorkResponse: Any = _worker["WorkResponse"]
+SpawnExec: Any = _spawn["SpawnExec"]
+
+M = TypeVar("M", bound=Message)
+
+
+def encode_varint(value: int) -> bytes:
+    """Protobuf base-128 varint."""
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def write_delimited(stream: IO[bytes], message: Message) -> None:
+    """Write `message` prefixed by its varint length (Java's writeDelimitedTo)."""
+    payload = message.SerializeToString(deterministic=True)
+    stream.write(encode_varint(len(payload)) + payload)
+
+
+def read_varint(stream: IO[bytes]) -> int | None:
+    """Read a varint; None at clean EOF before the first byte."""
+    result = shift = 0
+    while True:
+        byte = stream.read(1)
+        if not byte:
+            if shift == 0:
+                return None
+            raise ProtocolError("truncated varint length prefix")
+        result |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return result
+        shift += 7
+        if shift > 63:
+            raise ProtocolError("varint length prefix longer than 10 bytes")
+
+
+def read_delimited(stream: IO[bytes], cls: type[M], *, max_size: int = 256 << 20) -> M | None:
+    """Read one length-delimited message; None at clean EOF; ProtocolError on truncation or garbage."""
+    size = read_varint(stream)
+    if size is None:
+        return None
+    if size > max_size:
+        raise ProtocolError(f"message of {size} bytes exceeds the {max_size}-byte limit")
+    payload = b""
+    while len(payload) < size:
+        chunk = stream.read(size - len(payload))
+        if not chunk:
+            raise ProtocolError(f"truncated message: got {len(payload)} of {size} bytes")
+        payload += chunk
+    message = cls()
+    try:
+        message.ParseFromString(payload)
+    except DecodeError as exc:
+        raise ProtocolError(f"undecodable {cls.__name__}: {exc}") from None
+    return message
