@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 # Counter names used across layers (others are allowed; these are the documented ones).
-FILE_METHOD_COUNTERS = ("clonefile", "reflink", "hardlink", "copy", "zero_byte")
+FILE_METHOD_COUNTERS = ("clonefile", "snapshot", "reflink", "hardlink", "copy", "zero_byte")
 KNOWN_COUNTERS = (
     *FILE_METHOD_COUNTERS,
     "symlinks",

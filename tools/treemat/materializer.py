@@ -111,12 +111,12 @@ class Materializer:
         dest: Path,
         report: MaterializeReport,
         *,
-        skip: Callable[[DirectoryNode], bool] | None = None,
+        skip: Callable[[DirectoryNode, Path], bool] | None = None,
     ) -> tuple[list[FileJob], list[tuple[str, Path]]]:
         """mkdir every directory under `node` into existing `dest`; return the file and symlink jobs.
 
-        Subdirectories for which `skip(node)` is true are neither created nor descended into (the directory
-        cache clones those whole).
+        Subdirectories for which `skip(node, path)` is true are neither created nor descended into (the
+        directory cache clones those whole).
         """
         jobs: list[FileJob] = []
         links: list[tuple[str, Path]] = []
@@ -128,9 +128,9 @@ class Materializer:
             for name, link in current.symlinks.items():
                 links.append((link.target, path / name))
             for name, child in current.dirs.items():
-                if skip is not None and skip(child):
-                    continue
                 child_path = path / name
+                if skip is not None and skip(child, child_path):
+                    continue
                 try:
                     os.mkdir(child_path, 0o755)
                 except OSError as exc:
