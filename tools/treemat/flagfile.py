@@ -1,0 +1,108 @@
+"""The flagfile contract between rules/ and treemat (see docs/architecture.md), plus one-shot mode.
+
+One argument per line (Args.set_param_file_format("multiline")):
+
+    --output=<path>        declared output file (repeated)
+    --output-dir=<path>    declared output directory (repeated)
+    --env=NAME=VALUE       extra environment for the tool (repeated)
+    --
+    <tool> <args...>       `{EXEC_ROOT}` in any of them is replaced by the directory the tool runs in
+
+This module stays import-light: one-shot mode (Bazel's local/sandboxed strategies) starts a fresh
+process per action and must not pay for protobuf or the CAS.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from treemat.errors import ProtocolError
+
+EXEC_ROOT_PLACEHOLDER = "{EXEC_ROOT}"
+
+
+@dataclass(slots=True)
+class ActionSpec:
+    """What one action asks for: its tool command line, declared outputs and environment."""
+
+    argv: list[str]
+    outputs: list[str] = field(default_factory=list)
+    output_dirs: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def argv_in(self, exec_dir: str) -> list[str]:
+        """The tool argv with `{EXEC_ROOT}` replaced by `exec_dir`."""
+        return [arg.replace(EXEC_ROOT_PLACEHOLDER, exec_dir) for arg in self.argv]
+
+
+def expand_flagfiles(arguments: list[str]) -> list[str]:
+    """Replace `@file` arguments by the file's lines (Bazel usually expands them for workers already)."""
+    expanded: list[str] = []
+    for arg in arguments:
+        if arg.startswith("@") and not arg.startswith("@@"):
+            try:
+                expanded.extend(Path(arg[1:]).read_text().splitlines())
+            except OSError as exc:
+                raise ProtocolError(f"cannot read flagfile {arg[1:]}: {exc.strerror}") from None
+        else:
+            expanded.append(arg)
+    return expanded
+
+
+def parse_action_args(arguments: list[str]) -> ActionSpec:
+    """Parse flagfile arguments into an ActionSpec; ProtocolError with a one-line reason if malformed."""
+    outputs: list[str] = []
+    output_dirs: list[str] = []
+    env: dict[str, str] = {}
+    for index, arg in enumerate(arguments):
+        if arg == "--":
+            argv = arguments[index + 1 :]
+            if not argv:
+                raise ProtocolError("no tool command after '--' in the request arguments")
+            return ActionSpec(argv=argv, outputs=outputs, output_dirs=output_dirs, env=env)
+        name, sep, value = arg.partition("=")
+        if not sep or not value:
+            raise ProtocolError(
+                f"unexpected request argument {arg[:200]!r} (expected --output=, --output-dir=, --env=)"
+            )
+        if name == "--output":
+            outputs.append(value)
+        elif name == "--output-dir":
+            output_dirs.append(value)
+        elif name == "--env":
+            key, eq, env_value = value.partition("=")
+            if not eq or not key:
+                raise ProtocolError(f"--env needs NAME=VALUE, got {value[:200]!r}")
+            env[key] = env_value
+        else:
+            raise ProtocolError(f"unknown request argument {name[:100]!r}")
+    raise ProtocolError("request arguments have no '--' separating treemat flags from the tool command")
+
+
+def run_oneshot(arguments: list[str]) -> int:
+    """Run the action's tool in place (cwd is Bazel's execroot or sandbox); returns its exit status.
+
+    Used when Bazel picks a non-worker strategy for the action: isolation is then the strategy's job.
+    Startup flags before the flagfile (e.g. --protocol=json) are ignored.
+    """
+    request_args = [arg for arg in arguments if arg.startswith("@")]
+    try:
+        spec = parse_action_args(expand_flagfiles(request_args))
+    except ProtocolError as exc:
+        print(f"treemat: error: {exc}", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    env.update(spec.env)
+    for output in spec.outputs:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+    for output_dir in spec.output_dirs:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        return subprocess.run(spec.argv_in(os.getcwd()), env=env, check=False).returncode
+    except OSError as exc:
+        print(f"treemat: error: cannot run {spec.argv[0]}: {exc.strerror}", file=sys.stderr)
+        return 127
