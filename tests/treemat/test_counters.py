@@ -8,7 +8,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from treemat.counters import Counters, StatsStore, sum_counters
 from treemat.locking import LockBusy, file_lock
 

@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from treemat.digest import EMPTY_DIGEST, EMPTY_SHA256, Digest, check_hash, digest_bytes, digest_file
 from treemat.errors import DigestError
 
 
 def test_empty_digest_is_sha256_of_nothing() -> None:
-    assert EMPTY_SHA256 == hashlib.sha256(b"").hexdigest()
+    assert hashlib.sha256(b"").hexdigest() == EMPTY_SHA256
     assert EMPTY_DIGEST.is_empty
     assert digest_bytes(b"") == EMPTY_DIGEST
     assert not digest_bytes(b"x").is_empty

@@ -1,0 +1,79 @@
+"""Shared fixtures: real filesystems (loop-mounted xfs/btrfs images, tmpfs) and CAS helpers.
+
+Mounting needs root and loop devices; where that is impossible (an unprivileged run, Bazel's sandbox) the
+fixtures skip with the reason, and everything else still runs on the default filesystem.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from treemat.cas import ContentStore
+from treemat.counters import Counters
+
+
+def _mount_image(tmp_root: Path, fs: str, size_mb: int) -> Path:
+    mkfs = shutil.which(f"mkfs.{fs}")
+    if os.geteuid() != 0:
+        pytest.skip(f"mounting a {fs} image needs root")
+    if mkfs is None:
+        pytest.skip(f"mkfs.{fs} not installed (apt-get install {'xfsprogs' if fs == 'xfs' else 'btrfs-progs'})")
+    image = tmp_root / f"{fs}.img"
+    mountpoint = tmp_root / f"{fs}-mnt"
+    mountpoint.mkdir()
+    with image.open("wb") as handle:
+        handle.truncate(size_mb << 20)
+    args = [mkfs, "-q", "-f", str(image)] if fs in ("xfs", "btrfs") else [mkfs, str(image)]
+    if fs == "xfs":
+        args.insert(1, "-m")
+        args.insert(2, "reflink=1")
+    made = subprocess.run(args, capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"mkfs.{fs} failed: {made.stderr.strip()[:200]}")
+    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot loop-mount a {fs} image here: {mounted.stderr.strip()[:200]}")
+    return mountpoint
+
+
+@pytest.fixture(scope="session")
+def xfs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A directory on a fresh loop-mounted xfs (reflink=1) filesystem."""
+    root = tmp_path_factory.mktemp("xfs")
+    mountpoint = _mount_image(root, "xfs", 512)
+    yield mountpoint
+    subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+@pytest.fixture(scope="session")
+def btrfs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A directory on a fresh loop-mounted btrfs filesystem."""
+    root = tmp_path_factory.mktemp("btrfs")
+    mountpoint = _mount_image(root, "btrfs", 512)
+    yield mountpoint
+    subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+@pytest.fixture()
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs, for disk-full tests."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting tmpfs needs root")
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {result.stderr.decode().strip()[:200]}")
+    yield mountpoint
+    subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> ContentStore:
+    """A fresh CAS under tmp_path/root."""
+    return ContentStore(tmp_path / "root", counters=Counters())

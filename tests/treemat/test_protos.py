@@ -1,0 +1,53 @@
+"""Tests for treemat.protos: wire compatibility with upstream field numbers, delimited framing."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from treemat import protos
+from treemat.errors import ProtocolError
+
+
+def test_directory_encoding_matches_hand_computed_bytes() -> None:
+    directory = protos.Directory()
+    node = directory.files.add(name="a", is_executable=True)
+    node.digest.hash, node.digest.size_bytes = "ab", 3
+    # files=1 (LEN 13): name=1 "a", digest=2 (LEN 6: hash=1 "ab", size_bytes=2 varint 3), is_executable=4 true
+    assert directory.SerializeToString(deterministic=True) == bytes.fromhex("0a0d0a016112060a02616210032001")
+
+
+def test_work_request_and_response_field_numbers() -> None:
+    request = protos.WorkRequest(arguments=["x"], request_id=5)
+    request.inputs.add(path="p", digest=b"ff")
+    assert request.SerializeToString(deterministic=True) == bytes.fromhex("0a017812070a0170120266661805")
+    response = protos.WorkResponse(exit_code=1, output="o", request_id=2, was_cancelled=True)
+    assert response.SerializeToString(deterministic=True) == bytes.fromhex("080112016f18022001")
+
+
+def test_delimited_round_trip_and_eof() -> None:
+    stream = io.BytesIO()
+    for rid in (1, 300):
+        protos.write_delimited(stream, protos.WorkRequest(request_id=rid, arguments=["a" * 200]))
+    stream.seek(0)
+    first = protos.read_delimited(stream, protos.WorkRequest)
+    second = protos.read_delimited(stream, protos.WorkRequest)
+    assert first is not None and second is not None
+    assert (first.request_id, second.request_id) == (1, 300)
+    assert protos.read_delimited(stream, protos.WorkRequest) is None
+
+
+def test_truncated_message_is_a_protocol_error() -> None:
+    stream = io.BytesIO(protos.encode_varint(50) + b"short")
+    with pytest.raises(ProtocolError, match="truncated"):
+        protos.read_delimited(stream, protos.WorkRequest)
+
+
+def test_spawn_exec_parses_execution_log_fields() -> None:
+    spawn = protos.SpawnExec(mnemonic="SwiftCompile", target_label="//a:b")
+    entry = spawn.inputs.add(path="a.swift")
+    entry.digest.hash, entry.digest.size_bytes = "00" * 32, 10
+    spawn.walltime.seconds = 2
+    decoded = protos.SpawnExec.FromString(spawn.SerializeToString())
+    assert decoded.inputs[0].digest.size_bytes == 10
+    assert decoded.walltime.seconds == 2 and decoded.mnemonic == "SwiftCompile"
