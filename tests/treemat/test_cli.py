@@ -1,0 +1,100 @@
+"""Tests for the treemat CLI: stage, stats, probe, cas subcommands, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+from treemat.cli import cli, parse_size
+from treemat.digest import digest_bytes
+
+from .workerharness import worker_env
+
+
+def _run(root: Path, *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["--root", str(root), *args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_stage_manifest_with_sources_then_stats(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {f"lib/f{i}.swift": f"let v{i} = {i}\n".encode() for i in range(5)}
+    manifest = []
+    for rel, data in files.items():
+        (src / rel.replace("/", "_")).write_bytes(data)
+        manifest.append({"path": rel, "digest": str(digest_bytes(data)), "source": str(src / rel.replace("/", "_"))})
+    manifest.append({"path": "lib/current", "symlink": "f0.swift"})
+    manifest.append({"path": "out", "directory": True})
+    (tmp_path / "m.json").write_text(json.dumps(manifest))
+    code, output = _run(tmp_path / "root", "stage", str(tmp_path / "m.json"), str(tmp_path / "dest"), "--json")
+    assert code == 0, output
+    report = json.loads(output)
+    assert report["report"]["files"] == 5
+    assert (tmp_path / "dest/lib/f3.swift").read_bytes() == b"let v3 = 3\n"
+    assert os.readlink(tmp_path / "dest/lib/current") == "f0.swift"
+    code, output = _run(tmp_path / "root", "stats", "--json")
+    totals = json.loads(output)["totals"]
+    assert sum(totals.get(k, 0) for k in ("hardlink", "reflink", "copy", "clonefile")) == 5
+    code, text = _run(tmp_path / "root", "stats")
+    assert "files by backend" in text and "hardlink" in text
+
+
+def test_stage_refuses_existing_destination_and_bad_manifest(tmp_path: Path) -> None:
+    (tmp_path / "dest").mkdir()
+    (tmp_path / "m.json").write_text("[]")
+    code, output = _run(tmp_path / "root", "stage", str(tmp_path / "m.json"), str(tmp_path / "dest"))
+    assert code == 1 and "already exists" in output
+    (tmp_path / "bad.json").write_text(json.dumps([{"path": "../escape", "digest": str(digest_bytes(b"x"))}]))
+    code, output = _run(tmp_path / "root", "stage", str(tmp_path / "bad.json"), str(tmp_path / "d2"))
+    assert code == 1 and "'..'" in output and "Traceback" not in output
+
+
+def test_cas_ingest_verify_stats_gc(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        (data / f"b{i}").write_bytes(os.urandom(1000))
+    code, output = _run(tmp_path / "root", "cas", "ingest", str(data), "--json")
+    assert code == 0
+    ingested = json.loads(output)
+    assert len(ingested) == 3
+    code, output = _run(tmp_path / "root", "cas", "stats", "--json")
+    assert json.loads(output)["blobs"] == 3
+    code, output = _run(tmp_path / "root", "cas", "verify", "--json")
+    assert code == 0 and json.loads(output)["corrupt"] == 0
+    code, output = _run(tmp_path / "root", "cas", "gc", "--max-size", "1K", "--json")
+    assert code == 0 and json.loads(output)["after_bytes"] <= 1024
+
+
+def test_probe_lists_methods(tmp_path: Path) -> None:
+    code, output = _run(tmp_path / "root", "probe", str(tmp_path), "--json")
+    assert code == 0
+    methods = json.loads(output)["methods"]
+    assert methods[-1] == "copy" and "hardlink" in methods
+
+
+def test_parse_size() -> None:
+    assert parse_size("10G") == 10 << 30
+    assert parse_size("500M") == 500 << 20
+    assert parse_size("1.5K") == 1536
+    assert parse_size("123") == 123
+
+
+def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
+    missing = subprocess.run(
+        [sys.executable, "-m", "treemat", "--root", str(tmp_path / "r"), "cas", "ingest", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        env=worker_env(),
+    )
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    help_text = subprocess.run(
+        [sys.executable, "-m", "treemat", "--help"], capture_output=True, text=True, env=worker_env(), check=True
+    ).stdout
+    for command in ("stage", "stats", "cas", "probe", "worker"):
+        assert command in help_text

@@ -1,0 +1,119 @@
+"""Tests for treemat.executor: inputs, exec bits, directory inputs, stale state recovery, cleanup."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from treemat.backends import BackendProbe
+from treemat.cas import ContentStore
+from treemat.counters import Counters
+from treemat.dircache import DirectoryCache
+from treemat.executor import ActionExecutor, ActionRequest, RequestInput
+from treemat.flagfile import ActionSpec
+from treemat.materializer import Materializer
+
+
+def _executor(root: Path) -> ActionExecutor:
+    counters = Counters()
+    cas = ContentStore(root, counters=counters)
+    cache = DirectoryCache(root, Materializer(cas, BackendProbe(), counters=counters), counters=counters)
+    return ActionExecutor(root, cas, cache, counters=counters, background_cleanup=False)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture()
+def execroot(tmp_path: Path) -> Path:
+    root = tmp_path / "execroot"
+    (root / "pkg/tree").mkdir(parents=True)
+    (root / "pkg/tool.sh").write_text('#!/bin/sh\nls -l pkg > "$1"; echo "$PWD" >> "$1"\n')
+    os.chmod(root / "pkg/tool.sh", 0o755)
+    (root / "pkg/data.txt").write_text("data\n")
+    (root / "pkg/tree/a").write_text("a\n")
+    (root / "pkg/tree/b").write_text("b\n")
+    return root
+
+
+def test_exec_bit_comes_from_the_execroot_file(execroot: Path, tmp_path: Path) -> None:
+    executor = _executor(tmp_path / "root")
+    spec = ActionSpec(argv=["pkg/tool.sh", "out/listing"], outputs=["out/listing"])
+    inputs = [RequestInput("pkg/tool.sh", _sha(execroot / "pkg/tool.sh")), RequestInput("pkg/data.txt", None)]
+    result = executor.execute(ActionRequest(spec, inputs, execroot))
+    assert result.exit_code == 0, result.output
+    listing = (execroot / "out/listing").read_text()
+    assert "-r-xr-xr-x" in listing and "-r--r--r--" in listing
+    assert result.stage is not None and result.stage.files == 2
+    assert not list((tmp_path / "root/exec").iterdir()), "exec dirs are removed after the action"
+
+
+def test_directory_inputs_are_expanded(execroot: Path, tmp_path: Path) -> None:
+    executor = _executor(tmp_path / "root")
+    spec = ActionSpec(argv=["sh", "-c", "cat pkg/tree/a pkg/tree/b > out/cat"], outputs=["out/cat"])
+    result = executor.execute(ActionRequest(spec, [RequestInput("pkg/tree")], execroot))
+    assert result.exit_code == 0, result.output
+    assert (execroot / "out/cat").read_text() == "a\nb\n"
+
+
+def test_exec_root_placeholder_is_the_private_dir(execroot: Path, tmp_path: Path) -> None:
+    executor = _executor(tmp_path / "root")
+    spec = ActionSpec(argv=["sh", "-c", "echo {EXEC_ROOT} > out/where; pwd >> out/where"], outputs=["out/where"])
+    assert executor.execute(ActionRequest(spec, [], execroot)).exit_code == 0
+    placeholder, pwd = (execroot / "out/where").read_text().split()
+    assert placeholder == pwd and pwd.startswith(str(tmp_path / "root/exec"))
+
+
+def test_recovers_when_a_known_blob_disappears(execroot: Path, tmp_path: Path) -> None:
+    executor = _executor(tmp_path / "root")
+    spec = ActionSpec(argv=["cp", "pkg/data.txt", "out/copy"], outputs=["out/copy"])
+    inputs = [RequestInput("pkg/data.txt", _sha(execroot / "pkg/data.txt"))]
+    assert executor.execute(ActionRequest(spec, inputs, execroot)).exit_code == 0
+    # another process garbage-collects the blob behind this executor's back
+    blob = executor.cas.blob_path(_sha(execroot / "pkg/data.txt"), False)
+    blob.unlink()
+    result = executor.execute(ActionRequest(spec, inputs, execroot))
+    assert result.exit_code == 0, result.output
+    assert blob.exists(), "the blob was re-ingested from the execroot"
+
+
+def test_changed_file_with_stale_digest_is_refused(execroot: Path, tmp_path: Path) -> None:
+    executor = _executor(tmp_path / "root")
+    stale = _sha(execroot / "pkg/data.txt")
+    (execroot / "pkg/data.txt").write_text("changed after Bazel digested it\n")
+    spec = ActionSpec(argv=["true"])
+    result = executor.execute(ActionRequest(spec, [RequestInput("pkg/data.txt", stale)], execroot))
+    assert result.exit_code == 1 and "expected" in result.output
+
+
+def test_cancel_before_start(execroot: Path, tmp_path: Path) -> None:
+    executor = _executor(tmp_path / "root")
+    executor.cancel(5)
+    started = time.monotonic()
+    result = executor.execute(ActionRequest(ActionSpec(argv=["sleep", "5"]), [], execroot, request_id=5))
+    assert result.cancelled and time.monotonic() - started < 4
+
+
+def test_stale_exec_dirs_of_dead_processes_are_swept(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    dead = root / "exec" / "999999-1-abcd"
+    (dead / "sub").mkdir(parents=True)
+    (dead / "sub" / "f").write_text("x")
+    os.chmod(dead / "sub", 0o555)
+    _executor(root)
+    assert not dead.exists()
+
+
+def test_many_actions_reuse_known_blobs_without_rehash(execroot: Path, tmp_path: Path) -> None:
+    executor = _executor(tmp_path / "root")
+    spec = ActionSpec(argv=[sys.executable, "-c", "pass"])
+    inputs = [RequestInput("pkg/data.txt", _sha(execroot / "pkg/data.txt"))]
+    for _ in range(5):
+        assert executor.execute(ActionRequest(spec, inputs, execroot)).exit_code == 0
+    assert executor.counters.get("ingested_blobs") == 1
+    assert executor.counters.get("actions") == 5
