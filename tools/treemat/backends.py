@@ -43,6 +43,8 @@ class Method(enum.Enum):
     COPY = "copy"
 
 
+StrPath = str | os.PathLike[str]
+
 DEFAULT_ORDER = (Method.CLONEFILE, Method.REFLINK, Method.HARDLINK, Method.COPY)
 
 
@@ -51,7 +53,7 @@ def _libc() -> ctypes.CDLL | None:
     return ctypes.CDLL(name, use_errno=True) if name else None
 
 
-def clonefile(src: Path, dst: Path) -> None:
+def clonefile(src: StrPath, dst: StrPath) -> None:
     """macOS clonefile(2): copy-on-write clone of a file or a whole directory tree in one call."""
     if sys.platform != "darwin":
         raise OSError(errno.ENOTSUP, "clonefile(2) exists only on macOS", str(dst))
@@ -64,7 +66,7 @@ def clonefile(src: Path, dst: Path) -> None:
         raise OSError(err, os.strerror(err), str(dst))
 
 
-def reflink(src: Path, dst: Path, mode: int) -> None:
+def reflink(src: StrPath, dst: StrPath, mode: int) -> None:
     """FICLONE: share src's extents in a new file dst (copy-on-write; writes to dst never reach src)."""
     src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -81,7 +83,7 @@ def reflink(src: Path, dst: Path, mode: int) -> None:
         os.close(src_fd)
 
 
-def copy(src: Path, dst: Path, mode: int) -> None:
+def copy(src: StrPath, dst: StrPath, mode: int) -> None:
     """Byte copy into a new file (in-kernel where possible)."""
     src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -113,7 +115,7 @@ def copy(src: Path, dst: Path, mode: int) -> None:
         os.close(src_fd)
 
 
-def place_file(method: Method, src: Path, dst: Path, *, executable: bool) -> None:
+def place_file(method: Method, src: StrPath, dst: StrPath, *, executable: bool) -> None:
     """Create dst (which must not exist) with src's content and mode 0o444/0o555 using `method`."""
     mode = blob_mode(executable)
     if method is Method.HARDLINK:
