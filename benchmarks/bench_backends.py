@@ -56,8 +56,14 @@ int main(int argc, char **argv) {
     int in = open(src, O_RDONLY), out = open(dst, O_WRONLY | O_CREAT | O_EXCL, 0600);
     if (in < 0 || out < 0) { perror(dst); return 1; }
     if (!strcmp(method, "reflink")) { if (ioctl(out, FICLONE, in)) { perror("FICLONE"); return 1; } }
-    else { struct stat st; fstat(in, &st); off_t left = st.st_size;
-           while (left > 0) { ssize_t n = copy_file_range(in, NULL, out, NULL, left, 0); if (n <= 0) return 1; left -= n; } }
+    else {
+      struct stat st; fstat(in, &st); off_t left = st.st_size;
+      while (left > 0) {
+        ssize_t n = copy_file_range(in, NULL, out, NULL, left, 0);
+        if (n <= 0) return 1;
+        left -= n;
+      }
+    }
     fchmod(out, mode); close(in); close(out);
   }
   return 0;
