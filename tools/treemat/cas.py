@@ -85,6 +85,7 @@ class ContentStore:
             directory.mkdir(parents=True, exist_ok=True)
         self._touched: dict[tuple[str, bool], int] = {}
         self._touch_lock = threading.Lock()
+        self._sweep_dead_temp_files()
 
     # ------------------------------------------------------------------ paths and lookups
 
@@ -306,6 +307,14 @@ class ContentStore:
                 if entry.stat().st_mtime < cutoff:
                     entry.unlink()
 
+    def _sweep_dead_temp_files(self) -> None:
+        """Remove temp files whose writer process is gone (killed mid-ingest); they were never published."""
+        for entry in self.tmp_dir.iterdir():
+            pid_text = entry.name.split("-", 1)[0]
+            if pid_text.isdigit() and not pid_alive(int(pid_text)):
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
     def stats(self) -> CasStats:
         """Blob count and bytes."""
         blobs = total = executable_blobs = 0
@@ -319,6 +328,16 @@ class ContentStore:
             executable_blobs += executable
         quarantined = sum(1 for p in self.quarantine_dir.iterdir() if not p.name.endswith(".reason"))
         return CasStats(blobs=blobs, bytes=total, executable_blobs=executable_blobs, quarantined=quarantined)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fingerprint_ok(info: os.stat_result, executable: bool) -> bool:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from treemat.backends import remove_tree
-from treemat.cas import ContentStore
+from treemat.cas import ContentStore, pid_alive
 from treemat.counters import Counters
 from treemat.digest import Digest, check_hash
 from treemat.dircache import DirectoryCache, StageReport
@@ -318,7 +318,7 @@ class ActionExecutor:
         """Remove exec dirs left by processes that no longer exist (killed workers)."""
         for entry in self.exec_base.iterdir():
             pid_text = entry.name.removeprefix(".trash-").split("-", 1)[0]
-            if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+            if pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text)):
                 with contextlib.suppress(OSError):
                     remove_tree(entry)
 
@@ -358,13 +358,3 @@ def _move_output(src: Path, dst: Path, exec_dir: Path) -> None:
             shutil.copytree(src, dst, symlinks=True)
         else:
             shutil.copy2(src, dst)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

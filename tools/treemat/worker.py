@@ -128,6 +128,7 @@ class JsonObjectSplitter:
         self._depth = 0
         self._in_string = False
         self._start = -1
+        self._garbage_reported = False  # one error per run of garbage, however many reads it spans
 
     def feed(self, text: str) -> Iterator[str | ProtocolError]:
         """Add text; yield every object (or garbage error) now complete."""
@@ -138,11 +139,13 @@ class JsonObjectSplitter:
             if self._depth == 0 and not self._in_string:
                 brace = buf.find("{", pos)
                 garbage = (buf[pos:] if brace < 0 else buf[pos:brace]).strip()
-                if garbage:
+                if garbage and not self._garbage_reported:
+                    self._garbage_reported = True
                     yield ProtocolError(f"undecodable bytes between requests: {garbage[:60]!r}")
                 if brace < 0:
                     pos = len(buf)
                     break
+                self._garbage_reported = False
                 self._start = brace
                 self._depth = 1
                 pos = brace + 1
@@ -286,8 +289,8 @@ class WorkerServer:
                     continue
                 try:
                     obj = json.loads(piece)
-                except ValueError as exc:
-                    self.reject(ProtocolError(f"invalid JSON: {exc}"))
+                except (ValueError, RecursionError) as exc:
+                    self.reject(ProtocolError(f"invalid JSON: {str(exc)[:200]}"))
                     continue
                 try:
                     item = item_from_json(obj)
