@@ -2,7 +2,8 @@
 
 Outputs are deterministic and independent of where the tool runs: each module is compiled whole-module
 (`-wmo`) to one object at a fixed path (swiftc's own temp-file names would leak into the object), and
-`-file-prefix-map {EXEC_ROOT}=.` strips the exec directory from debug/coverage paths.
+`-file-prefix-map {EXEC_ROOT}=.` strips the exec directory from debug/coverage paths. swiftc's module cache
+goes to `{TOOL_CACHE}`, which treemat keeps across actions (Bazel's local strategy keeps it in the execroot).
 """
 
 load("@treemat_swift//:defs.bzl", "SWIFTC")
@@ -23,7 +24,7 @@ def _module_name(ctx):
 
 def _common_flags(request):
     request.add_all(["-swift-version", "5", "-wmo", "-num-threads", "0", "-Onone"])
-    request.add_all(["-file-prefix-map", "{EXEC_ROOT}=.", "-module-cache-path", "_swift_module_cache"])
+    request.add_all(["-file-prefix-map", "{EXEC_ROOT}=.", "-module-cache-path", "{TOOL_CACHE}/swift-module-cache"])
 
 def _compile(ctx, module_name, parse_as_library, object_file, swiftmodule = None):
     deps = [dep[SwiftModuleInfo] for dep in ctx.attr.deps]

@@ -115,6 +115,7 @@ class ActionExecutor:
         self.keep_exec_dirs = keep_exec_dirs
         self.exec_base = self.root / "exec"
         self.exec_base.mkdir(parents=True, exist_ok=True)
+        self.tool_cache = self.root / "tool-cache"  # tools' own caches (swiftc module cache), kept across actions
         self.recent: collections.deque[dict[str, object]] = collections.deque(maxlen=20)
         self._meta: dict[tuple[str, str], tuple[Digest, bool]] = {}
         self._known: dict[tuple[str, bool], int] = {}  # (hash, executable) -> size, known to be in the CAS
@@ -238,7 +239,7 @@ class ActionExecutor:
         env = dict(os.environ)
         env.update(spec.env)
         env["PWD"] = str(exec_dir)
-        argv = spec.argv_in(str(exec_dir))
+        argv = spec.argv_in(str(exec_dir), str(self.tool_cache))
         started = time.perf_counter()
         with self._lock:
             if request.request_id and request.request_id in self._cancelled:

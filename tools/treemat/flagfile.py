@@ -6,7 +6,9 @@ One argument per line (Args.set_param_file_format("multiline")):
     --output-dir=<path>    declared output directory (repeated)
     --env=NAME=VALUE       extra environment for the tool (repeated)
     --
-    <tool> <args...>       `{EXEC_ROOT}` in any of them is replaced by the directory the tool runs in
+    <tool> <args...>       `{EXEC_ROOT}` in any of them is replaced by the directory the tool runs in;
+                           `{TOOL_CACHE}` by a persistent per-user cache directory for the tool's own caches
+                           (e.g. swiftc's module cache), `_tool_cache` under the execroot in one-shot mode
 
 This module stays import-light: one-shot mode (Bazel's local/sandboxed strategies) starts a fresh
 process per action and must not pay for protobuf or the CAS.
@@ -23,6 +25,7 @@ from pathlib import Path
 from treemat.errors import ProtocolError
 
 EXEC_ROOT_PLACEHOLDER = "{EXEC_ROOT}"
+TOOL_CACHE_PLACEHOLDER = "{TOOL_CACHE}"
 
 
 @dataclass(slots=True)
@@ -34,9 +37,12 @@ class ActionSpec:
     output_dirs: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
 
-    def argv_in(self, exec_dir: str) -> list[str]:
-        """The tool argv with `{EXEC_ROOT}` replaced by `exec_dir`."""
-        return [arg.replace(EXEC_ROOT_PLACEHOLDER, exec_dir) for arg in self.argv]
+    def argv_in(self, exec_dir: str, tool_cache: str | None = None) -> list[str]:
+        """The tool argv with `{EXEC_ROOT}` -> `exec_dir` and `{TOOL_CACHE}` -> `tool_cache`."""
+        cache = tool_cache if tool_cache is not None else os.path.join(exec_dir, "_tool_cache")
+        return [
+            arg.replace(EXEC_ROOT_PLACEHOLDER, exec_dir).replace(TOOL_CACHE_PLACEHOLDER, cache) for arg in self.argv
+        ]
 
 
 def expand_flagfiles(arguments: list[str]) -> list[str]:

@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -279,10 +280,13 @@ class WorkerServer:
         """Serve until EOF, decoding a stream of back-to-back JSON objects."""
         splitter = JsonObjectSplitter()
         decoder = _utf8_decoder()
+        verbose = bool(os.environ.get("TREEMAT_VERBOSE"))
         while True:
             chunk = _read_some(stdin)
             if not chunk:
                 break
+            if verbose:
+                print(f"treemat worker: {time.time():.3f} read {len(chunk)} bytes", file=sys.stderr, flush=True)
             for piece in splitter.feed(decoder(chunk)):
                 if isinstance(piece, ProtocolError):
                     self.reject(piece)
@@ -402,8 +406,10 @@ def make_handler(root: Path, execroot: Path, *, max_workers: int) -> tuple[Handl
     executor = ActionExecutor(root, cas, dircache, counters=counters)
     stats = StatsStore(root)
     stats_lock = threading.Lock()
+    verbose = bool(os.environ.get("TREEMAT_VERBOSE"))
 
     def handle(item: WorkItem) -> WorkReply:
+        started = time.perf_counter()
         try:
             spec = parse_action_args(expand_flagfiles(item.arguments))
         except ProtocolError as exc:
@@ -418,6 +424,12 @@ def make_handler(root: Path, execroot: Path, *, max_workers: int) -> tuple[Handl
         result = executor.execute(request)
         with stats_lock, contextlib.suppress(OSError):
             stats.publish(counters, role="worker", extra={"recent_actions": list(executor.recent)})
+        if verbose:
+            print(
+                f"treemat worker: request {item.request_id} handled in {1000 * (time.perf_counter() - started):.1f} ms "
+                f"(stage {1000 * result.stage_seconds:.1f}, tool {1000 * result.tool_seconds:.1f})",
+                file=sys.stderr,
+            )
         return WorkReply(item.request_id, result.exit_code, result.output, result.cancelled)
 
     return handle, executor.cancel, executor
