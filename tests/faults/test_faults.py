@@ -17,23 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
-from treemat.backends import BackendProbe
 from treemat.cas import ContentStore
-from treemat.counters import Counters
 from treemat.digest import digest_file
-from treemat.dircache import DirectoryCache
-from treemat.executor import ActionExecutor, ActionRequest, RequestInput
+from treemat.executor import ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
-from treemat.materializer import Materializer
 
-from ..treemat.workerharness import Worker, request, worker_env
-
-
-def _executor(root: Path) -> ActionExecutor:
-    counters = Counters()
-    cas = ContentStore(root, counters=counters)
-    cache = DirectoryCache(root, Materializer(cas, BackendProbe(), counters=counters), counters=counters)
-    return ActionExecutor(root, cas, cache, counters=counters, background_cleanup=False)
+from ..treemat.workerharness import Worker, make_executor, request, worker_env
 
 
 def _sha(path: Path) -> str:
@@ -48,7 +37,7 @@ def test_actions_writing_through_hardlinked_inputs_corrupt_nothing(tmp_path: Pat
         path = execroot / "in" / f"f{i}.txt"
         path.write_text(f"pristine {i}\n")
         inputs.append(RequestInput(f"in/f{i}.txt", _sha(path)))
-    executor = _executor(tmp_path / "root")
+    executor = make_executor(tmp_path / "root")
     attacks = 60
     for n in range(attacks):
         victim = f"in/f{n % 20}.txt"

@@ -9,20 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from treemat.backends import BackendProbe
-from treemat.cas import ContentStore
-from treemat.counters import Counters
-from treemat.dircache import DirectoryCache
-from treemat.executor import ActionExecutor, ActionRequest, RequestInput
+from treemat.executor import ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
-from treemat.materializer import Materializer
 
-
-def _executor(root: Path) -> ActionExecutor:
-    counters = Counters()
-    cas = ContentStore(root, counters=counters)
-    cache = DirectoryCache(root, Materializer(cas, BackendProbe(), counters=counters), counters=counters)
-    return ActionExecutor(root, cas, cache, counters=counters, background_cleanup=False)
+from .workerharness import make_executor
 
 
 def _sha(path: Path) -> str:
@@ -42,7 +32,7 @@ def execroot(tmp_path: Path) -> Path:
 
 
 def test_exec_bit_comes_from_the_execroot_file(execroot: Path, tmp_path: Path) -> None:
-    executor = _executor(tmp_path / "root")
+    executor = make_executor(tmp_path / "root")
     spec = ActionSpec(argv=["pkg/tool.sh", "out/listing"], outputs=["out/listing"])
     inputs = [RequestInput("pkg/tool.sh", _sha(execroot / "pkg/tool.sh")), RequestInput("pkg/data.txt", None)]
     result = executor.execute(ActionRequest(spec, inputs, execroot))
@@ -54,7 +44,7 @@ def test_exec_bit_comes_from_the_execroot_file(execroot: Path, tmp_path: Path) -
 
 
 def test_directory_inputs_are_expanded(execroot: Path, tmp_path: Path) -> None:
-    executor = _executor(tmp_path / "root")
+    executor = make_executor(tmp_path / "root")
     spec = ActionSpec(argv=["sh", "-c", "cat pkg/tree/a pkg/tree/b > out/cat"], outputs=["out/cat"])
     result = executor.execute(ActionRequest(spec, [RequestInput("pkg/tree")], execroot))
     assert result.exit_code == 0, result.output
@@ -62,7 +52,7 @@ def test_directory_inputs_are_expanded(execroot: Path, tmp_path: Path) -> None:
 
 
 def test_exec_root_placeholder_is_the_private_dir(execroot: Path, tmp_path: Path) -> None:
-    executor = _executor(tmp_path / "root")
+    executor = make_executor(tmp_path / "root")
     spec = ActionSpec(argv=["sh", "-c", "echo {EXEC_ROOT} > out/where; pwd >> out/where"], outputs=["out/where"])
     assert executor.execute(ActionRequest(spec, [], execroot)).exit_code == 0
     placeholder, pwd = (execroot / "out/where").read_text().split()
@@ -70,7 +60,7 @@ def test_exec_root_placeholder_is_the_private_dir(execroot: Path, tmp_path: Path
 
 
 def test_recovers_when_a_known_blob_disappears(execroot: Path, tmp_path: Path) -> None:
-    executor = _executor(tmp_path / "root")
+    executor = make_executor(tmp_path / "root")
     spec = ActionSpec(argv=["cp", "pkg/data.txt", "out/copy"], outputs=["out/copy"])
     inputs = [RequestInput("pkg/data.txt", _sha(execroot / "pkg/data.txt"))]
     assert executor.execute(ActionRequest(spec, inputs, execroot)).exit_code == 0
@@ -83,7 +73,7 @@ def test_recovers_when_a_known_blob_disappears(execroot: Path, tmp_path: Path) -
 
 
 def test_changed_file_with_stale_digest_is_refused(execroot: Path, tmp_path: Path) -> None:
-    executor = _executor(tmp_path / "root")
+    executor = make_executor(tmp_path / "root")
     stale = _sha(execroot / "pkg/data.txt")
     (execroot / "pkg/data.txt").write_text("changed after Bazel digested it\n")
     spec = ActionSpec(argv=["true"])
@@ -92,7 +82,7 @@ def test_changed_file_with_stale_digest_is_refused(execroot: Path, tmp_path: Pat
 
 
 def test_cancel_before_start(execroot: Path, tmp_path: Path) -> None:
-    executor = _executor(tmp_path / "root")
+    executor = make_executor(tmp_path / "root")
     executor.cancel(5)
     started = time.monotonic()
     result = executor.execute(ActionRequest(ActionSpec(argv=["sleep", "5"]), [], execroot, request_id=5))
@@ -105,12 +95,12 @@ def test_stale_exec_dirs_of_dead_processes_are_swept(tmp_path: Path) -> None:
     (dead / "sub").mkdir(parents=True)
     (dead / "sub" / "f").write_text("x")
     os.chmod(dead / "sub", 0o555)
-    _executor(root)
+    make_executor(root)
     assert not dead.exists()
 
 
 def test_many_actions_reuse_known_blobs_without_rehash(execroot: Path, tmp_path: Path) -> None:
-    executor = _executor(tmp_path / "root")
+    executor = make_executor(tmp_path / "root")
     spec = ActionSpec(argv=[sys.executable, "-c", "pass"])
     inputs = [RequestInput("pkg/data.txt", _sha(execroot / "pkg/data.txt"))]
     for _ in range(5):

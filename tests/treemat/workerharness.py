@@ -12,6 +12,13 @@ import threading
 from pathlib import Path
 from typing import IO, Any
 
+from treemat.backends import BackendProbe
+from treemat.cas import ContentStore
+from treemat.counters import Counters
+from treemat.dircache import DirectoryCache
+from treemat.executor import ActionExecutor
+from treemat.materializer import Materializer
+
 TOOLS_DIR = Path(__file__).resolve().parents[2] / "tools"
 
 
@@ -86,3 +93,11 @@ class Worker:
     def close(self) -> int:
         self.stdin.close()
         return self.proc.wait(30)
+
+
+def make_executor(root: Path) -> ActionExecutor:
+    """CAS -> materializer -> dircache -> executor in one process, exec dirs removed synchronously."""
+    counters = Counters()
+    cas = ContentStore(root, counters=counters)
+    cache = DirectoryCache(root, Materializer(cas, BackendProbe(), counters=counters), counters=counters)
+    return ActionExecutor(root, cas, cache, counters=counters, background_cleanup=False)

@@ -18,7 +18,7 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from treemat.cas import blob_mode
@@ -66,13 +66,14 @@ def clonefile(src: StrPath, dst: StrPath) -> None:
         raise OSError(err, os.strerror(err), str(dst))
 
 
-def reflink(src: StrPath, dst: StrPath, mode: int) -> None:
-    """FICLONE: share src's extents in a new file dst (copy-on-write; writes to dst never reach src)."""
+@contextlib.contextmanager
+def _new_file_from(src: StrPath, dst: StrPath, mode: int) -> Iterator[tuple[int, int]]:
+    """Open src and a new dst (O_EXCL); yield (src_fd, dst_fd); chmod dst to `mode`, or remove it on error."""
     src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
         dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.ioctl(dst_fd, _FICLONE, src_fd)
+            yield src_fd, dst_fd
             os.fchmod(dst_fd, mode)
         except BaseException:
             os.close(dst_fd)
@@ -81,38 +82,33 @@ def reflink(src: StrPath, dst: StrPath, mode: int) -> None:
         os.close(dst_fd)
     finally:
         os.close(src_fd)
+
+
+def reflink(src: StrPath, dst: StrPath, mode: int) -> None:
+    """FICLONE: share src's extents in a new file dst (copy-on-write; writes to dst never reach src)."""
+    with _new_file_from(src, dst, mode) as (src_fd, dst_fd):
+        fcntl.ioctl(dst_fd, _FICLONE, src_fd)
 
 
 def copy(src: StrPath, dst: StrPath, mode: int) -> None:
     """Byte copy into a new file (in-kernel where possible)."""
-    src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            size = os.fstat(src_fd).st_size
-            copied = 0
-            if hasattr(os, "copy_file_range"):
-                with contextlib.suppress(OSError):
-                    while copied < size:
-                        step = os.copy_file_range(src_fd, dst_fd, size - copied)
-                        if not step:
-                            break
-                        copied += step
-            if copied < size:
-                os.lseek(src_fd, copied, os.SEEK_SET)
-                os.lseek(dst_fd, copied, os.SEEK_SET)
-                while chunk := os.read(src_fd, 1 << 20):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(dst_fd, view) :]
-            os.fchmod(dst_fd, mode)
-        except BaseException:
-            os.close(dst_fd)
-            os.unlink(dst)
-            raise
-        os.close(dst_fd)
-    finally:
-        os.close(src_fd)
+    with _new_file_from(src, dst, mode) as (src_fd, dst_fd):
+        size = os.fstat(src_fd).st_size
+        copied = 0
+        if hasattr(os, "copy_file_range"):
+            with contextlib.suppress(OSError):
+                while copied < size:
+                    step = os.copy_file_range(src_fd, dst_fd, size - copied)
+                    if not step:
+                        break
+                    copied += step
+        if copied < size:
+            os.lseek(src_fd, copied, os.SEEK_SET)
+            os.lseek(dst_fd, copied, os.SEEK_SET)
+            while chunk := os.read(src_fd, 1 << 20):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(dst_fd, view) :]
 
 
 def place_file(method: Method, src: StrPath, dst: StrPath, *, executable: bool) -> None:

@@ -29,9 +29,8 @@ from treemat.backends import (
     remove_tree,
 )
 from treemat.counters import Counters
-from treemat.errors import MaterializeError
 from treemat.locking import LockBusy, file_lock
-from treemat.materializer import Materializer, MaterializeReport
+from treemat.materializer import Materializer, MaterializeReport, create_destination
 from treemat.tree import DirectoryNode, InputTree, MerkleIndex
 
 Progress = Callable[[int], None]
@@ -147,10 +146,7 @@ class DirectoryCache:
             return whole
 
         partial = MaterializeReport()
-        try:
-            dest.mkdir(mode=0o755)
-        except FileExistsError:
-            raise MaterializeError(f"destination already exists: {dest}") from None
+        create_destination(dest)
         try:
             jobs, links = self.materializer.create_directories(node, dest, partial, skip=take_whole)
             self.materializer.place_files(jobs, partial, progress=progress)

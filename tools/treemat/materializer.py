@@ -64,6 +64,14 @@ class MaterializeReport:
 FileJob = tuple[FileNode, str]  # destination as str: Path objects cost microseconds per file
 
 
+def create_destination(dest: Path) -> None:
+    """mkdir the root of a tree being staged (0o755); it must not exist yet."""
+    try:
+        dest.mkdir(mode=0o755)
+    except FileExistsError:
+        raise MaterializeError(f"destination already exists: {dest}") from None
+
+
 def default_concurrency() -> int:
     """Threads for placing files: enough to overlap I/O, few enough not to fight the metadata lock."""
     return max(1, min(8, 2 * (os.cpu_count() or 1)))
@@ -91,10 +99,7 @@ class Materializer:
         """Create `dest` (must not exist) holding the whole tree `node`; on failure nothing is left behind."""
         started = time.perf_counter()
         report = MaterializeReport()
-        try:
-            dest.mkdir(mode=0o755)
-        except FileExistsError:
-            raise MaterializeError(f"destination already exists: {dest}") from None
+        create_destination(dest)
         try:
             jobs, links = self.create_directories(node, dest, report)
             self.place_files(jobs, report, progress=progress)
