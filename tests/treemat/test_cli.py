@@ -98,3 +98,25 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     ).stdout
     for command in ("stage", "stats", "cas", "probe", "worker"):
         assert command in help_text
+
+
+def test_stats_watch_redraws_when_a_worker_publishes(tmp_path: Path) -> None:
+    from treemat.counters import Counters, StatsStore
+
+    root = tmp_path / "root"
+    (root / "stats").mkdir(parents=True)
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "treemat", "--root", str(root), "stats", "--watch", "--json", "--max-updates", "2"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=worker_env(),
+    )
+    assert watcher.stdout is not None
+    first = json.loads(watcher.stdout.readline())
+    assert first["totals"] == {}
+    counters = Counters()
+    counters.add("reflink", 42)
+    StatsStore(root).publish(counters, role="worker")  # a worker finishing a request
+    second = json.loads(watcher.stdout.readline())
+    assert second["totals"] == {"reflink": 42}
+    assert watcher.wait(30) == 0

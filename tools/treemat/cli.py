@@ -262,23 +262,71 @@ def _is_summarized(name: str) -> bool:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable totals, per-process records included.")
 @click.option("--reset", is_flag=True, help="Forget all recorded counters.")
+@click.option("--watch", is_flag=True, help="Redraw whenever a treemat process publishes counters (Ctrl-C stops).")
+@click.option("--max-updates", type=click.IntRange(min=1), default=None, help="With --watch: stop after N redraws.")
 @pass_rooted
-def stats(rooted: RootedContext, as_json: bool, reset: bool) -> None:
+def stats(rooted: RootedContext, as_json: bool, reset: bool, watch: bool, max_updates: int | None) -> None:
     """Show what treemat did: files per backend, subtree cache hits, ingests, quarantines.
 
     Every treemat process (persistent workers included) publishes its counters under ROOT/stats;
-    this sums them. A silent fallback to `copy` shows up here, loudly.
+    this sums them. A silent fallback to `copy` shows up here, loudly. `--watch` follows a running
+    build live (filesystem events via watchdog, no polling).
     """
     store = StatsStore(rooted.root)
     if reset:
         click.echo(f"removed {store.reset()} stats records")
         return
+    if watch:
+        watch_stats(store, rooted.root, as_json=as_json, max_updates=max_updates)
+        return
+    show_stats(store, rooted.root, as_json=as_json)
+
+
+def watch_stats(store: StatsStore, root: Path, *, as_json: bool, max_updates: int | None) -> None:
+    """Redraw the stats each time a stats record changes."""
+    import threading
+    import time
+
+    from watchdog.events import FileSystemEvent, FileSystemEventHandler
+    from watchdog.observers import Observer
+
+    changed = threading.Event()
+
+    class _Changed(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            changed.set()
+
+    store.directory.mkdir(parents=True, exist_ok=True)
+    observer = Observer()
+    observer.schedule(_Changed(), str(store.directory))
+    observer.start()
+    updates = 0
+    try:
+        while max_updates is None or updates < max_updates:
+            if not as_json:
+                click.clear()
+            show_stats(store, root, as_json=as_json)
+            updates += 1
+            if max_updates is not None and updates >= max_updates:
+                break
+            changed.wait()
+            time.sleep(0.2)  # coalesce a burst of publishes into one redraw
+            changed.clear()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        observer.stop()
+        observer.join()
+
+
+def show_stats(store: StatsStore, root: Path, *, as_json: bool) -> None:
+    """Print the summed counters (and recent actions) once."""
     records = store.load_all()
     totals = store.totals()
     if as_json:
-        emit_json({"root": str(rooted.root), "totals": totals, "processes": records})
+        click.echo(json.dumps({"root": str(root), "totals": totals, "processes": records}, sort_keys=True))
         return
-    click.echo(f"treemat root: {rooted.root}  ({len(records)} process records)")
+    click.echo(f"treemat root: {root}  ({len(records)} process records)")
     click.echo(format_counters(totals))
     recent = [a for r in records for a in _as_list(r.get("recent_actions"))]
     if recent:
