@@ -223,3 +223,12 @@ def test_item_from_json_decodes_bazel_digest_forms() -> None:
     )
     assert item.inputs == [("a", hex_digest), ("b", None), ("c", None)]
     assert item.request_id == 3
+
+
+def test_undeclared_inputs_are_invisible(execroot: Path, tmp_path: Path) -> None:
+    (execroot / "src/undeclared.txt").write_text("not an input\n")
+    worker = Worker(execroot, tmp_path / "root")
+    worker.send(request(execroot, ["src/in.txt"], ["out/u"], ["sh", "-c", "cat src/undeclared.txt > out/u"]))
+    reply = worker.read()
+    assert reply["exitCode"] != 0 and "undeclared.txt" in reply["output"], "hermetic: only declared inputs exist"
+    worker.close()
