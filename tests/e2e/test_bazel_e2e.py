@@ -31,13 +31,14 @@ STRATEGIES = {
 }
 
 
-def _bazel(output_base: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _bazel(output_base: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bazel", f"--output_base={output_base}", *args],
         cwd=WORKSPACE,
         capture_output=True,
         text=True,
         timeout=900,
+        env=env,
     )
 
 
@@ -135,24 +136,10 @@ def test_no_swiftc_makes_swift_targets_incompatible(tmp_path: Path) -> None:
     output_base = tmp_path / "ob-noswift"
     env = dict(os.environ, SWIFTC="/nonexistent/swiftc")
     try:
-        everything = subprocess.run(
-            ["bazel", f"--output_base={output_base}", "build", "//examples/..."],
-            cwd=WORKSPACE,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-        )
-        direct = subprocess.run(
-            ["bazel", f"--output_base={output_base}", "build", "//examples/app"],
-            cwd=WORKSPACE,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-        )
+        everything = _bazel(output_base, "build", "//examples/...", env=env)
+        direct = _bazel(output_base, "build", "//examples/app", env=env)
     finally:
-        subprocess.run(["bazel", f"--output_base={output_base}", "shutdown"], cwd=WORKSPACE, env=env, check=False)
+        _bazel(output_base, "shutdown", env=env)
     assert everything.returncode == 0, "incompatible targets are skipped by //... patterns"
     assert "treemat: no swiftc found" in everything.stderr
     assert "Compiling Swift module" not in everything.stderr

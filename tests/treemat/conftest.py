@@ -41,22 +41,22 @@ def _mount_image(tmp_root: Path, fs: str, size_mb: int) -> Path:
     return mountpoint
 
 
+def _mounted(factory: pytest.TempPathFactory, fs: str) -> Iterator[Path]:
+    mountpoint = _mount_image(factory.mktemp(fs), fs, 512)
+    yield mountpoint
+    subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
 @pytest.fixture(scope="session")
 def xfs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A directory on a fresh loop-mounted xfs (reflink=1) filesystem."""
-    root = tmp_path_factory.mktemp("xfs")
-    mountpoint = _mount_image(root, "xfs", 512)
-    yield mountpoint
-    subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+    yield from _mounted(tmp_path_factory, "xfs")
 
 
 @pytest.fixture(scope="session")
 def btrfs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A directory on a fresh loop-mounted btrfs filesystem."""
-    root = tmp_path_factory.mktemp("btrfs")
-    mountpoint = _mount_image(root, "btrfs", 512)
-    yield mountpoint
-    subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+    yield from _mounted(tmp_path_factory, "btrfs")
 
 
 @pytest.fixture()
