@@ -107,3 +107,22 @@ def test_many_actions_reuse_known_blobs_without_rehash(execroot: Path, tmp_path:
         assert executor.execute(ActionRequest(spec, inputs, execroot)).exit_code == 0
     assert executor.counters.get("ingested_blobs") == 1
     assert executor.counters.get("actions") == 5
+
+
+def test_used_blobs_are_recent_for_gc(execroot: Path, tmp_path: Path) -> None:
+    executor = make_executor(tmp_path / "root")
+    spec = ActionSpec(argv=["true"])
+    old = RequestInput("pkg/data.txt", _sha(execroot / "pkg/data.txt"))
+    other = RequestInput("pkg/tree/a", _sha(execroot / "pkg/tree/a"))
+    assert executor.execute(ActionRequest(spec, [old, other], execroot)).exit_code == 0
+    cas = executor.cas
+    for age, item in enumerate((old, other), start=1):  # both look ancient, `old` the oldest
+        assert item.hash is not None
+        blob = cas.blob_path(item.hash, False)
+        os.utime(blob, ns=(age * 1_000_000_000, blob.stat().st_mtime_ns))
+    later = make_executor(tmp_path / "root")  # a later worker process
+    assert later.execute(ActionRequest(spec, [old], execroot)).exit_code == 0  # uses only `old`
+    cas.gc(max_bytes=len("data\n"))
+    assert old.hash is not None and other.hash is not None
+    assert cas.lookup(old.hash, False) is not None, "a blob an action just used is the most recently used"
+    assert cas.lookup(other.hash, False) is None

@@ -217,9 +217,11 @@ class ActionExecutor:
         if expected is not None:
             size = self._known.get((expected, executable))
             if size is not None:
+                self.cas.touch(expected, executable)  # LRU recency for `cas gc` (throttled to once an hour)
                 return Digest(expected, size)
             found = self.cas.lookup(expected, executable)
             if found is not None:
+                self.cas.touch(expected, executable)
                 self._known[(expected, executable)] = found.size
                 return found
         digest = self.cas.ingest_file(full, executable=executable, expected=expected)
