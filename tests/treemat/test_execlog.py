@@ -84,3 +84,15 @@ def test_replay_reports_every_backend(logs: tuple[Path, Path, Path], tmp_path: P
     assert json.loads(json.dumps(report.to_json()))["spawns"] == 3
     limited = replay(json_log, root=tmp_path / "root2", limit=1, mnemonics={"CppLink"})
     assert limited.spawns == 1 and list(limited.rows) == ["CppLink"]
+
+
+def test_json_durations_in_bazel_string_form(tmp_path: Path) -> None:
+    log = tmp_path / "modern.json"
+    log.write_text(
+        json.dumps({"mnemonic": "SwiftCompile", "walltime": "1.500s", "metrics": {"setupTime": "0.250s"}})
+        + "\n"
+        + json.dumps({"mnemonic": "CppLink", "metrics": {"totalTime": "2s", "fetchTime": "0.1s"}})
+    )
+    first, second = read_exec_log(log)
+    assert (first.walltime_s, first.setup_s) == (1.5, 0.25)
+    assert (second.walltime_s, second.fetch_s) == (2.0, 0.1)

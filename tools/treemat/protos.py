@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import IO, Any, TypeVar
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2, message_factory
 from google.protobuf.message import DecodeError, Message
 
 from treemat.errors import ProtocolError
@@ -73,7 +73,6 @@ _WORKER_MESSAGES: list[MessageSpec] = [
 
 _SPAWN = "tools.protos"
 _SPAWN_MESSAGES: list[MessageSpec] = [
-    ("Duration", [("seconds", 1, "int64", False), ("nanos", 2, "int32", False)]),
     (
         "Digest",
         [("hash", 1, "string", False), ("size_bytes", 2, "int64", False), ("hash_function_name", 3, "string", False)],
@@ -91,12 +90,12 @@ _SPAWN_MESSAGES: list[MessageSpec] = [
     (
         "SpawnMetrics",
         [
-            ("total_time", 1, f".{_SPAWN}.Duration", False),
-            ("parse_time", 2, f".{_SPAWN}.Duration", False),
-            ("fetch_time", 4, f".{_SPAWN}.Duration", False),
-            ("queue_time", 5, f".{_SPAWN}.Duration", False),
-            ("setup_time", 6, f".{_SPAWN}.Duration", False),
-            ("execution_wall_time", 8, f".{_SPAWN}.Duration", False),
+            ("total_time", 1, ".google.protobuf.Duration", False),
+            ("parse_time", 2, ".google.protobuf.Duration", False),
+            ("fetch_time", 4, ".google.protobuf.Duration", False),
+            ("queue_time", 5, ".google.protobuf.Duration", False),
+            ("setup_time", 6, ".google.protobuf.Duration", False),
+            ("execution_wall_time", 8, ".google.protobuf.Duration", False),
             ("input_bytes", 11, "int64", False),
             ("input_files", 12, "int64", False),
         ],
@@ -118,7 +117,7 @@ _SPAWN_MESSAGES: list[MessageSpec] = [
             ("status", 14, "string", False),
             ("exit_code", 15, "int32", False),
             ("remote_cacheable", 16, "bool", False),
-            ("walltime", 17, f".{_SPAWN}.Duration", False),  # Bazel <= 6; reserved later
+            ("walltime", 17, ".google.protobuf.Duration", False),  # Bazel <= 6; reserved later
             ("target_label", 18, "string", False),
             ("digest", 19, f".{_SPAWN}.Digest", False),
             ("metrics", 20, f".{_SPAWN}.SpawnMetrics", False),
@@ -127,9 +126,12 @@ _SPAWN_MESSAGES: list[MessageSpec] = [
 ]
 
 
-def file_proto(name: str, package: str, messages: list[MessageSpec]) -> descriptor_pb2.FileDescriptorProto:
+def file_proto(
+    name: str, package: str, messages: list[MessageSpec], dependencies: tuple[str, ...] = ()
+) -> descriptor_pb2.FileDescriptorProto:
     """A proto3 FileDescriptorProto for `messages` in `package`."""
     proto = descriptor_pb2.FileDescriptorProto(name=name, package=package, syntax="proto3")
+    proto.dependency.extend(dependencies)
     for message_name, fields in messages:
         message = proto.message_type.add(name=message_name)
         for field_name, number, kind, repeated in fields:
@@ -146,6 +148,9 @@ def file_proto(name: str, package: str, messages: list[MessageSpec]) -> descript
 def build_messages(proto: descriptor_pb2.FileDescriptorProto) -> dict[str, type[Message]]:
     """Message classes for every top-level message of `proto`, in a private descriptor pool."""
     pool = descriptor_pool.DescriptorPool()
+    if "google/protobuf/duration.proto" in proto.dependency:
+        # the well-known Duration type, so proto3 JSON reads Bazel's "1.5s" strings
+        pool.AddSerializedFile(duration_pb2.DESCRIPTOR.serialized_pb)
     pool.Add(proto)
     classes: dict[str, type[Message]] = {}
     for message in proto.message_type:
@@ -156,7 +161,9 @@ def build_messages(proto: descriptor_pb2.FileDescriptorProto) -> dict[str, type[
 
 _reapi = build_messages(file_proto("treemat/reapi.proto", _REAPI, _REAPI_MESSAGES))
 _worker = build_messages(file_proto("treemat/worker_protocol.proto", _WORKER, _WORKER_MESSAGES))
-_spawn = build_messages(file_proto("treemat/spawn.proto", _SPAWN, _SPAWN_MESSAGES))
+_spawn = build_messages(
+    file_proto("treemat/spawn.proto", _SPAWN, _SPAWN_MESSAGES, dependencies=("google/protobuf/duration.proto",))
+)
 
 # Module-level message *classes* (immutable types, not mutable state).
 Digest: Any = _reapi["Digest"]
