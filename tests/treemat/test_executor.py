@@ -126,3 +126,18 @@ def test_used_blobs_are_recent_for_gc(execroot: Path, tmp_path: Path) -> None:
     assert old.hash is not None and other.hash is not None
     assert cas.lookup(old.hash, False) is not None, "a blob an action just used is the most recently used"
     assert cas.lookup(other.hash, False) is None
+
+
+def test_output_hardlinked_to_an_input_never_shares_the_cas_inode(execroot: Path, tmp_path: Path) -> None:
+    executor = make_executor(tmp_path / "root")
+    data = RequestInput("pkg/data.txt", _sha(execroot / "pkg/data.txt"))
+    spec = ActionSpec(argv=["ln", "pkg/data.txt", "out/linked"], outputs=["out/linked"])
+    result = executor.execute(ActionRequest(spec, [data], execroot))
+    assert result.exit_code == 0, result.output
+    assert data.hash is not None
+    blob = executor.cas.blob_path(data.hash, False)
+    out = execroot / "out/linked"
+    assert out.read_text() == "data\n"
+    assert out.stat().st_ino != blob.stat().st_ino, "Bazel would chmod the CAS blob through this output"
+    os.chmod(out, 0o555)  # what Bazel does to outputs
+    assert executor.cas.check_fingerprint(data.hash, False)

@@ -354,6 +354,11 @@ def _move_output(src: Path, dst: Path, exec_dir: Path) -> None:
             shutil.copyfile(resolved, dst)
             shutil.copymode(resolved, dst)
         return
+    if src.is_file() and src.stat().st_nlink > 1:
+        # a tool hardlinked an input into its output: moving that link would hand Bazel the CAS blob's inode
+        shutil.copyfile(src, dst)
+        os.chmod(dst, 0o755 if src.stat().st_mode & 0o111 else 0o644)
+        return
     try:
         os.replace(src, dst)
     except OSError:
