@@ -98,7 +98,7 @@ def write_c_list(tree: InputTree, cas: ContentStore, dest: Path, list_path: Path
         if dir_path:
             lines.append(f"D {dest / dir_path}")
     for path, file in tree.iter_files():
-        mode = 0o555 if file.executable else 0o444
+        mode = 0o550 if file.executable else 0o440
         lines.append(f"F {mode:o} {cas.blob_path(file.digest.hash, file.executable)} {dest / path}")
     list_path.write_text("\n".join(lines) + "\n")
 

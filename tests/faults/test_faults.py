@@ -97,7 +97,7 @@ def test_kill_9_during_ingest_never_leaves_a_partial_blob(tmp_path: Path) -> Non
     assert report.corrupt == 0
     assert debris == 0
     for hash_hex, executable, path in cas.iter_blobs():
-        assert digest_file(path).hash == hash_hex and path.stat().st_mode & 0o777 == (0o555 if executable else 0o444)
+        assert digest_file(path).hash == hash_hex and path.stat().st_mode & 0o777 == (0o550 if executable else 0o440)
 
 
 def test_eight_concurrent_workers_on_one_cas(tmp_path: Path) -> None:

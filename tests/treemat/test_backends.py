@@ -22,7 +22,7 @@ from treemat.backends import (
 )
 
 
-def _blob(directory: Path, data: bytes, mode: int = 0o444) -> Path:
+def _blob(directory: Path, data: bytes, mode: int = 0o440) -> Path:
     path = directory / "blob"
     path.write_bytes(data)
     os.chmod(path, mode)
@@ -32,11 +32,11 @@ def _blob(directory: Path, data: bytes, mode: int = 0o444) -> Path:
 @pytest.mark.parametrize("method", [Method.HARDLINK, Method.COPY])
 @pytest.mark.parametrize("executable", [False, True])
 def test_place_file_content_and_mode(tmp_path: Path, method: Method, executable: bool) -> None:
-    src = _blob(tmp_path, b"payload", 0o555 if executable else 0o444)
+    src = _blob(tmp_path, b"payload", 0o550 if executable else 0o440)
     dst = tmp_path / "out"
     place_file(method, src, dst, executable=executable)
     assert dst.read_bytes() == b"payload"
-    assert stat.S_IMODE(dst.stat().st_mode) == (0o555 if executable else 0o444)
+    assert stat.S_IMODE(dst.stat().st_mode) == (0o550 if executable else 0o440)
     assert (dst.stat().st_ino == src.stat().st_ino) == (method is Method.HARDLINK)
 
 
@@ -78,7 +78,7 @@ def test_reflink_on_xfs_is_copy_on_write(xfs_dir: Path) -> None:
     src = _blob(work, b"A" * 65536)
     dst = work / "clone"
     place_file(Method.REFLINK, src, dst, executable=True)
-    assert stat.S_IMODE(dst.stat().st_mode) == 0o555
+    assert stat.S_IMODE(dst.stat().st_mode) == 0o550
     os.chmod(dst, 0o644)
     with dst.open("r+b") as handle:
         handle.write(b"B")

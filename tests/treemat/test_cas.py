@@ -26,8 +26,8 @@ def test_layout_modes_and_mtime(store: ContentStore, tmp_path: Path) -> None:
     exe_path = store.blob_path(plain.hash, True)
     assert plain_path == store.root / "cas" / plain.hash[:2] / plain.hash
     assert exe_path.name == plain.hash + "+x"
-    assert stat.S_IMODE(plain_path.stat().st_mode) == 0o444
-    assert stat.S_IMODE(exe_path.stat().st_mode) == 0o555
+    assert stat.S_IMODE(plain_path.stat().st_mode) == 0o440
+    assert stat.S_IMODE(exe_path.stat().st_mode) == 0o550
     assert plain_path.stat().st_ino != exe_path.stat().st_ino, "exec and non-exec blobs must not share an inode"
     assert plain_path.stat().st_mtime_ns == BLOB_MTIME_NS
     assert not list((store.root / "tmp").iterdir()), "temp files must be cleaned up"
@@ -84,7 +84,7 @@ def test_write_restoring_mode_is_still_detected(store: ContentStore) -> None:
     path = store.blob_path(digest.hash, True)
     os.chmod(path, 0o755)
     path.write_bytes(b"xyz")
-    os.chmod(path, 0o555)  # mode restored, but the write moved mtime off the sentinel
+    os.chmod(path, 0o550)  # mode restored, but the write moved mtime off the sentinel
     assert not store.check_fingerprint(digest.hash, True)
 
 
@@ -94,7 +94,7 @@ def test_verify_all_quarantines_silent_corruption(store: ContentStore) -> None:
     path = store.blob_path(bad.hash, False)
     os.chmod(path, 0o644)
     path.write_bytes(b"BAD BLOB")  # same size
-    os.chmod(path, 0o444)
+    os.chmod(path, 0o440)
     os.utime(path, ns=(BLOB_MTIME_NS, BLOB_MTIME_NS))  # adversarially restore the fingerprint
     assert store.check_fingerprint(bad.hash, False), "fingerprint restored: only a rehash can tell"
     report = store.verify_all()

@@ -37,7 +37,7 @@ def test_exec_bit_comes_from_the_execroot_file(execroot: Path, tmp_path: Path) -
     result = executor.execute(ActionRequest(spec, inputs, execroot))
     assert result.exit_code == 0, result.output
     listing = (execroot / "out/listing").read_text()
-    assert "-r-xr-xr-x" in listing and "-r--r--r--" in listing
+    assert "-r-xr-x---" in listing and "-r--r-----" in listing
     assert result.stage is not None and result.stage.files == 2
     assert not list((tmp_path / "root/exec").iterdir()), "exec dirs are removed after the action"
 

@@ -59,9 +59,9 @@ def test_inputs_read_only_outputs_creatable(tmp_path: Path) -> None:
     counters = Counters()
     report = Materializer(cas, BackendProbe(), counters=counters).build(tree.root, tmp_path / "exec")
     exec_dir = tmp_path / "exec"
-    assert os.stat(exec_dir / "src/a.swift").st_mode & 0o777 == 0o444
-    assert os.stat(exec_dir / "bin/tool").st_mode & 0o777 == 0o555
-    assert os.stat(exec_dir / "src/empty").st_mode & 0o777 == 0o444
+    assert os.stat(exec_dir / "src/a.swift").st_mode & 0o777 == 0o440
+    assert os.stat(exec_dir / "bin/tool").st_mode & 0o777 == 0o550
+    assert os.stat(exec_dir / "src/empty").st_mode & 0o777 == 0o440
     assert (exec_dir / "src/empty").read_bytes() == b""
     (exec_dir / "src" / "a.o").write_bytes(b"an output nested in an input directory")
     assert report.methods["zero_byte"] == 1 and counters.get("zero_byte") == 1

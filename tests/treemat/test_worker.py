@@ -171,7 +171,7 @@ def test_inputs_are_read_only_and_outputs_symlinks_handled(execroot: Path, tmp_p
     )
     reply = worker.read()
     assert reply["exitCode"] == 0, reply
-    assert (execroot / "out/modes").read_text() == "444 755"
+    assert (execroot / "out/modes").read_text() == "440 755"
     assert os.readlink(execroot / "out/rel") == "modes", "relative symlink outputs are kept"
     abs_out = execroot / "out/abs"
     assert not abs_out.is_symlink() and abs_out.read_text() == "hello input\n", "absolute symlinks are resolved"

@@ -73,8 +73,8 @@ def read_back(root: Path) -> Spec:
                     found[rel] = ("dir", None)
             else:
                 mode = stat.S_IMODE(info.st_mode)
-                assert mode in (0o444, 0o555), f"{rel}: input files must be read-only, got {oct(mode)}"
-                found[rel] = ("file", (full.read_bytes(), mode == 0o555))
+                assert mode in (0o440, 0o550), f"{rel}: input files must be read-only, got {oct(mode)}"
+                found[rel] = ("file", (full.read_bytes(), mode == 0o550))
     return found
 
 

@@ -1,10 +1,12 @@
 """On-disk content-addressable store, keyed by (digest, executable).
 
-Layout (Bazel `--disk_cache` compatible for plain blobs): `<root>/cas/<hh>/<hash>` (0o444) and
-`<root>/cas/<hh>/<hash>+x` (0o555), so an executable and a plain copy of the same bytes never share an inode
-and nobody ever chmods a shared blob. Every blob's mtime is the sentinel BLOB_MTIME_NS: together with the
-fixed mode and the size it forms a stat fingerprint, so a tool that chmods a hardlinked input and writes
-through it is caught by one `stat`. LRU recency lives in atime (set explicitly; mount options don't matter).
+Layout (Bazel `--disk_cache` compatible for plain blobs): `<root>/cas/<hh>/<hash>` (0o440) and
+`<root>/cas/<hh>/<hash>+x` (0o550), so an executable and a plain copy of the same bytes never share an inode
+and nobody ever chmods a shared blob. No blob is ever world-readable, and the root is private (0o700) unless
+group sharing is asked for. Every blob's mtime is the sentinel BLOB_MTIME_NS: together with the fixed mode and
+the size it forms a stat fingerprint (blobguard.py adds identity, a once-per-process hash and write watches).
+Temp files are unnamed (O_TMPFILE) where the filesystem allows, published by linking `/proc/self/fd/N`: a
+killed writer leaves nothing, and `gc` cannot mistake a live ingest for litter. LRU recency lives in atime.
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from treemat.errors import CasError, CorruptBlobError, MissingBlobError
 from treemat.locking import file_lock
 
 BLOB_MTIME_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z: a blob whose mtime differs was written to
-PLAIN_MODE = 0o444
-EXEC_MODE = 0o555
+PLAIN_MODE = 0o440
+EXEC_MODE = 0o550
+PRIVATE_DIR_MODE = 0o700
+SHARED_DIR_MODE = 0o750
 TOUCH_INTERVAL_NS = 3600 * 1_000_000_000
+TEMP_GRACE_NS = 10 * 1_000_000_000  # a named temp file younger than this may still be about to be locked
 _FICLONE = 0x40049409
 _CHUNK = 1 << 20
 
@@ -71,21 +76,51 @@ class GcReport:
     kept_in_use: int = 0
 
 
-class ContentStore:
-    """The CAS. Safe for many threads and processes at once; publishes are atomic (os.link of a temp file)."""
+def prepare_root(root: Path, *, group_shared: bool = False) -> Path:
+    """Create (0o700, or 0o750 when shared with the group) or check the treemat root; CasError if unsafe.
 
-    def __init__(self, root: Path, *, counters: Counters | None = None) -> None:
-        self.root = Path(root)
+    A root owned by another user, or writable by others (or by the group, unless shared), would let someone
+    else plant blobs that treemat then serves: it is refused rather than used.
+    """
+    root = Path(root)
+    mode = SHARED_DIR_MODE if group_shared else PRIVATE_DIR_MODE
+    try:
+        root.mkdir(mode=mode, parents=True, exist_ok=True)
+        info = os.lstat(root)
+    except OSError as exc:
+        raise _io_error(exc, f"creating the treemat root {root}") from None
+    if stat.S_ISLNK(info.st_mode):
+        info = os.stat(root)
+    if not stat.S_ISDIR(info.st_mode):
+        raise CasError(f"treemat root {root} is not a directory")
+    if info.st_uid != os.geteuid():
+        raise CasError(f"treemat root {root} belongs to uid {info.st_uid}, not to you (uid {os.geteuid()}): refused")
+    forbidden = stat.S_IWOTH | (0 if group_shared else stat.S_IWGRP)
+    if info.st_mode & forbidden:
+        raise CasError(
+            f"treemat root {root} is writable by {'others' if info.st_mode & stat.S_IWOTH else 'its group'} "
+            f"(mode {stat.S_IMODE(info.st_mode):o}): refused; chmod it to {mode:o}"
+        )
+    return root
+
+
+class ContentStore:
+    """The CAS. Safe for many threads and processes at once; publishes are atomic (link of an unnamed file)."""
+
+    def __init__(self, root: Path, *, counters: Counters | None = None, group_shared: bool = False) -> None:
+        self.root = prepare_root(root, group_shared=group_shared)
         self.cas_dir = self.root / "cas"
         self.tmp_dir = self.root / "tmp"
         self.quarantine_dir = self.root / "quarantine"
         self.gc_lock_path = self.root / "gc.lock"
         self.counters = counters if counters is not None else Counters()
+        self.dir_mode = SHARED_DIR_MODE if group_shared else PRIVATE_DIR_MODE
         for directory in (self.cas_dir, self.tmp_dir, self.quarantine_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(mode=self.dir_mode, exist_ok=True)
+        self._cas_prefix = f"{self.cas_dir}/"
         self._touched: dict[tuple[str, bool], int] = {}
         self._touch_lock = threading.Lock()
-        self._sweep_dead_temp_files()
+        self.sweep_temp_files()
 
     # ------------------------------------------------------------------ paths and lookups
 
@@ -93,17 +128,20 @@ class ContentStore:
         """Where the blob for (hash, executable) lives (whether or not it exists)."""
         return self.cas_dir / hash_hex[:2] / (hash_hex + ("+x" if executable else ""))
 
+    def blob_path_str(self, hash_hex: str, executable: bool) -> str:
+        """`blob_path` as a str, for hot loops."""
+        return f"{self._cas_prefix}{hash_hex[:2]}/{hash_hex}{'+x' if executable else ''}"
+
     def lookup(self, hash_hex: str, executable: bool) -> Digest | None:
         """The blob's Digest if present and intact by its stat fingerprint; a tampered blob is quarantined."""
         if check_hash(hash_hex) == EMPTY_DIGEST.hash:
             return EMPTY_DIGEST
-        path = self.blob_path(hash_hex, executable)
         try:
-            info = path.stat()
+            info = os.lstat(self.blob_path_str(hash_hex, executable))
         except FileNotFoundError:
             return None
         if not _fingerprint_ok(info, executable):
-            self.quarantine(hash_hex, executable, "stat fingerprint changed (mode or mtime)")
+            self.quarantine(hash_hex, executable, "not a regular file, or stat fingerprint changed (mode or mtime)")
             return None
         self.counters.add("cas_hits")
         return Digest(hash_hex, info.st_size)
@@ -111,7 +149,7 @@ class ContentStore:
     def check_fingerprint(self, hash_hex: str, executable: bool, size: int | None = None) -> bool:
         """True if the blob still has its fixed mode, sentinel mtime (and `size`, when given)."""
         try:
-            info = self.blob_path(hash_hex, executable).stat()
+            info = os.lstat(self.blob_path_str(hash_hex, executable))
         except FileNotFoundError:
             return True  # nothing served from here any more: nothing to poison
         return _fingerprint_ok(info, executable) and (size is None or info.st_size == size)
@@ -119,28 +157,39 @@ class ContentStore:
     # ------------------------------------------------------------------ ingest
 
     def ingest_file(self, source: Path, *, executable: bool, expected: str | Digest | None = None) -> Digest:
-        """Copy `source` into the CAS (reflink when possible), hashing it; verify against `expected`."""
+        """Copy `source` into the CAS (reflink when possible), hashing it; verify against `expected`.
+
+        Only regular files are taken: a FIFO, socket or device is refused without being opened for reading
+        (O_NONBLOCK, then fstat), so it can never hang or flood the store.
+        """
         expected_hash = expected.hash if isinstance(expected, Digest) else expected
+        expected_size = expected.size if isinstance(expected, Digest) else None
         if expected_hash is not None:
             expected_hash = check_hash(expected_hash)
             known = self.lookup(expected_hash, executable)
-            if known is not None:
+            if known is not None and (expected_size is None or known.size == expected_size or known.is_empty):
                 return known
         try:
-            src_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+            src_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         except FileNotFoundError:
             raise MissingBlobError(f"cannot ingest {source}: no such file") from None
         except IsADirectoryError:
             raise CasError(f"cannot ingest {source}: it is a directory") from None
+        except OSError as exc:
+            raise CasError(f"cannot ingest {source}: {exc.strerror}") from None
         try:
-            if os.fstat(src_fd).st_size == 0:
+            info = os.fstat(src_fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise CasError(f"cannot ingest {source}: it is a {file_kind(info.st_mode)}, not a regular file")
+            if info.st_size == 0:
                 digest = EMPTY_DIGEST
-                _check_expected(digest, expected_hash, source)
-                return digest
-            with self._temp_blob() as (tmp_fd, tmp_path):
-                digest = _copy_and_hash(src_fd, tmp_fd, source)
-                _check_expected(digest, expected_hash, source)
-                return self._publish(tmp_fd, tmp_path, digest, executable)
+            else:
+                with self._temp_blob() as tmp_fd:
+                    digest = _copy_and_hash(src_fd, tmp_fd, source)
+                    _check_expected(digest, expected_hash, expected_size, source)
+                    return self._publish(tmp_fd, digest, executable)
+            _check_expected(digest, expected_hash, expected_size, source)
+            return digest
         finally:
             os.close(src_fd)
 
@@ -152,43 +201,63 @@ class ContentStore:
         known = self.lookup(digest.hash, executable)
         if known is not None:
             return known
-        with self._temp_blob() as (tmp_fd, tmp_path):
+        with self._temp_blob() as tmp_fd:
             try:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(tmp_fd, view) :]
             except OSError as exc:
                 raise _io_error(exc, "writing a blob") from None
-            return self._publish(tmp_fd, tmp_path, digest, executable)
+            return self._publish(tmp_fd, digest, executable)
 
     @contextlib.contextmanager
-    def _temp_blob(self) -> Iterator[tuple[int, Path]]:
-        """A fresh temp file in `<root>/tmp`, always removed afterwards (the published blob is a link to it)."""
-        tmp_path = self.tmp_dir / f"{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(6)}"
+    def _temp_blob(self) -> Iterator[int]:
+        """A fresh unnamed file in `<root>/tmp` (O_TMPFILE), or a named, flock-held one where unsupported."""
         try:
-            tmp_fd = os.open(tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            tmp_fd = os.open(self.tmp_dir, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+            named: str | None = None
         except OSError as exc:
-            raise _io_error(exc, f"creating a temp file in {self.tmp_dir}") from None
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                raise _io_error(exc, f"creating a temp file in {self.tmp_dir}") from None
+            tmp_fd, named = self._named_temp()
         try:
-            yield tmp_fd, tmp_path
+            yield tmp_fd
         finally:
             os.close(tmp_fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_path)
+            if named is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(named)
 
-    def _publish(self, tmp_fd: int, tmp_path: Path, digest: Digest, executable: bool) -> Digest:
+    def _named_temp(self) -> tuple[int, str]:
+        """Fallback temp file: held under an exclusive flock for its whole life, so sweeps can tell it is live."""
+        path = f"{self.tmp_dir}/{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(6)}"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise _io_error(exc, f"creating a temp file in {self.tmp_dir}") from None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd, path
+
+    def _publish(self, tmp_fd: int, digest: Digest, executable: bool) -> Digest:
         """Fix mode and mtime on the temp file, then link it into place; EEXIST means another writer won."""
         final = self.blob_path(digest.hash, executable)
+        source = f"/proc/self/fd/{tmp_fd}"
+        root_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # makes os.link use linkat(FOLLOW)
         try:
             os.fchmod(tmp_fd, blob_mode(executable))
             os.utime(tmp_fd, ns=(time.time_ns(), BLOB_MTIME_NS))
-            final.parent.mkdir(exist_ok=True)
-            os.link(tmp_path, final)
+            final.parent.mkdir(mode=self.dir_mode, exist_ok=True)
+            os.link(source, final, src_dir_fd=root_fd, follow_symlinks=True)
         except FileExistsError:
             if self.lookup(digest.hash, executable) is None:  # the existing one was tampered: replace it
-                os.link(tmp_path, final)
+                try:
+                    os.link(source, final, src_dir_fd=root_fd, follow_symlinks=True)
+                except OSError as exc:
+                    raise _io_error(exc, f"publishing blob {digest}") from None
         except OSError as exc:
             raise _io_error(exc, f"publishing blob {digest}") from None
+        finally:
+            os.close(root_fd)
         self.counters.add("ingested_blobs")
         self.counters.add("ingested_bytes", digest.size)
         return digest
@@ -211,9 +280,9 @@ class ContentStore:
         """Rehash one blob; False if missing or corrupt."""
         path = self.blob_path(hash_hex, executable)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return False  # missing, or a symlink / special file where a blob should be
         try:
             hasher = hashlib.sha256()
             while chunk := os.read(fd, _CHUNK):
@@ -296,24 +365,42 @@ class ContentStore:
                     report.deleted_blobs += 1
                     report.deleted_bytes += size
             report.after_bytes = total
-            self._sweep_tmp()
+            self.sweep_temp_files()
         return report
 
-    def _sweep_tmp(self, older_than_s: float = 3600.0) -> None:
-        """Remove temp files left by killed processes (only old ones: live writers hold fresh ones)."""
-        cutoff = time.time() - older_than_s
-        for entry in self.tmp_dir.iterdir():
-            with contextlib.suppress(OSError):
-                if entry.stat().st_mtime < cutoff:
-                    entry.unlink()
+    def sweep_temp_files(self) -> int:
+        """Remove named temp files no live writer holds (killed mid-ingest); returns how many.
 
-    def _sweep_dead_temp_files(self) -> None:
-        """Remove temp files whose writer process is gone (killed mid-ingest); they were never published."""
-        for entry in self.tmp_dir.iterdir():
-            pid_text = entry.name.split("-", 1)[0]
-            if pid_text.isdigit() and not pid_alive(int(pid_text)):
-                with contextlib.suppress(OSError):
-                    entry.unlink()
+        Liveness is the writer's flock, never a timestamp: a publish sets the sentinel mtime on its temp file
+        before linking it, so an mtime says nothing. A file is taken only if its lock can be had and its ctime
+        (which nobody can set back) is older than a short grace period covering create-then-lock.
+        """
+        removed = 0
+        now = time.time_ns()
+        try:
+            entries = list(os.scandir(self.tmp_dir))
+        except OSError:
+            return 0
+        for entry in entries:
+            if not entry.name[:1].isdigit():
+                continue  # not a temp blob (e.g. a probe's scratch directory)
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                if now - os.fstat(fd).st_ctime_ns < TEMP_GRACE_NS:
+                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live writer holds it
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+            finally:
+                os.close(fd)
+        return removed
 
     def stats(self) -> CasStats:
         """Blob count and bytes."""
@@ -340,16 +427,37 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def file_kind(mode: int) -> str:
+    """A word for a file type, for error messages."""
+    for test, word in (
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISLNK, "symlink"),
+        (stat.S_ISDIR, "directory"),
+    ):
+        if test(mode):
+            return word
+    return "regular file" if stat.S_ISREG(mode) else "special file"
+
+
 def _fingerprint_ok(info: os.stat_result, executable: bool) -> bool:
-    return stat.S_IMODE(info.st_mode) == blob_mode(executable) and info.st_mtime_ns == BLOB_MTIME_NS
+    return (
+        stat.S_ISREG(info.st_mode)
+        and stat.S_IMODE(info.st_mode) == blob_mode(executable)
+        and info.st_mtime_ns == BLOB_MTIME_NS
+    )
 
 
-def _check_expected(digest: Digest, expected_hash: str | None, source: Path) -> None:
+def _check_expected(digest: Digest, expected_hash: str | None, expected_size: int | None, source: Path) -> None:
     if expected_hash is not None and digest.hash != expected_hash:
         raise CorruptBlobError(
             f"{source}: content hashes to {digest.hash[:16]}… but {expected_hash[:16]}… was expected "
             "(the file changed after Bazel digested it?)"
         )
+    if expected_size is not None and digest.size != expected_size:
+        raise CorruptBlobError(f"{source}: {digest.size} bytes, but its digest declares {expected_size}")
 
 
 def _io_error(exc: OSError, doing: str) -> CasError:
