@@ -54,7 +54,7 @@ def test_actions_writing_through_hardlinked_inputs_corrupt_nothing(tmp_path: Pat
     assert result.exit_code == 0, result.output
     assert "POISON" not in (execroot / "out/all").read_text()
     assert report.corrupt == 0
-    assert quarantined == attacks
+    assert quarantined == 0, "prevented, not detected: the writes landed in each tool's overlay copy"
     assert all((execroot / "in" / f"f{i}.txt").read_text() == f"pristine {i}\n" for i in range(20))
 
 
@@ -107,7 +107,7 @@ def test_eight_concurrent_workers_on_one_cas(tmp_path: Path) -> None:
         (execroot / "src" / f"s{i}.txt").write_text(f"shared input {i}\n" * 50)
     shared = [f"src/s{i}.txt" for i in range(10)]
     workers = [Worker(execroot, tmp_path / "root", extra=["--max-workers=2"]) for _ in range(8)]
-    per_worker = 300
+    per_worker = 150
     started = time.monotonic()
     for w, worker in enumerate(workers):
         worker.send(
@@ -231,7 +231,7 @@ def test_disk_full_gives_clear_errors_and_worker_keeps_serving(tmp_path: Path) -
         pytest.skip("mounting tmpfs needs root")
     root = tmp_path / "tiny-root"
     root.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,nr_inodes=200", "tmpfs", str(root)])
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,nr_inodes=200,mode=0700", "tmpfs", str(root)])
     if mounted.returncode != 0:
         pytest.skip("cannot mount tmpfs here")
     try:
@@ -262,7 +262,7 @@ def test_disk_full_gives_clear_errors_and_worker_keeps_serving(tmp_path: Path) -
         )
         assert too_big["exitCode"] == 1 and "disk full" in too_big["output"]
         assert too_many["exitCode"] == 1 and "disk full" in too_many["output"]
-        assert fine["exitCode"] == 0 and (execroot / "out/ok").read_text() == "small\n"
+        assert fine["exitCode"] == 0 and (execroot / "out/ok").read_text() == "small\n", fine
         assert report.corrupt == 0
         assert not list((root / "tmp").iterdir())
         time.sleep(0.5)

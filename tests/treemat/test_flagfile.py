@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from treemat.errors import ProtocolError
-from treemat.flagfile import expand_flagfiles, parse_action_args
+from treemat.flagfile import MAX_FLAGFILE_BYTES, parse_action_args, request_arguments
 
 from .workerharness import worker_env
 
@@ -37,12 +37,12 @@ def test_bad_arguments(args: list[str]) -> None:
         parse_action_args(args)
 
 
-def test_expand_flagfiles(tmp_path: Path) -> None:
+def test_request_arguments(tmp_path: Path) -> None:
     flagfile = tmp_path / "f.params"
     flagfile.write_text("--output=o\n--\necho\nhello world\n")
-    assert expand_flagfiles(["@" + str(flagfile)]) == ["--output=o", "--", "echo", "hello world"]
+    assert request_arguments(["@" + str(flagfile)]) == ["--output=o", "--", "echo", "hello world"]
     with pytest.raises(ProtocolError, match="cannot read flagfile"):
-        expand_flagfiles(["@" + str(tmp_path / "missing")])
+        request_arguments(["@" + str(tmp_path / "missing")])
 
 
 def test_oneshot_runs_tool_in_place(tmp_path: Path) -> None:
@@ -65,3 +65,35 @@ def test_oneshot_propagates_failure_and_bad_flagfile(tmp_path: Path) -> None:
     flagfile.write_text("no separator\n")
     bad = subprocess.run([*run, f"@{flagfile}"], cwd=tmp_path, env=worker_env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "treemat: error:" in bad.stderr
+
+
+def test_tool_arguments_starting_with_at_are_never_expanded(tmp_path: Path) -> None:
+    """Bazel's expansion of the one flagfile is all there is: @rpath-style and response-file args stay verbatim."""
+    rsp = tmp_path / "args.rsp"
+    rsp.write_text("SHOULD-NOT-APPEAR\n")
+    expanded_by_bazel = ["--output=o", "--", "ld", "-rpath", "@executable_path/Frameworks", f"@{rsp}", "@/dev/zero"]
+    spec = parse_action_args(request_arguments(expanded_by_bazel))
+    assert spec.argv == ["ld", "-rpath", "@executable_path/Frameworks", f"@{rsp}", "@/dev/zero"]
+
+
+def test_escaped_at_arguments_are_unescaped_in_both_modes(tmp_path: Path) -> None:
+    flagfile = tmp_path / "request.params"
+    flagfile.write_text("--output=o\n--\nld\n-rpath\n@@loader_path/../lib\n@@tool.rsp\n")
+    spec = parse_action_args(request_arguments([f"@{flagfile}"]))
+    assert spec.argv == ["ld", "-rpath", "@loader_path/../lib", "@tool.rsp"]
+    as_bazel_passes_it = ["--output=o", "--", "ld", "@@loader_path/../lib"]
+    assert parse_action_args(request_arguments(as_bazel_passes_it)).argv == ["ld", "@loader_path/../lib"]
+
+
+def test_flagfile_must_be_a_bounded_regular_file(tmp_path: Path) -> None:
+    with pytest.raises(ProtocolError, match="not a regular file"):
+        request_arguments(["@/dev/zero"])
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ProtocolError, match="not a regular file"):
+        request_arguments([f"@{fifo}"])  # must not block
+    big = tmp_path / "big.params"
+    with open(big, "wb") as handle:
+        handle.truncate(MAX_FLAGFILE_BYTES + 1)
+    with pytest.raises(ProtocolError, match="limit"):
+        request_arguments([f"@{big}"])

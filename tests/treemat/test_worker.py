@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -17,6 +18,8 @@ from treemat.errors import ProtocolError
 from treemat.worker import JsonObjectSplitter, item_from_json
 
 from .workerharness import Worker, request, worker_env
+
+HELLO_HASH = hashlib.sha256(b"hello input\n").hexdigest()
 
 
 @pytest.fixture()
@@ -178,12 +181,19 @@ def test_inputs_are_read_only_and_outputs_symlinks_handled(execroot: Path, tmp_p
     worker.close()
 
 
-def test_write_through_hardlinked_input_is_quarantined(execroot: Path, tmp_path: Path) -> None:
-    evil = "chmod 644 src/in.txt && echo POISON > src/in.txt && cp src/in.txt out/seen"
+def test_write_through_hardlinked_input_never_reaches_the_cas(execroot: Path, tmp_path: Path) -> None:
+    """chmod + write (even with the mtime restored) lands in the tool's private overlay copy, not the blob."""
+    evil = (
+        "chmod 644 src/in.txt && echo POISON > src/in.txt && touch -d 2000-01-01Z src/in.txt "
+        "&& cp src/in.txt out/seen"
+    )
     worker = Worker(execroot, tmp_path / "root")
     worker.send(request(execroot, ["src/in.txt"], ["out/seen"], ["sh", "-c", evil]))
     reply = worker.read()
-    assert "quarantined" in reply["output"], reply
+    assert reply["exitCode"] == 0, reply
+    assert (execroot / "out/seen").read_text() == "POISON\n", "the tool saw its own write"
+    blob = tmp_path / "root" / "cas" / HELLO_HASH[:2] / HELLO_HASH
+    assert blob.read_text() == "hello input\n" and stat.S_IMODE(blob.stat().st_mode) == 0o440
     worker.send(_copy(execroot, "out/clean.txt"))
     assert worker.read()["exitCode"] == 0
     assert (execroot / "out/clean.txt").read_text() == "hello input\n", "later actions see pristine content"
@@ -197,7 +207,7 @@ def test_write_through_hardlinked_input_is_quarantined(execroot: Path, tmp_path:
             check=True,
         ).stdout
     )
-    assert stats["totals"]["integrity_quarantined"] >= 1
+    assert stats["totals"]["actions_isolation_overlay"] >= 2
 
 
 def test_json_splitter_handles_split_reads_and_strings() -> None:

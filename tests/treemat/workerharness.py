@@ -12,12 +12,8 @@ import threading
 from pathlib import Path
 from typing import IO, Any
 
-from treemat.backends import BackendProbe
-from treemat.cas import ContentStore
-from treemat.counters import Counters
-from treemat.dircache import DirectoryCache
 from treemat.executor import ActionExecutor
-from treemat.materializer import Materializer
+from treemat.stack import open_stack
 
 TOOLS_DIR = Path(__file__).resolve().parents[2] / "tools"
 
@@ -96,8 +92,5 @@ class Worker:
 
 
 def make_executor(root: Path) -> ActionExecutor:
-    """CAS -> materializer -> dircache -> executor in one process, exec dirs removed synchronously."""
-    counters = Counters()
-    cas = ContentStore(root, counters=counters)
-    cache = DirectoryCache(root, Materializer(cas, BackendProbe(), counters=counters), counters=counters)
-    return ActionExecutor(root, cas, cache, counters=counters, background_cleanup=False)
+    """The composed stack's executor in one process, exec dirs removed synchronously."""
+    return open_stack(root, background_cleanup=False).executor

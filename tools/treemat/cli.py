@@ -26,9 +26,9 @@ _SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 <
 
 def default_root() -> Path:
     """`$TREEMAT_ROOT`, else `$XDG_CACHE_HOME/treemat`, else `~/.cache/treemat` (shared with the worker)."""
-    from treemat.worker import default_root as worker_default_root
+    from treemat.stack import default_root as stack_default_root
 
-    return worker_default_root()
+    return stack_default_root()
 
 
 def parse_size(text: str) -> int:
@@ -204,16 +204,18 @@ def build_stack(
     concurrency: int | None = None,
     dircache: bool = True,
 ) -> Any:
-    """CAS -> backend probe -> materializer -> directory cache, wired for a CLI command."""
-    from treemat.backends import BackendProbe, Method
-    from treemat.cas import ContentStore
-    from treemat.dircache import DirectoryCache
-    from treemat.materializer import Materializer
+    """The directory cache of the stack (stack.open_stack), for a CLI command that stages trees."""
+    from treemat.backends import Method
+    from treemat.stack import open_stack
 
-    cas = ContentStore(root, counters=counters)
-    probe = BackendProbe(prefer=[Method(name) for name in prefer] or None)
-    materializer = Materializer(cas, probe, counters=counters, concurrency=concurrency)
-    return DirectoryCache(root, materializer, counters=counters, min_files=32 if dircache else None)
+    stack = open_stack(
+        root,
+        counters=counters,
+        prefer=[Method(name) for name in prefer] or None,
+        concurrency=concurrency,
+        dircache_min_files=32 if dircache else None,
+    )
+    return stack.dircache
 
 
 # --------------------------------------------------------------------------- stats

@@ -1,14 +1,17 @@
 """One action end to end: inputs into the CAS, stage a private exec dir, run the tool, move outputs back.
 
-Bazel's digests are trusted for lookups (hashing happens only when a blob is first ingested, and then the
-content is verified against Bazel's digest). After the tool ran, every hardlinked input is re-checked by
-its stat fingerprint, so a tool that chmods and writes through an input cannot poison later actions.
+Bazel's digests are trusted for lookups (hashing happens when a blob is ingested, verified against Bazel's
+digest, and once per process per blob in the guard). Every blob is admitted by the guard right before it is
+staged. Hardlinked inputs are only ever handed to a tool inside the overlay sandbox, so the tool cannot write
+the CAS inode; a write from anywhere else is caught by the guard, and every action that had that blob staged
+fails instead of reporting success.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import os
 import queue
 import secrets
@@ -22,13 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from treemat.backends import remove_tree
-from treemat.cas import ContentStore, pid_alive
+from treemat.blobguard import BlobGuard, BlobIdentity
+from treemat.cas import ContentStore, file_kind, pid_alive
 from treemat.counters import Counters
 from treemat.digest import Digest, check_hash
 from treemat.dircache import DirectoryCache, StageReport
 from treemat.errors import ExecutionError, MissingBlobError, TreematError
 from treemat.flagfile import ActionSpec
+from treemat.sandbox import OverlayPlan, OverlaySandbox, upper_dir, work_dir
 from treemat.tree import FileNode, InputTree, check_symlinks, normalize_path
+
+KILL_GRACE_SECONDS = 0.5  # after the tool exits, its process group gets this long before SIGKILL
+MAX_OUTPUT_BYTES = 16 << 20  # tool stdout+stderr kept for Bazel; the rest is counted, not stored
+_SYMLINK_HOPS = 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +113,8 @@ class ActionExecutor:
         cas: ContentStore,
         dircache: DirectoryCache,
         *,
+        guard: BlobGuard | None = None,
+        sandbox: OverlaySandbox | None = None,
         counters: Counters | None = None,
         keep_exec_dirs: bool = False,
         background_cleanup: bool = True,
@@ -111,6 +122,8 @@ class ActionExecutor:
         self.root = Path(root)
         self.cas = cas
         self.dircache = dircache
+        self.guard = guard if guard is not None else BlobGuard(cas, counters=counters)
+        self.sandbox = sandbox
         self.counters = counters if counters is not None else cas.counters
         self.keep_exec_dirs = keep_exec_dirs
         self.exec_base = self.root / "exec"
@@ -133,24 +146,27 @@ class ActionExecutor:
         exec_dir = self.exec_base / f"{os.getpid()}-{request.request_id}-{secrets.token_hex(4)}"
         result: ActionResult
         try:
-            tree = self.build_tree(request)
+            self.guard.poll()
             with self.cas.in_use():
                 try:
+                    tree, staged = self.build_tree(request)
                     stage = self.dircache.stage(tree, exec_dir)
                 except MissingBlobError:
                     # our in-memory view was stale (blob GC'd or quarantined elsewhere): forget it, retry once
                     with self._lock:
                         self._known.clear()
                         self._meta.clear()
-                    tree = self.build_tree(request)
+                    remove_tree(exec_dir)
+                    tree, staged = self.build_tree(request)
                     stage = self.dircache.stage(tree, exec_dir)
             stage_seconds = time.perf_counter() - started
             self._prepare_outputs(request.spec, exec_dir)
-            result = self._run_tool(request, exec_dir)
+            plan = self._isolation_plan(stage, exec_dir)
+            result = self._run_tool(request, exec_dir, plan)
             result.stage, result.stage_seconds = stage, stage_seconds
+            self._check_integrity(staged, result)
             if result.exit_code == 0 and not result.cancelled:
                 self._collect_outputs(request, exec_dir, result)
-            self._check_integrity(stage, result)
         except TreematError as exc:
             result = ActionResult(exit_code=1, output=f"treemat: error: {exc}\n")
         except OSError as exc:
@@ -177,9 +193,10 @@ class ActionExecutor:
 
     # ----------------------------------------------------------------------------- inputs
 
-    def build_tree(self, request: ActionRequest) -> InputTree:
-        """Validate input paths, make sure every blob is in the CAS, and return the input tree."""
+    def build_tree(self, request: ActionRequest) -> tuple[InputTree, dict[BlobIdentity, str]]:
+        """Validate input paths, admit every blob (ingesting what the CAS lacks); the tree and its blob inodes."""
         tree = InputTree()
+        staged: dict[BlobIdentity, str] = {}
         for item in request.inputs:
             path = normalize_path(item.path)
             expected = check_hash(item.hash) if item.hash else None
@@ -188,43 +205,75 @@ class ActionExecutor:
             if meta is None:
                 info = _stat_input(full, path)
                 if stat.S_ISDIR(info.st_mode):
-                    self._add_directory(tree, request.execroot, path)
+                    self._add_directory(tree, request.execroot, path, staged)
                     continue
+                if not stat.S_ISREG(info.st_mode):
+                    raise ExecutionError(f"input {path!r} is a {file_kind(info.st_mode)}: refused (not a regular file)")
                 executable = bool(info.st_mode & 0o111)
-                digest = self._ensure_blob(full, expected, executable)
-                meta = (digest, executable)
+                meta = (self._ensure_blob(full, expected, executable, staged, path), executable)
                 if expected:
                     self._meta[(path, expected)] = meta
+            else:
+                self._ensure_blob(full, expected, meta[1], staged, path)
             tree.add_file(path, FileNode(meta[0], meta[1], source=full))
         check_symlinks(tree)
-        return tree
+        return tree, staged
 
-    def _add_directory(self, tree: InputTree, execroot: Path, path: str) -> None:
-        """A directory input (source directory / tree artifact): add its files, hashing them on ingest."""
-        for dirpath, dirnames, filenames in os.walk(execroot / path):
+    def _add_directory(self, tree: InputTree, execroot: Path, path: str, staged: dict[BlobIdentity, str]) -> None:
+        """A directory input (source directory / tree artifact): files, empty dirs and in-tree symlinks.
+
+        Every entry has a defined answer: regular files are ingested (hashed), symlinks that stay inside the
+        directory are kept as symlinks, and anything else (a symlink leaving it, a FIFO, socket or device) is
+        refused with an error naming it. Nothing is silently dropped.
+        """
+        top = os.path.join(execroot, path)
+        for dirpath, dirnames, filenames in os.walk(top):
             rel_dir = os.path.relpath(dirpath, execroot)
             if not filenames and not dirnames:
                 tree.add_directory(rel_dir)
-            for name in filenames:
-                full = Path(dirpath) / name
-                info = _stat_input(full, f"{rel_dir}/{name}")
-                executable = bool(info.st_mode & 0o111)
-                digest = self._ensure_blob(full, None, executable)
-                tree.add_file(f"{rel_dir}/{name}", FileNode(digest, executable, source=full))
+            for name in [*dirnames, *filenames]:
+                full = os.path.join(dirpath, name)
+                rel = f"{rel_dir}/{name}"
+                info = os.lstat(full)
+                if stat.S_ISDIR(info.st_mode):
+                    continue  # walked into
+                if stat.S_ISLNK(info.st_mode):
+                    tree.add_symlink(rel, _inner_symlink_target(full, rel, path))
+                elif stat.S_ISREG(info.st_mode):
+                    executable = bool(info.st_mode & 0o111)
+                    digest = self._ensure_blob(Path(full), None, executable, staged, rel)
+                    tree.add_file(rel, FileNode(digest, executable, source=Path(full)))
+                else:
+                    raise ExecutionError(
+                        f"input {rel!r} (inside directory input {path!r}) is a {file_kind(info.st_mode)}: refused"
+                    )
 
-    def _ensure_blob(self, full: Path, expected: str | None, executable: bool) -> Digest:
-        """The blob's digest, ingesting (and verifying) the execroot file if the CAS lacks it."""
+    def _ensure_blob(
+        self, full: Path, expected: str | None, executable: bool, staged: dict[BlobIdentity, str], path: str
+    ) -> Digest:
+        """The blob's digest, admitted by the guard; ingests (and verifies) the execroot file if needed."""
         if expected is not None:
-            size = self._known.get((expected, executable))
+            key = (expected, executable)
+            size = self._known.get(key)
+            if size is None:
+                found = self.cas.lookup(expected, executable)
+                size = found.size if found is not None else None
             if size is not None:
-                self.cas.touch(expected, executable)  # LRU recency for `cas gc` (throttled to once an hour)
-                return Digest(expected, size)
-            found = self.cas.lookup(expected, executable)
-            if found is not None:
-                self.cas.touch(expected, executable)
-                self._known[(expected, executable)] = found.size
-                return found
+                if size == 0:
+                    return Digest(expected, 0)
+                identity = self.guard.admit(expected, executable, size)
+                if identity is not None:
+                    self.cas.touch(expected, executable)  # LRU recency for `cas gc` (throttled to once an hour)
+                    self._known[key] = size
+                    staged.setdefault(identity, path)
+                    return Digest(expected, size)
+                self._known.pop(key, None)
         digest = self.cas.ingest_file(full, executable=executable, expected=expected)
+        if digest.size:
+            identity = self.guard.admit_ingested(digest.hash, executable, digest.size)
+            if identity is None:
+                raise ExecutionError(f"input {path!r}: its blob vanished or was rejected right after ingest")
+            staged.setdefault(identity, path)
         self._known[(digest.hash, executable)] = digest.size
         return digest
 
@@ -236,12 +285,30 @@ class ActionExecutor:
         for output_dir in spec.output_dirs:
             (exec_dir / normalize_path(output_dir)).mkdir(parents=True, exist_ok=True)
 
-    def _run_tool(self, request: ActionRequest, exec_dir: Path) -> ActionResult:
+    def _isolation_plan(self, stage: StageReport, exec_dir: Path) -> OverlayPlan | None:
+        """The overlay plan when any input is a hardlink (the CAS inode itself); None when all are copies/clones."""
+        if not stage.hardlinked:
+            self.counters.add("actions_isolation_cow")
+            return None
+        if self.sandbox is None:
+            raise ExecutionError(
+                f"{len(stage.hardlinked)} input(s) were hardlinked but no overlay sandbox is available: refusing to "
+                "let the tool reach CAS inodes (this is a wiring bug: use treemat.stack.open_stack)"
+            )
+        self.tool_cache.mkdir(mode=0o700, exist_ok=True)
+        self.counters.add("actions_isolation_overlay")
+        return self.sandbox.plan(exec_dir, [self.tool_cache])
+
+    def _run_tool(self, request: ActionRequest, exec_dir: Path, plan: OverlayPlan | None) -> ActionResult:
         spec = request.spec
         env = dict(os.environ)
         env.update(spec.env)
         env["PWD"] = str(exec_dir)
         argv = spec.argv_in(str(exec_dir), str(self.tool_cache))
+        preexec = None
+        if plan is not None and self.sandbox is not None:
+            argv = self.sandbox.wrap(argv)
+            preexec = self.sandbox.preexec(plan)
         started = time.perf_counter()
         with self._lock:
             if request.request_id and request.request_id in self._cancelled:
@@ -256,21 +323,25 @@ class ActionExecutor:
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
+                    preexec_fn=preexec,  # namespaces and mounts are set up in the child
                 )
+            except subprocess.SubprocessError as exc:
+                return ActionResult(exit_code=1, output=f"treemat: error: cannot set up the tool's sandbox: {exc}\n")
             except OSError as exc:
-                return ActionResult(exit_code=127, output=f"treemat: error: cannot run {argv[0]!r}: {exc.strerror}\n")
+                code = 126 if exc.errno in (errno.EACCES, errno.ENOEXEC, errno.EPERM) else 127
+                return ActionResult(exit_code=code, output=f"treemat: error: cannot run {argv[0]!r}: {exc.strerror}\n")
             if request.request_id:
                 self._running[request.request_id] = proc
         try:
-            out, _ = proc.communicate()
+            output = _drain(proc)
         finally:
             with self._lock:
                 self._running.pop(request.request_id, None)
                 cancelled = request.request_id in self._cancelled
                 self._cancelled.discard(request.request_id)
         return ActionResult(
-            exit_code=proc.returncode,
-            output=out.decode("utf-8", "replace"),
+            exit_code=_exit_status(proc.returncode),
+            output=output,
             tool_seconds=time.perf_counter() - started,
             cancelled=cancelled,
         )
@@ -278,44 +349,54 @@ class ActionExecutor:
     # ----------------------------------------------------------------------------- outputs
 
     def _collect_outputs(self, request: ActionRequest, exec_dir: Path, result: ActionResult) -> None:
+        view = _ExecView(exec_dir, upper_dir(exec_dir) if self.sandbox is not None else None)
         missing: list[str] = []
         for output in [*request.spec.outputs, *request.spec.output_dirs]:
             rel = normalize_path(output)
-            src, dst = exec_dir / rel, request.execroot / rel
-            if not src.exists() and not src.is_symlink():
+            src = view.find(rel)
+            if src is None:
                 missing.append(rel)
                 continue
-            _move_output(src, dst, exec_dir)
+            _move_output(src, request.execroot / rel, rel, view)
         if missing:
             result.exit_code = 1
             result.output += f"treemat: error: the tool did not create declared output(s): {', '.join(missing)}\n"
 
-    def _check_integrity(self, stage: StageReport, result: ActionResult) -> None:
-        for hash_hex, executable in set(stage.hardlinked):
-            if not self.cas.check_fingerprint(hash_hex, executable):
-                self.cas.quarantine(hash_hex, executable, "modified through a hardlinked input by an action")
-                with self._lock:
-                    self._known.pop((hash_hex, executable), None)
-                result.quarantined.append(hash_hex)
-        if result.quarantined:
-            result.output += (
-                f"treemat: warning: the action modified {len(result.quarantined)} of its read-only inputs "
-                "(chmod + write through a hardlink); the affected CAS blobs were quarantined\n"
-            )
+    def _check_integrity(self, staged: dict[BlobIdentity, str], result: ActionResult) -> None:
+        """Fail the action if any blob it had staged was written to (from anywhere) while it ran."""
+        hit = self.guard.poll()
+        if hit:
+            with self._lock:
+                for key in hit:
+                    self._known.pop(key, None)
+                self._meta.clear()
+        if not staged or not self.guard.tainted(set(staged)):
+            return
+        names = sorted(path for identity, path in staged.items() if self.guard.tainted({identity}))
+        result.quarantined.extend(names)
+        result.exit_code = result.exit_code or 1
+        result.output += (
+            f"treemat: error: input(s) {', '.join(repr(name) for name in names[:5])} were modified in the CAS while "
+            "the action ran; the blobs were quarantined and the action failed rather than return a result built "
+            "from unknown bytes (rerun the build)\n"
+        )
 
     def _dispose(self, exec_dir: Path) -> None:
-        if self.keep_exec_dirs or not (exec_dir.exists() or exec_dir.is_symlink()):
+        if self.keep_exec_dirs:
             return
-        if self._trash is None:
-            remove_tree(exec_dir)
-            return
-        graveyard = self.exec_base / f".trash-{exec_dir.name}"
-        try:
-            os.rename(exec_dir, graveyard)
-        except OSError:
-            remove_tree(exec_dir)
-            return
-        self._trash.put(graveyard)
+        for path in (exec_dir, upper_dir(exec_dir), work_dir(exec_dir)):
+            if not (path.exists() or path.is_symlink()):
+                continue
+            if self._trash is None:
+                remove_tree(path)
+                continue
+            graveyard = self.exec_base / f".trash-{path.name}"
+            try:
+                os.rename(path, graveyard)
+            except OSError:
+                remove_tree(path)
+                continue
+            self._trash.put(graveyard)
 
     def _sweep_stale_exec_dirs(self) -> None:
         """Remove exec dirs left by processes that no longer exist (killed workers)."""
@@ -324,6 +405,43 @@ class ActionExecutor:
             if pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text)):
                 with contextlib.suppress(OSError):
                     remove_tree(entry)
+
+
+def _drain(proc: subprocess.Popen[bytes]) -> str:
+    """The tool's combined output; once it exits, its process group gets a grace period, then SIGKILL.
+
+    A background child that keeps stdout open (or just keeps running) cannot hold the action.
+    """
+    chunks: list[bytes] = []
+    kept = [0, 0]  # bytes kept, bytes dropped
+
+    def read() -> None:
+        assert proc.stdout is not None
+        while block := os.read(proc.stdout.fileno(), 1 << 16):
+            if kept[0] < MAX_OUTPUT_BYTES:
+                chunks.append(block)
+                kept[0] += len(block)
+            else:
+                kept[1] += len(block)
+
+    reader = threading.Thread(target=read, name="treemat-tool-output", daemon=True)
+    reader.start()
+    proc.wait()
+    reader.join(KILL_GRACE_SECONDS)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    reader.join()
+    if proc.stdout is not None:
+        proc.stdout.close()
+    text = b"".join(chunks).decode("utf-8", "replace")
+    if kept[1]:
+        text += f"\ntreemat: note: {kept[1]} more bytes of tool output were dropped\n"
+    return text
+
+
+def _exit_status(returncode: int) -> int:
+    """Shell convention: a tool killed by signal N exits 128+N (Bazel shows it as such)."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def _stat_input(full: Path, path: str) -> os.stat_result:
@@ -335,34 +453,172 @@ def _stat_input(full: Path, path: str) -> os.stat_result:
         raise ExecutionError(f"input {path!r}: {exc.strerror}") from None
 
 
-def _move_output(src: Path, dst: Path, exec_dir: Path) -> None:
-    """Move one output to the execroot: absolute symlinks resolved to content, relative ones kept."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.is_symlink() or dst.is_file():
-        dst.unlink()
-    elif dst.is_dir():
-        shutil.rmtree(dst)
-    if src.is_symlink():
+def _inner_symlink_target(full: str, rel: str, top: str) -> str:
+    """A symlink inside a directory input is kept only if it is relative and stays inside that directory."""
+    target = os.readlink(full)
+    resolved = os.path.normpath(os.path.join(os.path.dirname(rel), target))
+    if os.path.isabs(target) or not (resolved == top or resolved.startswith(top.rstrip("/") + "/")):
+        raise ExecutionError(
+            f"input {rel!r} is a symlink to {target!r}, outside directory input {top!r}: refused "
+            "(only relative symlinks that stay inside a directory input are staged)"
+        )
+    return target
+
+
+class _ExecView:
+    """The tool's view of its exec dir after it ran: the overlay's upper dir over the staged tree, if any."""
+
+    def __init__(self, exec_dir: Path, upper: Path | None) -> None:
+        self.exec_dir = exec_dir
+        self.upper = upper if upper is not None and upper.is_dir() else None
+
+    def find(self, rel: str) -> Path | None:
+        """Where `rel` is now, or None if it does not exist (a whiteout counts as deleted)."""
+        if self.upper is not None:
+            candidate = self.upper / rel
+            try:
+                info = os.lstat(candidate)
+            except FileNotFoundError:
+                pass
+            except NotADirectoryError:
+                return None
+            else:
+                return None if _is_whiteout(info) else candidate
+        candidate = self.exec_dir / rel
+        return candidate if os.path.lexists(candidate) else None
+
+    def check_relative(self, link_dir: str, target: str, what: str) -> None:
+        """A relative symlink output is kept as is, but only if it stays inside the exec dir."""
+        inside = os.path.normpath(os.path.join(link_dir, target))
+        if inside == ".." or inside.startswith("../"):
+            raise ExecutionError(f"output {what!r} is a symlink to {target!r}, outside the exec dir: refused")
+
+    def resolve(self, rel: str, link_dir: str, target: str, what: str) -> Path:
+        """Follow a symlink (chain) inside the exec dir to a regular file or directory; refuse anything else."""
+        for _hop in range(_SYMLINK_HOPS):
+            if os.path.isabs(target):
+                inside = os.path.relpath(os.path.normpath(target), self.exec_dir)
+            else:
+                inside = os.path.normpath(os.path.join(link_dir, target))
+            if inside == ".." or inside.startswith("../") or os.path.isabs(inside):
+                raise ExecutionError(f"output {what!r} is a symlink to {target!r}, outside the exec dir: refused")
+            found = self.find(inside) if inside != "." else self.exec_dir
+            if found is None:
+                raise ExecutionError(f"output {what!r} is a dangling symlink ({target!r})")
+            info = os.lstat(found)
+            if stat.S_ISLNK(info.st_mode):
+                link_dir, target = os.path.dirname(inside), os.readlink(found)
+                continue
+            if stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode):
+                return found
+            raise ExecutionError(f"output {what!r} leads to a {file_kind(info.st_mode)}: refused")
+        raise ExecutionError(f"output {what!r}: too many levels of symlinks")
+
+
+def _is_whiteout(info: os.stat_result) -> bool:
+    return stat.S_ISCHR(info.st_mode) and info.st_rdev == 0
+
+
+def _move_output(src: Path, dst: Path, rel: str, view: _ExecView) -> None:
+    """Move one output to the execroot.
+
+    Relative symlinks that stay inside the exec dir are kept; absolute ones into it are resolved to content;
+    a symlink leaving the exec dir, or to a device, FIFO or socket, is refused, and so is such a file itself.
+    Inside output directories the same rules apply to every entry.
+    """
+    info = os.lstat(src)
+    if stat.S_ISLNK(info.st_mode):
         target = os.readlink(src)
         if not os.path.isabs(target):
+            view.check_relative(os.path.dirname(rel), target, rel)
+            _clear(dst)
             os.symlink(target, dst)
             return
-        resolved = src.resolve()
+        resolved = view.resolve(rel, os.path.dirname(rel), target, rel)
+        _clear(dst)
         if resolved.is_dir():
-            shutil.copytree(resolved, dst, symlinks=False)
+            _copy_tree(resolved, dst, rel, view)
         else:
-            shutil.copyfile(resolved, dst)
-            shutil.copymode(resolved, dst)
+            _copy_file(resolved, dst)
         return
-    if src.is_file() and src.stat().st_nlink > 1:
+    if stat.S_ISDIR(info.st_mode):
+        _check_output_tree(src, rel, view)
+    elif not stat.S_ISREG(info.st_mode):
+        raise ExecutionError(f"output {rel!r} is a {file_kind(info.st_mode)}: refused")
+    _clear(dst)
+    if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
         # a tool hardlinked an input into its output: moving that link would hand Bazel the CAS blob's inode
-        shutil.copyfile(src, dst)
-        os.chmod(dst, 0o755 if src.stat().st_mode & 0o111 else 0o644)
+        _copy_file(src, dst)
         return
     try:
         os.replace(src, dst)
     except OSError:
         if src.is_dir():
-            shutil.copytree(src, dst, symlinks=True)
+            _copy_tree(src, dst, rel, view)
         else:
-            shutil.copy2(src, dst)
+            _copy_file(src, dst)
+
+
+def _check_output_tree(top: Path, rel: str, view: _ExecView) -> None:
+    """Inside an output directory: resolve absolute symlinks into the exec dir, refuse escapes and devices."""
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in [*dirnames, *filenames]:
+            full = os.path.join(dirpath, name)
+            inner = os.path.join(rel, os.path.relpath(full, top))
+            info = os.lstat(full)
+            if stat.S_ISLNK(info.st_mode):
+                target = os.readlink(full)
+                if not os.path.isabs(target):
+                    view.check_relative(os.path.dirname(inner), target, inner)
+                else:
+                    resolved = view.resolve(inner, os.path.dirname(inner), target, inner)
+                    os.unlink(full)
+                    if resolved.is_dir():
+                        _copy_tree(resolved, Path(full), inner, view)
+                    else:
+                        _copy_file(resolved, Path(full))
+            elif _is_whiteout(info):
+                os.unlink(full)
+            elif not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+                raise ExecutionError(f"output {inner!r} is a {file_kind(info.st_mode)}: refused")
+
+
+def _clear(dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_symlink() or dst.is_file():
+        dst.unlink()
+    elif dst.is_dir():
+        shutil.rmtree(dst)
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """Copy a regular file (checked through the open descriptor: never a device), mode 0o755/0o644."""
+    fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ExecutionError(f"output {src.name!r} is a {file_kind(info.st_mode)}: refused")
+        mode = 0o755 if info.st_mode & 0o111 else 0o644
+        out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            offset, size = 0, info.st_size  # bounded by the size the file had when opened
+            while offset < size:
+                try:
+                    copied = os.copy_file_range(fd, out, min(size - offset, 1 << 30), offset, offset)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise
+                    os.lseek(out, offset, os.SEEK_SET)
+                    copied = os.sendfile(out, fd, offset, min(size - offset, 1 << 30))  # across filesystems
+                if copied == 0:
+                    break
+                offset += copied
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)
+
+
+def _copy_tree(src: Path, dst: Path, rel: str, view: _ExecView) -> None:
+    shutil.copytree(src, dst, symlinks=True)
+    _check_output_tree(dst, rel, view)

@@ -10,6 +10,12 @@ One argument per line (Args.set_param_file_format("multiline")):
                            `{TOOL_CACHE}` by a persistent per-user cache directory for the tool's own caches
                            (e.g. swiftc's module cache), `_tool_cache` under the execroot in one-shot mode
 
+Only treemat's own flagfile is expanded: the single `@file` Bazel passes (size-bounded, regular files only).
+Tool arguments are never expanded. Because Bazel's worker strategy itself expands any flagfile line that
+starts with `@` (recursively) but passes `@@...` through verbatim, the rules write a tool argument that starts
+with `@` as `@@...`; treemat turns a leading `@@` back into `@`. So `-rpath @executable_path/Frameworks`, the
+tool's own `@args.rsp` and even `@/dev/zero` reach the tool exactly as written.
+
 This module stays import-light: one-shot mode (Bazel's local/sandboxed strategies) starts a fresh
 process per action and must not pay for protobuf or the CAS.
 """
@@ -17,6 +23,7 @@ process per action and must not pay for protobuf or the CAS.
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -24,6 +31,7 @@ from pathlib import Path
 
 from treemat.errors import ProtocolError
 
+MAX_FLAGFILE_BYTES = 16 << 20
 EXEC_ROOT_PLACEHOLDER = "{EXEC_ROOT}"
 TOOL_CACHE_PLACEHOLDER = "{TOOL_CACHE}"
 
@@ -45,18 +53,41 @@ class ActionSpec:
         ]
 
 
-def expand_flagfiles(arguments: list[str]) -> list[str]:
-    """Replace `@file` arguments by the file's lines (Bazel usually expands them for workers already)."""
-    expanded: list[str] = []
-    for arg in arguments:
-        if arg.startswith("@") and not arg.startswith("@@"):
-            try:
-                expanded.extend(Path(arg[1:]).read_text().splitlines())
-            except OSError as exc:
-                raise ProtocolError(f"cannot read flagfile {arg[1:]}: {exc.strerror}") from None
-        else:
-            expanded.append(arg)
-    return expanded
+def request_arguments(arguments: list[str]) -> list[str]:
+    """The request's treemat arguments: the lines of its one `@flagfile`, or the arguments as Bazel expanded them.
+
+    Only a request that is exactly one `@file` is read; any other `@...` argument is left alone.
+    """
+    if len(arguments) == 1 and arguments[0].startswith("@") and not arguments[0].startswith("@@"):
+        return read_flagfile(arguments[0][1:])
+    return list(arguments)
+
+
+def read_flagfile(path: str) -> list[str]:
+    """Lines of a flagfile: a regular file of at most MAX_FLAGFILE_BYTES (never a FIFO or device)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ProtocolError(f"cannot read flagfile {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ProtocolError(f"flagfile {path} is not a regular file")
+        if info.st_size > MAX_FLAGFILE_BYTES:
+            raise ProtocolError(f"flagfile {path} is {info.st_size} bytes, over the {MAX_FLAGFILE_BYTES} limit")
+        data = os.read(fd, MAX_FLAGFILE_BYTES + 1)
+    except OSError as exc:
+        raise ProtocolError(f"cannot read flagfile {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FLAGFILE_BYTES:
+        raise ProtocolError(f"flagfile {path} is over the {MAX_FLAGFILE_BYTES} byte limit")
+    return data.decode("utf-8", "surrogateescape").splitlines()
+
+
+def unescape_tool_argument(arg: str) -> str:
+    """`@@x` -> `@x` (the escape that keeps Bazel from expanding a tool argument as a flagfile)."""
+    return arg[1:] if arg.startswith("@@") else arg
 
 
 def parse_action_args(arguments: list[str]) -> ActionSpec:
@@ -66,7 +97,7 @@ def parse_action_args(arguments: list[str]) -> ActionSpec:
     env: dict[str, str] = {}
     for index, arg in enumerate(arguments):
         if arg == "--":
-            argv = arguments[index + 1 :]
+            argv = [unescape_tool_argument(arg) for arg in arguments[index + 1 :]]
             if not argv:
                 raise ProtocolError("no tool command after '--' in the request arguments")
             return ActionSpec(argv=argv, outputs=outputs, output_dirs=output_dirs, env=env)
@@ -95,9 +126,11 @@ def run_oneshot(arguments: list[str]) -> int:
     Used when Bazel picks a non-worker strategy for the action: isolation is then the strategy's job.
     Startup flags before the flagfile (e.g. --protocol=json) are ignored.
     """
-    request_args = [arg for arg in arguments if arg.startswith("@")]
+    flagfiles = [arg for arg in arguments if arg.startswith("@") and not arg.startswith("@@")]
     try:
-        spec = parse_action_args(expand_flagfiles(request_args))
+        if len(flagfiles) != 1:
+            raise ProtocolError(f"expected exactly one @flagfile argument, got {len(flagfiles)}")
+        spec = parse_action_args(request_arguments(flagfiles))
     except ProtocolError as exc:
         print(f"treemat: error: {exc}", file=sys.stderr)
         return 2

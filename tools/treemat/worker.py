@@ -29,15 +29,6 @@ _HEX64 = re.compile(rb"^[0-9a-fA-F]{64}$")
 _STRUCTURAL = re.compile(r'[{}"\\]')
 
 
-def default_root() -> Path:
-    """`$TREEMAT_ROOT`, else `$XDG_CACHE_HOME/treemat`, else `~/.cache/treemat`."""
-    explicit = os.environ.get("TREEMAT_ROOT")
-    if explicit:
-        return Path(explicit)
-    cache = os.environ.get("XDG_CACHE_HOME")
-    return (Path(cache) if cache else Path.home() / ".cache") / "treemat"
-
-
 @dataclass(slots=True)
 class WorkItem:
     """A decoded WorkRequest."""
@@ -390,20 +381,14 @@ class _Prefixed:
 
 
 def make_handler(root: Path, execroot: Path, *, max_workers: int) -> tuple[Handler, Callable[[int], bool], Any]:
-    """Build CAS -> materializer -> dircache -> executor and return (handler, canceller, executor)."""
-    from treemat.backends import BackendProbe
-    from treemat.cas import ContentStore
-    from treemat.counters import Counters, StatsStore
-    from treemat.dircache import DirectoryCache
-    from treemat.executor import ActionExecutor, ActionRequest, RequestInput
-    from treemat.flagfile import expand_flagfiles, parse_action_args
-    from treemat.materializer import Materializer
+    """Open the stack (stack.open_stack) and return (handler, canceller, executor)."""
+    from treemat.counters import StatsStore
+    from treemat.executor import ActionRequest, RequestInput
+    from treemat.flagfile import parse_action_args, request_arguments
+    from treemat.stack import open_stack
 
-    counters = Counters()
-    cas = ContentStore(root, counters=counters)
-    materializer = Materializer(cas, BackendProbe(), counters=counters)
-    dircache = DirectoryCache(root, materializer, counters=counters)
-    executor = ActionExecutor(root, cas, dircache, counters=counters)
+    stack = open_stack(root)
+    counters, executor = stack.counters, stack.executor
     stats = StatsStore(root)
     stats_lock = threading.Lock()
     verbose = bool(os.environ.get("TREEMAT_VERBOSE"))
@@ -411,7 +396,7 @@ def make_handler(root: Path, execroot: Path, *, max_workers: int) -> tuple[Handl
     def handle(item: WorkItem) -> WorkReply:
         started = time.perf_counter()
         try:
-            spec = parse_action_args(expand_flagfiles(item.arguments))
+            spec = parse_action_args(request_arguments(item.arguments))
         except ProtocolError as exc:
             counters.add("requests_malformed")
             return WorkReply(item.request_id, 1, f"treemat: malformed work request: {exc}\n")
@@ -423,7 +408,7 @@ def make_handler(root: Path, execroot: Path, *, max_workers: int) -> tuple[Handl
         )
         result = executor.execute(request)
         with stats_lock, contextlib.suppress(OSError):
-            stats.publish(counters, role="worker", extra={"recent_actions": list(executor.recent)})
+            stats.publish(counters, role="worker", extra={"recent_actions": list(executor.recent), **stack.describe()})
         if verbose:
             print(
                 f"treemat worker: request {item.request_id} handled in {1000 * (time.perf_counter() - started):.1f} ms "
@@ -448,6 +433,8 @@ def worker_main(argv: list[str]) -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     stdin = sys.stdin.buffer
+    from treemat.stack import default_root
+
     root = (options.root or default_root()).expanduser().absolute()
     try:
         handler, canceller, _executor = make_handler(root, Path.cwd(), max_workers=options.max_workers)

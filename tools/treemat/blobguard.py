@@ -1,0 +1,236 @@
+"""Per-process guard that the CAS never serves a blob whose bytes are not its digest's.
+
+The sandbox (sandbox.py) and copy-on-write placement keep *tools* from writing a blob. The guard covers
+everything else that can reach the store: another program of the same user, a bad disk, an old treemat.
+
+- Before each use (`admit`), the blob is `lstat`ed, never followed: it must be a regular file with the
+  digest's size, the store's fixed mode and sentinel mtime, and the same (device, inode) as when it was
+  verified. That catches truncation, replacement (by a file or a symlink), chmod and touched mtimes.
+- The first time a process uses a blob it hashes it, through an `O_NOFOLLOW` descriptor, and puts an inotify
+  watch on that very inode (`/proc/self/fd/N`). From then on, a write through *any* link (IN_MODIFY), or
+  opening it for writing at all (IN_CLOSE_WRITE, which also covers writes through mmap), queues an event,
+  whatever mtime and mode are restored afterwards. `poll` drains the queue: the blob is quarantined and its
+  identity is remembered as tainted, so every action that had it staged fails instead of returning success.
+  Blobs this process ingested itself were hashed on the way in and are only watched.
+- Without inotify (macOS) or past the watch budget, a blob is re-hashed on every first use per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import stat
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from treemat.cas import BLOB_MTIME_NS, ContentStore, blob_mode
+from treemat.counters import Counters
+
+try:  # Linux only; elsewhere every first use per process re-hashes
+    from inotify_simple import INotify
+    from inotify_simple import flags as inotify_flags
+except ImportError:  # pragma: no cover - non-Linux
+    INotify = None  # type: ignore[assignment,misc]
+    inotify_flags = None  # type: ignore[assignment]
+
+DEFAULT_MAX_WATCHES = 50_000
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class BlobIdentity:
+    """The inode a verified blob lives in."""
+
+    device: int
+    inode: int
+
+
+class BlobGuard:
+    """Verifies blobs once per process, watches them for writes, and fails actions that used a tainted one."""
+
+    def __init__(self, cas: ContentStore, *, counters: Counters | None = None, max_watches: int | None = None) -> None:
+        self.cas = cas
+        self.counters = counters if counters is not None else cas.counters
+        self.max_watches = DEFAULT_MAX_WATCHES if max_watches is None else max_watches
+        self._lock = threading.Lock()
+        self._verified: OrderedDict[tuple[str, bool], tuple[BlobIdentity, int]] = OrderedDict()
+        self._by_watch: dict[int, tuple[str, bool]] = {}
+        self._watch_of: dict[tuple[str, bool], int] = {}
+        self._tainted: set[BlobIdentity] = set()
+        self._inotify = _open_inotify()
+
+    @property
+    def watching(self) -> bool:
+        """True when writes are caught by inotify (else only by the per-use stat and per-process hash)."""
+        return self._inotify is not None
+
+    # ----------------------------------------------------------------------------------------- admission
+
+    def admit(self, hash_hex: str, executable: bool, size: int) -> BlobIdentity | None:
+        """Check a blob right before it is staged; None if absent (or just quarantined: the caller re-ingests)."""
+        key = (hash_hex, executable)
+        path = self.cas.blob_path_str(hash_hex, executable)
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            self._forget(key)
+            return None
+        reason = _stat_problem(info, executable, size)
+        with self._lock:
+            known = self._verified.get(key)
+        if known is not None and reason is None:
+            identity, _size = known
+            if identity.device == info.st_dev and identity.inode == info.st_ino:
+                return identity
+            reason = "the blob file was replaced"
+        if reason is not None:
+            self._reject(key, reason)
+            return None
+        return self._verify_and_watch(key, path, size, rehash=True)
+
+    def admit_ingested(self, hash_hex: str, executable: bool, size: int) -> BlobIdentity | None:
+        """Register a blob this process has just hashed on ingest: watched, not hashed again."""
+        return self._verify_and_watch((hash_hex, executable), self.cas.blob_path_str(hash_hex, executable), size,
+                                      rehash=False)
+
+    def _verify_and_watch(self, key: tuple[str, bool], path: str, size: int, *, rehash: bool) -> BlobIdentity | None:
+        hash_hex, executable = key
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                self._reject(key, "the blob is a symlink")
+                return None
+            raise
+        try:
+            info = os.fstat(fd)
+            reason = _stat_problem(info, executable, size)
+            if reason is not None:
+                self._reject(key, reason)
+                return None
+            watch = self._watch(fd, key)
+            if rehash or watch is None:
+                self.counters.add("guard_hashed_blobs")
+                self.counters.add("guard_hashed_bytes", size)
+                if _hash_fd(fd) != hash_hex:
+                    self._reject(key, "content does not match its digest")
+                    return None
+        finally:
+            os.close(fd)
+        identity = BlobIdentity(info.st_dev, info.st_ino)
+        with self._lock:
+            self._verified[key] = (identity, size)
+            self._verified.move_to_end(key)
+        return identity
+
+    def _watch(self, fd: int, key: tuple[str, bool]) -> int | None:
+        if self._inotify is None:
+            return None
+        mask = inotify_flags.MODIFY | inotify_flags.CLOSE_WRITE
+        with self._lock:
+            if len(self._watch_of) >= self.max_watches:
+                self._drop_oldest_watch()
+            try:
+                wd = int(self._inotify.add_watch(f"/proc/self/fd/{fd}", mask))
+            except OSError:
+                return None  # out of watches (fs.inotify.max_user_watches): this blob is re-hashed per use
+            self._by_watch[wd] = key
+            self._watch_of[key] = wd
+        return wd
+
+    def _drop_oldest_watch(self) -> None:
+        """Over budget: forget the least recently verified blob (it will be hashed again on its next use)."""
+        for key in self._verified:
+            wd = self._watch_of.pop(key, None)
+            if wd is not None:
+                self._by_watch.pop(wd, None)
+                del self._verified[key]
+                with contextlib.suppress(OSError):
+                    self._inotify.rm_watch(wd)  # type: ignore[union-attr]
+                return
+
+    # ----------------------------------------------------------------------------------------- taint
+
+    def poll(self) -> list[tuple[str, bool]]:
+        """Drain write events: each written blob is tainted and quarantined. Returns the blobs hit."""
+        if self._inotify is None:
+            return []
+        events = self._inotify.read(timeout=0)
+        hit: list[tuple[str, bool]] = []
+        for event in events:
+            with self._lock:
+                key = self._by_watch.get(event.wd)
+            if key is None or event.mask & inotify_flags.IGNORED:
+                continue
+            if key not in hit:
+                hit.append(key)
+        for key in hit:
+            self._reject(key, "written to while in the store (inotify)")
+        return hit
+
+    def tainted(self, identities: set[BlobIdentity]) -> bool:
+        """True if any of these inodes was written to since it was verified."""
+        with self._lock:
+            return not self._tainted.isdisjoint(identities)
+
+    def _reject(self, key: tuple[str, bool], reason: str) -> None:
+        """Quarantine a bad blob, remember its inode as tainted, stop watching it."""
+        hash_hex, executable = key
+        with self._lock:
+            known = self._verified.pop(key, None)
+            wd = self._watch_of.pop(key, None)
+            if wd is not None:
+                self._by_watch.pop(wd, None)
+            if known is not None:
+                self._tainted.add(known[0])
+        if wd is not None and self._inotify is not None:
+            with contextlib.suppress(OSError):
+                self._inotify.rm_watch(wd)
+        self.counters.add("guard_rejected")
+        self.cas.quarantine(hash_hex, executable, reason)
+
+    def _forget(self, key: tuple[str, bool]) -> None:
+        with self._lock:
+            self._verified.pop(key, None)
+
+    def close(self) -> None:
+        """Release the inotify descriptor."""
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
+
+
+def _stat_problem(info: os.stat_result, executable: bool, size: int) -> str | None:
+    if not stat.S_ISREG(info.st_mode):
+        return "the blob is not a regular file"
+    if info.st_size != size:
+        return f"the blob has {info.st_size} bytes, its digest says {size}"
+    if stat.S_IMODE(info.st_mode) != blob_mode(executable):
+        return f"the blob's mode changed to {stat.S_IMODE(info.st_mode):o}"
+    if info.st_mtime_ns != BLOB_MTIME_NS:
+        return "the blob's mtime changed (written to)"
+    return None
+
+
+def _hash_fd(fd: int) -> str:
+    hasher = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, _CHUNK, offset):
+        hasher.update(chunk)
+        offset += len(chunk)
+    return hasher.hexdigest()
+
+
+def _open_inotify() -> INotify | None:
+    if INotify is None:
+        return None
+    try:
+        return INotify()
+    except OSError:
+        return None
+

@@ -1,0 +1,129 @@
+"""The one place that wires treemat's layers: CAS -> guard -> backends -> materializer -> dircache -> executor.
+
+Every entry point (the worker, the CLI commands, replay, benchmarks, tests) calls `open_stack`, so the choice
+of isolation and placement methods is made, and reported, the same way everywhere.
+
+Isolation is chosen here, by what actually works on this machine (see docs/hermeticity.md):
+- `overlay`: hardlinked inputs, the tool in user+mount+pid namespaces over an overlayfs (sandbox.py);
+- `copy-on-write`: no working sandbox, so hardlinks are never used; reflink / clonefile / btrfs snapshots where
+  the filesystem has them, a copy otherwise. Either way no tool can write a CAS inode through its inputs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from treemat.backends import DEFAULT_ORDER, BackendProbe, Method
+from treemat.blobguard import BlobGuard
+from treemat.cas import ContentStore, prepare_root
+from treemat.counters import Counters
+from treemat.dircache import DirectoryCache
+from treemat.executor import ActionExecutor
+from treemat.materializer import Materializer
+from treemat.sandbox import OverlaySandbox
+from treemat.sandbox import probe as probe_sandbox
+
+ISOLATION_OVERLAY = "overlay"
+ISOLATION_COW = "copy-on-write"
+
+
+def default_root() -> Path:
+    """`$TREEMAT_ROOT`, else `$XDG_CACHE_HOME/treemat`, else `~/.cache/treemat`."""
+    explicit = os.environ.get("TREEMAT_ROOT")
+    if explicit:
+        return Path(explicit).expanduser().absolute()
+    cache = os.environ.get("XDG_CACHE_HOME")
+    return ((Path(cache) if cache else Path.home() / ".cache") / "treemat").absolute()
+
+
+@dataclass(slots=True)
+class Stack:
+    """Every layer of one treemat process, wired."""
+
+    root: Path
+    counters: Counters
+    cas: ContentStore
+    guard: BlobGuard
+    probe: BackendProbe
+    materializer: Materializer
+    dircache: DirectoryCache
+    executor: ActionExecutor
+    isolation: str
+    isolation_detail: str
+
+    def describe(self) -> dict[str, object]:
+        """What `treemat stats` / `probe` show about the choices made."""
+        return {
+            "isolation": self.isolation,
+            "isolation_detail": self.isolation_detail,
+            "write_watch": "inotify" if self.guard.watching else "hash on first use",
+            "methods": [method.value for method in self.probe.order],
+            "dircache": self.dircache.mode,
+        }
+
+    def close(self) -> None:
+        """Release descriptors (the guard's inotify instance)."""
+        self.guard.close()
+
+
+def choose_isolation(root: Path, *, want: str = "auto") -> tuple[OverlaySandbox | None, str, str]:
+    """(sandbox or None, isolation name, why) for `want` in auto | overlay | copy-on-write."""
+    if want == ISOLATION_COW:
+        return None, ISOLATION_COW, "asked for (no hardlinks)"
+    sandbox, reason = probe_sandbox(root)
+    if sandbox is not None:
+        return sandbox, ISOLATION_OVERLAY, reason
+    if want == ISOLATION_OVERLAY:
+        raise OSError(f"overlay isolation was asked for but does not work here: {reason}")
+    return None, ISOLATION_COW, f"no hardlinks: {reason}"
+
+
+def open_stack(
+    root: Path,
+    *,
+    counters: Counters | None = None,
+    prefer: Sequence[Method] | None = None,
+    concurrency: int | None = None,
+    dircache_min_files: int | None = 32,
+    isolation: str = "auto",
+    group_shared: bool = False,
+    keep_exec_dirs: bool = False,
+    background_cleanup: bool = True,
+) -> Stack:
+    """Open (creating if needed) the treemat root and wire every layer over it."""
+    root = prepare_root(Path(root).absolute(), group_shared=group_shared)
+    counters = counters if counters is not None else Counters()
+    cas = ContentStore(root, counters=counters, group_shared=group_shared)
+    guard = BlobGuard(cas, counters=counters)
+    sandbox, isolation_name, detail = choose_isolation(root, want=isolation)
+    order = list(prefer) if prefer else list(DEFAULT_ORDER)
+    if sandbox is None:
+        order = [method for method in order if method is not Method.HARDLINK] or [Method.COPY]
+    probe = BackendProbe(prefer=order)
+    materializer = Materializer(cas, probe, counters=counters, concurrency=concurrency)
+    dircache = DirectoryCache(root, materializer, counters=counters, min_files=dircache_min_files)
+    executor = ActionExecutor(
+        root,
+        cas,
+        dircache,
+        guard=guard,
+        sandbox=sandbox,
+        counters=counters,
+        keep_exec_dirs=keep_exec_dirs,
+        background_cleanup=background_cleanup,
+    )
+    return Stack(
+        root=root,
+        counters=counters,
+        cas=cas,
+        guard=guard,
+        probe=probe,
+        materializer=materializer,
+        dircache=dircache,
+        executor=executor,
+        isolation=isolation_name,
+        isolation_detail=detail,
+    )
