@@ -120,3 +120,18 @@ def test_stats_watch_redraws_when_a_worker_publishes(tmp_path: Path) -> None:
     second = json.loads(watcher.stdout.readline())
     assert second["totals"] == {"reflink": 42}
     assert watcher.wait(30) == 0
+
+
+def test_stage_refuses_a_declared_size_that_disagrees_with_the_bytes(tmp_path: Path) -> None:
+    source = tmp_path / "a.txt"
+    source.write_bytes(b"twelve bytes")
+    digest = digest_bytes(b"twelve bytes")
+    wrong = [{"path": "a.txt", "digest": f"{digest.hash}/{digest.size + 5}", "source": str(source)}]
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    code, text = _run(tmp_path / "root", "stage", str(tmp_path / "wrong.json"), str(tmp_path / "d1"))
+    assert code != 0 and "declares" in text, text
+    right = [{"path": "a.txt", "digest": f"{digest.hash}/{digest.size}", "source": str(source)}]
+    (tmp_path / "right.json").write_text(json.dumps(right))
+    assert _run(tmp_path / "root", "stage", str(tmp_path / "right.json"), str(tmp_path / "d2"))[0] == 0
+    code, text = _run(tmp_path / "root", "stage", str(tmp_path / "wrong.json"), str(tmp_path / "d3"))
+    assert code != 0 and "declares" in text, "a blob already in the CAS is checked too"

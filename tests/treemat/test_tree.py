@@ -167,3 +167,26 @@ def test_manifest_file_errors(tmp_path: Path) -> None:
     bad.write_text("{nope")
     with pytest.raises(ManifestError, match="not valid JSON"):
         load_manifest(bad)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"path": "a", "digest": f"{'0' * 64}/1", "executable": "false"},
+        {"path": "a", "digest": f"{'0' * 64}/1", "executable": 1},
+        {"path": "a", "digest": {"hash": "0" * 64, "sizeBytes": "1"}},
+        {"path": "a", "digest": {"hash": "0" * 64, "sizeBytes": True}},
+        {"path": "a", "digest": {"hash": "0" * 64}},
+        {"path": "a", "symlink": 5},
+        {"path": "a", "directory": "yes"},
+        {"path": "a", "digest": f"{'0' * 64}/1", "excutable": True},
+    ],
+)
+def test_manifest_wrong_json_types_are_errors(entry: dict[str, object]) -> None:
+    with pytest.raises(ManifestError):
+        load_manifest([entry])
+
+
+def test_manifest_executable_false_is_false() -> None:
+    tree = load_manifest([{"path": "a", "digest": f"{'0' * 64}/1", "executable": False}])
+    assert [node.executable for _path, node in tree.iter_files()] == [False]

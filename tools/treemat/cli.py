@@ -185,6 +185,12 @@ def stage(
         tree = load_manifest(manifest)
         counters = Counters()
         cache = build_stack(rooted.root, counters, prefer=prefer, concurrency=concurrency, dircache=not no_dircache)
+        for path, node in tree.iter_files():
+            found = cache.materializer.cas.lookup(node.digest.hash, node.executable)
+            if found is not None and found.size != node.digest.size:
+                raise click.ClickException(
+                    f"{path}: the manifest declares {node.digest.size} bytes, the blob has {found.size}"
+                )
         total = tree.count_files()
         with progress_bar(total, "staging", enabled=not quiet and not as_json and total >= 500) as advance:
             report = cache.stage(tree, dest.absolute(), progress=advance)

@@ -264,16 +264,15 @@ def load_manifest(source: str | os.PathLike[str] | list[Any] | dict[str, Any]) -
             raise ManifestError(f"{where}: must be an object with a string 'path'")
         where = f"{where} ({entry['path']!r})"
         try:
+            _check_entry_types(entry)
             if "symlink" in entry:
-                tree.add_symlink(entry["path"], str(entry["symlink"]))
+                tree.add_symlink(entry["path"], entry["symlink"])
             elif entry.get("directory"):
                 tree.add_directory(entry["path"])
             else:
                 raw = entry.get("digest")
                 if isinstance(raw, dict):
-                    digest = _Digest(
-                        str(raw.get("hash", "")).lower(), int(str(raw.get("sizeBytes", raw.get("size", -1))))
-                    )
+                    digest = _Digest(raw["hash"].lower(), raw["sizeBytes"] if "sizeBytes" in raw else raw["size"])
                 elif isinstance(raw, str):
                     digest = _Digest.parse(raw)
                 else:
@@ -281,9 +280,36 @@ def load_manifest(source: str | os.PathLike[str] | list[Any] | dict[str, Any]) -
                 source_path = entry.get("source")
                 tree.add_file(
                     entry["path"],
-                    FileNode(digest, bool(entry.get("executable", False)), Path(source_path) if source_path else None),
+                    FileNode(digest, entry.get("executable", False), Path(source_path) if source_path else None),
                 )
+        except KeyError as exc:
+            raise ManifestError(f"{where}: digest object lacks {exc}") from None
         except (ManifestError, DigestError, ValueError, TypeError) as exc:
             raise ManifestError(f"{where}: {exc}") from None
     check_symlinks(tree)
     return tree
+
+
+_ENTRY_TYPES: dict[str, tuple[type, ...]] = {
+    "path": (str,),
+    "digest": (str, dict),
+    "executable": (bool,),
+    "source": (str,),
+    "symlink": (str,),
+    "directory": (bool,),
+}
+
+
+def _check_entry_types(entry: dict[str, Any]) -> None:
+    """Wrong JSON types are errors, never coerced: `"executable": "false"` is not false, nor true."""
+    for key, value in entry.items():
+        allowed = _ENTRY_TYPES.get(key)
+        if allowed is None:
+            raise ManifestError(f"unknown key {key!r} (expected one of {', '.join(sorted(_ENTRY_TYPES))})")
+        if not isinstance(value, allowed) or (allowed == (bool,) and not isinstance(value, bool)):
+            raise ManifestError(f"{key!r} must be {' or '.join(t.__name__ for t in allowed)}, got {value!r}")
+    digest = entry.get("digest")
+    if isinstance(digest, dict):
+        size = digest.get("sizeBytes", digest.get("size"))
+        if not isinstance(digest.get("hash"), str) or isinstance(size, bool) or not isinstance(size, int):
+            raise ManifestError(f"digest object needs a string 'hash' and an integer 'sizeBytes', got {digest!r}")
