@@ -135,3 +135,12 @@ def test_stage_refuses_a_declared_size_that_disagrees_with_the_bytes(tmp_path: P
     assert _run(tmp_path / "root", "stage", str(tmp_path / "right.json"), str(tmp_path / "d2"))[0] == 0
     code, text = _run(tmp_path / "root", "stage", str(tmp_path / "wrong.json"), str(tmp_path / "d3"))
     assert code != 0 and "declares" in text, "a blob already in the CAS is checked too"
+
+
+def test_probe_shows_the_isolation_mode(tmp_path: Path) -> None:
+    code, text = _run(tmp_path / "root", "probe", "--json", str(tmp_path))
+    assert code == 0, text
+    shown = json.loads(text)
+    assert shown["isolation"] in ("overlay", "copy-on-write") and shown["write_watch"]
+    if shown["isolation"] == "copy-on-write":
+        assert "hardlink" not in shown["methods"], "no hardlinks without the overlay sandbox"

@@ -335,6 +335,9 @@ def show_stats(store: StatsStore, root: Path, *, as_json: bool) -> None:
         click.echo(json.dumps({"root": str(root), "totals": totals, "processes": records}, sort_keys=True))
         return
     click.echo(f"treemat root: {root}  ({len(records)} process records)")
+    modes = sorted({f"{r.get('isolation')} ({r.get('write_watch')})" for r in records if r.get("isolation")})
+    if modes:
+        click.echo(f"isolation: {', '.join(modes)}")
     click.echo(format_counters(totals))
     recent = [a for r in records for a in _as_list(r.get("recent_actions"))]
     if recent:
@@ -355,18 +358,25 @@ def _as_list(value: object) -> list[object]:
 @click.option("--json", "as_json", is_flag=True)
 @pass_rooted
 def probe(rooted: RootedContext, dest_dir: Path, as_json: bool) -> None:
-    """Show which backends work from the CAS filesystem to DEST_DIR's filesystem, fastest first."""
-    from treemat.backends import BackendProbe
+    """Show how inputs would be protected and placed from the CAS to DEST_DIR's filesystem, fastest first.
+
+    `isolation: overlay` means hardlinks are used and each tool runs in its own user+mount+pid namespaces
+    over an overlayfs (the CAS is read-only there); `copy-on-write` means hardlinks are never used.
+    """
+    from treemat.stack import open_stack
 
     with user_errors():
-        cas_dir = rooted.root / "cas"
-        cas_dir.mkdir(parents=True, exist_ok=True)
-        methods = BackendProbe().methods_for(cas_dir, dest_dir.absolute())
+        stack = open_stack(rooted.root)
+        methods = stack.probe.methods_for(stack.cas.cas_dir, dest_dir.absolute())
+        described = stack.describe()
+        stack.close()
     names = [m.value for m in methods]
     if as_json:
-        emit_json({"cas": str(cas_dir), "dest": str(dest_dir), "methods": names})
+        emit_json({"cas": str(stack.cas.cas_dir), "dest": str(dest_dir), "methods": names, **described})
     else:
-        click.echo(f"{cas_dir} -> {dest_dir}: {' > '.join(names)}")
+        click.echo(f"{stack.cas.cas_dir} -> {dest_dir}: {' > '.join(names)}")
+        click.echo(f"isolation: {described['isolation']} ({described['isolation_detail']})")
+        click.echo(f"write watch: {described['write_watch']}")
 
 
 # --------------------------------------------------------------------------- cas
