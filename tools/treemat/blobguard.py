@@ -37,6 +37,8 @@ except ImportError:  # pragma: no cover - non-Linux
     inotify_flags = None  # type: ignore[assignment]
 
 DEFAULT_MAX_WATCHES = 50_000
+_PLAIN_FILE_MODE = stat.S_IFREG | blob_mode(False)
+_EXEC_FILE_MODE = stat.S_IFREG | blob_mode(True)
 _CHUNK = 1 << 20
 
 
@@ -78,13 +80,18 @@ class BlobGuard:
         except FileNotFoundError:
             self._forget(key)
             return None
+        known = self._verified.get(key)  # a dict read is atomic: no lock on the hot path
+        if (
+            known is not None
+            and info.st_ino == known[0].inode
+            and info.st_dev == known[0].device
+            and info.st_size == size
+            and info.st_mtime_ns == BLOB_MTIME_NS
+            and info.st_mode == (_EXEC_FILE_MODE if executable else _PLAIN_FILE_MODE)
+        ):
+            return known[0]
         reason = _stat_problem(info, executable, size)
-        with self._lock:
-            known = self._verified.get(key)
         if known is not None and reason is None:
-            identity, _size = known
-            if identity.device == info.st_dev and identity.inode == info.st_ino:
-                return identity
             reason = "the blob file was replaced"
         if reason is not None:
             self._reject(key, reason)
