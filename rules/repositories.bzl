@@ -125,6 +125,7 @@ treemat_swift_configure = repository_rule(
     },
     environ = ["SWIFTC", "PATH"],
     local = True,
+    configure = True,  # `bazel sync --configure` re-runs it (after upgrading swiftc in place)
     doc = """Finds swiftc ($SWIFTC, then PATH, then /opt/swift/usr/bin) and writes a Swift toolchain.
 
 The generated repository has `:toolchain` (register it; `treemat_dependencies()` and MODULE.bazel do),
