@@ -40,7 +40,28 @@ pytestmark = [
 ]
 
 BUILD = """\
-load("@treemat//rules:defs.bzl", "swift_binary", "swift_library", "swift_test")
+load("@treemat//rules:defs.bzl", "swift_binary", "swift_library", "swift_test", "treemat_run")
+load("//:count.bzl", "count_words")
+
+sh_binary(
+    name = "upper",
+    srcs = ["upper.sh"],
+)
+
+# skylib run_binary style: $(location) over srcs, outs and tool.
+treemat_run(
+    name = "shout",
+    srcs = ["words.txt"],
+    outs = ["shout.txt"],
+    args = ["$(location words.txt)", "$(location shout.txt)"],
+    tool = ":upper",
+)
+
+# A user's own rule routing its action through treemat_action.
+count_words(
+    name = "count",
+    src = "words.txt",
+)
 
 swift_library(
     name = "Greeting",
@@ -76,6 +97,31 @@ swift_test(
 """
 
 SOURCES = {
+    "words.txt": "staged by treemat\n",
+    "upper.sh": """\
+        #!/bin/sh
+        tr a-z A-Z < "$1" > "$2"
+        """,
+    "count.bzl": """\
+        load("@treemat//rules:defs.bzl", "TREEMAT_ATTRS", "treemat_action")
+
+        def _count_words_impl(ctx):
+            out = ctx.actions.declare_file(ctx.label.name + ".txt")
+            treemat_action(
+                ctx,
+                mnemonic = "TreematRun",
+                executable = "/bin/sh",
+                arguments = ["-c", 'wc -w < "$1" > "$2"', "count", ctx.file.src.path, out.path],
+                inputs = [ctx.file.src],
+                outputs = [out],
+            )
+            return [DefaultInfo(files = depset([out]))]
+
+        count_words = rule(
+            implementation = _count_words_impl,
+            attrs = dict(TREEMAT_ATTRS, src = attr.label(allow_single_file = True)),
+        )
+        """,
     "Sources/Greeting/Greeting.swift": """\
         public struct Greeting: Sendable {
             public let name: String
@@ -227,6 +273,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     for name, content in SOURCES.items():
         (path / name).parent.mkdir(parents=True, exist_ok=True)
         (path / name).write_text(textwrap.dedent(content))
+    (path / "upper.sh").chmod(0o755)
     logs = base / "logs"
     logs.mkdir()
     env = dict(os.environ, SWIFTC=str(wrapper))
@@ -260,6 +307,9 @@ def test_default_build_runs_on_the_worker_and_the_app_works(
     bin_dir = Path(workspace.bazel("info", "-c", "opt", "bazel-bin").stdout.strip())
     run = subprocess.run([str(bin_dir / "greet"), "bazel"], capture_output=True, text=True, check=True)
     assert run.stdout == "=============\nHELLO, BAZEL!\n=============\n"
+    assert [m for m, _ in spawns if m == "TreematRun"] == ["TreematRun"] * 2
+    assert (bin_dir / "shout.txt").read_text() == "STAGED BY TREEMAT\n", "treemat_run with $(location)"
+    assert (bin_dir / "count.txt").read_text().strip() == "3", "a user's rule through treemat_action"
     stats = subprocess.run(
         ["python3", "-m", "treemat", "--root", str(workspace.root), "stats", "--json"],
         capture_output=True,
