@@ -91,6 +91,8 @@ def swift_test(name, target_compatible_with = [], **kwargs):
     Args:
       name: target name.
       target_compatible_with: extra constraints (the target is incompatible when no swiftc was found).
-      **kwargs: swift_library's attributes, `env`, and the common test ones (size, tags, ...).
+      **kwargs: swift_library's attributes, `env`, and the common test ones (size, default "small"; tags...).
     """
+    if "size" not in kwargs:
+        kwargs["size"] = "small"
     _swift_test(name = name, target_compatible_with = _compatible(name, target_compatible_with), **kwargs)
