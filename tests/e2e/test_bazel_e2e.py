@@ -25,8 +25,9 @@ pytestmark = [
 ]
 
 STRATEGIES = {
-    "local": ["--strategy=SwiftCompile=local", "--strategy=SwiftLink=local", "--spawn_strategy=local"],
-    "sandboxed": [],
+    "local": ["--spawn_strategy=local"],
+    # Without a strategy flag Bazel would try the worker first for treemat's actions: ask for sandboxed.
+    "sandboxed": ["--spawn_strategy=sandboxed"],
     "treemat": ["--config=treemat"],
 }
 
@@ -73,6 +74,8 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict[str
             assert build.returncode == 0, f"{name} build failed:\n{build.stderr[-4000:]}"
             if name == "treemat":
                 assert "worker" in build.stderr, "under --config=treemat the actions must run on the worker"
+            else:
+                assert "worker" not in build.stderr, f"an explicit {flags} must keep treemat off the worker"
             results[name] = (_outputs(output_base), base)
     finally:
         _bazel(output_base, "shutdown")

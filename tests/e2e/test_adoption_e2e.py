@@ -1,0 +1,379 @@
+"""Adoption end to end: a fresh workspace outside this repository consumes treemat exactly as docs/bazel.md says
+(`local_repository` + `treemat_dependencies()` in WORKSPACE, the documented .bazelrc block), and builds and tests
+a multi-module Swift package with real Bazel and swiftc, offline:
+
+- an `@main` executable in two files, a library using another's `package` declarations, a define, an
+  experimental feature, a Swift 6 language-mode module, all under `-c opt`;
+- `swift_test`s with one passing and one deliberately failing case, in XCTest and in Swift Testing: `bazel
+  test` fails, and the logs show which case passed and which failed; `--test_filter` to the passing case passes;
+- builds without `--config=treemat` (Bazel's default order: the worker), with it, and with an explicit
+  `--spawn_strategy=local` (honoured: no worker) are byte-identical; toggling the config or the worker's root
+  on a warm output base runs nothing;
+- a compiler replaced in place (then `bazel sync --configure`) re-runs every compile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SWIFTC = shutil.which("swiftc") or ("/opt/swift/usr/bin/swiftc" if Path("/opt/swift/usr/bin/swiftc").exists() else None)
+MNEMONICS = ("SwiftCompile", "SwiftLink", "SwiftTestDiscovery", "TreematRun")
+EXECUTABLES = {"greet", "XCTestCases", "SwiftTestingCases"}
+SWIFT_MNEMONICS = {"SwiftCompile", "SwiftLink", "SwiftTestDiscovery"}
+
+pytestmark = [
+    pytest.mark.bazel,
+    pytest.mark.swift,
+    pytest.mark.skipif(shutil.which("bazel") is None, reason="bazel is not installed (tools/setup.sh installs it)"),
+    pytest.mark.skipif(SWIFTC is None, reason="no swiftc on PATH or under /opt/swift"),
+]
+
+BUILD = """\
+load("@treemat//rules:defs.bzl", "swift_binary", "swift_library", "swift_test", "treemat_run")
+load("//:count.bzl", "count_words")
+
+sh_binary(
+    name = "upper",
+    srcs = ["upper.sh"],
+)
+
+# skylib run_binary style: $(location) over srcs, outs and tool.
+treemat_run(
+    name = "shout",
+    srcs = ["words.txt"],
+    outs = ["shout.txt"],
+    args = ["$(location words.txt)", "$(location shout.txt)"],
+    tool = ":upper",
+)
+
+# A user's own rule routing its action through treemat_action.
+count_words(
+    name = "count",
+    src = "words.txt",
+)
+
+swift_library(
+    name = "Greeting",
+    srcs = ["Sources/Greeting/Greeting.swift", "Sources/Greeting/CAbs.swift"],
+    copts = ["-enable-experimental-feature", "Extern"],
+    defines = ["LOUD"],
+    swift_version = "6",
+)
+
+swift_library(
+    name = "Banner",
+    srcs = ["Sources/Banner/Banner.swift"],
+    deps = [":Greeting"],
+)
+
+swift_binary(
+    name = "greet",
+    srcs = ["Sources/greet/Greet.swift", "Sources/greet/Options.swift"],
+    deps = [":Banner", ":Greeting"],
+)
+
+swift_test(
+    name = "XCTestCases",
+    srcs = ["Tests/XCTestCases/GreetingXCTests.swift"],
+    deps = [":Greeting"],
+)
+
+swift_test(
+    name = "SwiftTestingCases",
+    srcs = ["Tests/SwiftTestingCases/GreetingTests.swift"],
+    deps = [":Banner", ":Greeting"],
+)
+"""
+
+SOURCES = {
+    "words.txt": "staged by treemat\n",
+    "upper.sh": """\
+        #!/bin/sh
+        tr a-z A-Z < "$1" > "$2"
+        """,
+    "count.bzl": """\
+        load("@treemat//rules:defs.bzl", "TREEMAT_ATTRS", "treemat_action")
+
+        def _count_words_impl(ctx):
+            out = ctx.actions.declare_file(ctx.label.name + ".txt")
+            treemat_action(
+                ctx,
+                mnemonic = "TreematRun",
+                executable = "/bin/sh",
+                arguments = ["-c", 'wc -w < "$1" > "$2"', "count", ctx.file.src.path, out.path],
+                inputs = [ctx.file.src],
+                outputs = [out],
+            )
+            return [DefaultInfo(files = depset([out]))]
+
+        count_words = rule(
+            implementation = _count_words_impl,
+            attrs = dict(TREEMAT_ATTRS, src = attr.label(allow_single_file = True)),
+        )
+        """,
+    "Sources/Greeting/Greeting.swift": """\
+        public struct Greeting: Sendable {
+            public let name: String
+            public init(name: String) { self.name = name }
+
+            public var text: String {
+                #if LOUD
+                return "HELLO, \\(name.uppercased())!"
+                #else
+                return "Hello, \\(name)."
+                #endif
+            }
+
+            /// Visible in every module of this Bazel repository (the default package name), not outside it.
+            package var width: Int { Int(cAbs(Int32(-text.count))) }
+        }
+        """,
+    "Sources/Greeting/CAbs.swift": """\
+        // Needs -enable-experimental-feature Extern (copts).
+        @_extern(c, "abs")
+        func cAbs(_ value: Int32) -> Int32
+        """,
+    "Sources/Banner/Banner.swift": """\
+        import Greeting
+
+        public func banner(_ greeting: Greeting) -> String {
+            let rule = String(repeating: "=", count: greeting.width)  // `package` member of another module
+            return "\\(rule)\\n\\(greeting.text)\\n\\(rule)"
+        }
+        """,
+    "Sources/greet/Greet.swift": """\
+        import Banner
+        import Greeting
+
+        @main
+        struct Greet {
+            static func main() {
+                let options = Options(CommandLine.arguments.dropFirst())
+                print(banner(Greeting(name: options.name)))
+            }
+        }
+        """,
+    "Sources/greet/Options.swift": """\
+        struct Options {
+            var name = "world"
+            init<S: Sequence>(_ arguments: S) where S.Element == String {
+                if let first = arguments.first(where: { _ in true }) { name = first }
+            }
+        }
+        """,
+    "Tests/XCTestCases/GreetingXCTests.swift": """\
+        import XCTest
+        import Greeting
+
+        final class GreetingXCTests: XCTestCase {
+            func testPasses() {
+                XCTAssertEqual(Greeting(name: "ada").text, "HELLO, ADA!")
+            }
+
+            func testFailsOnPurpose() async {
+                XCTAssertEqual(Greeting(name: "ada").text, "hello, ada", "deliberate failure")
+            }
+        }
+        """,
+    "Tests/SwiftTestingCases/GreetingTests.swift": """\
+        import Testing
+        import Banner
+        import Greeting
+
+        @Test func bannerPasses() {
+            #expect(banner(Greeting(name: "x")).hasPrefix("=========\\n"))
+        }
+
+        @Test func bannerFailsOnPurpose() {
+            #expect(Greeting(name: "x").width == 1, "deliberate failure")
+        }
+        """,
+}
+
+WRAPPER = '#!/bin/sh\n# compiler build {build}\nexec {swiftc} "$@"\n'
+
+
+def _doc_block(heading: str) -> str:
+    """The first fenced code block after `### heading` in docs/bazel.md."""
+    text = (REPO / "docs" / "bazel.md").read_text()
+    match = re.search(rf"^### {re.escape(heading)}\n.*?^```[a-z]*\n(.*?)^```", text, re.S | re.M)
+    assert match, f"docs/bazel.md has no code block under '### {heading}'"
+    return match.group(1)
+
+
+@dataclass
+class Workspace:
+    """The fresh workspace and how to drive Bazel in it."""
+
+    path: Path
+    output_base: Path
+    root: Path
+    wrapper: Path
+    logs: Path
+    env: dict[str, str]
+
+    def bazel(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        run = subprocess.run(
+            ["bazel", f"--output_base={self.output_base}", *args],
+            cwd=self.path,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            env=self.env,
+        )
+        if check:
+            assert run.returncode == 0, f"bazel {' '.join(args)} failed:\n{run.stderr[-5000:]}"
+        return run
+
+    def build(self, name: str, *flags: str) -> list[tuple[str, str]]:
+        """`bazel build -c opt //...` with an execution log; returns (mnemonic, runner) of every spawn run."""
+        from treemat.execlog import read_exec_log
+
+        log = self.logs / f"{name}.json"
+        self.bazel("build", "-c", "opt", f"--execution_log_json_file={log}", *flags, "//...")
+        return [(spawn.mnemonic, spawn.runner) for spawn in read_exec_log(log)]
+
+    def outputs(self) -> dict[str, str]:
+        bin_dir = Path(self.bazel("info", "-c", "opt", "bazel-bin").stdout.strip())
+        digests = {}
+        for path in sorted(bin_dir.rglob("*")):
+            wanted = path.suffix in (".o", ".swiftmodule") or path.name in EXECUTABLES or path.name == "main.swift"
+            if wanted and path.is_file() and not any(part.endswith(".runfiles") for part in path.parts):
+                digests[str(path.relative_to(bin_dir))] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return digests
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
+    base = tmp_path_factory.mktemp("adoption")
+    path = base / "consumer"
+    path.mkdir()
+    wrapper = base / "toolchain" / "swiftc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(WRAPPER.format(build=1, swiftc=SWIFTC))
+    wrapper.chmod(0o755)
+    root = base / "treemat-root"
+    (path / "WORKSPACE").write_text(
+        'workspace(name = "consumer")\n\n' + _doc_block("WORKSPACE").replace("/path/to/treemat", str(REPO))
+    )
+    roots = "".join(f"build --worker_extra_flag={m}=--root={root}\n" for m in MNEMONICS)
+    (path / ".bazelrc").write_text("build --nosandbox_debug\n" + _doc_block(".bazelrc") + roots)
+    (path / "BUILD.bazel").write_text(BUILD)
+    for name, content in SOURCES.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(textwrap.dedent(content))
+    (path / "upper.sh").chmod(0o755)
+    logs = base / "logs"
+    logs.mkdir()
+    env = dict(os.environ, SWIFTC=str(wrapper))
+    ws = Workspace(path, base / "output_base", root, wrapper, logs, env)
+    try:
+        yield ws
+    finally:
+        ws.bazel("shutdown", check=False)
+
+
+@pytest.fixture(scope="module")
+def default_build(workspace: Workspace) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """The first build: no --config, -c opt."""
+    spawns = workspace.build("default")
+    return spawns, workspace.outputs()
+
+
+def _swift_runners(spawns: list[tuple[str, str]]) -> set[str]:
+    return {runner for mnemonic, runner in spawns if mnemonic in SWIFT_MNEMONICS}
+
+
+def test_default_build_runs_on_the_worker_and_the_app_works(
+    workspace: Workspace, default_build: tuple[list[tuple[str, str]], dict[str, str]]
+) -> None:
+    spawns, outputs = default_build
+    compiles = [m for m, _ in spawns if m == "SwiftCompile"]
+    assert len(compiles) == 7, spawns  # 3 modules + 2 test modules + 2 test runners
+    assert _swift_runners(spawns) == {"worker"}, "Bazel's default order tries the worker first"
+    # 3 executables, 7 objects, 4 .swiftmodules, 2 generated test runners
+    assert set(outputs) >= EXECUTABLES and len(outputs) == 3 + 7 + 4 + 2, sorted(outputs)
+    bin_dir = Path(workspace.bazel("info", "-c", "opt", "bazel-bin").stdout.strip())
+    run = subprocess.run([str(bin_dir / "greet"), "bazel"], capture_output=True, text=True, check=True)
+    assert run.stdout == "=============\nHELLO, BAZEL!\n=============\n"
+    assert [m for m, _ in spawns if m == "TreematRun"] == ["TreematRun"] * 2
+    assert (bin_dir / "shout.txt").read_text() == "STAGED BY TREEMAT\n", "treemat_run with $(location)"
+    assert (bin_dir / "count.txt").read_text().strip() == "3", "a user's rule through treemat_action"
+    stats = subprocess.run(
+        ["python3", "-m", "treemat", "--root", str(workspace.root), "stats", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO / "tools")),
+    )
+    assert '"actions"' in stats.stdout, "the worker used the root given by --worker_extra_flag"
+
+
+def test_tests_fail_exactly_where_they_should(
+    workspace: Workspace, default_build: tuple[list[tuple[str, str]], dict[str, str]]
+) -> None:
+    run = workspace.bazel("test", "-c", "opt", "//...", check=False)
+    assert run.returncode == 3, f"bazel test must report the deliberate failures:\n{run.stderr[-3000:]}"
+    testlogs = Path(workspace.bazel("info", "-c", "opt", "bazel-testlogs").stdout.strip())
+    xctest = (testlogs / "XCTestCases" / "test.log").read_text()
+    assert "Test Case 'GreetingXCTests.testPasses' passed" in xctest
+    assert "Test Case 'GreetingXCTests.testFailsOnPurpose' failed" in xctest
+    assert "deliberate failure" in xctest
+    swift_testing = (testlogs / "SwiftTestingCases" / "test.log").read_text()
+    assert re.search(r"Test bannerPasses\(\) passed", swift_testing), swift_testing
+    assert re.search(r"Test bannerFailsOnPurpose\(\) failed", swift_testing), swift_testing
+    assert "//:XCTestCases" in run.stdout + run.stderr and "FAILED" in run.stdout + run.stderr
+
+    passing = workspace.bazel(
+        "test", "-c", "opt", "--test_filter=GreetingXCTests/testPasses", "//:XCTestCases", check=False
+    )
+    assert passing.returncode == 0, passing.stderr[-3000:]
+    assert "Test Case 'GreetingXCTests.testFailsOnPurpose'" not in (testlogs / "XCTestCases" / "test.log").read_text()
+
+
+def test_config_toggle_and_root_change_are_served_from_cache(
+    workspace: Workspace, default_build: tuple[list[tuple[str, str]], dict[str, str]]
+) -> None:
+    toggled = workspace.build("toggle", "--config=treemat")
+    assert toggled == [], f"--config=treemat must not change any action key: {toggled}"
+    elsewhere = [f"--worker_extra_flag={m}=--root={workspace.root}-other" for m in MNEMONICS]
+    moved = workspace.build("moved-root", "--config=treemat", *elsewhere)
+    assert moved == [], f"the worker's root must not be part of any action key: {moved}"
+    back = workspace.build("back")
+    assert back == []
+
+
+def test_outputs_identical_with_config_and_with_explicit_local(
+    workspace: Workspace, default_build: tuple[list[tuple[str, str]], dict[str, str]]
+) -> None:
+    _, reference = default_build
+    workspace.bazel("clean")
+    treemat = workspace.build("treemat", "--config=treemat")
+    assert _swift_runners(treemat) == {"worker"}
+    assert workspace.outputs() == reference, "--config=treemat outputs differ from the default build"
+    workspace.bazel("clean")
+    local = workspace.build("local", "--spawn_strategy=local")
+    assert _swift_runners(local) == {"local"}, "an explicit --spawn_strategy must not be overridden"
+    assert workspace.outputs() == reference, "--spawn_strategy=local outputs differ from the default build"
+
+
+def test_replacing_the_compiler_reruns_every_compile(
+    workspace: Workspace, default_build: tuple[list[tuple[str, str]], dict[str, str]]
+) -> None:
+    assert workspace.build("same-compiler") == []
+    workspace.wrapper.write_text(WRAPPER.format(build=2, swiftc=SWIFTC))  # an in-place upgrade
+    workspace.bazel("sync", "--configure")
+    spawns = workspace.build("new-compiler")
+    assert sorted(m for m, _ in spawns if m == "SwiftCompile") == ["SwiftCompile"] * 7
+    assert len([m for m, _ in spawns if m == "SwiftLink"]) == 3

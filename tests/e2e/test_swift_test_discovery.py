@@ -1,0 +1,107 @@
+"""The swift_test runner generator (rules/private/swift_test_discovery.py): which XCTest cases it finds in a
+symbol graph, and, with a real swiftc, that the runner it writes runs both test libraries and fails when
+either does."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SWIFTC = shutil.which("swiftc") or ("/opt/swift/usr/bin/swiftc" if Path("/opt/swift/usr/bin/swiftc").exists() else None)
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("discovery", REPO / "rules" / "private" / "swift_test_discovery.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _symbol(precise: str, kind: str, path: list[str], declaration: str = "") -> dict[str, object]:
+    return {
+        "identifier": {"precise": precise},
+        "kind": {"identifier": kind},
+        "pathComponents": path,
+        "declarationFragments": [{"spelling": declaration}],
+    }
+
+
+def test_discovers_subclasses_through_a_base_class_and_async_methods(tmp_path: Path) -> None:
+    discovery = _load()
+    graph = {
+        "symbols": [
+            _symbol("base", "swift.class", ["Base"]),
+            _symbol("derived", "swift.class", ["Derived"]),
+            _symbol("plain", "swift.class", ["Plain"]),
+            _symbol("d.sync", "swift.method", ["Derived", "testSync()"], "func testSync()"),
+            _symbol("d.async", "swift.method", ["Derived", "testAsync()"], "func testAsync() async throws"),
+            _symbol("d.helper", "swift.method", ["Derived", "helper()"], "func helper()"),
+            _symbol("d.param", "swift.method", ["Derived", "testWith(_:)"], "func testWith(_ x: Int)"),
+            _symbol("d.static", "swift.type.method", ["Derived", "testStatic()"], "static func testStatic()"),
+            _symbol("p.test", "swift.method", ["Plain", "testNotXCTest()"], "func testNotXCTest()"),
+        ],
+        "relationships": [
+            {"kind": "inheritsFrom", "source": "base", "target": "s:6XCTest0A4CaseC"},
+            {"kind": "inheritsFrom", "source": "derived", "target": "base"},
+            *[
+                {"kind": "memberOf", "source": s, "target": "derived"}
+                for s in ("d.sync", "d.async", "d.helper", "d.param", "d.static")
+            ],
+            {"kind": "memberOf", "source": "p.test", "target": "plain"},
+        ],
+    }
+    (tmp_path / "M.symbols.json").write_text(json.dumps(graph))
+    classes = discovery.discover(tmp_path)
+    assert [(c.path, c.methods) for c in classes] == [(["Derived"], [("testAsync", True), ("testSync", False)])]
+    source = discovery.render("M", classes)
+    assert '("testAsync", asyncTest(testAsync))' in source and '("testSync", testSync)' in source
+    assert "@testable import M" in source and "testCase(Derived.__treematAllTests0)" in source
+
+
+@pytest.mark.swift
+@pytest.mark.skipif(SWIFTC is None, reason="no swiftc on PATH or under /opt/swift")
+@pytest.mark.parametrize("failing", ["none", "xctest", "swift-testing"])
+def test_generated_runner_runs_both_libraries_and_fails_when_either_fails(tmp_path: Path, failing: str) -> None:
+    assert SWIFTC
+    discovery = _load()
+    source = tmp_path / "T.swift"
+    source.write_text(
+        "import XCTest\nimport Testing\n"
+        "final class Cases: XCTestCase {\n"
+        "    func testOne() { XCTAssertEqual(1, 1) }\n"
+        f"    func testTwo() async {{ XCTAssertEqual(2, {3 if failing == 'xctest' else 2}) }}\n"
+        "}\n"
+        f"@Test func swiftTesting() {{ #expect(1 == {0 if failing == 'swift-testing' else 1}) }}\n"
+    )
+    graphs = tmp_path / "graphs"
+    common = ["-parse-as-library", "-wmo", "-num-threads", "0", "-module-cache-path", str(tmp_path / "mc")]
+    subprocess.run(
+        [SWIFTC, "-module-name", "T", *common, "-enable-testing", "-emit-module", "-emit-module-path",
+         str(tmp_path / "T.swiftmodule"), "-emit-symbol-graph", "-emit-symbol-graph-dir", str(graphs),
+         "-symbol-graph-minimum-access-level", "internal", "-c", "-o", str(tmp_path / "T.o"), str(source)],
+        check=True, cwd=tmp_path,
+    )  # fmt: skip
+    runner = tmp_path / "runner" / "main.swift"
+    assert discovery.main(["--module", "T", "--symbol-graph-dir", str(graphs), "--output", str(runner)]) == 0
+    subprocess.run(
+        [SWIFTC, "-module-name", "Runner", *common, "-I", str(tmp_path), "-c", "-o", str(tmp_path / "R.o"),
+         str(runner)],
+        check=True, cwd=tmp_path,
+    )  # fmt: skip
+    subprocess.run([SWIFTC, "-o", str(tmp_path / "t"), str(tmp_path / "T.o"), str(tmp_path / "R.o")], check=True)
+    run = subprocess.run([str(tmp_path / "t")], capture_output=True, text=True, cwd=tmp_path)
+    output = run.stdout + run.stderr
+    assert "Test Case 'Cases.testOne' passed" in output
+    assert ("Test Case 'Cases.testTwo' failed" in output) == (failing == "xctest")
+    assert "Test swiftTesting()" in output, "Swift Testing ran"
+    assert (run.returncode != 0) == (failing != "none"), output
