@@ -15,7 +15,7 @@ place. Outputs are byte-identical either way.
 load("@treemat_swift//:defs.bzl", "SWIFT_AVAILABLE", "SWIFT_INCOMPATIBLE")
 load("//rules/private:generate.bzl", _swift_module_set = "swift_module_set")
 load("//rules/private:providers.bzl", _SwiftModuleInfo = "SwiftModuleInfo", _SwiftToolchainInfo = "SwiftToolchainInfo")
-load("//rules/private:staged_action.bzl", _TREEMAT_ATTRS = "TREEMAT_ATTRS", _treemat_action = "treemat_action", _treemat_args = "treemat_args")
+load("//rules/private:staged_action.bzl", _TREEMAT_ATTRS = "TREEMAT_ATTRS", _escape_tool_arg = "escape_tool_arg", _treemat_action = "treemat_action", _treemat_args = "treemat_args")
 load(
     "//rules/private:swift.bzl",
     _SWIFT_TOOLCHAIN_TYPE = "SWIFT_TOOLCHAIN_TYPE",
@@ -39,6 +39,7 @@ SWIFT_TOOLCHAIN_TYPE = _SWIFT_TOOLCHAIN_TYPE
 TREEMAT_ATTRS = _TREEMAT_ATTRS
 treemat_action = _treemat_action
 treemat_args = _treemat_args
+escape_tool_arg = _escape_tool_arg
 
 treemat_run = _treemat_run
 swift_toolchain = _swift_toolchain

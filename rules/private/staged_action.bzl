@@ -16,11 +16,27 @@ EXECUTION_REQUIREMENTS = {
     "supports-multiplex-workers": "1",
 }
 
+def escape_tool_arg(arg):
+    """Writes a tool argument that starts with `@` as `@@...` (treemat turns it back into `@...`).
+
+    Bazel's worker strategy expands every flagfile line that starts with `@` as another flagfile; `@@` lines
+    pass through. Use it as `args.add_all(tool_args, map_each = escape_tool_arg)` for any argument that may
+    start with `@` (`-rpath @executable_path/...`, a tool's own `@response.rsp`).
+
+    Args:
+      arg: a string or File.
+
+    Returns:
+      The argument as the flagfile must carry it.
+    """
+    text = arg if type(arg) == "string" else arg.path
+    return "@" + text if text.startswith("@") else text
+
 def treemat_args(ctx, outputs, output_dirs = [], env = {}):
     """Starts the request Args (the worker's flagfile): declared outputs, env, then `--`.
 
     Append the tool's argv to the returned Args (first the tool, then its arguments), then pass it to
-    `treemat_action(args = ...)`. In tool arguments the string `{EXEC_ROOT}` becomes the directory the tool
+    `treemat_action(args = ...)`. Arguments that may start with `@` go through `map_each = escape_tool_arg`. In tool arguments the string `{EXEC_ROOT}` becomes the directory the tool
     runs in and `{TOOL_CACHE}` a cache directory that outlives the action (e.g. for a compiler's module cache).
 
     Args:
@@ -91,7 +107,7 @@ def treemat_action(
         else:  # FilesToRunProvider
             args.add(executable.executable)
             tool_inputs.append(executable)
-        args.add_all(arguments)
+        args.add_all(arguments, map_each = escape_tool_arg)
     startup = ctx.actions.args()
     startup.add("--protocol=proto")
     ctx.actions.run(

@@ -7,7 +7,7 @@ Outputs are deterministic and independent of where the tool runs: each module is
 """
 
 load(":providers.bzl", "SwiftModuleInfo", "SwiftToolchainInfo")
-load(":staged_action.bzl", "TREEMAT_ATTRS", "treemat_action", "treemat_args")
+load(":staged_action.bzl", "TREEMAT_ATTRS", "escape_tool_arg", "treemat_action", "treemat_args")
 
 SWIFT_TOOLCHAIN_TYPE = str(Label("//rules:swift_toolchain_type"))
 
@@ -79,7 +79,7 @@ def _compile(ctx, *, swift, module_name, parse_as_library, enable_testing, emit_
     request.add_all(ctx.attr.defines, format_each = "-D%s")
     request.add_all(["-file-prefix-map", "{EXEC_ROOT}=.", "-module-cache-path", "{TOOL_CACHE}/swift-module-cache"])
     request.add_all(transitive_modules, map_each = _dirname, uniquify = True, before_each = "-I")
-    request.add_all(_expand(ctx, ctx.attr.copts))
+    request.add_all(_expand(ctx, ctx.attr.copts), map_each = escape_tool_arg)
     request.add_all(["-c", "-o", object_file])
     if swiftmodule:
         request.add_all(["-emit-module", "-emit-module-path", swiftmodule])
@@ -111,7 +111,7 @@ def _link(ctx, *, swift, objects, deps, executable):
     request.add_all(depset(
         _expand(ctx, ctx.attr.linkopts),
         transitive = [d.transitive_linkopts for d in deps],
-    ))
+    ), map_each = escape_tool_arg)
     request.add_all(["-o", executable])
     treemat_action(
         ctx,
