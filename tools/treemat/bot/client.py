@@ -6,7 +6,7 @@ Enough to push hand-built actions through BuildGrid and the bots (tests, smoke c
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ class Client:
     """REAPI Execution + CAS + ActionCache calls against one instance."""
 
     def __init__(self, channel: grpc.Channel, instance: str = "", *, timeout: float = 60.0) -> None:
+        self.channel = channel
         self.instance = instance
         self.timeout = timeout
         self._cas = re_grpc.ContentAddressableStorageStub(channel)
@@ -115,12 +116,12 @@ class Client:
         final.response.Unpack(response)
         return Executed(response.status.code, response.status.message, response.cached_result, response.result)
 
-    def operations(self, action_digest: Any, *, skip_cache: bool = True) -> Iterator[Any]:
-        """Execute, yielding every Operation update (for tests that act mid-execution)."""
+    def operations(self, action_digest: Any, *, skip_cache: bool = True) -> Any:
+        """Start an Execute call and return its stream of Operations (iterable; `.cancel()` ends it)."""
         request = re_pb2.ExecuteRequest(
             instance_name=self.instance, action_digest=action_digest, skip_cache_lookup=skip_cache
         )
-        yield from self._execution.Execute(request, timeout=self.timeout)
+        return self._execution.Execute(request, timeout=self.timeout)
 
     def cached(self, action_digest: Any) -> Any:
         """The action cache's ActionResult, or None."""
