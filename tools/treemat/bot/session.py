@@ -37,6 +37,12 @@ from treemat.bot.stager import LocalStager
 POLL_SECONDS = 10.0  # gRPC deadline of one UpdateBotSession long-poll (BuildGrid waits 80% of min(this, keepalive))
 IDLE_KEEPALIVE_SECONDS = 4.0  # at full capacity: report in at least this often
 RETRY_SECONDS = 1.0
+TRANSIENT = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+)
 
 
 @dataclass(slots=True)
@@ -127,8 +133,8 @@ class Bot:
             except grpc.RpcError as exc:
                 if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
                     continue
-                if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                    stop.wait(RETRY_SECONDS)
+                if exc.code() in TRANSIENT:
+                    stop.wait(RETRY_SECONDS)  # keep the session (and running leases) until it expires
                     continue
                 self._say(f"UpdateBotSession failed ({exc.code().name}: {exc.details()}); new session")
                 self._abandon_all("bot session lost")
