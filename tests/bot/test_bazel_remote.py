@@ -207,3 +207,27 @@ def test_stats_show_per_bot_backends_and_subtree_hits(cluster: Cluster, builds: 
 def _is_btrfs(path: Path) -> bool:
     found = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=False)
     return found.stdout.strip() == "btrfs"
+
+
+def test_dynamic_execution_local_worker_races_remote_bots(
+    cluster: Cluster, builds: dict[str, object], tmp_path: Path
+) -> None:
+    """Bazel 4.2.3: `--internal_spawn_scheduler` registers `dynamic`; local leg = treemat worker, remote = bots."""
+    remote_base = builds["remote_base"]
+    assert isinstance(remote_base, Path)
+    stderr = _build(
+        remote_base,
+        *builds["flags"],  # type: ignore[arg-type]
+        "--internal_spawn_scheduler",
+        "--experimental_worker_allow_json_protocol",
+        "--strategy=SwiftCompile=dynamic",
+        "--strategy=SwiftLink=dynamic",
+        "--strategy=TreematRun=dynamic",
+        "--dynamic_local_strategy=worker",
+        "--dynamic_remote_strategy=remote",
+        f"--action_env=TREEMAT_ROOT={tmp_path / 'worker-root'}",
+        "--action_env=TREEMAT_REMOTE_RUN=dynamic",
+    )
+    processes = _processes(stderr)
+    assert processes.get("worker", 0) + processes.get("remote", 0) >= 7, processes
+    assert _outputs(remote_base) == builds["local"]
