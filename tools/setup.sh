@@ -10,6 +10,8 @@ command -v bazel >/dev/null 2>&1 || need_apt+=(bazel-bootstrap bazel-rules-java)
 command -v mkfs.btrfs >/dev/null 2>&1 || need_apt+=(btrfs-progs)
 command -v mkfs.xfs >/dev/null 2>&1 || need_apt+=(xfsprogs)
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
+# `treemat bot` tests and tools/cluster.sh run BuildGrid on a private PostgreSQL (server binaries only; no service)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}" >&2
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -22,6 +24,10 @@ if ! "$PYTHON" -c 'import treemat, pytest, hypothesis, mypy, ruff' >/dev/null 2>
    || [ "$("$PYTHON" -c 'import treemat, os; print(os.path.realpath(treemat.__file__))')" != "$(realpath tools/treemat/__init__.py)" ]; then
   echo "setup: pip install -e .[dev]" >&2
   "$PYTHON" -m pip install -q --disable-pip-version-check -e '.[dev]'
+fi
+if ! "$PYTHON" -c 'import buildgrid, grpc, psycopg2' >/dev/null 2>&1; then
+  echo "setup: pip install -e .[bot] (BuildGrid 0.4.4, grpcio, psycopg2)" >&2
+  "$PYTHON" -m pip install -q --disable-pip-version-check -e '.[bot]'
 fi
 
 if ! command -v swiftc >/dev/null 2>&1 && [ ! -x /opt/swift/usr/bin/swiftc ]; then

@@ -1,0 +1,258 @@
+"""Fast slice through real components: PostgreSQL + BuildGrid 0.4.4 + two treemat bots on loopback, with
+hand-built REAPI actions (no Bazel). Select with `-m "remote and not slow"`; the bot-kill test is `slow`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+grpc = pytest.importorskip("grpc", reason="needs the bot extra: pip install -e '.[bot]'")
+pytest.importorskip("buildgrid", reason="needs the bot extra: pip install -e '.[bot]'")
+
+from treemat.bot.client import Client, digest_of  # noqa: E402
+from treemat.bot.cluster import Cluster, ClusterError, pg_bin  # noqa: E402
+from treemat.bot.rpc import code_pb2, re_pb2  # noqa: E402
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+LEAK = "TREEMAT_BOT_ONLY_VARIABLE"
+
+try:
+    pg_bin()
+    HAVE_PG = True
+except ClusterError:
+    HAVE_PG = False
+
+pytestmark = [
+    pytest.mark.remote,
+    pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL server binaries missing (apt-get install postgresql)"),
+]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `predicate` until true; fail after `timeout` seconds (a bound, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    work = tmp_path_factory.mktemp("cluster")
+    with Cluster(work, bots=2, bot_env={LEAK: "leaked"}) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(cluster: Cluster) -> Iterator[Client]:
+    channel = grpc.insecure_channel(cluster.endpoint.removeprefix("grpc://"))
+    try:
+        yield Client(channel, cluster.instance, timeout=120)
+    finally:
+        channel.close()
+
+
+SCRIPT = b"""\
+set -u
+cat ../src/greeting.txt
+echo "env:${GREETING:-missing}:${%s:-unset}"
+echo "cwd:$(basename "$PWD")"
+if ( echo poisoned > ../src/greeting.txt ) 2>/dev/null; then echo "input:writable"; else echo "input:read-only"; fi
+mkdir -p out
+printf '%%s' "$GREETING" > out/file.txt
+printf '#!/bin/sh\\n' > out/tool && chmod +x out/tool
+mkdir -p tree/sub
+echo nested > tree/sub/leaf.txt
+ln -s sub/leaf.txt tree/link
+echo to-stderr >&2
+exit "${EXIT_WITH:-0}"
+""" % LEAK.encode()
+
+
+def _files(extra: dict[str, bytes] | None = None) -> dict[str, object]:
+    files: dict[str, object] = {
+        "src/greeting.txt": b"hello from the input root\n",
+        "src/run.sh": (SCRIPT, True),
+        "src/empty": None,
+        "src/alias": "greeting.txt",
+    }
+    for index in range(40):  # a subtree big enough for the directory cache (min 32 files)
+        files[f"sdk/lib/f{index:02d}.txt"] = f"sdk file {index}\n".encode()
+    files.update(extra or {})
+    return files
+
+
+def _action(client: Client, *, env: dict[str, str] | None = None, salt: bytes = b"") -> object:
+    return client.build_action(
+        _files(),  # type: ignore[arg-type]
+        ["/bin/sh", "../src/run.sh"],
+        env={"GREETING": "hi", "PATH": "/usr/bin:/bin", **(env or {})},
+        outputs=["out/file.txt", "out/tool"],
+        output_dirs=["tree"],
+        workdir="work",
+        salt=salt,
+    )
+
+
+def test_action_runs_hermetically_and_outputs_come_back(client: Client) -> None:
+    done = client.execute(_action(client, salt=str(time.time_ns()).encode()), skip_cache=True)
+    assert done.status_code == code_pb2.OK, done.status_message
+    result = done.result
+    assert result.exit_code == 0
+    stdout = client.read(result.stdout_digest).decode()
+    assert stdout.splitlines() == [
+        "hello from the input root",
+        "env:hi:unset",  # the Command's environment only: the bot's own variables do not leak in
+        "cwd:work",
+        "input:writable" if os.geteuid() == 0 else "input:read-only",  # root ignores 0o444 ...
+    ]
+    stderr = client.read(result.stderr_digest).decode()
+    assert stderr.startswith("to-stderr\n")
+    if os.geteuid() == 0:  # ... so the bot must notice the write through its CAS hardlink and quarantine the blob
+        assert "quarantined" in stderr
+    files = {f.path: f for f in result.output_files}
+    assert set(files) == {"out/file.txt", "out/tool"}
+    assert client.read(files["out/file.txt"].digest) == b"hi"
+    assert files["out/tool"].is_executable and not files["out/file.txt"].is_executable
+    (tree_out,) = result.output_directories
+    assert tree_out.path == "tree"
+    tree = re_pb2.Tree()
+    tree.ParseFromString(client.read(tree_out.tree_digest))
+    assert [s.name for s in tree.root.symlinks] == ["link"] and tree.root.symlinks[0].target == "sub/leaf.txt"
+    (sub,) = tree.root.directories
+    assert sub.name == "sub"
+    children = {digest_of(c.SerializeToString(deterministic=True)).hash: c for c in tree.children}
+    leaf = children[sub.digest.hash].files[0]
+    assert leaf.name == "leaf.txt" and client.read(leaf.digest) == b"nested\n"
+    assert result.execution_metadata.worker.startswith("treemat-bot-")
+
+
+def test_rerun_is_served_from_the_action_cache(client: Client) -> None:
+    action = _action(client, salt=b"cache-" + str(time.time_ns()).encode())
+    first = client.execute(action)
+    assert first.status_code == code_pb2.OK and not first.cached
+    second = client.execute(action)
+    assert second.cached, "BuildGrid should answer from the action cache the bot's result went into"
+    assert second.result.output_files == first.result.output_files
+    assert client.cached(action) is not None
+
+
+def test_nonzero_exit_is_reported_not_an_error(client: Client) -> None:
+    done = client.execute(_action(client, env={"EXIT_WITH": "3"}, salt=str(time.time_ns()).encode()), skip_cache=True)
+    assert done.status_code == code_pb2.OK
+    assert done.result.exit_code == 3
+    assert client.read(done.result.stderr_digest).startswith(b"to-stderr\n")
+    # earlier actions wrote through their inputs (as root): no bot may serve the poisoned bytes
+    assert client.read(done.result.stdout_digest).decode().splitlines()[0] == "hello from the input root"
+
+
+def test_big_blobs_travel_by_bytestream_and_are_verified(client: Client) -> None:
+    big = os.urandom(3 << 20)
+    action = client.build_action(
+        {"in/big.bin": big, "run.sh": (b"cat in/big.bin in/big.bin > out.bin\n", True)},
+        ["/bin/sh", "run.sh"],
+        env={"PATH": "/usr/bin:/bin"},
+        outputs=["out.bin"],
+        salt=str(time.time_ns()).encode(),
+    )
+    done = client.execute(action, skip_cache=True)
+    assert done.status_code == code_pb2.OK, done.status_message
+    (out,) = done.result.output_files
+    assert out.digest.hash == digest_of(big + big).hash and out.digest.size_bytes == 2 * len(big)
+
+
+def test_cancelling_the_operation_kills_the_command(client: Client, tmp_path: Path) -> None:
+    from buildgrid._protos.google.longrunning import operations_pb2, operations_pb2_grpc
+
+    pid_file = tmp_path / "pid"
+    action = client.build_action(
+        {"run.sh": (f"echo $$ > {pid_file}.tmp && mv {pid_file}.tmp {pid_file}; exec sleep 300\n".encode(), True)},
+        ["/bin/sh", "run.sh"],
+        env={"PATH": "/usr/bin:/bin"},
+        salt=str(time.time_ns()).encode(),
+    )
+    stream = client.operations(action)
+    try:
+        first = next(iter(stream))
+        wait_for(pid_file.exists, 60, "the command to start on a bot")
+        pid = int(pid_file.read_text())
+        assert _alive(pid)
+        operations = operations_pb2_grpc.OperationsStub(client.channel)
+        operations.CancelOperation(operations_pb2.CancelOperationRequest(name=first.name), timeout=30)
+        wait_for(lambda: not _alive(pid), 60, f"the cancelled command (pid {pid}) to be killed")
+    finally:
+        stream.cancel()
+
+
+def test_stats_show_bot_work_per_root(cluster: Cluster, client: Client) -> None:
+    # both bots publish counters under their own roots; at least one has run actions by now
+    totals = {}
+    for bot in cluster.running_bots:
+        wait_for(lambda b=bot: (b.root / "stats").is_dir(), 30, f"{bot.name} to publish stats")
+        stats = subprocess.run(
+            [sys.executable, "-m", "treemat", "--root", str(bot.root), "stats", "--json"],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(TOOLS)),
+            check=True,
+            timeout=60,
+        )
+        totals[bot.name] = json.loads(stats.stdout)["totals"]
+    assert sum(t.get("actions", 0) for t in totals.values()) >= 4
+    placed = sum(t.get(k, 0) for t in totals.values() for k in ("hardlink", "reflink", "clonefile", "snapshot"))
+    assert placed >= 40, totals
+    assert sum(t.get("remote_blobs_read", 0) for t in totals.values()) > 0
+
+
+@pytest.mark.slow
+def test_killed_bot_loses_no_action(cluster: Cluster, client: Client, tmp_path: Path) -> None:
+    marker = tmp_path / "where"
+    script = f'pwd > {marker}.tmp && mv {marker}.tmp {marker}; sleep 3; echo done > out.txt\n'.encode()
+    action = client.build_action(
+        {"run.sh": (script, True)},
+        ["/bin/sh", "run.sh"],
+        env={"PATH": "/usr/bin:/bin"},
+        outputs=["out.txt"],
+        salt=str(time.time_ns()).encode(),
+    )
+    results: list[object] = []
+    thread = threading.Thread(target=lambda: results.append(client.execute(action, skip_cache=True, timeout=180)))
+    thread.start()
+    victim = None
+    try:
+        wait_for(marker.exists, 60, "the action to start on a bot")
+        exec_dir = marker.read_text().strip()
+        victim = next(b for b in cluster.running_bots if exec_dir.startswith(str(b.root)))
+        cluster.kill_bot(victim.name)
+        thread.join(180)
+        assert results, "Execute did not finish"
+        done = results[0]
+        assert done.status_code == code_pb2.OK, done.status_message  # type: ignore[attr-defined]
+        assert done.result.exit_code == 0  # type: ignore[attr-defined]
+        assert done.result.execution_metadata.worker != f"treemat-{victim.name}"  # type: ignore[attr-defined]
+    finally:
+        thread.join(1)
+        if victim is not None:  # later tests keep two bots
+            cluster.start_bot(f"{victim.name}-restarted", tmp_path / "restarted-root")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as handle:  # a zombie counts as dead
+            return handle.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False

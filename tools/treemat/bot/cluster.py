@@ -1,0 +1,282 @@
+"""A real remote-execution cluster on loopback: PostgreSQL, a BuildGrid server, and N treemat bots.
+
+Used by the tests and by `tools/cluster.sh` (`python -m treemat.bot.cluster up`). Every process is started in
+its own session and stopped (process group killed) on exit, with bounded waits; PostgreSQL runs as the
+`postgres` user when started by root (it refuses to run as root) from a private data directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import treemat
+
+CONFIG = Path(__file__).with_name("buildgrid.yml")
+PG_BIN_CANDIDATES = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/17/bin")
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+
+
+class ClusterError(RuntimeError):
+    """A component did not start."""
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pg_bin() -> Path:
+    """Directory of Debian's PostgreSQL server binaries (initdb, pg_ctl, postgres)."""
+    for candidate in PG_BIN_CANDIDATES:
+        if (Path(candidate) / "initdb").exists():
+            return Path(candidate)
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    raise ClusterError("PostgreSQL server binaries not found (apt-get install postgresql)")
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes] | None, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ClusterError(f"process exited with {proc.returncode}; see {log}:\n{_tail(log)}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise ClusterError(f"nothing listened on 127.0.0.1:{port} within {timeout:.0f} s; see {log}:\n{_tail(log)}")
+
+
+def _tail(log: Path, lines: int = 30) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """Signal the process group, then SIGKILL it if it lingers past STOP_TIMEOUT."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(STOP_TIMEOUT)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(STOP_TIMEOUT)
+
+
+@dataclass
+class BotProcess:
+    """One running `treemat bot`."""
+
+    name: str
+    root: Path
+    log: Path
+    proc: subprocess.Popen[bytes]
+
+
+@dataclass
+class Cluster:
+    """PostgreSQL + BuildGrid + bots under `workdir`; use as a context manager."""
+
+    workdir: Path
+    bots: int = 2
+    concurrency: int = 1
+    bot_roots: list[Path] | None = None
+    instance: str = ""
+    port: int = 0
+    bot_env: dict[str, str] = field(default_factory=dict)
+    _pg_dir: Path | None = None
+    _pg_port: int = 0
+    _pg_user: str | None = None
+    _server: subprocess.Popen[bytes] | None = None
+    _bots: list[BotProcess] = field(default_factory=list)
+
+    @property
+    def endpoint(self) -> str:
+        """grpc://127.0.0.1:PORT for Bazel's --remote_executor and the bots' --server."""
+        return f"grpc://127.0.0.1:{self.port}"
+
+    @property
+    def running_bots(self) -> list[BotProcess]:
+        """Bots started so far (dead ones included)."""
+        return list(self._bots)
+
+    def __enter__(self) -> Cluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # --------------------------------------------------------------------------- start
+
+    def start(self) -> None:
+        """Start PostgreSQL, migrate, start BuildGrid, then the bots."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "logs").mkdir(exist_ok=True)
+        sql = self._start_postgres()
+        self._start_server(sql)
+        roots = self.bot_roots or [self.workdir / f"bot-{index}" for index in range(self.bots)]
+        for index, root in enumerate(roots):
+            self.start_bot(f"bot-{index}", root)
+
+    def _start_postgres(self) -> str:
+        binaries = pg_bin()
+        # a private directory every user can reach (pytest's tmp dirs are 0700 root): PostgreSQL runs as postgres
+        self._pg_dir = Path(tempfile.mkdtemp(prefix="treemat-pg-"))
+        os.chmod(self._pg_dir, 0o755)
+        user = None
+        if os.geteuid() == 0:
+            user = "postgres"
+            pw = pwd.getpwnam(user)
+            os.chown(self._pg_dir, pw.pw_uid, pw.pw_gid)
+        self._pg_user = user
+        self._pg_port = free_port()
+        log = self.workdir / "logs" / "postgres.log"
+        data = self._pg_dir / "data"
+        self._as_pg([str(binaries / "initdb"), "-A", "trust", "-U", "bgd", "-D", str(data)], log)
+        options = f"-p {self._pg_port} -c listen_addresses=127.0.0.1 -k {self._pg_dir} -c fsync=off"
+        self._as_pg(
+            [str(binaries / "pg_ctl"), "-D", str(data), "-l", str(self._pg_dir / "server.log"), "-o", options,
+             "-w", "-t", str(int(START_TIMEOUT)), "start"],
+            log,
+        )
+        self._as_pg(
+            [str(binaries / "psql"), "-h", "127.0.0.1", "-p", str(self._pg_port), "-U", "bgd", "-d", "postgres",
+             "-q", "-c", "create database bgd"],
+            log,
+        )
+        sql = f"postgresql+psycopg2://bgd@127.0.0.1:{self._pg_port}/bgd"
+        self._run([str(Path(sys.executable).with_name("bgd")), "migrate", "apply", sql], log)
+        return sql
+
+    def _as_pg(self, argv: list[str], log: Path) -> None:
+        if self._pg_user is not None:
+            argv = ["runuser", "-u", self._pg_user, "--", *argv]
+        self._run(argv, log)
+
+    def _run(self, argv: list[str], log: Path) -> None:
+        with open(log, "ab") as out:
+            done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, timeout=START_TIMEOUT, check=False)
+        if done.returncode != 0:
+            raise ClusterError(f"{' '.join(argv[:3])}... exited with {done.returncode}; see {log}:\n{_tail(log)}")
+
+    def _start_server(self, sql: str) -> None:
+        self.port = self.port or free_port()
+        cas = self.workdir / "server-cas"
+        cas.mkdir(exist_ok=True)
+        env = dict(
+            os.environ,
+            TREEMAT_BG_ADDRESS=f"127.0.0.1:{self.port}",
+            TREEMAT_BG_SQL=sql,
+            TREEMAT_BG_CAS=str(cas),
+        )
+        log = self.workdir / "logs" / "buildgrid.log"
+        bgd = str(Path(sys.executable).with_name("bgd"))
+        with open(log, "ab") as out:
+            self._server = subprocess.Popen(
+                [bgd, "server", "start", str(CONFIG)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        _wait_port(self.port, self._server, log, START_TIMEOUT)
+
+    def start_bot(self, name: str, root: Path) -> BotProcess:
+        """Start one `treemat bot` with its own root."""
+        log = self.workdir / "logs" / f"{name}.log"
+        tools_dir = str(Path(treemat.__file__).resolve().parents[1])
+        env = dict(os.environ, **self.bot_env)
+        env["PYTHONPATH"] = os.pathsep.join([tools_dir, *filter(None, [env.get("PYTHONPATH")])])
+        argv = [
+            sys.executable, "-m", "treemat", "bot", "--server", self.endpoint, "--instance", self.instance,
+            "--root", str(root), "--concurrency", str(self.concurrency), "--bot-id", f"treemat-{name}",
+        ]
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+            )
+        bot = BotProcess(name, root, log, proc)
+        self._bots.append(bot)
+        return bot
+
+    # --------------------------------------------------------------------------- stop
+
+    def kill_bot(self, name: str) -> None:
+        """SIGKILL one bot (and its running command): BuildGrid must re-queue its lease."""
+        for bot in self._bots:
+            if bot.name == name:
+                _stop(bot.proc, signal.SIGKILL)
+
+    def stop(self) -> None:
+        """Stop bots, server and PostgreSQL; remove PostgreSQL's data directory."""
+        for bot in self._bots:
+            _stop(bot.proc)
+        if self._server is not None:
+            _stop(self._server)
+        if self._pg_dir is not None:
+            data = self._pg_dir / "data"
+            if (data / "postmaster.pid").exists():
+                with contextlib.suppress(ClusterError, subprocess.TimeoutExpired, OSError):
+                    self._as_pg(
+                        [str(pg_bin() / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "-t", "10", "stop"],
+                        self.workdir / "logs" / "postgres.log",
+                    )
+            shutil.rmtree(self._pg_dir, ignore_errors=True)
+            self._pg_dir = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m treemat.bot.cluster up --dir DIR [--bots N] [--concurrency N] [--port P]`."""
+    parser = argparse.ArgumentParser(prog="treemat-cluster", description=__doc__)
+    parser.add_argument("command", choices=["up"])
+    parser.add_argument("--dir", type=Path, required=True, help="work dir: logs, server CAS, bot roots")
+    parser.add_argument("--bots", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--port", type=int, default=0, help="BuildGrid port (default: a free one)")
+    options = parser.parse_args(argv)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    cluster = Cluster(options.dir.absolute(), bots=options.bots, concurrency=options.concurrency, port=options.port)
+    with cluster:
+        print(f"BuildGrid: {cluster.endpoint} (instance '{cluster.instance}'), logs in {options.dir}/logs", flush=True)
+        for bot in cluster.running_bots:
+            print(f"{bot.name}: pid {bot.proc.pid}, root {bot.root}", flush=True)
+        print(f"bazel build --remote_executor={cluster.endpoint} --config=remote //examples/...   (Ctrl-C stops)",
+              flush=True)
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

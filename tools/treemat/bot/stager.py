@@ -1,0 +1,116 @@
+"""The bot's one seam into treemat's core: a local CAS keyed by (digest, executable) plus the directory cache.
+
+Everything the bot needs from the core goes through `LocalStager`: is a blob here, store one, where does it
+live, stage an input tree into a fresh directory, and publish counters for `treemat stats`. When the core
+changes, only this module needs re-wiring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from treemat.backends import BackendProbe, remove_tree
+from treemat.cas import ContentStore, pid_alive
+from treemat.counters import Counters, StatsStore
+from treemat.digest import EMPTY_DIGEST, Digest
+from treemat.dircache import DirectoryCache, StageReport
+from treemat.materializer import Materializer
+from treemat.tree import FileNode, InputTree, check_symlinks
+
+__all__ = ["Digest", "FileNode", "InputTree", "LocalStager", "StageReport", "check_symlinks"]
+
+
+class LocalStager:
+    """treemat's CAS, materializer and directory cache under one root, wired for a bot process."""
+
+    def __init__(self, root: Path, *, concurrency: int | None = None, dircache: bool = True) -> None:
+        self.root = Path(root)
+        self.counters = Counters()
+        self.cas = ContentStore(self.root, counters=self.counters)
+        materializer = Materializer(self.cas, BackendProbe(), counters=self.counters, concurrency=concurrency)
+        self.dircache = DirectoryCache(
+            self.root, materializer, counters=self.counters, min_files=32 if dircache else None
+        )
+        self.exec_base = self.root / "exec"
+        self.exec_base.mkdir(parents=True, exist_ok=True)
+        self._stats = StatsStore(self.root)
+        self._stats_lock = threading.Lock()
+        self._sweep_stale_exec_dirs()
+
+    # --------------------------------------------------------------------------- blobs
+
+    def has_blob(self, digest: Digest, executable: bool) -> bool:
+        """True if the blob is in the local CAS (intact) with that exec bit."""
+        return digest.is_empty or self.cas.lookup(digest.hash, executable) is not None
+
+    def blob_path(self, digest: Digest, executable: bool) -> Path:
+        """Where the local blob lives (check `has_blob` first)."""
+        return self.cas.blob_path(digest.hash, executable)
+
+    def put_bytes(self, data: bytes, *, executable: bool) -> Digest:
+        """Store an in-memory blob; returns its digest."""
+        return self.cas.ingest_bytes(data, executable=executable)
+
+    def put_file(self, path: Path, *, executable: bool, expected: Digest | None = None) -> Digest:
+        """Copy a file into the CAS (verified against `expected` when given); returns its digest."""
+        return self.cas.ingest_file(path, executable=executable, expected=expected)
+
+    def read_blob(self, digest: Digest) -> bytes | None:
+        """A small blob's bytes, either exec bit, or None if absent."""
+        if digest.is_empty:
+            return b""
+        for executable in (False, True):
+            if self.cas.lookup(digest.hash, executable) is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    return self.cas.blob_path(digest.hash, executable).read_bytes()
+        return None
+
+    def temp_dir(self) -> Path:
+        """The CAS's temp directory (same filesystem as the blobs)."""
+        return self.cas.tmp_dir
+
+    # --------------------------------------------------------------------------- staging
+
+    @contextlib.contextmanager
+    def exec_dir(self, tag: str) -> Iterator[Path]:
+        """A fresh (not yet created) private exec dir path, removed afterwards."""
+        path = self.exec_base / f"{os.getpid()}-{tag}-{secrets.token_hex(4)}"
+        try:
+            yield path
+        finally:
+            with contextlib.suppress(OSError):
+                remove_tree(path)
+
+    def stage(self, tree: InputTree, dest: Path) -> StageReport:
+        """Materialize `tree` into `dest` (must not exist): read-only inputs, writable directories."""
+        with self.cas.in_use():
+            return self.dircache.stage(tree, dest)
+
+    def check_integrity(self, report: StageReport) -> list[str]:
+        """Quarantine every hardlinked input blob the action modified (root ignores 0o444); returns their hashes."""
+        modified = []
+        for hash_hex, executable in sorted(set(report.hardlinked)):
+            if not self.cas.check_fingerprint(hash_hex, executable):
+                self.cas.quarantine(hash_hex, executable, "modified through a hardlinked input by a remote action")
+                modified.append(hash_hex)
+        return modified
+
+    def publish_stats(self, *, role: str, extra: Mapping[str, object] | None = None) -> None:
+        """Write this process's counters where `treemat stats` sums them."""
+        with self._stats_lock, contextlib.suppress(OSError):
+            self._stats.publish(self.counters, role=role, extra=extra)
+
+    def _sweep_stale_exec_dirs(self) -> None:
+        for entry in self.exec_base.iterdir():
+            pid_text = entry.name.removeprefix(".trash-").split("-", 1)[0]
+            if pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text)):
+                with contextlib.suppress(OSError):
+                    remove_tree(entry)
+
+
+EMPTY = EMPTY_DIGEST
