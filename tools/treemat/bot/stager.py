@@ -14,12 +14,12 @@ import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from treemat.backends import BackendProbe, remove_tree
-from treemat.cas import ContentStore, pid_alive
-from treemat.counters import Counters, StatsStore
+from treemat.backends import remove_tree
+from treemat.cas import pid_alive
+from treemat.counters import StatsStore
 from treemat.digest import EMPTY_DIGEST, Digest
-from treemat.dircache import DirectoryCache, StageReport
-from treemat.materializer import Materializer
+from treemat.dircache import StageReport
+from treemat.stack import ISOLATION_COW, open_stack
 from treemat.tree import FileNode, InputTree, check_symlinks
 
 __all__ = ["Digest", "FileNode", "InputTree", "LocalStager", "StageReport", "check_symlinks"]
@@ -29,13 +29,16 @@ class LocalStager:
     """treemat's CAS, materializer and directory cache under one root, wired for a bot process."""
 
     def __init__(self, root: Path, *, concurrency: int | None = None, dircache: bool = True) -> None:
-        self.root = Path(root)
-        self.counters = Counters()
-        self.cas = ContentStore(self.root, counters=self.counters)
-        materializer = Materializer(self.cas, BackendProbe(), counters=self.counters, concurrency=concurrency)
-        self.dircache = DirectoryCache(
-            self.root, materializer, counters=self.counters, min_files=32 if dircache else None
+        # The bot runs commands itself, outside the overlay sandbox: so it never hardlinks (copy-on-write
+        # isolation: reflink / snapshot / copy), and no command can write a CAS inode through its inputs.
+        stack = open_stack(
+            Path(root), isolation=ISOLATION_COW, concurrency=concurrency, dircache_min_files=32 if dircache else None
         )
+        self.root = stack.root
+        self.counters = stack.counters
+        self.cas = stack.cas
+        self.dircache = stack.dircache
+        self.isolation = stack.describe()
         self.exec_base = self.root / "exec"
         self.exec_base.mkdir(parents=True, exist_ok=True)
         self._stats = StatsStore(self.root)
