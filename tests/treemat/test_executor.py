@@ -66,9 +66,11 @@ def test_recovers_when_a_known_blob_disappears(execroot: Path, tmp_path: Path) -
     # another process garbage-collects the blob behind this executor's back
     blob = executor.cas.blob_path(_sha(execroot / "pkg/data.txt"), False)
     blob.unlink()
-    result = executor.execute(ActionRequest(spec, inputs, execroot))
+    other = ActionSpec(argv=["cp", "pkg/data.txt", "out/other"], outputs=["out/other"])  # no pooled dir to reuse
+    result = executor.execute(ActionRequest(other, inputs, execroot))
     assert result.exit_code == 0, result.output
     assert blob.exists(), "the blob was re-ingested from the execroot"
+    assert (execroot / "out/other").read_bytes() == (execroot / "pkg/data.txt").read_bytes()
 
 
 def test_changed_file_with_stale_digest_is_refused(execroot: Path, tmp_path: Path) -> None:
@@ -120,8 +122,10 @@ def test_used_blobs_are_recent_for_gc(execroot: Path, tmp_path: Path) -> None:
         assert item.hash is not None
         blob = cas.blob_path(item.hash, False)
         os.utime(blob, ns=(age * 1_000_000_000, blob.stat().st_mtime_ns))
+    executor.close()  # the first worker exits: its pooled exec dir no longer pins the blobs
     later = make_executor(tmp_path / "root")  # a later worker process
     assert later.execute(ActionRequest(spec, [old], execroot)).exit_code == 0  # uses only `old`
+    later.close()
     cas.gc(max_bytes=len("data\n"))
     assert old.hash is not None and other.hash is not None
     assert cas.lookup(old.hash, False) is not None, "a blob an action just used is the most recently used"

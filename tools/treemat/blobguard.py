@@ -62,6 +62,7 @@ class BlobGuard:
         self._by_watch: dict[int, tuple[str, bool]] = {}
         self._watch_of: dict[tuple[str, bool], int] = {}
         self._tainted: set[BlobIdentity] = set()
+        self.taint_generation = 0  # bumped whenever an inode is tainted: a cheap "anything new?" check
         self._inotify = _open_inotify()
 
     @property
@@ -195,6 +196,7 @@ class BlobGuard:
                 self._by_watch.pop(wd, None)
             if known is not None:
                 self._tainted.add(known[0])
+                self.taint_generation += 1
         if wd is not None and self._inotify is not None:
             with contextlib.suppress(OSError):
                 self._inotify.rm_watch(wd)

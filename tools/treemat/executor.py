@@ -31,6 +31,7 @@ from treemat.counters import Counters
 from treemat.digest import Digest, check_hash
 from treemat.dircache import DirectoryCache, StageReport
 from treemat.errors import ExecutionError, MissingBlobError, TreematError
+from treemat.execpool import DEFAULT_POOL_SIZE, NO_BLOB, ExecDirPool, PooledDir, StagedFile, directories_for
 from treemat.flagfile import ActionSpec
 from treemat.sandbox import OverlayPlan, OverlaySandbox, upper_dir, work_dir
 from treemat.tree import FileNode, InputTree, check_symlinks, normalize_path
@@ -115,6 +116,7 @@ class ActionExecutor:
         *,
         guard: BlobGuard | None = None,
         sandbox: OverlaySandbox | None = None,
+        pool_size: int = DEFAULT_POOL_SIZE,
         counters: Counters | None = None,
         keep_exec_dirs: bool = False,
         background_cleanup: bool = True,
@@ -124,6 +126,9 @@ class ActionExecutor:
         self.dircache = dircache
         self.guard = guard if guard is not None else BlobGuard(cas, counters=counters)
         self.sandbox = sandbox
+        # exec-dir reuse needs the overlay: there the staged tree is untouched by the tool
+        self.pool = ExecDirPool(cas, self.guard, size=pool_size) if sandbox is not None and pool_size > 0 else None
+        self._normalized: dict[str, str] = {}
         self.counters = counters if counters is not None else cas.counters
         self.keep_exec_dirs = keep_exec_dirs
         self.exec_base = self.root / "exec"
@@ -145,26 +150,25 @@ class ActionExecutor:
         started = time.perf_counter()
         exec_dir = self.exec_base / f"{os.getpid()}-{request.request_id}-{secrets.token_hex(4)}"
         result: ActionResult
+        pooled: PooledDir | None = None
         try:
             self.guard.poll()
+            generation = self.guard.taint_generation
             with self.cas.in_use():
-                try:
-                    tree, staged = self.build_tree(request)
-                    stage = self.dircache.stage(tree, exec_dir)
-                except MissingBlobError:
-                    # our in-memory view was stale (blob GC'd or quarantined elsewhere): forget it, retry once
-                    with self._lock:
-                        self._known.clear()
-                        self._meta.clear()
-                    remove_tree(exec_dir)
-                    tree, staged = self.build_tree(request)
-                    stage = self.dircache.stage(tree, exec_dir)
+                pooled, stage = self._stage_reused(request)
+                if pooled is not None:
+                    exec_dir = pooled.path
+                    staged: dict[BlobIdentity, str] | None = None
+                else:
+                    staged, stage = self._stage_fresh(request, exec_dir)
             stage_seconds = time.perf_counter() - started
             self._prepare_outputs(request.spec, exec_dir)
             plan = self._isolation_plan(stage, exec_dir)
+            if pooled is None and plan is not None and self.pool is not None and staged is not None:
+                pooled = self._pooled_from_fresh(request, exec_dir, stage, staged)
             result = self._run_tool(request, exec_dir, plan)
             result.stage, result.stage_seconds = stage, stage_seconds
-            self._check_integrity(staged, result)
+            self._check_integrity(staged, pooled, generation, result)
             if result.exit_code == 0 and not result.cancelled:
                 self._collect_outputs(request, exec_dir, result)
         except TreematError as exc:
@@ -173,12 +177,18 @@ class ActionExecutor:
             where = f" ({exc.filename})" if exc.filename else ""
             result = ActionResult(exit_code=1, output=f"treemat: error: {exc.strerror or exc}{where}\n")
         finally:
-            self._dispose(exec_dir)
+            self._finish(exec_dir, pooled)
         self.counters.add("actions")
         if result.exit_code != 0:
             self.counters.add("action_failures")
         self.recent.append(result.summary(request.spec.argv[0] if request.spec.argv else "?", len(request.inputs)))
         return result
+
+    def close(self) -> None:
+        """Remove the pooled exec dirs (they pin their blobs against gc while kept)."""
+        if self.pool is not None:
+            for entry in self.pool.drain():
+                remove_tree(entry.path)
 
     def cancel(self, request_id: int) -> bool:
         """Kill the running tool of `request_id` (or make it never start). True if it was in flight."""
@@ -193,12 +203,111 @@ class ActionExecutor:
 
     # ----------------------------------------------------------------------------- inputs
 
+    def _stage_fresh(self, request: ActionRequest, exec_dir: Path) -> tuple[dict[BlobIdentity, str], StageReport]:
+        """Build the tree and stage it into a new exec dir (retrying once if our in-memory view was stale)."""
+        try:
+            tree, staged = self.build_tree(request)
+            return staged, self.dircache.stage(tree, exec_dir)
+        except MissingBlobError:
+            # a blob was GC'd or quarantined elsewhere: forget what we knew, retry once
+            with self._lock:
+                self._known.clear()
+                self._meta.clear()
+            remove_tree(exec_dir)
+            tree, staged = self.build_tree(request)
+            return staged, self.dircache.stage(tree, exec_dir)
+
+    def _stage_reused(self, request: ActionRequest) -> tuple[PooledDir | None, StageReport]:
+        """Patch the pooled exec dir of a similar earlier action into this one's inputs, if there is one."""
+        empty = StageReport()
+        if self.pool is None or not request.inputs or any(not item.hash for item in request.inputs):
+            return None, empty
+        entry = self.pool.acquire(_pool_key(request.spec))
+        for discarded in self.pool.take_discarded():
+            self._dispose_path(discarded)
+        if entry is None:
+            return None, empty
+        started = time.perf_counter()
+        staged_before = entry.files
+        wanted: dict[str, tuple[str, bool]] = {}
+        normalize = self._normalize
+        try:
+            for item in request.inputs:
+                path = normalize(item.path)
+                hash_hex = item.hash or ""
+                known = staged_before.get(path)
+                if known is not None and known.hash == hash_hex:
+                    wanted[path] = (hash_hex, known.executable)
+                    continue
+                hash_hex = check_hash(hash_hex)
+                meta = self._meta.get((path, hash_hex))
+                if meta is None:
+                    info = _stat_input(request.execroot / path, path)
+                    if not stat.S_ISREG(info.st_mode):
+                        raise ExecutionError(f"input {path!r} is a {file_kind(info.st_mode)}: refused")
+                    executable = bool(info.st_mode & 0o111)
+                else:
+                    executable = meta[1]
+                wanted[path] = (hash_hex, executable)
+
+            def admit(path: str, hash_hex: str, executable: bool) -> BlobIdentity | None:
+                found: dict[BlobIdentity, str] = {}
+                digest = self._ensure_blob(request.execroot / path, hash_hex, executable, found, path)
+                self._meta[(path, hash_hex)] = (digest, executable)
+                return next(iter(found), None)
+
+            report = self.pool.patch(entry, wanted, _output_dirs(request.spec), admit)
+        except (OSError, TreematError):
+            self.counters.add("execpool_patch_failed")
+            self._dispose_path(entry.path)
+            return None, empty
+        self.counters.add("execpool_reused")
+        self.counters.add("hardlink", report.linked)
+        stage = StageReport(files=len(wanted), methods={"reused": report.unchanged, "hardlink": report.linked})
+        stage.hardlinked = [("reused", False)]  # CAS inodes are in the tree: the tool runs under the overlay
+        stage.seconds = time.perf_counter() - started
+        return entry, stage
+
+    def _pooled_from_fresh(
+        self, request: ActionRequest, exec_dir: Path, stage: StageReport, staged: dict[BlobIdentity, str]
+    ) -> PooledDir | None:
+        """Describe a freshly staged exec dir for the pool (only plain hardlink trees of hashed inputs)."""
+        if (
+            self.pool is None
+            or stage.subtree_hits
+            or not request.inputs
+            or any(not item.hash for item in request.inputs)
+            or any(method not in ("hardlink", "zero_byte") for method in stage.methods)
+        ):
+            return None
+        identity_of = {path: identity for identity, path in staged.items()}
+        entry = PooledDir(path=exec_dir, key=_pool_key(request.spec))
+        for item in request.inputs:
+            path = self._normalize(item.path)
+            meta = self._meta.get((path, check_hash(item.hash or "")))
+            if meta is None:
+                return None
+            entry.files[path] = StagedFile(meta[0].hash, meta[1], identity_of.get(path, NO_BLOB))
+        for rel in directories_for(entry.files.keys(), _output_dirs(request.spec)):
+            entry.dirs[rel] = (0, 0, 0)
+        return entry
+
+    def _normalize(self, raw: str) -> str:
+        """normalize_path, memoized (the same execroot paths come back in every request)."""
+        path = self._normalized.get(raw)
+        if path is None:
+            path = normalize_path(raw)
+            if len(self._normalized) > 1_000_000:
+                self._normalized.clear()
+            self._normalized[raw] = path
+        return path
+
     def build_tree(self, request: ActionRequest) -> tuple[InputTree, dict[BlobIdentity, str]]:
         """Validate input paths, admit every blob (ingesting what the CAS lacks); the tree and its blob inodes."""
         tree = InputTree()
         staged: dict[BlobIdentity, str] = {}
         for item in request.inputs:
-            path = normalize_path(item.path)
+            path = self._normalize(item.path)
             expected = check_hash(item.hash) if item.hash else None
             meta = self._meta.get((path, expected)) if expected else None
             full = request.execroot / path
@@ -362,7 +471,9 @@ class ActionExecutor:
             result.exit_code = 1
             result.output += f"treemat: error: the tool did not create declared output(s): {', '.join(missing)}\n"
 
-    def _check_integrity(self, staged: dict[BlobIdentity, str], result: ActionResult) -> None:
+    def _check_integrity(
+        self, staged: dict[BlobIdentity, str] | None, pooled: PooledDir | None, generation: int, result: ActionResult
+    ) -> None:
         """Fail the action if any blob it had staged was written to (from anywhere) while it ran."""
         hit = self.guard.poll()
         if hit:
@@ -370,6 +481,12 @@ class ActionExecutor:
                 for key in hit:
                     self._known.pop(key, None)
                 self._meta.clear()
+        if self.guard.taint_generation == generation:
+            return  # nothing was tainted while the action ran (blobs tainted before were never staged)
+        if staged is None:
+            staged = {}
+        if pooled is not None:
+            staged.update((file.identity, path) for path, file in pooled.files.items())
         if not staged or not self.guard.tainted(set(staged)):
             return
         names = sorted(path for identity, path in staged.items() if self.guard.tainted({identity}))
@@ -381,22 +498,37 @@ class ActionExecutor:
             "from unknown bytes (rerun the build)\n"
         )
 
-    def _dispose(self, exec_dir: Path) -> None:
+    def _finish(self, exec_dir: Path, pooled: PooledDir | None) -> None:
+        """After an action: return a reusable exec dir to the pool (dropping the tool's writes), else remove it."""
         if self.keep_exec_dirs:
             return
-        for path in (exec_dir, upper_dir(exec_dir), work_dir(exec_dir)):
-            if not (path.exists() or path.is_symlink()):
-                continue
-            if self._trash is None:
-                remove_tree(path)
-                continue
-            graveyard = self.exec_base / f".trash-{path.name}"
-            try:
-                os.rename(path, graveyard)
-            except OSError:
-                remove_tree(path)
-                continue
-            self._trash.put(graveyard)
+        for path in (upper_dir(exec_dir), work_dir(exec_dir)):
+            self._dispose_path(path)
+        if pooled is None or self.pool is None:
+            self._dispose_path(exec_dir)
+            return
+        try:
+            self.pool.record(pooled)
+        except OSError:
+            self._dispose_path(exec_dir)
+            return
+        for evicted in self.pool.release(pooled):
+            self._dispose_path(evicted.path)
+
+    def _dispose_path(self, path: Path) -> None:
+        """Remove a directory tree, in the background when a trash thread runs."""
+        if not (path.exists() or path.is_symlink()):
+            return
+        if self._trash is None:
+            remove_tree(path)
+            return
+        graveyard = self.exec_base / f".trash-{path.name}-{secrets.token_hex(3)}"
+        try:
+            os.rename(path, graveyard)
+        except OSError:
+            remove_tree(path)
+            return
+        self._trash.put(graveyard)
 
     def _sweep_stale_exec_dirs(self) -> None:
         """Remove exec dirs left by processes that no longer exist (killed workers)."""
@@ -405,6 +537,17 @@ class ActionExecutor:
             if pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text)):
                 with contextlib.suppress(OSError):
                     remove_tree(entry)
+
+
+def _pool_key(spec: ActionSpec) -> str:
+    """Actions with the same declared outputs (the same target, rebuilt) share a pooled exec dir."""
+    return "\0".join([*spec.outputs, "\1", *spec.output_dirs])
+
+
+def _output_dirs(spec: ActionSpec) -> list[str]:
+    """Directories the exec dir holds for outputs: each output's parent and each declared output directory."""
+    parents = [normalize_path(output).rpartition("/")[0] for output in spec.outputs]
+    return [parent for parent in parents if parent] + [normalize_path(d) for d in spec.output_dirs]
 
 
 def _drain(proc: subprocess.Popen[bytes]) -> str:

@@ -65,7 +65,8 @@ class Stack:
         }
 
     def close(self) -> None:
-        """Release descriptors (the guard's inotify instance)."""
+        """Remove pooled exec dirs and release descriptors (the guard's inotify instance)."""
+        self.executor.close()
         self.guard.close()
 
 

@@ -437,7 +437,7 @@ def worker_main(argv: list[str]) -> int:
 
     root = (options.root or default_root()).expanduser().absolute()
     try:
-        handler, canceller, _executor = make_handler(root, Path.cwd(), max_workers=options.max_workers)
+        handler, canceller, executor = make_handler(root, Path.cwd(), max_workers=options.max_workers)
     except (TreematError, OSError) as exc:
         print(f"treemat worker: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -456,4 +456,5 @@ def worker_main(argv: list[str]) -> int:
             server.serve_proto(source)
     finally:
         server.close()
+        executor.close()
     return 0

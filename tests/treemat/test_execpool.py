@@ -1,0 +1,147 @@
+"""Exec-dir reuse: a pooled exec dir is patched into exactly the next action's inputs, or discarded."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from treemat.executor import ActionExecutor, ActionRequest, RequestInput
+from treemat.flagfile import ActionSpec
+
+from .workerharness import make_executor
+
+LIST_TREE = (
+    "find . -path ./out -prune -o \\( -type f -o -type d \\) -print | sort > out/listing; "
+    "cat in/* > out/cat 2>/dev/null; true"
+)
+
+
+def _executor_with_pool(root: Path) -> ActionExecutor:
+    executor = make_executor(root)
+    if executor.pool is None:
+        pytest.skip("exec-dir reuse needs the overlay sandbox (user namespaces + overlayfs)")
+    return executor
+
+
+def _write(execroot: Path, files: dict[str, bytes]) -> list[RequestInput]:
+    inputs = []
+    for rel, data in files.items():
+        path = execroot / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        inputs.append(RequestInput(rel, hashlib.sha256(data).hexdigest()))
+    return inputs
+
+
+def _listing(execroot: Path, files: dict[str, bytes]) -> list[str]:
+    dirs = {"."} | {"./out"}
+    for rel in files:
+        parent = os.path.dirname(rel)
+        while parent:
+            dirs.add(f"./{parent}")
+            parent = os.path.dirname(parent)
+    return sorted([*dirs - {"./out"}, *(f"./{rel}" for rel in files)])
+
+
+def _run(executor: ActionExecutor, execroot: Path, inputs: list[RequestInput]) -> str:
+    spec = ActionSpec(argv=["sh", "-c", LIST_TREE], outputs=["out/listing", "out/cat"])
+    result = executor.execute(ActionRequest(spec, inputs, execroot))
+    assert result.exit_code == 0, result.output
+    return (execroot / "out/listing").read_text()
+
+
+def test_a_changed_input_is_patched_in_place(tmp_path: Path) -> None:
+    execroot = tmp_path / "execroot"
+    executor = _executor_with_pool(tmp_path / "root")
+    files = {f"in/f{i}.txt": f"file {i}\n".encode() for i in range(50)}
+    _run(executor, execroot, _write(execroot, files))
+    files["in/f7.txt"] = b"edited\n"
+    del files["in/f8.txt"]
+    (execroot / "in/f8.txt").unlink()
+    files["in/sub/new.txt"] = b"new\n"
+    listing = _run(executor, execroot, _write(execroot, files))
+    assert listing.splitlines() == _listing(execroot, files)
+    top_level = sorted(rel for rel in files if rel.count("/") == 1)  # what `cat in/*` reads, in glob order
+    assert (execroot / "out/cat").read_bytes() == b"".join(files[rel] for rel in top_level)
+    assert executor.counters.get("execpool_reused") == 1
+    assert executor.counters.get("hardlink") == 50 + 2, "first action 50 links, then only the edited and new file"
+
+
+def test_what_the_tool_wrote_is_gone_on_reuse(tmp_path: Path) -> None:
+    execroot = tmp_path / "execroot"
+    executor = _executor_with_pool(tmp_path / "root")
+    inputs = _write(execroot, {"in/a.txt": b"a\n"})
+    spec = ActionSpec(
+        argv=[
+            "sh",
+            "-c",
+            "test ! -e scratch && echo x > scratch && chmod u+w in/a.txt && echo EVIL > in/a.txt; "
+            "cat in/a.txt > out/seen",
+        ],
+        outputs=["out/seen"],
+    )
+    for _round in range(3):
+        result = executor.execute(ActionRequest(spec, inputs, execroot))
+        assert result.exit_code == 0, result.output
+    assert (execroot / "out/seen").read_text() == "EVIL\n", "each run starts clean: scratch absent, input pristine"
+    assert executor.counters.get("execpool_reused") == 2
+
+
+def test_an_outsider_change_discards_the_pooled_dir(tmp_path: Path) -> None:
+    execroot = tmp_path / "execroot"
+    executor = _executor_with_pool(tmp_path / "root")
+    files = {"in/a.txt": b"a\n", "in/b.txt": b"b\n"}
+    inputs = _write(execroot, files)
+    _run(executor, execroot, inputs)
+    assert executor.pool is not None
+    (pooled,) = executor.pool._idle.values()
+    (pooled.path / "in" / "planted.txt").write_text("not an input\n")
+    listing = _run(executor, execroot, inputs)
+    assert listing.splitlines() == _listing(execroot, files), "the planted file is not seen"
+    assert executor.counters.get("execpool_discarded") == 1 and executor.counters.get("execpool_reused") == 0
+
+
+def test_a_tainted_blob_discards_the_pooled_dir(tmp_path: Path) -> None:
+    execroot = tmp_path / "execroot"
+    executor = _executor_with_pool(tmp_path / "root")
+    files = {"in/a.txt": b"pristine\n"}
+    inputs = _write(execroot, files)
+    _run(executor, execroot, inputs)
+    assert executor.pool is not None
+    (pooled,) = executor.pool._idle.values()
+    staged = pooled.path / "in" / "a.txt"  # the CAS inode itself
+    os.chmod(staged, 0o644)
+    with open(staged, "r+b") as handle:
+        handle.write(b"POISONED")
+    os.chmod(staged, 0o440)
+    _run(executor, execroot, inputs)
+    assert (execroot / "out/cat").read_bytes() == b"pristine\n"
+    assert executor.counters.get("execpool_discarded") == 1
+
+
+file_maps = st.dictionaries(
+    st.sampled_from([f"in/{d}/{n}" for d in ("a", "b", "a/deep") for n in ("x", "y", "z")] + ["in/top"]),
+    st.binary(min_size=0, max_size=8),
+    min_size=1,
+    max_size=10,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sequence=st.lists(file_maps, min_size=2, max_size=5))
+def test_any_sequence_of_trees_is_staged_exactly(
+    tmp_path_factory: pytest.TempPathFactory, sequence: list[dict[str, bytes]]
+) -> None:
+    """Whatever the previous action held, the next one sees exactly its own tree (reuse or not)."""
+    base = tmp_path_factory.mktemp("seq")
+    executor = _executor_with_pool(base / "root")
+    for files in sequence:
+        execroot = base / f"execroot-{len(list(base.iterdir()))}"
+        if any(other != rel and other.startswith(rel + "/") for rel in files for other in files):
+            continue  # a path that is both a file and a directory is not a valid tree
+        listing = _run(executor, execroot, _write(execroot, files))
+        assert listing.splitlines() == _listing(execroot, files)

@@ -1,0 +1,227 @@
+"""Exec-dir reuse: keep finished exec dirs and stage the next similar action by patching the difference.
+
+Only under overlay isolation (sandbox.py): there the tool's writes land in the overlay's upper dir, so the staged
+tree (the overlay's lower layer: hardlinks to CAS blobs plus the output parent dirs) is exactly as it was staged
+when the tool exits. Keeping it and patching it for the next action with the same outputs (the same target
+rebuilt after an edit) replaces "mkdir every dir, link every file, remove it all afterwards" by "unlink what
+changed, link the new blobs".
+
+What keeps a reused dir honest:
+- the pool remembers every directory's (inode, mtime, ctime) after it last touched it; before reuse each one is
+  `lstat`ed, and any difference (an entry added, removed, renamed or chmodded by anyone) discards the dir;
+- file contents are CAS inodes, watched by the blob guard: a write anywhere taints the inode, and a pooled dir
+  holding a tainted inode is discarded (the taint generation tells when a check is due);
+- a dir whose patch fails halfway is discarded, never returned to the pool.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from treemat.blobguard import BlobGuard, BlobIdentity
+from treemat.cas import ContentStore, blob_mode
+
+DEFAULT_POOL_SIZE = 8
+
+DirSignature = tuple[int, int, int]  # (inode, mtime_ns, ctime_ns)
+
+
+@dataclass(slots=True)
+class StagedFile:
+    """One input file in a pooled exec dir: which blob it is a hardlink to."""
+
+    hash: str
+    executable: bool
+    identity: BlobIdentity
+
+
+@dataclass(slots=True)
+class PooledDir:
+    """A finished exec dir and exactly what it holds."""
+
+    path: Path
+    key: str
+    files: dict[str, StagedFile] = field(default_factory=dict)
+    dirs: dict[str, DirSignature] = field(default_factory=dict)  # "" is the exec dir itself
+    generation: int = 0
+
+    def identities(self) -> set[BlobIdentity]:
+        """Every blob inode the dir holds."""
+        return {staged.identity for staged in self.files.values()}
+
+
+@dataclass(slots=True)
+class PatchReport:
+    """What a patch did."""
+
+    unchanged: int = 0
+    linked: int = 0
+    unlinked: int = 0
+    made_dirs: int = 0
+    removed_dirs: int = 0
+
+
+class ExecDirPool:
+    """A bounded LRU of finished exec dirs, each leased to one action at a time."""
+
+    def __init__(self, cas: ContentStore, guard: BlobGuard, *, size: int = DEFAULT_POOL_SIZE) -> None:
+        self.cas = cas
+        self.guard = guard
+        self.size = size
+        self._lock = threading.Lock()
+        self._idle: OrderedDict[str, PooledDir] = OrderedDict()
+        self._graveyard: list[Path] = []
+
+    def acquire(self, key: str) -> PooledDir | None:
+        """Lease the idle dir for `key`, if any, after checking nothing changed it; None to stage afresh."""
+        with self._lock:
+            entry = self._idle.pop(key, None)
+        if entry is None:
+            return None
+        self.guard.poll()
+        if entry.generation != self.guard.taint_generation:
+            if self.guard.tainted(entry.identities()):
+                self._discard(entry)  # a blob it holds was written to
+                return None
+            entry.generation = self.guard.taint_generation
+        if not self._dirs_unchanged(entry):
+            self._discard(entry)  # a directory changed behind the pool's back
+            return None
+        return entry
+
+    def release(self, entry: PooledDir) -> list[PooledDir]:
+        """Return a dir after its action; the evicted dirs (least recently used beyond `size`) are returned."""
+        evicted: list[PooledDir] = []
+        with self._lock:
+            old = self._idle.pop(entry.key, None)
+            if old is not None:
+                evicted.append(old)
+            self._idle[entry.key] = entry
+            while len(self._idle) > self.size:
+                evicted.append(self._idle.popitem(last=False)[1])
+        return evicted
+
+    def drain(self) -> list[PooledDir]:
+        """Take every idle dir out (for removal at shutdown)."""
+        with self._lock:
+            entries = list(self._idle.values())
+            self._idle.clear()
+        return entries
+
+    def _discard(self, entry: PooledDir) -> None:
+        """Drop a dir that cannot be trusted; its path goes to `take_discarded` for removal."""
+        self.guard.counters.add("execpool_discarded")
+        with self._lock:
+            self._graveyard.append(entry.path)
+
+    def take_discarded(self) -> list[Path]:
+        """Paths of dirs discarded on acquire, for the caller to remove."""
+        with self._lock:
+            paths = list(self._graveyard)
+            self._graveyard.clear()
+        return paths
+
+    def _dirs_unchanged(self, entry: PooledDir) -> bool:
+        base = str(entry.path)
+        lstat = os.lstat
+        for rel, signature in entry.dirs.items():
+            try:
+                info = lstat(f"{base}/{rel}" if rel else base)
+            except OSError:
+                return False
+            if (info.st_ino, info.st_mtime_ns, info.st_ctime_ns) != signature:
+                return False
+        return True
+
+    # ----------------------------------------------------------------------------------------- patching
+
+    def patch(
+        self,
+        entry: PooledDir,
+        wanted: dict[str, tuple[str, bool]],
+        extra_dirs: Iterable[str],
+        admit: AdmitFn,
+    ) -> PatchReport:
+        """Make `entry` hold exactly `wanted` ({path: (hash, executable)}) plus the directories `extra_dirs`.
+
+        `admit(path, hash, executable)` returns the (size, identity) of a blob about to be linked (ingesting it
+        if needed). Raises OSError if the dir cannot be patched; the caller then discards it.
+        """
+        report = PatchReport()
+        base = str(entry.path)
+        files = entry.files
+        stale = [path for path, staged in files.items() if wanted.get(path) != (staged.hash, staged.executable)]
+        touched: set[str] = set()
+        for path in stale:
+            os.unlink(f"{base}/{path}")
+            del files[path]
+            touched.add(_parent(path))
+        report.unlinked = len(stale)
+        added = [path for path in wanted if path not in files]
+        report.unchanged = len(wanted) - len(added)
+        if stale or added:
+            needed = directories_for(wanted.keys(), extra_dirs)
+            for rel in sorted(set(entry.dirs) - needed, key=len, reverse=True):
+                os.rmdir(f"{base}/{rel}")
+                del entry.dirs[rel]
+                touched.add(_parent(rel))
+                report.removed_dirs += 1
+            for rel in sorted(needed - set(entry.dirs), key=len):
+                os.mkdir(f"{base}/{rel}", 0o755)
+                entry.dirs[rel] = (0, 0, 0)
+                touched.add(rel)
+                touched.add(_parent(rel))
+                report.made_dirs += 1
+        for path in added:
+            hash_hex, executable = wanted[path]
+            identity = admit(path, hash_hex, executable)
+            if identity is None:  # the zero-byte file: created, never a CAS inode
+                mode = blob_mode(executable)
+                fd = os.open(f"{base}/{path}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+                os.fchmod(fd, mode)
+                os.close(fd)
+            else:
+                os.link(self.cas.blob_path_str(hash_hex, executable), f"{base}/{path}")
+            files[path] = StagedFile(hash_hex, executable, identity or NO_BLOB)
+            touched.add(_parent(path))
+        report.linked = len(added)
+        self.record(entry, touched)
+        return report
+
+    def record(self, entry: PooledDir, rels: Iterable[str] | None = None) -> None:
+        """Remember the current (inode, mtime, ctime) of `rels` (all of the entry's dirs when None)."""
+        base = str(entry.path)
+        for rel in entry.dirs if rels is None else rels:
+            if rel in entry.dirs or rel == "":
+                info = os.lstat(f"{base}/{rel}" if rel else base)
+                entry.dirs[rel] = (info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
+        entry.generation = self.guard.taint_generation
+
+
+class AdmitFn(Protocol):
+    """(path, hash, executable) -> identity of the admitted blob, or None for the zero-byte file."""
+
+    def __call__(self, path: str, hash_hex: str, executable: bool) -> BlobIdentity | None: ...
+
+
+NO_BLOB = BlobIdentity(-1, -1)
+
+
+def _parent(path: str) -> str:
+    return path.rpartition("/")[0]
+
+
+def directories_for(paths: Iterable[str], extra: Iterable[str]) -> set[str]:
+    """Every directory that must exist for `paths` (and the `extra` dirs with their parents); "" is the root."""
+    needed = {""}
+    for path in (*(p.rpartition("/")[0] for p in paths), *extra):
+        while path and path not in needed:
+            needed.add(path)
+            path = path.rpartition("/")[0]
+    return needed
