@@ -50,6 +50,7 @@ class PooledDir:
     files: dict[str, StagedFile] = field(default_factory=dict)
     dirs: dict[str, DirSignature] = field(default_factory=dict)  # "" is the exec dir itself
     generation: int = 0
+    recorded: bool = False  # True once every directory's signature was taken
 
     def identities(self) -> set[BlobIdentity]:
         """Every blob inode the dir holds."""
@@ -165,7 +166,8 @@ class ExecDirPool:
         report.unlinked = len(stale)
         added = [path for path in wanted if path not in files]
         report.unchanged = len(wanted) - len(added)
-        if stale or added:
+        same_paths = len(added) == len(stale) and set(added) == set(stale)  # only contents changed
+        if not same_paths or set(extra_dirs) - entry.dirs.keys():
             needed = directories_for(wanted.keys(), extra_dirs)
             for rel in sorted(set(entry.dirs) - needed, key=len, reverse=True):
                 os.rmdir(f"{base}/{rel}")
@@ -197,6 +199,8 @@ class ExecDirPool:
     def record(self, entry: PooledDir, rels: Iterable[str] | None = None) -> None:
         """Remember the current (inode, mtime, ctime) of `rels` (all of the entry's dirs when None)."""
         base = str(entry.path)
+        if rels is None:
+            entry.recorded = True
         for rel in entry.dirs if rels is None else rels:
             if rel in entry.dirs or rel == "":
                 info = os.lstat(f"{base}/{rel}" if rel else base)

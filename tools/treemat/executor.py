@@ -466,6 +466,10 @@ class ActionExecutor:
             if src is None:
                 missing.append(rel)
                 continue
+            if view.in_lower(src):
+                # untouched by the tool (an empty output dir treemat prepared): the staged tree keeps it
+                _copy_out_of_lower(src, request.execroot / rel, rel, view)
+                continue
             _move_output(src, request.execroot / rel, rel, view)
         if missing:
             result.exit_code = 1
@@ -508,7 +512,8 @@ class ActionExecutor:
             self._dispose_path(exec_dir)
             return
         try:
-            self.pool.record(pooled)
+            if not pooled.recorded:  # a fresh dir; a reused one was recorded where its patch touched it
+                self.pool.record(pooled)
         except OSError:
             self._dispose_path(exec_dir)
             return
@@ -630,6 +635,10 @@ class _ExecView:
         candidate = self.exec_dir / rel
         return candidate if os.path.lexists(candidate) else None
 
+    def in_lower(self, path: Path) -> bool:
+        """True if `path` is in the staged tree under an overlay (which must stay as staged)."""
+        return self.upper is not None and not path.is_relative_to(self.upper)
+
     def check_relative(self, link_dir: str, target: str, what: str) -> None:
         """A relative symlink output is kept as is, but only if it stays inside the exec dir."""
         inside = os.path.normpath(os.path.join(link_dir, target))
@@ -700,6 +709,18 @@ def _move_output(src: Path, dst: Path, rel: str, view: _ExecView) -> None:
             _copy_tree(src, dst, rel, view)
         else:
             _copy_file(src, dst)
+
+
+def _copy_out_of_lower(src: Path, dst: Path, rel: str, view: _ExecView) -> None:
+    """An output found in the overlay's lower layer is copied out, never moved (the staged tree is reused)."""
+    info = os.lstat(src)
+    _clear(dst)
+    if stat.S_ISDIR(info.st_mode):
+        _copy_tree(src, dst, rel, view)
+    elif stat.S_ISREG(info.st_mode):
+        _copy_file(src, dst)
+    else:
+        raise ExecutionError(f"output {rel!r} is a {file_kind(info.st_mode)}: refused")
 
 
 def _check_output_tree(top: Path, rel: str, view: _ExecView) -> None:

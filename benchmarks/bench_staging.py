@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""Whole-request staging through the executor vs a C program doing the same syscalls, first and incremental.
+
+    sudo python3 benchmarks/bench_staging.py [--fs ext4,xfs,btrfs] [--shapes 635,1978,10000] [--rounds 5]
+
+For each filesystem (a fresh loop-mounted image, so the root disk's noise stays out) and each tree shape
+(SwiftCompile-like: files spread over ~1 directory per 6 files), it measures in one run, side by side:
+
+- first: a warm worker stages a tree layout it has not seen (no pooled exec dir), runs `true`, and cleans up:
+  the request minus the tool, against `floor`, a C program that stats every input, mkdirs, links every file
+  from the CAS, re-stats it, then removes the tree;
+- incremental: the same action again with one input edited: the exec dir is reused and patched;
+- fresh: a new worker process's first request (each blob hashed once by the guard), for reference.
+
+Prints min and median over rounds, and ratios to the floor. Needs root (loop mounts) and a C compiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+from treemat.executor import ActionExecutor, ActionRequest, RequestInput
+from treemat.flagfile import ActionSpec
+from treemat.stack import open_stack
+
+C_FLOOR = r"""
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+/* usage: floor LIST ; lines: "S path" stat an input, "D dir" mkdir, "F src dst" link; then re-stat, remove */
+#define MAX 200000
+static char *dsts[MAX], *dirs[MAX];
+int main(int argc, char **argv) {
+  FILE *list = fopen(argv[1], "r");
+  char line[8192], a[4096], b[4096];
+  int nf = 0, nd = 0;
+  struct stat st;
+  while (fgets(line, sizeof line, list)) {
+    line[strcspn(line, "\n")] = 0;
+    if (line[0] == 'S') { if (stat(line + 2, &st)) { perror(line + 2); return 1; } }
+    else if (line[0] == 'D') { if (mkdir(line + 2, 0755)) { perror(line + 2); return 1; } dirs[nd++] = strdup(line + 2); }
+    else if (sscanf(line, "F %4095s %4095s", a, b) == 2) {
+      if (lstat(a, &st)) { perror(a); return 1; }
+      if (link(a, b)) { perror(b); return 1; }
+      dsts[nf++] = strdup(b);
+    }
+  }
+  for (int i = 0; i < nf; i++) if (lstat(dsts[i], &st)) return 1;
+  for (int i = 0; i < nf; i++) unlink(dsts[i]);
+  for (int i = nd - 1; i >= 0; i--) rmdir(dirs[i]);
+  return 0;
+}
+"""
+
+
+def mount_image(work: Path, fs: str, size_gb: int = 2) -> Path | None:
+    """A fresh loop-mounted filesystem of type `fs`, or None where that is impossible."""
+    mkfs = shutil.which(f"mkfs.{fs}")
+    if os.geteuid() != 0 or mkfs is None:
+        return None
+    image, mountpoint = work / f"{fs}.img", work / fs
+    mountpoint.mkdir()
+    with image.open("wb") as handle:
+        handle.truncate(size_gb << 30)
+    args = {"xfs": [mkfs, "-q", "-m", "reflink=1"], "btrfs": [mkfs, "-q"], "ext4": [mkfs, "-q", "-F"]}[fs]
+    if subprocess.run([*args, str(image)], capture_output=True).returncode:
+        return None
+    if subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], capture_output=True).returncode:
+        return None
+    os.chmod(mountpoint, 0o700)
+    return mountpoint
+
+
+def make_inputs(execroot: Path, count: int, total_bytes: int) -> list[RequestInput]:
+    """`count` files in ~count/6 directories, SwiftCompile-like paths, sizes summing to about `total_bytes`."""
+    inputs = []
+    per_file = max(1, total_bytes // count)
+    for index in range(count):
+        rel = f"bazel-out/k8/bin/mod{index % (count // 50 + 1)}/sub{index % 6}/f{index}.swiftmodule"
+        path = execroot / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = index.to_bytes(4, "little") * (per_file // 4 + 1)
+        path.write_bytes(data)
+        inputs.append(RequestInput(rel, hashlib.sha256(data).hexdigest()))
+    return inputs
+
+
+def request_minus_tool(executor: ActionExecutor, execroot: Path, inputs: list[RequestInput], out: str) -> float:
+    spec = ActionSpec(argv=["true"], outputs=[])
+    spec.output_dirs.append(out)
+    started = time.perf_counter()
+    result = executor.execute(ActionRequest(spec, inputs, execroot))
+    elapsed = time.perf_counter() - started
+    if result.exit_code != 0:
+        raise SystemExit(f"action failed: {result.output}")
+    return elapsed - result.tool_seconds
+
+
+def c_floor(binary: Path, work: Path, execroot: Path, inputs: list[RequestInput], cas_dir: Path, dest: Path) -> float:
+    lines = [f"S {execroot / item.path}" for item in inputs]
+    made: set[str] = set()
+    lines.append(f"D {dest}")
+    for item in inputs:
+        parent = os.path.dirname(item.path)
+        chain = []
+        while parent and parent not in made:
+            made.add(parent)
+            chain.append(parent)
+            parent = os.path.dirname(parent)
+        lines += [f"D {dest / d}" for d in reversed(chain)]
+        lines.append(f"F {cas_dir / (item.hash or '')[:2] / (item.hash or '')} {dest / item.path}")
+    listing = work / "floor.list"
+    listing.write_text("\n".join(lines) + "\n")
+    started = time.perf_counter()
+    subprocess.run([str(binary), str(listing)], check=True)
+    return time.perf_counter() - started
+
+
+def stats(values: list[float]) -> str:
+    return f"{min(values) * 1000:7.1f} {statistics.median(values) * 1000:7.1f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fs", default="ext4,xfs,btrfs")
+    parser.add_argument("--shapes", default="635,1978,10000")
+    parser.add_argument("--mb", type=int, default=64, help="total input bytes per shape (hashing cost scales)")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="treemat-staging-"))
+    cc = shutil.which("cc") or shutil.which("gcc")
+    binary = work / "floor"
+    (work / "floor.c").write_text(C_FLOOR)
+    if cc is None or subprocess.run([cc, "-O2", "-o", str(binary), str(work / "floor.c")]).returncode:
+        print("no C compiler: cannot measure the floor", file=sys.stderr)
+        return 1
+    print(f"{'fs':<6} {'files':>6} {'phase':<12} {'min ms':>7} {'med ms':>7} {'floor min':>9} {'floor med':>9} "
+          f"{'ratio(med)':>10}")
+    mounts: list[Path] = []
+    try:
+        for fs in args.fs.split(","):
+            base = mount_image(work, fs)
+            if base is None:
+                print(f"{fs:<6} skipped: cannot mount a {fs} image here (needs root and mkfs.{fs})")
+                continue
+            mounts.append(base)
+            for count in (int(n) for n in args.shapes.split(",")):
+                execroot = base / f"execroot-{count}"
+                inputs = make_inputs(execroot, count, args.mb << 20)
+                root = base / f"root-{count}"
+                stack = open_stack(root)
+                executor = stack.executor
+                fresh = [request_minus_tool(executor, execroot, inputs, "out/warmup")]
+                first, floor, incremental = [], [], []
+                for round_ in range(args.rounds):
+                    first.append(request_minus_tool(executor, execroot, inputs, f"out/first{round_}"))
+                    time.sleep(0.2)  # let the background removal finish before the next timing
+                    floor.append(c_floor(binary, work, execroot, inputs, stack.cas.cas_dir, base / "floor-dest"))
+                    edited = execroot / inputs[round_ % count].path
+                    edited.write_bytes(edited.read_bytes() + b"!")
+                    digest = hashlib.sha256(edited.read_bytes()).hexdigest()
+                    inputs[round_ % count] = RequestInput(inputs[round_ % count].path, digest)
+                    incremental.append(request_minus_tool(executor, execroot, inputs, "out/first0"))
+                for _ in range(2):
+                    other = open_stack(root, background_cleanup=False)
+                    fresh.append(request_minus_tool(other.executor, execroot, inputs, f"out/fresh{_}"))
+                    other.close()
+                stack.close()
+                floor_med = statistics.median(floor)
+                print(f"{fs:<6} {count:>6} {'first':<12} {stats(first)} {stats(floor)} "
+                      f"{statistics.median(first) / floor_med:>10.2f}")
+                print(f"{fs:<6} {count:>6} {'incremental':<12} {stats(incremental)} {'':>9} {'':>9} "
+                      f"{statistics.median(incremental) / floor_med:>10.2f}")
+                print(f"{fs:<6} {count:>6} {'fresh worker':<12} {stats(fresh[1:])} {'':>9} {'':>9} "
+                      f"{statistics.median(fresh[1:]) / floor_med:>10.2f}")
+                sys.stdout.flush()
+        return 0
+    finally:
+        for mountpoint in mounts:
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
