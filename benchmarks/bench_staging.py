@@ -52,7 +52,10 @@ int main(int argc, char **argv) {
   while (fgets(line, sizeof line, list)) {
     line[strcspn(line, "\n")] = 0;
     if (line[0] == 'S') { if (stat(line + 2, &st)) { perror(line + 2); return 1; } }
-    else if (line[0] == 'D') { if (mkdir(line + 2, 0755)) { perror(line + 2); return 1; } dirs[nd++] = strdup(line + 2); }
+    else if (line[0] == 'D') {
+      if (mkdir(line + 2, 0755)) { perror(line + 2); return 1; }
+      dirs[nd++] = strdup(line + 2);
+    }
     else if (sscanf(line, "F %4095s %4095s", a, b) == 2) {
       if (lstat(a, &st)) { perror(a); return 1; }
       if (link(a, b)) { perror(b); return 1; }
