@@ -119,6 +119,7 @@ class ContentStore:
             directory.mkdir(mode=self.dir_mode, exist_ok=True)
         self._cas_prefix = f"{self.cas_dir}/"
         self._touched: dict[tuple[str, bool], int] = {}
+        self._pending_touches: list[tuple[str, bool]] = []
         self._touch_lock = threading.Lock()
         self.sweep_temp_files()
 
@@ -156,7 +157,9 @@ class ContentStore:
 
     # ------------------------------------------------------------------ ingest
 
-    def ingest_file(self, source: Path, *, executable: bool, expected: str | Digest | None = None) -> Digest:
+    def ingest_file(
+        self, source: str | os.PathLike[str], *, executable: bool, expected: str | Digest | None = None
+    ) -> Digest:
         """Copy `source` into the CAS (reflink when possible), hashing it; verify against `expected`.
 
         Only regular files are taken: a FIFO, socket or device is refused without being opened for reading
@@ -322,15 +325,28 @@ class ContentStore:
     # ------------------------------------------------------------------ LRU + GC
 
     def touch(self, hash_hex: str, executable: bool) -> None:
-        """Record use of a blob (atime), at most once an hour per blob per store instance."""
+        """Note a use of a blob (LRU recency, at most once an hour per blob); `flush_touches` writes it out.
+
+        Nothing is written on the request path: the atime updates happen in `flush_touches`, which the
+        executor runs on its background thread.
+        """
         key = (hash_hex, executable)
         now = time.time_ns()
         with self._touch_lock:
             if now - self._touched.get(key, 0) < TOUCH_INTERVAL_NS:
                 return
             self._touched[key] = now
-        with contextlib.suppress(OSError):
-            os.utime(self.blob_path(hash_hex, executable), ns=(now, BLOB_MTIME_NS))
+            self._pending_touches.append(key)
+
+    def flush_touches(self) -> int:
+        """Write the noted uses as blob atimes (mtime stays the sentinel); returns how many."""
+        with self._touch_lock:
+            pending, self._pending_touches = self._pending_touches, []
+        now = time.time_ns()
+        for hash_hex, executable in pending:
+            with contextlib.suppress(OSError):
+                os.utime(self.blob_path_str(hash_hex, executable), ns=(now, BLOB_MTIME_NS), follow_symlinks=False)
+        return len(pending)
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator[None]:
@@ -340,6 +356,7 @@ class ContentStore:
 
     def gc(self, max_bytes: int) -> GcReport:
         """Delete least-recently-used blobs until the store fits in `max_bytes`; linked (in-use) blobs stay."""
+        self.flush_touches()
         report = GcReport()
         with file_lock(self.gc_lock_path):
             entries: list[tuple[int, int, Path]] = []
@@ -450,7 +467,9 @@ def _fingerprint_ok(info: os.stat_result, executable: bool) -> bool:
     )
 
 
-def _check_expected(digest: Digest, expected_hash: str | None, expected_size: int | None, source: Path) -> None:
+def _check_expected(
+    digest: Digest, expected_hash: str | None, expected_size: int | None, source: str | os.PathLike[str]
+) -> None:
     if expected_hash is not None and digest.hash != expected_hash:
         raise CorruptBlobError(
             f"{source}: content hashes to {digest.hash[:16]}… but {expected_hash[:16]}… was expected "
@@ -466,7 +485,7 @@ def _io_error(exc: OSError, doing: str) -> CasError:
     return CasError(f"{exc.strerror or exc} while {doing}")
 
 
-def _copy_and_hash(src_fd: int, dst_fd: int, source: Path) -> Digest:
+def _copy_and_hash(src_fd: int, dst_fd: int, source: str | os.PathLike[str]) -> Digest:
     """Copy src into dst (reflink first: free on xfs/btrfs), then hash what landed in dst."""
     try:
         try:

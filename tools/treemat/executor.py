@@ -88,21 +88,25 @@ class ActionResult:
 
 
 class _Trash:
-    """Deletes finished exec dirs on a background thread, off the response path."""
+    """Deletes finished exec dirs (and writes LRU atimes) on a background thread, off the response path."""
 
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Path] = queue.SimpleQueue()
+    def __init__(self, cas: ContentStore) -> None:
+        self.cas = cas
+        self._queue: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="treemat-trash", daemon=True)
         self._thread.start()
 
-    def put(self, path: Path) -> None:
+    def put(self, path: Path | None) -> None:
+        """Queue a tree for removal (None: only flush the CAS's pending atime updates)."""
         self._queue.put(path)
 
     def _run(self) -> None:
         while True:
             path = self._queue.get()
             with contextlib.suppress(OSError):
-                remove_tree(path)
+                if path is not None:
+                    remove_tree(path)
+                self.cas.flush_touches()
 
 
 class ActionExecutor:
@@ -140,7 +144,7 @@ class ActionExecutor:
         self._lock = threading.Lock()
         self._running: dict[int, subprocess.Popen[bytes]] = {}
         self._cancelled: set[int] = set()
-        self._trash = _Trash() if background_cleanup else None
+        self._trash = _Trash(cas) if background_cleanup else None
         self._sweep_stale_exec_dirs()
 
     # ----------------------------------------------------------------------------- public
@@ -306,11 +310,12 @@ class ActionExecutor:
         """Validate input paths, admit every blob (ingesting what the CAS lacks); the tree and its blob inodes."""
         tree = InputTree()
         staged: dict[BlobIdentity, str] = {}
+        execroot = str(request.execroot)
         for item in request.inputs:
             path = self._normalize(item.path)
             expected = check_hash(item.hash) if item.hash else None
             meta = self._meta.get((path, expected)) if expected else None
-            full = request.execroot / path
+            full = f"{execroot}/{path}"
             if meta is None:
                 info = _stat_input(full, path)
                 if stat.S_ISDIR(info.st_mode):
@@ -324,7 +329,7 @@ class ActionExecutor:
                     self._meta[(path, expected)] = meta
             else:
                 self._ensure_blob(full, expected, meta[1], staged, path)
-            tree.add_file(path, FileNode(meta[0], meta[1], source=full))
+            tree.add_file(path, FileNode(meta[0], meta[1], source=full), normalized=True)
         check_symlinks(tree)
         return tree, staged
 
@@ -350,15 +355,15 @@ class ActionExecutor:
                     tree.add_symlink(rel, _inner_symlink_target(full, rel, path))
                 elif stat.S_ISREG(info.st_mode):
                     executable = bool(info.st_mode & 0o111)
-                    digest = self._ensure_blob(Path(full), None, executable, staged, rel)
-                    tree.add_file(rel, FileNode(digest, executable, source=Path(full)))
+                    digest = self._ensure_blob(full, None, executable, staged, rel)
+                    tree.add_file(rel, FileNode(digest, executable, source=full))
                 else:
                     raise ExecutionError(
                         f"input {rel!r} (inside directory input {path!r}) is a {file_kind(info.st_mode)}: refused"
                     )
 
     def _ensure_blob(
-        self, full: Path, expected: str | None, executable: bool, staged: dict[BlobIdentity, str], path: str
+        self, full: str | Path, expected: str | None, executable: bool, staged: dict[BlobIdentity, str], path: str
     ) -> Digest:
         """The blob's digest, admitted by the guard; ingests (and verifies) the execroot file if needed."""
         if expected is not None:
@@ -504,6 +509,10 @@ class ActionExecutor:
 
     def _finish(self, exec_dir: Path, pooled: PooledDir | None) -> None:
         """After an action: return a reusable exec dir to the pool (dropping the tool's writes), else remove it."""
+        if self._trash is not None:
+            self._trash.put(None)  # LRU atimes, written in the background
+        else:
+            self.cas.flush_touches()
         if self.keep_exec_dirs:
             return
         for path in (upper_dir(exec_dir), work_dir(exec_dir)):
@@ -592,7 +601,7 @@ def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _stat_input(full: Path, path: str) -> os.stat_result:
+def _stat_input(full: str | Path, path: str) -> os.stat_result:
     try:
         return os.stat(full)
     except FileNotFoundError:

@@ -24,7 +24,7 @@ class FileNode:
 
     digest: Digest
     executable: bool = False
-    source: Path | None = field(default=None, compare=False)
+    source: str | os.PathLike[str] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,9 +103,14 @@ class InputTree:
 
     def __init__(self) -> None:
         self.root = DirectoryNode()
+        self._dirs: dict[str, DirectoryNode] = {}  # parent path -> node, for paths already walked
 
     def _parent_for(self, path: str) -> tuple[DirectoryNode, str]:
         """Create (as needed) and return the parent directory of `path`, plus the leaf name."""
+        parent_path, _, leaf = path.rpartition("/")
+        known = self._dirs.get(parent_path)
+        if known is not None:
+            return known, leaf
         *parents, leaf = path.split("/")
         node = self.root
         walked: list[str] = []
@@ -116,11 +121,15 @@ class InputTree:
                     f"{path!r} needs {'/'.join(walked)!r} to be a directory, but it is a file or symlink"
                 )
             node = node.dirs.setdefault(name, DirectoryNode())
+        self._dirs[parent_path] = node
         return node, leaf
 
-    def add_file(self, raw_path: str, file: FileNode) -> None:
-        """Add a file; re-adding the same path with the same digest and mode is allowed."""
-        path = normalize_path(raw_path)
+    def add_file(self, raw_path: str, file: FileNode, *, normalized: bool = False) -> None:
+        """Add a file; re-adding the same path with the same digest and mode is allowed.
+
+        `normalized=True` skips `normalize_path` for a path the caller has already normalized.
+        """
+        path = raw_path if normalized else normalize_path(raw_path)
         parent, leaf = self._parent_for(path)
         if leaf in parent.dirs or leaf in parent.symlinks:
             raise ManifestError(f"{path!r} is listed both as a file and as a directory or symlink")
