@@ -40,6 +40,10 @@ class StagedFile:
     executable: bool
     identity: BlobIdentity
 
+    def key(self) -> tuple[str, bool]:
+        """What the file must be: (hash, executable)."""
+        return (self.hash, self.executable)
+
 
 @dataclass(slots=True)
 class PooledDir:
@@ -49,8 +53,24 @@ class PooledDir:
     key: str
     files: dict[str, StagedFile] = field(default_factory=dict)
     dirs: dict[str, DirSignature] = field(default_factory=dict)  # "" is the exec dir itself
+    children: dict[str, int] = field(default_factory=dict)  # entries directly inside each dir ("" included)
+    pinned: set[str] = field(default_factory=set)  # declared output dirs / output parents (kept even if empty)
+    request: dict[str, str] = field(default_factory=dict)  # the last request's inputs: raw path -> hash
     generation: int = 0
     recorded: bool = False  # True once every directory's signature was taken
+
+    def count_children(self) -> None:
+        """Compute `children` from `files`, `dirs` and `pinned` (for a freshly staged dir)."""
+        counts: dict[str, int] = dict.fromkeys(self.dirs, 0)
+        for path in self.files:
+            parent = _parent(path)
+            counts[parent] = counts.get(parent, 0) + 1
+        for rel in self.dirs:
+            if rel:
+                counts[_parent(rel)] += 1
+        for rel in self.pinned:
+            counts[rel] = counts.get(rel, 0) + 1
+        self.children = counts
 
     def identities(self) -> set[BlobIdentity]:
         """Every blob inode the dir holds."""
@@ -145,43 +165,49 @@ class ExecDirPool:
     def patch(
         self,
         entry: PooledDir,
-        wanted: dict[str, tuple[str, bool]],
+        changes: dict[str, tuple[str, bool]],
+        removed: Iterable[str],
         extra_dirs: Iterable[str],
         admit: AdmitFn,
     ) -> PatchReport:
-        """Make `entry` hold exactly `wanted` ({path: (hash, executable)}) plus the directories `extra_dirs`.
+        """Apply a delta: `removed` paths go, `changes` ({path: (hash, executable)}) are (re)linked.
 
-        `admit(path, hash, executable)` returns the (size, identity) of a blob about to be linked (ingesting it
-        if needed). Raises OSError if the dir cannot be patched; the caller then discards it.
+        Directories follow: a parent is made when a file needs it and removed once nothing (no file, no
+        subdirectory, no declared output dir in `extra_dirs`) is left in it. `admit(path, hash, executable)`
+        returns the identity of the blob about to be linked (ingesting it if needed), None for the empty file.
+        Raises OSError if the dir cannot be patched; the caller then discards it. Cost: O(size of the delta).
         """
         report = PatchReport()
         base = str(entry.path)
-        files = entry.files
-        stale = [path for path, staged in files.items() if wanted.get(path) != (staged.hash, staged.executable)]
+        files, children = entry.files, entry.children
         touched: set[str] = set()
-        for path in stale:
+        pinned = set(extra_dirs)
+        for rel in pinned - entry.dirs.keys():
+            self._make_dirs(entry, rel, touched, report)
+        for rel in pinned - entry.pinned:
+            children[rel] = children.get(rel, 0) + 1
+        for rel in entry.pinned - pinned:
+            children[rel] -= 1
+            self._prune(entry, rel, touched, report)
+        entry.pinned = pinned
+        gone = [path for path in removed if path in files]
+        gone += [path for path, want in changes.items() if path in files and want != files[path].key()]
+        for path in gone:
             os.unlink(f"{base}/{path}")
             del files[path]
-            touched.add(_parent(path))
-        report.unlinked = len(stale)
-        added = [path for path in wanted if path not in files]
-        report.unchanged = len(wanted) - len(added)
-        same_paths = len(added) == len(stale) and set(added) == set(stale)  # only contents changed
-        if not same_paths or set(extra_dirs) - entry.dirs.keys():
-            needed = directories_for(wanted.keys(), extra_dirs)
-            for rel in sorted(set(entry.dirs) - needed, key=len, reverse=True):
-                os.rmdir(f"{base}/{rel}")
-                del entry.dirs[rel]
-                touched.add(_parent(rel))
-                report.removed_dirs += 1
-            for rel in sorted(needed - set(entry.dirs), key=len):
-                os.mkdir(f"{base}/{rel}", 0o755)
-                entry.dirs[rel] = (0, 0, 0)
-                touched.add(rel)
-                touched.add(_parent(rel))
-                report.made_dirs += 1
-        for path in added:
-            hash_hex, executable = wanted[path]
+            parent = _parent(path)
+            children[parent] -= 1
+            touched.add(parent)
+        report.unlinked = len(gone)
+        for path in gone:
+            if path not in changes:
+                self._prune(entry, _parent(path), touched, report)
+        for path, (hash_hex, executable) in changes.items():
+            if path in files:
+                continue
+            parent = _parent(path)
+            if parent not in entry.dirs:
+                self._make_dirs(entry, parent, touched, report)
             identity = admit(path, hash_hex, executable)
             if identity is None:  # the zero-byte file: created, never a CAS inode
                 mode = blob_mode(executable)
@@ -191,10 +217,38 @@ class ExecDirPool:
             else:
                 os.link(self.cas.blob_path_str(hash_hex, executable), f"{base}/{path}")
             files[path] = StagedFile(hash_hex, executable, identity or NO_BLOB)
-            touched.add(_parent(path))
-        report.linked = len(added)
+            children[parent] = children.get(parent, 0) + 1
+            touched.add(parent)
+            report.linked += 1
         self.record(entry, touched)
         return report
+
+    def _make_dirs(self, entry: PooledDir, rel: str, touched: set[str], report: PatchReport) -> None:
+        """mkdir `rel` and any missing parents, keeping child counts."""
+        missing = []
+        while rel and rel not in entry.dirs:
+            missing.append(rel)
+            rel = _parent(rel)
+        for path in reversed(missing):
+            os.mkdir(f"{entry.path}/{path}", 0o755)
+            entry.dirs[path] = (0, 0, 0)
+            parent = _parent(path)
+            entry.children[parent] = entry.children.get(parent, 0) + 1
+            touched.update((path, parent))
+            report.made_dirs += 1
+
+    def _prune(self, entry: PooledDir, rel: str, touched: set[str], report: PatchReport) -> None:
+        """rmdir `rel` and its parents while they hold nothing."""
+        while rel and entry.children.get(rel, 0) == 0 and rel in entry.dirs:
+            os.rmdir(f"{entry.path}/{rel}")
+            del entry.dirs[rel]
+            entry.children.pop(rel, None)
+            touched.discard(rel)
+            parent = _parent(rel)
+            entry.children[parent] -= 1
+            touched.add(parent)
+            report.removed_dirs += 1
+            rel = parent
 
     def record(self, entry: PooledDir, rels: Iterable[str] | None = None) -> None:
         """Remember the current (inode, mtime, ctime) of `rels` (all of the entry's dirs when None)."""

@@ -232,18 +232,18 @@ class ActionExecutor:
         if entry is None:
             return None, empty
         started = time.perf_counter()
-        staged_before = entry.files
-        wanted: dict[str, tuple[str, bool]] = {}
+        current = {item.path: item.hash or "" for item in request.inputs}
+        previous = entry.request
+        changed_raw = current.items() - previous.items()
+        removed_raw = previous.keys() - current.keys()
         normalize = self._normalize
         try:
-            for item in request.inputs:
-                path = normalize(item.path)
-                hash_hex = item.hash or ""
-                known = staged_before.get(path)
-                if known is not None and known.hash == hash_hex:
-                    wanted[path] = (hash_hex, known.executable)
-                    continue
-                hash_hex = check_hash(hash_hex)
+            if len(current) != len(request.inputs):
+                raise ExecutionError("an input is listed twice")  # let fresh staging give the real answer
+            changes: dict[str, tuple[str, bool]] = {}
+            for raw, hash_text in changed_raw:
+                path = normalize(raw)
+                hash_hex = check_hash(hash_text)
                 meta = self._meta.get((path, hash_hex))
                 if meta is None:
                     info = _stat_input(request.execroot / path, path)
@@ -252,7 +252,7 @@ class ActionExecutor:
                     executable = bool(info.st_mode & 0o111)
                 else:
                     executable = meta[1]
-                wanted[path] = (hash_hex, executable)
+                changes[path] = (hash_hex, executable)
 
             def admit(path: str, hash_hex: str, executable: bool) -> BlobIdentity | None:
                 found: dict[BlobIdentity, str] = {}
@@ -260,14 +260,17 @@ class ActionExecutor:
                 self._meta[(path, hash_hex)] = (digest, executable)
                 return next(iter(found), None)
 
-            report = self.pool.patch(entry, wanted, _output_dirs(request.spec), admit)
+            removed = [normalize(raw) for raw in removed_raw]
+            report = self.pool.patch(entry, changes, removed, _output_dirs(request.spec), admit)
+            entry.request = current
         except (OSError, TreematError):
             self.counters.add("execpool_patch_failed")
             self._dispose_path(entry.path)
             return None, empty
+        report.unchanged = len(current) - report.linked
         self.counters.add("execpool_reused")
         self.counters.add("hardlink", report.linked)
-        stage = StageReport(files=len(wanted), methods={"reused": report.unchanged, "hardlink": report.linked})
+        stage = StageReport(files=len(current), methods={"reused": report.unchanged, "hardlink": report.linked})
         stage.hardlinked = [("reused", False)]  # CAS inodes are in the tree: the tool runs under the overlay
         stage.seconds = time.perf_counter() - started
         return entry, stage
@@ -292,8 +295,11 @@ class ActionExecutor:
             if meta is None:
                 return None
             entry.files[path] = StagedFile(meta[0].hash, meta[1], identity_of.get(path, NO_BLOB))
-        for rel in directories_for(entry.files.keys(), _output_dirs(request.spec)):
+        entry.pinned = set(_output_dirs(request.spec))
+        for rel in directories_for(entry.files.keys(), entry.pinned):
             entry.dirs[rel] = (0, 0, 0)
+        entry.count_children()
+        entry.request = {item.path: item.hash or "" for item in request.inputs}
         return entry
 
     def _normalize(self, raw: str) -> str:
