@@ -24,6 +24,7 @@ import os
 import stat
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from treemat.cas import BLOB_MTIME_NS, ContentStore, blob_mode
@@ -63,6 +64,7 @@ class BlobGuard:
         self._watch_of: dict[tuple[str, bool], int] = {}
         self._tainted: set[BlobIdentity] = set()
         self.taint_generation = 0  # bumped whenever an inode is tainted: a cheap "anything new?" check
+        self._dir_watch: dict[int, Callable[[], None]] = {}
         self._inotify = _open_inotify()
 
     @property
@@ -165,21 +167,73 @@ class BlobGuard:
     # ----------------------------------------------------------------------------------------- taint
 
     def poll(self) -> list[tuple[str, bool]]:
-        """Drain write events: each written blob is tainted and quarantined. Returns the blobs hit."""
+        """Drain the event queue: each written blob is tainted and quarantined; directory watchers are told.
+
+        Returns the blobs hit. If the kernel's queue overflowed, nothing verified can be trusted: every blob is
+        forgotten (hashed again on its next use) and every directory watcher is told.
+        """
         if self._inotify is None:
             return []
         events = self._inotify.read(timeout=0)
         hit: list[tuple[str, bool]] = []
+        notify: list[Callable[[], None]] = []
         for event in events:
+            if event.mask & inotify_flags.Q_OVERFLOW:
+                with self._lock:
+                    self._verified.clear()
+                    notify.extend(self._dir_watch.values())
+                self.counters.add("guard_queue_overflows")
+                continue
             with self._lock:
                 key = self._by_watch.get(event.wd)
+                on_dir_event = self._dir_watch.get(event.wd)
+                if event.mask & inotify_flags.IGNORED:
+                    self._dir_watch.pop(event.wd, None)
+            if on_dir_event is not None:
+                notify.append(on_dir_event)
             if key is None or event.mask & inotify_flags.IGNORED:
                 continue
             if key not in hit:
                 hit.append(key)
         for key in hit:
             self._reject(key, "written to while in the store (inotify)")
+        for callback in notify:
+            callback()
         return hit
+
+    def watch_directory(self, path: str, on_event: Callable[[], None]) -> int | None:
+        """Call `on_event` (from `poll`) whenever an entry of `path` is created, removed, renamed or chmodded.
+
+        None when there is no inotify (the caller then verifies by `lstat`).
+        """
+        if self._inotify is None:
+            return None
+        mask = (
+            inotify_flags.CREATE
+            | inotify_flags.DELETE
+            | inotify_flags.MOVED_FROM
+            | inotify_flags.MOVED_TO
+            | inotify_flags.ATTRIB
+            | inotify_flags.DELETE_SELF
+            | inotify_flags.MOVE_SELF
+            | inotify_flags.ONLYDIR
+            | inotify_flags.DONT_FOLLOW
+        )
+        try:
+            wd = int(self._inotify.add_watch(path, mask))
+        except OSError:
+            return None
+        with self._lock:
+            self._dir_watch[wd] = on_event
+        return wd
+
+    def unwatch_directory(self, wd: int) -> None:
+        """Stop watching a directory (gone already is fine)."""
+        with self._lock:
+            self._dir_watch.pop(wd, None)
+        if self._inotify is not None:
+            with contextlib.suppress(OSError):
+                self._inotify.rm_watch(wd)
 
     def tainted(self, identities: set[BlobIdentity]) -> bool:
         """True if any of these inodes was written to since it was verified."""

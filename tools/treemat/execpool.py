@@ -7,8 +7,10 @@ rebuilt after an edit) replaces "mkdir every dir, link every file, remove it all
 changed, link the new blobs".
 
 What keeps a reused dir honest:
-- the pool remembers every directory's (inode, mtime, ctime) after it last touched it; before reuse each one is
-  `lstat`ed, and any difference (an entry added, removed, renamed or chmodded by anyone) discards the dir;
+- every directory is watched with inotify from the moment it is staged: an entry added, removed, renamed or
+  chmodded by anyone but the pool's own patch marks the dir dirty, and a dirty dir is discarded (O(1) at
+  reuse). Without inotify the pool remembers each directory's (inode, mtime, ctime) and `lstat`s them all
+  before reuse instead;
 - file contents are CAS inodes, watched by the blob guard: a write anywhere taints the inode, and a pooled dir
   holding a tainted inode is discarded (the taint generation tells when a check is due);
 - a dir whose patch fails halfway is discarded, never returned to the pool.
@@ -58,6 +60,14 @@ class PooledDir:
     request: dict[str, str] = field(default_factory=dict)  # the last request's inputs: raw path -> hash
     generation: int = 0
     recorded: bool = False  # True once every directory's signature was taken
+    watches: dict[str, int] = field(default_factory=dict)  # dir -> inotify watch descriptor
+    patching: bool = False  # events now are our own doing
+    dirty: bool = False  # something changed a directory while we were not patching it
+
+    def on_directory_event(self) -> None:
+        """A watched directory changed: unless we are patching it ourselves, the dir can no longer be trusted."""
+        if not self.patching:
+            self.dirty = True
 
     def count_children(self) -> None:
         """Compute `children` from `files`, `dirs` and `pinned` (for a freshly staged dir)."""
@@ -111,7 +121,8 @@ class ExecDirPool:
                 self._discard(entry)  # a blob it holds was written to
                 return None
             entry.generation = self.guard.taint_generation
-        if not self._dirs_unchanged(entry):
+        unchanged = not entry.dirty if entry.watches else self._dirs_unchanged(entry)
+        if not unchanged:
             self._discard(entry)  # a directory changed behind the pool's back
             return None
         return entry
@@ -138,8 +149,30 @@ class ExecDirPool:
     def _discard(self, entry: PooledDir) -> None:
         """Drop a dir that cannot be trusted; its path goes to `take_discarded` for removal."""
         self.guard.counters.add("execpool_discarded")
+        self.forget(entry)
         with self._lock:
             self._graveyard.append(entry.path)
+
+    def forget(self, entry: PooledDir) -> None:
+        """Stop watching a dir that leaves the pool (evicted, discarded, or not pooled after all)."""
+        for wd in entry.watches.values():
+            self.guard.unwatch_directory(wd)
+        entry.watches.clear()
+
+    def start(self, entry: PooledDir) -> None:
+        """A freshly staged dir: take every directory's signature and start watching it (before the tool runs)."""
+        self.record(entry)
+        self._watch(entry, entry.dirs)
+
+    def _watch(self, entry: PooledDir, rels: Iterable[str]) -> None:
+        base = str(entry.path)
+        for rel in rels:
+            if rel in entry.watches:
+                continue
+            wd = self.guard.watch_directory(f"{base}/{rel}" if rel else base, entry.on_directory_event)
+            if wd is None:
+                return  # no inotify: acquire falls back to lstat verification
+            entry.watches[rel] = wd
 
     def take_discarded(self) -> list[Path]:
         """Paths of dirs discarded on acquire, for the caller to remove."""
@@ -177,6 +210,21 @@ class ExecDirPool:
         returns the identity of the blob about to be linked (ingesting it if needed), None for the empty file.
         Raises OSError if the dir cannot be patched; the caller then discards it. Cost: O(size of the delta).
         """
+        entry.patching = True
+        try:
+            return self._patch(entry, changes, removed, extra_dirs, admit)
+        finally:
+            self.guard.poll()  # our own directory events: read while `patching` says they are ours
+            entry.patching = False
+
+    def _patch(
+        self,
+        entry: PooledDir,
+        changes: dict[str, tuple[str, bool]],
+        removed: Iterable[str],
+        extra_dirs: Iterable[str],
+        admit: AdmitFn,
+    ) -> PatchReport:
         report = PatchReport()
         base = str(entry.path)
         files, children = entry.files, entry.children
@@ -221,6 +269,7 @@ class ExecDirPool:
             touched.add(parent)
             report.linked += 1
         self.record(entry, touched)
+        self._watch(entry, [rel for rel in touched if rel in entry.dirs])
         return report
 
     def _make_dirs(self, entry: PooledDir, rel: str, touched: set[str], report: PatchReport) -> None:
@@ -242,6 +291,9 @@ class ExecDirPool:
         while rel and entry.children.get(rel, 0) == 0 and rel in entry.dirs:
             os.rmdir(f"{entry.path}/{rel}")
             del entry.dirs[rel]
+            wd = entry.watches.pop(rel, None)
+            if wd is not None:
+                self.guard.unwatch_directory(wd)
             entry.children.pop(rel, None)
             touched.discard(rel)
             parent = _parent(rel)

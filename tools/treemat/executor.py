@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from treemat.backends import remove_tree
 from treemat.blobguard import BlobGuard, BlobIdentity
@@ -192,6 +193,7 @@ class ActionExecutor:
         """Remove the pooled exec dirs (they pin their blobs against gc while kept)."""
         if self.pool is not None:
             for entry in self.pool.drain():
+                self.pool.forget(entry)
                 remove_tree(entry.path)
 
     def cancel(self, request_id: int) -> bool:
@@ -224,15 +226,18 @@ class ActionExecutor:
     def _stage_reused(self, request: ActionRequest) -> tuple[PooledDir | None, StageReport]:
         """Patch the pooled exec dir of a similar earlier action into this one's inputs, if there is one."""
         empty = StageReport()
-        if self.pool is None or not request.inputs or any(not item.hash for item in request.inputs):
+        if self.pool is None or not request.inputs:
             return None, empty
+        listed = {item.path: item.hash for item in request.inputs}
+        if None in listed.values() or "" in listed.values():
+            return None, empty  # a directory input: its contents are not in the request, stage afresh
+        current = cast("dict[str, str]", listed)
         entry = self.pool.acquire(_pool_key(request.spec))
         for discarded in self.pool.take_discarded():
             self._dispose_path(discarded)
         if entry is None:
             return None, empty
         started = time.perf_counter()
-        current = {item.path: item.hash or "" for item in request.inputs}
         previous = entry.request
         changed_raw = current.items() - previous.items()
         removed_raw = previous.keys() - current.keys()
@@ -299,7 +304,8 @@ class ActionExecutor:
         for rel in directories_for(entry.files.keys(), entry.pinned):
             entry.dirs[rel] = (0, 0, 0)
         entry.count_children()
-        entry.request = {item.path: item.hash or "" for item in request.inputs}
+        entry.request = {item.path: item.hash for item in request.inputs if item.hash}
+        self.pool.start(entry)
         return entry
 
     def _normalize(self, raw: str) -> str:
@@ -526,13 +532,12 @@ class ActionExecutor:
         if pooled is None or self.pool is None:
             self._dispose_path(exec_dir)
             return
-        try:
-            if not pooled.recorded:  # a fresh dir; a reused one was recorded where its patch touched it
-                self.pool.record(pooled)
-        except OSError:
+        if pooled.dirty:  # changed behind our back during the action: not worth keeping
+            self.pool.forget(pooled)
             self._dispose_path(exec_dir)
             return
         for evicted in self.pool.release(pooled):
+            self.pool.forget(evicted)
             self._dispose_path(evicted.path)
 
     def _dispose_path(self, path: Path) -> None:
