@@ -26,6 +26,7 @@ from treemat.materializer import Materializer
 from treemat.sandbox import OverlaySandbox
 from treemat.sandbox import probe as probe_sandbox
 
+DEFAULT_DIRCACHE_MIN_FILES = 32
 ISOLATION_OVERLAY = "overlay"
 ISOLATION_COW = "copy-on-write"
 
@@ -61,6 +62,7 @@ class Stack:
             "isolation_detail": self.isolation_detail,
             "write_watch": "inotify" if self.guard.watching else "hash on first use",
             "methods": [method.value for method in self.probe.order],
+            "method_timings_us": dict(self.probe.timings),
             "dircache": self.dircache.mode,
         }
 
@@ -88,7 +90,7 @@ def open_stack(
     counters: Counters | None = None,
     prefer: Sequence[Method] | None = None,
     concurrency: int | None = None,
-    dircache_min_files: int | None = 32,
+    dircache_min_files: int | None = DEFAULT_DIRCACHE_MIN_FILES,
     isolation: str = "auto",
     group_shared: bool = False,
     keep_exec_dirs: bool = False,
@@ -103,7 +105,11 @@ def open_stack(
     order = list(prefer) if prefer else list(DEFAULT_ORDER)
     if sandbox is None:
         order = [method for method in order if method is not Method.HARDLINK] or [Method.COPY]
-    probe = BackendProbe(prefer=order)
+    elif dircache_min_files == DEFAULT_DIRCACHE_MIN_FILES:
+        # with the overlay, exec dirs are reused (O(changed)): the directory cache would only make first
+        # stagings cheaper, at a snapshot per subtree, and its snapshots would keep dirs out of the pool
+        dircache_min_files = None
+    probe = BackendProbe(prefer=order, measure=not prefer)
     materializer = Materializer(cas, probe, counters=counters, concurrency=concurrency)
     dircache = DirectoryCache(root, materializer, counters=counters, min_files=dircache_min_files)
     executor = ActionExecutor(
