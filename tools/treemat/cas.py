@@ -297,15 +297,23 @@ class ContentStore:
 
     def iter_blobs(self) -> Iterator[tuple[str, bool, Path]]:
         """Every (hash, executable, path) in the store."""
-        if not self.cas_dir.is_dir():
+        for _hash_hex, _executable, entry in self._scan():
+            name = entry.name
+            executable = name.endswith("+x")
+            yield (name[:-2] if executable else name), executable, Path(entry.path)
+
+    def _scan(self) -> Iterator[tuple[str, bool, os.DirEntry[str]]]:
+        """Every blob as a DirEntry (one getdents per shard, no Path objects): the fast path for gc and stats."""
+        try:
+            shards = sorted(entry.path for entry in os.scandir(self.cas_dir) if entry.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
             return
-        for shard in sorted(self.cas_dir.iterdir()):
-            if not shard.is_dir():
-                continue
-            for entry in sorted(shard.iterdir()):
-                name = entry.name
-                executable = name.endswith("+x")
-                yield (name[:-2] if executable else name), executable, entry
+        for shard in shards:
+            with contextlib.suppress(FileNotFoundError), os.scandir(shard) as entries:
+                for entry in entries:
+                    name = entry.name
+                    executable = name.endswith("+x")
+                    yield (name[:-2] if executable else name), executable, entry
 
     def verify_all(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
         """Rehash every blob; corrupt ones are quarantined."""
@@ -359,13 +367,14 @@ class ContentStore:
         self.flush_touches()
         report = GcReport()
         with file_lock(self.gc_lock_path):
-            entries: list[tuple[int, int, Path]] = []
+            entries: list[tuple[int, int, str]] = []
             pinned_bytes = 0
-            for _hash, _executable, path in self.iter_blobs():
+            for _hash, _executable, entry in self._scan():
                 try:
-                    info = path.stat()
+                    info = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
+                path = entry.path
                 report.before_bytes += info.st_size
                 if info.st_nlink > 1:
                     report.kept_in_use += 1
@@ -377,7 +386,7 @@ class ContentStore:
                 if total <= max_bytes:
                     break
                 with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+                    os.unlink(path)
                     total -= size
                     report.deleted_blobs += 1
                     report.deleted_bytes += size
@@ -422,9 +431,9 @@ class ContentStore:
     def stats(self) -> CasStats:
         """Blob count and bytes."""
         blobs = total = executable_blobs = 0
-        for _hash, executable, path in self.iter_blobs():
+        for _hash, executable, entry in self._scan():
             try:
-                size = path.stat().st_size
+                size = entry.stat(follow_symlinks=False).st_size
             except FileNotFoundError:
                 continue
             blobs += 1

@@ -27,6 +27,7 @@ from typing import cast
 
 from treemat.backends import remove_tree
 from treemat.blobguard import BlobGuard, BlobIdentity
+from treemat.budget import StoreBudget
 from treemat.cas import ContentStore, file_kind, pid_alive
 from treemat.counters import Counters
 from treemat.digest import Digest, check_hash
@@ -91,8 +92,9 @@ class ActionResult:
 class _Trash:
     """Deletes finished exec dirs (and writes LRU atimes) on a background thread, off the response path."""
 
-    def __init__(self, cas: ContentStore) -> None:
+    def __init__(self, cas: ContentStore, budget: StoreBudget | None) -> None:
         self.cas = cas
+        self.budget = budget
         self._queue: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="treemat-trash", daemon=True)
         self._thread.start()
@@ -108,6 +110,9 @@ class _Trash:
                 if path is not None:
                     remove_tree(path)
                 self.cas.flush_touches()
+            with contextlib.suppress(TreematError, OSError):
+                if path is None and self.budget is not None:
+                    self.budget.maybe_collect()
 
 
 class ActionExecutor:
@@ -121,6 +126,7 @@ class ActionExecutor:
         *,
         guard: BlobGuard | None = None,
         sandbox: OverlaySandbox | None = None,
+        budget: StoreBudget | None = None,
         pool_size: int = DEFAULT_POOL_SIZE,
         counters: Counters | None = None,
         keep_exec_dirs: bool = False,
@@ -145,7 +151,8 @@ class ActionExecutor:
         self._lock = threading.Lock()
         self._running: dict[int, subprocess.Popen[bytes]] = {}
         self._cancelled: set[int] = set()
-        self._trash = _Trash(cas) if background_cleanup else None
+        self.budget = budget
+        self._trash = _Trash(cas, budget) if background_cleanup else None
         self._sweep_stale_exec_dirs()
 
     # ----------------------------------------------------------------------------- public
@@ -522,9 +529,11 @@ class ActionExecutor:
     def _finish(self, exec_dir: Path, pooled: PooledDir | None) -> None:
         """After an action: return a reusable exec dir to the pool (dropping the tool's writes), else remove it."""
         if self._trash is not None:
-            self._trash.put(None)  # LRU atimes, written in the background
+            self._trash.put(None)  # LRU atimes and the size budget, in the background
         else:
             self.cas.flush_touches()
+            if self.budget is not None:
+                self.budget.maybe_collect()
         if self.keep_exec_dirs:
             return
         for path in (upper_dir(exec_dir), work_dir(exec_dir)):

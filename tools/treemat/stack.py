@@ -18,6 +18,7 @@ from pathlib import Path
 
 from treemat.backends import DEFAULT_ORDER, BackendProbe, Method
 from treemat.blobguard import BlobGuard
+from treemat.budget import StoreBudget, default_budget
 from treemat.cas import ContentStore, prepare_root
 from treemat.counters import Counters
 from treemat.dircache import DirectoryCache
@@ -48,6 +49,7 @@ class Stack:
     counters: Counters
     cas: ContentStore
     guard: BlobGuard
+    budget: StoreBudget
     probe: BackendProbe
     materializer: Materializer
     dircache: DirectoryCache
@@ -64,6 +66,8 @@ class Stack:
             "methods": [method.value for method in self.probe.order],
             "method_timings_us": dict(self.probe.timings),
             "dircache": self.dircache.mode,
+            "cas_budget_bytes": self.budget.max_bytes,
+            "cas_estimated_bytes": self.budget.state().estimated_bytes,
         }
 
     def close(self) -> None:
@@ -95,12 +99,14 @@ def open_stack(
     group_shared: bool = False,
     keep_exec_dirs: bool = False,
     background_cleanup: bool = True,
+    max_bytes: int | None = None,
 ) -> Stack:
     """Open (creating if needed) the treemat root and wire every layer over it."""
     root = prepare_root(Path(root).absolute(), group_shared=group_shared)
     counters = counters if counters is not None else Counters()
     cas = ContentStore(root, counters=counters, group_shared=group_shared)
     guard = BlobGuard(cas, counters=counters)
+    budget = StoreBudget(cas, max_bytes if max_bytes is not None else default_budget(root), counters=counters)
     sandbox, isolation_name, detail = choose_isolation(root, want=isolation)
     order = list(prefer) if prefer else list(DEFAULT_ORDER)
     if sandbox is None:
@@ -118,6 +124,7 @@ def open_stack(
         dircache,
         guard=guard,
         sandbox=sandbox,
+        budget=budget,
         counters=counters,
         keep_exec_dirs=keep_exec_dirs,
         background_cleanup=background_cleanup,
@@ -127,6 +134,7 @@ def open_stack(
         counters=counters,
         cas=cas,
         guard=guard,
+        budget=budget,
         probe=probe,
         materializer=materializer,
         dircache=dircache,
