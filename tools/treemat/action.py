@@ -1,0 +1,56 @@
+"""What an action is (its request) and what came of it (its result): the data the executor layers share."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from treemat.dircache import StageReport
+from treemat.flagfile import ActionSpec
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInput:
+    """One input as Bazel lists it: execroot-relative path and (usually) its sha256 hex."""
+
+    path: str
+    hash: str | None = None
+
+
+@dataclass(slots=True)
+class ActionRequest:
+    """Everything needed to run one action."""
+
+    spec: ActionSpec
+    inputs: list[RequestInput]
+    execroot: Path
+    request_id: int = 0
+
+
+@dataclass(slots=True)
+class ActionResult:
+    """Exit status and combined output to hand back to Bazel, plus what staging did."""
+
+    exit_code: int
+    output: str
+    stage: StageReport | None = None
+    stage_seconds: float = 0.0
+    tool_seconds: float = 0.0
+    cancelled: bool = False
+    quarantined: list[str] = field(default_factory=list)
+
+    def summary(self, tool: str, inputs: int) -> dict[str, object]:
+        """A small JSON-able record for `treemat stats`."""
+        record: dict[str, object] = {
+            "tool": os.path.basename(tool),
+            "inputs": inputs,
+            "exit_code": self.exit_code,
+            "stage_ms": round(self.stage_seconds * 1000, 2),
+            "tool_ms": round(self.tool_seconds * 1000, 2),
+        }
+        if self.stage is not None:
+            record.update(methods=dict(self.stage.methods), subtree_hits=self.stage.subtree_hits)
+        if self.quarantined:
+            record["quarantined"] = len(self.quarantined)
+        return record
