@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
+import secrets
 import stat
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from treemat.cas import BLOB_MTIME_NS, ContentStore, blob_mode
 from treemat.counters import Counters
@@ -54,8 +57,16 @@ class BlobIdentity:
 class BlobGuard:
     """Verifies blobs once per process, watches them for writes, and fails actions that used a tainted one."""
 
-    def __init__(self, cas: ContentStore, *, counters: Counters | None = None, max_watches: int | None = None) -> None:
+    def __init__(
+        self,
+        cas: ContentStore,
+        *,
+        counters: Counters | None = None,
+        max_watches: int | None = None,
+        ledger: VerifiedLedger | None = None,
+    ) -> None:
         self.cas = cas
+        self.ledger = ledger
         self.counters = counters if counters is not None else cas.counters
         self.max_watches = DEFAULT_MAX_WATCHES if max_watches is None else max_watches
         self._lock = threading.Lock()
@@ -118,18 +129,23 @@ class BlobGuard:
                 return None
             raise
         try:
-            info = os.fstat(fd)
-            reason = _stat_problem(info, executable, size)
+            reason = _stat_problem(os.fstat(fd), executable, size)
             if reason is not None:
                 self._reject(key, reason)
                 return None
             watch = self._watch(fd, key)
-            if rehash or watch is None:
+            info = os.fstat(fd)  # after the watch: any later write to this inode is an event
+            trusted = watch is not None and self.ledger is not None and self.ledger.matches(key, info)
+            if trusted:
+                self.counters.add("guard_ledger_trusted")
+            elif rehash or watch is None:
                 self.counters.add("guard_hashed_blobs")
                 self.counters.add("guard_hashed_bytes", size)
                 if _hash_fd(fd) != hash_hex:
                     self._reject(key, "content does not match its digest")
                     return None
+            if watch is not None and not trusted and self.ledger is not None:
+                self.ledger.record(key, info)
         finally:
             os.close(fd)
         identity = BlobIdentity(info.st_dev, info.st_ino)
@@ -257,12 +273,42 @@ class BlobGuard:
         self.counters.add("guard_rejected")
         self.cas.quarantine(hash_hex, executable, reason)
 
+    def refresh(self, keys: Iterable[tuple[str, bool]]) -> int:
+        """Record in the ledger the new state (our own links and unlinks moved their ctime) of watched blobs.
+
+        Each blob is `lstat`ed first, then the event queue is drained: a blob written meanwhile is rejected, not
+        recorded. Run it off the request path (the executor's background thread). Returns how many were recorded.
+        """
+        if self.ledger is None or self._inotify is None:
+            return 0
+        seen: list[tuple[tuple[str, bool], os.stat_result]] = []
+        for key in set(keys):
+            known = self._verified.get(key)
+            if known is None:
+                continue
+            try:
+                info = os.lstat(self.cas.blob_path_str(*key))
+            except OSError:
+                continue
+            if info.st_ino == known[0].inode and info.st_dev == known[0].device:
+                seen.append((key, info))
+        self.poll()
+        recorded = 0
+        for key, info in seen:
+            if key in self._verified:
+                self.ledger.record(key, info)
+                recorded += 1
+        self.ledger.flush()
+        return recorded
+
     def _forget(self, key: tuple[str, bool]) -> None:
         with self._lock:
             self._verified.pop(key, None)
 
     def close(self) -> None:
-        """Release the inotify descriptor."""
+        """Flush the ledger and release the inotify descriptor."""
+        if self.ledger is not None:
+            self.ledger.close()
         if self._inotify is not None:
             self._inotify.close()
             self._inotify = None
@@ -297,3 +343,102 @@ def _open_inotify() -> INotify | None:
     except OSError:
         return None
 
+
+
+class VerifiedLedger:
+    """Blob states known good, shared by every treemat process of one root: (inode, ctime, size) per blob.
+
+    A process that hashed a blob, or that holds an inotify watch on it and saw no write, appends the blob's
+    current (inode, ctime, size) to its own log under `<root>/verified/`. A new process trusts a blob without
+    hashing it when, *after* putting its own watch on it, the blob still has exactly a recorded state: ctime
+    moves on every write, chmod or link, and nobody can set it back. Our own links and unlinks move it too, so
+    workers re-record after staging and removal (in the background). A state that is not recorded is hashed.
+    What the ledger does not stop: someone who forges the ledger itself (same user, on purpose).
+    """
+
+    COMPACT_AFTER_FILES = 16
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(mode=0o700, exist_ok=True)
+        self._lock = threading.Lock()
+        self._records = self._load()
+        self._pending: list[str] = []
+        path = self.directory / f"{os.getpid()}-{secrets.token_hex(4)}.log"
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)  # held for our whole life: compaction never removes a live log
+
+    def matches(self, key: tuple[str, bool], info: os.stat_result) -> bool:
+        """True if `info` is exactly a recorded good state of the blob."""
+        record = self._records.get(key)
+        return record is not None and record == (info.st_ino, info.st_ctime_ns, info.st_size)
+
+    def record(self, key: tuple[str, bool], info: os.stat_result) -> None:
+        """Note a good state (written out by `flush`)."""
+        state = (info.st_ino, info.st_ctime_ns, info.st_size)
+        hash_hex, executable = key
+        with self._lock:
+            self._records[key] = state
+            self._pending.append(f"{hash_hex}{'+x' if executable else ''} {state[0]} {state[1]} {state[2]}\n")
+            full = len(self._pending) >= 4096
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        """Append the noted states to this process's log."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            fd = self._fd
+        if pending and fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(fd, "".join(pending).encode())
+
+    def close(self) -> None:
+        """Flush and close this process's log."""
+        self.flush()
+        with self._lock:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _load(self) -> dict[tuple[str, bool], tuple[int, int, int]]:
+        records: dict[tuple[str, bool], tuple[int, int, int]] = {}
+        logs = sorted(self.directory.glob("*.log"))
+        for log in logs:
+            try:
+                text = log.read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                fields = line.split()
+                if len(fields) != 4 or not all(part.isdigit() for part in fields[1:]):
+                    continue  # a torn or foreign line: ignored, the blob is hashed instead
+                name = fields[0]
+                key = (name[:-2], True) if name.endswith("+x") else (name, False)
+                state = (int(fields[1]), int(fields[2]), int(fields[3]))
+                if key not in records or state[1] >= records[key][1]:
+                    records[key] = state
+        if len(logs) > self.COMPACT_AFTER_FILES:
+            self._compact(records, logs)
+        return records
+
+    def _compact(self, records: dict[tuple[str, bool], tuple[int, int, int]], logs: list[Path]) -> None:
+        """Write the merged records to one log, then remove the logs no live process holds."""
+        lines = [
+            f"{h}{'+x' if x else ''} {ino} {ctime} {size}\n" for (h, x), (ino, ctime, size) in records.items()
+        ]
+        temp = self.directory / f".compact-{os.getpid()}-{secrets.token_hex(4)}"
+        with contextlib.suppress(OSError):
+            temp.write_text("".join(lines))
+            os.chmod(temp, 0o600)
+            os.replace(temp, self.directory / f"0-compact-{secrets.token_hex(4)}.log")
+            for log in logs:
+                with contextlib.suppress(OSError):
+                    fd = os.open(log, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        log.unlink()
+                    except OSError:
+                        pass  # a live writer's log
+                    finally:
+                        os.close(fd)

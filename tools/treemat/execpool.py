@@ -82,6 +82,10 @@ class PooledDir:
             counts[rel] = counts.get(rel, 0) + 1
         self.children = counts
 
+    def keys(self) -> list[tuple[str, bool]]:
+        """Every blob (hash, executable) the dir links."""
+        return [staged.key() for staged in self.files.values() if staged.identity != NO_BLOB]
+
     def identities(self) -> set[BlobIdentity]:
         """Every blob inode the dir holds."""
         return {staged.identity for staged in self.files.values()}
@@ -89,8 +93,9 @@ class PooledDir:
 
 @dataclass(slots=True)
 class PatchReport:
-    """What a patch did."""
+    """What a patch did; `relinked` are the blobs whose link count (and so ctime) it changed."""
 
+    relinked: list[tuple[str, bool]] = field(default_factory=list)
     unchanged: int = 0
     linked: int = 0
     unlinked: int = 0
@@ -242,6 +247,8 @@ class ExecDirPool:
         gone += [path for path, want in changes.items() if path in files and want != files[path].key()]
         for path in gone:
             os.unlink(f"{base}/{path}")
+            if files[path].identity != NO_BLOB:
+                report.relinked.append(files[path].key())
             del files[path]
             parent = _parent(path)
             children[parent] -= 1
@@ -264,6 +271,7 @@ class ExecDirPool:
                 os.close(fd)
             else:
                 os.link(self.cas.blob_path_str(hash_hex, executable), f"{base}/{path}")
+                report.relinked.append((hash_hex, executable))
             files[path] = StagedFile(hash_hex, executable, identity or NO_BLOB)
             children[parent] = children.get(parent, 0) + 1
             touched.add(parent)

@@ -15,6 +15,7 @@ import queue
 import secrets
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from treemat.action import ActionRequest, ActionResult, RequestInput
@@ -36,30 +37,23 @@ from treemat.tree import normalize_path
 __all__ = ["ActionExecutor", "ActionRequest", "ActionResult", "RequestInput"]
 
 
-class _Trash:
-    """Deletes finished exec dirs (and writes LRU atimes) on a background thread, off the response path."""
+class _Background:
+    """One thread for the work that must not delay a response: removals, LRU atimes, the size budget, the ledger."""
 
-    def __init__(self, cas: ContentStore, budget: StoreBudget | None) -> None:
-        self.cas = cas
-        self.budget = budget
-        self._queue: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="treemat-trash", daemon=True)
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="treemat-background", daemon=True)
         self._thread.start()
 
-    def put(self, path: Path | None) -> None:
-        """Queue a tree for removal (None: only flush the CAS's pending atime updates)."""
-        self._queue.put(path)
+    def put(self, job: Callable[[], object]) -> None:
+        """Queue a job; errors in it are a lost optimisation, never a lost action."""
+        self._queue.put(job)
 
     def _run(self) -> None:
         while True:
-            path = self._queue.get()
-            with contextlib.suppress(OSError):
-                if path is not None:
-                    remove_tree(path)
-                self.cas.flush_touches()
+            job = self._queue.get()
             with contextlib.suppress(TreematError, OSError):
-                if path is None and self.budget is not None:
-                    self.budget.maybe_collect()
+                job()
 
 
 class ActionExecutor:
@@ -96,7 +90,7 @@ class ActionExecutor:
         self.exec_base.mkdir(parents=True, exist_ok=True)
         self.tool_cache = self.root / "tool-cache"  # tools' own caches (swiftc module cache), kept across actions
         self.recent: collections.deque[dict[str, object]] = collections.deque(maxlen=20)
-        self._trash = _Trash(cas, budget) if background_cleanup else None
+        self._background = _Background() if background_cleanup else None
         self._sweep_stale_exec_dirs()
 
     # ----------------------------------------------------------------------------- public
@@ -107,19 +101,22 @@ class ActionExecutor:
         exec_dir = self.exec_base / f"{os.getpid()}-{request.request_id}-{secrets.token_hex(4)}"
         result: ActionResult
         pooled: PooledDir | None = None
+        relinked: list[tuple[str, bool]] = []
         try:
             self.guard.poll()
             generation = self.guard.taint_generation
             with self.cas.in_use():
                 pooled, stage = self.inputs.stage_reused(request)
+                relinked = list(stage.hardlinked)
                 if pooled is not None:
                     exec_dir = pooled.path
                     staged: dict[BlobIdentity, str] | None = None
                 else:
                     staged, stage = self.inputs.stage_fresh(request, exec_dir)
+                    relinked = list(stage.hardlinked)
             stage_seconds = time.perf_counter() - started
             self._prepare_outputs(request.spec, exec_dir)
-            plan = self._isolation_plan(stage, exec_dir)
+            plan = self._isolation_plan(stage, exec_dir, reused=pooled is not None)
             if pooled is None and plan is not None and staged is not None:
                 pooled = self.inputs.pooled_from_fresh(request, exec_dir, stage, staged)
             result = self._run_tool(request, exec_dir, plan)
@@ -133,7 +130,7 @@ class ActionExecutor:
             where = f" ({exc.filename})" if exc.filename else ""
             result = ActionResult(exit_code=1, output=f"treemat: error: {exc.strerror or exc}{where}\n")
         finally:
-            self._finish(exec_dir, pooled)
+            self._finish(exec_dir, pooled, relinked)
         self.counters.add("actions")
         if result.exit_code != 0:
             self.counters.add("action_failures")
@@ -146,6 +143,7 @@ class ActionExecutor:
             for entry in self.pool.drain():
                 self.pool.forget(entry)
                 remove_tree(entry.path)
+                self.guard.refresh(entry.keys())
 
     def cancel(self, request_id: int) -> bool:
         """Kill the running tool of `request_id` (or make it never start). True if it was in flight."""
@@ -159,9 +157,9 @@ class ActionExecutor:
         for output_dir in spec.output_dirs:
             (exec_dir / normalize_path(output_dir)).mkdir(parents=True, exist_ok=True)
 
-    def _isolation_plan(self, stage: StageReport, exec_dir: Path) -> OverlayPlan | None:
+    def _isolation_plan(self, stage: StageReport, exec_dir: Path, *, reused: bool) -> OverlayPlan | None:
         """The overlay plan when any input is a hardlink (the CAS inode itself); None when all are copies/clones."""
-        if not stage.hardlinked:
+        if not stage.hardlinked and not reused:
             self.counters.add("actions_isolation_cow")
             return None
         if self.sandbox is None:
@@ -225,43 +223,59 @@ class ActionExecutor:
             "from unknown bytes (rerun the build)\n"
         )
 
-    def _finish(self, exec_dir: Path, pooled: PooledDir | None) -> None:
-        """After an action: return a reusable exec dir to the pool (dropping the tool's writes), else remove it."""
-        if self._trash is not None:
-            self._trash.put(None)  # LRU atimes and the size budget, in the background
-        else:
-            self.cas.flush_touches()
-            if self.budget is not None:
-                self.budget.maybe_collect()
+    def _finish(self, exec_dir: Path, pooled: PooledDir | None, relinked: list[tuple[str, bool]]) -> None:
+        """After an action: return a reusable exec dir to the pool (dropping the tool's writes), else remove it.
+
+        Our links moved the ctime of the blobs they touched: the ledger is brought up to date in the background.
+        """
+        self._later(self._upkeep)
+        if relinked:
+            self._later(lambda: self.guard.refresh(relinked))
         if self.keep_exec_dirs:
             return
         for path in (upper_dir(exec_dir), work_dir(exec_dir)):
             self._dispose_path(path)
         if pooled is None or self.pool is None:
-            self._dispose_path(exec_dir)
+            self._dispose_path(exec_dir, relinked)
             return
         if pooled.dirty:  # changed behind our back during the action: not worth keeping
             self.pool.forget(pooled)
-            self._dispose_path(exec_dir)
+            self._dispose_path(exec_dir, pooled.keys())
             return
         for evicted in self.pool.release(pooled):
             self.pool.forget(evicted)
-            self._dispose_path(evicted.path)
+            self._dispose_path(evicted.path, evicted.keys())
 
-    def _dispose_path(self, path: Path) -> None:
-        """Remove a directory tree, in the background when a trash thread runs."""
+    def _upkeep(self) -> None:
+        """LRU atimes and the size budget."""
+        self.cas.flush_touches()
+        if self.budget is not None:
+            self.budget.maybe_collect()
+
+    def _later(self, job: Callable[[], object]) -> None:
+        """Run `job` on the background thread (inline when there is none, as in tests)."""
+        if self._background is None:
+            job()
+        else:
+            self._background.put(job)
+
+    def _dispose_path(self, path: Path, blobs: Iterable[tuple[str, bool]] = ()) -> None:
+        """Remove a directory tree in the background; `blobs` it linked get their new state recorded after."""
         if not (path.exists() or path.is_symlink()):
             return
-        if self._trash is None:
-            remove_tree(path)
-            return
+        keys = list(blobs)
         graveyard = self.exec_base / f".trash-{path.name}-{secrets.token_hex(3)}"
         try:
             os.rename(path, graveyard)
         except OSError:
-            remove_tree(path)
-            return
-        self._trash.put(graveyard)
+            graveyard = path
+
+        def remove() -> None:
+            remove_tree(graveyard)
+            if keys:
+                self.guard.refresh(keys)
+
+        self._later(remove)
 
     def _sweep_stale_exec_dirs(self) -> None:
         """Remove exec dirs left by processes that no longer exist (killed workers)."""

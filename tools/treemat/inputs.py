@@ -127,7 +127,7 @@ class InputStager:
         self.counters.add("execpool_reused")
         self.counters.add("hardlink", report.linked)
         stage = StageReport(files=len(current), methods={"reused": report.unchanged, "hardlink": report.linked})
-        stage.hardlinked = [("reused", False)]  # CAS inodes are in the tree: the tool runs under the overlay
+        stage.hardlinked = report.relinked
         stage.seconds = time.perf_counter() - started
         return entry, stage
 

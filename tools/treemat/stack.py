@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from treemat.backends import DEFAULT_ORDER, BackendProbe, Method
-from treemat.blobguard import BlobGuard
+from treemat.blobguard import BlobGuard, VerifiedLedger
 from treemat.budget import StoreBudget, default_budget
 from treemat.cas import ContentStore, prepare_root
 from treemat.counters import Counters
@@ -105,7 +105,7 @@ def open_stack(
     root = prepare_root(Path(root).absolute(), group_shared=group_shared)
     counters = counters if counters is not None else Counters()
     cas = ContentStore(root, counters=counters, group_shared=group_shared)
-    guard = BlobGuard(cas, counters=counters)
+    guard = BlobGuard(cas, counters=counters, ledger=VerifiedLedger(root / "verified"))
     budget = StoreBudget(cas, max_bytes if max_bytes is not None else default_budget(root), counters=counters)
     sandbox, isolation_name, detail = choose_isolation(root, want=isolation)
     order = list(prefer) if prefer else list(DEFAULT_ORDER)

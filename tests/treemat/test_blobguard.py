@@ -1,0 +1,71 @@
+"""The blob guard: per-use checks, write watches, and the verified ledger shared between processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from treemat.blobguard import BlobGuard, VerifiedLedger
+from treemat.cas import ContentStore
+from treemat.counters import Counters
+
+
+def _guard(root: Path) -> tuple[ContentStore, BlobGuard]:
+    counters = Counters()
+    cas = ContentStore(root, counters=counters)
+    guard = BlobGuard(cas, counters=counters, ledger=VerifiedLedger(root / "verified"))
+    if not guard.watching:
+        pytest.skip("needs inotify")
+    return cas, guard
+
+
+def test_a_new_process_trusts_recorded_states_and_hashes_the_rest(tmp_path: Path) -> None:
+    cas, first = _guard(tmp_path / "root")
+    digests = [cas.ingest_bytes(f"blob {i}\n".encode() * 100, executable=False) for i in range(20)]
+    for digest in digests:
+        assert first.admit(digest.hash, False, digest.size) is not None  # hashed once, recorded
+    linked = tmp_path / "linked"
+    os.link(cas.blob_path(digests[0].hash, False), linked)  # our own link moves the ctime...
+    first.refresh([(digests[0].hash, False)])  # ... and is recorded again
+    first.close()
+    os.link(cas.blob_path(digests[1].hash, False), tmp_path / "unrecorded")  # a link nobody recorded
+    _, second = _guard(tmp_path / "root")
+    for digest in digests:
+        assert second.admit(digest.hash, False, digest.size) is not None
+    assert second.counters.get("guard_ledger_trusted") == 19
+    assert second.counters.get("guard_hashed_blobs") == 1, "only the blob whose state was not recorded"
+    second.close()
+
+
+def test_a_write_while_no_process_runs_is_caught_by_a_new_process(tmp_path: Path) -> None:
+    cas, first = _guard(tmp_path / "root")
+    digest = cas.ingest_bytes(b"pristine bytes\n", executable=False)
+    assert first.admit(digest.hash, False, digest.size) is not None
+    first.close()
+    path = cas.blob_path(digest.hash, False)
+    info = path.stat()
+    os.chmod(path, 0o640)
+    path.write_bytes(b"poisoned bytes\n")
+    os.chmod(path, info.st_mode & 0o777)
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))  # mode, size and mtime as before; ctime moved
+    _, second = _guard(tmp_path / "root")
+    assert second.admit(digest.hash, False, digest.size) is None, "rejected (and quarantined), not trusted"
+    assert not path.exists()
+    second.close()
+
+
+def test_torn_lines_are_ignored_and_many_logs_are_compacted(tmp_path: Path) -> None:
+    cas, guard = _guard(tmp_path / "root")
+    digest = cas.ingest_bytes(b"x" * 100, executable=True)
+    assert guard.admit(digest.hash, True, digest.size) is not None
+    guard.close()
+    ledger_dir = tmp_path / "root" / "verified"
+    (ledger_dir / "999999-torn.log").write_text(f"{digest.hash}+x 12 not-a-number\ngarbage\n")
+    for index in range(VerifiedLedger.COMPACT_AFTER_FILES + 2):
+        (ledger_dir / f"{index}-old.log").write_text("")
+    _, again = _guard(tmp_path / "root")
+    assert again.admit(digest.hash, True, digest.size) is not None
+    assert again.counters.get("guard_ledger_trusted") == 1
+    assert len(list(ledger_dir.glob("*.log"))) <= 3, "dead logs merged into one compact log"
+    again.close()
