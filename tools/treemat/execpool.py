@@ -18,10 +18,11 @@ What keeps a reused dir honest:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -215,21 +216,21 @@ class ExecDirPool:
         returns the identity of the blob about to be linked (ingesting it if needed), None for the empty file.
         Raises OSError if the dir cannot be patched; the caller then discards it. Cost: O(size of the delta).
         """
+        with self._own_events(entry):
+            return self._apply(entry, changes, removed, extra_dirs, admit)
+
+    @contextlib.contextmanager
+    def _own_events(self, entry: PooledDir) -> Iterator[None]:
+        """While the pool changes a dir itself, its directory events are ours: read them before handing it on."""
         entry.patching = True
         try:
-            return self._patch(entry, changes, removed, extra_dirs, admit)
+            yield
         finally:
-            self.guard.poll()  # our own directory events: read while `patching` says they are ours
+            self.guard.poll()
             entry.patching = False
 
-    def _patch(
-        self,
-        entry: PooledDir,
-        changes: dict[str, tuple[str, bool]],
-        removed: Iterable[str],
-        extra_dirs: Iterable[str],
-        admit: AdmitFn,
-    ) -> PatchReport:
+    def _apply(self, entry: PooledDir, changes: dict[str, tuple[str, bool]], removed: Iterable[str],
+               extra_dirs: Iterable[str], admit: AdmitFn) -> PatchReport:
         report = PatchReport()
         base = str(entry.path)
         files, children = entry.files, entry.children
