@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 from treemat.blobguard import BlobGuard, VerifiedLedger
 from treemat.cas import ContentStore
 from treemat.counters import Counters
+from treemat.digest import Digest
 
 
 def _guard(root: Path) -> tuple[ContentStore, BlobGuard]:
@@ -69,3 +71,32 @@ def test_torn_lines_are_ignored_and_many_logs_are_compacted(tmp_path: Path) -> N
     assert again.counters.get("guard_ledger_trusted") == 1
     assert len(list(ledger_dir.glob("*.log"))) <= 3, "dead logs merged into one compact log"
     again.close()
+
+
+def test_publishing_is_not_a_write_event_for_a_guard_already_watching(tmp_path: Path) -> None:
+    """The ingest's own writable descriptor is closed before the blob is published, never after."""
+    cas, guard = _guard(tmp_path / "root")
+    data = b"published while someone watches\n"
+    target = Digest(hashlib.sha256(data).hexdigest(), len(data))
+    with cas._temp_blob() as temp:
+        os.write(temp.fd, data)
+        cas._publish(temp, target, False)
+        assert guard.admit(target.hash, False, target.size) is not None  # another thread's action stages it now
+    assert guard.poll() == [], "closing the ingest's descriptor must not look like a write"
+    assert guard.admit(target.hash, False, target.size) is not None
+
+
+def test_a_replaced_blob_is_not_a_tainted_inode(tmp_path: Path) -> None:
+    cas, guard = _guard(tmp_path / "root")
+    digest = cas.ingest_bytes(b"original inode\n", executable=False)
+    identity = guard.admit(digest.hash, False, digest.size)
+    assert identity is not None
+    path = cas.blob_path(digest.hash, False)
+    twin = path.with_name("twin")
+    twin.write_bytes(b"original inode\n")
+    info = path.stat()
+    os.chmod(twin, info.st_mode & 0o777)
+    os.utime(twin, ns=(info.st_atime_ns, info.st_mtime_ns))
+    os.replace(twin, path)
+    assert guard.admit(digest.hash, False, digest.size) is None, "replaced: taken out of service"
+    assert not guard.tainted({identity}), "but the inode an action staged still holds the right bytes"

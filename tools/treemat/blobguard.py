@@ -212,7 +212,7 @@ class BlobGuard:
             if key not in hit:
                 hit.append(key)
         for key in hit:
-            self._reject(key, "written to while in the store (inotify)")
+            self._reject(key, "written to while in the store (inotify)", written=True)
         for callback in notify:
             callback()
         return hit
@@ -256,15 +256,20 @@ class BlobGuard:
         with self._lock:
             return not self._tainted.isdisjoint(identities)
 
-    def _reject(self, key: tuple[str, bool], reason: str) -> None:
-        """Quarantine a bad blob, remember its inode as tainted, stop watching it."""
+    def _reject(self, key: tuple[str, bool], reason: str, *, written: bool = False) -> None:
+        """Quarantine a bad blob and stop watching it; `written`: its inode was written to, so it is tainted.
+
+        Only a write taints an inode (and fails the actions that staged it). A blob that was merely replaced or
+        chmodded is taken out of service, but the inode an action staged kept its bytes. (A tainted inode stays
+        alive in the quarantine directory, so its number cannot be reused by another file.)
+        """
         hash_hex, executable = key
         with self._lock:
             known = self._verified.pop(key, None)
             wd = self._watch_of.pop(key, None)
             if wd is not None:
                 self._by_watch.pop(wd, None)
-            if known is not None:
+            if known is not None and written:
                 self._tainted.add(known[0])
                 self.taint_generation += 1
         if wd is not None and self._inotify is not None:

@@ -187,10 +187,10 @@ class ContentStore:
             if info.st_size == 0:
                 digest = EMPTY_DIGEST
             else:
-                with self._temp_blob() as tmp_fd:
-                    digest = _copy_and_hash(src_fd, tmp_fd, source)
+                with self._temp_blob() as temp:
+                    digest = _copy_and_hash(src_fd, temp.fd, source)
                     _check_expected(digest, expected_hash, expected_size, source)
-                    return self._publish(tmp_fd, digest, executable)
+                    return self._publish(temp, digest, executable)
             _check_expected(digest, expected_hash, expected_size, source)
             return digest
         finally:
@@ -204,32 +204,31 @@ class ContentStore:
         known = self.lookup(digest.hash, executable)
         if known is not None:
             return known
-        with self._temp_blob() as tmp_fd:
+        with self._temp_blob() as temp:
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(tmp_fd, view) :]
+                    view = view[os.write(temp.fd, view) :]
             except OSError as exc:
                 raise _io_error(exc, "writing a blob") from None
-            return self._publish(tmp_fd, digest, executable)
+            return self._publish(temp, digest, executable)
 
     @contextlib.contextmanager
-    def _temp_blob(self) -> Iterator[int]:
+    def _temp_blob(self) -> Iterator[_TempBlob]:
         """A fresh unnamed file in `<root>/tmp` (O_TMPFILE), or a named, flock-held one where unsupported."""
         try:
-            tmp_fd = os.open(self.tmp_dir, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
-            named: str | None = None
+            temp = _TempBlob(os.open(self.tmp_dir, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600), None)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
                 raise _io_error(exc, f"creating a temp file in {self.tmp_dir}") from None
-            tmp_fd, named = self._named_temp()
+            temp = _TempBlob(*self._named_temp())
         try:
-            yield tmp_fd
+            yield temp
         finally:
-            os.close(tmp_fd)
-            if named is not None:
+            os.close(temp.fd)
+            if temp.name is not None:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(named)
+                    os.unlink(temp.name)
 
     def _named_temp(self) -> tuple[int, str]:
         """Fallback temp file: held under an exclusive flock for its whole life, so sweeps can tell it is live."""
@@ -241,14 +240,19 @@ class ContentStore:
         fcntl.flock(fd, fcntl.LOCK_EX)
         return fd, path
 
-    def _publish(self, tmp_fd: int, digest: Digest, executable: bool) -> Digest:
-        """Fix mode and mtime on the temp file, then link it into place; EEXIST means another writer won."""
+    def _publish(self, temp: _TempBlob, digest: Digest, executable: bool) -> Digest:
+        """Fix mode and mtime on the temp file, then link it into place; EEXIST means another writer won.
+
+        The writable descriptor is closed *before* the link: its close is a write event (IN_CLOSE_WRITE), and
+        once the blob is published a guard may be watching it.
+        """
         final = self.blob_path(digest.hash, executable)
-        source = f"/proc/self/fd/{tmp_fd}"
         root_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # makes os.link use linkat(FOLLOW)
         try:
-            os.fchmod(tmp_fd, blob_mode(executable))
-            os.utime(tmp_fd, ns=(time.time_ns(), BLOB_MTIME_NS))
+            os.fchmod(temp.fd, blob_mode(executable))
+            os.utime(temp.fd, ns=(time.time_ns(), BLOB_MTIME_NS))
+            temp.seal()
+            source = f"/proc/self/fd/{temp.fd}"
             final.parent.mkdir(mode=self.dir_mode, exist_ok=True)
             os.link(source, final, src_dir_fd=root_fd, follow_symlinks=True)
         except FileExistsError:
@@ -441,6 +445,23 @@ class ContentStore:
             executable_blobs += executable
         quarantined = sum(1 for p in self.quarantine_dir.iterdir() if not p.name.endswith(".reason"))
         return CasStats(blobs=blobs, bytes=total, executable_blobs=executable_blobs, quarantined=quarantined)
+
+
+@dataclass(slots=True)
+class _TempBlob:
+    """A temp file being written: its descriptor, and its name when it is not an unnamed O_TMPFILE."""
+
+    fd: int
+    name: str | None
+
+    def seal(self) -> None:
+        """Swap the writable descriptor for a read-only one (the write one's close event happens now)."""
+        read_only = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        if self.name is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)  # a fresh named file is inside the sweep's grace period
+            fcntl.flock(read_only, fcntl.LOCK_EX)
+        os.close(self.fd)
+        self.fd = read_only
 
 
 def pid_alive(pid: int) -> bool:
