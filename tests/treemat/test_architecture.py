@@ -3,14 +3,17 @@ contract in pyproject.toml); this test keeps them identical and checks the contr
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-PACKAGE = REPO / "tools" / "treemat"
+# under `bazel test` the runner points at the runfiles copy (tests/pytest_runner.py), else this checkout
+TOOLS = Path(os.environ.get("TREEMAT_TOOLS_DIR") or Path(__file__).resolve().parents[2] / "tools")
+REPO = TOOLS.parent
+PACKAGE = TOOLS / "treemat"
 
 
 def _contract_layers() -> list[str]:
@@ -41,7 +44,8 @@ def test_doc_init_and_contract_list_the_same_layers() -> None:
 
 
 def test_contract_places_every_module() -> None:
+    """(lint-imports checks the same, and that every placed module exists; this runs under `bazel test` too.)"""
     placed = {name.strip() for layer in _contract_layers() for name in layer.split("|")}
     modules = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
     modules |= {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
-    assert placed == modules
+    assert modules <= placed, f"not in the import contract: {sorted(modules - placed)}"

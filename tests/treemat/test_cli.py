@@ -102,7 +102,10 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
 
 
 def test_stats_watch_redraws_when_a_worker_publishes(tmp_path: Path) -> None:
+    import pytest
     from treemat.counters import Counters, StatsStore
+
+    pytest.importorskip("watchdog", reason="the optional `watch` extra")
 
     root = tmp_path / "root"
     (root / "stats").mkdir(parents=True)
@@ -200,3 +203,27 @@ def test_worker_command_and_persistent_worker_flag_share_one_parser(tmp_path: Pa
     assert served.returncode == 0, served.stderr
     assert json.loads(served.stdout) == {"exitCode": 0, "output": ""}
     assert (tmp_path / "r" / "cas").is_dir(), "--root after the subcommand is the worker's root"
+
+
+def test_stats_watch_without_watchdog_says_how_to_get_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "block" / "watchdog"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('watchdog is not installed')\n")
+    env = worker_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "block"), env["PYTHONPATH"]])
+    watch = subprocess.run(
+        [sys.executable, "-m", "treemat", "--root", str(tmp_path / "root"), "stats", "--watch"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert watch.returncode == 1 and "Traceback" not in watch.stderr
+    assert watch.stderr.strip().splitlines() == [
+        "treemat: error: `stats --watch` needs the watchdog package: pip install 'treemat[watch]' "
+        "(or run `treemat stats`)"
+    ]
+    plain = subprocess.run(
+        [sys.executable, "-m", "treemat", "--root", str(tmp_path / "root"), "stats"], env=env, capture_output=True
+    )
+    assert plain.returncode == 0, "only --watch needs watchdog"
