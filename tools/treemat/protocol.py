@@ -158,7 +158,7 @@ class JsonRequestDecoder:
         self._json = json.JSONDecoder()
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._buffer = ""
-        self._scanned = 0  # the buffer before this offset holds no `_MAYBE_END`
+        self._scanned = 0  # where the next `_MAYBE_END` search starts: nothing before it can end an object
         self._resync = False
         self._garbage_reported = False
 
