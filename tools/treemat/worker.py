@@ -21,7 +21,7 @@ from treemat.errors import ProtocolError, TreematError, describe_error
 from treemat.executor import ActionRequest, RequestInput
 from treemat.flagfile import parse_action_args, request_arguments
 from treemat.protocol import Malformed, Wire, WorkItem, WorkReply, encode_reply, read_requests, sniff_protocol
-from treemat.stack import open_stack
+from treemat.stack import Stack, open_stack
 
 Handler = Callable[[WorkItem], WorkReply]
 Canceller = Callable[[int], bool]
@@ -102,11 +102,10 @@ class WorkerServer:
             return WorkReply(item.request_id, 1, f"treemat: internal error: {type(exc).__name__}: {exc}\n")
 
 
-def make_handler(root: Path, execroot: Path) -> tuple[Handler, Canceller]:
-    """Open the stack (stack.open_stack) and return (handler, canceller) for its executor."""
-    stack = open_stack(root)
+def make_handler(stack: Stack, execroot: Path) -> tuple[Handler, Canceller]:
+    """(handler, canceller) running requests on the stack's executor, relative to `execroot`."""
     counters, executor = stack.counters, stack.executor
-    stats = StatsStore(root)
+    stats = StatsStore(stack.root)
     stats_lock = threading.Lock()
     verbose = bool(os.environ.get("TREEMAT_VERBOSE"))
 
@@ -147,9 +146,10 @@ def serve_stdio(root: Path, *, protocol: Wire | None, max_workers: int) -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     try:
-        handler, canceller = make_handler(root, Path.cwd())
+        stack = open_stack(root)
     except (TreematError, OSError) as exc:
         raise TreematError(f"the worker cannot start: {describe_error(exc)}") from None
+    handler, canceller = make_handler(stack, Path.cwd())
     stdin = sys.stdin.buffer
     wire, source = sniff_protocol(stdin) if protocol is None else (protocol, stdin)
     verbose = bool(os.environ.get("TREEMAT_VERBOSE"))
@@ -158,5 +158,8 @@ def serve_stdio(root: Path, *, protocol: Wire | None, max_workers: int) -> int:
         print(f"treemat worker: {time.time():.3f} read {size} bytes", file=sys.stderr, flush=True)
 
     server = WorkerServer(protocol_out, handler, protocol=wire, max_workers=max_workers, on_cancel=canceller)
-    server.serve(read_requests(source, wire, log_read if verbose else None))
+    try:
+        server.serve(read_requests(source, wire, log_read if verbose else None))
+    finally:
+        stack.close()
     return 0
