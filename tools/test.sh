@@ -5,9 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh
 
-echo "== ruff + mypy"
+echo "== ruff + mypy + import contract"
 python3 -m ruff check tools tests benchmarks
 python3 -m mypy
+# the layer order of docs/architecture.md (pyproject.toml [tool.importlinter]), on this tree's package
+PYTHONPATH="tools${PYTHONPATH:+:$PYTHONPATH}" lint-imports --no-cache
 
 echo "== pytest (unit, property, faults, e2e)"
 python3 -m pytest -q -ra tests

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from click.testing import CliRunner
-from treemat.cli import cli, parse_size
+from treemat.cli import cli
+from treemat.commands.cas import parse_size
 from treemat.digest import digest_bytes
 
 from .workerharness import worker_env
@@ -101,7 +102,10 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
 
 
 def test_stats_watch_redraws_when_a_worker_publishes(tmp_path: Path) -> None:
+    import pytest
     from treemat.counters import Counters, StatsStore
+
+    pytest.importorskip("watchdog", reason="the optional `watch` extra")
 
     root = tmp_path / "root"
     (root / "stats").mkdir(parents=True)
@@ -144,3 +148,82 @@ def test_probe_shows_the_isolation_mode(tmp_path: Path) -> None:
     assert shown["isolation"] in ("overlay", "copy-on-write") and shown["write_watch"]
     if shown["isolation"] == "copy-on-write":
         assert "hardlink" not in shown["methods"], "no hardlinks without the overlay sandbox"
+
+
+def test_one_error_handler_for_every_command(tmp_path: Path) -> None:
+    """TreematError/OSError -> one line and exit 1; disk full says what to do; a bug -> traceback and exit 3."""
+    import errno
+
+    import click
+    import pytest
+    from treemat.commands._common import EXIT_INTERNAL, error_handler
+    from treemat.errors import CasError
+
+    def exit_code(exc: BaseException) -> tuple[int, str]:
+        runner = CliRunner()
+
+        @click.command()
+        def failing() -> None:
+            with error_handler():
+                raise exc
+
+        result = runner.invoke(failing, [], catch_exceptions=False)
+        return result.exit_code, result.output
+
+    assert exit_code(CasError("blob gone")) == (1, "treemat: error: blob gone\n")
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+    assert exit_code(full) == (1, f"treemat: error: disk full ({tmp_path / 'x'}): free space or run `treemat cas gc`\n")
+    code, output = exit_code(ValueError("oops"))
+    assert code == EXIT_INTERNAL and "Traceback" in output and "internal error: ValueError: oops" in output
+    with pytest.raises(SystemExit) as raised, error_handler():
+        raise KeyboardInterrupt
+    assert raised.value.code == 130
+    code, output = _run(tmp_path / "root", "stage", str(tmp_path / "no-such.json"), str(tmp_path / "d"))
+    assert code == 2 and "does not exist" in output, "click's usage errors pass through the handler"
+
+
+def test_worker_command_and_persistent_worker_flag_share_one_parser(tmp_path: Path) -> None:
+    bad = subprocess.run(
+        [sys.executable, "-m", "treemat", "worker", "--protocol=xml"],
+        capture_output=True,
+        text=True,
+        env=worker_env(),
+        stdin=subprocess.DEVNULL,
+    )
+    assert bad.returncode == 2 and "treemat worker" in bad.stderr and "'xml' is not one of" in bad.stderr
+    startup = ["--protocol=json", f"--root={tmp_path / 'r'}", "--bogus=1", "@x", "--persistent_worker"]
+    served = subprocess.run(
+        [sys.executable, "-m", "treemat", *startup],
+        capture_output=True,
+        input=b'{"arguments": ["--", "true"]}',
+        env=worker_env(),
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert served.returncode == 0, served.stderr
+    assert json.loads(served.stdout) == {"exitCode": 0, "output": ""}
+    assert (tmp_path / "r" / "cas").is_dir(), "--root after the subcommand is the worker's root"
+
+
+def test_stats_watch_without_watchdog_says_how_to_get_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "block" / "watchdog"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('watchdog is not installed')\n")
+    env = worker_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "block"), env["PYTHONPATH"]])
+    watch = subprocess.run(
+        [sys.executable, "-m", "treemat", "--root", str(tmp_path / "root"), "stats", "--watch"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert watch.returncode == 1 and "Traceback" not in watch.stderr
+    assert watch.stderr.strip().splitlines() == [
+        "treemat: error: `stats --watch` needs the watchdog package: pip install 'treemat[watch]' "
+        "(or run `treemat stats`)"
+    ]
+    plain = subprocess.run(
+        [sys.executable, "-m", "treemat", "--root", str(tmp_path / "root"), "stats"], env=env, capture_output=True
+    )
+    assert plain.returncode == 0, "only --watch needs watchdog"

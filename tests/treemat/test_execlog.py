@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import json_format
-from treemat import protos
+from treemat import protocol, protos
 from treemat.digest import digest_bytes
 from treemat.errors import ProtocolError
 from treemat.execlog import read_exec_log
@@ -45,7 +45,7 @@ def logs(tmp_path: Path) -> tuple[Path, Path, Path]:
     binary_log = tmp_path / "log.bin"
     stream = io.BytesIO()
     for spawn in spawns:
-        protos.write_delimited(stream, spawn)  # type: ignore[arg-type]
+        protocol.write_delimited(stream, spawn)  # type: ignore[arg-type]
     binary_log.write_bytes(stream.getvalue())
     return json_log, binary_log, execroot
 

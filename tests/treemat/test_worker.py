@@ -1,4 +1,5 @@
-"""Tests for treemat.worker: a real worker process driven like Bazel (JSON stream, proto, multiplex, cancel)."""
+"""Tests for treemat.worker and treemat.protocol: a real worker process driven like Bazel (JSON stream, proto,
+multiplex, cancel), and the JSON stream decoder on its own."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from treemat import protos
+from treemat import protocol, protos
 from treemat.errors import ProtocolError
-from treemat.worker import JsonObjectSplitter, item_from_json
+from treemat.protocol import JsonRequestDecoder, item_from_json
 
 from .workerharness import Worker, request, worker_env
 
@@ -138,9 +139,9 @@ def test_proto_protocol(execroot: Path, tmp_path: Path) -> None:
     message = protos.WorkRequest(arguments=["--output=out/p.txt", "--", "sh", "src/copy.sh", "src/in.txt", "out/p.txt"])
     for path in ("src/in.txt", "src/copy.sh"):
         message.inputs.add(path=path, digest=hashlib.sha256((execroot / path).read_bytes()).hexdigest().encode())
-    protos.write_delimited(worker.stdin, message)
+    protocol.write_delimited(worker.stdin, message)
     worker.stdin.flush()
-    reply = protos.read_delimited(worker.stdout, protos.WorkResponse)
+    reply = protocol.read_delimited(worker.stdout, protos.WorkResponse)
     assert reply is not None and reply.exit_code == 0, reply
     assert (execroot / "out/p.txt").read_text() == "hello input\n"
     assert worker.close() == 0
@@ -210,16 +211,16 @@ def test_write_through_hardlinked_input_never_reaches_the_cas(execroot: Path, tm
     assert stats["totals"]["actions_isolation_overlay"] >= 2
 
 
-def test_json_splitter_handles_split_reads_and_strings() -> None:
+def test_json_decoder_handles_split_reads_and_strings() -> None:
     text = '{"a": "x}{\\"y"}' + ' \n{"b": [1, {"c": 2}]}' + "junk" + '{"d": 1}'
     pieces: list[object] = []
-    splitter = JsonObjectSplitter()
+    decoder = JsonRequestDecoder()
     for i in range(0, len(text), 3):
-        pieces.extend(splitter.feed(text[i : i + 3]))
-    objects = [json.loads(p) for p in pieces if isinstance(p, str)]
+        pieces.extend(decoder.feed(text[i : i + 3].encode()))
+    objects = [p for p in pieces if not isinstance(p, ProtocolError)]
     errors = [p for p in pieces if isinstance(p, ProtocolError)]
     assert objects == [{"a": 'x}{"y'}, {"b": [1, {"c": 2}]}, {"d": 1}]
-    assert len(errors) >= 1 and not splitter.pending
+    assert len(errors) >= 1 and not decoder.pending
 
 
 def test_item_from_json_decodes_bazel_digest_forms() -> None:

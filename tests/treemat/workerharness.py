@@ -15,7 +15,9 @@ from typing import IO, Any
 from treemat.executor import ActionExecutor
 from treemat.stack import open_stack
 
-TOOLS_DIR = Path(__file__).resolve().parents[2] / "tools"
+# The directory holding the treemat package the worker subprocesses import: under `bazel test` the runner finds
+# it in the runfiles (tests/pytest_runner.py); under plain pytest it is this checkout's.
+TOOLS_DIR = Path(os.environ.get("TREEMAT_TOOLS_DIR") or Path(__file__).resolve().parents[2] / "tools")
 
 
 def worker_env() -> dict[str, str]:

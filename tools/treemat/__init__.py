@@ -1,8 +1,27 @@
 """treemat: fast, hermetic input materialization for Bazel actions.
 
-Layers, each with one job, data flowing one way:
+Layers, top to bottom; each imports only from the layers below it (`|`: siblings that do not import each
+other). docs/architecture.md explains them; `lint-imports` enforces this exact list (pyproject.toml):
 
-    digest -> cas -> tree -> backends/materializer -> dircache -> executor -> worker -> cli
+    __main__
+    cli
+    commands
+    bot
+    worker | replay | bench
+    stack
+    executor
+    inputs
+    action | outputs | toolrun | execpool | budget
+    sandbox
+    dircache
+    materializer
+    backends | execlog
+    tree | protocol
+    protos
+    blobguard
+    cas
+    digest | counters | locking | flagfile
+    errors
 """
 
 __version__ = "0.1.0"

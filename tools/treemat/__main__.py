@@ -1,7 +1,7 @@
 """Entry point of the `//tools/treemat` py_binary and `python -m treemat`.
 
-`--persistent_worker` -> Bazel persistent worker; an `@flagfile` argument -> one-shot action (Bazel's
-local/sandboxed strategies); anything else -> the `treemat` CLI.
+An `@flagfile` argument -> one-shot action (Bazel's local/sandboxed strategies; import-light: no click, no
+protobuf, no CAS); anything else -> the `treemat` CLI, where `--persistent_worker` means `treemat worker`.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to the worker, one-shot mode or the CLI; returns the exit status."""
+    """Dispatch to the one-shot runner or the CLI; returns the exit status."""
     args = sys.argv[1:] if argv is None else argv
     if "--persistent_worker" in args:
-        from treemat.worker import worker_main
+        from treemat.cli import main as cli_main
 
-        return worker_main(args)
+        return cli_main(["worker", *args])
     if any(arg.startswith("@") for arg in args):
         from treemat.flagfile import run_oneshot
 

@@ -14,25 +14,8 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-# Counter names used across layers (others are allowed; these are the documented ones).
+# The counters of the paths a file can take into an exec dir (`treemat stats` shows their shares).
 FILE_METHOD_COUNTERS = ("clonefile", "snapshot", "reflink", "hardlink", "copy", "zero_byte")
-KNOWN_COUNTERS = (
-    *FILE_METHOD_COUNTERS,
-    "symlinks",
-    "directories",
-    "subtree_hits",
-    "subtree_misses",
-    "subtree_clone_calls",
-    "subtree_snapshots",
-    "evictions",
-    "ingested_blobs",
-    "ingested_bytes",
-    "cas_hits",
-    "integrity_quarantined",
-    "actions",
-    "action_failures",
-    "requests_malformed",
-)
 
 
 class Counters:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class TreematError(Exception):
     """Base class for errors reported to users as a single line (no traceback)."""
@@ -37,3 +39,15 @@ class ProtocolError(TreematError):
 
 class ExecutionError(TreematError):
     """An action could not be run (tool missing, output missing, exec dir problem)."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """The one line a user sees for `exc`: a TreematError's message, an OSError's reason and file, else its type."""
+    if isinstance(exc, TreematError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        if exc.errno == errno.ENOSPC:
+            return f"disk full{where}: free space or run `treemat cas gc`"
+        return f"{exc.strerror or exc}{where}"
+    return f"{type(exc).__name__}: {exc}"

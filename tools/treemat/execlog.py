@@ -75,6 +75,7 @@ def read_exec_log(path: Path) -> Iterator[Spawn]:
     from google.protobuf import json_format
 
     from treemat import protos
+    from treemat.protocol import read_delimited
 
     try:
         data = path.read_bytes()
@@ -104,7 +105,7 @@ def read_exec_log(path: Path) -> Iterator[Spawn]:
 
         stream = io.BytesIO(data)
         while True:
-            message = protos.read_delimited(stream, protos.SpawnExec)
+            message = read_delimited(stream, protos.SpawnExec)
             if message is None:
                 return
             yield _to_spawn(message)

@@ -2,17 +2,16 @@
 
 Field names and numbers match upstream exactly, so encodings are wire-compatible:
 REAPI `build.bazel.remote.execution.v2` (Directory & friends; canonical Merkle encoding), Bazel's
-`blaze.worker` worker protocol, and Bazel's `tools.protos` execution log (SpawnExec).
+`blaze.worker` worker protocol, and Bazel's `tools.protos` execution log (SpawnExec). Length-delimited framing
+is in protocol.py; tests/treemat/test_schemas.py holds these declarations against the upstream .proto files.
 """
 
 from __future__ import annotations
 
-from typing import IO, Any, TypeVar
+from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2, message_factory
-from google.protobuf.message import DecodeError, Message
-
-from treemat.errors import ProtocolError
+from google.protobuf.message import Message
 
 _F = descriptor_pb2.FieldDescriptorProto
 _SCALARS = {
@@ -175,62 +174,3 @@ Input: Any = _worker["Input"]
 WorkRequest: Any = _worker["WorkRequest"]
 WorkResponse: Any = _worker["WorkResponse"]
 SpawnExec: Any = _spawn["SpawnExec"]
-
-M = TypeVar("M", bound=Message)
-
-
-def encode_varint(value: int) -> bytes:
-    """Protobuf base-128 varint."""
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def write_delimited(stream: IO[bytes], message: Message) -> None:
-    """Write `message` prefixed by its varint length (Java's writeDelimitedTo)."""
-    payload = message.SerializeToString(deterministic=True)
-    stream.write(encode_varint(len(payload)) + payload)
-
-
-def read_varint(stream: IO[bytes]) -> int | None:
-    """Read a varint; None at clean EOF before the first byte."""
-    result = shift = 0
-    while True:
-        byte = stream.read(1)
-        if not byte:
-            if shift == 0:
-                return None
-            raise ProtocolError("truncated varint length prefix")
-        result |= (byte[0] & 0x7F) << shift
-        if not byte[0] & 0x80:
-            return result
-        shift += 7
-        if shift > 63:
-            raise ProtocolError("varint length prefix longer than 10 bytes")
-
-
-def read_delimited(stream: IO[bytes], cls: type[M], *, max_size: int = 256 << 20) -> M | None:
-    """Read one length-delimited message; None at clean EOF; ProtocolError on truncation or garbage."""
-    size = read_varint(stream)
-    if size is None:
-        return None
-    if size > max_size:
-        raise ProtocolError(f"message of {size} bytes exceeds the {max_size}-byte limit")
-    payload = b""
-    while len(payload) < size:
-        chunk = stream.read(size - len(payload))
-        if not chunk:
-            raise ProtocolError(f"truncated message: got {len(payload)} of {size} bytes")
-        payload += chunk
-    message = cls()
-    try:
-        message.ParseFromString(payload)
-    except DecodeError as exc:
-        raise ProtocolError(f"undecodable {cls.__name__}: {exc}") from None
-    return message

@@ -1,0 +1,51 @@
+"""The layer order is written three times (docs/architecture.md, treemat/__init__.py, the import-linter
+contract in pyproject.toml); this test keeps them identical and checks the contract covers every module."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+# under `bazel test` the runner points at the runfiles copy (tests/pytest_runner.py), else this checkout
+TOOLS = Path(os.environ.get("TREEMAT_TOOLS_DIR") or Path(__file__).resolve().parents[2] / "tools")
+REPO = TOOLS.parent
+PACKAGE = TOOLS / "treemat"
+
+
+def _contract_layers() -> list[str]:
+    tomllib = pytest.importorskip("tomllib") if sys.version_info >= (3, 11) else pytest.importorskip("tomli")
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    layered = [c for c in config["contracts"] if c["type"] == "layers" and c.get("containers") == ["treemat"]]
+    assert len(layered) == 1 and layered[0]["exhaustive"] is True
+    return [str(layer) for layer in layered[0]["layers"]]
+
+
+def _doc_layers() -> list[str]:
+    text = (REPO / "docs" / "architecture.md").read_text()
+    section = text[text.index("## Layers") :]
+    block = re.search(r"```\n(.*?)```", section, re.S)
+    assert block, "docs/architecture.md has no code block under '## Layers'"
+    return block.group(1).strip().splitlines()
+
+
+def _init_layers() -> list[str]:
+    docstring = (PACKAGE / "__init__.py").read_text().split('"""')[1]
+    return [line.strip() for line in docstring.splitlines() if line.startswith("    ") and line.strip()]
+
+
+def test_doc_init_and_contract_list_the_same_layers() -> None:
+    contract = _contract_layers()
+    assert _doc_layers() == contract
+    assert _init_layers() == contract
+
+
+def test_contract_places_every_module() -> None:
+    """(lint-imports checks the same, and that every placed module exists; this runs under `bazel test` too.)"""
+    placed = {name.strip() for layer in _contract_layers() for name in layer.split("|")}
+    modules = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    modules |= {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert modules <= placed, f"not in the import contract: {sorted(modules - placed)}"

@@ -1,0 +1,125 @@
+"""`treemat cas ingest|verify|gc|stats`: inspect and maintain the content-addressable store."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+from treemat.commands._common import RootedContext, describe_report, emit_json, pass_rooted, progress_bar
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Parse sizes like `500M`, `10G`, `1234` (bytes)."""
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = cleaned, ""
+    if cleaned and cleaned[-1] in _SIZE_UNITS:
+        number, unit = cleaned[:-1], cleaned[-1]
+    try:
+        return int(float(number) * _SIZE_UNITS[unit])
+    except ValueError as exc:
+        raise click.BadParameter(f"not a size: {text!r} (examples: 500M, 10G, 1048576)") from exc
+
+
+@click.group()
+def cas() -> None:
+    """Inspect and maintain the content-addressable store (ROOT/cas, Bazel disk-cache layout)."""
+
+
+@cas.command("ingest")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print path -> digest as JSON.")
+@pass_rooted
+def ingest(rooted: RootedContext, paths: tuple[Path, ...], as_json: bool) -> int:
+    """Add files (directories are walked) to the CAS; prints each file's digest.
+
+    The exec bit of each file is kept: executables and plain files are stored as separate blobs.
+    """
+    from treemat.cas import ContentStore
+
+    files = list(_walk_files(paths))
+    result: dict[str, str] = {}
+    store = ContentStore(rooted.root)
+    with progress_bar(len(files), "ingesting", enabled=not as_json and len(files) >= 200) as advance:
+        for path in files:
+            executable = os.access(path, os.X_OK)
+            result[str(path)] = str(store.ingest_file(path, executable=executable))
+            advance(1)
+    if as_json:
+        emit_json(result)
+    else:
+        for path_text, digest in result.items():
+            click.echo(f"{digest}  {path_text}")
+    return 0
+
+
+def _walk_files(paths: tuple[Path, ...]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            for dirpath, _dirs, names in os.walk(path):
+                for name in sorted(names):
+                    candidate = Path(dirpath) / name
+                    if candidate.is_file() and not candidate.is_symlink():
+                        yield candidate
+        else:
+            yield path
+
+
+@cas.command("verify")
+@click.option("--json", "as_json", is_flag=True)
+@pass_rooted
+def verify(rooted: RootedContext, as_json: bool) -> int:
+    """Rehash every blob; corrupt blobs are moved to ROOT/quarantine and never served again.
+
+    Exit status 1 if anything was corrupt.
+    """
+    from treemat.cas import ContentStore
+
+    store = ContentStore(rooted.root)
+    total = store.stats().blobs
+    with progress_bar(total, "verifying", enabled=not as_json and total >= 200) as advance:
+        report = store.verify_all(progress=advance)
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo(describe_report(report))
+    return 1 if report.corrupt else 0
+
+
+@cas.command("gc")
+@click.option("--max-size", required=True, help="Target CAS size, e.g. 20G. Least recently used blobs go first.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_rooted
+def gc(rooted: RootedContext, max_size: str, as_json: bool) -> int:
+    """Delete least-recently-used blobs until the CAS fits in --max-size.
+
+    Blobs in use (hardlinked into a live exec dir or the directory cache) are never deleted; GC waits
+    for running stagers to release the CAS.
+    """
+    from treemat.cas import ContentStore
+
+    report = ContentStore(rooted.root).gc(parse_size(max_size))
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo(describe_report(report))
+    return 0
+
+
+@cas.command("stats")
+@click.option("--json", "as_json", is_flag=True)
+@pass_rooted
+def stats(rooted: RootedContext, as_json: bool) -> int:
+    """Blob count and bytes in the CAS."""
+    from treemat.cas import ContentStore
+
+    report = ContentStore(rooted.root).stats()
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo(describe_report(report))
+    return 0

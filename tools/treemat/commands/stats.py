@@ -1,0 +1,140 @@
+"""`treemat stats`: what every treemat process did, summed (files per backend, cache hits, ingests)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import click
+
+from treemat.commands._common import RootedContext, human_bytes, pass_rooted
+from treemat.counters import FILE_METHOD_COUNTERS, StatsStore
+from treemat.errors import TreematError
+
+_SUMMARIZED = frozenset(
+    {
+        "subtree_hits",
+        "subtree_misses",
+        "evictions",
+        "actions",
+        "action_failures",
+        "ingested_blobs",
+        "ingested_bytes",
+        "integrity_quarantined",
+    }
+)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable totals, per-process records included.")
+@click.option("--reset", is_flag=True, help="Forget all recorded counters.")
+@click.option("--watch", is_flag=True, help="Redraw whenever a treemat process publishes counters (Ctrl-C stops).")
+@click.option("--max-updates", type=click.IntRange(min=1), default=None, help="With --watch: stop after N redraws.")
+@pass_rooted
+def stats(rooted: RootedContext, as_json: bool, reset: bool, watch: bool, max_updates: int | None) -> int:
+    """Show what treemat did: files per backend, subtree cache hits, ingests, quarantines.
+
+    Every treemat process (persistent workers included) publishes its counters under ROOT/stats;
+    this sums them. A silent fallback to `copy` shows up here, loudly. `--watch` follows a running
+    build live (filesystem events through the optional `watchdog` package: pip install 'treemat[watch]').
+    """
+    store = StatsStore(rooted.root)
+    if reset:
+        click.echo(f"removed {store.reset()} stats records")
+    elif watch:
+        watch_stats(store, rooted.root, as_json=as_json, max_updates=max_updates)
+    else:
+        show_stats(store, rooted.root, as_json=as_json)
+    return 0
+
+
+def format_counters(values: Mapping[str, int]) -> str:
+    """Human summary of counters, with a loud line when files silently fell back to copying."""
+    placed = {name: values.get(name, 0) for name in FILE_METHOD_COUNTERS}
+    total = sum(placed.values())
+    lines = ["files by backend:"]
+    for name, count in placed.items():
+        share = f"{100 * count / total:5.1f}%" if total else "    -"
+        lines.append(f"  {name:<10} {count:>10}  {share}")
+    hits, misses = values.get("subtree_hits", 0), values.get("subtree_misses", 0)
+    lines.append(f"subtree cache: {hits} hits, {misses} misses, {values.get('evictions', 0)} evictions")
+    lines.append(
+        f"actions: {values.get('actions', 0)} ({values.get('action_failures', 0)} failed), "
+        f"ingested {values.get('ingested_blobs', 0)} blobs / {human_bytes(values.get('ingested_bytes', 0))}, "
+        f"quarantined {values.get('integrity_quarantined', 0)}"
+    )
+    others = sorted(k for k in values if k not in FILE_METHOD_COUNTERS and k not in _SUMMARIZED)
+    for name in others:
+        lines.append(f"  {name}: {values[name]}")
+    fast = placed["clonefile"] + placed["reflink"] + placed["hardlink"]
+    if placed["copy"] and placed["copy"] >= fast:
+        lines.append(
+            "WARNING: most files were COPIED — the CAS and exec dirs are probably on different filesystems "
+            "or the filesystem supports neither reflinks nor hardlinks (see `treemat probe`)."
+        )
+    return "\n".join(lines)
+
+
+def show_stats(store: StatsStore, root: Path, *, as_json: bool) -> None:
+    """Print the summed counters (and recent actions) once."""
+    records = store.load_all()
+    totals = store.totals()
+    if as_json:
+        click.echo(json.dumps({"root": str(root), "totals": totals, "processes": records}, sort_keys=True))
+        return
+    click.echo(f"treemat root: {root}  ({len(records)} process records)")
+    modes = sorted({f"{r.get('isolation')} ({r.get('write_watch')})" for r in records if r.get("isolation")})
+    if modes:
+        click.echo(f"isolation: {', '.join(modes)}")
+    click.echo(format_counters(totals))
+    recent = [a for r in records for a in _as_list(r.get("recent_actions"))]
+    if recent:
+        click.echo("recent actions:")
+        for action in recent[-10:]:
+            click.echo(f"  {json.dumps(action, sort_keys=True)}")
+
+
+def watch_stats(store: StatsStore, root: Path, *, as_json: bool, max_updates: int | None) -> None:
+    """Redraw the stats each time a stats record changes (needs the optional `watchdog` package)."""
+    try:
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+    except ImportError:
+        raise TreematError(
+            "`stats --watch` needs the watchdog package: pip install 'treemat[watch]' (or run `treemat stats`)"
+        ) from None
+
+    changed = threading.Event()
+
+    class _Changed(FileSystemEventHandler):  # type: ignore[misc]
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            changed.set()
+
+    store.directory.mkdir(parents=True, exist_ok=True)
+    observer = Observer()
+    observer.schedule(_Changed(), str(store.directory))
+    observer.start()
+    updates = 0
+    try:
+        while max_updates is None or updates < max_updates:
+            if not as_json:
+                click.clear()
+            show_stats(store, root, as_json=as_json)
+            updates += 1
+            if max_updates is not None and updates >= max_updates:
+                break
+            changed.wait()
+            time.sleep(0.2)  # coalesce a burst of publishes into one redraw
+            changed.clear()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        observer.stop()
+        observer.join()
+
+
+def _as_list(value: object) -> list[object]:
+    return list(value) if isinstance(value, list) else []
