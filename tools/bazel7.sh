@@ -3,7 +3,7 @@
 #
 #   tools/bazel7.sh setup                         create (or finish, or update) the chroot; idempotent
 #   tools/bazel7.sh run [--bind DIR]... -- CMD..  run CMD in the chroot (creating it first if needed)
-#   tools/bazel7.sh test [PYTEST ARGS]..          setup, then the Bazel 7 legs of the adoption e2e test
+#   tools/bazel7.sh test [PYTEST ARGS]..          setup, then the adoption e2e test on Bazel 7 (both modes)
 #   tools/bazel7.sh root                          print where the chroot lives
 #
 # The chroot lives in $TREEMAT_BAZEL7_ROOT (default ~/.cache/treemat/bazel7-sid; never inside the repository).
@@ -22,7 +22,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 ROOT="${TREEMAT_BAZEL7_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/treemat/bazel7-sid}"
 # Bump when the recipe below changes: `setup` then re-runs every step after debootstrap.
-RECIPE=1
+RECIPE=2
 READY="$ROOT/.treemat-bazel7-ready"
 STUBS=/usr/share/treemat/bzlmod-stubs
 SWIFT_DIR="${TREEMAT_SWIFT_DIR:-/opt/swift}"
@@ -168,9 +168,11 @@ setup() {
     in_chroot update-ca-certificates >/dev/null
   fi
   step=$SECONDS
-  # treemat's runtime dependencies, read from pyproject.toml (treemat itself comes from PYTHONPATH in `run`).
+  # treemat's runtime dependencies, read from pyproject.toml (treemat itself comes from PYTHONPATH in `run`),
+  # and pytest for the tests that run in here.
   cp "$REPO/pyproject.toml" "$ROOT/tmp/treemat-pyproject.toml"
   in_chroot sh -c 'python3 -c "import tomllib; print(\"\\n\".join(tomllib.load(open(\"/tmp/treemat-pyproject.toml\", \"rb\"))[\"project\"][\"dependencies\"]))" >/tmp/treemat-requirements.txt
+    echo "pytest>=7" >>/tmp/treemat-requirements.txt
     python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --break-system-packages \
       -r /tmp/treemat-requirements.txt'
   log "pip took $((SECONDS - step)) s"
@@ -213,10 +215,24 @@ main() {
     setup) setup; echo "$ROOT" ;;
     run) need_root; run "$@" ;;
     test)
-      setup
+      # Both Bazel 7 flavors of the adoption e2e test, run by pytest inside the chroot (one session, so each
+      # flavor keeps its Bazel server). Scratch space: $TREEMAT_BAZEL7_TMP (kept), else a fresh dir in /var/tmp
+      # (removed after a pass).
+      need_root
+      local tmp="${TREEMAT_BAZEL7_TMP:-}"
+      [ -n "$tmp" ] || tmp="$(mktemp -d /var/tmp/treemat-bazel7.XXXXXX)"
+      mkdir -p "$tmp"
+      tmp="$(realpath "$tmp")"
       cd "$REPO"
-      TREEMAT_BAZEL7_ROOT="$ROOT" PYTHONPATH="$REPO/tools${PYTHONPATH:+:$PYTHONPATH}" \
-        exec python3 -m pytest -q -ra -m bazel7 tests/e2e/test_adoption_e2e.py "$@"
+      local status=0
+      run --bind "$tmp" -- python3 -m pytest -q -ra -p no:cacheprovider tests/e2e/test_adoption_e2e.py \
+        --basetemp="$tmp/pytest" "$@" || status=$?
+      if [ "$status" -eq 0 ] && [ -z "${TREEMAT_BAZEL7_TMP:-}" ]; then
+        rm -rf "$tmp"
+      else
+        log "workspaces and output bases kept in $tmp"
+      fi
+      return "$status"
       ;;
     *) usage ;;
   esac
