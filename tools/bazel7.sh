@@ -13,7 +13,8 @@
 # Bzlmod resolve @bazel_tools offline. Recipe and measurements: docs/bazel.md "Bazel 7 (Debian sid chroot)".
 #
 # `run` mounts proc, /sys, /dev, /opt/swift (read-only), this checkout and every --bind DIR at the same paths
-# inside the chroot, in a private mount namespace (unshare --mount): the host never sees those mounts, and
+# inside the chroot, in a private mount namespace (unshare --mount) whose root it pivots to the chroot (the
+# rest of the host is not visible): the host never sees those mounts, and
 # the kernel drops them when the last process of the namespace exits, whatever the exit status. A Bazel
 # server started by CMD keeps its namespace alive until `bazel shutdown` or its idle timeout (15 minutes,
 # set in the chroot's /etc/bazel/bazelrc); a later `run` reaches it over its localhost port.
@@ -22,7 +23,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 ROOT="${TREEMAT_BAZEL7_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/treemat/bazel7-sid}"
 # Bump when the recipe below changes: `setup` then re-runs every step after debootstrap.
-RECIPE=2
+RECIPE=3
 READY="$ROOT/.treemat-bazel7-ready"
 STUBS=/usr/share/treemat/bzlmod-stubs
 SWIFT_DIR="${TREEMAT_SWIFT_DIR:-/opt/swift}"
@@ -53,13 +54,16 @@ mirror() {
   echo "${uri:-http://deb.debian.org/debian}"
 }
 
-# Runs "$@" (a command on the host) in a private mount namespace with the chroot's mounts in place.
-# Mount points: proc, sys, dev, the Swift toolchain, then the bind dirs (absolute, existing) at the same path.
+# Runs "$@" inside the chroot, in a private mount namespace with the chroot's mounts in place: proc, sys,
+# dev, the Swift toolchain (read-only), then the bind dirs (absolute, existing) at the same paths. The
+# namespace's root is pivoted to the chroot (pivot_root, not chroot(2): the kernel refuses user namespaces to
+# chrooted processes, and Bazel's linux-sandbox and treemat's hardlink isolation need them).
 in_namespace() {
   local binds=("${BINDS[@]}")
   unshare --mount --propagation private -- bash -euo pipefail -c '
     root="$1"; swift="$2"; nbinds="$3"; shift 3
     binds=("${@:1:$nbinds}"); shift "$nbinds"
+    mount --bind "$root" "$root"
     mount -t proc proc "$root/proc"
     mount --rbind /sys "$root/sys" && mount --make-rslave "$root/sys"
     mount --rbind /dev "$root/dev" && mount --make-rslave "$root/dev"
@@ -71,13 +75,16 @@ in_namespace() {
       mkdir -p "$root$dir"
       mount --rbind "$dir" "$root$dir"
     done
-    exec "$@"
+    cd "$root"
+    mkdir -p .treemat-oldroot
+    pivot_root . .treemat-oldroot
+    exec chroot . /bin/sh -c "umount -l /.treemat-oldroot && exec \"\$@\"" sh "$@"
   ' bash "$ROOT" "$SWIFT_DIR" "${#binds[@]}" "${binds[@]}" "$@"
 }
 
 in_chroot() {
   # Runs a command in the chroot with a clean, predictable environment (setup steps only).
-  in_namespace chroot "$ROOT" /usr/bin/env -i HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive \
+  in_namespace /usr/bin/env -i HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@"
 }
 
@@ -168,11 +175,16 @@ setup() {
     in_chroot update-ca-certificates >/dev/null
   fi
   step=$SECONDS
-  # treemat's runtime dependencies, read from pyproject.toml (treemat itself comes from PYTHONPATH in `run`),
-  # and pytest for the tests that run in here.
+  # treemat's runtime and test dependencies (pytest, hypothesis), read from pyproject.toml; treemat itself
+  # comes from PYTHONPATH in `run`.
   cp "$REPO/pyproject.toml" "$ROOT/tmp/treemat-pyproject.toml"
-  in_chroot sh -c 'python3 -c "import tomllib; print(\"\\n\".join(tomllib.load(open(\"/tmp/treemat-pyproject.toml\", \"rb\"))[\"project\"][\"dependencies\"]))" >/tmp/treemat-requirements.txt
-    echo "pytest>=7" >>/tmp/treemat-requirements.txt
+  cat >"$ROOT/tmp/treemat-requirements.py" <<'EOF'
+import tomllib
+
+project = tomllib.load(open("/tmp/treemat-pyproject.toml", "rb"))["project"]
+print("\n".join(project["dependencies"] + project["optional-dependencies"]["test"]))
+EOF
+  in_chroot sh -c 'python3 /tmp/treemat-requirements.py >/tmp/treemat-requirements.txt &&
     python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --break-system-packages \
       -r /tmp/treemat-requirements.txt'
   log "pip took $((SECONDS - step)) s"
@@ -200,7 +212,7 @@ run() {
     case "$PWD/" in "$dir"/*) cwd="$PWD" ;; esac
   done
   # The caller's environment, minus what points at host-only places; treemat from this checkout.
-  in_namespace chroot "$ROOT" /usr/bin/env -u TMPDIR -u VIRTUAL_ENV -u PYTHONHOME \
+  in_namespace /usr/bin/env -u TMPDIR -u VIRTUAL_ENV -u PYTHONHOME \
     PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$SWIFT_DIR/usr/bin" \
     PYTHONPATH="$REPO/tools${PYTHONPATH:+:$PYTHONPATH}" HOME=/root TREEMAT_BAZEL7_CHROOT="$ROOT" \
     sh -c 'cd "$1" && shift && exec "$@"' sh "$cwd" "$@"
