@@ -6,7 +6,8 @@ bazel-bootstrap 7.7.1: `bazel7-workspace` (WORKSPACE + `treemat_dependencies()`,
 module runs in one chroot session, so each flavor keeps one Bazel server across its tests.
 
 Skipped unless the chroot exists (`sudo tools/bazel7.sh setup` creates it: about 2 minutes, 1.7 GB); these
-tests never create it. `tools/bazel7.sh test` creates it if needed and runs the legs with per-test output.
+tests never create it (they do bring an existing one up to the script's current recipe). `tools/bazel7.sh
+test` creates it if needed and runs the legs with per-test output.
 """
 
 from __future__ import annotations
