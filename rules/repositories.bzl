@@ -87,10 +87,18 @@ def _compiler_identity(repository_ctx, swiftc):
         fail("treemat: {} --version failed:\n{}".format(swiftc, version.stderr))
     real = repository_ctx.execute(["readlink", "-f", swiftc]).stdout.strip() or swiftc
     lines = ["swiftc: " + swiftc, "resolved: " + real, "sha256(swiftc): " + _digest(repository_ctx, real)]
+    watched = [swiftc, real]
     frontend = repository_ctx.path(real).dirname.get_child("swift-frontend")
     if frontend.exists:
         real_frontend = repository_ctx.execute(["readlink", "-f", str(frontend)]).stdout.strip()
         lines.append("sha256(swift-frontend): " + _digest(repository_ctx, real_frontend or str(frontend)))
+        watched.append(real_frontend or str(frontend))
+
+    # Bazel >= 7.1 re-runs this rule by itself when a watched file changes (an in-place compiler upgrade);
+    # Bazel 4.x has no watch(): there, `bazel sync --configure` does it.
+    if hasattr(repository_ctx, "watch"):
+        for path in watched:
+            repository_ctx.watch(path)
     first_line = version.stdout.strip().split("\n")[0]
     short = first_line
     if "version " in first_line:
@@ -125,7 +133,7 @@ treemat_swift_configure = repository_rule(
     },
     environ = ["SWIFTC", "PATH"],
     local = True,
-    configure = True,  # `bazel sync --configure` re-runs it (after upgrading swiftc in place)
+    configure = True,  # Bazel 4.x: `bazel sync --configure` re-runs it (after upgrading swiftc in place)
     doc = """Finds swiftc ($SWIFTC, then PATH, then /opt/swift/usr/bin) and writes a Swift toolchain.
 
 The generated repository has `:toolchain` (register it; `treemat_dependencies()` and MODULE.bazel do),
@@ -235,42 +243,62 @@ _STANDINS = {
     },
 }
 
-def _treemat_standin_impl(repository_ctx):
-    files = _STANDINS[repository_ctx.attr.kind]
+_EMPTY_REPO = {
+    "BUILD.bazel": "# Empty offline stand-in (written by treemat_dependencies): Bazel 4.x never loads it.\n",
+}
+
+def _treemat_local_or_standin_impl(repository_ctx):
+    source = repository_ctx.path(repository_ctx.attr.path) if repository_ctx.attr.path else None
+    if source and source.exists:
+        # Debian's copy (bazel-rules-java on bookworm; on sid, bazel-bootstrap 7 ships rules_cc,
+        # rules_python and bazel_skylib too), symlinked entry by entry like a local_repository.
+        for entry in source.readdir():
+            repository_ctx.symlink(entry, entry.basename)
+        if not repository_ctx.path("WORKSPACE").exists and not repository_ctx.path("WORKSPACE.bazel").exists:
+            repository_ctx.file("WORKSPACE", 'workspace(name = "{}")\n'.format(repository_ctx.name))
+        return
+    if repository_ctx.attr.required:
+        fail(("treemat_dependencies: {} does not exist. Install Debian's bazel-rules-java " +
+              "(apt-get install bazel-rules-java), or declare @{} yourself before calling " +
+              "treemat_dependencies().").format(repository_ctx.attr.path, repository_ctx.name))
+    files = _STANDINS.get(repository_ctx.attr.kind, _EMPTY_REPO)
     for path in sorted(files.keys()):
         repository_ctx.file(path, files[path], executable = path.endswith(".sh"))
     repository_ctx.file("WORKSPACE", 'workspace(name = "{}")\n'.format(repository_ctx.name))
 
-_treemat_standin = repository_rule(
-    implementation = _treemat_standin_impl,
-    attrs = {"kind": attr.string(mandatory = True, values = sorted(_STANDINS.keys()))},
-    doc = "Writes a tiny offline stand-in for a repository Bazel 4.x would download.",
-)
-
-_DEBIAN_RULES_JAVA = "/usr/share/bazel/rules/java"
-
-def _treemat_rules_java_impl(repository_ctx):
-    source = repository_ctx.path(repository_ctx.attr.path)
-    if not source.exists:
-        fail(("treemat_dependencies: {} does not exist. Install Debian's bazel-rules-java " +
-              "(apt-get install bazel-rules-java), or declare @rules_java yourself before calling " +
-              "treemat_dependencies().").format(repository_ctx.attr.path))
-    for entry in source.readdir():
-        repository_ctx.symlink(entry, entry.basename)
-
-_treemat_rules_java = repository_rule(
-    implementation = _treemat_rules_java_impl,
-    attrs = {"path": attr.string(mandatory = True)},
+_treemat_local_or_standin = repository_rule(
+    implementation = _treemat_local_or_standin_impl,
+    attrs = {
+        "path": attr.string(doc = "Local directory to use when it exists (Debian's copy of the repository)."),
+        "kind": attr.string(
+            default = "empty",
+            values = ["empty"] + sorted(_STANDINS.keys()),
+            doc = "Stand-in to write when `path` does not exist: a tiny offline replacement, or an empty repo.",
+        ),
+        "required": attr.bool(doc = "Fail with instructions when `path` does not exist (no stand-in)."),
+    },
     local = True,
-    doc = "@rules_java from a local directory (Debian's bazel-rules-java), symlinked entry by entry.",
+    doc = """A repository from a local directory if it exists (symlinked entry by entry), else an offline stand-in.
+
+Bazel 4.x (Debian bookworm) downloads rules_cc and remote_coverage_tools from every WORKSPACE: stand-ins
+replace them. Bazel 7 (Debian sid, `--noenable_bzlmod`) downloads rules_cc, rules_python and bazel_skylib from
+its WORKSPACE suffix unless they are declared: Debian's bazel-bootstrap ships them under /usr/share/bazel.""",
 )
+
+# Debian's copies: bazel-rules-java (bookworm and sid) and, on sid, the rules bazel-bootstrap 7 ships.
+_DEBIAN_RULES_JAVA = "/usr/share/bazel/rules/java"
+_DEBIAN_RULES_CC = "/usr/share/bazel/rules/cc"
+_DEBIAN_RULES_PYTHON = "/usr/share/bazel/rules/python"
+_DEBIAN_BAZEL_SKYLIB = "/usr/share/bazel/tools/skylib"
 
 def treemat_dependencies(register_toolchains = True, rules_java_path = _DEBIAN_RULES_JAVA):
     """Everything a WORKSPACE needs to use treemat's rules, offline.
 
-    Declares (unless the WORKSPACE already declared them) `rules_java` (Debian's bazel-rules-java),
-    stand-ins for `rules_cc` and `remote_coverage_tools` (which Bazel 4.x would download), the generated
-    `treemat_swift` (swiftc found on the host) and `treemat_python` (the python3 on PATH) repositories, and
+    Declares (unless the WORKSPACE already declared them) `rules_java` (Debian's bazel-rules-java);
+    `rules_cc`, `rules_python` and `bazel_skylib` from Debian's bazel-bootstrap when it ships them (Bazel 7
+    on sid, whose WORKSPACE suffix would otherwise download them), else offline stand-ins (Bazel 4.x on
+    bookworm, which never loads the last two); a stand-in `remote_coverage_tools`; the generated
+    `treemat_swift` (swiftc found on the host) and `treemat_python` (the python3 on PATH) repositories; and
     registers both toolchains.
 
     Args:
@@ -280,11 +308,16 @@ def treemat_dependencies(register_toolchains = True, rules_java_path = _DEBIAN_R
         dependencies installed.
       rules_java_path: where `@rules_java` comes from when the WORKSPACE did not declare it.
     """
-    if not native.existing_rule("rules_java"):
-        _treemat_rules_java(name = "rules_java", path = rules_java_path)
-    for name in ["rules_cc", "remote_coverage_tools"]:
+    repositories = {
+        "rules_java": dict(path = rules_java_path, required = True),
+        "rules_cc": dict(path = _DEBIAN_RULES_CC, kind = "rules_cc"),
+        "remote_coverage_tools": dict(kind = "remote_coverage_tools"),
+        "rules_python": dict(path = _DEBIAN_RULES_PYTHON),
+        "bazel_skylib": dict(path = _DEBIAN_BAZEL_SKYLIB),
+    }
+    for name in sorted(repositories.keys()):
         if not native.existing_rule(name):
-            _treemat_standin(name = name, kind = name)
+            _treemat_local_or_standin(name = name, **repositories[name])
     if not native.existing_rule("treemat_swift"):
         treemat_swift_configure(name = "treemat_swift")
     if not native.existing_rule("treemat_python"):

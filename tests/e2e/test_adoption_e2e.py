@@ -9,7 +9,14 @@ a multi-module Swift package with real Bazel and swiftc, offline:
 - builds without `--config=treemat` (Bazel's default order: the worker), with it, and with an explicit
   `--spawn_strategy=local` (honoured: no worker) are byte-identical; toggling the config or the worker's root
   on a warm output base runs nothing;
-- a compiler replaced in place (then `bazel sync --configure`) re-runs every compile.
+- a compiler replaced in place (then `bazel sync --configure` on 4.2.3; Bazel 7 notices by itself) re-runs
+  every compile.
+
+The same tests run on Bazel 7.7.1 in the Debian sid chroot of tools/bazel7.sh, in WORKSPACE mode
+(`--noenable_bzlmod`) and with Bzlmod (the fresh workspace's MODULE.bazel is docs/bazel.md's `bazel_dep` +
+`local_path_override`, with `--noenable_workspace`): inside the chroot (TREEMAT_BAZEL7_CHROOT set) the flavors
+are `bazel7-workspace` and `bazel7-bzlmod`, elsewhere `bazel4`. tests/e2e/test_adoption_bazel7.py runs them
+from the host.
 """
 
 from __future__ import annotations
@@ -31,6 +38,15 @@ SWIFTC = shutil.which("swiftc") or ("/opt/swift/usr/bin/swiftc" if Path("/opt/sw
 MNEMONICS = ("SwiftCompile", "SwiftLink", "SwiftTestDiscovery", "TreematRun")
 EXECUTABLES = {"greet", "XCTestCases", "SwiftTestingCases"}
 SWIFT_MNEMONICS = {"SwiftCompile", "SwiftLink", "SwiftTestDiscovery"}
+# Inside tools/bazel7.sh's chroot `bazel` is 7.7.1; both of its modes are tested there.
+IN_BAZEL7_CHROOT = bool(os.environ.get("TREEMAT_BAZEL7_CHROOT"))
+FLAVORS = ["bazel7-workspace", "bazel7-bzlmod"] if IN_BAZEL7_CHROOT else ["bazel4"]
+# What each flavor adds to the fresh workspace's .bazelrc (the documented block itself serves 4.2.3 and 7).
+FLAVOR_RC = {
+    "bazel4": "",
+    "bazel7-workspace": "common --noenable_bzlmod\n",
+    "bazel7-bzlmod": "common --enable_bzlmod\n",  # plus docs/bazel.md's Bzlmod .bazelrc lines
+}
 
 pytestmark = [
     pytest.mark.bazel,
@@ -222,6 +238,7 @@ class Workspace:
     wrapper: Path
     logs: Path
     env: dict[str, str]
+    flavor: str
 
     def bazel(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         run = subprocess.run(
@@ -254,9 +271,18 @@ class Workspace:
         return digests
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
-    base = tmp_path_factory.mktemp("adoption")
+def _doc_blocks(heading: str) -> list[str]:
+    """Every fenced code block under `### heading` in docs/bazel.md (up to the next heading)."""
+    text = (REPO / "docs" / "bazel.md").read_text()
+    match = re.search(rf"^### {re.escape(heading)}\n(.*?)(?=^##|\Z)", text, re.S | re.M)
+    assert match, f"docs/bazel.md has no section '### {heading}'"
+    return re.findall(r"^```[a-z]*\n(.*?)^```", match.group(1), re.S | re.M)
+
+
+@pytest.fixture(scope="module", params=FLAVORS)
+def workspace(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
+    flavor: str = request.param
+    base = tmp_path_factory.mktemp(f"adoption-{flavor}")
     path = base / "consumer"
     path.mkdir()
     wrapper = base / "toolchain" / "swiftc"
@@ -264,11 +290,19 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     wrapper.write_text(WRAPPER.format(build=1, swiftc=SWIFTC))
     wrapper.chmod(0o755)
     root = base / "treemat-root"
-    (path / "WORKSPACE").write_text(
-        'workspace(name = "consumer")\n\n' + _doc_block("WORKSPACE").replace("/path/to/treemat", str(REPO))
-    )
+    flavor_rc = FLAVOR_RC[flavor]
+    if flavor == "bazel7-bzlmod":
+        module, bazelrc = _doc_blocks("Bzlmod (Bazel 7)")
+        (path / "MODULE.bazel").write_text(
+            'module(name = "consumer")\n\n' + module.replace("/path/to/treemat", str(REPO))
+        )
+        flavor_rc += bazelrc
+    else:
+        (path / "WORKSPACE").write_text(
+            'workspace(name = "consumer")\n\n' + _doc_block("WORKSPACE").replace("/path/to/treemat", str(REPO))
+        )
     roots = "".join(f"build --worker_extra_flag={m}=--root={root}\n" for m in MNEMONICS)
-    (path / ".bazelrc").write_text("build --nosandbox_debug\n" + _doc_block(".bazelrc") + roots)
+    (path / ".bazelrc").write_text("build --nosandbox_debug\n" + _doc_block(".bazelrc") + roots + flavor_rc)
     (path / "BUILD.bazel").write_text(BUILD)
     for name, content in SOURCES.items():
         (path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -277,7 +311,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     logs = base / "logs"
     logs.mkdir()
     env = dict(os.environ, SWIFTC=str(wrapper))
-    ws = Workspace(path, base / "output_base", root, wrapper, logs, env)
+    ws = Workspace(path, base / "output_base", root, wrapper, logs, env, flavor)
     try:
         yield ws
     finally:
@@ -292,7 +326,9 @@ def default_build(workspace: Workspace) -> tuple[list[tuple[str, str]], dict[str
 
 
 def _swift_runners(spawns: list[tuple[str, str]]) -> set[str]:
-    return {runner for mnemonic, runner in spawns if mnemonic in SWIFT_MNEMONICS}
+    # Bazel 4.2.3 logs multiplexed worker spawns as "worker", Bazel 7 as "multiplex-worker".
+    swift = [runner for mnemonic, runner in spawns if mnemonic in SWIFT_MNEMONICS]
+    return {"worker" if runner.endswith("worker") else runner for runner in swift}
 
 
 def test_default_build_runs_on_the_worker_and_the_app_works(
@@ -373,7 +409,9 @@ def test_replacing_the_compiler_reruns_every_compile(
 ) -> None:
     assert workspace.build("same-compiler") == []
     workspace.wrapper.write_text(WRAPPER.format(build=2, swiftc=SWIFTC))  # an in-place upgrade
-    workspace.bazel("sync", "--configure")
+    if workspace.flavor == "bazel4":
+        workspace.bazel("sync", "--configure")
+    # Bazel 7 watches the compiler's files (repository_ctx.watch) and re-runs treemat_swift_configure itself.
     spawns = workspace.build("new-compiler")
     assert sorted(m for m, _ in spawns if m == "SwiftCompile") == ["SwiftCompile"] * 7
     assert len([m for m, _ in spawns if m == "SwiftLink"]) == 3
