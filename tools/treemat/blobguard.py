@@ -74,6 +74,7 @@ class BlobGuard:
         self._by_watch: dict[int, tuple[str, bool]] = {}
         self._watch_of: dict[tuple[str, bool], int] = {}
         self._tainted: set[BlobIdentity] = set()
+        self.taint_reasons: dict[BlobIdentity, str] = {}
         self.taint_generation = 0  # bumped whenever an inode is tainted: a cheap "anything new?" check
         self._dir_watch: dict[int, Callable[[], None]] = {}
         self._inotify = _open_inotify()
@@ -192,6 +193,7 @@ class BlobGuard:
             return []
         events = self._inotify.read(timeout=0)
         hit: list[tuple[str, bool]] = []
+        why: dict[tuple[str, bool], str] = {}
         notify: list[Callable[[], None]] = []
         for event in events:
             if event.mask & inotify_flags.Q_OVERFLOW:
@@ -211,8 +213,10 @@ class BlobGuard:
                 continue
             if key not in hit:
                 hit.append(key)
+            names = "|".join(flag.name or "?" for flag in inotify_flags.from_mask(event.mask))
+            why[key] = f"{why[key]},{names}" if key in why else names
         for key in hit:
-            self._reject(key, "written to while in the store (inotify)", written=True)
+            self._reject(key, f"written to while in the store (inotify {why[key]})", written=True)
         for callback in notify:
             callback()
         return hit
@@ -271,6 +275,7 @@ class BlobGuard:
                 self._by_watch.pop(wd, None)
             if known is not None and written:
                 self._tainted.add(known[0])
+                self.taint_reasons[known[0]] = reason
                 self.taint_generation += 1
         if wd is not None and self._inotify is not None:
             with contextlib.suppress(OSError):

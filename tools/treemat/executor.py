@@ -214,13 +214,14 @@ class ActionExecutor:
             staged.update((file.identity, path) for path, file in pooled.files.items())
         if not staged or not self.guard.tainted(set(staged)):
             return
-        names = sorted(path for identity, path in staged.items() if self.guard.tainted({identity}))
+        hits = sorted((path, identity) for identity, path in staged.items() if self.guard.tainted({identity}))
+        names = [path for path, _identity in hits]
         result.quarantined.extend(names)
         result.exit_code = result.exit_code or 1
         result.output += (
             f"treemat: error: input(s) {', '.join(repr(name) for name in names[:5])} were modified in the CAS while "
             "the action ran; the blobs were quarantined and the action failed rather than return a result built "
-            "from unknown bytes (rerun the build)\n"
+            f"from unknown bytes (rerun the build); {self.guard.taint_reasons.get(hits[0][1], '')}\n"
         )
 
     def _finish(self, exec_dir: Path, pooled: PooledDir | None, relinked: list[tuple[str, bool]]) -> None:
