@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,50 @@ def test_output_hardlinked_to_an_input_never_shares_the_cas_inode(execroot: Path
     assert out.stat().st_ino != blob.stat().st_ino, "Bazel would chmod the CAS blob through this output"
     os.chmod(out, 0o555)  # what Bazel does to outputs
     assert executor.cas.check_fingerprint(data.hash, False)
+
+
+def test_no_tool_is_forked_while_an_ingest_holds_a_writable_descriptor(tmp_path: Path) -> None:
+    """A child forked then would close the ingest's descriptor after publication: a phantom write event."""
+    executor = make_executor(tmp_path / "root")
+    marker = tmp_path / "started"
+    gate = executor.cas.fork_gate
+    done: list[int] = []
+    with gate.writing():
+        thread = threading.Thread(
+            target=lambda: done.append(
+                executor.runner.run(0, ["touch", str(marker)], cwd=tmp_path, env=dict(os.environ)).exit_code
+            )
+        )
+        thread.start()
+        thread.join(0.5)
+        assert not marker.exists(), "the tool was started while an ingest was writing"
+    thread.join(30)
+    assert done == [0] and marker.exists()
+
+
+def test_concurrent_ingests_and_tool_launches_never_fail_an_action(tmp_path: Path) -> None:
+    """Regression: actions ingesting new blobs beside actions launching tools (a phantom IN_CLOSE_WRITE tainted
+    freshly published blobs and failed the action that had just staged them)."""
+    executor = make_executor(tmp_path / "root")
+    execroot = tmp_path / "execroot"
+    failures: list[str] = []
+
+    def ingesting(worker: int) -> None:
+        for round_ in range(15):
+            inputs = []
+            for index in range(20):
+                rel = f"w{worker}/r{round_}/f{index}"
+                (execroot / rel).parent.mkdir(parents=True, exist_ok=True)
+                (execroot / rel).write_bytes(f"{worker} {round_} {index}\n".encode() * 200)
+                inputs.append(RequestInput(rel, _sha(execroot / rel)))
+            spec = ActionSpec(argv=["true"], outputs=[])
+            result = executor.execute(ActionRequest(spec, inputs, execroot))
+            if result.exit_code != 0:
+                failures.append(result.output)
+
+    threads = [threading.Thread(target=ingesting, args=(w,)) for w in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert failures == []

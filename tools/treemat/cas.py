@@ -27,7 +27,7 @@ from pathlib import Path
 from treemat.counters import Counters
 from treemat.digest import EMPTY_DIGEST, Digest, check_hash
 from treemat.errors import CasError, CorruptBlobError, MissingBlobError
-from treemat.locking import file_lock
+from treemat.locking import ForkGate, file_lock
 
 BLOB_MTIME_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z: a blob whose mtime differs was written to
 PLAIN_MODE = 0o440
@@ -118,6 +118,7 @@ class ContentStore:
         for directory in (self.cas_dir, self.tmp_dir, self.quarantine_dir):
             directory.mkdir(mode=self.dir_mode, exist_ok=True)
         self._cas_prefix = f"{self.cas_dir}/"
+        self.fork_gate = ForkGate()
         self._touched: dict[tuple[str, bool], int] = {}
         self._pending_touches: list[tuple[str, bool]] = []
         self._touch_lock = threading.Lock()
@@ -215,20 +216,28 @@ class ContentStore:
 
     @contextlib.contextmanager
     def _temp_blob(self) -> Iterator[_TempBlob]:
-        """A fresh unnamed file in `<root>/tmp` (O_TMPFILE), or a named, flock-held one where unsupported."""
+        """A fresh unnamed file in `<root>/tmp` (O_TMPFILE), or a named, flock-held one where unsupported.
+
+        Held under the fork gate's shared side while the writable descriptor lives (see locking.ForkGate).
+        """
+        with self.fork_gate.writing():
+            temp = self._open_temp()
+            try:
+                yield temp
+            finally:
+                temp.close()
+                if temp.name is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(temp.name)
+
+    def _open_temp(self) -> _TempBlob:
         try:
             temp = _TempBlob(os.open(self.tmp_dir, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600), None)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
                 raise _io_error(exc, f"creating a temp file in {self.tmp_dir}") from None
             temp = _TempBlob(*self._named_temp())
-        try:
-            yield temp
-        finally:
-            os.close(temp.fd)
-            if temp.name is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temp.name)
+        return temp
 
     def _named_temp(self) -> tuple[int, str]:
         """Fallback temp file: held under an exclusive flock for its whole life, so sweeps can tell it is live."""
@@ -462,6 +471,10 @@ class _TempBlob:
             fcntl.flock(read_only, fcntl.LOCK_EX)
         os.close(self.fd)
         self.fd = read_only
+
+    def close(self) -> None:
+        """Close whichever descriptor is held."""
+        os.close(self.fd)
 
 
 def pid_alive(pid: int) -> bool:

@@ -84,7 +84,7 @@ class ActionExecutor:
         self.pool = ExecDirPool(cas, self.guard, size=pool_size) if sandbox is not None and pool_size > 0 else None
         self.inputs = InputStager(cas, self.guard, dircache, self.pool, counters=self.counters,
                                   dispose=self._dispose_path)
-        self.runner = ToolRunner()
+        self.runner = ToolRunner(cas.fork_gate)
         self.keep_exec_dirs = keep_exec_dirs
         self.exec_base = self.root / "exec"
         self.exec_base.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,3 +34,46 @@ def file_lock(path: Path, *, shared: bool = False, blocking: bool = True) -> Ite
         yield
     finally:
         os.close(fd)
+
+
+class ForkGate:
+    """Keeps a process from forking while a CAS ingest holds a writable descriptor (many ingests, one fork).
+
+    A child forked in that window inherits the descriptor until it execs (O_CLOEXEC only closes it then), so the
+    descriptor's last close, and its IN_CLOSE_WRITE event, could land after the blob is published and watched:
+    a write that never happened. Ingests hold the gate shared from creating their temp file until its writable
+    descriptor is closed; tool launches hold it exclusively until the child has exec'd.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._writers = 0
+        self._forking = False
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Held around a writable temp descriptor's life."""
+        with self._condition:
+            while self._forking:
+                self._condition.wait()
+            self._writers += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._writers -= 1
+                self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def forking(self) -> Iterator[None]:
+        """Held around fork + exec of a child process."""
+        with self._condition:
+            while self._forking or self._writers:
+                self._condition.wait()
+            self._forking = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._forking = False
+                self._condition.notify_all()

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from treemat.locking import ForkGate
+
 KILL_GRACE_SECONDS = 0.5  # after the tool exits, its process group gets this long before SIGKILL
 MAX_OUTPUT_BYTES = 16 << 20  # tool stdout+stderr kept for Bazel; the rest is counted, not stored
 
@@ -34,7 +36,8 @@ class ToolOutcome:
 class ToolRunner:
     """Starts tools in their own sessions and cancels them by request id; safe from several threads."""
 
-    def __init__(self) -> None:
+    def __init__(self, fork_gate: ForkGate | None = None) -> None:
+        self.fork_gate = fork_gate if fork_gate is not None else ForkGate()
         self._lock = threading.Lock()
         self._running: dict[int, subprocess.Popen[bytes]] = {}
         self._cancelled: set[int] = set()
@@ -50,7 +53,7 @@ class ToolRunner:
     ) -> ToolOutcome:
         """Run `argv` to completion (or cancellation); errors starting it become an outcome, not an exception."""
         started = time.perf_counter()
-        with self._lock:
+        with self._lock, self.fork_gate.forking():
             if request_id and request_id in self._cancelled:
                 self._cancelled.discard(request_id)
                 return ToolOutcome(1, "treemat: cancelled before start\n", cancelled=True)
