@@ -3,6 +3,7 @@ hand-built REAPI actions (no Bazel). Select with `-m "remote and not slow"`; the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -194,6 +195,28 @@ def test_cancelling_the_operation_kills_the_command(client: Client, tmp_path: Pa
         wait_for(lambda: not _alive(pid), 60, f"the cancelled command (pid {pid}) to be killed")
     finally:
         stream.cancel()
+
+
+def test_a_blob_corrupted_in_a_bots_cas_is_never_served(cluster: Cluster, client: Client) -> None:
+    """Same size, mode and mtime kept: the bot's guard rejects it and the blob is fetched again."""
+    greeting = hashlib.sha256(b"hello from the input root\n").hexdigest()
+    corrupted = 0
+    for bot in cluster.running_bots:
+        blob = bot.root / "cas" / greeting[:2] / greeting
+        if not blob.exists():
+            continue
+        info = blob.stat()
+        os.chmod(blob, 0o640)
+        blob.write_bytes(b"HELLO FROM THE INPUT ROOT\n")
+        os.chmod(blob, info.st_mode & 0o777)
+        os.utime(blob, ns=(info.st_atime_ns, info.st_mtime_ns))
+        corrupted += 1
+    assert corrupted, "an earlier test ran the action on some bot"
+    for round_ in range(2):  # whichever bot leases it
+        done = client.execute(_action(client, salt=f"corrupt{round_}{time.time_ns()}".encode()), skip_cache=True)
+        assert done.status_code == code_pb2.OK, done.status_message
+        first_line = client.read(done.result.stdout_digest).decode().splitlines()[0]
+        assert first_line == "hello from the input root"
 
 
 def test_stats_show_bot_work_per_root(cluster: Cluster, client: Client) -> None:

@@ -84,6 +84,7 @@ class ActionRunner:
         meta = re_pb2.ExecutedActionMetadata(worker=self.worker_name)
         _stamp(meta.worker_start_timestamp)
         transfer = TransferStats()
+        self.stager.begin()
         fetch_start = time.perf_counter()
         _stamp(meta.input_fetch_start_timestamp)
         action = self._action(payload, transfer)

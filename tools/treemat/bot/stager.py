@@ -19,6 +19,7 @@ from treemat.cas import pid_alive
 from treemat.counters import StatsStore
 from treemat.digest import EMPTY_DIGEST, Digest
 from treemat.dircache import StageReport
+from treemat.errors import TreematError
 from treemat.stack import ISOLATION_COW, open_stack
 from treemat.tree import FileNode, InputTree, check_symlinks
 
@@ -37,6 +38,7 @@ class LocalStager:
         self.root = stack.root
         self.counters = stack.counters
         self.cas = stack.cas
+        self.guard = stack.guard
         self.dircache = stack.dircache
         self.isolation = stack.describe()
         self.exec_base = self.root / "exec"
@@ -48,8 +50,12 @@ class LocalStager:
     # --------------------------------------------------------------------------- blobs
 
     def has_blob(self, digest: Digest, executable: bool) -> bool:
-        """True if the blob is in the local CAS (intact) with that exec bit."""
-        return digest.is_empty or self.cas.lookup(digest.hash, executable) is not None
+        """True if the blob is in the local CAS with that exec bit, admitted by the guard as for the worker.
+
+        (lstat identity, size and mode; hashed once per process unless the verified ledger vouches for it;
+        watched for writes.) A blob that fails is quarantined, so it is fetched again from the server.
+        """
+        return digest.is_empty or self.guard.admit(digest.hash, executable, digest.size) is not None
 
     def blob_path(self, digest: Digest, executable: bool) -> Path:
         """Where the local blob lives (check `has_blob` first)."""
@@ -68,7 +74,7 @@ class LocalStager:
         if digest.is_empty:
             return b""
         for executable in (False, True):
-            if self.cas.lookup(digest.hash, executable) is not None:
+            if self.has_blob(digest, executable):
                 with contextlib.suppress(FileNotFoundError):
                     return self.cas.blob_path(digest.hash, executable).read_bytes()
         return None
@@ -89,10 +95,22 @@ class LocalStager:
             with contextlib.suppress(OSError):
                 remove_tree(path)
 
+    def begin(self) -> None:
+        """Before an action: take in every write event, so a blob written since it was verified is not trusted."""
+        self.guard.poll()
+
     def stage(self, tree: InputTree, dest: Path) -> StageReport:
-        """Materialize `tree` into `dest` (must not exist): read-only inputs, writable directories."""
+        """Materialize `tree` into `dest` (must not exist): read-only inputs, writable directories.
+
+        A blob written while it was being copied in is caught here (write events), and the staging refused.
+        """
         with self.cas.in_use():
-            return self.dircache.stage(tree, dest)
+            report = self.dircache.stage(tree, dest)
+        written = set(self.guard.poll())
+        if written & {(node.digest.hash, node.executable) for _, node in tree.iter_files()}:
+            remove_tree(dest)
+            raise TreematError("an input blob was written to while it was staged; it was quarantined (retry)")
+        return report
 
     def check_integrity(self, report: StageReport) -> list[str]:
         """Quarantine every hardlinked input blob the action modified (root ignores 0o444); returns their hashes."""
