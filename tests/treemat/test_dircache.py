@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from treemat.backends import BackendProbe, is_subvolume
+from treemat.backends import BackendProbe
 from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.dircache import DirectoryCache
+from treemat.fsprims import is_subvolume, remove_tree
 from treemat.locking import file_lock
 from treemat.materializer import Materializer
 from treemat.tree import FileNode, InputTree, MerkleIndex
@@ -75,8 +76,6 @@ SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[Healt
 def test_tree_in_equals_tree_out_through_the_cache(btrfs_dir: Path, spec: Spec) -> None:
     base = btrfs_dir / "prop"
     if base.exists():
-        from treemat.backends import remove_tree
-
         remove_tree(base)
     base.mkdir()
     cas, cache = _stack(base / "root", min_files=1)

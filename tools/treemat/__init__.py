@@ -20,7 +20,7 @@ other). docs/architecture.md explains them; `lint-imports` enforces this exact l
     protos
     blobguard
     cas
-    digest | counters | locking | flagfile
+    digest | counters | locking | flagfile | fsprims
     errors
 """
 

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from treemat.backends import (
+from treemat.counters import Counters
+from treemat.fsprims import (
     clone_tree,
     create_subvolume,
     is_btrfs,
@@ -28,7 +29,6 @@ from treemat.backends import (
     make_tree_readonly,
     remove_tree,
 )
-from treemat.counters import Counters
 from treemat.locking import LockBusy, file_lock
 from treemat.materializer import Materializer, MaterializeReport, create_destination
 from treemat.tree import DirectoryNode, InputTree, MerkleIndex

@@ -15,10 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from treemat.backends import BackendProbe, Method, place_file, remove_tree
-from treemat.cas import ContentStore, blob_mode
+from treemat.backends import BackendProbe, Method, place_file
+from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.errors import MaterializeError, MissingBlobError, TreematError
+from treemat.fsprims import blob_mode, remove_tree
 from treemat.tree import DirectoryNode, FileNode
 
 Progress = Callable[[int], None]
