@@ -14,7 +14,8 @@ from treemat.dircache import DirectoryCache
 from treemat.fsprims import is_subvolume, remove_tree
 from treemat.locking import file_lock
 from treemat.materializer import Materializer
-from treemat.tree import FileNode, InputTree, MerkleIndex
+from treemat.merkle import MerkleIndex
+from treemat.tree import FileNode, InputTree
 
 from .treegen import Spec, build_tree, expected_view, read_back, tree_specs
 

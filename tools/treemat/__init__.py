@@ -15,11 +15,9 @@ other). docs/architecture.md explains them; `lint-imports` enforces this exact l
     sandbox
     dircache
     materializer
-    backends | execlog
-    tree | protocol
+    merkle | execlog | blobguard
+    tree | protocol | cas | backends
     protos
-    blobguard
-    cas
     digest | counters | locking | flagfile | fsprims
     errors
 """

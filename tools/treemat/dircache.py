@@ -31,7 +31,8 @@ from treemat.fsprims import (
 )
 from treemat.locking import LockBusy, file_lock
 from treemat.materializer import Materializer, MaterializeReport, create_destination
-from treemat.tree import DirectoryNode, InputTree, MerkleIndex
+from treemat.merkle import MerkleIndex
+from treemat.tree import DirectoryNode, InputTree
 
 Progress = Callable[[int], None]
 
