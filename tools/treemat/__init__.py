@@ -13,9 +13,8 @@ other). docs/architecture.md explains them; `lint-imports` enforces this exact l
     inputs
     action | outputs | toolrun | execpool | budget
     sandbox
-    dircache
-    materializer
-    merkle | execlog | blobguard
+    dircache | materializer
+    staging | merkle | execlog | blobguard
     tree | protocol | cas | backends
     protos
     digest | counters | locking | flagfile | fsprims

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from treemat.counters import StatsStore
 from treemat.digest import EMPTY_DIGEST, Digest
-from treemat.dircache import StageReport
 from treemat.fsprims import remove_tree, sweep_dead_owners
 from treemat.stack import ISOLATION_COW, open_stack
+from treemat.staging import StageReport
 from treemat.tree import FileNode, InputTree, check_symlinks
 
 __all__ = ["Digest", "FileNode", "InputTree", "LocalStager", "StageReport", "check_symlinks"]
