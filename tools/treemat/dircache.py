@@ -153,7 +153,7 @@ class DirectoryCache:
             self._build_entry(node, entry)
         lock = self.cache_dir / f"{key}.lock"
         with file_lock(lock, shared=True):
-            if not entry.is_dir() or not clone_tree(entry, dest):
+            if not entry.is_dir() or not self.cloner.clone(entry, dest):
                 return False
             os.utime(lock)  # LRU stamp
         make_dirs_writable(dest)
