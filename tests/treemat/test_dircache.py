@@ -297,7 +297,7 @@ def test_failed_stage_leaves_nothing_without_root(tmp_path: Path) -> None:
     with pytest.raises(MissingBlobError, match="not in the CAS"):
         cache.stage(missing, tmp_path / "exec")
     assert not (tmp_path / "exec").exists()
-    assert [p.name for p in cache.cache_dir.iterdir()] == [], "no half-built entry either"
+    assert [p.name for p in cache.cache_dir.iterdir() if p.is_dir()] == [], "no half-built entry either"
 
 
 @SETTINGS
@@ -316,3 +316,20 @@ def test_tree_in_equals_tree_out_through_the_fake_cloner(tmp_path: Path, spec: S
     assert hit.subtree_misses == 0
     assert hit.subtree_hits == miss.subtree_misses
     assert miss.files == hit.files == tree.count_files()
+
+
+def test_a_new_entry_is_not_the_first_evicted(tmp_path: Path) -> None:
+    """Building an entry may push the cache over budget: the least recently used entry goes, not the new one."""
+    cloner = CopyCloner()
+    cas, cache = _fake_stack(tmp_path / "root", cloner, max_bytes=None)
+    old, new = InputTree(), InputTree()
+    for i in range(5):
+        old.add_file(f"lib/m{i}", FileNode(cas.ingest_bytes(b"old module %d" % i, executable=False)))
+        new.add_file(f"lib/m{i}", FileNode(cas.ingest_bytes(b"new module %d" % i, executable=False)))
+    cache.stage(old, tmp_path / "old")
+    cache.max_bytes = cache.stats().bytes  # room for one entry
+    report = cache.stage(new, tmp_path / "new")
+    assert (report.subtree_misses, report.files) == (1, 5), "the new entry was built and cloned"
+    assert not (cache.cache_dir / _key(old, "lib")).exists(), "the old entry made room"
+    assert (cache.cache_dir / _key(new, "lib")).is_dir()
+    assert read_back(tmp_path / "new")["lib/m0"] == ("file", (b"new module 0", False))

@@ -148,11 +148,12 @@ class DirectoryCache:
         """Clone the cached copy of `node` to `dest` (building the entry on a miss). False if impossible."""
         key = merkle.digest_of(node).hash
         entry = self.cache_dir / key
-        hit = entry.is_dir()
-        if not hit:
-            self._build_entry(node, entry)
         lock = self.cache_dir / f"{key}.lock"
-        with file_lock(lock, shared=True):
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with file_lock(lock, shared=True):  # pinned from before it is built: its own build's eviction skips it
+            hit = entry.is_dir()
+            if not hit:
+                self._build_entry(node, entry)
             if not entry.is_dir() or not self.cloner.clone(entry, dest):
                 return False
             os.utime(lock)  # LRU stamp
