@@ -26,9 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
-from treemat.backends import BackendProbe, Method, remove_tree
+from treemat.backends import BackendProbe, Method
 from treemat.cas import ContentStore
 from treemat.counters import Counters
+from treemat.fsprims import remove_tree
 from treemat.materializer import Materializer
 from treemat.tree import FileNode, InputTree
 

@@ -7,9 +7,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from treemat.backends import (
-    BackendProbe,
-    Method,
+from treemat.backends import BackendProbe, Method, place_file
+from treemat.fsprims import (
     clone_tree,
     create_subvolume,
     delete_subvolume,
@@ -17,7 +16,6 @@ from treemat.backends import (
     is_subvolume,
     make_dirs_writable,
     make_tree_readonly,
-    place_file,
     remove_tree,
 )
 

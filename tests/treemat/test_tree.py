@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from treemat import protos
 from treemat.digest import Digest, digest_bytes
 from treemat.errors import ManifestError
-from treemat.tree import FileNode, InputTree, MerkleIndex, check_symlinks, load_manifest, normalize_path
+from treemat.merkle import MerkleIndex
+from treemat.tree import FileNode, InputTree, check_symlinks, load_manifest, normalize_path
 
 D1 = digest_bytes(b"one")
 D2 = digest_bytes(b"two")

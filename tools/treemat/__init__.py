@@ -13,14 +13,11 @@ other). docs/architecture.md explains them; `lint-imports` enforces this exact l
     inputs
     action | outputs | toolrun | execpool | budget
     sandbox
-    dircache
-    materializer
-    backends | execlog
-    tree | protocol
+    dircache | materializer
+    staging | merkle | execlog | blobguard
+    tree | protocol | cas | backends
     protos
-    blobguard
-    cas
-    digest | counters | locking | flagfile
+    digest | counters | locking | flagfile | fsprims
     errors
 """
 

@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from treemat.dircache import StageReport
 from treemat.flagfile import ActionSpec
+from treemat.staging import StageReport
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,22 +27,23 @@ from pathlib import Path
 from treemat.counters import Counters
 from treemat.digest import EMPTY_DIGEST, Digest, check_hash
 from treemat.errors import CasError, CorruptBlobError, MissingBlobError
+from treemat.fsprims import EXEC_MODE as EXEC_MODE
+from treemat.fsprims import PLAIN_MODE as PLAIN_MODE
+from treemat.fsprims import blob_mode as blob_mode
+from treemat.fsprims import clone_or_copy_fd, sweep_unlocked_files
+from treemat.fsprims import file_kind as file_kind
+from treemat.fsprims import pid_alive as pid_alive
 from treemat.locking import ForkGate, file_lock
 
+# EXEC_MODE, PLAIN_MODE, blob_mode, file_kind and pid_alive live in fsprims; they are re-exported here for the
+# modules that took them from the CAS before it had a layer beneath it.
+
 BLOB_MTIME_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z: a blob whose mtime differs was written to
-PLAIN_MODE = 0o440
-EXEC_MODE = 0o550
 PRIVATE_DIR_MODE = 0o700
 SHARED_DIR_MODE = 0o750
 TOUCH_INTERVAL_NS = 3600 * 1_000_000_000
 TEMP_GRACE_NS = 10 * 1_000_000_000  # a named temp file younger than this may still be about to be locked
-_FICLONE = 0x40049409
 _CHUNK = 1 << 20
-
-
-def blob_mode(executable: bool) -> int:
-    """The permission bits every blob (and every materialized input file) carries."""
-    return EXEC_MODE if executable else PLAIN_MODE
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,32 +415,8 @@ class ContentStore:
         before linking it, so an mtime says nothing. A file is taken only if its lock can be had and its ctime
         (which nobody can set back) is older than a short grace period covering create-then-lock.
         """
-        removed = 0
-        now = time.time_ns()
-        try:
-            entries = list(os.scandir(self.tmp_dir))
-        except OSError:
-            return 0
-        for entry in entries:
-            if not entry.name[:1].isdigit():
-                continue  # not a temp blob (e.g. a probe's scratch directory)
-            try:
-                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                if now - os.fstat(fd).st_ctime_ns < TEMP_GRACE_NS:
-                    continue
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # a live writer holds it
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-                    removed += 1
-            finally:
-                os.close(fd)
-        return removed
+        # names not starting with a digit are not temp blobs (e.g. a probe's scratch directory)
+        return sweep_unlocked_files(self.tmp_dir, grace_ns=TEMP_GRACE_NS, wanted=lambda name: name[:1].isdigit())
 
     def stats(self) -> CasStats:
         """Blob count and bytes."""
@@ -477,31 +454,6 @@ class _TempBlob:
         os.close(self.fd)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def file_kind(mode: int) -> str:
-    """A word for a file type, for error messages."""
-    for test, word in (
-        (stat.S_ISFIFO, "FIFO"),
-        (stat.S_ISSOCK, "socket"),
-        (stat.S_ISCHR, "character device"),
-        (stat.S_ISBLK, "block device"),
-        (stat.S_ISLNK, "symlink"),
-        (stat.S_ISDIR, "directory"),
-    ):
-        if test(mode):
-            return word
-    return "regular file" if stat.S_ISREG(mode) else "special file"
-
-
 def _fingerprint_ok(info: os.stat_result, executable: bool) -> bool:
     return (
         stat.S_ISREG(info.st_mode)
@@ -531,10 +483,7 @@ def _io_error(exc: OSError, doing: str) -> CasError:
 def _copy_and_hash(src_fd: int, dst_fd: int, source: str | os.PathLike[str]) -> Digest:
     """Copy src into dst (reflink first: free on xfs/btrfs), then hash what landed in dst."""
     try:
-        try:
-            fcntl.ioctl(dst_fd, _FICLONE, src_fd)
-        except OSError:
-            _plain_copy(src_fd, dst_fd)
+        clone_or_copy_fd(src_fd, dst_fd)
         os.lseek(dst_fd, 0, os.SEEK_SET)
         hasher = hashlib.sha256()
         size = 0
@@ -544,22 +493,3 @@ def _copy_and_hash(src_fd: int, dst_fd: int, source: str | os.PathLike[str]) -> 
     except OSError as exc:
         raise _io_error(exc, f"ingesting {source}") from None
     return Digest(hasher.hexdigest(), size)
-
-
-def _plain_copy(src_fd: int, dst_fd: int) -> None:
-    os.lseek(src_fd, 0, os.SEEK_SET)
-    if hasattr(os, "copy_file_range"):  # Linux: in-kernel copy (reflinks on xfs/btrfs)
-        try:
-            while os.copy_file_range(src_fd, dst_fd, 1 << 30):
-                pass
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
-    os.lseek(src_fd, 0, os.SEEK_SET)
-    os.ftruncate(dst_fd, 0)
-    os.lseek(dst_fd, 0, os.SEEK_SET)
-    while chunk := os.read(src_fd, _CHUNK):
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(dst_fd, view) :]

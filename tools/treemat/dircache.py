@@ -3,7 +3,10 @@
 Where the platform can clone a whole directory in O(1) — APFS `clonefile(2)` on a directory, a btrfs
 subvolume snapshot — a subtree that repeats across actions (SDKs, dependency modules) costs one kernel call
 instead of one per file. Elsewhere (ext4, xfs, tmpfs) cloning a cached copy is still per file and no faster
-than placing from the CAS, so the cache stands aside and the materializer's fastest per-file method is used.
+than placing from the CAS, so the cache stands aside and the stager it wraps (the materializer) does it all.
+
+The cache is a decorator over a `staging.Stager`; the whole-tree operations come from a `TreeCloner`
+(`KernelTreeCloner` by default), so the caching logic runs, and is tested, on any filesystem without root.
 
 Entries live in `<root>/dircache/<hash>/`, read-only, published atomically by rename. Readers pin an entry
 with a shared flock on `<hash>.lock` while cloning; eviction needs the exclusive lock and skips pinned ones.
@@ -17,10 +20,12 @@ import secrets
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from treemat.backends import (
+from treemat.counters import Counters
+from treemat.fsprims import (
     clone_tree,
     create_subvolume,
     is_btrfs,
@@ -28,47 +33,50 @@ from treemat.backends import (
     make_tree_readonly,
     remove_tree,
 )
-from treemat.counters import Counters
 from treemat.locking import LockBusy, file_lock
-from treemat.materializer import Materializer, MaterializeReport, create_destination
-from treemat.tree import DirectoryNode, InputTree, MerkleIndex
+from treemat.merkle import MerkleIndex
+from treemat.staging import Progress, Stager
+from treemat.staging import StageReport as StageReport  # re-exported: the executor layers take it from here
+from treemat.tree import DirectoryNode, InputTree
 
-Progress = Callable[[int], None]
+
+class TreeCloner(Protocol):
+    """The whole-tree operations the cache needs from the platform (injectable: tests use a plain copy)."""
+
+    def mode(self, cache_dir: Path) -> str:
+        """The method's name where a whole tree clones in O(1) at `cache_dir`, else 'off'."""
+        ...
+
+    def new_entry(self, path: Path) -> None:
+        """Create the empty directory (0o755) an entry is built in; called only when `mode` is not 'off'."""
+        ...
+
+    def clone(self, entry: Path, dest: Path) -> bool:
+        """Clone the read-only tree `entry` to `dest` (must not exist) whole; False where that is impossible."""
+        ...
 
 
-@dataclass(slots=True)
-class StageReport:
-    """What staging one tree did: the per-file report plus subtree cache figures."""
+class KernelTreeCloner:
+    """The real cloner: clonefile(2) of a directory on macOS, a btrfs subvolume snapshot on Linux."""
 
-    files: int = 0
-    bytes: int = 0
-    methods: dict[str, int] = field(default_factory=dict)
-    hardlinked: list[tuple[str, bool]] = field(default_factory=list)
-    subtree_hits: int = 0
-    subtree_misses: int = 0
-    subtree_files: int = 0
-    seconds: float = 0.0
+    def mode(self, cache_dir: Path) -> str:
+        """'clonefile' (macOS), 'snapshot' (btrfs), or 'off' (no O(1) whole-tree clone here)."""
+        if sys.platform == "darwin":
+            return "clonefile"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return "snapshot" if is_btrfs(cache_dir) else "off"
 
-    def absorb(self, report: MaterializeReport) -> None:
-        """Add a materializer report's figures."""
-        self.files += report.files
-        self.bytes += report.bytes
-        for name, amount in report.methods.items():
-            self.methods[name] = self.methods.get(name, 0) + amount
-        self.hardlinked.extend(report.hardlinked)
+    def new_entry(self, path: Path) -> None:
+        """A plain directory for clonefile(2); a subvolume (what can be snapshotted) on btrfs."""
+        if sys.platform == "darwin":
+            os.mkdir(path, 0o755)
+        else:
+            create_subvolume(path)
+            os.chmod(path, 0o755)
 
-    def to_json(self) -> dict[str, object]:
-        """Plain-JSON form (hardlinked blobs summarized as a count)."""
-        return {
-            "files": self.files,
-            "bytes": self.bytes,
-            "methods": dict(self.methods),
-            "hardlinked": len(self.hardlinked),
-            "subtree_hits": self.subtree_hits,
-            "subtree_misses": self.subtree_misses,
-            "subtree_files": self.subtree_files,
-            "seconds": round(self.seconds, 6),
-        }
+    def clone(self, entry: Path, dest: Path) -> bool:
+        """One clonefile(2) / snapshot call."""
+        return clone_tree(entry, dest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,20 +90,22 @@ class DirCacheStats:
 
 
 class DirectoryCache:
-    """Stages input trees, cloning repeated subtrees whole where the filesystem makes that O(1)."""
+    """A Stager decorator: clones repeated subtrees whole where the cloner can, the wrapped stager does the rest."""
 
     def __init__(
         self,
         root: Path,
-        materializer: Materializer,
+        stager: Stager,
         *,
         counters: Counters | None = None,
+        cloner: TreeCloner | None = None,
         max_bytes: int | None = 8 << 30,
         min_files: int | None = 32,
     ) -> None:
         self.root = Path(root)
-        self.materializer = materializer
-        self.counters = counters if counters is not None else materializer.counters
+        self.stager = stager
+        self.counters = counters if counters is not None else Counters()
+        self.cloner: TreeCloner = cloner if cloner is not None else KernelTreeCloner()
         self.max_bytes = max_bytes
         self.min_files = min_files
         self.cache_dir = self.root / "dircache"
@@ -103,83 +113,55 @@ class DirectoryCache:
 
     @property
     def mode(self) -> str:
-        """'clonefile' (macOS), 'snapshot' (btrfs), or 'off' (no O(1) whole-tree clone here, or disabled)."""
+        """The cloner's method ('clonefile', 'snapshot'), or 'off' (no O(1) whole-tree clone here, or disabled)."""
         if self._mode is None:
-            if self.min_files is None:
-                self._mode = "off"
-            elif sys.platform == "darwin":
-                self._mode = "clonefile"
-            else:
-                self.cache_dir.mkdir(parents=True, exist_ok=True)
-                self._mode = "snapshot" if is_btrfs(self.cache_dir) else "off"
+            self._mode = "off" if self.min_files is None else self.cloner.mode(self.cache_dir)
         return self._mode
 
     def stage(self, tree: InputTree | DirectoryNode, dest: Path, *, progress: Progress | None = None) -> StageReport:
         """Create `dest` (must not exist) holding the tree; nothing is left behind on failure."""
         started = time.perf_counter()
         node = tree.root if isinstance(tree, InputTree) else tree
-        report = StageReport()
         if self.mode == "off":
-            report.absorb(self.materializer.build(node, dest, progress=progress))
-            report.seconds = time.perf_counter() - started
-            return report
+            return self.stager.stage(node, dest, progress=progress)
         merkle = MerkleIndex()
-        min_files = self.min_files or 0
-        file_counts: dict[int, int] = {}
-
-        def count(n: DirectoryNode) -> int:
-            if id(n) not in file_counts:
-                file_counts[id(n)] = n.count_files()
-            return file_counts[id(n)]
-
-        cached: list[tuple[DirectoryNode, Path]] = []
-
-        def take_whole(child: DirectoryNode, child_path: Path) -> bool:
-            """Clone `child` whole if it is big and either cached already or has no big subdirectory."""
-            if count(child) < min_files:
-                return False
-            whole = (self.cache_dir / merkle.digest_of(child).hash).is_dir() or all(
-                count(grandchild) < min_files for grandchild in child.dirs.values()
-            )
-            if whole:
-                cached.append((child, child_path))
-            return whole
-
-        partial = MaterializeReport()
-        create_destination(dest)
+        plan = _SubtreePlan(self.min_files or 0, lambda child: (self.cache_dir / merkle.digest_of(child).hash).is_dir())
+        rest, whole = plan.split(node, dest)
+        report = self.stager.stage(rest, dest, progress=progress)
         try:
-            jobs, links = self.materializer.create_directories(node, dest, partial, skip=take_whole)
-            self.materializer.place_files(jobs, partial, progress=progress)
-            for child, child_path in cached:
+            for child, child_path in whole:
                 if not self._clone_cached(child, child_path, merkle, report):
-                    partial.merge(self.materializer.build(child, child_path))
+                    report.merge(self.stager.stage(child, child_path))
                 if progress is not None:
-                    progress(count(child))
-            self.materializer.create_symlinks(links, partial)
+                    progress(plan.count(child))
         except BaseException:
             remove_tree(dest)
             raise
-        report.absorb(partial)
         report.seconds = time.perf_counter() - started
         return report
+
+    def fill(self, node: DirectoryNode, dest: Path) -> StageReport:
+        """Build `node` inside the existing empty `dest` (no subtree cloning: an entry is built this way)."""
+        return self.stager.fill(node, dest)
 
     def _clone_cached(self, node: DirectoryNode, dest: Path, merkle: MerkleIndex, report: StageReport) -> bool:
         """Clone the cached copy of `node` to `dest` (building the entry on a miss). False if impossible."""
         key = merkle.digest_of(node).hash
         entry = self.cache_dir / key
-        hit = entry.is_dir()
-        if not hit:
-            self._build_entry(node, entry)
         lock = self.cache_dir / f"{key}.lock"
-        with file_lock(lock, shared=True):
-            if not entry.is_dir() or not clone_tree(entry, dest):
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with file_lock(lock, shared=True):  # pinned from before it is built: its own build's eviction skips it
+            hit = entry.is_dir()
+            if not hit:
+                self._build_entry(node, entry)
+            if not entry.is_dir() or not self.cloner.clone(entry, dest):
                 return False
             os.utime(lock)  # LRU stamp
         make_dirs_writable(dest)
         files = node.count_files()
         self.counters.add("subtree_hits" if hit else "subtree_misses")
         self.counters.add("subtree_clone_calls" if self.mode == "clonefile" else "subtree_snapshots")
-        self.counters.add("clonefile" if self.mode == "clonefile" else "snapshot", files)
+        self.counters.add(self.mode, files)
         if hit:
             report.subtree_hits += 1
         else:
@@ -187,7 +169,7 @@ class DirectoryCache:
         report.subtree_files += files
         report.files += files
         report.bytes += node.total_bytes()
-        report.methods[self.mode] = report.methods.get(self.mode, 0) + files
+        report.count(self.mode, files)
         return True
 
     def _build_entry(self, node: DirectoryNode, entry: Path) -> None:
@@ -195,14 +177,8 @@ class DirectoryCache:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         temp = self.cache_dir / f".tmp-{os.getpid()}-{secrets.token_hex(6)}"
         try:
-            if self.mode == "snapshot":
-                create_subvolume(temp)
-                os.chmod(temp, 0o755)
-                jobs, links = self.materializer.create_directories(node, temp, MaterializeReport())
-                self.materializer.place_files(jobs, MaterializeReport(), progress=None)
-                self.materializer.create_symlinks(links, MaterializeReport())
-            else:
-                self.materializer.build(node, temp)
+            self.cloner.new_entry(temp)
+            self.stager.fill(node, temp)
             make_tree_readonly(temp)
             try:
                 os.rename(temp, entry)
@@ -263,3 +239,48 @@ def _tree_bytes(path: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, name)).st_size
     return total
+
+
+class _SubtreePlan:
+    """Which subdirectories of a tree are cloned whole: big ones (`min_files` files or more) that are either
+    cached already or have no big subdirectory themselves (so the unit is the deepest big directory)."""
+
+    def __init__(self, min_files: int, cached: Callable[[DirectoryNode], bool]) -> None:
+        self.min_files = min_files
+        self.cached = cached
+        self._counts: dict[int, int] = {}  # by id(): every node counted belongs to the tree being staged
+
+    def count(self, node: DirectoryNode) -> int:
+        """Files beneath `node` (memoized)."""
+        known = self._counts.get(id(node))
+        if known is None:
+            known = self._counts[id(node)] = node.count_files()
+        return known
+
+    def whole(self, node: DirectoryNode) -> bool:
+        """True if `node` is cloned whole rather than descended into."""
+        if self.count(node) < self.min_files:
+            return False
+        return self.cached(node) or all(self.count(child) < self.min_files for child in node.dirs.values())
+
+    def split(self, node: DirectoryNode, dest: Path) -> tuple[DirectoryNode, list[tuple[DirectoryNode, Path]]]:
+        """(`node` without its whole-cloned subtrees, [(each such subtree, where it goes under `dest`)]).
+
+        Directories that lose no subtree are shared with `node`, not copied.
+        """
+        whole: list[tuple[DirectoryNode, Path]] = []
+        dirs: dict[str, DirectoryNode] = {}
+        changed = False
+        for name, child in node.dirs.items():
+            child_path = dest / name
+            if self.whole(child):
+                whole.append((child, child_path))
+                changed = True
+                continue
+            rest, inner = self.split(child, child_path)
+            whole.extend(inner)
+            changed = changed or rest is not child
+            dirs[name] = rest
+        if not changed:
+            return node, whole
+        return DirectoryNode(files=node.files, symlinks=node.symlinks, dirs=dirs), whole

@@ -1,4 +1,4 @@
-"""Build an input tree on disk from the CAS, file by file, with bounded concurrency.
+"""Build an input tree on disk from the CAS, file by file, with bounded concurrency (the plain Stager).
 
 Directories are created 0o755 (an action may create outputs anywhere); files come out read-only
 (0o444, executables 0o555). Files are placed in batches (~64 per task): on 2 cores a thread per file costs
@@ -10,18 +10,19 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from treemat.backends import BackendProbe, Method, place_file, remove_tree
-from treemat.cas import ContentStore, blob_mode
+from treemat.backends import BackendProbe, Method, place_file
+from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.errors import MaterializeError, MissingBlobError, TreematError
-from treemat.tree import DirectoryNode, FileNode
+from treemat.fsprims import blob_mode, remove_tree
+from treemat.staging import Progress, StageReport
+from treemat.tree import DirectoryNode, FileNode, InputTree
 
-Progress = Callable[[int], None]
 _FALLBACK_ERRNOS = {
     errno.EXDEV,
     errno.EMLINK,
@@ -78,7 +79,10 @@ def default_concurrency() -> int:
 
 
 class Materializer:
-    """Places CAS blobs into directories using the fastest method the probe found for that filesystem pair."""
+    """Places CAS blobs into directories using the fastest method the probe found for that filesystem pair.
+
+    A `staging.Stager`: `stage` and `fill` give a StageReport; `build` the finer MaterializeReport.
+    """
 
     def __init__(
         self,
@@ -101,28 +105,37 @@ class Materializer:
         report = MaterializeReport()
         create_destination(dest)
         try:
-            jobs, links = self.create_directories(node, dest, report)
-            self.place_files(jobs, report, progress=progress)
-            self.create_symlinks(links, report)
+            self.populate(node, dest, report, progress=progress)
         except BaseException:
             remove_tree(dest)
             raise
         report.seconds = time.perf_counter() - started
         return report
 
-    def create_directories(
-        self,
-        node: DirectoryNode,
-        dest: Path,
-        report: MaterializeReport,
-        *,
-        skip: Callable[[DirectoryNode, Path], bool] | None = None,
-    ) -> tuple[list[FileJob], list[tuple[str, Path]]]:
-        """mkdir every directory under `node` into existing `dest`; return the file and symlink jobs.
+    def stage(self, tree: InputTree | DirectoryNode, dest: Path, *, progress: Progress | None = None) -> StageReport:
+        """`build` as a Stager: create `dest` (must not exist) holding the tree; nothing left on failure."""
+        return _stage_report(self.build(tree.root if isinstance(tree, InputTree) else tree, dest, progress=progress))
 
-        Subdirectories for which `skip(node, path)` is true are neither created nor descended into (the
-        directory cache clones those whole).
-        """
+    def fill(self, node: DirectoryNode, dest: Path) -> StageReport:
+        """Build `node` inside `dest`, an existing empty directory; the caller removes it on failure."""
+        started = time.perf_counter()
+        report = MaterializeReport()
+        self.populate(node, dest, report, progress=None)
+        report.seconds = time.perf_counter() - started
+        return _stage_report(report)
+
+    def populate(
+        self, node: DirectoryNode, dest: Path, report: MaterializeReport, *, progress: Progress | None
+    ) -> None:
+        """Directories, then files, then symlinks of `node` into the existing directory `dest`."""
+        jobs, links = self.create_directories(node, dest, report)
+        self.place_files(jobs, report, progress=progress)
+        self.create_symlinks(links, report)
+
+    def create_directories(
+        self, node: DirectoryNode, dest: Path, report: MaterializeReport
+    ) -> tuple[list[FileJob], list[tuple[str, Path]]]:
+        """mkdir every directory under `node` into existing `dest`; return the file and symlink jobs."""
         jobs: list[FileJob] = []
         links: list[tuple[str, Path]] = []
         stack: list[tuple[DirectoryNode, Path]] = [(node, dest)]
@@ -135,8 +148,6 @@ class Materializer:
                 links.append((link.target, path / name))
             for name, child in current.dirs.items():
                 child_path = path / name
-                if skip is not None and skip(child, child_path):
-                    continue
                 try:
                     os.mkdir(child_path, 0o755)
                 except OSError as exc:
@@ -248,6 +259,16 @@ class Materializer:
                     continue
                 raise _materialize_error(exc, target) from None
         raise MaterializeError(f"{dst}: no method could place this file")  # pragma: no cover - COPY always last
+
+
+def _stage_report(report: MaterializeReport) -> StageReport:
+    return StageReport(
+        files=report.files,
+        bytes=report.bytes,
+        methods=dict(report.methods),
+        hardlinked=report.hardlinked,
+        seconds=report.seconds,
+    )
 
 
 def _methods_total(reports: Sequence[MaterializeReport]) -> dict[str, int]:

@@ -12,13 +12,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from treemat.backends import BackendProbe, Method, remove_tree
+from treemat.backends import BackendProbe, Method
 from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.digest import Digest
 from treemat.dircache import DirectoryCache
 from treemat.errors import CorruptBlobError, MissingBlobError
 from treemat.execlog import Spawn, read_exec_log
+from treemat.fsprims import remove_tree
 from treemat.materializer import Materializer
 from treemat.tree import FileNode, InputTree
 

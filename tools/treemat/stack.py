@@ -21,7 +21,7 @@ from treemat.blobguard import BlobGuard, VerifiedLedger
 from treemat.budget import StoreBudget, default_budget
 from treemat.cas import ContentStore, prepare_root
 from treemat.counters import Counters
-from treemat.dircache import DirectoryCache
+from treemat.dircache import DirectoryCache, KernelTreeCloner
 from treemat.executor import ActionExecutor
 from treemat.materializer import Materializer
 from treemat.sandbox import OverlaySandbox
@@ -117,7 +117,9 @@ def open_stack(
         dircache_min_files = None
     probe = BackendProbe(prefer=order, measure=not prefer)
     materializer = Materializer(cas, probe, counters=counters, concurrency=concurrency)
-    dircache = DirectoryCache(root, materializer, counters=counters, min_files=dircache_min_files)
+    dircache = DirectoryCache(
+        root, materializer, counters=counters, cloner=KernelTreeCloner(), min_files=dircache_min_files
+    )
     executor = ActionExecutor(
         root,
         cas,

@@ -14,13 +14,12 @@ import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from treemat.backends import remove_tree
-from treemat.cas import pid_alive
 from treemat.counters import StatsStore
 from treemat.digest import EMPTY_DIGEST, Digest
-from treemat.dircache import StageReport
 from treemat.errors import TreematError
+from treemat.fsprims import remove_tree, sweep_dead_owners
 from treemat.stack import ISOLATION_COW, open_stack
+from treemat.staging import StageReport
 from treemat.tree import FileNode, InputTree, check_symlinks
 
 __all__ = ["Digest", "FileNode", "InputTree", "LocalStager", "StageReport", "check_symlinks"]
@@ -127,11 +126,7 @@ class LocalStager:
             self._stats.publish(self.counters, role=role, extra=extra)
 
     def _sweep_stale_exec_dirs(self) -> None:
-        for entry in self.exec_base.iterdir():
-            pid_text = entry.name.removeprefix(".trash-").split("-", 1)[0]
-            if pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text)):
-                with contextlib.suppress(OSError):
-                    remove_tree(entry)
+        sweep_dead_owners(self.exec_base)
 
 
 EMPTY = EMPTY_DIGEST

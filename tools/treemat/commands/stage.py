@@ -67,7 +67,7 @@ def stage(
     )
     cache = stack.dircache
     for path, node in tree.iter_files():
-        found = cache.materializer.cas.lookup(node.digest.hash, node.executable)
+        found = stack.cas.lookup(node.digest.hash, node.executable)
         if found is not None and found.size != node.digest.size:
             raise TreematError(f"{path}: the manifest declares {node.digest.size} bytes, the blob has {found.size}")
     total = tree.count_files()
