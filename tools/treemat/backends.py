@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from treemat.fsprims import StrPath, blob_mode, clonefile, copy, reflink
-from treemat.fsprims import remove_tree as remove_tree  # re-exported: executor and inputs remove trees from here
 
 
 class Method(enum.Enum):

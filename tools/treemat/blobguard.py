@@ -30,8 +30,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from treemat.cas import BLOB_MTIME_NS, ContentStore, blob_mode
+from treemat.cas import BLOB_MTIME_NS, ContentStore
 from treemat.counters import Counters
+from treemat.fsprims import blob_mode
 
 try:  # Linux only; elsewhere every first use per process re-hashes
     from inotify_simple import INotify

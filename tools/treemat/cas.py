@@ -27,16 +27,8 @@ from pathlib import Path
 from treemat.counters import Counters
 from treemat.digest import EMPTY_DIGEST, Digest, check_hash
 from treemat.errors import CasError, CorruptBlobError, MissingBlobError
-from treemat.fsprims import EXEC_MODE as EXEC_MODE
-from treemat.fsprims import PLAIN_MODE as PLAIN_MODE
-from treemat.fsprims import blob_mode as blob_mode
-from treemat.fsprims import clone_or_copy_fd, sweep_unlocked_files
-from treemat.fsprims import file_kind as file_kind
-from treemat.fsprims import pid_alive as pid_alive
+from treemat.fsprims import blob_mode, clone_or_copy_fd, file_kind, sweep_unlocked_files
 from treemat.locking import ForkGate, file_lock
-
-# EXEC_MODE, PLAIN_MODE, blob_mode, file_kind and pid_alive live in fsprims; they are re-exported here for the
-# modules that took them from the CAS before it had a layer beneath it.
 
 BLOB_MTIME_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z: a blob whose mtime differs was written to
 PRIVATE_DIR_MODE = 0o700

@@ -35,8 +35,7 @@ from treemat.fsprims import (
 )
 from treemat.locking import LockBusy, file_lock
 from treemat.merkle import MerkleIndex
-from treemat.staging import Progress, Stager
-from treemat.staging import StageReport as StageReport  # re-exported: the executor layers take it from here
+from treemat.staging import Progress, Stager, StageReport
 from treemat.tree import DirectoryNode, InputTree
 
 

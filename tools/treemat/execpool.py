@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Protocol
 
 from treemat.blobguard import BlobGuard, BlobIdentity
-from treemat.cas import ContentStore, blob_mode
+from treemat.cas import ContentStore
+from treemat.fsprims import blob_mode
 
 DEFAULT_POOL_SIZE = 8
 

@@ -19,18 +19,19 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from treemat.action import ActionRequest, ActionResult, RequestInput
-from treemat.backends import remove_tree
 from treemat.blobguard import BlobGuard, BlobIdentity
 from treemat.budget import StoreBudget
-from treemat.cas import ContentStore, pid_alive
+from treemat.cas import ContentStore
 from treemat.counters import Counters
-from treemat.dircache import DirectoryCache, StageReport
+from treemat.dircache import DirectoryCache
 from treemat.errors import ExecutionError, TreematError
 from treemat.execpool import DEFAULT_POOL_SIZE, ExecDirPool, PooledDir
 from treemat.flagfile import ActionSpec
+from treemat.fsprims import remove_tree, sweep_dead_owners
 from treemat.inputs import InputStager
 from treemat.outputs import collect_outputs
 from treemat.sandbox import OverlayPlan, OverlaySandbox, upper_dir, work_dir
+from treemat.staging import StageReport
 from treemat.toolrun import ToolRunner
 from treemat.tree import normalize_path
 
@@ -91,7 +92,7 @@ class ActionExecutor:
         self.tool_cache = self.root / "tool-cache"  # tools' own caches (swiftc module cache), kept across actions
         self.recent: collections.deque[dict[str, object]] = collections.deque(maxlen=20)
         self._background = _Background() if background_cleanup else None
-        self._sweep_stale_exec_dirs()
+        sweep_dead_owners(self.exec_base)  # exec dirs left by killed workers
 
     # ----------------------------------------------------------------------------- public
 
@@ -277,11 +278,3 @@ class ActionExecutor:
                 self.guard.refresh(keys)
 
         self._later(remove)
-
-    def _sweep_stale_exec_dirs(self) -> None:
-        """Remove exec dirs left by processes that no longer exist (killed workers)."""
-        for entry in self.exec_base.iterdir():
-            pid_text = entry.name.removeprefix(".trash-").split("-", 1)[0]
-            if pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text)):
-                with contextlib.suppress(OSError):
-                    remove_tree(entry)

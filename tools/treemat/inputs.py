@@ -17,15 +17,16 @@ from pathlib import Path
 from typing import cast
 
 from treemat.action import ActionRequest
-from treemat.backends import remove_tree
 from treemat.blobguard import BlobGuard, BlobIdentity
-from treemat.cas import ContentStore, file_kind
+from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.digest import Digest, check_hash
-from treemat.dircache import DirectoryCache, StageReport
+from treemat.dircache import DirectoryCache
 from treemat.errors import ExecutionError, MissingBlobError, TreematError
 from treemat.execpool import NO_BLOB, ExecDirPool, PooledDir, StagedFile, directories_for
 from treemat.flagfile import ActionSpec
+from treemat.fsprims import file_kind, remove_tree
+from treemat.staging import StageReport
 from treemat.tree import FileNode, InputTree, check_symlinks, normalize_path
 
 

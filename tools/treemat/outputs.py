@@ -14,8 +14,8 @@ import shutil
 import stat
 from pathlib import Path
 
-from treemat.cas import file_kind
 from treemat.errors import ExecutionError
+from treemat.fsprims import file_kind
 from treemat.tree import normalize_path
 
 _SYMLINK_HOPS = 40
