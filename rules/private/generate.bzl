@@ -10,6 +10,8 @@ def _swift_module_set_impl(ctx):
     for index in range(ctx.attr.num_sources):
         src = ctx.actions.declare_file("{}_srcs/Gen{}.swift".format(ctx.label.name, index))
         ctx.actions.write(src, "\n".join([
+            # `--define=treemat_bench_edit=N` edits the first source only: `treemat bench`'s incremental rebuild
+            "// edit {}".format(ctx.var.get("treemat_bench_edit", "")) if index == 0 else "//",
             "public struct Gen{}Value {{".format(index),
             "    public let id: Int",
             "    public init() {{ self.id = {} }}".format(index),
@@ -40,5 +42,6 @@ swift_module_set = rule(
     doc = """Generates `num_sources` small Swift files and `num_resources` resource files of skewed sizes.
 
 Output groups `sources` and `resources` feed a swift_library's `srcs` and `data`, giving a compile with
-hundreds to thousands of staged inputs.""",
+hundreds to thousands of staged inputs. `--define=treemat_bench_edit=N` changes the first source only (an
+edit-one-file rebuild for `treemat bench`).""",
 )

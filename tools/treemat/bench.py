@@ -44,59 +44,76 @@ class BenchReport:
 
     samples: list[BenchSample] = field(default_factory=list)
 
-    def median(self, strategy: str, shape: int, attr: str = "walltime_ms") -> float | None:
-        """Median of `attr` over rounds, or None when there are no samples."""
-        values = [
+    def values(self, strategy: str, shape: int, attr: str = "walltime_ms") -> list[float]:
+        """Every round's `attr` for one strategy (e.g. "treemat" or "treemat+edit") and shape."""
+        return [
             getattr(s, attr)
             for s in self.samples
             if s.strategy == strategy and s.shape == shape and getattr(s, attr) is not None
         ]
+
+    def median(self, strategy: str, shape: int, attr: str = "walltime_ms") -> float | None:
+        """Median of `attr` over rounds, or None when there are no samples."""
+        values = self.values(strategy, shape, attr)
         return statistics.median(values) if values else None
+
+    def minimum(self, strategy: str, shape: int, attr: str = "walltime_ms") -> float | None:
+        """Minimum of `attr` over rounds, or None when there are no samples."""
+        values = self.values(strategy, shape, attr)
+        return min(values) if values else None
 
     def shapes(self) -> list[int]:
         """Shapes measured."""
         return sorted({s.shape for s in self.samples})
 
     def to_json(self) -> dict[str, object]:
-        """Samples and per-shape medians/ratios."""
+        """Samples and per-shape medians/ratios, clean builds and the edit-one-source rebuilds."""
         summary = []
         for shape in self.shapes():
             row: dict[str, object] = {"shape": shape}
-            for strategy in STRATEGY_FLAGS:
-                row[f"{strategy}_ms"] = self.median(strategy, shape)
-            row["treemat_stage_ms"] = self.median("treemat", shape, "stage_ms")
-            row.update(self.ratios(shape))
+            for suffix in ("", "+edit"):
+                for strategy in STRATEGY_FLAGS:
+                    row[f"{strategy}{suffix}_ms"] = self.median(strategy + suffix, shape)
+                    row[f"{strategy}{suffix}_min_ms"] = self.minimum(strategy + suffix, shape)
+                row[f"treemat{suffix}_stage_ms"] = self.median("treemat" + suffix, shape, "stage_ms")
+                row.update({f"{key}{suffix}": value for key, value in self.ratios(shape, suffix).items()})
             summary.append(row)
         return {"samples": [asdict(s) for s in self.samples], "summary": summary}
 
-    def ratios(self, shape: int) -> dict[str, float | None]:
-        """treemat/sandboxed (goal <= 0.5) and treemat/local (goal <= 1.2) wall-time ratios."""
-        ours = self.median("treemat", shape)
+    def ratios(self, shape: int, suffix: str = "") -> dict[str, float | None]:
+        """treemat/sandboxed (goal <= 0.5) and treemat/local (goal <= 1.05) median wall-time ratios."""
+        ours = self.median("treemat" + suffix, shape)
         out: dict[str, float | None] = {}
         for other in ("sandboxed", "local"):
-            theirs = self.median(other, shape)
+            theirs = self.median(other + suffix, shape)
             out[f"treemat_vs_{other}"] = round(ours / theirs, 2) if ours and theirs else None
         return out
 
     def to_table(self) -> str:
-        """Human table of medians and ratios."""
-        lines = [
-            "SwiftCompile wall time per action, median over rounds (ms):",
-            f"{'inputs':>7} {'local':>9} {'sandboxed':>10} {'treemat':>9} {'(staging)':>10} "
-            f"{'vs sandboxed':>13} {'vs local':>9}",
-        ]
-        for shape in self.shapes():
-            ratios = self.ratios(shape)
+        """Human table: min / median per strategy, treemat's staging, ratios; clean builds then edit rebuilds."""
 
-            def fmt(value: float | None, width: int) -> str:
-                return f"{value:>{width}.1f}" if value is not None else f"{'-':>{width}}"
+        def fmt(value: float | None, width: int, places: int = 1) -> str:
+            return f"{value:>{width}.{places}f}" if value is not None else f"{'-':>{width}}"
 
+        lines: list[str] = []
+        for suffix, title in (("", "clean build"), ("+edit", "rebuild after editing one source")):
+            lines.append(f"SwiftCompile wall time per action, {title}, min / median over rounds (ms):")
             lines.append(
-                f"{shape:>7} {fmt(self.median('local', shape), 9)} {fmt(self.median('sandboxed', shape), 10)} "
-                f"{fmt(self.median('treemat', shape), 9)} {fmt(self.median('treemat', shape, 'stage_ms'), 10)} "
-                f"{fmt(ratios['treemat_vs_sandboxed'], 12)}x {fmt(ratios['treemat_vs_local'], 8)}x"
+                f"{'inputs':>7} {'local':>15} {'sandboxed':>15} {'treemat':>15} {'(staging)':>10} "
+                f"{'vs sandboxed':>13} {'vs local':>9}"
             )
-        lines.append("goals: treemat <= 0.5x sandboxed, <= 1.2x local")
+            for shape in self.shapes():
+                ratios = self.ratios(shape, suffix)
+                cells = [
+                    f"{fmt(self.minimum(name + suffix, shape), 7)}/{fmt(self.median(name + suffix, shape), 7)}"
+                    for name in ("local", "sandboxed", "treemat")
+                ]
+                lines.append(
+                    f"{shape:>7} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
+                    f"{fmt(self.median('treemat' + suffix, shape, 'stage_ms'), 10)} "
+                    f"{fmt(ratios['treemat_vs_sandboxed'], 12, 2)}x {fmt(ratios['treemat_vs_local'], 8, 2)}x"
+                )
+        lines.append("goals: treemat <= 0.5x sandboxed, <= 1.05x local")
         return "\n".join(lines)
 
     def write_chart(self, path: Path) -> bool:
@@ -180,6 +197,25 @@ def run_bench(
                 for shape, wall_ms in _compile_times(profile, shapes).items():
                     stage = next((ms for inputs, ms in sorted(staged.items()) if shape <= inputs <= shape + 16), None)
                     report.samples.append(BenchSample(strategy, shape, round_index, wall_ms, stage))
+                # incremental: edit one source of every shape and rebuild (same server, warm worker)
+                stats.reset()
+                edited = scratch / f"{strategy}-{round_index}-edit.profile.json"
+                rebuild = _bazel(
+                    workspace,
+                    output_base,
+                    "build",
+                    f"--action_env=TREEMAT_ROOT={root}",
+                    f"--profile={edited}",
+                    f"--define=treemat_bench_edit={strategy}{round_index}",
+                    *STRATEGY_FLAGS[strategy],
+                    *targets,
+                )
+                if rebuild.returncode:
+                    raise TreematError(f"{strategy} incremental build failed: {rebuild.stderr.strip()[-500:]}")
+                staged = _stage_ms_by_inputs(stats) if strategy == "treemat" else {}
+                for shape, wall_ms in _compile_times(edited, shapes).items():
+                    stage = next((ms for inputs, ms in sorted(staged.items()) if shape <= inputs <= shape + 16), None)
+                    report.samples.append(BenchSample(f"{strategy}+edit", shape, round_index, wall_ms, stage))
     finally:
         _bazel(workspace, output_base, "shutdown")
     return report
