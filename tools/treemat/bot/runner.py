@@ -26,6 +26,7 @@ from treemat.bot.rpc import code_pb2, re_pb2
 from treemat.bot.stager import Digest, FileNode, InputTree, LocalStager, check_symlinks
 from treemat.digest import digest_bytes
 from treemat.errors import TreematError
+from treemat.locking import ForkGate
 
 KILL_POLL_SECONDS = 0.05
 
@@ -105,7 +106,7 @@ class ActionRunner:
                 _inside(workdir, rel).parent.mkdir(parents=True, exist_ok=True)
             timeout = action.timeout.ToTimedelta().total_seconds() if action.HasField("timeout") else None
             _stamp(meta.execution_start_timestamp)
-            run = _run_command(command, workdir, exec_dir, cancel, timeout)
+            run = _run_command(command, workdir, exec_dir, cancel, timeout, self.stager.cas.fork_gate)
             _stamp(meta.execution_completed_timestamp)
             modified = self.stager.check_integrity(report)
             if modified:
@@ -286,7 +287,12 @@ class CommandRun:
 
 
 def _run_command(
-    command: Any, workdir: Path, exec_dir: Path, cancel: threading.Event, timeout: float | None
+    command: Any,
+    workdir: Path,
+    exec_dir: Path,
+    cancel: threading.Event,
+    timeout: float | None,
+    fork_gate: ForkGate,
 ) -> CommandRun:
     """Run argv in `workdir` with exactly the Command's environment; kill its process group on cancel/timeout."""
     if not command.arguments:
@@ -298,15 +304,16 @@ def _run_command(
     try:
         with open(out_path, "w+b") as out, open(err_path, "w+b") as err:
             try:
-                proc = subprocess.Popen(
-                    argv,
-                    cwd=workdir,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    start_new_session=True,
-                )
+                with fork_gate.forking():  # not while a fetch holds a writable temp blob (locking.ForkGate)
+                    proc = subprocess.Popen(
+                        argv,
+                        cwd=workdir,
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=err,
+                        start_new_session=True,
+                    )
             except OSError as exc:
                 message = f"treemat bot: cannot run {argv[0]!r}: {exc.strerror}\n".encode()
                 return CommandRun(127, b"", message, time.perf_counter() - started)
