@@ -92,7 +92,7 @@ class ActionExecutor:
         self.tool_cache = self.root / "tool-cache"  # tools' own caches (swiftc module cache), kept across actions
         self.recent: collections.deque[dict[str, object]] = collections.deque(maxlen=20)
         self._background = _Background() if background_cleanup else None
-        sweep_dead_owners(self.exec_base)  # exec dirs left by killed workers
+        self._later(lambda: sweep_dead_owners(self.exec_base))  # exec dirs of dead workers, off the start-up path
 
     # ----------------------------------------------------------------------------- public
 
