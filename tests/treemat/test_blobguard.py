@@ -100,3 +100,39 @@ def test_a_replaced_blob_is_not_a_tainted_inode(tmp_path: Path) -> None:
     os.replace(twin, path)
     assert guard.admit(digest.hash, False, digest.size) is None, "replaced: taken out of service"
     assert not guard.tainted({identity}), "but the inode an action staged still holds the right bytes"
+
+
+def test_concurrent_polls_never_block(tmp_path: Path) -> None:
+    """Two threads draining the event queue at once: the loser must see 'nothing', not wait for a next event."""
+    import threading
+
+    cas, guard = _guard(tmp_path / "root")
+    digests = [cas.ingest_bytes(f"blob {i}\n".encode(), executable=False) for i in range(400)]
+    for digest in digests:
+        assert guard.admit(digest.hash, False, digest.size) is not None
+    done = threading.Event()
+
+    def writer() -> None:
+        for digest in digests:  # each write is an event (and a taint) the pollers race to read
+            path = cas.blob_path(digest.hash, False)
+            if path.exists():
+                os.chmod(path, 0o640)
+                with open(path, "ab") as handle:
+                    handle.write(b"!")
+        done.set()
+
+    finished: list[int] = []
+
+    def poller() -> None:
+        while not done.is_set():
+            guard.poll()
+        guard.poll()
+        finished.append(1)
+
+    threads = [threading.Thread(target=poller, daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    writer()
+    for thread in threads:
+        thread.join(20)
+    assert len(finished) == 4, "a poller blocked in read(2) on the inotify descriptor"

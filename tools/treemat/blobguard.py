@@ -78,6 +78,7 @@ class BlobGuard:
         self.taint_reasons: dict[BlobIdentity, str] = {}
         self.taint_generation = 0  # bumped whenever an inode is tainted: a cheap "anything new?" check
         self._dir_watch: dict[int, Callable[[], None]] = {}
+        self._poll_lock = threading.Lock()  # one reader of the event queue at a time
         self._inotify = _open_inotify()
 
     @property
@@ -192,7 +193,11 @@ class BlobGuard:
         """
         if self._inotify is None:
             return []
-        events = self._inotify.read(timeout=0)
+        with self._poll_lock:
+            try:
+                events = self._inotify.read(timeout=0)
+            except BlockingIOError:
+                events = []
         hit: list[tuple[str, bool]] = []
         why: dict[tuple[str, bool], str] = {}
         notify: list[Callable[[], None]] = []
@@ -350,7 +355,9 @@ def _open_inotify() -> INotify | None:
     if INotify is None:
         return None
     try:
-        return INotify()
+        # non-blocking: two threads may both see events pending (FIONREAD) and both read; the second must get
+        # EAGAIN, not block until some future event (that hung a worker)
+        return INotify(nonblocking=True)
     except OSError:
         return None
 
