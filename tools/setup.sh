@@ -20,7 +20,7 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
 fi
 
 PYTHON="${PYTHON:-python3}"
-if ! "$PYTHON" -c 'import treemat, pytest, hypothesis, mypy, ruff, importlinter, grpc_tools, matplotlib' >/dev/null 2>&1 \
+if ! "$PYTHON" -c 'import treemat, pytest, pytest_timeout, hypothesis, mypy, ruff, importlinter, grpc_tools, matplotlib' >/dev/null 2>&1 \
    || [ "$("$PYTHON" -c 'import treemat, os; print(os.path.realpath(treemat.__file__))')" != "$(realpath tools/treemat/__init__.py)" ]; then
   echo "setup: pip install -e .[dev,chart]" >&2
   "$PYTHON" -m pip install -q --disable-pip-version-check -e '.[dev,chart]'
