@@ -10,17 +10,13 @@ import click
 
 from treemat.commands._common import RootedContext, describe_report, emit_json, pass_rooted, progress_bar
 
-_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
 
 def parse_size(text: str) -> int:
-    """Parse sizes like `500M`, `10G`, `1234` (bytes)."""
-    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
-    number, unit = cleaned, ""
-    if cleaned and cleaned[-1] in _SIZE_UNITS:
-        number, unit = cleaned[:-1], cleaned[-1]
+    """Parse sizes like `500M`, `10G`, `1234` (bytes) for a click option (budget.parse_size does the work)."""
+    from treemat.budget import parse_size as parse_bytes
+
     try:
-        return int(float(number) * _SIZE_UNITS[unit])
+        return parse_bytes(text)
     except ValueError as exc:
         raise click.BadParameter(f"not a size: {text!r} (examples: 500M, 10G, 1048576)") from exc
 
