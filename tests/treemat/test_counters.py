@@ -80,3 +80,35 @@ def test_shared_locks_coexist(tmp_path: Path) -> None:
     lock_path = tmp_path / "s.lock"
     with file_lock(lock_path, shared=True), file_lock(lock_path, shared=True, blocking=False):
         pass
+
+
+def test_fork_gate_lets_a_waiting_fork_in_between_ingests() -> None:
+    """Ingests hold the gate shared, one after another; a fork waiting meanwhile gets in before the next ingest."""
+    import threading
+    import time
+
+    from treemat.locking import ForkGate
+
+    gate = ForkGate()
+    order: list[str] = []
+    stop = threading.Event()
+
+    def ingests() -> None:
+        while not stop.is_set():
+            with gate.writing():
+                order.append("ingest")
+                time.sleep(0.001)
+
+    def fork() -> None:
+        with gate.forking():
+            order.append("fork")
+
+    thread = threading.Thread(target=ingests, daemon=True)
+    thread.start()
+    time.sleep(0.05)
+    forker = threading.Thread(target=fork, daemon=True)
+    forker.start()
+    forker.join(10)
+    stop.set()
+    thread.join(10)
+    assert "fork" in order, "the fork starved behind back-to-back ingests"

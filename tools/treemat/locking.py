@@ -49,12 +49,13 @@ class ForkGate:
         self._condition = threading.Condition()
         self._writers = 0
         self._forking = False
+        self._waiting_forks = 0  # a waiting fork holds new ingests back, so a stream of ingests cannot starve it
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
         """Held around a writable temp descriptor's life."""
         with self._condition:
-            while self._forking:
+            while self._forking or self._waiting_forks:
                 self._condition.wait()
             self._writers += 1
         try:
@@ -68,8 +69,10 @@ class ForkGate:
     def forking(self) -> Iterator[None]:
         """Held around fork + exec of a child process."""
         with self._condition:
+            self._waiting_forks += 1
             while self._forking or self._writers:
                 self._condition.wait()
+            self._waiting_forks -= 1
             self._forking = True
         try:
             yield
