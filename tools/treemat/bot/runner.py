@@ -108,12 +108,6 @@ class ActionRunner:
             _stamp(meta.execution_start_timestamp)
             run = _run_command(command, workdir, exec_dir, cancel, timeout, self.stager.cas.fork_gate)
             _stamp(meta.execution_completed_timestamp)
-            modified = self.stager.check_integrity(report)
-            if modified:
-                run.stderr += (
-                    f"treemat bot: warning: the action modified {len(modified)} of its read-only inputs; "
-                    "the affected local CAS blobs were quarantined\n"
-                ).encode()
             if run.cancelled:
                 return Outcome(code=code_pb2.CANCELLED, message="lease cancelled", cancelled=True)
             _stamp(meta.output_upload_start_timestamp)

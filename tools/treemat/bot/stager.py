@@ -111,15 +111,6 @@ class LocalStager:
             raise TreematError("an input blob was written to while it was staged; it was quarantined (retry)")
         return report
 
-    def check_integrity(self, report: StageReport) -> list[str]:
-        """Quarantine every hardlinked input blob the action modified (root ignores 0o444); returns their hashes."""
-        modified = []
-        for hash_hex, executable in sorted(set(report.hardlinked)):
-            if not self.cas.check_fingerprint(hash_hex, executable):
-                self.cas.quarantine(hash_hex, executable, "modified through a hardlinked input by a remote action")
-                modified.append(hash_hex)
-        return modified
-
     def publish_stats(self, *, role: str, extra: Mapping[str, object] | None = None) -> None:
         """Write this process's counters where `treemat stats` sums them."""
         with self._stats_lock, contextlib.suppress(OSError):
