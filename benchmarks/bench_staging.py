@@ -10,6 +10,8 @@ For each filesystem (a fresh loop-mounted image, so the root disk's noise stays 
   the request minus the tool, against `floor`, a C program that stats every input, mkdirs, links every file
   from the CAS, re-stats it, then removes the tree;
 - incremental: the same action again with one input edited: the exec dir is reused and patched;
+
+Every timing starts from the WorkRequest's bytes, as the worker gets them: decoding is part of the request.
 - fresh: a new worker process's first request: blobs whose state another process recorded in the verified
   ledger are trusted, the others hashed once.
 
@@ -31,8 +33,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
+from treemat import protos
 from treemat.executor import ActionExecutor, ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
+from treemat.manifest import InputManifest
+from treemat.protocol import parse_message
 from treemat.stack import open_stack
 
 C_FLOOR = r"""
@@ -103,11 +108,22 @@ def make_inputs(execroot: Path, count: int, total_bytes: int) -> list[RequestInp
     return inputs
 
 
+def wire_payload(inputs: list[RequestInput]) -> bytes:
+    """The inputs as Bazel sends them to a worker: a serialized WorkRequest (inputs sorted by path)."""
+    request = protos.WorkRequest(arguments=["@bazel-out/k8/bin/action.params"], request_id=1)
+    for path, digest in sorted(inputs):
+        request.inputs.add(path=path, digest=(digest or "").encode())
+    return bytes(request.SerializeToString())
+
+
 def request_minus_tool(executor: ActionExecutor, execroot: Path, inputs: list[RequestInput], out: str) -> float:
+    """One action as the worker runs it, from the request's bytes (decoded here, timed) to the response."""
     spec = ActionSpec(argv=["true"], outputs=[])
     spec.output_dirs.append(out)
+    payload = wire_payload(inputs)
     started = time.perf_counter()
-    result = executor.execute(ActionRequest(spec, inputs, execroot))
+    message = parse_message(payload, protos.WorkRequest)
+    result = executor.execute(ActionRequest(spec, InputManifest.from_proto(message, payload), execroot))
     elapsed = time.perf_counter() - started
     if result.exit_code != 0:
         raise SystemExit(f"action failed: {result.output}")

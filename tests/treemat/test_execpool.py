@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from treemat import protos
 from treemat.executor import ActionExecutor, ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
+from treemat.manifest import InputManifest
 
 from .workerharness import make_executor
 
@@ -47,23 +49,35 @@ def _listing(execroot: Path, files: dict[str, bytes]) -> list[str]:
     return sorted([*dirs - {"./out"}, *(f"./{rel}" for rel in files)])
 
 
-def _run(executor: ActionExecutor, execroot: Path, inputs: list[RequestInput]) -> str:
+def _wire(inputs: list[RequestInput]) -> InputManifest:
+    """The inputs as the worker gets them from Bazel: a proto WorkRequest, sorted by path, decoded lazily."""
+    request = protos.WorkRequest(arguments=["@x.params"], request_id=1)
+    for path, digest in sorted(inputs):
+        request.inputs.add(path=path, digest=(digest or "").encode())
+    payload = request.SerializeToString()
+    message = protos.WorkRequest()
+    message.ParseFromString(payload)
+    return InputManifest.from_proto(message, payload)
+
+
+def _run(executor: ActionExecutor, execroot: Path, inputs: list[RequestInput], *, wire: bool = False) -> str:
     spec = ActionSpec(argv=["sh", "-c", LIST_TREE], outputs=["out/listing", "out/cat"])
-    result = executor.execute(ActionRequest(spec, inputs, execroot))
+    result = executor.execute(ActionRequest(spec, _wire(inputs) if wire else inputs, execroot))
     assert result.exit_code == 0, result.output
     return (execroot / "out/listing").read_text()
 
 
-def test_a_changed_input_is_patched_in_place(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wire", [False, True], ids=["list", "proto"])
+def test_a_changed_input_is_patched_in_place(tmp_path: Path, wire: bool) -> None:
     execroot = tmp_path / "execroot"
     executor = _executor_with_pool(tmp_path / "root")
     files = {f"in/f{i}.txt": f"file {i}\n".encode() for i in range(50)}
-    _run(executor, execroot, _write(execroot, files))
+    _run(executor, execroot, _write(execroot, files), wire=wire)
     files["in/f7.txt"] = b"edited\n"
     del files["in/f8.txt"]
     (execroot / "in/f8.txt").unlink()
     files["in/sub/new.txt"] = b"new\n"
-    listing = _run(executor, execroot, _write(execroot, files))
+    listing = _run(executor, execroot, _write(execroot, files), wire=wire)
     assert listing.splitlines() == _listing(execroot, files)
     top_level = sorted(rel for rel in files if rel.count("/") == 1)  # what `cat in/*` reads, in glob order
     assert (execroot / "out/cat").read_bytes() == b"".join(files[rel] for rel in top_level)
@@ -132,9 +146,9 @@ file_maps = st.dictionaries(
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(sequence=st.lists(file_maps, min_size=2, max_size=5))
+@given(sequence=st.lists(file_maps, min_size=2, max_size=5), wire=st.booleans())
 def test_any_sequence_of_trees_is_staged_exactly(
-    tmp_path_factory: pytest.TempPathFactory, sequence: list[dict[str, bytes]]
+    tmp_path_factory: pytest.TempPathFactory, sequence: list[dict[str, bytes]], wire: bool
 ) -> None:
     """Whatever the previous action held, the next one sees exactly its own tree (reuse or not)."""
     base = tmp_path_factory.mktemp("seq")
@@ -143,5 +157,22 @@ def test_any_sequence_of_trees_is_staged_exactly(
         execroot = base / f"execroot-{len(list(base.iterdir()))}"
         if any(other != rel and other.startswith(rel + "/") for rel in files for other in files):
             continue  # a path that is both a file and a directory is not a valid tree
-        listing = _run(executor, execroot, _write(execroot, files))
+        listing = _run(executor, execroot, _write(execroot, files), wire=wire)
         assert listing.splitlines() == _listing(execroot, files)
+
+
+@pytest.mark.parametrize("wire", [False, True], ids=["list", "proto"])
+def test_an_input_listed_twice_gets_the_answer_of_fresh_staging(tmp_path: Path, wire: bool) -> None:
+    """A request naming one path twice (with two digests) is not patched in: it fails as a fresh one does."""
+    execroot = tmp_path / "execroot"
+    executor = _executor_with_pool(tmp_path / "root")
+    files = {f"in/f{i}.txt": f"file {i}\n".encode() for i in range(20)}
+    inputs = _write(execroot, files)
+    _run(executor, execroot, inputs, wire=wire)
+    twice = [*inputs, RequestInput("in/f3.txt", hashlib.sha256(b"other").hexdigest())]
+    spec = ActionSpec(argv=["sh", "-c", LIST_TREE], outputs=["out/listing", "out/cat"])
+    reused = executor.execute(ActionRequest(spec, _wire(twice) if wire else twice, execroot))
+    fresh = make_executor(tmp_path / "root2").execute(ActionRequest(spec, twice, execroot))
+    assert reused.exit_code == fresh.exit_code == 1
+    assert "in/f3.txt" in reused.output and "in/f3.txt" in fresh.output
+    assert executor.counters.get("execpool_reused") == 0

@@ -16,6 +16,7 @@ other). docs/architecture.md explains them; `lint-imports` enforces this exact l
     dircache | materializer
     staging | merkle | execlog | blobguard
     tree | protocol | cas | backends
+    manifest
     protos
     digest | counters | locking | flagfile | fsprims
     errors

@@ -3,29 +3,37 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from treemat.flagfile import ActionSpec
+from treemat.manifest import InputManifest, RequestInput
 from treemat.staging import StageReport
 
-
-@dataclass(frozen=True, slots=True)
-class RequestInput:
-    """One input as Bazel lists it: execroot-relative path and (usually) its sha256 hex."""
-
-    path: str
-    hash: str | None = None
+__all__ = ["ActionRequest", "ActionResult", "RequestInput"]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class ActionRequest:
     """Everything needed to run one action."""
 
     spec: ActionSpec
-    inputs: list[RequestInput]
+    inputs: InputManifest
     execroot: Path
-    request_id: int = 0
+    request_id: int
+
+    def __init__(
+        self,
+        spec: ActionSpec,
+        inputs: InputManifest | Iterable[RequestInput | tuple[str, str | None]],
+        execroot: Path,
+        request_id: int = 0,
+    ) -> None:
+        self.spec = spec
+        self.inputs = InputManifest.of(inputs)
+        self.execroot = execroot
+        self.request_id = request_id
 
 
 @dataclass(slots=True)

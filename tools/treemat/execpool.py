@@ -30,6 +30,7 @@ from typing import Protocol
 from treemat.blobguard import BlobGuard, BlobIdentity
 from treemat.cas import ContentStore
 from treemat.fsprims import blob_mode
+from treemat.manifest import InputManifest
 
 DEFAULT_POOL_SIZE = 8
 
@@ -59,7 +60,7 @@ class PooledDir:
     dirs: dict[str, DirSignature] = field(default_factory=dict)  # "" is the exec dir itself
     children: dict[str, int] = field(default_factory=dict)  # entries directly inside each dir ("" included)
     pinned: set[str] = field(default_factory=set)  # declared output dirs / output parents (kept even if empty)
-    request: dict[str, str] = field(default_factory=dict)  # the last request's inputs: raw path -> hash
+    manifest: InputManifest | None = None  # the inputs of the request it was last staged for
     generation: int = 0
     recorded: bool = False  # True once every directory's signature was taken
     watches: dict[str, int] = field(default_factory=dict)  # dir -> inotify watch descriptor

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
 
 from treemat.action import ActionRequest
 from treemat.blobguard import BlobGuard, BlobIdentity
@@ -80,36 +79,14 @@ class InputStager:
         empty = StageReport()
         if self.pool is None or not request.inputs:
             return None, empty
-        listed = {item.path: item.hash for item in request.inputs}
-        if None in listed.values() or "" in listed.values():
-            return None, empty  # a directory input: its contents are not in the request, stage afresh
-        current = cast("dict[str, str]", listed)
         entry = self.pool.acquire(pool_key(request.spec))
         for discarded in self.pool.take_discarded():
             self._dispose(discarded)
         if entry is None:
             return None, empty
         started = time.perf_counter()
-        previous = entry.request
-        changed_raw = current.items() - previous.items()
-        removed_raw = previous.keys() - current.keys()
-        normalize = self._normalize
         try:
-            if len(current) != len(request.inputs):
-                raise ExecutionError("an input is listed twice")  # let fresh staging give the real answer
-            changes: dict[str, tuple[str, bool]] = {}
-            for raw, hash_text in changed_raw:
-                path = normalize(raw)
-                hash_hex = check_hash(hash_text)
-                meta = self._meta.get((path, hash_hex))
-                if meta is None:
-                    info = _stat_input(request.execroot / path, path)
-                    if not stat.S_ISREG(info.st_mode):
-                        raise ExecutionError(f"input {path!r} is a {file_kind(info.st_mode)}: refused")
-                    executable = bool(info.st_mode & 0o111)
-                else:
-                    executable = meta[1]
-                changes[path] = (hash_hex, executable)
+            changes, removed = self._delta(request, entry)
 
             def admit(path: str, hash_hex: str, executable: bool) -> BlobIdentity | None:
                 found: dict[BlobIdentity, str] = {}
@@ -117,20 +94,49 @@ class InputStager:
                 self._meta[(path, hash_hex)] = (digest, executable)
                 return next(iter(found), None)
 
-            removed = [normalize(raw) for raw in removed_raw]
             report = self.pool.patch(entry, changes, removed, output_dirs(request.spec), admit)
-            entry.request = current
+            entry.manifest = request.inputs
         except (OSError, TreematError):
             self.counters.add("execpool_patch_failed")
             self._dispose(entry.path)
             return None, empty
-        report.unchanged = len(current) - report.linked
+        report.unchanged = len(request.inputs) - report.linked
         self.counters.add("execpool_reused")
         self.counters.add("hardlink", report.linked)
-        stage = StageReport(files=len(current), methods={"reused": report.unchanged, "hardlink": report.linked})
+        stage = StageReport(files=len(request.inputs), methods={"reused": report.unchanged, "hardlink": report.linked})
         stage.hardlinked = report.relinked
         stage.seconds = time.perf_counter() - started
         return entry, stage
+
+    def _delta(self, request: ActionRequest, entry: PooledDir) -> tuple[dict[str, tuple[str, bool]], set[str]]:
+        """What to (re)link ({path: (hash, executable)}) and what to remove to turn `entry` into this request.
+
+        Costs O(changed inputs): the manifests find the run of inputs that differs (manifest.py).
+        ExecutionError where this request cannot be patched in (fresh staging then gives the real answer).
+        """
+        if entry.manifest is None:
+            raise ExecutionError("the pooled dir has no manifest")
+        delta = request.inputs.delta(entry.manifest)
+        normalize = self._normalize
+        earlier = {normalize(raw) for raw, _hash in delta.earlier}
+        changes: dict[str, tuple[str, bool]] = {}
+        for raw, hash_text in delta.later:
+            if not hash_text:
+                raise ExecutionError("a directory input: its contents are not in the request")
+            path = normalize(raw)
+            if path in changes or (path in entry.files and path not in earlier):
+                raise ExecutionError(f"input {path!r} is listed twice")
+            hash_hex = check_hash(hash_text)
+            meta = self._meta.get((path, hash_hex))
+            if meta is None:
+                info = _stat_input(request.execroot / path, path)
+                if not stat.S_ISREG(info.st_mode):
+                    raise ExecutionError(f"input {path!r} is a {file_kind(info.st_mode)}: refused")
+                executable = bool(info.st_mode & 0o111)
+            else:
+                executable = meta[1]
+            changes[path] = (hash_hex, executable)
+        return changes, earlier - changes.keys()
 
     def pooled_from_fresh(
         self, request: ActionRequest, exec_dir: Path, stage: StageReport, staged: dict[BlobIdentity, str]
@@ -156,7 +162,7 @@ class InputStager:
         for rel in directories_for(entry.files.keys(), entry.pinned):
             entry.dirs[rel] = (0, 0, 0)
         entry.count_children()
-        entry.request = {item.path: item.hash for item in request.inputs if item.hash}
+        entry.manifest = request.inputs
         self.pool.start(entry)
         return entry
 

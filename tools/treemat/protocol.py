@@ -21,10 +21,11 @@ from google.protobuf.message import DecodeError, Message
 
 from treemat import protos
 from treemat.errors import DigestError, ProtocolError
+from treemat.manifest import InputManifest, decode_digest
 
 Wire = Literal["json", "proto"]
 
-_HEX64 = re.compile(rb"^[0-9a-fA-F]{64}$")
+_HEX64 = re.compile(rb"[0-9a-fA-F]{64}")
 # A `}` that may close a top-level object: followed (after whitespace) by the end of the text or by something
 # that cannot follow a nested `}` (`,` `]` `}`). Decoding is only tried where one appears, so a request split
 # over many reads is parsed once, not once per read.
@@ -54,11 +55,11 @@ class TruncatedStream(ProtocolError):
 
 @dataclass(slots=True)
 class WorkItem:
-    """A decoded WorkRequest."""
+    """A decoded WorkRequest (its inputs are decoded when first used: see manifest.py)."""
 
     request_id: int
     arguments: list[str]
-    inputs: list[tuple[str, str | None]]
+    inputs: InputManifest
     cancel: bool = False
 
 
@@ -83,23 +84,12 @@ class Malformed:
 # ----------------------------------------------------------------------------------- digests
 
 
-def decode_digest(raw: bytes) -> str | None:
-    """Bazel's digest bytes -> lowercase hex; None when empty. Accepts hex text or a raw 32-byte sha256."""
-    if not raw:
-        return None
-    if _HEX64.match(raw):
-        return raw.decode("ascii").lower()
-    if len(raw) == 32:
-        return raw.hex()
-    raise DigestError(f"unrecognised input digest ({len(raw)} bytes)")
-
-
 def decode_json_digest(text: str, path: str) -> str | None:
     """A JSON input digest (base64 of the digest bytes, or bare hex) -> lowercase hex; None when empty."""
     try:
         return decode_digest(base64.b64decode(text, validate=True) if text else b"")
     except (binascii.Error, ValueError, DigestError):
-        if _HEX64.match(text.encode()):
+        if _HEX64.fullmatch(text.encode()):
             return text.lower()
         raise ProtocolError(f"digest of {path!r} is not base64 of a sha256 hex string") from None
 
@@ -128,7 +118,7 @@ def item_from_json(obj: Any) -> WorkItem:
         if not isinstance(digest_text, str):
             raise ProtocolError(f"digest of {entry['path']!r} must be a base64 string")
         inputs.append((entry["path"], decode_json_digest(digest_text, entry["path"])))
-    return WorkItem(request_id, list(arguments), inputs, bool(obj.get("cancel", False)))
+    return WorkItem(request_id, list(arguments), InputManifest.of(inputs), bool(obj.get("cancel", False)))
 
 
 def valid_request_id(value: object) -> bool:
@@ -136,14 +126,9 @@ def valid_request_id(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
 
 
-def item_from_proto(message: Any) -> WorkItem:
-    """A protobuf WorkRequest -> WorkItem."""
-    inputs: list[tuple[str, str | None]] = []
-    for entry in message.inputs:
-        try:
-            inputs.append((entry.path, decode_digest(bytes(entry.digest))))
-        except DigestError as exc:
-            raise ProtocolError(f"input {entry.path!r}: {exc}") from None
+def item_from_proto(message: Any, payload: bytes) -> WorkItem:
+    """A protobuf WorkRequest (and its serialized `payload`) -> WorkItem."""
+    inputs = InputManifest.from_proto(message, payload)
     return WorkItem(int(message.request_id), list(message.arguments), inputs, bool(message.cancel))
 
 
@@ -261,19 +246,17 @@ def read_proto_requests(stream: Readable) -> Iterator[WorkItem | Malformed]:
     """Every varint-delimited WorkRequest until EOF (or a truncated message); undecodable ones as Malformed."""
     while True:
         try:
-            message = read_delimited(stream, protos.WorkRequest)
+            payload = read_delimited_payload(stream)
+            if payload is None:
+                return
+            message = parse_message(payload, protos.WorkRequest)
         except TruncatedStream as exc:
             yield Malformed(exc)
             return
         except ProtocolError as exc:
             yield Malformed(exc)
             continue
-        if message is None:
-            return
-        try:
-            yield item_from_proto(message)
-        except ProtocolError as exc:
-            yield Malformed(exc, int(message.request_id))
+        yield item_from_proto(message, payload)
 
 
 def read_requests(
@@ -346,17 +329,30 @@ def read_varint(stream: Readable) -> int | None:
 
 def read_delimited(stream: Readable, cls: type[M], *, max_size: int = MAX_MESSAGE_BYTES) -> M | None:
     """Read one length-delimited message; None at clean EOF; ProtocolError on truncation or garbage."""
+    payload = read_delimited_payload(stream, max_size=max_size)
+    return None if payload is None else parse_message(payload, cls)
+
+
+def read_delimited_payload(stream: Readable, *, max_size: int = MAX_MESSAGE_BYTES) -> bytes | None:
+    """The bytes of one length-delimited message; None at clean EOF; ProtocolError on truncation."""
     size = read_varint(stream)
     if size is None:
         return None
     if size > max_size:
         raise ProtocolError(f"message of {size} bytes exceeds the {max_size}-byte limit")
-    payload = b""
-    while len(payload) < size:
-        chunk = stream.read(size - len(payload))
+    chunks: list[bytes] = []
+    got = 0
+    while got < size:
+        chunk = stream.read(size - got)
         if not chunk:
-            raise TruncatedStream(f"truncated message: got {len(payload)} of {size} bytes")
-        payload += chunk
+            raise TruncatedStream(f"truncated message: got {got} of {size} bytes")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def parse_message(payload: bytes, cls: type[M]) -> M:
+    """Parse `payload` as a `cls`; ProtocolError if it is not one."""
     message = cls()
     try:
         message.ParseFromString(payload)

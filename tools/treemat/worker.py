@@ -18,7 +18,7 @@ from typing import IO
 
 from treemat.counters import StatsStore
 from treemat.errors import ProtocolError, TreematError, describe_error
-from treemat.executor import ActionRequest, RequestInput
+from treemat.executor import ActionRequest
 from treemat.flagfile import parse_action_args, request_arguments
 from treemat.protocol import Malformed, Wire, WorkItem, WorkReply, encode_reply, read_requests, sniff_protocol
 from treemat.stack import Stack, open_stack
@@ -118,7 +118,7 @@ def make_handler(stack: Stack, execroot: Path) -> tuple[Handler, Canceller]:
             return WorkReply(item.request_id, 1, f"treemat: malformed work request: {exc}\n")
         request = ActionRequest(
             spec=spec,
-            inputs=[RequestInput(path, digest) for path, digest in item.inputs],
+            inputs=item.inputs,
             execroot=execroot,
             request_id=item.request_id,
         )
