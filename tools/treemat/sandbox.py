@@ -188,40 +188,86 @@ def _decode_mountinfo(path: str) -> str:
     return path
 
 
-def probe(root: Path) -> tuple[OverlaySandbox | None, str]:
-    """An OverlaySandbox if the whole path works here (tried for real), else None and the reason."""
-    binary = shutil.which("unshare")
-    if binary is None:
-        return None, "no unshare(1) on PATH (util-linux)"
-    try:
-        sandbox = OverlaySandbox(root, binary)
-    except OSError as exc:
-        return None, f"cannot load libc: {exc}"
-    scratch = root / "tmp"
-    scratch.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".sandbox-probe-", dir=scratch) as tmp:
-        exec_dir = Path(tmp) / "exec"
-        exec_dir.mkdir()
-        (exec_dir / "input").write_bytes(b"pristine\n")
-        os.chmod(exec_dir / "input", 0o444)
-        plan = sandbox.plan(exec_dir, [])
-        script = "chmod u+w input && echo changed > input && echo out > output && cat input"
+class SandboxProbe:
+    """The whole sandbox path tried for real, in two halves: started here, judged by `result()`.
+
+    Starting it forks the probe tool and returns; the tool (unshare, a shell, chmod, cat, namespace teardown:
+    tens of milliseconds, all in child processes) then runs while the caller does other work, e.g. imports.
+    No thread: the caller's own `result()` waits for it, so nothing can use the answer before it exists.
+    """
+
+    SCRIPT = "chmod u+w input && echo changed > input && echo out > output && cat input"
+    TIMEOUT_SECONDS = 20
+
+    def __init__(self, root: Path) -> None:
+        self._failure: str | None = None
+        self._sandbox: OverlaySandbox | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        binary = shutil.which("unshare")
+        if binary is None:
+            self._failure = "no unshare(1) on PATH (util-linux)"
+            return
         try:
-            done = subprocess.run(
-                sandbox.wrap(["/bin/sh", "-c", script]),
-                cwd=exec_dir,
-                preexec_fn=sandbox.preexec(plan),  # namespaces are entered in the child
-                capture_output=True,
-                timeout=20,
-                check=False,
+            self._sandbox = OverlaySandbox(root, binary)
+        except OSError as exc:
+            self._failure = f"cannot load libc: {exc}"
+            return
+        scratch = root / "tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        self._tmp = tempfile.TemporaryDirectory(prefix=".sandbox-probe-", dir=scratch)
+        self._exec_dir = Path(self._tmp.name) / "exec"
+        try:
+            self._exec_dir.mkdir()
+            (self._exec_dir / "input").write_bytes(b"pristine\n")
+            os.chmod(self._exec_dir / "input", 0o444)
+            plan = self._sandbox.plan(self._exec_dir, [])
+            self._proc = subprocess.Popen(
+                self._sandbox.wrap(["/bin/sh", "-c", self.SCRIPT]),
+                cwd=self._exec_dir,
+                preexec_fn=self._sandbox.preexec(plan),  # namespaces are entered in the child
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
             )
         except (OSError, subprocess.SubprocessError) as exc:
-            return None, f"user+mount namespaces or overlayfs unavailable ({exc})"
-        pristine = (exec_dir / "input").read_bytes() == b"pristine\n"
-        copied_up = (upper_dir(exec_dir) / "output").is_file() and done.stdout == b"changed\n"
+            self._failure = f"user+mount namespaces or overlayfs unavailable ({exc})"
+            self._cleanup()
+        except BaseException:
+            self._cleanup()
+            raise
+
+    def result(self) -> tuple[OverlaySandbox | None, str]:
+        """An OverlaySandbox if the whole path worked, else None and the reason; waits for the probe tool."""
+        if self._failure is not None:
+            return None, self._failure
+        assert self._sandbox is not None and self._proc is not None
+        try:
+            try:
+                stdout, stderr = self._proc.communicate(timeout=self.TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired as exc:
+                self._proc.kill()
+                self._proc.communicate()
+                return None, f"user+mount namespaces or overlayfs unavailable ({exc})"
+            pristine = (self._exec_dir / "input").read_bytes() == b"pristine\n"
+            copied_up = (upper_dir(self._exec_dir) / "output").is_file() and stdout == b"changed\n"
+        finally:
+            self._cleanup()
+        if self._proc.returncode != 0 or not pristine or not copied_up:
+            detail = stderr.decode(errors="replace").strip().splitlines()
+            last = detail[-1] if detail else ""
+            return None, f"overlay sandbox did not behave (exit {self._proc.returncode}: {last})"
+        return self._sandbox, "user+mount+pid namespaces over an overlayfs"
+
+    def _cleanup(self) -> None:
+        if self._tmp is None:
+            return
         with contextlib.suppress(OSError):
-            os.chmod(work_dir(exec_dir) / "work", 0o700)
-    if done.returncode != 0 or not pristine or not copied_up:
-        detail = done.stderr.decode(errors="replace").strip().splitlines()
-        return None, f"overlay sandbox did not behave (exit {done.returncode}: {detail[-1] if detail else ''})"
-    return sandbox, "user+mount+pid namespaces over an overlayfs"
+            os.chmod(work_dir(self._exec_dir) / "work", 0o700)  # overlayfs leaves it 000
+        self._tmp.cleanup()
+        self._tmp = None
+
+
+def probe(root: Path) -> tuple[OverlaySandbox | None, str]:
+    """An OverlaySandbox if the whole path works here (tried for real), else None and the reason."""
+    return SandboxProbe(root).result()

@@ -11,21 +11,24 @@ Isolation is chosen here, by what actually works on this machine (see docs/herme
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from treemat.backends import DEFAULT_ORDER, BackendProbe, Method
-from treemat.blobguard import BlobGuard, VerifiedLedger
-from treemat.budget import StoreBudget, default_budget
 from treemat.cas import ContentStore, prepare_root
 from treemat.counters import Counters
-from treemat.dircache import DirectoryCache, KernelTreeCloner
-from treemat.executor import ActionExecutor
-from treemat.materializer import Materializer
-from treemat.sandbox import OverlaySandbox
-from treemat.sandbox import probe as probe_sandbox
+from treemat.sandbox import OverlaySandbox, SandboxProbe
+
+if TYPE_CHECKING:  # imported by open_stack, while the sandbox probe runs (see PendingIsolation)
+    from treemat.backends import BackendProbe, Method
+    from treemat.blobguard import BlobGuard
+    from treemat.budget import StoreBudget
+    from treemat.dircache import DirectoryCache
+    from treemat.executor import ActionExecutor
+    from treemat.materializer import Materializer
 
 DEFAULT_DIRCACHE_MIN_FILES = 32
 ISOLATION_OVERLAY = "overlay"
@@ -76,16 +79,32 @@ class Stack:
         self.guard.close()
 
 
+class PendingIsolation:
+    """The isolation choice, started (the sandbox probe forked) now and decided by `result()`.
+
+    The probe's tool runs in child processes for tens of milliseconds: started before the other layers are
+    imported and built, it costs a worker's start-up almost nothing. `result()` waits for it.
+    """
+
+    def __init__(self, root: Path, *, want: str = "auto") -> None:
+        self.want = want
+        self._probe = None if want == ISOLATION_COW else SandboxProbe(root)
+
+    def result(self) -> tuple[OverlaySandbox | None, str, str]:
+        """(sandbox or None, isolation name, why); OSError if `overlay` was asked for and does not work."""
+        if self._probe is None:
+            return None, ISOLATION_COW, "asked for (no hardlinks)"
+        sandbox, reason = self._probe.result()
+        if sandbox is not None:
+            return sandbox, ISOLATION_OVERLAY, reason
+        if self.want == ISOLATION_OVERLAY:
+            raise OSError(f"overlay isolation was asked for but does not work here: {reason}")
+        return None, ISOLATION_COW, f"no hardlinks: {reason}"
+
+
 def choose_isolation(root: Path, *, want: str = "auto") -> tuple[OverlaySandbox | None, str, str]:
     """(sandbox or None, isolation name, why) for `want` in auto | overlay | copy-on-write."""
-    if want == ISOLATION_COW:
-        return None, ISOLATION_COW, "asked for (no hardlinks)"
-    sandbox, reason = probe_sandbox(root)
-    if sandbox is not None:
-        return sandbox, ISOLATION_OVERLAY, reason
-    if want == ISOLATION_OVERLAY:
-        raise OSError(f"overlay isolation was asked for but does not work here: {reason}")
-    return None, ISOLATION_COW, f"no hardlinks: {reason}"
+    return PendingIsolation(root, want=want).result()
 
 
 def open_stack(
@@ -101,13 +120,31 @@ def open_stack(
     background_cleanup: bool = True,
     max_bytes: int | None = None,
 ) -> Stack:
-    """Open (creating if needed) the treemat root and wire every layer over it."""
+    """Open (creating if needed) the treemat root and wire every layer over it.
+
+    The isolation probe starts as soon as the root exists and runs while the other layers are imported and
+    built; it is joined before the placement methods are chosen, so no stager exists until it has finished.
+    """
     root = prepare_root(Path(root).absolute(), group_shared=group_shared)
     counters = counters if counters is not None else Counters()
-    cas = ContentStore(root, counters=counters, group_shared=group_shared)
-    guard = BlobGuard(cas, counters=counters, ledger=VerifiedLedger(root / "verified"))
-    budget = StoreBudget(cas, max_bytes if max_bytes is not None else default_budget(root), counters=counters)
-    sandbox, isolation_name, detail = choose_isolation(root, want=isolation)
+    cas = ContentStore(root, counters=counters, group_shared=group_shared)  # creates tmp/, where the probe runs
+    pending_isolation = PendingIsolation(root, want=isolation)
+    try:
+        # Imported here, while the probe's tool runs (a worker's start-up cost): `import treemat.stack` is light.
+        from treemat.backends import DEFAULT_ORDER, BackendProbe, Method
+        from treemat.blobguard import BlobGuard, VerifiedLedger
+        from treemat.budget import StoreBudget, default_budget
+        from treemat.dircache import DirectoryCache, KernelTreeCloner
+        from treemat.executor import ActionExecutor
+        from treemat.materializer import Materializer
+
+        guard = BlobGuard(cas, counters=counters, ledger=VerifiedLedger(root / "verified"))
+        budget = StoreBudget(cas, max_bytes if max_bytes is not None else default_budget(root), counters=counters)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            pending_isolation.result()  # reap the probe and remove its scratch directory; the error above wins
+        raise
+    sandbox, isolation_name, detail = pending_isolation.result()
     order = list(prefer) if prefer else list(DEFAULT_ORDER)
     if sandbox is None:
         order = [method for method in order if method is not Method.HARDLINK] or [Method.COPY]

@@ -18,7 +18,6 @@ from typing import IO
 
 from treemat.counters import StatsStore
 from treemat.errors import ProtocolError, TreematError, describe_error
-from treemat.executor import ActionRequest
 from treemat.flagfile import parse_action_args, request_arguments
 from treemat.protocol import Malformed, Wire, WorkItem, WorkReply, encode_reply, read_requests, sniff_protocol
 from treemat.stack import Stack, open_stack
@@ -104,6 +103,10 @@ class WorkerServer:
 
 def make_handler(stack: Stack, execroot: Path) -> tuple[Handler, Canceller]:
     """(handler, canceller) running requests on the stack's executor, relative to `execroot`."""
+    # Imported here, not at the top: `open_stack` imports the layers below the stack while the sandbox probe
+    # runs (the worker's start-up cost); by now they are loaded.
+    from treemat.action import ActionRequest
+
     counters, executor = stack.counters, stack.executor
     stats = StatsStore(stack.root)
     stats_lock = threading.Lock()
