@@ -93,7 +93,13 @@ def test_edit_rebuilds_are_reported_beside_clean_builds() -> None:
 
 def test_bazel_version_decides_which_strategies_are_offered() -> None:
     assert parse_bazel_version("bazel 7.7.1\n") == (7, "7.7.1")
-    assert parse_bazel_version("bazel 4.2.3- (@non-git)\n") == (4, "4.2.3")
+    assert parse_bazel_version("bazel 8.0.0rc2\n") == (8, "8.0.0rc2")
+    # bookworm's bazel-bootstrap 4.2.3 has no release label: taken as old
+    assert parse_bazel_version("bazel no_version\n") == (0, "no_version")
+    assert available_strategies(0) == ("local", "sandboxed", "treemat")
+    assert strategy_flags("sandboxed", 0) == STRATEGY_FLAGS["sandboxed"]
+    with pytest.raises(TreematError, match="no release label"):
+        check_strategies(["sandboxed-reuse"], 0)
     with pytest.raises(TreematError, match="cannot read a Bazel version"):
         parse_bazel_version("command not found")
     assert available_strategies(4) == ("local", "sandboxed", "treemat")

@@ -6,7 +6,8 @@ builds the generated SwiftCompile-shaped modules, and reads each SwiftCompile ac
 JSON trace profile (`--profile`; Bazel 4's execution log carries no timings). Round 0 is a warm-up and is not
 counted. treemat's own staging time comes from its stats.
 
-The strategies offered depend on the `bazel` on PATH (`bazel --version`). Bazel >= 7 (7.7.1 in
+The strategies offered depend on the `bazel` on PATH (`bazel --version`; an unlabelled build, like bookworm's
+4.2.3, counts as old). Bazel >= 7 (7.7.1 in
 tools/bazel7.sh's chroot) adds `sandboxed-reuse`: Bazel's sandbox with `--reuse_sandbox_directories` and
 `--experimental_inmemory_sandbox_stashes`, the strongest sandbox it has. 7.x turns
 `--reuse_sandbox_directories` on by default, so there `sandboxed` pins it off and stays what it is on 4.2.3, a
@@ -55,11 +56,17 @@ GOALS = "goals: treemat <= 0.5x sandboxed, <= 1.05x local"
 
 
 def parse_bazel_version(text: str) -> tuple[int, str]:
-    """`bazel --version` output ("bazel 7.7.1", "bazel 4.2.3- (@non-git)") -> (7, "7.7.1")."""
-    match = re.search(r"\bbazel\s+((\d+)\.[0-9A-Za-z.+-]*)", text)
+    """`bazel --version` output -> (major, release): "bazel 7.7.1" -> (7, "7.7.1").
+
+    A Bazel built without a release label (bookworm's bazel-bootstrap 4.2.3 prints "bazel no_version") is
+    major 0: no version-dependent flags, no strategy that needs a newer Bazel.
+    """
+    match = re.search(r"\bbazel\s+(\S+)", text)
     if not match:
         raise TreematError(f"cannot read a Bazel version from {text.strip()[:200]!r}")
-    return int(match.group(2)), match.group(1).rstrip("-")
+    release = match.group(1)
+    major = re.match(r"(\d+)\.", release)
+    return (int(major.group(1)) if major else 0), release
 
 
 def bazel_version(workspace: Path) -> tuple[int, str]:
@@ -86,8 +93,9 @@ def check_strategies(strategies: Sequence[str], bazel_major: int) -> None:
         if name not in STRATEGY_FLAGS:
             raise TreematError(f"unknown strategy {name!r}: choose from {', '.join(STRATEGY_FLAGS)}")
         if bazel_major < MIN_BAZEL_MAJOR.get(name, 0):
+            this = f"this is Bazel {bazel_major}" if bazel_major else "this Bazel has no release label"
             raise TreematError(
-                f"strategy {name!r} needs Bazel >= {MIN_BAZEL_MAJOR[name]} and this is Bazel {bazel_major}: "
+                f"strategy {name!r} needs Bazel >= {MIN_BAZEL_MAJOR[name]} and {this}: "
                 "run the bench on Bazel 7 (`treemat bench --bazel7`, see docs/bazel.md)"
             )
 
