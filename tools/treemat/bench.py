@@ -7,13 +7,12 @@ JSON trace profile (`--profile`; Bazel 4's execution log carries no timings). Ro
 counted. treemat's own staging time comes from its stats.
 
 The strategies offered depend on the `bazel` on PATH (`bazel --version`; an unlabelled build, like bookworm's
-4.2.3, counts as old). Bazel >= 7 (7.7.1 in
-tools/bazel7.sh's chroot) adds `sandboxed-reuse`: Bazel's sandbox with `--reuse_sandbox_directories` and
-`--experimental_inmemory_sandbox_stashes`, the strongest sandbox it has. 7.x turns
-`--reuse_sandbox_directories` on by default, so there `sandboxed` pins it off and stays what it is on 4.2.3, a
-fresh sandbox per action. Bazel 7 builds in WORKSPACE mode (`--noenable_bzlmod`), from the same WORKSPACE as
-4.2.3. The spawn runner each strategy used (linux-sandbox, processwrapper-sandbox, worker, ...) is taken from
-Bazel's "INFO: N processes: ..." line and reported.
+4.2.3, counts as old). Bazel >= 7 (7.7.1 in tools/bazel7.sh's chroot) adds `sandboxed-reuse`: Bazel's sandbox
+with `--reuse_sandbox_directories` and `--experimental_inmemory_sandbox_stashes`, the strongest sandbox it has.
+7.x turns `--reuse_sandbox_directories` on by default, so there `sandboxed` pins it off and stays what it is on
+4.2.3, a fresh sandbox per action. Bazel 7 builds in WORKSPACE mode (`--noenable_bzlmod`), from the same
+WORKSPACE as 4.2.3. The spawn runner each strategy used (linux-sandbox, processwrapper-sandbox, worker, ...) is
+taken from Bazel's "INFO: N processes: ..." line and reported.
 """
 
 from __future__ import annotations
