@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,7 @@ def test_run_bench_on_bazel7_measures_sandboxed_reuse(tmp_path: Path, monkeypatc
         return subprocess.CompletedProcess(["bazel", *args], 0, "", stderr)
 
     monkeypatch.setattr(bench_module, "_bazel", fake_bazel)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # run_bench's scratch dirs
     report = run_bench(tmp_path, shapes=(64,), rounds=1, bazel=(7, "7.7.1"), root=tmp_path / "root")
     assert report.strategies() == ["local", "sandboxed", "sandboxed-reuse", "treemat"]
     reuse_builds = [b for b in builds if "--experimental_inmemory_sandbox_stashes" in b]
