@@ -135,6 +135,26 @@ def test_replay_real_execution_logs(builds: dict[str, tuple[dict[str, str], Path
     assert report.blobs_synthesized > 0, "no execroot given: content is synthesized at the logged sizes"
 
 
+def test_workers_start_on_the_interpreter_itself_not_a_shim(
+    builds: dict[str, tuple[dict[str, str], Path]],
+) -> None:
+    """The treemat py_binary's stub and runtime name the binary `python3` runs (sys.executable): a version
+    manager's shim (pyenv, asdf) would add ~0.1 s twice to every new worker's start."""
+    base = next(iter(builds.values()))[1]
+    real = subprocess.run(
+        ["python3", "-c", "import sys; print(sys.executable)"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        info = _bazel(base / "output_base", "info", "output_path")
+        assert info.returncode == 0, info.stderr
+        stubs = list(Path(info.stdout.strip()).glob("*/bin/tools/treemat/treemat"))
+    finally:
+        _bazel(base / "output_base", "shutdown")
+    assert stubs, "the worker binary was built for the treemat build"
+    for stub in stubs:
+        assert stub.read_text().splitlines()[0] == f"#!{real}", stub
+
+
 def test_no_swiftc_makes_swift_targets_incompatible(tmp_path: Path) -> None:
     output_base = tmp_path / "ob-noswift"
     env = dict(os.environ, SWIFTC="/nonexistent/swiftc")
