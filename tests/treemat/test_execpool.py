@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from treemat import protos
+from treemat.execpool import NO_BLOB
 from treemat.executor import ActionExecutor, ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
 from treemat.manifest import InputManifest
@@ -176,3 +177,17 @@ def test_an_input_listed_twice_gets_the_answer_of_fresh_staging(tmp_path: Path, 
     assert reused.exit_code == fresh.exit_code == 1
     assert "in/f3.txt" in reused.output and "in/f3.txt" in fresh.output
     assert executor.counters.get("execpool_reused") == 0
+
+
+def test_every_path_of_a_shared_blob_is_known_as_that_blob(tmp_path: Path) -> None:
+    """Two inputs with the same content are two hardlinks to one blob: the pool must know both are (when one
+    is unlinked, the blob's link count changes and its ledger state is refreshed)."""
+    execroot = tmp_path / "execroot"
+    executor = _executor_with_pool(tmp_path / "root")
+    inputs = _write(execroot, {"in/a.txt": b"same\n", "in/b.txt": b"same\n", "in/c.txt": b"other\n"})
+    _run(executor, execroot, inputs)
+    assert executor.pool is not None
+    (entry,) = executor.pool.drain()
+    a, b, c = (entry.files[f"in/{name}.txt"].identity for name in "abc")
+    assert a == b and a != c
+    assert a != NO_BLOB and c != NO_BLOB

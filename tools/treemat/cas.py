@@ -352,6 +352,16 @@ class ContentStore:
             self._touched[key] = now
             self._pending_touches.append(key)
 
+    def touch_all(self, keys: list[tuple[str, bool]]) -> None:
+        """`touch` for many blobs: one clock read, one lock."""
+        now = time.time_ns()
+        with self._touch_lock:
+            touched, pending = self._touched, self._pending_touches
+            for key in keys:
+                if now - touched.get(key, 0) >= TOUCH_INTERVAL_NS:
+                    touched[key] = now
+                    pending.append(key)
+
     def flush_touches(self) -> int:
         """Write the noted uses as blob atimes (mtime stays the sentinel); returns how many."""
         with self._touch_lock:

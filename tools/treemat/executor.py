@@ -113,13 +113,14 @@ class ActionExecutor:
                     exec_dir = pooled.path
                     staged: dict[BlobIdentity, str] | None = None
                 else:
-                    staged, stage = self.inputs.stage_fresh(request, exec_dir)
+                    fresh = self.inputs.stage_fresh(request, exec_dir)
+                    staged, stage = fresh.staged, fresh.report
                     relinked = list(stage.hardlinked)
             stage_seconds = time.perf_counter() - started
             self._prepare_outputs(request.spec, exec_dir)
             plan = self._isolation_plan(stage, exec_dir, reused=pooled is not None)
             if pooled is None and plan is not None and staged is not None:
-                pooled = self.inputs.pooled_from_fresh(request, exec_dir, stage, staged)
+                pooled = self.inputs.pooled_from_fresh(request, exec_dir, fresh)
             result = self._run_tool(request, exec_dir, plan)
             result.stage, result.stage_seconds = stage, stage_seconds
             self._check_integrity(staged, pooled, generation, result)

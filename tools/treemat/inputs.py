@@ -13,9 +13,10 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from treemat.action import ActionRequest
+from treemat.action import ActionRequest, RequestInput
 from treemat.blobguard import BlobGuard, BlobIdentity
 from treemat.cas import ContentStore
 from treemat.counters import Counters
@@ -52,6 +53,9 @@ class InputStager:
         self._normalized: dict[str, str] = {}
         self._meta: dict[tuple[str, str], tuple[Digest, bool]] = {}
         self._known: dict[tuple[str, bool], int] = {}  # (hash, executable) -> size, known to be in the CAS
+        # (raw path, raw hash) as listed -> (path, node, size): what a warm worker needs per input, one lookup
+        self._hot: dict[tuple[str, str | None], tuple[str, FileNode, int]] = {}
+        self._hot_root = ""  # the execroot the nodes' `source` paths are under
 
     def forget(self, blobs: list[tuple[str, bool]]) -> None:
         """Blobs that were just rejected: drop what we knew about them (and every cached path meta)."""
@@ -59,20 +63,22 @@ class InputStager:
             for key in blobs:
                 self._known.pop(key, None)
             self._meta.clear()
+            self._hot.clear()
 
-    def stage_fresh(self, request: ActionRequest, exec_dir: Path) -> tuple[dict[BlobIdentity, str], StageReport]:
+    def stage_fresh(self, request: ActionRequest, exec_dir: Path) -> FreshStage:
         """Build the tree and stage it into a new exec dir (retrying once if our in-memory view was stale)."""
         try:
-            tree, staged = self.build_tree(request)
-            return staged, self.dircache.stage(tree, exec_dir)
+            tree, staged, files = self.build_tree(request)
+            return FreshStage(staged, self.dircache.stage(tree, exec_dir), files)
         except MissingBlobError:
             # a blob was GC'd or quarantined elsewhere: forget what we knew, retry once
             with self._lock:
                 self._known.clear()
                 self._meta.clear()
+                self._hot.clear()
             remove_tree(exec_dir)
-            tree, staged = self.build_tree(request)
-            return staged, self.dircache.stage(tree, exec_dir)
+            tree, staged, files = self.build_tree(request)
+            return FreshStage(staged, self.dircache.stage(tree, exec_dir), files)
 
     def stage_reused(self, request: ActionRequest) -> tuple[PooledDir | None, StageReport]:
         """Patch the pooled exec dir of a similar earlier action into this one's inputs, if there is one."""
@@ -89,10 +95,9 @@ class InputStager:
             changes, removed = self._delta(request, entry)
 
             def admit(path: str, hash_hex: str, executable: bool) -> BlobIdentity | None:
-                found: dict[BlobIdentity, str] = {}
-                digest = self._ensure_blob(request.execroot / path, hash_hex, executable, found, path)
+                digest, identity = self._ensure_blob(request.execroot / path, hash_hex, executable, path)
                 self._meta[(path, hash_hex)] = (digest, executable)
-                return next(iter(found), None)
+                return identity
 
             report = self.pool.patch(entry, changes, removed, output_dirs(request.spec), admit)
             entry.manifest = request.inputs
@@ -138,26 +143,18 @@ class InputStager:
             changes[path] = (hash_hex, executable)
         return changes, earlier - changes.keys()
 
-    def pooled_from_fresh(
-        self, request: ActionRequest, exec_dir: Path, stage: StageReport, staged: dict[BlobIdentity, str]
-    ) -> PooledDir | None:
+    def pooled_from_fresh(self, request: ActionRequest, exec_dir: Path, fresh: FreshStage) -> PooledDir | None:
         """Describe a freshly staged exec dir for the pool (only plain hardlink trees of hashed inputs)."""
+        stage = fresh.report
         if (
             self.pool is None
+            or fresh.files is None
+            or not fresh.files
             or stage.subtree_hits
-            or not request.inputs
-            or any(not item.hash for item in request.inputs)
             or any(method not in ("hardlink", "zero_byte") for method in stage.methods)
         ):
             return None
-        identity_of = {path: identity for identity, path in staged.items()}
-        entry = PooledDir(path=exec_dir, key=pool_key(request.spec))
-        for item in request.inputs:
-            path = self._normalize(item.path)
-            meta = self._meta.get((path, check_hash(item.hash or "")))
-            if meta is None:
-                return None
-            entry.files[path] = StagedFile(meta[0].hash, meta[1], identity_of.get(path, NO_BLOB))
+        entry = PooledDir(path=exec_dir, key=pool_key(request.spec), files=fresh.files)
         entry.pinned = set(output_dirs(request.spec))
         for rel in directories_for(entry.files.keys(), entry.pinned):
             entry.dirs[rel] = (0, 0, 0)
@@ -176,32 +173,79 @@ class InputStager:
             self._normalized[raw] = path
         return path
 
-    def build_tree(self, request: ActionRequest) -> tuple[InputTree, dict[BlobIdentity, str]]:
-        """Validate input paths, admit every blob (ingesting what the CAS lacks); the tree and its blob inodes."""
+    def build_tree(
+        self, request: ActionRequest
+    ) -> tuple[InputTree, dict[BlobIdentity, str], dict[str, StagedFile] | None]:
+        """Validate input paths, admit every blob (ingesting what the CAS lacks).
+
+        Returns the tree, its blob inodes (identity -> a path) and, for the exec-dir pool, what each path
+        is a hardlink to (None when an input has no digest, e.g. a directory input). A warm worker spends one
+        dict lookup, one lstat (the guard's per-use check) and one tree insert per input.
+        """
         tree = InputTree()
+        add_file = tree.add_file
         staged: dict[BlobIdentity, str] = {}
+        files: dict[str, StagedFile] | None = {} if self.pool is not None else None
+        used: list[tuple[str, bool]] = []
         execroot = str(request.execroot)
+        if execroot != self._hot_root:
+            self._hot.clear()
+            self._hot_root = execroot
+        hot, admit = self._hot, self.guard.admit
         for item in request.inputs:
-            path = self._normalize(item.path)
-            expected = check_hash(item.hash) if item.hash else None
-            meta = self._meta.get((path, expected)) if expected else None
-            full = f"{execroot}/{path}"
-            if meta is None:
-                info = _stat_input(full, path)
-                if stat.S_ISDIR(info.st_mode):
-                    self._add_directory(tree, request.execroot, path, staged)
-                    continue
-                if not stat.S_ISREG(info.st_mode):
-                    raise ExecutionError(f"input {path!r} is a {file_kind(info.st_mode)}: refused (not a regular file)")
-                executable = bool(info.st_mode & 0o111)
-                meta = (self._ensure_blob(full, expected, executable, staged, path), executable)
-                if expected:
-                    self._meta[(path, expected)] = meta
-            else:
-                self._ensure_blob(full, expected, meta[1], staged, path)
-            tree.add_file(path, FileNode(meta[0], meta[1], source=full), normalized=True)
+            known = hot.get(item)
+            identity: BlobIdentity | None = NO_BLOB
+            if known is not None:
+                path, node, size = known
+                if size:
+                    identity = admit(node.digest.hash, node.executable, size)
+                    if identity is None:  # gone or rejected since: the slow path re-ingests it
+                        known = None
+                    else:
+                        staged.setdefault(identity, path)
+                        used.append((node.digest.hash, node.executable))
+            if known is None:
+                if not item.hash:
+                    files = None  # no digest (a directory or an unhashed file): the request cannot tell a change
+                placed = self._admit_input(tree, request, item, staged)
+                if placed is None:
+                    continue  # a directory input, added entry by entry
+                path, node, identity = placed
+            add_file(path, node, normalized=True)
+            if files is not None:
+                files[path] = StagedFile(node.digest.hash, node.executable, identity or NO_BLOB)
+        self.cas.touch_all(used)  # LRU recency for `cas gc` (throttled to once an hour per blob)
         check_symlinks(tree)
-        return tree, staged
+        return tree, staged, files
+
+    def _admit_input(
+        self, tree: InputTree, request: ActionRequest, item: RequestInput, staged: dict[BlobIdentity, str]
+    ) -> tuple[str, FileNode, BlobIdentity | None] | None:
+        """The slow path of one input: validate, stat, admit or ingest; None for a directory input (added)."""
+        path = self._normalize(item.path)
+        expected = check_hash(item.hash) if item.hash else None
+        meta = self._meta.get((path, expected)) if expected else None
+        full = f"{request.execroot}/{path}"
+        if meta is None:
+            info = _stat_input(full, path)
+            if stat.S_ISDIR(info.st_mode):
+                self._add_directory(tree, request.execroot, path, staged)
+                return None
+            if not stat.S_ISREG(info.st_mode):
+                raise ExecutionError(f"input {path!r} is a {file_kind(info.st_mode)}: refused (not a regular file)")
+            executable = bool(info.st_mode & 0o111)
+        else:
+            executable = meta[1]
+        digest, identity = self._ensure_blob(full, expected, executable, path)
+        if identity is not None:
+            staged.setdefault(identity, path)
+        node = FileNode(digest, executable, source=full)
+        if expected:
+            self._meta[(path, expected)] = (digest, executable)
+            if len(self._hot) > 1_000_000:
+                self._hot.clear()
+            self._hot[item] = (path, node, digest.size)
+        return path, node, identity
 
     def _add_directory(self, tree: InputTree, execroot: Path, path: str, staged: dict[BlobIdentity, str]) -> None:
         """A directory input (source directory / tree artifact): files, empty dirs and in-tree symlinks.
@@ -225,7 +269,9 @@ class InputStager:
                     tree.add_symlink(rel, _inner_symlink_target(full, rel, path))
                 elif stat.S_ISREG(info.st_mode):
                     executable = bool(info.st_mode & 0o111)
-                    digest = self._ensure_blob(full, None, executable, staged, rel)
+                    digest, identity = self._ensure_blob(full, None, executable, rel)
+                    if identity is not None:
+                        staged.setdefault(identity, rel)
                     tree.add_file(rel, FileNode(digest, executable, source=full))
                 else:
                     raise ExecutionError(
@@ -233,9 +279,10 @@ class InputStager:
                     )
 
     def _ensure_blob(
-        self, full: str | Path, expected: str | None, executable: bool, staged: dict[BlobIdentity, str], path: str
-    ) -> Digest:
-        """The blob's digest, admitted by the guard; ingests (and verifies) the execroot file if needed."""
+        self, full: str | Path, expected: str | None, executable: bool, path: str
+    ) -> tuple[Digest, BlobIdentity | None]:
+        """The blob's digest and inode (None for the empty file), admitted by the guard; ingests (and
+        verifies) the execroot file if the CAS lacks it."""
         if expected is not None:
             key = (expected, executable)
             size = self._known.get(key)
@@ -244,22 +291,31 @@ class InputStager:
                 size = found.size if found is not None else None
             if size is not None:
                 if size == 0:
-                    return Digest(expected, 0)
+                    return Digest(expected, 0), None
                 identity = self.guard.admit(expected, executable, size)
                 if identity is not None:
                     self.cas.touch(expected, executable)  # LRU recency for `cas gc` (throttled to once an hour)
                     self._known[key] = size
-                    staged.setdefault(identity, path)
-                    return Digest(expected, size)
+                    return Digest(expected, size), identity
                 self._known.pop(key, None)
         digest = self.cas.ingest_file(full, executable=executable, expected=expected)
+        identity = None
         if digest.size:
             identity = self.guard.admit_ingested(digest.hash, executable, digest.size)
             if identity is None:
                 raise ExecutionError(f"input {path!r}: its blob vanished or was rejected right after ingest")
-            staged.setdefault(identity, path)
         self._known[(digest.hash, executable)] = digest.size
-        return digest
+        return digest, identity
+
+
+@dataclass(slots=True)
+class FreshStage:
+    """A freshly staged exec dir: its blob inodes (identity -> a path), the report, and (for the pool) what
+    each path is a hardlink to, None when a directory input is in it."""
+
+    staged: dict[BlobIdentity, str]
+    report: StageReport
+    files: dict[str, StagedFile] | None
 
 
 def pool_key(spec: ActionSpec) -> str:
