@@ -90,6 +90,15 @@ class BlobGuard:
 
     def admit(self, hash_hex: str, executable: bool, size: int) -> BlobIdentity | None:
         """Check a blob right before it is staged; None if absent (or just quarantined: the caller re-ingests)."""
+        admitted = self.admit_sized(hash_hex, executable, size)
+        return admitted[0] if admitted is not None else None
+
+    def admit_sized(self, hash_hex: str, executable: bool, size: int | None = None) -> tuple[BlobIdentity, int] | None:
+        """`admit`, also for a blob whose size the caller does not know yet (None): (identity, size) or None.
+
+        An unknown size is taken from what this process verified before, else from the blob itself (whose
+        first use in this process is then hashed, or matched in the verified ledger, as always).
+        """
         key = (hash_hex, executable)
         path = self.cas.blob_path_str(hash_hex, executable)
         try:
@@ -98,6 +107,8 @@ class BlobGuard:
             self._forget(key)
             return None
         known = self._verified.get(key)  # a dict read is atomic: no lock on the hot path
+        if size is None:
+            size = known[1] if known is not None else info.st_size
         if (
             known is not None
             and info.st_ino == known[0].inode
@@ -106,14 +117,15 @@ class BlobGuard:
             and info.st_mtime_ns == BLOB_MTIME_NS
             and info.st_mode == (_EXEC_FILE_MODE if executable else _PLAIN_FILE_MODE)
         ):
-            return known[0]
+            return known[0], size
         reason = _stat_problem(info, executable, size)
         if known is not None and reason is None:
             reason = "the blob file was replaced"
         if reason is not None:
             self._reject(key, reason)
             return None
-        return self._verify_and_watch(key, path, size, rehash=True)
+        identity = self._verify_and_watch(key, path, size, rehash=True)
+        return (identity, size) if identity is not None else None
 
     def admit_ingested(self, hash_hex: str, executable: bool, size: int) -> BlobIdentity | None:
         """Register a blob this process has just hashed on ingest: watched, not hashed again."""

@@ -20,7 +20,7 @@ from treemat.action import ActionRequest, RequestInput
 from treemat.blobguard import BlobGuard, BlobIdentity
 from treemat.cas import ContentStore
 from treemat.counters import Counters
-from treemat.digest import Digest, check_hash
+from treemat.digest import EMPTY_DIGEST, Digest, check_hash
 from treemat.dircache import DirectoryCache
 from treemat.errors import ExecutionError, MissingBlobError, TreematError
 from treemat.execpool import NO_BLOB, ExecDirPool, PooledDir, StagedFile, directories_for
@@ -284,28 +284,24 @@ class InputStager:
         """The blob's digest and inode (None for the empty file), admitted by the guard; ingests (and
         verifies) the execroot file if the CAS lacks it."""
         if expected is not None:
+            if expected == EMPTY_DIGEST.hash:
+                return EMPTY_DIGEST, None
             key = (expected, executable)
-            size = self._known.get(key)
-            if size is None:
-                found = self.cas.lookup(expected, executable)
-                size = found.size if found is not None else None
-            if size is not None:
-                if size == 0:
-                    return Digest(expected, 0), None
-                identity = self.guard.admit(expected, executable, size)
-                if identity is not None:
-                    self.cas.touch(expected, executable)  # LRU recency for `cas gc` (throttled to once an hour)
-                    self._known[key] = size
-                    return Digest(expected, size), identity
-                self._known.pop(key, None)
+            admitted = self.guard.admit_sized(expected, executable, self._known.get(key))
+            if admitted is not None:
+                identity, size = admitted
+                self.cas.touch(expected, executable)  # LRU recency for `cas gc` (throttled to once an hour)
+                self._known[key] = size
+                return Digest(expected, size), identity
+            self._known.pop(key, None)
         digest = self.cas.ingest_file(full, executable=executable, expected=expected)
-        identity = None
-        if digest.size:
-            identity = self.guard.admit_ingested(digest.hash, executable, digest.size)
-            if identity is None:
-                raise ExecutionError(f"input {path!r}: its blob vanished or was rejected right after ingest")
         self._known[(digest.hash, executable)] = digest.size
-        return digest, identity
+        if not digest.size:
+            return digest, None
+        ingested = self.guard.admit_ingested(digest.hash, executable, digest.size)
+        if ingested is None:
+            raise ExecutionError(f"input {path!r}: its blob vanished or was rejected right after ingest")
+        return digest, ingested
 
 
 @dataclass(slots=True)
