@@ -333,3 +333,11 @@ def test_a_new_entry_is_not_the_first_evicted(tmp_path: Path) -> None:
     assert not (cache.cache_dir / _key(old, "lib")).exists(), "the old entry made room"
     assert (cache.cache_dir / _key(new, "lib")).is_dir()
     assert read_back(tmp_path / "new")["lib/m0"] == ("file", (b"new module 0", False))
+
+
+def test_the_stack_default_is_the_measured_threshold() -> None:
+    """stack.py cannot import dircache at start-up: its copy of the measured threshold must not drift."""
+    from treemat.dircache import MIN_SUBTREE_FILES
+    from treemat.stack import DEFAULT_DIRCACHE_MIN_FILES
+
+    assert DEFAULT_DIRCACHE_MIN_FILES == MIN_SUBTREE_FILES == DirectoryCache.__init__.__kwdefaults__["min_files"]

@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # imported by open_stack, while the sandbox probe runs (see P
     from treemat.executor import ActionExecutor
     from treemat.materializer import Materializer
 
-DEFAULT_DIRCACHE_MIN_FILES = 32
+DEFAULT_DIRCACHE_MIN_FILES = 64  # = dircache.MIN_SUBTREE_FILES, measured there (not imported: start-up cost)
 ISOLATION_OVERLAY = "overlay"
 ISOLATION_COW = "copy-on-write"
 
