@@ -68,7 +68,7 @@ class Stack:
             "write_watch": "inotify" if self.guard.watching else "hash on first use",
             "methods": [method.value for method in self.probe.order],
             "method_timings_us": dict(self.probe.timings),
-            "dircache": self.dircache.mode,
+            **self.dircache.describe(),
             "cas_budget_bytes": self.budget.max_bytes,
             "cas_estimated_bytes": self.budget.state().estimated_bytes,
         }

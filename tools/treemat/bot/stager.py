@@ -117,7 +117,7 @@ class LocalStager:
     def publish_stats(self, *, role: str, extra: Mapping[str, object] | None = None) -> None:
         """Write this process's counters where `treemat stats` sums them."""
         with self._stats_lock, contextlib.suppress(OSError):
-            self._stats.publish(self.counters, role=role, extra=extra)
+            self._stats.publish(self.counters, role=role, extra={**self.dircache.describe(), **(extra or {})})
 
     def _sweep_stale_exec_dirs(self) -> None:
         sweep_dead_owners(self.exec_base)

@@ -73,7 +73,7 @@ def stage(
     total = tree.count_files()
     with progress_bar(total, "staging", enabled=not quiet and not as_json and total >= 500) as advance:
         report = cache.stage(tree, dest.absolute(), progress=advance)
-    StatsStore(rooted.root).publish(counters, role="cli-stage")
+    StatsStore(rooted.root).publish(counters, role="cli-stage", extra=stack.describe())
     if as_json:
         emit_json({"dest": str(dest), "report": report, "counters": counters.snapshot()})
     else:
