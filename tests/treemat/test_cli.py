@@ -227,3 +227,50 @@ def test_stats_watch_without_watchdog_says_how_to_get_it(tmp_path: Path) -> None
         [sys.executable, "-m", "treemat", "--root", str(tmp_path / "root"), "stats"], env=env, capture_output=True
     )
     assert plain.returncode == 0, "only --watch needs watchdog"
+
+
+def _sdk_manifest(directory: Path, files: int) -> Path:
+    src = directory / "src"
+    src.mkdir(parents=True)
+    manifest = []
+    for i in range(files):
+        data = f"header {i:02}\n".encode()
+        (src / f"h{i}.h").write_bytes(data)
+        path = f"sdk/include/h{i}.h"
+        manifest.append({"path": path, "digest": str(digest_bytes(data)), "source": str(src / f"h{i}.h")})
+    (directory / "m.json").write_text(json.dumps(manifest))
+    return directory / "m.json"
+
+
+def test_stats_show_the_dircache_choice_and_size(btrfs_dir: Path) -> None:
+    """Under copy-on-write isolation on btrfs subtrees of >= 64 files are snapshotted: stats says so, with hits,
+    misses and the recorded size against the budget (what a worker or bot publishes)."""
+    from treemat.counters import StatsStore
+    from treemat.stack import ISOLATION_COW, open_stack
+    from treemat.tree import load_manifest
+
+    base = btrfs_dir / "cli-stats"
+    base.mkdir()
+    root = base / "root"
+    tree = load_manifest(_sdk_manifest(base, 64))
+    stack = open_stack(root, isolation=ISOLATION_COW)
+    for dest in ("d1", "d2"):
+        stack.dircache.stage(tree, base / dest)
+    StatsStore(root).publish(stack.counters, role="test", extra=stack.describe())
+    stack.close()
+    code, text = _run(root, "stats")
+    assert code == 0, text
+    assert "dircache: snapshot of subtrees with >= 64 files; 640 B of 8.0 GiB in 1 entries" in text, text
+    assert "subtree cache: 1 hits, 1 misses, 0 evictions" in text, text
+    code, output = _run(root, "stats", "--json")
+    state = json.loads(output)["dircache"]
+    assert state["entries"] == 1 and state["bytes"] == 640
+    assert state["choices"] == [{"mode": "snapshot", "min_files": 64, "budget_bytes": 8 << 30}]
+
+
+def test_stats_show_a_dircache_that_is_off(tmp_path: Path) -> None:
+    manifest = _sdk_manifest(tmp_path, 3)
+    code, output = _run(tmp_path / "root", "stage", str(manifest), str(tmp_path / "dest"), "--no-dircache")
+    assert code == 0, output
+    code, text = _run(tmp_path / "root", "stats")
+    assert "dircache: off; 0 B in 0 entries" in text, text

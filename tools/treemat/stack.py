@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # imported by open_stack, while the sandbox probe runs (see P
     from treemat.executor import ActionExecutor
     from treemat.materializer import Materializer
 
-DEFAULT_DIRCACHE_MIN_FILES = 32
+DEFAULT_DIRCACHE_MIN_FILES = 64  # = dircache.MIN_SUBTREE_FILES, measured there (not imported: start-up cost)
 ISOLATION_OVERLAY = "overlay"
 ISOLATION_COW = "copy-on-write"
 
@@ -68,7 +68,7 @@ class Stack:
             "write_watch": "inotify" if self.guard.watching else "hash on first use",
             "methods": [method.value for method in self.probe.order],
             "method_timings_us": dict(self.probe.timings),
-            "dircache": self.dircache.mode,
+            **self.dircache.describe(),
             "cas_budget_bytes": self.budget.max_bytes,
             "cas_estimated_bytes": self.budget.state().estimated_bytes,
         }

@@ -18,7 +18,7 @@ from treemat.counters import StatsStore
 from treemat.digest import EMPTY_DIGEST, Digest
 from treemat.errors import TreematError
 from treemat.fsprims import remove_tree, sweep_dead_owners
-from treemat.stack import ISOLATION_COW, open_stack
+from treemat.stack import DEFAULT_DIRCACHE_MIN_FILES, ISOLATION_COW, open_stack
 from treemat.staging import StageReport
 from treemat.tree import FileNode, InputTree, check_symlinks
 
@@ -32,7 +32,10 @@ class LocalStager:
         # The bot runs commands itself, outside the overlay sandbox: so it never hardlinks (copy-on-write
         # isolation: reflink / snapshot / copy), and no command can write a CAS inode through its inputs.
         stack = open_stack(
-            Path(root), isolation=ISOLATION_COW, concurrency=concurrency, dircache_min_files=32 if dircache else None
+            Path(root),
+            isolation=ISOLATION_COW,
+            concurrency=concurrency,
+            dircache_min_files=DEFAULT_DIRCACHE_MIN_FILES if dircache else None,
         )
         self.root = stack.root
         self.counters = stack.counters
@@ -114,7 +117,7 @@ class LocalStager:
     def publish_stats(self, *, role: str, extra: Mapping[str, object] | None = None) -> None:
         """Write this process's counters where `treemat stats` sums them."""
         with self._stats_lock, contextlib.suppress(OSError):
-            self._stats.publish(self.counters, role=role, extra=extra)
+            self._stats.publish(self.counters, role=role, extra={**self.dircache.describe(), **(extra or {})})
 
     def _sweep_stale_exec_dirs(self) -> None:
         sweep_dead_owners(self.exec_base)

@@ -51,7 +51,7 @@ def stage(
     DEST must not exist. Files come out read-only; directories writable.
     """
     from treemat.backends import Method
-    from treemat.stack import open_stack
+    from treemat.stack import DEFAULT_DIRCACHE_MIN_FILES, open_stack
     from treemat.tree import load_manifest
 
     if dest.exists() or dest.is_symlink():
@@ -63,7 +63,7 @@ def stage(
         counters=counters,
         prefer=[Method(name) for name in prefer] or None,
         concurrency=concurrency,
-        dircache_min_files=32 if not no_dircache else None,
+        dircache_min_files=DEFAULT_DIRCACHE_MIN_FILES if not no_dircache else None,
     )
     cache = stack.dircache
     for path, node in tree.iter_files():
@@ -73,7 +73,7 @@ def stage(
     total = tree.count_files()
     with progress_bar(total, "staging", enabled=not quiet and not as_json and total >= 500) as advance:
         report = cache.stage(tree, dest.absolute(), progress=advance)
-    StatsStore(rooted.root).publish(counters, role="cli-stage")
+    StatsStore(rooted.root).publish(counters, role="cli-stage", extra=stack.describe())
     if as_json:
         emit_json({"dest": str(dest), "report": report, "counters": counters.snapshot()})
     else:

@@ -19,6 +19,8 @@ _SUMMARIZED = frozenset(
         "subtree_hits",
         "subtree_misses",
         "evictions",
+        "dircache_eviction_passes",
+        "dircache_evicted_bytes",
         "actions",
         "action_failures",
         "ingested_blobs",
@@ -60,7 +62,11 @@ def format_counters(values: Mapping[str, int]) -> str:
         share = f"{100 * count / total:5.1f}%" if total else "    -"
         lines.append(f"  {name:<10} {count:>10}  {share}")
     hits, misses = values.get("subtree_hits", 0), values.get("subtree_misses", 0)
-    lines.append(f"subtree cache: {hits} hits, {misses} misses, {values.get('evictions', 0)} evictions")
+    lines.append(
+        f"subtree cache: {hits} hits, {misses} misses, {values.get('evictions', 0)} evictions "
+        f"({human_bytes(values.get('dircache_evicted_bytes', 0))} in "
+        f"{values.get('dircache_eviction_passes', 0)} eviction passes)"
+    )
     lines.append(
         f"actions: {values.get('actions', 0)} ({values.get('action_failures', 0)} failed), "
         f"ingested {values.get('ingested_blobs', 0)} blobs / {human_bytes(values.get('ingested_bytes', 0))}, "
@@ -82,19 +88,68 @@ def show_stats(store: StatsStore, root: Path, *, as_json: bool) -> None:
     """Print the summed counters (and recent actions) once."""
     records = store.load_all()
     totals = store.totals()
+    dircache = dircache_state(root, records)
     if as_json:
-        click.echo(json.dumps({"root": str(root), "totals": totals, "processes": records}, sort_keys=True))
+        click.echo(
+            json.dumps(
+                {"root": str(root), "totals": totals, "dircache": dircache, "processes": records}, sort_keys=True
+            )
+        )
         return
     click.echo(f"treemat root: {root}  ({len(records)} process records)")
     modes = sorted({f"{r.get('isolation')} ({r.get('write_watch')})" for r in records if r.get("isolation")})
     if modes:
         click.echo(f"isolation: {', '.join(modes)}")
+    click.echo(format_dircache(dircache))
     click.echo(format_counters(totals))
     recent = [a for r in records for a in _as_list(r.get("recent_actions"))]
     if recent:
         click.echo("recent actions:")
         for action in recent[-10:]:
             click.echo(f"  {json.dumps(action, sort_keys=True)}")
+
+
+def dircache_state(root: Path, records: list[dict[str, object]]) -> dict[str, object]:
+    """The subtree cache's choices (as the processes that published them made them) and its recorded size."""
+    choices = sorted(
+        {
+            (str(r.get("dircache")), _as_int(r.get("dircache_min_files")), _as_int(r.get("dircache_budget_bytes")))
+            for r in records
+            if "dircache" in r
+        },
+        key=repr,
+    )
+    from treemat.dircache import recorded_usage  # here: `treemat stats` stays light (dircache pulls in protobuf)
+
+    usage = recorded_usage(root)
+    return {
+        "choices": [{"mode": mode, "min_files": files, "budget_bytes": budget} for mode, files, budget in choices],
+        "entries": usage[0] if usage else 0,
+        "bytes": usage[1] if usage else 0,
+    }
+
+
+def format_dircache(state: Mapping[str, object]) -> str:
+    """One line: how the subtree cache runs (per distinct process choice) and how full it is."""
+    parts = []
+    budgets = []
+    for choice in _as_list(state.get("choices")):
+        if not isinstance(choice, dict):
+            continue
+        if choice.get("mode") == "off":
+            parts.append("off")
+            continue
+        parts.append(f"{choice.get('mode')} of subtrees with >= {choice.get('min_files')} files")
+        if isinstance(choice.get("budget_bytes"), int):
+            budgets.append(int(choice["budget_bytes"]))
+    size = human_bytes(_as_int(state.get("bytes")) or 0)
+    budget = f" of {human_bytes(min(budgets))}" if budgets else ""
+    how = ", ".join(parts) if parts else "no process has reported its choice"
+    return f"dircache: {how}; {size}{budget} in {state.get('entries', 0)} entries"
+
+
+def _as_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def watch_stats(store: StatsStore, root: Path, *, as_json: bool, max_updates: int | None) -> None:
