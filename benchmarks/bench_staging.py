@@ -13,7 +13,8 @@ For each filesystem (a fresh loop-mounted image, so the root disk's noise stays 
 
 Every timing starts from the WorkRequest's bytes, as the worker gets them: decoding is part of the request.
 - fresh: a new worker process's first request: blobs whose state another process recorded in the verified
-  ledger are trusted, the others hashed once.
+  ledger are trusted, the others hashed once; against the floor doing, per blob, the first-use syscalls the
+  blob guard needs in a new process (open, fstat, inotify watch, fstat, close) before linking.
 
 Prints min and median over rounds, and ratios to the floor. Needs root (loop mounts) and a C compiler.
 """
@@ -42,17 +43,23 @@ from treemat.stack import open_stack
 
 C_FLOOR = r"""
 #define _GNU_SOURCE
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/inotify.h>
 #include <sys/stat.h>
 #include <unistd.h>
-/* usage: floor LIST ; lines: "S path" stat an input, "D dir" mkdir, "F src dst" link; then re-stat, remove */
+/* usage: floor LIST [fresh]; lines: "S path" stat an input, "D dir" mkdir, "F src dst" link; then re-stat,
+   remove. With "fresh", each blob is first checked as a new process must (the blob guard's first use): open it,
+   fstat, an inotify write watch through /proc/self/fd, fstat again, close. */
 #define MAX 200000
 static char *dsts[MAX], *dirs[MAX];
 int main(int argc, char **argv) {
   FILE *list = fopen(argv[1], "r");
-  char line[8192], a[4096], b[4096];
+  int fresh = argc > 2 && strcmp(argv[2], "fresh") == 0;
+  int watcher = fresh ? inotify_init1(IN_NONBLOCK | IN_CLOEXEC) : -1;
+  char line[8192], a[4096], b[4096], proc[64];
   int nf = 0, nd = 0;
   struct stat st;
   while (fgets(line, sizeof line, list)) {
@@ -64,6 +71,14 @@ int main(int argc, char **argv) {
     }
     else if (sscanf(line, "F %4095s %4095s", a, b) == 2) {
       if (lstat(a, &st)) { perror(a); return 1; }
+      if (fresh) {
+        int fd = open(a, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+        if (fd < 0 || fstat(fd, &st)) { perror(a); return 1; }
+        snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+        if (inotify_add_watch(watcher, proc, IN_MODIFY | IN_CLOSE_WRITE) < 0) { perror(proc); return 1; }
+        fstat(fd, &st);
+        close(fd);
+      }
       if (link(a, b)) { perror(b); return 1; }
       dsts[nf++] = strdup(b);
     }
@@ -130,7 +145,8 @@ def request_minus_tool(executor: ActionExecutor, execroot: Path, inputs: list[Re
     return elapsed - result.tool_seconds
 
 
-def c_floor(binary: Path, work: Path, execroot: Path, inputs: list[RequestInput], cas_dir: Path, dest: Path) -> float:
+def c_floor(binary: Path, work: Path, execroot: Path, inputs: list[RequestInput], cas_dir: Path, dest: Path,
+            *, fresh: bool = False) -> float:
     lines = [f"S {execroot / item.path}" for item in inputs]
     made: set[str] = set()
     lines.append(f"D {dest}")
@@ -146,7 +162,7 @@ def c_floor(binary: Path, work: Path, execroot: Path, inputs: list[RequestInput]
     listing = work / "floor.list"
     listing.write_text("\n".join(lines) + "\n")
     started = time.perf_counter()
-    subprocess.run([str(binary), str(listing)], check=True)
+    subprocess.run([str(binary), str(listing), *(["fresh"] if fresh else [])], check=True)
     return time.perf_counter() - started
 
 
@@ -184,8 +200,8 @@ def main() -> int:
                 root = base / f"root-{count}"
                 stack = open_stack(root)
                 executor = stack.executor
-                fresh = [request_minus_tool(executor, execroot, inputs, "out/warmup")]
-                first, floor, incremental = [], [], []
+                request_minus_tool(executor, execroot, inputs, "out/warmup")
+                first, floor, incremental, fresh, fresh_floor = [], [], [], [], []
                 for round_ in range(args.rounds):
                     first.append(request_minus_tool(executor, execroot, inputs, f"out/first{round_}"))
                     time.sleep(0.2)  # let the background removal finish before the next timing
@@ -195,19 +211,20 @@ def main() -> int:
                     digest = hashlib.sha256(edited.read_bytes()).hexdigest()
                     inputs[round_ % count] = RequestInput(inputs[round_ % count].path, digest)
                     incremental.append(request_minus_tool(executor, execroot, inputs, "out/first0"))
-                for _ in range(2):
                     other = open_stack(root)  # a new worker process's stack, as Bazel would start it
-                    fresh.append(request_minus_tool(other.executor, execroot, inputs, f"out/fresh{_}"))
+                    fresh.append(request_minus_tool(other.executor, execroot, inputs, f"out/fresh{round_}"))
                     time.sleep(0.2)
                     other.close()
+                    fresh_floor.append(c_floor(binary, work, execroot, inputs, stack.cas.cas_dir,
+                                               base / "floor-dest", fresh=True))
                 stack.close()
                 floor_med = statistics.median(floor)
                 print(f"{fs:<6} {count:>6} {'first':<12} {stats(first)} {stats(floor)} "
                       f"{statistics.median(first) / floor_med:>10.2f}")
                 print(f"{fs:<6} {count:>6} {'incremental':<12} {stats(incremental)} {'':>9} {'':>9} "
                       f"{statistics.median(incremental) / floor_med:>10.2f}")
-                print(f"{fs:<6} {count:>6} {'fresh worker':<12} {stats(fresh[1:])} {'':>9} {'':>9} "
-                      f"{statistics.median(fresh[1:]) / floor_med:>10.2f}")
+                print(f"{fs:<6} {count:>6} {'fresh worker':<12} {stats(fresh)} {stats(fresh_floor)} "
+                      f"{statistics.median(fresh) / statistics.median(fresh_floor):>10.2f}")
                 sys.stdout.flush()
         return 0
     finally:
