@@ -136,3 +136,27 @@ def test_concurrent_polls_never_block(tmp_path: Path) -> None:
     for thread in threads:
         thread.join(20)
     assert len(finished) == 4, "a poller blocked in read(2) on the inotify descriptor"
+
+
+@pytest.mark.parametrize("executable", [False, True])
+def test_a_blob_of_an_older_version_is_upgraded_in_place_and_hashed(tmp_path: Path, executable: bool) -> None:
+    """Blobs written before 0.1 carry 0o444/0o555: they get today's mode, their bytes are hashed, and they are
+    served (not quarantined and ingested again), unless their bytes are wrong."""
+    cas, guard = _guard(tmp_path / "root")
+    good = cas.ingest_bytes(b"an old blob\n" * 50, executable=executable)
+    bad = cas.ingest_bytes(b"another old blob\n" * 50, executable=executable)
+    for digest in (good, bad):
+        os.chmod(cas.blob_path(digest.hash, executable), 0o555 if executable else 0o444)
+    path = cas.blob_path(bad.hash, executable)
+    info = path.stat()
+    os.chmod(path, 0o644)
+    path.write_bytes(b"Another old blob\n" * 50)  # same size, sentinel mtime restored: only the hash can tell
+    os.chmod(path, info.st_mode & 0o777)
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert guard.admit(good.hash, executable, good.size) is not None
+    assert cas.blob_path(good.hash, executable).stat().st_mode & 0o777 == (0o550 if executable else 0o440)
+    assert guard.counters.get("guard_hashed_blobs") == 1
+    assert guard.admit(bad.hash, executable, bad.size) is None, "upgraded, hashed, found wrong: rejected"
+    assert not path.exists()
+    assert cas.lookup(good.hash, executable) == good
+    guard.close()

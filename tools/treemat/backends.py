@@ -32,7 +32,7 @@ DEFAULT_ORDER = (Method.CLONEFILE, Method.REFLINK, Method.HARDLINK, Method.COPY)
 
 
 def place_file(method: Method, src: StrPath, dst: StrPath, *, executable: bool) -> None:
-    """Create dst (which must not exist) with src's content and mode 0o444/0o555 using `method`."""
+    """Create dst (which must not exist) with src's content and mode 0o440/0o550 using `method`."""
     mode = blob_mode(executable)
     if method is Method.HARDLINK:
         os.link(src, dst)  # the CAS blob already carries the right mode

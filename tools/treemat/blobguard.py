@@ -121,7 +121,9 @@ class BlobGuard:
         reason = _stat_problem(info, executable, size)
         if known is not None and reason is None:
             reason = "the blob file was replaced"
-        if reason is not None:
+        if reason is not None and not (
+            known is None and info.st_size == size and self.cas.upgrade_legacy_mode(hash_hex, executable, info)
+        ):
             self._reject(key, reason)
             return None
         identity = self._verify_and_watch(key, path, size, rehash=True)

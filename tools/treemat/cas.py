@@ -27,7 +27,7 @@ from pathlib import Path
 from treemat.counters import Counters
 from treemat.digest import EMPTY_DIGEST, Digest, check_hash
 from treemat.errors import CasError, CorruptBlobError, MissingBlobError
-from treemat.fsprims import blob_mode, clone_or_copy_fd, file_kind, sweep_unlocked_files
+from treemat.fsprims import LEGACY_MODES, blob_mode, clone_or_copy_fd, file_kind, sweep_unlocked_files
 from treemat.locking import ForkGate, file_lock
 
 BLOB_MTIME_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z: a blob whose mtime differs was written to
@@ -135,11 +135,39 @@ class ContentStore:
             info = os.lstat(self.blob_path_str(hash_hex, executable))
         except FileNotFoundError:
             return None
-        if not _fingerprint_ok(info, executable):
+        if not _fingerprint_ok(info, executable) and not self.upgrade_legacy_mode(hash_hex, executable, info):
             self.quarantine(hash_hex, executable, "not a regular file, or stat fingerprint changed (mode or mtime)")
             return None
         self.counters.add("cas_hits")
         return Digest(hash_hex, info.st_size)
+
+    def upgrade_legacy_mode(self, hash_hex: str, executable: bool, info: os.stat_result) -> bool:
+        """A blob written by an older treemat (mode 0o444/0o555, otherwise intact) gets today's mode; True if so.
+
+        Its content is not trusted for it: the chmod moves its ctime, so the blob guard hashes it on its next use.
+        """
+        if not (
+            stat.S_ISREG(info.st_mode)
+            and stat.S_IMODE(info.st_mode) == LEGACY_MODES[executable]
+            and info.st_mtime_ns == BLOB_MTIME_NS
+        ):
+            return False
+        try:
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(self.blob_path_str(hash_hex, executable), flags)
+        except OSError:
+            return False
+        try:
+            now = os.fstat(fd)
+            if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+                return False
+            os.fchmod(fd, blob_mode(executable))
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        self.counters.add("cas_legacy_mode_upgraded")
+        return True
 
     def check_fingerprint(self, hash_hex: str, executable: bool, size: int | None = None) -> bool:
         """True if the blob still has its fixed mode, sentinel mtime (and `size`, when given)."""

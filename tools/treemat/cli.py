@@ -28,7 +28,7 @@ def cli(ctx: click.Context, root: Path | None) -> None:
     treemat keeps every input blob once in an on-disk CAS and builds each action's input tree in a
     private directory with the cheapest kernel path the filesystems allow: APFS clonefile (whole
     cached subtrees in one call), btrfs snapshots, FICLONE reflinks, hardlinks, and copy last.
-    Inputs come out read-only (0o444, 0o555 for executables) in writable directories, so an action
+    Inputs come out read-only (0o440, 0o550 for executables) in writable directories, so an action
     can create outputs anywhere but cannot change its inputs.
 
     \b

@@ -27,6 +27,7 @@ StrPath = str | os.PathLike[str]
 
 PLAIN_MODE = 0o440
 EXEC_MODE = 0o550
+LEGACY_MODES = {False: 0o444, True: 0o555}  # what blobs carried before 0.1 (read for everyone): upgraded in place
 UNSUPPORTED_ERRNOS = frozenset(
     {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.ENOTTY}
 )
@@ -252,7 +253,7 @@ def make_dirs_writable(root: Path) -> int:
 
 
 def make_tree_readonly(root: Path) -> None:
-    """Directories 0o555 (files already carry 0o444/0o555), bottom-up so the walk can still descend."""
+    """Directories 0o555 (files already carry 0o440/0o550), bottom-up so the walk can still descend."""
     for dirpath, _dirnames, _files in os.walk(root, topdown=False):
         os.chmod(dirpath, 0o555)
 

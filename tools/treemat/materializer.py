@@ -1,7 +1,7 @@
 """Build an input tree on disk from the CAS, file by file, with bounded concurrency (the plain Stager).
 
 Directories are created 0o755 (an action may create outputs anywhere); files come out read-only
-(0o444, executables 0o555). Files are placed in batches (~64 per task): on 2 cores a thread per file costs
+(0o440, executables 0o550). Files are placed in batches (~64 per task): on 2 cores a thread per file costs
 1.5-4x more than a plain loop, while batches break even and let slow filesystems overlap I/O.
 """
 
