@@ -123,3 +123,31 @@ def test_a_write_error_is_a_cas_error_and_leaves_nothing(
     monkeypatch.undo()
     assert store.stats().blobs == 0
     assert not list((store.root / "tmp").iterdir())
+
+
+def test_publish_recreates_a_missing_shard_directory(store: ContentStore, tmp_path: Path) -> None:
+    source = tmp_path / "f"
+    source.write_bytes(b"some input\n")
+    digest = store.ingest_file(source, executable=False)
+    shard = store.blob_path(digest.hash, False).parent
+    os.unlink(store.blob_path(digest.hash, False))
+    os.rmdir(shard)
+    assert store.ingest_file(source, executable=False, expected=digest.hash) == digest
+    assert store.blob_path(digest.hash, False).read_bytes() == b"some input\n"
+    assert (shard.stat().st_mode & 0o777) == store.dir_mode
+
+
+def test_ingest_leaves_no_descriptor_behind(store: ContentStore, tmp_path: Path) -> None:
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    sources = []
+    for index in range(40):
+        path = tmp_path / f"in{index}"
+        path.write_bytes(b"input %d\n" % index)
+        sources.append(path)
+    store.ingest_file(sources[0], executable=False)  # the first publish opens the process's one "/" descriptor
+    before = open_fds()
+    for path in sources[1:]:
+        store.ingest_file(path, executable=False)
+    assert open_fds() == before

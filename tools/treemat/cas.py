@@ -253,15 +253,19 @@ class ContentStore:
         The writable descriptor is closed *before* the link: its close is a write event (IN_CLOSE_WRITE), and
         once the blob is published a guard may be watching it.
         """
-        final = self.blob_path(digest.hash, executable)
-        root_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # makes os.link use linkat(FOLLOW)
+        final = self.blob_path_str(digest.hash, executable)
+        root_fd = _root_fd()
         try:
             os.fchmod(temp.fd, blob_mode(executable))
             os.utime(temp.fd, ns=(time.time_ns(), BLOB_MTIME_NS))
             temp.seal()
             source = f"/proc/self/fd/{temp.fd}"
-            final.parent.mkdir(mode=self.dir_mode, exist_ok=True)
-            os.link(source, final, src_dir_fd=root_fd, follow_symlinks=True)
+            try:
+                os.link(source, final, src_dir_fd=root_fd, follow_symlinks=True)
+            except FileNotFoundError:  # the shard directory does not exist yet
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(os.path.dirname(final), self.dir_mode)
+                os.link(source, final, src_dir_fd=root_fd, follow_symlinks=True)
         except FileExistsError:
             if self.lookup(digest.hash, executable) is None:  # the existing one was tampered: replace it
                 try:
@@ -270,8 +274,6 @@ class ContentStore:
                     raise _io_error(exc, f"publishing blob {digest}") from None
         except OSError as exc:
             raise _io_error(exc, f"publishing blob {digest}") from None
-        finally:
-            os.close(root_fd)
         self.counters.add("ingested_blobs")
         self.counters.add("ingested_bytes", digest.size)
         return digest
@@ -449,6 +451,22 @@ class _TempBlob:
     def close(self) -> None:
         """Close whichever descriptor is held."""
         os.close(self.fd)
+
+
+_ROOT_FD: list[int] = []
+_ROOT_FD_LOCK = threading.Lock()
+
+
+def _root_fd() -> int:
+    """A descriptor of "/" kept for the process's life: passing it makes os.link use linkat(AT_SYMLINK_FOLLOW).
+
+    The link source is an absolute /proc/self/fd path, so which directory the descriptor names never matters.
+    """
+    if not _ROOT_FD:
+        with _ROOT_FD_LOCK:
+            if not _ROOT_FD:
+                _ROOT_FD.append(os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+    return _ROOT_FD[0]
 
 
 def _fingerprint_ok(info: os.stat_result, executable: bool) -> bool:
