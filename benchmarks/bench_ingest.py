@@ -7,7 +7,8 @@
 
 For each filesystem (a fresh loop-mounted image, bench_staging.mount_image) it writes a SwiftCompile-like
 execroot: by default the p95 shape of issue #10, 1,978 files / 466 MB (skewed sizes, bench_backends.p95_sizes)
-in ~323 directories, about 1 in 97 executable. Then, side by side in one run, alternating which goes first:
+in ~315 directories (the issue measured 323), about 1 in 97 executable. Then, side by side in one run,
+alternating which goes first:
 
 - treemat: a fresh ContentStore (a new root each round, so every file is unknown: cold) ingests every file
   with its expected sha256, as the worker does (`ingest_file(path, executable=..., expected=hash)`): copy into
