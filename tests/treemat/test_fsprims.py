@@ -130,3 +130,15 @@ def test_remove_tree_takes_files_symlinks_and_missing_paths(tmp_path: Path) -> N
     fsprims.remove_tree(tmp_path / "file")
     fsprims.remove_tree(tmp_path / "missing")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="statfs(2) magic numbers are Linux")
+def test_filesystem_type_is_statfs_magic_without_a_subprocess(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = int(subprocess.run(["stat", "-f", "-c", "%t", str(tmp_path)], capture_output=True, text=True,
+                                  check=True).stdout, 16)
+    monkeypatch.setattr(subprocess, "run", None)  # must not fork (it may run while a temp blob is being written)
+    assert fsprims.filesystem_type(tmp_path) == expected
+    assert fsprims.filesystem_type("/proc") == 0x9FA0  # PROC_SUPER_MAGIC
+    assert fsprims.filesystem_type(tmp_path / "missing") is None
+    assert fsprims.is_btrfs_fs(tmp_path) == (expected == 0x9123683E)
+    assert fsprims.is_btrfs_fs(tmp_path / "missing") is False

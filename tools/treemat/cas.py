@@ -20,6 +20,7 @@ import secrets
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 from treemat.counters import Counters
 from treemat.digest import EMPTY_DIGEST, Digest, check_hash
 from treemat.errors import CasError, CorruptBlobError, MissingBlobError
-from treemat.fsprims import LEGACY_MODES, blob_mode, clone_or_copy_fd, file_kind, sweep_unlocked_files
+from treemat.fsprims import LEGACY_MODES, blob_mode, file_kind, is_btrfs_fs, reflink_fd, sweep_unlocked_files
 from treemat.locking import ForkGate, file_lock
 
 BLOB_MTIME_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z: a blob whose mtime differs was written to
@@ -36,6 +37,7 @@ SHARED_DIR_MODE = 0o750
 TOUCH_INTERVAL_NS = 3600 * 1_000_000_000
 TEMP_GRACE_NS = 10 * 1_000_000_000  # a named temp file younger than this may still be about to be locked
 _CHUNK = 1 << 20
+_INGEST_CHUNK = 1 << 18  # read, hashed and written while still in the CPU's cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +114,14 @@ class ContentStore:
             directory.mkdir(mode=self.dir_mode, exist_ok=True)
         self._cas_prefix = f"{self.cas_dir}/"
         self.fork_gate = ForkGate()
+        # Ingest strategy, measured (benchmarks/bench_ingest.py): reading a reflinked copy back goes to the disk
+        # (page cache is per inode), while the execroot file is usually hot; so one pass (read, hash, write) is
+        # cheaper on ext4 and xfs. btrfs' buffered writes cost more than that read-back: reflink, then hash.
+        self.ingest_reflinks = is_btrfs_fs(self.tmp_dir)
+        # "/" kept open: passing it makes os.link use linkat(AT_SYMLINK_FOLLOW) to publish /proc/self/fd/N (the
+        # source is absolute, so which directory it names never matters)
+        self._root_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        weakref.finalize(self, os.close, self._root_fd)
         self._touched: dict[tuple[str, bool], int] = {}
         self._pending_touches: list[tuple[str, bool]] = []
         self._touch_lock = threading.Lock()
@@ -210,7 +220,7 @@ class ContentStore:
                 digest = EMPTY_DIGEST
             else:
                 with self._temp_blob() as temp:
-                    digest = _copy_and_hash(src_fd, temp.fd, source)
+                    digest = _copy_and_hash(src_fd, temp.fd, source, reflink=self.ingest_reflinks)
                     _check_expected(digest, expected_hash, expected_size, source)
                     return self._publish(temp, digest, executable)
             _check_expected(digest, expected_hash, expected_size, source)
@@ -276,15 +286,19 @@ class ContentStore:
         The writable descriptor is closed *before* the link: its close is a write event (IN_CLOSE_WRITE), and
         once the blob is published a guard may be watching it.
         """
-        final = self.blob_path(digest.hash, executable)
-        root_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # makes os.link use linkat(FOLLOW)
+        final = self.blob_path_str(digest.hash, executable)
+        root_fd = self._root_fd
         try:
             os.fchmod(temp.fd, blob_mode(executable))
             os.utime(temp.fd, ns=(time.time_ns(), BLOB_MTIME_NS))
             temp.seal()
             source = f"/proc/self/fd/{temp.fd}"
-            final.parent.mkdir(mode=self.dir_mode, exist_ok=True)
-            os.link(source, final, src_dir_fd=root_fd, follow_symlinks=True)
+            try:
+                os.link(source, final, src_dir_fd=root_fd, follow_symlinks=True)
+            except FileNotFoundError:  # the shard directory does not exist yet
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(os.path.dirname(final), self.dir_mode)
+                os.link(source, final, src_dir_fd=root_fd, follow_symlinks=True)
         except FileExistsError:
             if self.lookup(digest.hash, executable) is None:  # the existing one was tampered: replace it
                 try:
@@ -293,8 +307,6 @@ class ContentStore:
                     raise _io_error(exc, f"publishing blob {digest}") from None
         except OSError as exc:
             raise _io_error(exc, f"publishing blob {digest}") from None
-        finally:
-            os.close(root_fd)
         self.counters.add("ingested_blobs")
         self.counters.add("ingested_bytes", digest.size)
         return digest
@@ -510,16 +522,32 @@ def _io_error(exc: OSError, doing: str) -> CasError:
     return CasError(f"{exc.strerror or exc} while {doing}")
 
 
-def _copy_and_hash(src_fd: int, dst_fd: int, source: str | os.PathLike[str]) -> Digest:
-    """Copy src into dst (reflink first: free on xfs/btrfs), then hash what landed in dst."""
+def _copy_and_hash(src_fd: int, dst_fd: int, source: str | os.PathLike[str], *, reflink: bool = False) -> Digest:
+    """Copy src into the empty dst and hash exactly the bytes dst holds.
+
+    With `reflink`, dst first shares src's extents (FICLONE) and is then read back and hashed. Otherwise, or
+    where the reflink fails, one pass: each chunk read from src is hashed and written to dst, the same
+    immutable bytes object for both, so the digest is of what was written.
+    """
+    hasher = hashlib.sha256()
+    size = 0
     try:
-        clone_or_copy_fd(src_fd, dst_fd)
-        os.lseek(dst_fd, 0, os.SEEK_SET)
-        hasher = hashlib.sha256()
-        size = 0
-        while chunk := os.read(dst_fd, _CHUNK):
+        if reflink:
+            try:
+                reflink_fd(src_fd, dst_fd)
+            except OSError:
+                pass  # not here (another filesystem, no reflink support): copy below
+            else:
+                while chunk := os.read(dst_fd, _CHUNK):
+                    hasher.update(chunk)
+                    size += len(chunk)
+                return Digest(hasher.hexdigest(), size)
+        while chunk := os.read(src_fd, _INGEST_CHUNK):
             hasher.update(chunk)
             size += len(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(dst_fd, view) :]
     except OSError as exc:
         raise _io_error(exc, f"ingesting {source}") from None
     return Digest(hasher.hexdigest(), size)

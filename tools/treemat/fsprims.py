@@ -137,6 +137,28 @@ def copy(src: StrPath, dst: StrPath, mode: int) -> None:
         copy_fd(src_fd, dst_fd)
 
 
+def filesystem_type(path: StrPath) -> int | None:
+    """statfs(2)'s f_type (the filesystem's magic number) for `path` on Linux; None elsewhere or on error.
+
+    Through the process's own libc symbols (no subprocess, no library search: cheap enough for a store's start).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        statfs = ctypes.CDLL(None, use_errno=True).statfs
+    except (OSError, AttributeError):
+        return None
+    buf = ctypes.create_string_buffer(512)  # struct statfs is 120 bytes on 64-bit Linux; f_type comes first
+    if statfs(os.fsencode(path), buf) != 0:
+        return None
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def is_btrfs_fs(path: StrPath) -> bool:
+    """True if `path` is on btrfs, by statfs (no subprocess); False where that cannot be told."""
+    return filesystem_type(path) == _BTRFS_SUPER_MAGIC
+
+
 def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     return ctypes.CDLL(name, use_errno=True) if name else None
