@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_staging import mount_image
+from bench_staging import min_median, mount_image
 from treemat.dircache import DirectoryCache, KernelTreeCloner
 from treemat.fsprims import remove_tree
 from treemat.stack import ISOLATION_COW, open_stack
@@ -68,7 +68,7 @@ class TimedCloner(KernelTreeCloner):
 
 
 def fmt(values: list[float]) -> str:
-    return f"{min(values) * 1000:7.2f} {statistics.median(values) * 1000:7.2f}"
+    return min_median(values, 7, 2)
 
 
 def main() -> int:

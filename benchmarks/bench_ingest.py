@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_backends import p95_sizes
-from bench_staging import mount_image
+from bench_staging import min_median, mount_image, release
 from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.fsprims import remove_tree
@@ -159,7 +159,7 @@ def reference_ingest(execroot: Path, dest: Path) -> float:
 
 
 def fmt(values: list[float]) -> str:
-    return f"{min(values) * 1000:8.1f} {statistics.median(values) * 1000:8.1f}"
+    return min_median(values, 8, 1)
 
 
 def main() -> int:
@@ -228,9 +228,7 @@ def main() -> int:
             settle([], *outputs)
         return 0
     finally:
-        for mountpoint in mounts:
-            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
-        shutil.rmtree(work, ignore_errors=True)
+        release(mounts, work)
 
 
 if __name__ == "__main__":
