@@ -13,9 +13,10 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 import grpc
-from treemat.bot.client import Client
+from treemat.bot.client import Client, Entry
 from treemat.bot.cluster import Cluster
 from treemat.counters import StatsStore
 
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--files", type=int, default=600)
     options = parser.parse_args()
-    files: dict[str, object] = {f"sdk/m{i // 100}/f{i:04d}.swift": f"// file {i}\n".encode() * 20
+    files: dict[str, Entry] = {f"sdk/m{i // 100}/f{i:04d}.swift": f"// file {i}\n".encode() * 20
                                 for i in range(options.files)}
     files["run.sh"] = (b"ls -R sdk | wc -l > out.txt\n", True)
     with tempfile.TemporaryDirectory(prefix="treemat-bench-bot-") as work, Cluster(Path(work), bots=1) as cluster:
@@ -37,7 +38,7 @@ def main() -> None:
         for round_index in range(options.rounds):
             digests = [
                 client.build_action(files, ["/bin/sh", "run.sh"], env={"PATH": "/usr/bin:/bin"}, outputs=["out.txt"],
-                                    salt=f"{round_index}-{i}-{time.time_ns()}".encode())  # type: ignore[arg-type]
+                                    salt=f"{round_index}-{i}-{time.time_ns()}".encode())
                 for i in range(options.actions)
             ]
             started = time.perf_counter()
@@ -47,7 +48,7 @@ def main() -> None:
             assert all(r.result.exit_code == 0 for r in results)
             rates.append(options.actions / elapsed)
         records = StatsStore(cluster.running_bots[0].root).load_all()
-        recent = [a for r in records for a in r.get("recent_actions", [])]  # type: ignore[union-attr]
+        recent = [a for r in records for a in cast("list[dict[str, float]]", r.get("recent_actions", []))]
         stage = [float(a["stage_ms"]) for a in recent if "stage_ms" in a]
         fetch = [float(a["fetch_ms"]) for a in recent if "fetch_ms" in a]
         channel.close()

@@ -8,6 +8,7 @@ tools/setup.sh
 echo "== ruff + mypy + import contract"
 python3 -m ruff check tools tests benchmarks
 python3 -m mypy
+python3 -m mypy benchmarks  # the benchmarks, held to the same strictness
 # the layer order of docs/architecture.md (pyproject.toml [tool.importlinter]), on this tree's package
 PYTHONPATH="tools${PYTHONPATH:+:$PYTHONPATH}" lint-imports --no-cache
 
