@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import queue
 import secrets
@@ -242,12 +243,16 @@ class ActionExecutor:
             self._dispose_path(exec_dir, relinked)
             return
         if pooled.dirty:  # changed behind our back during the action: not worth keeping
-            self.pool.forget(pooled)
-            self._dispose_path(exec_dir, pooled.keys())
+            self._later(functools.partial(self._retire, pooled))
             return
         for evicted in self.pool.release(pooled):
-            self.pool.forget(evicted)
-            self._dispose_path(evicted.path, evicted.keys())
+            self._later(functools.partial(self._retire, evicted))
+
+    def _retire(self, entry: PooledDir) -> None:
+        """A dir leaving the pool (background): stop watching its directories (one syscall each), remove it."""
+        assert self.pool is not None
+        self.pool.forget(entry)
+        self._dispose_path(entry.path, entry.keys())
 
     def _upkeep(self) -> None:
         """LRU atimes and the size budget."""
