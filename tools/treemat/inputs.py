@@ -122,6 +122,7 @@ class InputStager:
         if entry.manifest is None:
             raise ExecutionError("the pooled dir has no manifest")
         delta = request.inputs.delta(entry.manifest)
+        self.counters.add("execpool_delta_entries", len(delta.earlier) + len(delta.later))  # O(changed), in stats
         normalize = self._normalize
         earlier = {normalize(raw) for raw, _hash in delta.earlier}
         changes: dict[str, tuple[str, bool]] = {}
