@@ -193,3 +193,20 @@ def test_concurrent_ingests_and_tool_launches_never_fail_an_action(tmp_path: Pat
     for thread in threads:
         thread.join(120)
     assert failures == []
+
+
+@pytest.mark.parametrize("writes", ["nothing", "a file"])
+def test_declared_output_directories_come_back_exactly(execroot: Path, tmp_path: Path, writes: str) -> None:
+    """An output directory comes back as the tool left it, empty or not, replacing what the execroot held."""
+    executor = make_executor(tmp_path / "root")
+    data = RequestInput("pkg/data.txt", _sha(execroot / "pkg/data.txt"))
+    script = "cp pkg/data.txt out/tree/copy.txt" if writes == "a file" else "true"
+    spec = ActionSpec(argv=["sh", "-c", script], outputs=[])
+    spec.output_dirs.append("out/tree")
+    (execroot / "out/tree").mkdir(parents=True)
+    (execroot / "out/tree/stale.txt").write_text("from an earlier build\n")
+    for _round in range(2):  # the second time, the exec dir is reused (where the overlay allows it)
+        result = executor.execute(ActionRequest(spec, [data], execroot))
+        assert result.exit_code == 0, result.output
+        listing = sorted(path.name for path in (execroot / "out/tree").iterdir())
+        assert listing == (["copy.txt"] if writes == "a file" else [])

@@ -142,6 +142,11 @@ def _copy_out_of_lower(src: Path, dst: Path, rel: str, view: ExecView) -> None:
     info = os.lstat(src)
     _clear(dst)
     if stat.S_ISDIR(info.st_mode):
+        with os.scandir(src) as entries:
+            empty = next(entries, None) is None
+        if empty:  # the output dir treemat prepared, left empty: nothing to copy or check
+            os.mkdir(dst)
+            return
         _copy_tree(src, dst, rel, view)
     elif stat.S_ISREG(info.st_mode):
         _copy_file(src, dst)
