@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,29 @@ def test_every_path_of_a_shared_blob_is_known_as_that_blob(tmp_path: Path) -> No
     a, b, c = (entry.files[f"in/{name}.txt"].identity for name in "abc")
     assert a == b and a != c
     assert a != NO_BLOB and c != NO_BLOB
+
+
+def test_a_dir_watched_only_in_part_is_verified_by_lstat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of inotify watches halfway through a dir: a change in a directory left unwatched is still caught."""
+    execroot = tmp_path / "execroot"
+    executor = _executor_with_pool(tmp_path / "root")
+    real = executor.guard.watch_directory
+    placed: list[str] = []
+
+    def watch_one(path: str, on_event: Callable[[], None]) -> int | None:
+        if placed:
+            return None  # fs.inotify.max_user_watches reached
+        placed.append(path)
+        return real(path, on_event)
+
+    monkeypatch.setattr(executor.guard, "watch_directory", watch_one)
+    files = {"in/deep/a.txt": b"a\n", "in/deep/b.txt": b"b\n"}
+    inputs = _write(execroot, files)
+    _run(executor, execroot, inputs)
+    assert executor.pool is not None
+    (pooled,) = executor.pool._idle.values()
+    assert not pooled.watches, "no partial watching"
+    (pooled.path / "in" / "deep" / "planted.txt").write_text("not an input\n")
+    listing = _run(executor, execroot, inputs)
+    assert listing.splitlines() == _listing(execroot, files), "the planted file is not seen"
+    assert executor.counters.get("execpool_discarded") == 1 and executor.counters.get("execpool_reused") == 0

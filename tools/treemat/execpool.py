@@ -66,6 +66,7 @@ class PooledDir:
     watches: dict[str, int] = field(default_factory=dict)  # dir -> inotify watch descriptor
     patching: bool = False  # events now are our own doing
     dirty: bool = False  # something changed a directory while we were not patching it
+    unwatched: bool = False  # some directory could not be watched: verified by lstat signatures instead
 
     def on_directory_event(self) -> None:
         """A watched directory changed: unless we are patching it ourselves, the dir can no longer be trusted."""
@@ -129,7 +130,7 @@ class ExecDirPool:
                 self._discard(entry)  # a blob it holds was written to
                 return None
             entry.generation = self.guard.taint_generation
-        unchanged = not entry.dirty if entry.watches else self._dirs_unchanged(entry)
+        unchanged = self._dirs_unchanged(entry) if entry.unwatched else not entry.dirty
         if not unchanged:
             self._discard(entry)  # a directory changed behind the pool's back
             return None
@@ -173,13 +174,20 @@ class ExecDirPool:
         self._watch(entry, entry.dirs)
 
     def _watch(self, entry: PooledDir, rels: Iterable[str]) -> None:
+        """Watch `rels` (dirs of `entry`); if any watch cannot be placed, none is kept (see `acquire`)."""
+        if entry.unwatched:
+            return
         base = str(entry.path)
         for rel in rels:
             if rel in entry.watches:
                 continue
             wd = self.guard.watch_directory(f"{base}/{rel}" if rel else base, entry.on_directory_event)
             if wd is None:
-                return  # no inotify: acquire falls back to lstat verification
+                # no inotify, or out of watches (fs.inotify.max_user_watches): a dir watched only in part would
+                # let a change in its unwatched directories through, so acquire verifies by lstat instead
+                self.forget(entry)
+                entry.unwatched = True
+                return
             entry.watches[rel] = wd
 
     def take_discarded(self) -> list[Path]:
