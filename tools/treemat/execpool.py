@@ -9,8 +9,8 @@ changed, link the new blobs".
 What keeps a reused dir honest:
 - every directory is watched with inotify from the moment it is staged: an entry added, removed, renamed or
   chmodded by anyone but the pool's own patch marks the dir dirty, and a dirty dir is discarded (O(1) at
-  reuse). Without inotify the pool remembers each directory's (inode, mtime, ctime) and `lstat`s them all
-  before reuse instead;
+  reuse). Without inotify, or when a dir could not be watched whole (out of watches), the pool remembers each
+  directory's (inode, mtime, ctime) and `lstat`s them all before reuse instead;
 - file contents are CAS inodes, watched by the blob guard: a write anywhere taints the inode, and a pooled dir
   holding a tainted inode is discarded (the taint generation tells when a check is due);
 - a dir whose patch fails halfway is discarded, never returned to the pool.
