@@ -155,6 +155,26 @@ def test_workers_start_on_the_interpreter_itself_not_a_shim(
         assert stub.read_text().splitlines()[0] == f"#!{real}", stub
 
 
+def test_an_edit_rebuild_patches_the_pooled_exec_dir_decoding_only_what_changed(tmp_path: Path) -> None:
+    """Edit one source and rebuild: the worker reuses the compile's exec dir and, of the whole WorkRequest,
+    decodes only the changed input's two entries (old and new): Bazel lists inputs in a stable order."""
+    from treemat.counters import StatsStore
+
+    output_base, root = tmp_path / "ob-edit", tmp_path / "treemat-root"
+    try:
+        for edit in ("", "1"):
+            build = _bazel(
+                output_base, "build", "--config=treemat", f"--action_env=TREEMAT_ROOT={root}",
+                f"--define=treemat_bench_edit={edit}", "//examples/generated:Shape64",
+            )
+            assert build.returncode == 0, f"build failed:\n{build.stderr[-4000:]}"
+    finally:
+        _bazel(output_base, "shutdown")
+    totals = StatsStore(root).totals()
+    assert totals.get("execpool_reused") == 1, totals
+    assert totals.get("execpool_delta_entries") == 2, totals
+
+
 def test_no_swiftc_makes_swift_targets_incompatible(tmp_path: Path) -> None:
     output_base = tmp_path / "ob-noswift"
     env = dict(os.environ, SWIFTC="/nonexistent/swiftc")
