@@ -23,6 +23,7 @@ pytest.importorskip("grpc", reason="needs the bot extra: pip install -e '.[bot]'
 pytest.importorskip("buildgrid", reason="needs the bot extra: pip install -e '.[bot]'")
 
 from treemat.bot.cluster import Cluster, ClusterError, pg_bin
+from treemat.fsprims import is_btrfs
 
 WORKSPACE = Path(__file__).resolve().parents[2]
 TOOLS = WORKSPACE / "tools"
@@ -200,13 +201,8 @@ def test_stats_show_per_bot_backends_and_subtree_hits(cluster: Cluster, builds: 
     }
     assert sum(sum(p.values()) for p in placed.values()) >= 700, placed  # the 635-input module alone
     assert all(t.get("copy", 0) == 0 for t in per_bot.values()), "CAS and exec dirs share a filesystem"
-    if any((bot.root / "dircache").is_dir() and _is_btrfs(bot.root) for bot in cluster.running_bots):
+    if any((bot.root / "dircache").is_dir() and is_btrfs(bot.root) for bot in cluster.running_bots):
         assert sum(t.get("subtree_hits", 0) + t.get("subtree_misses", 0) for t in per_bot.values()) > 0
-
-
-def _is_btrfs(path: Path) -> bool:
-    found = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=False)
-    return found.stdout.strip() == "btrfs"
 
 
 def test_dynamic_execution_local_worker_races_remote_bots(

@@ -140,5 +140,5 @@ def test_filesystem_type_is_statfs_magic_without_a_subprocess(tmp_path: Path, mo
     assert fsprims.filesystem_type(tmp_path) == expected
     assert fsprims.filesystem_type("/proc") == 0x9FA0  # PROC_SUPER_MAGIC
     assert fsprims.filesystem_type(tmp_path / "missing") is None
-    assert fsprims.is_btrfs_fs(tmp_path) == (expected == 0x9123683E)
-    assert fsprims.is_btrfs_fs(tmp_path / "missing") is False
+    assert fsprims.is_btrfs(tmp_path) == (expected == 0x9123683E)
+    assert fsprims.is_btrfs(tmp_path / "missing") is False

@@ -28,7 +28,7 @@ from pathlib import Path
 from treemat.counters import Counters
 from treemat.digest import EMPTY_DIGEST, Digest, check_hash
 from treemat.errors import CasError, CorruptBlobError, MissingBlobError
-from treemat.fsprims import LEGACY_MODES, blob_mode, file_kind, is_btrfs_fs, reflink_fd, sweep_unlocked_files
+from treemat.fsprims import LEGACY_MODES, blob_mode, file_kind, is_btrfs, reflink_fd, sweep_unlocked_files
 from treemat.locking import ForkGate, file_lock
 
 BLOB_MTIME_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z: a blob whose mtime differs was written to
@@ -117,7 +117,7 @@ class ContentStore:
         # Ingest strategy, measured (benchmarks/bench_ingest.py): reading a reflinked copy back goes to the disk
         # (page cache is per inode), while the execroot file is usually hot; so one pass (read, hash, write) is
         # cheaper on ext4 and xfs. btrfs' buffered writes cost more than that read-back: reflink, then hash.
-        self.ingest_reflinks = is_btrfs_fs(self.tmp_dir)
+        self.ingest_reflinks = is_btrfs(self.tmp_dir)
         # "/" kept open: passing it makes os.link use linkat(AT_SYMLINK_FOLLOW) to publish /proc/self/fd/N (the
         # source is absolute, so which directory it names never matters)
         self._root_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -17,7 +17,6 @@ import fcntl
 import os
 import shutil
 import stat
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -154,7 +153,7 @@ def filesystem_type(path: StrPath) -> int | None:
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
-def is_btrfs_fs(path: StrPath) -> bool:
+def is_btrfs(path: StrPath) -> bool:
     """True if `path` is on btrfs, by statfs (no subprocess); False where that cannot be told."""
     return filesystem_type(path) == _BTRFS_SUPER_MAGIC
 
@@ -178,17 +177,6 @@ def clonefile(src: StrPath, dst: StrPath) -> None:
 
 
 # ---------------------------------------------------------------------------- whole trees
-
-
-def is_btrfs(path: Path) -> bool:
-    """True if `path` lives on btrfs (Linux)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        out = subprocess.run(["stat", "-f", "-c", "%t", str(path)], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return False
-    return int(out.stdout.strip() or "0", 16) == _BTRFS_SUPER_MAGIC
 
 
 def _vol_args_v2(fd: int, name: str) -> bytes:
