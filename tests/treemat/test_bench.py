@@ -205,6 +205,7 @@ def test_run_bench_on_bazel7_measures_sandboxed_reuse(tmp_path: Path, monkeypatc
     report = run_bench(tmp_path, shapes=(64,), rounds=1, bazel=(4, "4.2.3"), root=tmp_path / "root")
     assert report.strategies() == ["local", "sandboxed", "treemat"]
     assert not any("--noenable_bzlmod" in b or "--noreuse_sandbox_directories" in b for b in builds)
+    assert not list(tmp_path.glob("treemat-bench-*")), "each run removes its scratch (output base, profiles)"
 
 
 def test_bench_bazel7_reruns_itself_in_the_chroot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

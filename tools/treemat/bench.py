@@ -17,6 +17,7 @@ taken from Bazel's "INFO: N processes: ..." line and reported.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import statistics
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from treemat.counters import StatsStore
 from treemat.errors import TreematError
+from treemat.fsprims import remove_tree
 
 STRATEGY_FLAGS = {
     "local": ["--strategy=SwiftCompile=local", "--strategy=SwiftLink=local", "--spawn_strategy=local"],
@@ -347,6 +349,8 @@ def run_bench(
                 record(strategy, f"{strategy}+edit", edited, round_index)
     finally:
         _bazel(workspace, output_base, "shutdown")
+        with contextlib.suppress(OSError):
+            remove_tree(scratch)  # output base, profiles, the default treemat root: hundreds of MB per run
     return report
 
 
