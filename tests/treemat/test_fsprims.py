@@ -66,11 +66,6 @@ def test_copy_fd_finishes_a_copy_file_range_that_stops_short_or_fails_midway(
     assert (tmp_path / "dst").read_bytes() == PAYLOAD
 
 
-def test_clone_or_copy_fd_says_what_it_did(fds: tuple[int, int], tmp_path: Path) -> None:
-    assert fsprims.clone_or_copy_fd(*fds) in ("reflink", "copy")
-    assert (tmp_path / "dst").read_bytes() == PAYLOAD
-
-
 @pytest.mark.parametrize("executable", [False, True])
 def test_copy_and_reflink_create_a_new_file_with_the_mode(tmp_path: Path, executable: bool) -> None:
     src = tmp_path / "src"

@@ -62,7 +62,6 @@ class PooledDir:
     pinned: set[str] = field(default_factory=set)  # declared output dirs / output parents (kept even if empty)
     manifest: InputManifest | None = None  # the inputs of the request it was last staged for
     generation: int = 0
-    recorded: bool = False  # True once every directory's signature was taken
     watches: dict[str, int] = field(default_factory=dict)  # dir -> inotify watch descriptor
     patching: bool = False  # events now are our own doing
     dirty: bool = False  # something changed a directory while we were not patching it
@@ -324,8 +323,6 @@ class ExecDirPool:
     def record(self, entry: PooledDir, rels: Iterable[str] | None = None) -> None:
         """Remember the current (inode, mtime, ctime) of `rels` (all of the entry's dirs when None)."""
         base = str(entry.path)
-        if rels is None:
-            entry.recorded = True
         for rel in entry.dirs if rels is None else rels:
             if rel in entry.dirs or rel == "":
                 info = os.lstat(f"{base}/{rel}" if rel else base)

@@ -93,16 +93,6 @@ def copy_fd(src_fd: int, dst_fd: int) -> None:
             view = view[os.write(dst_fd, view) :]
 
 
-def clone_or_copy_fd(src_fd: int, dst_fd: int) -> str:
-    """Reflink src into the empty dst where the filesystem can, else copy it; returns 'reflink' or 'copy'."""
-    try:
-        reflink_fd(src_fd, dst_fd)
-    except OSError:
-        copy_fd(src_fd, dst_fd)
-        return "copy"
-    return "reflink"
-
-
 # ---------------------------------------------------------------------------- one file, by path
 
 
