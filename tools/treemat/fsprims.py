@@ -183,35 +183,32 @@ def _vol_args(fd: int, name: str) -> bytes:
     return fd.to_bytes(8, sys.byteorder, signed=True) + os.fsencode(name).ljust(_BTRFS_PATH_NAME_MAX + 1, b"\0")
 
 
-def create_subvolume(path: Path) -> None:
-    """Create an empty btrfs subvolume at `path` (which must not exist)."""
+def _ioctl_on_parent(path: Path, request: int, args: bytes) -> None:
+    """A btrfs subvolume ioctl: issued on `path`'s parent directory, naming `path` in `args`."""
     parent_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fcntl.ioctl(parent_fd, _BTRFS_IOC_SUBVOL_CREATE, bytearray(_vol_args(0, path.name)))
+        fcntl.ioctl(parent_fd, request, bytearray(args))
     finally:
         os.close(parent_fd)
+
+
+def create_subvolume(path: Path) -> None:
+    """Create an empty btrfs subvolume at `path` (which must not exist)."""
+    _ioctl_on_parent(path, _BTRFS_IOC_SUBVOL_CREATE, _vol_args(0, path.name))
 
 
 def snapshot_subvolume(src: Path, dst: Path) -> None:
     """Writable O(1) snapshot of subvolume `src` at `dst` (which must not exist; same btrfs filesystem)."""
     src_fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        parent_fd = os.open(dst.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.ioctl(parent_fd, _BTRFS_IOC_SNAP_CREATE_V2, bytearray(_vol_args_v2(src_fd, dst.name)))
-        finally:
-            os.close(parent_fd)
+        _ioctl_on_parent(dst, _BTRFS_IOC_SNAP_CREATE_V2, _vol_args_v2(src_fd, dst.name))
     finally:
         os.close(src_fd)
 
 
 def delete_subvolume(path: Path) -> None:
     """Delete btrfs subvolume `path` and everything in it."""
-    parent_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(parent_fd, _BTRFS_IOC_SNAP_DESTROY, bytearray(_vol_args(0, path.name)))
-    finally:
-        os.close(parent_fd)
+    _ioctl_on_parent(path, _BTRFS_IOC_SNAP_DESTROY, _vol_args(0, path.name))
 
 
 def is_subvolume(path: Path) -> bool:
