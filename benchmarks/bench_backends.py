@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -26,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
+from bench_staging import build_c_program, mount_image, release
 from treemat.backends import BackendProbe, Method
 from treemat.cas import ContentStore
 from treemat.counters import Counters
@@ -104,20 +103,6 @@ def write_c_list(tree: InputTree, cas: ContentStore, dest: Path, list_path: Path
     list_path.write_text("\n".join(lines) + "\n")
 
 
-def mount_xfs(work: Path) -> Path | None:
-    if os.geteuid() != 0 or shutil.which("mkfs.xfs") is None:
-        return None
-    image, mountpoint = work / "bench.img", work / "xfs"
-    mountpoint.mkdir()
-    with image.open("wb") as handle:
-        handle.truncate(2 << 30)
-    if subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], capture_output=True).returncode:
-        return None
-    if subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], capture_output=True).returncode:
-        return None
-    return mountpoint
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fs", type=Path, help="directory on the filesystem to measure (default: loop xfs)")
@@ -131,14 +116,12 @@ def main() -> int:
     try:
         base = args.fs
         if base is None:
-            mounted = mount_xfs(work)
+            mounted = mount_image(work, "xfs")
             base = mounted or work
         base = base / "treemat-bench"
         base.mkdir(parents=True, exist_ok=True)
-        cc = shutil.which("cc") or shutil.which("gcc")
-        binary = work / "loop"
-        (work / "loop.c").write_text(C_LOOP)
-        if cc is None or subprocess.run([cc, "-O2", "-o", str(binary), str(work / "loop.c")]).returncode:
+        binary = build_c_program(work, C_LOOP, "loop")
+        if binary is None:
             print("no C compiler: cannot measure the syscall floor", file=sys.stderr)
             return 1
         cas = ContentStore(base / "root", counters=Counters())
@@ -181,9 +164,7 @@ def main() -> int:
                 print(f"{row['method']:<10} {row['treemat_ms']:>11} {row['c_floor_ms']:>11} {row['ratio']:>6}")
         return 0
     finally:
-        if mounted is not None:
-            subprocess.run(["umount", "-l", str(mounted)], check=False)
-        shutil.rmtree(work, ignore_errors=True)
+        release([mounted] if mounted is not None else [], work)
 
 
 if __name__ == "__main__":

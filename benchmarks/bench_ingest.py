@@ -32,7 +32,6 @@ import argparse
 import hashlib
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_backends import p95_sizes
-from bench_staging import min_median, mount_image, release
+from bench_staging import build_c_program, min_median, mount_image, release
 from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.fsprims import remove_tree
@@ -177,10 +176,8 @@ def main() -> int:
     if args.small:
         args.files, args.mb = 400, 64
     work = Path(tempfile.mkdtemp(prefix="treemat-ingest-", dir=args.work))
-    cc = shutil.which("cc") or shutil.which("gcc")
-    binary = work / "floor"
-    (work / "floor.c").write_text(C_FLOOR)
-    if cc is None or subprocess.run([cc, "-O2", "-o", str(binary), str(work / "floor.c"), "-lcrypto"]).returncode:
+    binary = build_c_program(work, C_FLOOR, "floor", "-lcrypto")
+    if binary is None:
         print("cannot build the C floor (needs cc and OpenSSL headers: apt-get install libssl-dev)", file=sys.stderr)
         return 1
     image_gb = max(2, (args.mb * 5) // 1024 + 1)

@@ -183,13 +183,19 @@ def release(mounts: list[Path], work: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
+def build_c_program(work: Path, source: str, name: str, *link_flags: str) -> Path | None:
+    """Compile `source` with cc -O2 into work/name (the C floors of the benchmarks); None without a compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    binary, source_file = work / name, work / f"{name}.c"
+    source_file.write_text(source)
+    if cc is None or subprocess.run([cc, "-O2", "-o", str(binary), str(source_file), *link_flags]).returncode:
+        return None
+    return binary
+
+
 def min_median(values: list[float], width: int = 7, digits: int = 1) -> str:
     """"min median" of timings in seconds, as milliseconds (the benchmarks' one format)."""
     return f"{min(values) * 1000:{width}.{digits}f} {statistics.median(values) * 1000:{width}.{digits}f}"
-
-
-def stats(values: list[float]) -> str:
-    return min_median(values)
 
 
 def main() -> int:
@@ -200,10 +206,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="treemat-staging-"))
-    cc = shutil.which("cc") or shutil.which("gcc")
-    binary = work / "floor"
-    (work / "floor.c").write_text(C_FLOOR)
-    if cc is None or subprocess.run([cc, "-O2", "-o", str(binary), str(work / "floor.c")]).returncode:
+    binary = build_c_program(work, C_FLOOR, "floor")
+    if binary is None:
         print("no C compiler: cannot measure the floor", file=sys.stderr)
         return 1
     print(f"{'fs':<6} {'files':>6} {'phase':<12} {'min ms':>7} {'med ms':>7} {'floor min':>9} {'floor med':>9} "
@@ -243,13 +247,13 @@ def main() -> int:
                                                base / "floor-dest", fresh=True))
                 stack.close()
                 floor_med = statistics.median(floor)
-                print(f"{fs:<6} {count:>6} {'first':<12} {stats(first)} {stats(floor)} "
+                print(f"{fs:<6} {count:>6} {'first':<12} {min_median(first)} {min_median(floor)} "
                       f"{statistics.median(first) / floor_med:>10.2f}")
-                print(f"{fs:<6} {count:>6} {'incremental':<12} {stats(incremental)} {'':>9} {'':>9} "
+                print(f"{fs:<6} {count:>6} {'incremental':<12} {min_median(incremental)} {'':>9} {'':>9} "
                       f"{statistics.median(incremental) / floor_med:>10.2f}")
-                print(f"{fs:<6} {count:>6} {'  staging':<12} {stats(patching)} {'':>9} {'':>9} "
+                print(f"{fs:<6} {count:>6} {'  staging':<12} {min_median(patching)} {'':>9} {'':>9} "
                       f"{statistics.median(patching) / floor_med:>10.2f}")
-                print(f"{fs:<6} {count:>6} {'fresh worker':<12} {stats(fresh)} {stats(fresh_floor)} "
+                print(f"{fs:<6} {count:>6} {'fresh worker':<12} {min_median(fresh)} {min_median(fresh_floor)} "
                       f"{statistics.median(fresh) / statistics.median(fresh_floor):>10.2f}")
                 sys.stdout.flush()
         return 0
