@@ -117,10 +117,7 @@ def test_failed_stage_leaves_nothing(btrfs_dir: Path) -> None:
     base = btrfs_dir / "fail"
     cas, cache = _stack(base / "root")
     tree = _sdk_tree(cas)
-    missing = InputTree()
-    missing.add_file("sdk/x", FileNode(digest_bytes(b"never stored")))
-    for i in range(5):
-        missing.add_file(f"sdk/y{i}", FileNode(cas.ingest_bytes(b"y%d" % i, executable=False)))
+    missing = _tree_missing_a_blob(cas)
     with pytest.raises(Exception, match="not in the CAS"):
         cache.stage(missing, base / "exec")
     assert not (base / "exec").exists()
@@ -157,6 +154,15 @@ class CopyCloner:
             return False
         shutil.copytree(entry, dest, symlinks=True)
         return True
+
+
+def _tree_missing_a_blob(cas: ContentStore) -> InputTree:
+    """A subtree of 6 files, one of whose blobs was never stored (staging it must fail)."""
+    missing = InputTree()
+    missing.add_file("sdk/x", FileNode(digest_bytes(b"never stored")))
+    for i in range(5):
+        missing.add_file(f"sdk/y{i}", FileNode(cas.ingest_bytes(b"y%d" % i, executable=False)))
+    return missing
 
 
 def _fake_stack(
@@ -295,10 +301,7 @@ def test_pins_and_lru_eviction_without_root(tmp_path: Path) -> None:
 
 def test_failed_stage_leaves_nothing_without_root(tmp_path: Path) -> None:
     cas, cache = _fake_stack(tmp_path / "root", CopyCloner())
-    missing = InputTree()
-    missing.add_file("sdk/x", FileNode(digest_bytes(b"never stored")))
-    for i in range(5):
-        missing.add_file(f"sdk/y{i}", FileNode(cas.ingest_bytes(b"y%d" % i, executable=False)))
+    missing = _tree_missing_a_blob(cas)
     with pytest.raises(MissingBlobError, match="not in the CAS"):
         cache.stage(missing, tmp_path / "exec")
     assert not (tmp_path / "exec").exists()
