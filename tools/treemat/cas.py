@@ -384,13 +384,7 @@ class ContentStore:
         Nothing is written on the request path: the atime updates happen in `flush_touches`, which the
         executor runs on its background thread.
         """
-        key = (hash_hex, executable)
-        now = time.time_ns()
-        with self._touch_lock:
-            if now - self._touched.get(key, 0) < TOUCH_INTERVAL_NS:
-                return
-            self._touched[key] = now
-            self._pending_touches.append(key)
+        self.touch_all([(hash_hex, executable)])
 
     def touch_all(self, keys: list[tuple[str, bool]]) -> None:
         """`touch` for many blobs: one clock read, one lock."""
