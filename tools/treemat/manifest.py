@@ -269,14 +269,14 @@ def _inputs_span(message: Any, payload: bytes) -> bytes | None:
     return payload[len(head) : len(payload) - len(tail)]
 
 
-def _common_prefix(old: bytes, new: bytes) -> int:
-    """Length of the longest common prefix."""
+def _common_prefix(old: Sequence[Any], new: Sequence[Any]) -> int:
+    """Length of the longest common prefix (of two byte strings or two lists)."""
     limit = min(len(old), len(new))
     return _agreeing_length(lambda start, stop: old[start:stop] == new[start:stop], limit)
 
 
-def _common_suffix(old: bytes, new: bytes, limit: int) -> int:
-    """Length of the longest common suffix, at most `limit`."""
+def _common_suffix(old: Sequence[Any], new: Sequence[Any], limit: int) -> int:
+    """Length of the longest common suffix, at most `limit` (of two byte strings or two lists)."""
     end_old, end_new = len(old), len(new)
     return _agreeing_length(
         lambda start, stop: old[end_old - stop : end_old - start] == new[end_new - stop : end_new - start], limit
@@ -284,7 +284,7 @@ def _common_suffix(old: bytes, new: bytes, limit: int) -> int:
 
 
 def _agreeing_length(same: Callable[[int, int], bool], limit: int) -> int:
-    """The largest n <= limit with same(0, n), given same(a, b) says whether bytes a..b (from one end) agree.
+    """The largest n <= limit with same(0, n), given same(a, b) says whether items a..b (from one end) agree.
 
     Galloping: steps of growing size while they agree (few Python steps, memcmp inside), then bisection of
     the last step. Costs O(n) byte comparisons and O(log n) calls.
@@ -323,22 +323,7 @@ def _shifted_index(index: list[tuple[int, int]], start: int, record: int, ends: 
 
 
 def _list_delta(old: Sequence[RequestInput], new: Sequence[RequestInput]) -> InputDelta:
-    """Delta of two decoded lists: the common prefix and suffix found by bisecting with slice comparisons."""
-    limit = min(len(old), len(new))
-    low, high = 0, limit  # bisect the common prefix length: old[:low] == new[:low]
-    while low < high:
-        middle = (low + high + 1) // 2
-        if old[low:middle] == new[low:middle]:
-            low = middle
-        else:
-            high = middle - 1
-    prefix = low
-    low, high = 0, limit - prefix
-    while low < high:
-        middle = (low + high + 1) // 2
-        if old[len(old) - middle : len(old) - low] == new[len(new) - middle : len(new) - low]:
-            low = middle
-        else:
-            high = middle - 1
-    suffix = low
+    """Delta of two decoded lists: the common prefix and suffix found as for spans, by slice comparisons."""
+    prefix = _common_prefix(old, new)
+    suffix = _common_suffix(old, new, min(len(old), len(new)) - prefix)
     return InputDelta(list(old[prefix : len(old) - suffix]), list(new[prefix : len(new) - suffix]))
