@@ -57,10 +57,12 @@ class InputStager:
         self._hot: dict[tuple[str, str | None], tuple[str, FileNode, int]] = {}
         self._hot_root = ""  # the execroot the nodes' `source` paths are under
 
-    def forget(self, blobs: list[tuple[str, bool]]) -> None:
-        """Blobs that were just rejected: drop what we knew about them (and every cached path meta)."""
+    def forget(self, blobs: list[tuple[str, bool]] | None = None) -> None:
+        """Blobs that were just rejected (None: every blob): drop what we knew of them, and every path's meta."""
         with self._lock:
-            for key in blobs:
+            if blobs is None:
+                self._known.clear()
+            for key in blobs or ():
                 self._known.pop(key, None)
             self._meta.clear()
             self._hot.clear()
@@ -71,11 +73,7 @@ class InputStager:
             tree, staged, files = self.build_tree(request)
             return FreshStage(staged, self.dircache.stage(tree, exec_dir), files)
         except MissingBlobError:
-            # a blob was GC'd or quarantined elsewhere: forget what we knew, retry once
-            with self._lock:
-                self._known.clear()
-                self._meta.clear()
-                self._hot.clear()
+            self.forget()  # a blob was GC'd or quarantined elsewhere: forget what we knew, retry once
             remove_tree(exec_dir)
             tree, staged, files = self.build_tree(request)
             return FreshStage(staged, self.dircache.stage(tree, exec_dir), files)
