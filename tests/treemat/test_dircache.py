@@ -24,6 +24,7 @@ from treemat.fsprims import is_subvolume, remove_tree
 from treemat.locking import file_lock
 from treemat.materializer import Materializer
 from treemat.merkle import MerkleIndex
+from treemat.staging import StageReport
 from treemat.tree import FileNode, InputTree
 
 from .treegen import Spec, build_tree, expected_view, read_back, tree_specs
@@ -78,24 +79,36 @@ def test_btrfs_subtree_snapshot_hits(btrfs_dir: Path) -> None:
     assert cache.counters.get("subtree_hits") == 1 and cache.counters.get("subtree_misses") == 1
 
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-@SETTINGS
-@given(spec=tree_specs(max_entries=30))
-def test_tree_in_equals_tree_out_through_the_cache(btrfs_dir: Path, spec: Spec) -> None:
-    base = btrfs_dir / "prop"
+def _fresh_dir(base: Path) -> Path:
+    """`base`, empty (hypothesis runs a test many times in one tmp dir)."""
     if base.exists():
         remove_tree(base)
     base.mkdir()
-    cas, cache = _stack(base / "root", min_files=1)
-    tree = build_tree(spec, cas)
+    return base
+
+
+def _stage_cold_then_warm(
+    cache: DirectoryCache, tree: InputTree, spec: Spec, base: Path
+) -> tuple[StageReport, StageReport]:
+    """Stage `tree` twice: both copies read back as `spec`, and the second is all hits where the first missed."""
     miss = cache.stage(tree, base / "cold")
     hit = cache.stage(tree, base / "warm")
     assert read_back(base / "cold") == expected_view(spec)
     assert read_back(base / "warm") == expected_view(spec)
     assert hit.subtree_misses == 0
     assert hit.subtree_hits == miss.subtree_misses
+    return miss, hit
+
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@SETTINGS
+@given(spec=tree_specs(max_entries=30))
+def test_tree_in_equals_tree_out_through_the_cache(btrfs_dir: Path, spec: Spec) -> None:
+    base = _fresh_dir(btrfs_dir / "prop")
+    cas, cache = _stack(base / "root", min_files=1)
+    _stage_cold_then_warm(cache, build_tree(spec, cas), spec, base)
 
 
 def test_pinned_entries_survive_eviction(btrfs_dir: Path) -> None:
@@ -311,18 +324,10 @@ def test_failed_stage_leaves_nothing_without_root(tmp_path: Path) -> None:
 @SETTINGS
 @given(spec=tree_specs(max_entries=30))
 def test_tree_in_equals_tree_out_through_the_fake_cloner(tmp_path: Path, spec: Spec) -> None:
-    base = tmp_path / "prop"
-    if base.exists():
-        remove_tree(base)
-    base.mkdir()
+    base = _fresh_dir(tmp_path / "prop")
     cas, cache = _fake_stack(base / "root", CopyCloner(), min_files=1)
     tree = build_tree(spec, cas)
-    miss = cache.stage(tree, base / "cold")
-    hit = cache.stage(tree, base / "warm")
-    assert read_back(base / "cold") == expected_view(spec)
-    assert read_back(base / "warm") == expected_view(spec)
-    assert hit.subtree_misses == 0
-    assert hit.subtree_hits == miss.subtree_misses
+    miss, hit = _stage_cold_then_warm(cache, tree, spec, base)
     assert miss.files == hit.files == tree.count_files()
 
 
