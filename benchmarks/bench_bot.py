@@ -28,8 +28,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--files", type=int, default=600)
     options = parser.parse_args()
-    files: dict[str, Entry] = {f"sdk/m{i // 100}/f{i:04d}.swift": f"// file {i}\n".encode() * 20
-                                for i in range(options.files)}
+    files: dict[str, Entry] = {
+        f"sdk/m{i // 100}/f{i:04d}.swift": f"// file {i}\n".encode() * 20 for i in range(options.files)
+    }
     files["run.sh"] = (b"ls -R sdk | wc -l > out.txt\n", True)
     with tempfile.TemporaryDirectory(prefix="treemat-bench-bot-") as work, Cluster(Path(work), bots=1) as cluster:
         channel = grpc.insecure_channel(cluster.endpoint.removeprefix("grpc://"))
@@ -37,8 +38,13 @@ def main() -> None:
         rates = []
         for round_index in range(options.rounds):
             digests = [
-                client.build_action(files, ["/bin/sh", "run.sh"], env={"PATH": "/usr/bin:/bin"}, outputs=["out.txt"],
-                                    salt=f"{round_index}-{i}-{time.time_ns()}".encode())
+                client.build_action(
+                    files,
+                    ["/bin/sh", "run.sh"],
+                    env={"PATH": "/usr/bin:/bin"},
+                    outputs=["out.txt"],
+                    salt=f"{round_index}-{i}-{time.time_ns()}".encode(),
+                )
                 for i in range(options.actions)
             ]
             started = time.perf_counter()
@@ -52,12 +58,17 @@ def main() -> None:
         stage = [float(a["stage_ms"]) for a in recent if "stage_ms" in a]
         fetch = [float(a["fetch_ms"]) for a in recent if "fetch_ms" in a]
         channel.close()
-    print(json.dumps({
-        "actions_per_s": {"min": round(min(rates), 2), "median": round(statistics.median(rates), 2)},
-        "stage_ms_last20": {"min": min(stage), "median": statistics.median(stage)},
-        "fetch_ms_last20": {"min": min(fetch), "median": statistics.median(fetch)},
-        "files_per_action": options.files + 1,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "actions_per_s": {"min": round(min(rates), 2), "median": round(statistics.median(rates), 2)},
+                "stage_ms_last20": {"min": min(stage), "median": statistics.median(stage)},
+                "fetch_ms_last20": {"min": min(fetch), "median": statistics.median(fetch)},
+                "files_per_action": options.files + 1,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -96,16 +96,18 @@ def main() -> int:
         outdir = base / "out"
         outdir.mkdir()
         methods = stack.probe.methods_for(stack.cas.cas_dir, outdir)
-        print(f"btrfs loop image; per-file method the copy-on-write stack picks: {methods[0].value} "
-              f"(order {[m.value for m in methods]}); {args.rounds} rounds, {'settled' if args.settle else 'no sync'}")
-        print(f"{'N':>5} {'dirs':>4} | {'hit min':>7} {'med':>7} | {'snap min':>8} {'med':>7} | "
-              f"{'perfile min':>11} {'med':>7} | {'hit/perfile':>11} | {'rm hit med':>10} {'rm file med':>11}")
+        print(
+            f"btrfs loop image; per-file method the copy-on-write stack picks: {methods[0].value} "
+            f"(order {[m.value for m in methods]}); {args.rounds} rounds, {'settled' if args.settle else 'no sync'}"
+        )
+        print(
+            f"{'N':>5} {'dirs':>4} | {'hit min':>7} {'med':>7} | {'snap min':>8} {'med':>7} | "
+            f"{'perfile min':>11} {'med':>7} | {'hit/perfile':>11} | {'rm hit med':>10} {'rm file med':>11}"
+        )
         for count in sizes:
             tree = make_tree(count, rng, blobs)
             cloner = TimedCloner()
-            cache = DirectoryCache(
-                base / "root", stack.materializer, cloner=cloner, min_files=count, max_bytes=None
-            )
+            cache = DirectoryCache(base / "root", stack.materializer, cloner=cloner, min_files=count, max_bytes=None)
             warm = cache.stage(tree, outdir / "warm")  # builds the entry (a miss)
             assert warm.subtree_misses == 1, warm
             remove_tree(outdir / "warm")
@@ -134,9 +136,11 @@ def main() -> int:
                     remove_tree(dest)
                     (rm_hit if kind == "hit" else rm_file).append(time.perf_counter() - started)
             ratio = statistics.median(hit) / statistics.median(perfile)
-            print(f"{count:>5} {max(1, count // FILES_PER_DIR):>4} | {fmt(hit)} | {fmt(snap)}  | {fmt(perfile)}     | "
-                  f"{ratio:>11.2f} | {statistics.median(rm_hit) * 1000:>10.2f} "
-                  f"{statistics.median(rm_file) * 1000:>11.2f}")
+            print(
+                f"{count:>5} {max(1, count // FILES_PER_DIR):>4} | {fmt(hit)} | {fmt(snap)}  | {fmt(perfile)}     | "
+                f"{ratio:>11.2f} | {statistics.median(rm_hit) * 1000:>10.2f} "
+                f"{statistics.median(rm_file) * 1000:>11.2f}"
+            )
             sys.stdout.flush()
             cache.evict(0)
         stack.close()

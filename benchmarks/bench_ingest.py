@@ -151,9 +151,7 @@ def floor_ingest(binary: Path, listing: Path, dest: Path) -> float:
 def reference_ingest(execroot: Path, dest: Path) -> float:
     started = time.perf_counter()
     subprocess.run(["cp", "-r", str(execroot), str(dest)], check=True)
-    subprocess.run(
-        f"find {dest} -type f -print0 | xargs -0 sha256sum > /dev/null", shell=True, check=True
-    )
+    subprocess.run(f"find {dest} -type f -print0 | xargs -0 sha256sum > /dev/null", shell=True, check=True)
     return time.perf_counter() - started
 
 
@@ -169,8 +167,12 @@ def main() -> int:
     parser.add_argument("--small", action="store_true", help="400 files / 64 MiB instead")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reference", action="store_true", help="also time `cp -r` + `sha256sum`")
-    parser.add_argument("--mode", choices=["auto", "reflink", "onepass"], default="auto",
-                        help="treemat's ingest strategy: its own choice for the filesystem (auto), or forced")
+    parser.add_argument(
+        "--mode",
+        choices=["auto", "reflink", "onepass"],
+        default="auto",
+        help="treemat's ingest strategy: its own choice for the filesystem (auto), or forced",
+    )
     parser.add_argument("--work", type=Path, help="where the images go (default: a new temp dir)")
     args = parser.parse_args()
     if args.small:
@@ -181,8 +183,10 @@ def main() -> int:
         print("cannot build the C floor (needs cc and OpenSSL headers: apt-get install libssl-dev)", file=sys.stderr)
         return 1
     image_gb = max(2, (args.mb * 5) // 1024 + 1)
-    print(f"cold ingest of {args.files} files / {args.mb} MiB; page cache warm (sources read, synced) before every "
-          f"pass; {args.rounds} rounds, min / median ms")
+    print(
+        f"cold ingest of {args.files} files / {args.mb} MiB; page cache warm (sources read, synced) before every "
+        f"pass; {args.rounds} rounds, min / median ms"
+    )
     header = f"{'fs':<6} {'treemat min':>11} {'med':>8} {'floor min':>9} {'med':>8} {'ratio(med)':>10}"
     print(header + (f" {'cp+sha256sum min':>16} {'med':>8}" if args.reference else ""))
     mounts: list[Path] = []

@@ -155,8 +155,16 @@ def timed_request(
     return elapsed - result.tool_seconds, decoded + result.stage_seconds
 
 
-def c_floor(binary: Path, work: Path, execroot: Path, inputs: list[RequestInput], cas_dir: Path, dest: Path,
-            *, fresh: bool = False) -> float:
+def c_floor(
+    binary: Path,
+    work: Path,
+    execroot: Path,
+    inputs: list[RequestInput],
+    cas_dir: Path,
+    dest: Path,
+    *,
+    fresh: bool = False,
+) -> float:
     lines = [f"S {execroot / item.path}" for item in inputs]
     made: set[str] = set()
     lines.append(f"D {dest}")
@@ -194,7 +202,7 @@ def build_c_program(work: Path, source: str, name: str, *link_flags: str) -> Pat
 
 
 def min_median(values: list[float], width: int = 7, digits: int = 1) -> str:
-    """"min median" of timings in seconds, as milliseconds (the benchmarks' one format)."""
+    """ "min median" of timings in seconds, as milliseconds (the benchmarks' one format)."""
     return f"{min(values) * 1000:{width}.{digits}f} {statistics.median(values) * 1000:{width}.{digits}f}"
 
 
@@ -210,8 +218,10 @@ def main() -> int:
     if binary is None:
         print("no C compiler: cannot measure the floor", file=sys.stderr)
         return 1
-    print(f"{'fs':<6} {'files':>6} {'phase':<12} {'min ms':>7} {'med ms':>7} {'floor min':>9} {'floor med':>9} "
-          f"{'ratio(med)':>10}")
+    print(
+        f"{'fs':<6} {'files':>6} {'phase':<12} {'min ms':>7} {'med ms':>7} {'floor min':>9} {'floor med':>9} "
+        f"{'ratio(med)':>10}"
+    )
     mounts: list[Path] = []
     try:
         for fs in args.fs.split(","):
@@ -243,18 +253,27 @@ def main() -> int:
                     fresh.append(request_minus_tool(other.executor, execroot, inputs, f"out/fresh{round_}"))
                     time.sleep(0.2)
                     other.close()
-                    fresh_floor.append(c_floor(binary, work, execroot, inputs, stack.cas.cas_dir,
-                                               base / "floor-dest", fresh=True))
+                    fresh_floor.append(
+                        c_floor(binary, work, execroot, inputs, stack.cas.cas_dir, base / "floor-dest", fresh=True)
+                    )
                 stack.close()
                 floor_med = statistics.median(floor)
-                print(f"{fs:<6} {count:>6} {'first':<12} {min_median(first)} {min_median(floor)} "
-                      f"{statistics.median(first) / floor_med:>10.2f}")
-                print(f"{fs:<6} {count:>6} {'incremental':<12} {min_median(incremental)} {'':>9} {'':>9} "
-                      f"{statistics.median(incremental) / floor_med:>10.2f}")
-                print(f"{fs:<6} {count:>6} {'  staging':<12} {min_median(patching)} {'':>9} {'':>9} "
-                      f"{statistics.median(patching) / floor_med:>10.2f}")
-                print(f"{fs:<6} {count:>6} {'fresh worker':<12} {min_median(fresh)} {min_median(fresh_floor)} "
-                      f"{statistics.median(fresh) / statistics.median(fresh_floor):>10.2f}")
+                print(
+                    f"{fs:<6} {count:>6} {'first':<12} {min_median(first)} {min_median(floor)} "
+                    f"{statistics.median(first) / floor_med:>10.2f}"
+                )
+                print(
+                    f"{fs:<6} {count:>6} {'incremental':<12} {min_median(incremental)} {'':>9} {'':>9} "
+                    f"{statistics.median(incremental) / floor_med:>10.2f}"
+                )
+                print(
+                    f"{fs:<6} {count:>6} {'  staging':<12} {min_median(patching)} {'':>9} {'':>9} "
+                    f"{statistics.median(patching) / floor_med:>10.2f}"
+                )
+                print(
+                    f"{fs:<6} {count:>6} {'fresh worker':<12} {min_median(fresh)} {min_median(fresh_floor)} "
+                    f"{statistics.median(fresh) / statistics.median(fresh_floor):>10.2f}"
+                )
                 sys.stdout.flush()
         return 0
     finally:

@@ -28,8 +28,12 @@ from treemat.fsprims import is_btrfs
 WORKSPACE = Path(__file__).resolve().parents[2]
 TOOLS = WORKSPACE / "tools"
 SWIFT = shutil.which("swiftc") or ("/opt/swift/usr/bin/swiftc" if Path("/opt/swift/usr/bin/swiftc").exists() else None)
-LOCAL = ["--spawn_strategy=local", "--strategy=SwiftCompile=local", "--strategy=SwiftLink=local",
-         "--strategy=TreematRun=local"]
+LOCAL = [
+    "--spawn_strategy=local",
+    "--strategy=SwiftCompile=local",
+    "--strategy=SwiftLink=local",
+    "--strategy=TreematRun=local",
+]
 
 try:
     pg_bin()
@@ -51,7 +55,11 @@ pytestmark = [
 def _bazel(output_base: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bazel", f"--output_base={output_base}", *args],
-        cwd=WORKSPACE, capture_output=True, text=True, timeout=1200, check=False,
+        cwd=WORKSPACE,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
     )
 
 
@@ -84,7 +92,11 @@ def _processes(stderr: str) -> dict[str, int]:
 def _stats(root: Path) -> dict[str, int]:
     done = subprocess.run(
         [sys.executable, "-m", "treemat", "--root", str(root), "stats", "--json"],
-        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(TOOLS)), check=True, timeout=60,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(TOOLS)),
+        check=True,
+        timeout=60,
     )
     totals: dict[str, int] = json.loads(done.stdout)["totals"]
     return totals
@@ -101,9 +113,13 @@ def _btrfs_roots(base: Path, count: int) -> tuple[list[Path], list[Path]]:
             with image.open("wb") as handle:
                 handle.truncate(2 << 30)
             made = subprocess.run(["mkfs.btrfs", "-q", "-f", str(image)], capture_output=True, check=False)
-            if made.returncode == 0 and subprocess.run(
-                ["mount", "-o", "loop", str(image), str(root)], capture_output=True, check=False
-            ).returncode == 0:
+            if (
+                made.returncode == 0
+                and subprocess.run(
+                    ["mount", "-o", "loop", str(image), str(root)], capture_output=True, check=False
+                ).returncode
+                == 0
+            ):
                 mounts.append(root)
         roots.append(root)
     return roots, mounts
@@ -136,9 +152,14 @@ def builds(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         second = _build(remote_base, *remote)
         actions_after_second = sum(_stats(bot.root).get("actions", 0) for bot in cluster.running_bots)
         yield {
-            "local": local, "remote": first_outputs, "remote_base": remote_base, "flags": remote,
-            "first": first, "second": second,
-            "actions_after_first": actions_after_first, "actions_after_second": actions_after_second,
+            "local": local,
+            "remote": first_outputs,
+            "remote_base": remote_base,
+            "flags": remote,
+            "first": first,
+            "second": second,
+            "actions_after_first": actions_after_first,
+            "actions_after_second": actions_after_second,
         }
     finally:
         _bazel(local_base, "shutdown")
@@ -170,8 +191,10 @@ def test_killing_a_bot_mid_build_loses_no_action(cluster: Cluster, builds: dict[
         while not stop.is_set() and time.monotonic() < deadline:
             for bot in cluster.running_bots:
                 exec_dir = bot.root / "exec"
-                if bot.proc.poll() is None and exec_dir.is_dir() and any(
-                    "-bot" in entry.name for entry in exec_dir.iterdir()
+                if (
+                    bot.proc.poll() is None
+                    and exec_dir.is_dir()
+                    and any("-bot" in entry.name for entry in exec_dir.iterdir())
                 ):
                     cluster.kill_bot(bot.name)
                     killed.append(bot.name)

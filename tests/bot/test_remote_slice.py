@@ -242,7 +242,7 @@ def test_stats_show_bot_work_per_root(cluster: Cluster, client: Client) -> None:
 @pytest.mark.slow
 def test_killed_bot_loses_no_action(cluster: Cluster, client: Client, tmp_path: Path) -> None:
     marker = tmp_path / "where"
-    script = f'pwd > {marker}.tmp && mv {marker}.tmp {marker}; sleep 3; echo done > out.txt\n'.encode()
+    script = f"pwd > {marker}.tmp && mv {marker}.tmp {marker}; sleep 3; echo done > out.txt\n".encode()
     action = client.build_action(
         {"run.sh": (script, True)},
         ["/bin/sh", "run.sh"],

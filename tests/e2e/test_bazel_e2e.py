@@ -164,8 +164,12 @@ def test_an_edit_rebuild_patches_the_pooled_exec_dir_decoding_only_what_changed(
     try:
         for edit in ("", "1"):
             build = _bazel(
-                output_base, "build", "--config=treemat", f"--action_env=TREEMAT_ROOT={root}",
-                f"--define=treemat_bench_edit={edit}", "//examples/generated:Shape64",
+                output_base,
+                "build",
+                "--config=treemat",
+                f"--action_env=TREEMAT_ROOT={root}",
+                f"--define=treemat_bench_edit={edit}",
+                "//examples/generated:Shape64",
             )
             assert build.returncode == 0, f"build failed:\n{build.stderr[-4000:]}"
     finally:

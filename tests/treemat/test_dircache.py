@@ -356,7 +356,6 @@ def test_the_stack_default_is_the_measured_threshold() -> None:
     assert DEFAULT_DIRCACHE_MIN_FILES == MIN_SUBTREE_FILES == DirectoryCache.__init__.__kwdefaults__["min_files"]
 
 
-
 # ---------------------------------------------------------------------------- incremental eviction
 # Sizes are recorded when an entry is built; a build under budget must not list or walk the cache.
 
@@ -471,8 +470,12 @@ def _stage_many(root: str, trees: list[InputTree], out: str, budget: int) -> Non
     counters = Counters()
     cas = ContentStore(Path(root), counters=counters)
     cache = DirectoryCache(
-        Path(root), Materializer(cas, BackendProbe(), counters=counters), counters=counters,
-        cloner=CopyCloner(), min_files=4, max_bytes=budget,
+        Path(root),
+        Materializer(cas, BackendProbe(), counters=counters),
+        counters=counters,
+        cloner=CopyCloner(),
+        min_files=4,
+        max_bytes=budget,
     )
     Path(out).mkdir()
     for n, tree in enumerate(trees + trees[::2]):  # misses, then hits (or misses again, if evicted meanwhile)

@@ -129,8 +129,9 @@ def test_remove_tree_takes_files_symlinks_and_missing_paths(tmp_path: Path) -> N
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="statfs(2) magic numbers are Linux")
 def test_filesystem_type_is_statfs_magic_without_a_subprocess(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    expected = int(subprocess.run(["stat", "-f", "-c", "%t", str(tmp_path)], capture_output=True, text=True,
-                                  check=True).stdout, 16)
+    expected = int(
+        subprocess.run(["stat", "-f", "-c", "%t", str(tmp_path)], capture_output=True, text=True, check=True).stdout, 16
+    )
     monkeypatch.setattr(subprocess, "run", None)  # must not fork (it may run while a temp blob is being written)
     assert fsprims.filesystem_type(tmp_path) == expected
     assert fsprims.filesystem_type("/proc") == 0x9FA0  # PROC_SUPER_MAGIC

@@ -112,8 +112,9 @@ def _edit(entries: list[RequestInput], steps: list[tuple[str, int, int]]) -> lis
 
 @settings(max_examples=150, deadline=None)
 @given(size=st.integers(0, 300), rounds=st.lists(edits, min_size=1, max_size=4), build_index=st.booleans())
-def test_chained_deltas_equal_the_set_difference(size: int, rounds: list[list[tuple[str, int, int]]],
-                                                  build_index: bool) -> None:
+def test_chained_deltas_equal_the_set_difference(
+    size: int, rounds: list[list[tuple[str, int, int]]], build_index: bool
+) -> None:
     """Any chain of edits: each delta, applied to the previous list, gives the next (wire and list manifests)."""
     entries = _tree(size)
     wire, listed = _from_wire(_payload(entries)), InputManifest.of(entries)

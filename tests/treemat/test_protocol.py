@@ -24,7 +24,7 @@ from treemat.protocol import (
 )
 
 TRICKY = [
-    {"requestId": 3, "arguments": ["--", "echo", "}{", "{\"", "\\", "é☃𝄞", "\u0000\n"], "inputs": []},
+    {"requestId": 3, "arguments": ["--", "echo", "}{", '{"', "\\", "é☃𝄞", "\u0000\n"], "inputs": []},
     {"arguments": ["a"], "inputs": [{"path": "x}{y", "digest": "ab=="}, {"path": "n", "digest": ""}]},
     {"n": [-1, 2.5e-3, 1e10, True, False, None, {}, [], [[{}]]], "s": "\\u", "t": "\ud83d"},
 ]

@@ -185,8 +185,7 @@ def test_inputs_are_read_only_and_outputs_symlinks_handled(execroot: Path, tmp_p
 def test_write_through_hardlinked_input_never_reaches_the_cas(execroot: Path, tmp_path: Path) -> None:
     """chmod + write (even with the mtime restored) lands in the tool's private overlay copy, not the blob."""
     evil = (
-        "chmod 644 src/in.txt && echo POISON > src/in.txt && touch -d 2000-01-01Z src/in.txt "
-        "&& cp src/in.txt out/seen"
+        "chmod 644 src/in.txt && echo POISON > src/in.txt && touch -d 2000-01-01Z src/in.txt && cp src/in.txt out/seen"
     )
     worker = Worker(execroot, tmp_path / "root")
     worker.send(request(execroot, ["src/in.txt"], ["out/seen"], ["sh", "-c", evil]))

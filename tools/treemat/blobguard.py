@@ -131,8 +131,9 @@ class BlobGuard:
 
     def admit_ingested(self, hash_hex: str, executable: bool, size: int) -> BlobIdentity | None:
         """Register a blob this process has just hashed on ingest: watched, not hashed again."""
-        return self._verify_and_watch((hash_hex, executable), self.cas.blob_path_str(hash_hex, executable), size,
-                                      rehash=False)
+        return self._verify_and_watch(
+            (hash_hex, executable), self.cas.blob_path_str(hash_hex, executable), size, rehash=False
+        )
 
     def _verify_and_watch(self, key: tuple[str, bool], path: str, size: int, *, rehash: bool) -> BlobIdentity | None:
         hash_hex, executable = key
@@ -376,7 +377,6 @@ def _open_inotify() -> INotify | None:
         return None
 
 
-
 class VerifiedLedger:
     """Blob states known good, shared by every treemat process of one root: (inode, ctime, size) per blob.
 
@@ -456,9 +456,7 @@ class VerifiedLedger:
 
     def _compact(self, records: dict[tuple[str, bool], tuple[int, int, int]], logs: list[Path]) -> None:
         """Write the merged records to one log, then remove the logs no live process holds."""
-        lines = [
-            f"{h}{'+x' if x else ''} {ino} {ctime} {size}\n" for (h, x), (ino, ctime, size) in records.items()
-        ]
+        lines = [f"{h}{'+x' if x else ''} {ino} {ctime} {size}\n" for (h, x), (ino, ctime, size) in records.items()]
         temp = self.directory / f".compact-{os.getpid()}-{secrets.token_hex(4)}"
         with contextlib.suppress(OSError):
             temp.write_text("".join(lines))

@@ -238,8 +238,14 @@ class ExecDirPool:
             self.guard.poll()
             entry.patching = False
 
-    def _apply(self, entry: PooledDir, changes: dict[str, tuple[str, bool]], removed: Iterable[str],
-               extra_dirs: Iterable[str], admit: AdmitFn) -> PatchReport:
+    def _apply(
+        self,
+        entry: PooledDir,
+        changes: dict[str, tuple[str, bool]],
+        removed: Iterable[str],
+        extra_dirs: Iterable[str],
+        admit: AdmitFn,
+    ) -> PatchReport:
         report = PatchReport()
         base = str(entry.path)
         files, children = entry.files, entry.children

@@ -84,8 +84,9 @@ class ActionExecutor:
         self.budget = budget
         # exec-dir reuse needs the overlay: there the staged tree is untouched by the tool
         self.pool = ExecDirPool(cas, self.guard, size=pool_size) if sandbox is not None and pool_size > 0 else None
-        self.inputs = InputStager(cas, self.guard, dircache, self.pool, counters=self.counters,
-                                  dispose=self._dispose_path)
+        self.inputs = InputStager(
+            cas, self.guard, dircache, self.pool, counters=self.counters, dispose=self._dispose_path
+        )
         self.runner = ToolRunner(cas.fork_gate)
         self.keep_exec_dirs = keep_exec_dirs
         self.exec_base = self.root / "exec"

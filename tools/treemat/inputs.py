@@ -343,5 +343,3 @@ def _inner_symlink_target(full: str, rel: str, top: str) -> str:
             "(only relative symlinks that stay inside a directory input are staged)"
         )
     return target
-
-

@@ -63,8 +63,9 @@ class InputManifest(Sequence[RequestInput]):
 
     __slots__ = ("_count", "_entries", "_index", "_message", "_span")
 
-    def __init__(self, entries: list[RequestInput] | None, count: int, message: Any = None,
-                 span: bytes | None = None) -> None:
+    def __init__(
+        self, entries: list[RequestInput] | None, count: int, message: Any = None, span: bytes | None = None
+    ) -> None:
         self._entries = entries
         self._count = count
         self._message = message  # the parsed WorkRequest, until the entries are decoded
@@ -261,7 +262,9 @@ def _inputs_span(message: Any, payload: bytes) -> bytes | None:
     """
     head = protos.WorkRequest(arguments=message.arguments).SerializeToString()
     tail = protos.WorkRequest(
-        request_id=message.request_id, cancel=message.cancel, verbosity=message.verbosity,
+        request_id=message.request_id,
+        cancel=message.cancel,
+        verbosity=message.verbosity,
         sandbox_dir=message.sandbox_dir,
     ).SerializeToString()
     if len(head) + len(tail) > len(payload) or not payload.startswith(head) or not payload.endswith(tail):
@@ -307,8 +310,9 @@ def _agreeing_length(same: Callable[[int, int], bool], limit: int) -> int:
     return low
 
 
-def _shifted_index(index: list[tuple[int, int]], start: int, record: int, ends: tuple[int, int],
-                   counts: tuple[int, int]) -> list[tuple[int, int]]:
+def _shifted_index(
+    index: list[tuple[int, int]], start: int, record: int, ends: tuple[int, int], counts: tuple[int, int]
+) -> list[tuple[int, int]]:
     """The new span's boundary index: the old one up to the window, (window end), the old one shifted after.
 
     The window starts at byte `start` (record `record`) in both spans and ends at `ends` (old, new) after
@@ -318,8 +322,11 @@ def _shifted_index(index: list[tuple[int, int]], start: int, record: int, ends: 
     shift, count_change = new_end - old_end, new_count - old_count
     before = [entry for entry in index if entry[0] < start]
     after = [(at + shift, number + count_change) for at, number in index if at > old_end]
-    return [*before, (start, record), (new_end, record + new_count), *after] if new_end > start else [
-        *before, (start, record), *after]
+    return (
+        [*before, (start, record), (new_end, record + new_count), *after]
+        if new_end > start
+        else [*before, (start, record), *after]
+    )
 
 
 def _list_delta(old: Sequence[RequestInput], new: Sequence[RequestInput]) -> InputDelta:

@@ -131,5 +131,3 @@ def _drain(proc: subprocess.Popen[bytes]) -> str:
 def _exit_status(returncode: int) -> int:
     """Shell convention: a tool killed by signal N exits 128+N (Bazel shows it as such)."""
     return 128 - returncode if returncode < 0 else returncode
-
-

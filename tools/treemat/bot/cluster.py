@@ -164,13 +164,36 @@ class Cluster:
         self._as_pg([str(binaries / "initdb"), "-A", "trust", "-U", "bgd", "-D", str(data)], log)
         options = f"-p {self._pg_port} -c listen_addresses=127.0.0.1 -k {self._pg_dir} -c fsync=off"
         self._as_pg(
-            [str(binaries / "pg_ctl"), "-D", str(data), "-l", str(self._pg_dir / "server.log"), "-o", options,
-             "-w", "-t", str(int(START_TIMEOUT)), "start"],
+            [
+                str(binaries / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(self._pg_dir / "server.log"),
+                "-o",
+                options,
+                "-w",
+                "-t",
+                str(int(START_TIMEOUT)),
+                "start",
+            ],
             log,
         )
         self._as_pg(
-            [str(binaries / "psql"), "-h", "127.0.0.1", "-p", str(self._pg_port), "-U", "bgd", "-d", "postgres",
-             "-q", "-c", "create database bgd"],
+            [
+                str(binaries / "psql"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self._pg_port),
+                "-U",
+                "bgd",
+                "-d",
+                "postgres",
+                "-q",
+                "-c",
+                "create database bgd",
+            ],
             log,
         )
         sql = f"postgresql+psycopg2://bgd@127.0.0.1:{self._pg_port}/bgd"
@@ -218,8 +241,20 @@ class Cluster:
         env = dict(os.environ, **self.bot_env)
         env["PYTHONPATH"] = os.pathsep.join([tools_dir, *filter(None, [env.get("PYTHONPATH")])])
         argv = [
-            sys.executable, "-m", "treemat", "bot", "--server", self.endpoint, "--instance", self.instance,
-            "--root", str(root), "--concurrency", str(self.concurrency), "--bot-id", f"treemat-{name}",
+            sys.executable,
+            "-m",
+            "treemat",
+            "bot",
+            "--server",
+            self.endpoint,
+            "--instance",
+            self.instance,
+            "--root",
+            str(root),
+            "--concurrency",
+            str(self.concurrency),
+            "--bot-id",
+            f"treemat-{name}",
         ]
         with open(log, "ab") as out:
             proc = subprocess.Popen(
@@ -272,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"BuildGrid: {cluster.endpoint} (instance '{cluster.instance}'), logs in {options.dir}/logs", flush=True)
         for bot in cluster.running_bots:
             print(f"{bot.name}: pid {bot.proc.pid}, root {bot.root}", flush=True)
-        print(f"bazel build --remote_executor={cluster.endpoint} --config=remote //examples/...   (Ctrl-C stops)",
-              flush=True)
+        print(
+            f"bazel build --remote_executor={cluster.endpoint} --config=remote //examples/...   (Ctrl-C stops)",
+            flush=True,
+        )
         stop.wait()
     return 0
 
