@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 from treemat.executor import ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
+from treemat.locking import ForkGate
+from treemat.sandbox import EXEC_ROOT, ISOLATION_NONE, RunDir, Sandbox, ToolPlan
+from treemat.toolrun import ToolRunner
 
 from .workerharness import make_executor
 
@@ -56,7 +59,7 @@ def test_exec_root_placeholder_is_the_private_dir(execroot: Path, tmp_path: Path
     spec = ActionSpec(argv=["sh", "-c", "echo {EXEC_ROOT} > out/where; pwd >> out/where"], outputs=["out/where"])
     assert executor.execute(ActionRequest(spec, [], execroot)).exit_code == 0
     placeholder, pwd = (execroot / "out/where").read_text().split()
-    assert placeholder == pwd and pwd.startswith(str(tmp_path / "root/exec"))
+    assert placeholder == pwd == EXEC_ROOT, "the tool sees its private exec dir at the sandbox's fixed path"
 
 
 def test_recovers_when_a_known_blob_disappears(execroot: Path, tmp_path: Path) -> None:
@@ -149,17 +152,19 @@ def test_output_hardlinked_to_an_input_never_shares_the_cas_inode(execroot: Path
 
 
 def test_no_tool_is_forked_while_an_ingest_holds_a_writable_descriptor(tmp_path: Path) -> None:
-    """A child forked then would close the ingest's descriptor after publication: a phantom write event."""
-    executor = make_executor(tmp_path / "root")
+    """A child forked then would close the ingest's descriptor after publication: a phantom write event.
+
+    (Sandboxed tools are forked by the sandbox helper, never by this process; `--isolation=none` forks here.)
+    """
+    gate = ForkGate()
+    runner = ToolRunner(Sandbox(ISOLATION_NONE, None, None, ()), gate)
     marker = tmp_path / "started"
-    gate = executor.cas.fork_gate
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.create()
+    plan = ToolPlan(["touch", str(marker)], dict(os.environ), tmp_path, run_dir, overlay=False)
     done: list[int] = []
     with gate.writing():
-        thread = threading.Thread(
-            target=lambda: done.append(
-                executor.runner.run(0, ["touch", str(marker)], cwd=tmp_path, env=dict(os.environ)).exit_code
-            )
-        )
+        thread = threading.Thread(target=lambda: done.append(runner.run(0, plan).exit_code))
         thread.start()
         thread.join(0.5)
         assert not marker.exists(), "the tool was started while an ingest was writing"

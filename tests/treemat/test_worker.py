@@ -17,6 +17,7 @@ import pytest
 from treemat import protocol, protos
 from treemat.errors import ProtocolError
 from treemat.protocol import JsonRequestDecoder, item_from_json
+from treemat.sandbox import EXEC_ROOT
 
 from .workerharness import Worker, request, worker_env
 
@@ -45,19 +46,15 @@ def test_back_to_back_json_requests(execroot: Path, tmp_path: Path) -> None:
     first, second = worker.read(), worker.read()
     assert first["exitCode"] == 0 and second["exitCode"] == 0, (first, second)
     assert "requestId" not in first, "requestId is omitted when 0"
-    assert "ran in " + str(tmp_path / "root" / "exec") in first["output"], "the tool ran in a private exec dir"
+    assert f"ran in {EXEC_ROOT}\n" in first["output"], "the tool ran in its private exec dir, at the sandbox's path"
     assert (execroot / "out/a.txt").read_text() == "hello input\n"
     assert (execroot / "out/b.txt").read_text() == "hello input\n"
     assert worker.close() == 0
 
 
 def test_multiplex_requests_run_concurrently(execroot: Path, tmp_path: Path) -> None:
-    barrier = tmp_path / "barrier"  # outside the private exec dirs, so the actions can see each other
-    barrier.mkdir()
-    wait_for_all = (
-        f"touch {barrier}/$1; for n in $(seq 200); do "
-        f'[ "$(ls {barrier} | wc -l)" -ge 4 ] && echo $1 > out/s$1 && exit 0; sleep 0.05; done; exit 9'
-    )
+    # sandboxed actions share no writable place: each records when it ran (the machine's uptime clock)
+    wait_for_all = "read start _ < /proc/uptime; sleep 2; read end _ < /proc/uptime; echo $1 $start $end > out/s$1"
     worker = Worker(execroot, tmp_path / "root", extra=["--max-workers=4"])
     sleepers = [
         request(execroot, ["src/in.txt"], [f"out/s{i}"], ["sh", "-c", wait_for_all, "sh", str(i)], i + 1)
@@ -66,9 +63,11 @@ def test_multiplex_requests_run_concurrently(execroot: Path, tmp_path: Path) -> 
     worker.send(*sleepers)
     replies = {r["requestId"]: r for r in (worker.read() for _ in sleepers)}
     assert sorted(replies) == [1, 2, 3, 4]
-    # each action only finishes once all four have started: serialized execution would exit 9
     assert all(r["exitCode"] == 0 for r in replies.values()), replies
-    assert [(execroot / f"out/s{i}").read_text().strip() for i in range(4)] == ["0", "1", "2", "3"]
+    records = [(execroot / f"out/s{i}").read_text().split() for i in range(4)]
+    assert [record[0] for record in records] == ["0", "1", "2", "3"]
+    # all four were running at one moment: serialized execution would start the last after the first ended
+    assert max(float(r[1]) for r in records) < min(float(r[2]) for r in records), records
     worker.close()
 
 

@@ -10,7 +10,7 @@ other). docs/architecture.md explains them; `lint-imports` enforces this exact l
     worker | replay | bench
     stack
     executor
-    inputs
+    inputs | toolcache
     action | outputs | toolrun | execpool | budget
     sandbox
     dircache | materializer
@@ -18,7 +18,7 @@ other). docs/architecture.md explains them; `lint-imports` enforces this exact l
     tree | protocol | cas | backends
     manifest
     protos
-    digest | counters | locking | flagfile | fsprims
+    digest | counters | locking | flagfile | fsprims | layout | sandboxd
     errors
 """
 

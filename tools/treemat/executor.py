@@ -1,8 +1,11 @@
-"""One action end to end: inputs (inputs.py) -> run (toolrun.py, under sandbox.py) -> outputs (outputs.py).
+"""One action end to end: inputs (inputs.py) -> run (toolrun.py, in sandbox.py) -> outputs (outputs.py).
 
-Hardlinked inputs are only ever handed to a tool inside the overlay sandbox, so the tool cannot write the CAS
-inode; a write from anywhere else is caught by the blob guard, and every action that had that blob staged fails
-instead of reporting success. Finished exec dirs go back to the pool (execpool.py) or are removed in the
+Every tool runs in the sandbox (unless `--isolation=none` was asked for): its exec dir at EXEC_ROOT, read-only
+everywhere else but its private /tmp and its per-action tool cache (toolcache.py), TREEMAT_ROOT hidden, and no
+process of it outlives the action. Hardlinked inputs are only used under the overlay, where a write copies up
+into the run's private upper layer. A write to a blob from anywhere else is caught by the blob guard, and every
+action that had that blob staged fails instead of reporting success. Outputs are copied out of the tool's view
+by descriptor (outputs.py). Finished exec dirs go back to the pool (execpool.py) or are removed in the
 background, where LRU atimes and the store's size budget are also kept.
 """
 
@@ -30,9 +33,10 @@ from treemat.execpool import DEFAULT_POOL_SIZE, ExecDirPool, PooledDir
 from treemat.flagfile import ActionSpec
 from treemat.fsprims import remove_tree, sweep_dead_owners
 from treemat.inputs import InputStager
-from treemat.outputs import collect_outputs
-from treemat.sandbox import OverlayPlan, OverlaySandbox, upper_dir, work_dir
-from treemat.staging import StageReport
+from treemat.layout import Root
+from treemat.outputs import OutputView, collect_outputs
+from treemat.sandbox import EXEC_ROOT, TOOL_CACHE, RunDir, Sandbox, ToolPlan, environment
+from treemat.toolcache import ToolCaches
 from treemat.toolrun import ToolRunner
 from treemat.tree import normalize_path
 
@@ -67,8 +71,10 @@ class ActionExecutor:
         cas: ContentStore,
         dircache: DirectoryCache,
         *,
+        sandbox: Sandbox,
         guard: BlobGuard | None = None,
-        sandbox: OverlaySandbox | None = None,
+        tool_caches: ToolCaches | None = None,
+        layout: Root | None = None,
         budget: StoreBudget | None = None,
         pool_size: int = DEFAULT_POOL_SIZE,
         counters: Counters | None = None,
@@ -76,6 +82,7 @@ class ActionExecutor:
         background_cleanup: bool = True,
     ) -> None:
         self.root = Path(root)
+        self.layout = layout
         self.cas = cas
         self.dircache = dircache
         self.counters = counters if counters is not None else cas.counters
@@ -83,15 +90,15 @@ class ActionExecutor:
         self.sandbox = sandbox
         self.budget = budget
         # exec-dir reuse needs the overlay: there the staged tree is untouched by the tool
-        self.pool = ExecDirPool(cas, self.guard, size=pool_size) if sandbox is not None and pool_size > 0 else None
+        self.pool = ExecDirPool(cas, self.guard, size=pool_size) if sandbox.overlay and pool_size > 0 else None
         self.inputs = InputStager(
             cas, self.guard, dircache, self.pool, counters=self.counters, dispose=self._dispose_path
         )
-        self.runner = ToolRunner(cas.fork_gate)
+        self.runner = ToolRunner(sandbox, cas.fork_gate)
         self.keep_exec_dirs = keep_exec_dirs
         self.exec_base = self.root / "exec"
         self.exec_base.mkdir(parents=True, exist_ok=True)
-        self.tool_cache = self.root / "tool-cache"  # tools' own caches (swiftc module cache), kept across actions
+        self.tool_caches = tool_caches if tool_caches is not None else ToolCaches(self.root / "tool-cache", None)
         self.recent: collections.deque[dict[str, object]] = collections.deque(maxlen=20)
         self._background = _Background() if background_cleanup else None
         self._later(lambda: sweep_dead_owners(self.exec_base))  # exec dirs of dead workers, off the start-up path
@@ -104,8 +111,11 @@ class ActionExecutor:
         exec_dir = self.exec_base / f"{os.getpid()}-{request.request_id}-{secrets.token_hex(4)}"
         result: ActionResult
         pooled: PooledDir | None = None
+        run_dir: RunDir | None = None
         relinked: list[tuple[str, bool]] = []
         try:
+            if self.layout is not None:
+                self.layout.ensure()  # a user may have deleted cas/, tmp/ or exec/ under us: made again, one mkdir each
             self.guard.poll()
             generation = self.guard.taint_generation
             with self.cas.in_use():
@@ -120,21 +130,25 @@ class ActionExecutor:
                     relinked = list(stage.hardlinked)
             stage_seconds = time.perf_counter() - started
             self._prepare_outputs(request.spec, exec_dir)
-            plan = self._isolation_plan(stage, exec_dir, reused=pooled is not None)
-            if pooled is None and plan is not None and staged is not None:
+            if stage.hardlinked and not self.sandbox.overlay:
+                raise ExecutionError(
+                    f"{len(stage.hardlinked)} input(s) were hardlinked but the sandbox has no overlay: refusing to "
+                    "let the tool reach CAS inodes (this is a wiring bug: use treemat.stack.open_stack)"
+                )
+            if pooled is None and self.pool is not None and staged is not None:
                 pooled = self.inputs.pooled_from_fresh(request, exec_dir, fresh)
-            result = self._run_tool(request, exec_dir, plan)
+            self.counters.add(f"actions_isolation_{self.sandbox.mode}")
+            run_dir = RunDir(self.exec_base / f"{exec_dir.name}.run-{secrets.token_hex(3)}")
+            result = self._run_tool(request, exec_dir, run_dir)
             result.stage, result.stage_seconds = stage, stage_seconds
             self._check_integrity(staged, pooled, generation, result)
-            if result.exit_code == 0 and not result.cancelled:
-                self._collect_outputs(request, exec_dir, result)
         except TreematError as exc:
             result = ActionResult(exit_code=1, output=f"treemat: error: {exc}\n")
         except OSError as exc:
             where = f" ({exc.filename})" if exc.filename else ""
             result = ActionResult(exit_code=1, output=f"treemat: error: {exc.strerror or exc}{where}\n")
         finally:
-            self._finish(exec_dir, pooled, relinked)
+            self._finish(exec_dir, pooled, relinked, run_dir)
         self.counters.add("actions")
         if result.exit_code != 0:
             self.counters.add("action_failures")
@@ -161,44 +175,46 @@ class ActionExecutor:
         for output_dir in spec.output_dirs:
             (exec_dir / normalize_path(output_dir)).mkdir(parents=True, exist_ok=True)
 
-    def _isolation_plan(self, stage: StageReport, exec_dir: Path, *, reused: bool) -> OverlayPlan | None:
-        """The overlay plan when any input is a hardlink (the CAS inode itself); None when all are copies/clones."""
-        if not stage.hardlinked and not reused:
-            self.counters.add("actions_isolation_cow")
-            return None
-        if self.sandbox is None:
-            raise ExecutionError(
-                f"{len(stage.hardlinked)} input(s) were hardlinked but no overlay sandbox is available: refusing to "
-                "let the tool reach CAS inodes (this is a wiring bug: use treemat.stack.open_stack)"
-            )
-        self.tool_cache.mkdir(mode=0o700, exist_ok=True)
-        self.counters.add("actions_isolation_overlay")
-        return self.sandbox.plan(exec_dir, [self.tool_cache])
-
-    def _run_tool(self, request: ActionRequest, exec_dir: Path, plan: OverlayPlan | None) -> ActionResult:
+    def _run_tool(self, request: ActionRequest, exec_dir: Path, run_dir: RunDir) -> ActionResult:
+        """Run the tool in the sandbox, then (if it succeeded) copy its outputs out of its view."""
         spec = request.spec
-        env = dict(os.environ)
-        env.update(spec.env)
-        env["PWD"] = str(exec_dir)
-        argv = spec.argv_in(str(exec_dir), str(self.tool_cache))
-        preexec = None
-        if plan is not None and self.sandbox is not None:
-            argv = self.sandbox.wrap(argv)
-            preexec = self.sandbox.preexec(plan)
-        outcome = self.runner.run(request.request_id, argv, cwd=exec_dir, env=env, preexec=preexec)
-        return ActionResult(
+        cache = self.tool_caches.for_argv(spec.argv, self.sandbox)
+        run_dir.create()
+        if self.sandbox.mode == "none":
+            private_cache = run_dir.path / "cache"
+            private_cache.mkdir()
+            argv = spec.argv_in(str(exec_dir), str(private_cache))
+            env = environment(os.environ, spec.env, exec_root=str(exec_dir), tmp=str(run_dir.tmp))
+        else:
+            argv = spec.argv_in(EXEC_ROOT, TOOL_CACHE)
+            env = environment(os.environ, spec.env)
+        plan = ToolPlan(argv, env, exec_dir, run_dir, overlay=self.sandbox.overlay, cache=cache)
+        outcome = self.runner.run(request.request_id, plan)
+        result = ActionResult(
             exit_code=outcome.exit_code,
             output=outcome.output,
             tool_seconds=outcome.seconds,
             cancelled=outcome.cancelled,
         )
+        if outcome.view_fd < 0:
+            return result
+        try:
+            if result.exit_code == 0 and not result.cancelled:
+                prefixes = [EXEC_ROOT, str(exec_dir)] if self.sandbox.mode != "none" else [str(exec_dir)]
+                self._collect_outputs(request, OutputView(outcome.view_fd, prefixes), result)
+        finally:
+            os.close(outcome.view_fd)
+        return result
 
     # ----------------------------------------------------------------------------- outputs
 
-    def _collect_outputs(self, request: ActionRequest, exec_dir: Path, result: ActionResult) -> None:
-        upper = upper_dir(exec_dir) if self.sandbox is not None else None
+    def _collect_outputs(self, request: ActionRequest, view: OutputView, result: ActionResult) -> None:
         outputs = [*request.spec.outputs, *request.spec.output_dirs]
-        missing = collect_outputs(outputs, request.execroot, exec_dir, upper)
+        execroot_fd = os.open(request.execroot, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            missing = collect_outputs(outputs, view, execroot_fd)
+        finally:
+            os.close(execroot_fd)
         if missing:
             result.exit_code = 1
             result.output += f"treemat: error: the tool did not create declared output(s): {', '.join(missing)}\n"
@@ -228,7 +244,9 @@ class ActionExecutor:
             f"from unknown bytes (rerun the build); {self.guard.taint_reasons.get(hits[0][1], '')}\n"
         )
 
-    def _finish(self, exec_dir: Path, pooled: PooledDir | None, relinked: list[tuple[str, bool]]) -> None:
+    def _finish(
+        self, exec_dir: Path, pooled: PooledDir | None, relinked: list[tuple[str, bool]], run_dir: RunDir | None
+    ) -> None:
         """After an action: return a reusable exec dir to the pool (dropping the tool's writes), else remove it.
 
         Our links moved the ctime of the blobs they touched: the ledger is brought up to date in the background.
@@ -238,8 +256,8 @@ class ActionExecutor:
             self._later(lambda: self.guard.refresh(relinked))
         if self.keep_exec_dirs:
             return
-        for path in (upper_dir(exec_dir), work_dir(exec_dir)):
-            self._dispose_path(path)
+        if run_dir is not None:
+            self._dispose_path(run_dir.path)
         if pooled is None or self.pool is None:
             self._dispose_path(exec_dir, relinked)
             return

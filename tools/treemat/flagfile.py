@@ -82,7 +82,19 @@ def read_flagfile(path: str) -> list[str]:
         os.close(fd)
     if len(data) > MAX_FLAGFILE_BYTES:
         raise ProtocolError(f"flagfile {path} is over the {MAX_FLAGFILE_BYTES} byte limit")
-    return data.decode("utf-8", "surrogateescape").splitlines()
+    return split_flagfile(data.decode("utf-8", "surrogateescape"))
+
+
+def split_flagfile(text: str) -> list[str]:
+    """Bazel's multiline param files: one argument per `\\n` (a trailing `\\r` dropped), nothing else splits.
+
+    `str.splitlines` would also split at `\\v`, `\\f`, `\\x1c`..`\\x1e`, `\\x85`, U+2028/2029: all legal inside
+    an argument.
+    """
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def unescape_tool_argument(arg: str) -> str:

@@ -267,7 +267,11 @@ def remove_tree(path: Path) -> None:
             os.chmod(dirpath, 0o755)
         for name in list(dirnames):
             child = Path(dirpath) / name
-            if is_subvolume(child) and not child.is_symlink():
+            if child.is_symlink():
+                continue  # os.walk does not enter it; rmtree unlinks it
+            with contextlib.suppress(OSError):  # before os.walk lists it: a mode-000 dir (overlayfs's
+                os.chmod(child, 0o755)  # work/work, a tool's) is removable as non-root
+            if is_subvolume(child):
                 make_dirs_writable(child)
                 try:
                     delete_subvolume(child)

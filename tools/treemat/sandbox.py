@@ -1,158 +1,272 @@
-"""Input immutability for hardlinked exec dirs: the tool runs over an overlayfs in its own namespaces.
+"""Every tool runs sandboxed: the client of the sandbox helper (sandboxd.py), and the probe that picks the mode.
 
-A hardlinked input *is* the CAS blob's inode: a tool running as the same user could `chmod u+w` it and write
-through it. Where placement is copy-on-write (reflink, clonefile, btrfs snapshot) or a copy, the tool's files are
-separate inodes and nothing needs doing. Where it is a hardlink, the tool runs like this:
+One helper process per treemat process is started once (a user namespace and a mount namespace, prepared); each
+tool then costs one clone into fresh mount + pid namespaces. What the tool sees (sandboxd.py has the details):
+its exec dir at the fixed path EXEC_ROOT (an overlay over the staged hardlinks, or a bind of a copy-on-write
+tree), its tool cache at TOOL_CACHE, a private /tmp and /dev/shm, everything else read-only, TREEMAT_ROOT
+hidden. Nothing it starts outlives it.
 
-    worker ── fork ─▶ child: unshare(user+mount) as the caller's own uid, then
-                        - bind every path that reaches TREEMAT_ROOT read-only (the CAS, other exec dirs);
-                        - mount an overlay on the exec dir: lower = the staged hardlinks, upper = a private dir,
-                          so a chmod or a write copies the file up and never touches the CAS inode;
-                        - keep the tool cache writable;
-                      ── exec unshare(1) --user --mount --pid --fork --mount-proc ─▶ the tool
-    The tool ends up in a nested user namespace: the mounts above are locked there (it cannot remount them
-    writable or unmount them), it holds no capability over them, and its /proc shows only its own processes
-    (so /proc/<pid>/root of a process outside cannot lead back to a writable CAS).
-
-The declared outputs are then read from the overlay's upper dir. `probe()` tries the whole path once; if the
-kernel refuses (no unprivileged user namespaces, no overlayfs), hardlinks are not used at all.
+Modes, probed for real at start-up (`open_sandbox`):
+- `overlay`: namespaces + overlayfs; inputs may be hardlinks to CAS blobs (a write copies up), exec dirs are reused;
+- `copy-on-write`: namespaces without overlayfs; inputs are separate inodes (reflink / clone / copy);
+- `none`: only when asked for (`--isolation=none`): the tool runs unsandboxed in its exec dir.
+Where namespaces are impossible and `none` was not asked for, no tool runs: each action fails with the reason.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
+import json
 import os
-import shutil
+import socket
 import subprocess
-import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUSER = 0x10000000
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_REMOUNT = 0x20
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_PRIVATE = 0x40000
-UPPER_SUFFIX = ".upper"
-WORK_SUFFIX = ".work"
+from treemat.errors import ExecutionError
+from treemat.fsprims import remove_tree
+
+EXEC_ROOT = "/tmp/treemat/exec"  # = sandboxd.EXEC_ROOT (not imported: sandboxd is a program of its own)
+TOOL_CACHE = "/tmp/treemat/cache"
+ISOLATION_OVERLAY = "overlay"
+ISOLATION_COW = "copy-on-write"  # namespaces, no overlayfs: inputs are separate inodes (reflink, clone, copy)
+ISOLATION_NONE = "none"
+ISOLATION_UNAVAILABLE = "unavailable"  # no sandbox works and `none` was not asked for: every action fails
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_HELPER = Path(__file__).with_name("sandboxd.py")
+START_TIMEOUT_SECONDS = 30
+
+
+class SandboxUnavailable(ExecutionError):
+    """The kernel refused what the sandbox needs; the message names the feature."""
 
 
 @dataclass(frozen=True, slots=True)
-class OverlayPlan:
-    """Everything the child needs to set up the tool's view, computed before fork (no work in the child)."""
+class RunDir:
+    """The per-run scratch beside an exec dir: the tool's /tmp, and the overlay's upper and work dirs."""
 
-    exec_dir: str
-    upper_dir: str
-    work_dir: str
-    readonly_paths: tuple[str, ...]
-    writable_paths: tuple[str, ...]
+    path: Path
+
+    @property
+    def tmp(self) -> Path:
+        return self.path / "tmp"
+
+    @property
+    def cache(self) -> Path:
+        """The tool's private, empty cache when it gets no seed (or no overlay to see one through)."""
+        return self.path / "cache"
+
+    def create(self) -> None:
+        """mkdir what this run needs (the fixed mount points inside the tool's /tmp included)."""
+        os.mkdir(self.path, 0o700)
+        os.makedirs(self.tmp / "treemat" / "exec", 0o755)
+        os.mkdir(self.tmp / "treemat" / "cache", 0o755)
+        os.mkdir(self.tmp / "treemat" / "layers", 0o700)
+        os.mkdir(self.cache, 0o755)
+        os.chmod(self.tmp, 0o1777 if os.geteuid() == 0 else 0o700)
+
+    def remove(self) -> None:
+        """Remove it (the overlays' upper and work dirs live in a tmpfs of the tool's own: nothing is left)."""
+        remove_tree(self.path)
 
 
-class OverlaySandbox:
-    """Runs tools over an overlay of their staged exec dir, with TREEMAT_ROOT read-only (see module doc)."""
+@dataclass(frozen=True, slots=True)
+class CacheView:
+    """What the tool sees at TOOL_CACHE: a trusted seed through a private overlay, or the seed itself, writable."""
 
-    def __init__(self, root: Path, unshare_binary: str) -> None:
-        self.root = Path(root)
-        self.unshare_binary = unshare_binary
-        self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        self._uid = os.getuid()
-        self._gid = os.getgid()
-        self._root_aliases = tuple(root_aliases(self.root))
+    seed: Path
+    writable: bool = False  # only for the run that builds the seed (toolcache.py), never for a user's action
 
-    # ---------------------------------------------------------------------------------------- per action
 
-    def plan(self, exec_dir: Path, writable: Sequence[Path]) -> OverlayPlan:
-        """Prepare upper/work dirs beside `exec_dir`; the returned plan is what the child mounts."""
-        upper, work = upper_dir(exec_dir), work_dir(exec_dir)
-        upper.mkdir(mode=0o755)
-        work.mkdir(mode=0o700)
-        return OverlayPlan(
-            exec_dir=str(exec_dir),
-            upper_dir=str(upper),
-            work_dir=str(work),
-            readonly_paths=self._root_aliases,
-            writable_paths=tuple(str(path) for path in writable if path.is_dir()),
-        )
+@dataclass(slots=True)
+class ToolPlan:
+    """One tool run: what to exec, where, and the filesystem it sees."""
 
-    def wrap(self, argv: Sequence[str]) -> list[str]:
-        """The command that puts the tool in its nested user, mount and pid namespaces."""
-        return [
-            self.unshare_binary,
-            "--user",
-            "--map-current-user",
-            "--mount",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "--mount-proc",
-            "--",
-            *argv,
-        ]
+    argv: list[str]
+    env: dict[str, str]
+    exec_dir: Path
+    run_dir: RunDir
+    overlay: bool
+    cache: CacheView | None = None  # None: a private empty cache (run_dir.cache)
+    cwd: str = ""  # relative to the exec dir (REAPI working_directory)
+    masks: Sequence[str] = field(default_factory=tuple)
 
-    def preexec(self, plan: OverlayPlan) -> Callable[[], None]:
-        """The function the forked child runs before exec: namespaces and mounts (raises OSError on failure)."""
-        libc = self._libc
-        uid_map = f"{self._uid} {self._uid} 1".encode()
-        gid_map = f"{self._gid} {self._gid} 1".encode()
-        overlay_options = f"lowerdir={plan.exec_dir},upperdir={plan.upper_dir},workdir={plan.work_dir},userxattr"
-        options = overlay_options.encode()
-        exec_dir = plan.exec_dir.encode()
-        readonly = [path.encode() for path in plan.readonly_paths]
-        writable = [path.encode() for path in plan.writable_paths]
 
-        def check(result: int, what: str) -> None:
-            if result != 0:
-                errno_value = ctypes.get_errno()
-                raise OSError(errno_value, f"sandbox: {what}: {os.strerror(errno_value)}")
+class SandboxProcess:
+    """A started tool: its output pipe, the descriptor of its exec view, and its exit status once reaped."""
 
-        def write_file(path: str, data: bytes) -> None:
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.write(fd, data)
-            finally:
+    def __init__(self, status: socket.socket, output_fd: int, view_fd: int, kill: Callable[[], None]) -> None:
+        self.status = status
+        self.output_fd = output_fd
+        self.view_fd = view_fd
+        self._kill = kill
+
+    def kill(self) -> None:
+        """End the tool and everything it started (its pid namespace)."""
+        self._kill()
+
+    def wait(self) -> int:
+        """The exit status (128+N for signal N), after the helper reaped the tool's namespace."""
+        try:
+            message = self.status.recv(4096)
+        finally:
+            self.status.close()
+        if not message:
+            raise ExecutionError("the sandbox helper died while the tool ran")
+        reply = json.loads(message)
+        return int(reply["exit"])
+
+
+class Sandbox:
+    """The sandbox helper of this process; `run` is safe from several threads."""
+
+    def __init__(
+        self,
+        mode: str,
+        helper: subprocess.Popen[bytes] | None,
+        control: socket.socket | None,
+        masks: Sequence[str],
+        *,
+        reason: str = "",
+    ) -> None:
+        self.mode = mode
+        self.reason = reason
+        self.masks = tuple(masks)
+        self._helper = helper
+        self._control = control
+        self._lock = threading.Lock()
+        self._next_id = 0
+
+    @property
+    def overlay(self) -> bool:
+        """True where inputs may be hardlinks to CAS blobs (a write copies up into the run's upper dir)."""
+        return self.mode == ISOLATION_OVERLAY
+
+    def start(self, plan: ToolPlan) -> SandboxProcess:
+        """Start the tool in fresh namespaces; ExecutionError (one line) if the sandbox cannot be set up."""
+        if self._control is None:
+            raise ExecutionError(self.reason or "the sandbox is not running")
+        cache_mode, cache_dir = self._cache_mount(plan)
+        dirs = self._directories(plan, cache_dir)
+        status_here, status_there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        read_end, write_end = os.pipe()
+        try:
+            with self._lock:
+                self._next_id += 1
+                request_id = self._next_id
+                request = {
+                    "op": "run",
+                    "id": request_id,
+                    "argv": plan.argv,
+                    "env": plan.env,
+                    "cwd": plan.cwd,
+                    "exec": "overlay" if plan.overlay else "bind",
+                    "cache": cache_mode,
+                    "mask": list(plan.masks or self.masks),
+                    "dirs": dirs,
+                    "fds": ["status", "stdout"],
+                }
+                socket.send_fds(self._control, [json.dumps(request).encode()], [status_there.fileno(), write_end])
+        except OSError as exc:
+            os.close(read_end)
+            status_here.close()
+            raise ExecutionError(f"the sandbox helper is gone ({exc.strerror or exc})") from None
+        finally:
+            os.close(write_end)
+            status_there.close()
+        try:
+            message, received, _flags, _addr = socket.recv_fds(status_here, 65536, 1)
+        except OSError as exc:
+            message, received = json.dumps({"error": str(exc)}).encode(), []
+        reply = json.loads(message) if message else {"error": "the sandbox helper died"}
+        if "error" in reply or not received:
+            for fd in received:
                 os.close(fd)
+            os.close(read_end)
+            with contextlib.suppress(OSError):
+                status_here.recv(4096)  # the helper's exit report of the failed setup
+            status_here.close()
+            raise ExecutionError(f"cannot set up the tool's sandbox: {reply.get('error', 'no view')}")
+        return SandboxProcess(status_here, read_end, received[0], lambda: self._kill(request_id))
 
-        def setup() -> None:
-            check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS), "unshare(user, mount)")
-            write_file("/proc/self/setgroups", b"deny")
-            write_file("/proc/self/uid_map", uid_map)
-            write_file("/proc/self/gid_map", gid_map)
-            check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
-            for path in readonly:
-                check(libc.mount(path, path, None, MS_BIND | MS_REC, None), "bind the treemat root")
-            check(libc.mount(b"overlay", exec_dir, b"overlay", MS_NOSUID | MS_NODEV, options), "mount the overlay")
-            for path in writable:
-                check(libc.mount(path, path, None, MS_BIND, None), "bind the tool cache")
-            for path in readonly:
-                flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
-                check(libc.mount(None, path, None, flags, None), "make the treemat root read-only")
-            os.chdir(exec_dir)  # subprocess chdir'd before the overlay existed: enter the merged view
+    def _cache_mount(self, plan: ToolPlan) -> tuple[str, Path]:
+        """How TOOL_CACHE is mounted: a seed under a private overlay, else a bind of a private (or seed) dir."""
+        if plan.cache is None:
+            return "bind", plan.run_dir.cache
+        if plan.cache.writable:
+            return "bind", plan.cache.seed
+        if self.overlay:
+            return "overlay", plan.cache.seed
+        return "bind", plan.run_dir.cache  # no overlayfs: the seed cannot be seen privately; start empty
 
-        return setup
+    def _directories(self, plan: ToolPlan, cache_dir: Path) -> dict[str, tuple[str, int, int]]:
+        """{name: (path, device, inode)} of the directories the tool's view is made of (checked again there)."""
+        wanted = [("tmp", plan.run_dir.tmp), ("lower", plan.exec_dir), ("cache_lower", cache_dir)]
+        dirs: dict[str, tuple[str, int, int]] = {}
+        for name, path in wanted:
+            try:
+                info = os.lstat(path)
+            except OSError as exc:
+                raise ExecutionError(f"cannot use {path} for the sandbox: {exc.strerror}") from None
+            dirs[name] = (str(path), info.st_dev, info.st_ino)
+        return dirs
+
+    def _kill(self, request_id: int) -> None:
+        if self._control is None:
+            return
+        with self._lock, contextlib.suppress(OSError):
+            self._control.send(json.dumps({"op": "kill", "id": request_id}).encode())
+
+    def close(self) -> None:
+        """Stop the helper (it kills any tool still running)."""
+        control, self._control = self._control, None
+        if control is not None:
+            control.close()
+        if self._helper is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._helper.wait(5)
+            if self._helper.poll() is None:
+                self._helper.kill()
+                self._helper.wait()
 
 
-def upper_dir(exec_dir: Path) -> Path:
-    """Where the tool's writes land (beside the exec dir, inside the same treemat root)."""
-    return exec_dir.with_name(exec_dir.name + UPPER_SUFFIX)
+def start_helper() -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """Start sandboxd.py and wait for it to be in its namespaces; SandboxUnavailable with the kernel's reason."""
+    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        helper = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(_HELPER), str(there.fileno())],
+            pass_fds=[there.fileno()],
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+        )
+    except OSError as exc:
+        here.close()
+        raise SandboxUnavailable(f"cannot start the sandbox helper: {exc.strerror}") from None
+    finally:
+        there.close()
+    here.settimeout(START_TIMEOUT_SECONDS)
+    try:
+        message = here.recv(65536)
+    except OSError:
+        message = b""
+    here.settimeout(None)
+    reply = json.loads(message) if message else {"error": "the sandbox helper exited at start"}
+    if "error" in reply:
+        here.close()
+        helper.wait()
+        raise SandboxUnavailable(str(reply["error"]))
+    return helper, here
 
 
-def work_dir(exec_dir: Path) -> Path:
-    """overlayfs's scratch directory for `exec_dir`."""
-    return exec_dir.with_name(exec_dir.name + WORK_SUFFIX)
-
-
-def root_aliases(root: Path) -> list[str]:
-    """Every mount point path that reaches `root` (the root itself plus other mounts of the same directory).
+def hidden_paths(root: Path) -> list[str]:
+    """Every path that reaches the treemat root (the root itself plus other mounts of the same directory).
 
     A filesystem can be mounted twice (or bind-mounted): a tool could reach the CAS through any of them, so
-    each one is made read-only in the tool's view.
+    each one is hidden in the tool's view.
     """
     real = os.path.realpath(root)
     aliases = [real]
@@ -175,9 +289,9 @@ def root_aliases(root: Path) -> list[str]:
         fs_root, mount_point = fields[3], fields[4]
         relative = os.path.relpath(inside_fs, fs_root)
         if relative == "." or not relative.startswith(".."):
-            candidate = os.path.normpath(os.path.join(mount_point, relative))
+            candidate = _decode_mountinfo(os.path.normpath(os.path.join(mount_point, relative)))
             if os.path.isdir(candidate) and candidate not in aliases:
-                aliases.append(_decode_mountinfo(candidate))
+                aliases.append(candidate)
     return aliases
 
 
@@ -188,86 +302,87 @@ def _decode_mountinfo(path: str) -> str:
     return path
 
 
-class SandboxProbe:
-    """The whole sandbox path tried for real, in two halves: started here, judged by `result()`.
+@contextlib.contextmanager
+def probe_run(sandbox: Sandbox, scratch: Path, *, overlay: bool) -> Iterator[tuple[int, bytes, bool]]:
+    """One real run of the whole path on a scratch tree: (exit, output, input untouched)."""
+    exec_dir = scratch / "exec"
+    exec_dir.mkdir()
+    (exec_dir / "input").write_bytes(b"pristine\n")
+    os.chmod(exec_dir / "input", 0o444)
+    run_dir = RunDir(scratch / "exec.run")
+    run_dir.create()
+    script = "chmod u+w input 2>/dev/null; echo changed > input && echo out > output && cat input"
+    plan = ToolPlan(["/bin/sh", "-c", script], {"PATH": "/usr/bin:/bin"}, exec_dir, run_dir, overlay)
+    process = sandbox.start(plan)
+    try:
+        output = b""
+        while chunk := os.read(process.output_fd, 65536):
+            output += chunk
+        code = process.wait()
+        pristine = (exec_dir / "input").read_bytes() == b"pristine\n" if overlay else True
+        yield code, output, pristine
+    finally:
+        os.close(process.output_fd)
+        os.close(process.view_fd)
+        run_dir.remove()
 
-    Starting it forks the probe tool and returns; the tool (unshare, a shell, chmod, cat, namespace teardown:
-    tens of milliseconds, all in child processes) then runs while the caller does other work, e.g. imports.
-    No thread: the caller's own `result()` waits for it, so nothing can use the answer before it exists.
+
+def refusing_sandbox(reason: str) -> Sandbox:
+    """The sandbox of a machine where none works: every tool start fails with `reason` (the worker keeps serving)."""
+    return Sandbox(
+        ISOLATION_UNAVAILABLE,
+        None,
+        None,
+        (),
+        reason=f"no tool runs unsandboxed: {reason} (`--isolation=none` runs tools without a sandbox, at your risk)",
+    )
+
+
+def open_sandbox(root: Path, want: str = "auto") -> Sandbox:
+    """The sandbox for `want` in auto | overlay | copy-on-write | none, tried for real; SandboxUnavailable if not.
+
+    `auto` takes overlay where overlayfs works in a user namespace, else copy-on-write.
     """
-
-    SCRIPT = "chmod u+w input && echo changed > input && echo out > output && cat input"
-    TIMEOUT_SECONDS = 20
-
-    def __init__(self, root: Path) -> None:
-        self._failure: str | None = None
-        self._sandbox: OverlaySandbox | None = None
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        binary = shutil.which("unshare")
-        if binary is None:
-            self._failure = "no unshare(1) on PATH (util-linux)"
-            return
-        try:
-            self._sandbox = OverlaySandbox(root, binary)
-        except OSError as exc:
-            self._failure = f"cannot load libc: {exc}"
-            return
-        scratch = root / "tmp"
-        scratch.mkdir(parents=True, exist_ok=True)
-        self._tmp = tempfile.TemporaryDirectory(prefix=".sandbox-probe-", dir=scratch)
-        self._exec_dir = Path(self._tmp.name) / "exec"
-        try:
-            self._exec_dir.mkdir()
-            (self._exec_dir / "input").write_bytes(b"pristine\n")
-            os.chmod(self._exec_dir / "input", 0o444)
-            plan = self._sandbox.plan(self._exec_dir, [])
-            self._proc = subprocess.Popen(
-                self._sandbox.wrap(["/bin/sh", "-c", self.SCRIPT]),
-                cwd=self._exec_dir,
-                preexec_fn=self._sandbox.preexec(plan),  # namespaces are entered in the child
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            self._failure = f"user+mount namespaces or overlayfs unavailable ({exc})"
-            self._cleanup()
-        except BaseException:
-            self._cleanup()
-            raise
-
-    def result(self) -> tuple[OverlaySandbox | None, str]:
-        """An OverlaySandbox if the whole path worked, else None and the reason; waits for the probe tool."""
-        if self._failure is not None:
-            return None, self._failure
-        assert self._sandbox is not None and self._proc is not None
-        try:
+    if want == ISOLATION_NONE:
+        return Sandbox(ISOLATION_NONE, None, None, ())
+    if sys.platform != "linux":
+        raise SandboxUnavailable(f"no sandbox for {sys.platform} in this process (see docs/hermeticity.md)")
+    helper, control = start_helper()
+    sandbox = Sandbox(ISOLATION_COW, helper, control, hidden_paths(root))
+    scratch = root / "tmp" / f".sandbox-probe-{os.getpid()}-{threading.get_ident()}"
+    try:
+        scratch.mkdir(parents=True)
+        modes = [True, False] if want in ("auto", ISOLATION_OVERLAY) else [False]
+        failure = ""
+        for overlay in modes:
+            sub = scratch / ("overlay" if overlay else "bind")
+            sub.mkdir()
             try:
-                stdout, stderr = self._proc.communicate(timeout=self.TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired as exc:
-                self._proc.kill()
-                self._proc.communicate()
-                return None, f"user+mount namespaces or overlayfs unavailable ({exc})"
-            pristine = (self._exec_dir / "input").read_bytes() == b"pristine\n"
-            copied_up = (upper_dir(self._exec_dir) / "output").is_file() and stdout == b"changed\n"
-        finally:
-            self._cleanup()
-        if self._proc.returncode != 0 or not pristine or not copied_up:
-            detail = stderr.decode(errors="replace").strip().splitlines()
-            last = detail[-1] if detail else ""
-            return None, f"overlay sandbox did not behave (exit {self._proc.returncode}: {last})"
-        return self._sandbox, "user+mount+pid namespaces over an overlayfs"
-
-    def _cleanup(self) -> None:
-        if self._tmp is None:
-            return
-        with contextlib.suppress(OSError):
-            os.chmod(work_dir(self._exec_dir) / "work", 0o700)  # overlayfs leaves it 000
-        self._tmp.cleanup()
-        self._tmp = None
+                with probe_run(sandbox, sub, overlay=overlay) as (code, output, pristine):
+                    if code == 0 and pristine and output == b"changed\n":
+                        sandbox.mode = ISOLATION_OVERLAY if overlay else ISOLATION_COW
+                        break
+                    failure = f"the probe tool exited {code}: {output.decode(errors='replace').strip()[-200:]}"
+            except ExecutionError as exc:
+                failure = str(exc)
+            if overlay and want == ISOLATION_OVERLAY:
+                raise SandboxUnavailable(f"overlay isolation was asked for but does not work here: {failure}")
+        else:
+            raise SandboxUnavailable(f"the sandbox does not work here: {failure}")
+    except BaseException:
+        sandbox.close()
+        raise
+    finally:
+        remove_tree(scratch)
+    return sandbox
 
 
-def probe(root: Path) -> tuple[OverlaySandbox | None, str]:
-    """An OverlaySandbox if the whole path works here (tried for real), else None and the reason."""
-    return SandboxProbe(root).result()
+def environment(
+    base: Mapping[str, str], extra: Mapping[str, str], *, exec_root: str = EXEC_ROOT, tmp: str = "/tmp"
+) -> dict[str, str]:
+    """The tool's environment: `base` + `extra`, with PWD and TMPDIR of its view."""
+    env = dict(base)
+    env.update(extra)
+    env["PWD"] = exec_root
+    env["TMPDIR"] = tmp
+    return env

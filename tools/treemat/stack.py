@@ -3,26 +3,38 @@
 Every entry point (the worker, the CLI commands, replay, benchmarks, tests) calls `open_stack`, so the choice
 of isolation and placement methods is made, and reported, the same way everywhere.
 
-Isolation is chosen here, by what actually works on this machine (see docs/hermeticity.md):
-- `overlay`: hardlinked inputs, the tool in user+mount+pid namespaces over an overlayfs (sandbox.py);
-- `copy-on-write`: no working sandbox, so hardlinks are never used; reflink / clonefile / btrfs snapshots where
-  the filesystem has them, a copy otherwise. Either way no tool can write a CAS inode through its inputs.
+Every tool runs in the sandbox (sandbox.py), chosen here by what actually works on this machine (see
+docs/hermeticity.md):
+- `overlay`: namespaces + overlayfs: hardlinked inputs (a write copies up), exec dirs reused;
+- `copy-on-write`: namespaces without overlayfs: hardlinks are never used; reflink / clonefile / btrfs snapshots
+  where the filesystem has them, a copy otherwise;
+- `none`: only when asked for: no sandbox, no hardlinks (reported by `probe`, `stats` and every action's counters).
+Where no sandbox works and `none` was not asked for, the stack still opens, and every action fails with the
+kernel's reason.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from treemat.cas import ContentStore, prepare_root
+from treemat.cas import ContentStore
 from treemat.counters import Counters
-from treemat.sandbox import OverlaySandbox, SandboxProbe
+from treemat.layout import Root, default_root_path
+from treemat.sandbox import (
+    ISOLATION_COW,
+    ISOLATION_NONE,
+    ISOLATION_OVERLAY,
+    Sandbox,
+    SandboxUnavailable,
+    open_sandbox,
+    refusing_sandbox,
+)
 
-if TYPE_CHECKING:  # imported by open_stack, while the sandbox probe runs (see PendingIsolation)
+if TYPE_CHECKING:  # imported by open_stack, after the sandbox has started
     from treemat.backends import BackendProbe, Method
     from treemat.blobguard import BlobGuard
     from treemat.budget import StoreBudget
@@ -31,24 +43,21 @@ if TYPE_CHECKING:  # imported by open_stack, while the sandbox probe runs (see P
     from treemat.materializer import Materializer
 
 DEFAULT_DIRCACHE_MIN_FILES = 64  # = dircache.MIN_SUBTREE_FILES, measured there (not imported: start-up cost)
-ISOLATION_OVERLAY = "overlay"
-ISOLATION_COW = "copy-on-write"
+ISOLATION_CHOICES = ("auto", ISOLATION_OVERLAY, ISOLATION_COW, ISOLATION_NONE)
+__all__ = ["ISOLATION_COW", "ISOLATION_NONE", "ISOLATION_OVERLAY", "Stack", "default_root", "open_stack"]
 
 
 def default_root() -> Path:
-    """`$TREEMAT_ROOT`, else `$XDG_CACHE_HOME/treemat`, else `~/.cache/treemat`."""
-    explicit = os.environ.get("TREEMAT_ROOT")
-    if explicit:
-        return Path(explicit).expanduser().absolute()
-    cache = os.environ.get("XDG_CACHE_HOME")
-    return ((Path(cache) if cache else Path.home() / ".cache") / "treemat").absolute()
+    """`$TREEMAT_ROOT`, else `$XDG_CACHE_HOME/treemat`, else `~/.cache/treemat` (layout.default_root_path)."""
+    return default_root_path()
 
 
 @dataclass(slots=True)
 class Stack:
-    """Every layer of one treemat process, wired."""
+    """Every layer of one treemat process, wired; a context manager (closing it flushes the ledger)."""
 
     root: Path
+    layout: Root
     counters: Counters
     cas: ContentStore
     guard: BlobGuard
@@ -56,9 +65,22 @@ class Stack:
     probe: BackendProbe
     materializer: Materializer
     dircache: DirectoryCache
+    sandbox: Sandbox
     executor: ActionExecutor
-    isolation: str
-    isolation_detail: str
+
+    @property
+    def isolation(self) -> str:
+        """overlay | copy-on-write | none | unavailable."""
+        return self.sandbox.mode
+
+    @property
+    def isolation_detail(self) -> str:
+        """Why this isolation (the kernel's refusal, when there is one)."""
+        return self.sandbox.reason or {
+            ISOLATION_OVERLAY: "user+mount+pid namespaces, overlayfs: hardlinks",
+            ISOLATION_COW: "user+mount+pid namespaces, no overlayfs here: no hardlinks",
+            ISOLATION_NONE: "asked for: tools run UNSANDBOXED, no hardlinks",
+        }.get(self.sandbox.mode, "")
 
     def describe(self) -> dict[str, object]:
         """What `treemat stats` / `probe` show about the choices made."""
@@ -74,37 +96,40 @@ class Stack:
         }
 
     def close(self) -> None:
-        """Remove pooled exec dirs and release descriptors (the guard's inotify instance)."""
-        self.executor.close()
-        self.guard.close()
+        """Remove pooled exec dirs, flush the ledger, stop the sandbox helper, release descriptors."""
+        try:
+            self.executor.close()
+        finally:
+            self.guard.close()
+            self.sandbox.close()
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
-class PendingIsolation:
-    """The isolation choice, started (the sandbox probe forked) now and decided by `result()`.
-
-    The probe's tool runs in child processes for tens of milliseconds: started before the other layers are
-    imported and built, it costs a worker's start-up almost nothing. `result()` waits for it.
-    """
-
-    def __init__(self, root: Path, *, want: str = "auto") -> None:
-        self.want = want
-        self._probe = None if want == ISOLATION_COW else SandboxProbe(root)
-
-    def result(self) -> tuple[OverlaySandbox | None, str, str]:
-        """(sandbox or None, isolation name, why); OSError if `overlay` was asked for and does not work."""
-        if self._probe is None:
-            return None, ISOLATION_COW, "asked for (no hardlinks)"
-        sandbox, reason = self._probe.result()
-        if sandbox is not None:
-            return sandbox, ISOLATION_OVERLAY, reason
-        if self.want == ISOLATION_OVERLAY:
-            raise OSError(f"overlay isolation was asked for but does not work here: {reason}")
-        return None, ISOLATION_COW, f"no hardlinks: {reason}"
+def _sandbox_for(root: Path, want: str) -> Sandbox:
+    """The sandbox for `want`; where none works (and `none` was not asked for), one that refuses every tool."""
+    if want not in ISOLATION_CHOICES:
+        raise ValueError(f"unknown isolation {want!r} (choose from {', '.join(ISOLATION_CHOICES)})")
+    try:
+        return open_sandbox(root, want)
+    except SandboxUnavailable as exc:
+        if want != "auto":
+            raise
+        return refusing_sandbox(str(exc))
 
 
-def choose_isolation(root: Path, *, want: str = "auto") -> tuple[OverlaySandbox | None, str, str]:
-    """(sandbox or None, isolation name, why) for `want` in auto | overlay | copy-on-write."""
-    return PendingIsolation(root, want=want).result()
+@contextlib.contextmanager
+def opened_stack(root: Path, **options: object) -> Iterator[Stack]:
+    """`open_stack` as a context manager: the stack is closed (ledger flushed, helper stopped) on the way out."""
+    stack = open_stack(root, **options)  # type: ignore[arg-type]
+    try:
+        yield stack
+    finally:
+        stack.close()
 
 
 def open_stack(
@@ -120,33 +145,32 @@ def open_stack(
     background_cleanup: bool = True,
     max_bytes: int | None = None,
 ) -> Stack:
-    """Open (creating if needed) the treemat root and wire every layer over it.
+    """Open (creating if needed) the treemat root and wire every layer over it (close it, or use `opened_stack`).
 
-    The isolation probe starts as soon as the root exists and runs while the other layers are imported and
-    built; it is joined before the placement methods are chosen, so no stager exists until it has finished.
+    `isolation` is auto | overlay | copy-on-write | none: an explicit mode that does not work here is an error;
+    `auto` that finds no sandbox gives a stack whose actions all fail with the reason.
     """
-    root = prepare_root(Path(root).absolute(), group_shared=group_shared)
+    layout = Root(root, group_shared=group_shared)
+    root = layout.path
     counters = counters if counters is not None else Counters()
-    cas = ContentStore(root, counters=counters, group_shared=group_shared)  # creates tmp/, where the probe runs
-    pending_isolation = PendingIsolation(root, want=isolation)
+    cas = ContentStore(root, counters=counters, group_shared=group_shared)
+    sandbox = _sandbox_for(root, isolation)
     try:
-        # Imported here, while the probe's tool runs (a worker's start-up cost): `import treemat.stack` is light.
         from treemat.backends import DEFAULT_ORDER, BackendProbe, Method
         from treemat.blobguard import BlobGuard, VerifiedLedger
         from treemat.budget import StoreBudget, default_budget
         from treemat.dircache import DirectoryCache, KernelTreeCloner
         from treemat.executor import ActionExecutor
         from treemat.materializer import Materializer
+        from treemat.toolcache import ToolCaches
 
-        guard = BlobGuard(cas, counters=counters, ledger=VerifiedLedger(root / "verified"))
+        guard = BlobGuard(cas, counters=counters, ledger=VerifiedLedger(layout.verified))
         budget = StoreBudget(cas, max_bytes if max_bytes is not None else default_budget(root), counters=counters)
     except BaseException:
-        with contextlib.suppress(Exception):
-            pending_isolation.result()  # reap the probe and remove its scratch directory; the error above wins
+        sandbox.close()
         raise
-    sandbox, isolation_name, detail = pending_isolation.result()
     order = list(prefer) if prefer else list(DEFAULT_ORDER)
-    if sandbox is None:
+    if not sandbox.overlay:
         order = [method for method in order if method is not Method.HARDLINK] or [Method.COPY]
     elif dircache_min_files == DEFAULT_DIRCACHE_MIN_FILES:
         # with the overlay, exec dirs are reused (O(changed)): the directory cache would only make first
@@ -161,8 +185,10 @@ def open_stack(
         root,
         cas,
         dircache,
-        guard=guard,
         sandbox=sandbox,
+        guard=guard,
+        tool_caches=ToolCaches(layout.tool_cache, sandbox),
+        layout=layout,
         budget=budget,
         counters=counters,
         keep_exec_dirs=keep_exec_dirs,
@@ -170,6 +196,7 @@ def open_stack(
     )
     return Stack(
         root=root,
+        layout=layout,
         counters=counters,
         cas=cas,
         guard=guard,
@@ -177,7 +204,6 @@ def open_stack(
         probe=probe,
         materializer=materializer,
         dircache=dircache,
+        sandbox=sandbox,
         executor=executor,
-        isolation=isolation_name,
-        isolation_detail=detail,
     )

@@ -1,7 +1,9 @@
-"""Running the tool: one process group (optionally inside the overlay sandbox), output kept, cancellable.
+"""Running the tool: in the sandbox (sandbox.py), output kept and bounded, cancellable by request id.
 
-When the tool exits, its process group gets a short grace period, then SIGKILL: a background child that keeps
-stdout open (or just keeps running) cannot hold the action. A tool killed by signal N exits 128+N.
+A sandboxed tool is pid 1 of its own pid namespace: when it exits, everything it started is killed by the kernel,
+so no daemon can keep stdout open or touch an output after the reply. Only with `--isolation=none` (asked for)
+does the tool run as a plain child in its own session, whose process group is killed after a grace period.
+A tool killed by signal N exits 128+N.
 """
 
 from __future__ import annotations
@@ -15,119 +17,152 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
+from treemat.errors import ExecutionError
 from treemat.locking import ForkGate
+from treemat.sandbox import Sandbox, SandboxProcess, ToolPlan
 
-KILL_GRACE_SECONDS = 0.5  # after the tool exits, its process group gets this long before SIGKILL
+KILL_GRACE_SECONDS = 0.5  # unsandboxed only: after the tool exits, its process group gets this long before SIGKILL
 MAX_OUTPUT_BYTES = 16 << 20  # tool stdout+stderr kept for Bazel; the rest is counted, not stored
 
 
 @dataclass(slots=True)
 class ToolOutcome:
-    """How one tool run ended."""
+    """How one tool run ended; `view_fd` (the tool's view of its exec dir) is the caller's to close."""
 
     exit_code: int
     output: str
     seconds: float = 0.0
     cancelled: bool = False
+    view_fd: int = -1
 
 
 class ToolRunner:
-    """Starts tools in their own sessions and cancels them by request id; safe from several threads."""
+    """Starts tools in `sandbox` and cancels them by request id; safe from several threads."""
 
-    def __init__(self, fork_gate: ForkGate | None = None) -> None:
+    def __init__(self, sandbox: Sandbox, fork_gate: ForkGate | None = None) -> None:
+        self.sandbox = sandbox
         self.fork_gate = fork_gate if fork_gate is not None else ForkGate()
         self._lock = threading.Lock()
-        self._running: dict[int, subprocess.Popen[bytes]] = {}
+        self._running: dict[int, Callable[[], None]] = {}
         self._cancelled: set[int] = set()
 
-    def run(
-        self,
-        request_id: int,
-        argv: list[str],
-        *,
-        cwd: Path,
-        env: dict[str, str],
-        preexec: Callable[[], None] | None = None,
-    ) -> ToolOutcome:
-        """Run `argv` to completion (or cancellation); errors starting it become an outcome, not an exception."""
+    def run(self, request_id: int, plan: ToolPlan) -> ToolOutcome:
+        """Run the plan to completion (or cancellation); a tool that cannot start becomes an outcome."""
         started = time.perf_counter()
-        with self._lock, self.fork_gate.forking():
+        with self._lock:
             if request_id and request_id in self._cancelled:
                 self._cancelled.discard(request_id)
                 return ToolOutcome(1, "treemat: cancelled before start\n", cancelled=True)
-            try:
-                proc = subprocess.Popen(
-                    argv,
-                    cwd=cwd,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    preexec_fn=preexec,  # namespaces and mounts are set up in the child
-                )
-            except subprocess.SubprocessError as exc:
-                return ToolOutcome(1, f"treemat: error: cannot set up the tool's sandbox: {exc}\n")
-            except OSError as exc:
-                code = 126 if exc.errno in (errno.EACCES, errno.ENOEXEC, errno.EPERM) else 127
-                return ToolOutcome(code, f"treemat: error: cannot run {argv[0]!r}: {exc.strerror}\n")
-            if request_id:
-                self._running[request_id] = proc
+        if self.sandbox.mode == "none":
+            return self._run_unsandboxed(request_id, plan, started)
         try:
-            output = _drain(proc)
+            process = self.sandbox.start(plan)
+        except ExecutionError as exc:
+            return ToolOutcome(1, f"treemat: error: {exc}\n")
+        self._register(request_id, process.kill)
+        try:
+            output = read_bounded(process.output_fd)
+            code = process.wait()
+        except BaseException:
+            process.kill()
+            os.close(process.view_fd)
+            raise
         finally:
-            with self._lock:
-                self._running.pop(request_id, None)
-                cancelled = request_id in self._cancelled
-                self._cancelled.discard(request_id)
-        return ToolOutcome(_exit_status(proc.returncode), output, time.perf_counter() - started, cancelled)
+            os.close(process.output_fd)
+        cancelled = self._unregister(request_id)
+        return ToolOutcome(code, output, time.perf_counter() - started, cancelled, process.view_fd)
 
     def cancel(self, request_id: int) -> bool:
         """Kill the running tool of `request_id` (or make it never start). True if it was in flight."""
         with self._lock:
             self._cancelled.add(request_id)
-            proc = self._running.get(request_id)
-        if proc is None:
+            kill = self._running.get(request_id)
+        if kill is None:
             return False
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill()
         return True
 
+    def _register(self, request_id: int, kill: Callable[[], None]) -> None:
+        with self._lock:
+            self._running[request_id] = kill
+            late = request_id in self._cancelled  # cancelled while it was being started
+        if late:
+            kill()
 
-def _drain(proc: subprocess.Popen[bytes]) -> str:
-    """The tool's combined output; once it exits, its process group gets a grace period, then SIGKILL.
+    def _unregister(self, request_id: int) -> bool:
+        with self._lock:
+            self._running.pop(request_id, None)
+            cancelled = request_id in self._cancelled
+            self._cancelled.discard(request_id)
+        return cancelled
 
-    A background child that keeps stdout open (or just keeps running) cannot hold the action.
-    """
+    def _run_unsandboxed(self, request_id: int, plan: ToolPlan, started: float) -> ToolOutcome:
+        """`--isolation=none`: the tool in its own session in the real exec dir (asked for, and reported)."""
+        cwd = plan.exec_dir / plan.cwd if plan.cwd else plan.exec_dir
+        with self.fork_gate.forking():
+            try:
+                proc = subprocess.Popen(
+                    plan.argv,
+                    cwd=cwd,
+                    env=plan.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                code = 126 if exc.errno in (errno.EACCES, errno.ENOEXEC, errno.EPERM) else 127
+                return ToolOutcome(code, f"treemat: error: cannot run {plan.argv[0]!r}: {exc.strerror}\n")
+        self._register(request_id, lambda: _kill_group(proc.pid))
+        try:
+            assert proc.stdout is not None
+            output = _drain_group(proc)
+        finally:
+            cancelled = self._unregister(request_id)
+        view_fd = os.open(plan.exec_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return ToolOutcome(_exit_status(proc.returncode), output, time.perf_counter() - started, cancelled, view_fd)
+
+
+def read_bounded(fd: int) -> str:
+    """Everything written to `fd` until EOF: the first MAX_OUTPUT_BYTES kept, the rest counted."""
     chunks: list[bytes] = []
-    kept = [0, 0]  # bytes kept, bytes dropped
+    kept = dropped = 0
+    while block := os.read(fd, 1 << 16):
+        if kept < MAX_OUTPUT_BYTES:
+            chunks.append(block)
+            kept += len(block)
+        else:
+            dropped += len(block)
+    text = b"".join(chunks).decode("utf-8", "replace")
+    if dropped:
+        text += f"\ntreemat: note: {dropped} more bytes of tool output were dropped\n"
+    return text
 
-    def read() -> None:
-        assert proc.stdout is not None
-        while block := os.read(proc.stdout.fileno(), 1 << 16):
-            if kept[0] < MAX_OUTPUT_BYTES:
-                chunks.append(block)
-                kept[0] += len(block)
-            else:
-                kept[1] += len(block)
 
-    reader = threading.Thread(target=read, name="treemat-tool-output", daemon=True)
+def _drain_group(proc: subprocess.Popen[bytes]) -> str:
+    """Unsandboxed: the output; once the tool exits its process group gets a grace period, then SIGKILL."""
+    result: list[str] = []
+    assert proc.stdout is not None
+    stdout = proc.stdout.fileno()
+    reader = threading.Thread(target=lambda: result.append(read_bounded(stdout)), daemon=True)
     reader.start()
     proc.wait()
     reader.join(KILL_GRACE_SECONDS)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    _kill_group(proc.pid)
     reader.join()
-    if proc.stdout is not None:
-        proc.stdout.close()
-    text = b"".join(chunks).decode("utf-8", "replace")
-    if kept[1]:
-        text += f"\ntreemat: note: {kept[1]} more bytes of tool output were dropped\n"
-    return text
+    proc.stdout.close()
+    return result[0] if result else ""
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def _exit_status(returncode: int) -> int:
     """Shell convention: a tool killed by signal N exits 128+N (Bazel shows it as such)."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+__all__ = ["MAX_OUTPUT_BYTES", "SandboxProcess", "ToolOutcome", "ToolRunner", "read_bounded"]

@@ -1,0 +1,159 @@
+"""The treemat root and everything in it: one object owns the default, every subpath, the checks and the README.
+
+    <root>/cas/<hh>/<hash>[+x]   blobs (cas.py)               <root>/verified/*.log   blob states known good (ledger.py)
+    <root>/tmp/                  ingest temp files            <root>/quarantine/      blobs found modified
+    <root>/dircache/             Merkle-keyed subtrees        <root>/exec/            exec dirs (executor, pool)
+    <root>/tool-cache/           trusted tool-cache seeds     <root>/stats/           per-process counters
+    <root>/gc.lock               shared while staging, exclusive for gc
+
+The root is created 0o700 (0o750 when shared with a group) whatever the umask; one owned by another user or
+writable by others is refused. A subdirectory someone deleted under a running process (`rm -rf ~/.cache/treemat/cas`
+to clear the cache) is made again by `ensure()`, which the executor calls before each action.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+from treemat.errors import CasError
+
+PRIVATE_DIR_MODE = 0o700
+SHARED_DIR_MODE = 0o750
+README_TEXT = """\
+This directory is the root of treemat, Bazel's input stager (its docs/architecture.md: "On-disk layout").
+It holds a content-addressed store of build inputs (cas/), exec dirs (exec/), caches and counters.
+Everything here can be deleted while no build runs; a running treemat makes what it needs again.
+"""
+
+
+def user_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME`, else `~/.cache` (where treemat keeps its root and compiled modules by default)."""
+    cache = os.environ.get("XDG_CACHE_HOME")
+    return Path(cache) if cache else Path.home() / ".cache"
+
+
+def default_root_path() -> Path:
+    """`$TREEMAT_ROOT`, else `<user cache dir>/treemat`, absolute."""
+    explicit = os.environ.get("TREEMAT_ROOT")
+    if explicit:
+        return Path(explicit).expanduser().absolute()
+    return (user_cache_dir() / "treemat").absolute()
+
+
+class Root:
+    """A checked treemat root: its subpaths, made on demand; construct once at the entry point, pass it down."""
+
+    SUBDIRS = ("cas", "tmp", "quarantine", "exec", "verified", "stats", "dircache", "tool-cache")
+
+    def __init__(self, path: Path | str | None = None, *, group_shared: bool = False) -> None:
+        self.path = Path(path).expanduser().absolute() if path is not None else default_root_path()
+        self.group_shared = group_shared
+        self.dir_mode = SHARED_DIR_MODE if group_shared else PRIVATE_DIR_MODE
+        self._check_or_create()
+        self.ensure()
+        readme = self.path / "README.txt"
+        if not readme.exists():
+            try:
+                fd = os.open(readme, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except OSError:
+                pass  # another process wrote it, or the root is read-only to us: not worth an error
+            else:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(README_TEXT)
+
+    def __repr__(self) -> str:
+        return f"Root({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    # ------------------------------------------------------------------------------------------ subpaths
+
+    @property
+    def cas(self) -> Path:
+        """Blobs: `cas/<hh>/<hash>` (0o440) and `cas/<hh>/<hash>+x` (0o550)."""
+        return self.path / "cas"
+
+    @property
+    def tmp(self) -> Path:
+        """Ingest temp files (same filesystem as the blobs)."""
+        return self.path / "tmp"
+
+    @property
+    def quarantine(self) -> Path:
+        """Blobs found modified, kept for inspection with a `.reason` file beside each."""
+        return self.path / "quarantine"
+
+    @property
+    def exec(self) -> Path:
+        """Exec dirs: `<pid>-<id>-<token>/` (the staged tree) and `<name>.run/` (the tool's writes under an overlay)."""
+        return self.path / "exec"
+
+    @property
+    def verified(self) -> Path:
+        """The verified ledger: one append-only log per process (ledger.py)."""
+        return self.path / "verified"
+
+    @property
+    def stats(self) -> Path:
+        """`<pid>.json` counters of each process, summed by `treemat stats`."""
+        return self.path / "stats"
+
+    @property
+    def dircache(self) -> Path:
+        """Merkle-keyed subtrees (dircache.py)."""
+        return self.path / "dircache"
+
+    @property
+    def tool_cache(self) -> Path:
+        """Seeds of tools' caches that treemat built itself (toolcache.py); tools only ever read them."""
+        return self.path / "tool-cache"
+
+    @property
+    def gc_lock(self) -> Path:
+        """Shared while a process stages (blobs in use), exclusive for `cas gc`."""
+        return self.path / "gc.lock"
+
+    # ------------------------------------------------------------------------------------------ upkeep
+
+    def ensure(self) -> None:
+        """Make any missing subdirectory again (a user may delete them under a running worker): one stat each."""
+        for name in self.SUBDIRS:
+            directory = self.path / name
+            try:
+                os.mkdir(directory, self.dir_mode)
+            except FileExistsError:
+                continue
+            except FileNotFoundError:  # the root itself went
+                self._check_or_create()
+                os.makedirs(directory, self.dir_mode, exist_ok=True)
+            except OSError as exc:
+                raise CasError(f"cannot create {directory}: {exc.strerror}") from None
+
+    def _check_or_create(self) -> None:
+        root = self.path
+        try:
+            root.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
+            info = os.lstat(root)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise CasError(f"disk full while creating the treemat root {root}: free space") from None
+            raise CasError(f"{exc.strerror or exc} while creating the treemat root {root}") from None
+        if stat.S_ISLNK(info.st_mode):
+            info = os.stat(root)
+        if not stat.S_ISDIR(info.st_mode):
+            raise CasError(f"treemat root {root} is not a directory")
+        if info.st_uid != os.geteuid():
+            raise CasError(
+                f"treemat root {root} belongs to uid {info.st_uid}, not to you (uid {os.geteuid()}): refused"
+            )
+        forbidden = stat.S_IWOTH | (0 if self.group_shared else stat.S_IWGRP)
+        if info.st_mode & forbidden:
+            who = "others" if info.st_mode & stat.S_IWOTH else "its group"
+            raise CasError(
+                f"treemat root {root} is writable by {who} (mode {stat.S_IMODE(info.st_mode):o}): refused; "
+                f"chmod it to {self.dir_mode:o}"
+            )
