@@ -274,3 +274,34 @@ def test_stats_show_a_dircache_that_is_off(tmp_path: Path) -> None:
     assert code == 0, output
     code, text = _run(tmp_path / "root", "stats")
     assert "dircache: off; 0 B in 0 entries" in text, text
+
+
+def test_isolation_none_is_asked_for_and_loud(tmp_path: Path) -> None:
+    from treemat.cli import ISOLATION_CHOICES
+    from treemat.stack import ISOLATION_CHOICES as STACK_CHOICES
+
+    assert ISOLATION_CHOICES == STACK_CHOICES
+    code, output = _run(tmp_path / "root", "--isolation", "none", "probe", str(tmp_path))
+    assert code == 0, output
+    assert "isolation: none" in output and "UNSANDBOXED" in output
+    code, output = _run(tmp_path / "root", "probe", str(tmp_path))
+    assert code == 0 and "isolation: none" not in output, "none is never chosen unless asked for"
+
+
+def test_a_worker_asked_for_no_isolation_says_so_and_counts_it(tmp_path: Path) -> None:
+    execroot = tmp_path / "execroot"
+    execroot.mkdir()
+    env = {**worker_env(), "TREEMAT_ISOLATION": "none"}
+    body = json.dumps({"arguments": ["--output=out/x", "--", "sh", "-c", "echo hi > out/x"], "inputs": []})
+    done = subprocess.run(
+        [sys.executable, "-m", "treemat", "--persistent_worker", f"--root={tmp_path / 'root'}"],
+        input=body.encode(),
+        cwd=execroot,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert json.loads(done.stdout)["exitCode"] == 0, done.stderr
+    assert b"WARNING: isolation none" in done.stderr
+    records = [json.loads(p.read_text()) for p in (tmp_path / "root/stats").glob("*.json")]
+    assert any(r.get("counters", {}).get("actions_isolation_none") == 1 for r in records), records

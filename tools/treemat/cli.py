@@ -10,6 +10,8 @@ import click
 from treemat.commands import bench, bot, cas, probe, replay, stage, stats, worker
 from treemat.commands._common import RootedContext, TreematGroup
 
+ISOLATION_CHOICES = ("auto", "overlay", "copy-on-write", "none")  # = stack.ISOLATION_CHOICES (a test checks)
+
 
 @click.group(cls=TreematGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option(
@@ -20,9 +22,19 @@ from treemat.commands._common import RootedContext, TreematGroup
     help="treemat state directory (CAS, directory cache, exec dirs, stats). "
     "Default: $TREEMAT_ROOT, else $XDG_CACHE_HOME/treemat, else ~/.cache/treemat.",
 )
+@click.option(
+    "--isolation",
+    type=click.Choice(ISOLATION_CHOICES),
+    envvar="TREEMAT_ISOLATION",
+    default="auto",
+    show_default=True,
+    help="How tools are sandboxed. `auto`: overlay where overlayfs works in a user namespace, else copy-on-write; "
+    "where no sandbox works, every action fails with the kernel's reason. `none` runs tools UNSANDBOXED "
+    "(asked for only; shown by probe, stats and every action's counters).",
+)
 @click.version_option(package_name="treemat", message="treemat %(version)s")
 @click.pass_context
-def cli(ctx: click.Context, root: Path | None) -> None:
+def cli(ctx: click.Context, root: Path | None, isolation: str) -> None:
     """Fast, hermetic input materialization for Bazel actions.
 
     treemat keeps every input blob once in an on-disk CAS and builds each action's input tree in a
@@ -40,7 +52,7 @@ def cli(ctx: click.Context, root: Path | None) -> None:
     """
     from treemat.stack import default_root
 
-    ctx.obj = RootedContext((root or default_root()).expanduser().absolute())
+    ctx.obj = RootedContext((root or default_root()).expanduser().absolute(), isolation)
 
 
 for _command in (

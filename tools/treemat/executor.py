@@ -181,9 +181,7 @@ class ActionExecutor:
         cache = self.tool_caches.for_argv(spec.argv, self.sandbox)
         run_dir.create()
         if self.sandbox.mode == "none":
-            private_cache = run_dir.path / "cache"
-            private_cache.mkdir()
-            argv = spec.argv_in(str(exec_dir), str(private_cache))
+            argv = spec.argv_in(str(exec_dir), str(run_dir.cache))
             env = environment(os.environ, spec.env, exec_root=str(exec_dir), tmp=str(run_dir.tmp))
         else:
             argv = spec.argv_in(EXEC_ROOT, TOOL_CACHE)

@@ -139,7 +139,7 @@ def make_handler(stack: Stack, execroot: Path) -> tuple[Handler, Canceller]:
     return handle, executor.cancel
 
 
-def serve_stdio(root: Path, *, protocol: Wire | None, max_workers: int) -> int:
+def serve_stdio(root: Path, *, protocol: Wire | None, max_workers: int, isolation: str = "auto") -> int:
     """Serve Bazel on stdin/stdout until EOF (`protocol` None: sniff it); returns the exit status.
 
     stdout becomes the protocol channel only: fd 1 is pointed at stderr, so a stray print cannot corrupt it.
@@ -149,9 +149,11 @@ def serve_stdio(root: Path, *, protocol: Wire | None, max_workers: int) -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     try:
-        stack = open_stack(root)
+        stack = open_stack(root, isolation=isolation)
     except (TreematError, OSError) as exc:
         raise TreematError(f"the worker cannot start: {describe_error(exc)}") from None
+    if stack.isolation in ("none", "unavailable"):
+        print(f"treemat worker: WARNING: isolation {stack.isolation}: {stack.isolation_detail}", file=sys.stderr)
     handler, canceller = make_handler(stack, Path.cwd())
     stdin = sys.stdin.buffer
     wire, source = sniff_protocol(stdin) if protocol is None else (protocol, stdin)

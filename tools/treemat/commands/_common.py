@@ -55,10 +55,11 @@ class TreematGroup(click.Group):
 
 
 class RootedContext:
-    """Objects every subcommand shares: the treemat root directory."""
+    """Objects every subcommand shares: the treemat root directory and the isolation asked for."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, isolation: str = "auto") -> None:
         self.root = root
+        self.isolation = isolation
 
 
 pass_rooted = click.make_pass_decorator(RootedContext)

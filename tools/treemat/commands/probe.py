@@ -16,12 +16,14 @@ from treemat.commands._common import RootedContext, emit_json, pass_rooted
 def probe(rooted: RootedContext, dest_dir: Path, as_json: bool) -> int:
     """Show how inputs would be protected and placed from the CAS to DEST_DIR's filesystem, fastest first.
 
-    `isolation: overlay` means hardlinks are used and each tool runs in its own user+mount+pid namespaces
-    over an overlayfs (the CAS is read-only there); `copy-on-write` means hardlinks are never used.
+    Every tool runs sandboxed: its own mount+pid namespaces (and a user namespace), TREEMAT_ROOT hidden, the
+    execroot read-only. `isolation: overlay` means hardlinks are used (the tool sees them through an overlayfs);
+    `copy-on-write` means hardlinks are never used; `unavailable` means no sandbox works here and every action
+    fails with the reason; `none` (only when asked for with --isolation=none) means tools run UNSANDBOXED.
     """
     from treemat.stack import open_stack
 
-    stack = open_stack(rooted.root)
+    stack = open_stack(rooted.root, isolation=rooted.isolation)
     try:
         methods = stack.probe.methods_for(stack.cas.cas_dir, dest_dir.absolute())
         described = stack.describe()

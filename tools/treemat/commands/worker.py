@@ -56,4 +56,4 @@ def worker(
 
     root = (worker_root or rooted.root).expanduser().absolute()
     wire: Wire | None = "json" if protocol == "json" else "proto" if protocol == "proto" else None
-    return serve_stdio(root, protocol=wire, max_workers=max_workers)
+    return serve_stdio(root, protocol=wire, max_workers=max_workers, isolation=rooted.isolation)
