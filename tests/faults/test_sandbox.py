@@ -20,6 +20,8 @@ from treemat.executor import ActionExecutor, ActionRequest, ActionResult, Reques
 from treemat.flagfile import ActionSpec
 from treemat.stack import ISOLATION_COW, ISOLATION_OVERLAY, Stack, open_stack
 
+from ..treemat.workerharness import Worker, request
+
 PRISTINE = b"pristine input bytes\n" * 20
 ACTION_TIMEOUT_S = 120
 SWIFTC = shutil.which("swiftc") or ("/opt/swift/usr/bin/swiftc" if Path("/opt/swift/usr/bin/swiftc").exists() else None)
@@ -175,3 +177,22 @@ def test_a_same_size_header_edit_behind_a_module_map_is_seen(stack: Stack, execr
         assert result.exit_code == 0, result.output
         printed.append(subprocess.run([execroot / "out/bin"], capture_output=True, text=True, check=True).stdout)
     assert printed == ["1\n", "2\n", "3\n"]
+
+
+@pytest.mark.parametrize("removed", [("cas",), ("tmp",), ("exec",), ("cas", "tmp", "exec", "verified", "dircache")])
+def test_a_warm_worker_survives_its_root_being_cleared(
+    removed: tuple[str, ...], execroot: Path, tmp_path: Path
+) -> None:
+    """`rm -rf ~/.cache/treemat/cas` (a user clearing the cache) under a warm worker failed every later action."""
+    root = tmp_path / "root"
+    worker = Worker(execroot, root)
+    try:
+        for round_ in range(3):
+            worker.send(request(execroot, ["in/a.txt"], [f"out/r{round_}"], ["cp", "in/a.txt", f"out/r{round_}"]))
+            reply = worker.read()
+            assert reply["exitCode"] == 0, (round_, reply)
+            assert (execroot / f"out/r{round_}").read_bytes() == PRISTINE
+            for name in removed:
+                shutil.rmtree(root / name, ignore_errors=True)
+    finally:
+        assert worker.close() == 0, worker.stderr
