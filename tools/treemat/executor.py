@@ -180,7 +180,7 @@ class ActionExecutor:
         spec = request.spec
         cache = self.tool_caches.for_argv(spec.argv, self.sandbox)
         run_dir.create()
-        if self.sandbox.mode == "none":
+        if self.sandbox.in_place:
             argv = spec.argv_in(str(exec_dir), str(run_dir.cache))
             env = environment(os.environ, spec.env, exec_root=str(exec_dir), tmp=str(run_dir.tmp))
         else:
@@ -198,7 +198,7 @@ class ActionExecutor:
             return result
         try:
             if result.exit_code == 0 and not result.cancelled:
-                prefixes = [EXEC_ROOT, str(exec_dir)] if self.sandbox.mode != "none" else [str(exec_dir)]
+                prefixes = [str(exec_dir)] if self.sandbox.in_place else [EXEC_ROOT, str(exec_dir)]
                 self._collect_outputs(request, OutputView(outcome.view_fd, prefixes), result)
         finally:
             os.close(outcome.view_fd)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from treemat import sandbox_darwin
 from treemat.errors import ExecutionError
 from treemat.fsprims import remove_tree
 
@@ -34,6 +35,7 @@ TOOL_CACHE = "/tmp/treemat/cache"
 ISOLATION_OVERLAY = "overlay"
 ISOLATION_COW = "copy-on-write"  # namespaces, no overlayfs: inputs are separate inodes (reflink, clone, copy)
 ISOLATION_NONE = "none"
+ISOLATION_DARWIN = "sandbox-exec"  # macOS: a Seatbelt profile (sandbox_darwin.py), the tool at its real exec dir
 ISOLATION_UNAVAILABLE = "unavailable"  # no sandbox works and `none` was not asked for: every action fails
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _HELPER = Path(__file__).with_name("sandboxd.py")
@@ -144,6 +146,20 @@ class Sandbox:
     def overlay(self) -> bool:
         """True where inputs may be hardlinks to CAS blobs (a write copies up into the run's upper dir)."""
         return self.mode == ISOLATION_OVERLAY
+
+    @property
+    def in_place(self) -> bool:
+        """True where the tool sees its exec dir at its real path (no mount namespace: none, macOS)."""
+        return self.mode in (ISOLATION_NONE, ISOLATION_DARWIN)
+
+    def command(self, plan: ToolPlan) -> list[str]:
+        """An in-place tool's command line: under `sandbox-exec` on macOS (its profile written into the run dir)."""
+        if self.mode != ISOLATION_DARWIN:
+            return list(plan.argv)
+        path = plan.run_dir.path / "sandbox.sb"
+        writable = [str(plan.exec_dir), str(plan.run_dir.tmp), str(plan.run_dir.cache)]
+        path.write_text(sandbox_darwin.profile(writable, self.masks))
+        return sandbox_darwin.wrap(str(path), plan.argv)
 
     def start(self, plan: ToolPlan) -> SandboxProcess:
         """Start the tool in fresh namespaces; ExecutionError (one line) if the sandbox cannot be set up."""
@@ -345,6 +361,11 @@ def open_sandbox(root: Path, want: str = "auto") -> Sandbox:
     """
     if want == ISOLATION_NONE:
         return Sandbox(ISOLATION_NONE, None, None, ())
+    if sys.platform == "darwin":
+        if not os.access(sandbox_darwin.SANDBOX_EXEC, os.X_OK):
+            raise SandboxUnavailable(f"{sandbox_darwin.SANDBOX_EXEC} is missing")
+        hidden = [str(Path(root, name)) for name in ("cas", "verified", "dircache", "quarantine", "tool-cache")]
+        return Sandbox(ISOLATION_DARWIN, None, None, hidden)
     if sys.platform != "linux":
         raise SandboxUnavailable(f"no sandbox for {sys.platform} in this process (see docs/hermeticity.md)")
     helper, control = start_helper()

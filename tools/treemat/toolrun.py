@@ -54,8 +54,8 @@ class ToolRunner:
             if request_id and request_id in self._cancelled:
                 self._cancelled.discard(request_id)
                 return ToolOutcome(1, "treemat: cancelled before start\n", cancelled=True)
-        if self.sandbox.mode == "none":
-            return self._run_unsandboxed(request_id, plan, started)
+        if self.sandbox.in_place:
+            return self._run_in_place(request_id, plan, started)
         try:
             process = self.sandbox.start(plan)
         except ExecutionError as exc:
@@ -97,13 +97,14 @@ class ToolRunner:
             self._cancelled.discard(request_id)
         return cancelled
 
-    def _run_unsandboxed(self, request_id: int, plan: ToolPlan, started: float) -> ToolOutcome:
-        """`--isolation=none`: the tool in its own session in the real exec dir (asked for, and reported)."""
+    def _run_in_place(self, request_id: int, plan: ToolPlan, started: float) -> ToolOutcome:
+        """The tool in its own session at its real exec dir: `--isolation=none`, or macOS under its profile."""
         cwd = plan.exec_dir / plan.cwd if plan.cwd else plan.exec_dir
+        argv = self.sandbox.command(plan)
         with self.fork_gate.forking():
             try:
                 proc = subprocess.Popen(
-                    plan.argv,
+                    argv,
                     cwd=cwd,
                     env=plan.env,
                     stdin=subprocess.DEVNULL,
