@@ -138,7 +138,9 @@ class ActionExecutor:
             if pooled is None and self.pool is not None and staged is not None:
                 pooled = self.inputs.pooled_from_fresh(request, exec_dir, fresh)
             self.counters.add(f"actions_isolation_{self.sandbox.mode}")
-            run_dir = RunDir(self.exec_base / f"{exec_dir.name}.run-{secrets.token_hex(3)}")
+            if self.sandbox.in_place:  # no mount namespace: the tool's /tmp and cache are dirs on disk
+                run_dir = RunDir(self.exec_base / f"{exec_dir.name}.run-{secrets.token_hex(3)}")
+                run_dir.create()
             result = self._run_tool(request, exec_dir, run_dir)
             result.stage, result.stage_seconds = stage, stage_seconds
             self._check_integrity(staged, pooled, generation, result)
@@ -175,12 +177,11 @@ class ActionExecutor:
         for output_dir in spec.output_dirs:
             (exec_dir / normalize_path(output_dir)).mkdir(parents=True, exist_ok=True)
 
-    def _run_tool(self, request: ActionRequest, exec_dir: Path, run_dir: RunDir) -> ActionResult:
+    def _run_tool(self, request: ActionRequest, exec_dir: Path, run_dir: RunDir | None) -> ActionResult:
         """Run the tool in the sandbox, then (if it succeeded) copy its outputs out of its view."""
         spec = request.spec
         cache = self.tool_caches.for_argv(spec.argv, self.sandbox)
-        run_dir.create()
-        if self.sandbox.in_place:
+        if run_dir is not None:
             argv = spec.argv_in(str(exec_dir), str(run_dir.cache))
             env = environment(os.environ, spec.env, exec_root=str(exec_dir), tmp=str(run_dir.tmp))
         else:

@@ -48,7 +48,10 @@ class SandboxUnavailable(ExecutionError):
 
 @dataclass(frozen=True, slots=True)
 class RunDir:
-    """The per-run scratch beside an exec dir: the tool's /tmp, and the overlay's upper and work dirs."""
+    """The scratch beside an exec dir of a tool that runs in place (`none`, macOS): its /tmp and its cache.
+
+    (A tool in a mount namespace gets both in a tmpfs of its own: nothing on disk.)
+    """
 
     path: Path
 
@@ -58,20 +61,16 @@ class RunDir:
 
     @property
     def cache(self) -> Path:
-        """The tool's private, empty cache when it gets no seed (or no overlay to see one through)."""
+        """The tool's private, empty cache."""
         return self.path / "cache"
 
     def create(self) -> None:
-        """mkdir what this run needs (the fixed mount points inside the tool's /tmp included)."""
+        """mkdir what this run needs."""
         os.mkdir(self.path, 0o700)
-        os.makedirs(self.tmp / "treemat" / "exec", 0o755)
-        os.mkdir(self.tmp / "treemat" / "cache", 0o755)
-        os.mkdir(self.tmp / "treemat" / "layers", 0o700)
-        os.mkdir(self.cache, 0o755)
-        os.chmod(self.tmp, 0o1777 if os.geteuid() == 0 else 0o700)
+        os.mkdir(self.tmp, 0o700)
+        os.mkdir(self.cache, 0o700)
 
     def remove(self) -> None:
-        """Remove it (the overlays' upper and work dirs live in a tmpfs of the tool's own: nothing is left)."""
         remove_tree(self.path)
 
 
@@ -90,9 +89,9 @@ class ToolPlan:
     argv: list[str]
     env: dict[str, str]
     exec_dir: Path
-    run_dir: RunDir
+    run_dir: RunDir | None  # only for a tool that runs in place (Sandbox.in_place)
     overlay: bool
-    cache: CacheView | None = None  # None: a private empty cache (run_dir.cache)
+    cache: CacheView | None = None  # None: a private empty cache
     cwd: str = ""  # relative to the exec dir (REAPI working_directory)
     masks: Sequence[str] = field(default_factory=tuple)
 
@@ -156,6 +155,8 @@ class Sandbox:
         """An in-place tool's command line: under `sandbox-exec` on macOS (its profile written into the run dir)."""
         if self.mode != ISOLATION_DARWIN:
             return list(plan.argv)
+        if plan.run_dir is None:
+            raise ExecutionError("a tool that runs in place needs a run dir (a wiring bug)")
         path = plan.run_dir.path / "sandbox.sb"
         writable = [str(plan.exec_dir), str(plan.run_dir.tmp), str(plan.run_dir.cache)]
         path.write_text(sandbox_darwin.profile(writable, self.masks))
@@ -208,19 +209,19 @@ class Sandbox:
             raise ExecutionError(f"cannot set up the tool's sandbox: {reply.get('error', 'no view')}")
         return SandboxProcess(status_here, read_end, received[0], lambda: self._kill(request_id))
 
-    def _cache_mount(self, plan: ToolPlan) -> tuple[str, Path]:
-        """How TOOL_CACHE is mounted: a seed under a private overlay, else a bind of a private (or seed) dir."""
+    def _cache_mount(self, plan: ToolPlan) -> tuple[str, Path | None]:
+        """How TOOL_CACHE is mounted: a seed under a private overlay, a seed being built, or private and empty."""
         if plan.cache is None:
-            return "bind", plan.run_dir.cache
+            return "private", None
         if plan.cache.writable:
             return "bind", plan.cache.seed
         if self.overlay:
             return "overlay", plan.cache.seed
-        return "bind", plan.run_dir.cache  # no overlayfs: the seed cannot be seen privately; start empty
+        return "private", None  # no overlayfs: the seed cannot be seen privately; start empty
 
-    def _directories(self, plan: ToolPlan, cache_dir: Path) -> dict[str, tuple[str, int, int]]:
+    def _directories(self, plan: ToolPlan, cache_dir: Path | None) -> dict[str, tuple[str, int, int]]:
         """{name: (path, device, inode)} of the directories the tool's view is made of (checked again there)."""
-        wanted = [("tmp", plan.run_dir.tmp), ("lower", plan.exec_dir), ("cache_lower", cache_dir)]
+        wanted = [("lower", plan.exec_dir)] + ([("cache_lower", cache_dir)] if cache_dir is not None else [])
         dirs: dict[str, tuple[str, int, int]] = {}
         for name, path in wanted:
             try:
@@ -325,10 +326,8 @@ def probe_run(sandbox: Sandbox, scratch: Path, *, overlay: bool) -> Iterator[tup
     exec_dir.mkdir()
     (exec_dir / "input").write_bytes(b"pristine\n")
     os.chmod(exec_dir / "input", 0o444)
-    run_dir = RunDir(scratch / "exec.run")
-    run_dir.create()
     script = "chmod u+w input 2>/dev/null; echo changed > input && echo out > output && cat input"
-    plan = ToolPlan(["/bin/sh", "-c", script], {"PATH": "/usr/bin:/bin"}, exec_dir, run_dir, overlay)
+    plan = ToolPlan(["/bin/sh", "-c", script], {"PATH": "/usr/bin:/bin"}, exec_dir, None, overlay)
     process = sandbox.start(plan)
     try:
         output = b""
@@ -340,7 +339,6 @@ def probe_run(sandbox: Sandbox, scratch: Path, *, overlay: bool) -> Iterator[tup
     finally:
         os.close(process.output_fd)
         os.close(process.view_fd)
-        run_dir.remove()
 
 
 def refusing_sandbox(reason: str) -> Sandbox:

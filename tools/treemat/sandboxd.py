@@ -5,9 +5,9 @@ start it enters a user namespace and a private mount namespace of its own, once;
 one clone(2) into new mount + pid namespaces, a few mounts and an exec:
 
     clone(NEWNS | NEWPID) ─▶ the tool's process, pid 1 of its namespace:
-        /tmp            = the action's scratch dir (on disk, private)
+        /tmp            = a tmpfs of its own (it also holds the overlays' upper and work dirs, hidden)
         EXEC_ROOT       = the staged tree: an overlay (lower: the staged hardlinks, upper: private) or a bind
-        TOOL_CACHE      = the trusted cache seed under a private overlay, or a private empty dir
+        TOOL_CACHE      = the trusted cache seed under a private overlay, or an empty dir of its /tmp
         /dev/shm        = a private tmpfs
         /               = every other mount read-only (nosuid), Bazel's execroot included
         masks           = an empty read-only tmpfs over TREEMAT_ROOT (and every other path that reaches it)
@@ -41,7 +41,7 @@ from typing import Any
 
 EXEC_ROOT = "/tmp/treemat/exec"
 TOOL_CACHE = "/tmp/treemat/cache"
-LAYERS = "/tmp/treemat/layers"  # the overlays' upper and work dirs (a tmpfs, covered before exec)
+LAYERS = "/tmp/treemat/layers"  # the overlays' upper and work dirs (in the tool's /tmp, covered before exec)
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
@@ -217,11 +217,15 @@ def open_dirs(plan: dict[str, Any]) -> dict[str, int]:
 def build_view(kernel: Kernel, plan: dict[str, Any], fds: dict[str, int]) -> None:
     """In the new mount namespace: the tool's whole view of the filesystem (see the module doc)."""
     kernel.mount(None, "/", None, MS_REC | MS_PRIVATE)  # frozen: nothing mounted outside from now on shows up
-    kernel.mount(_fd_path(fds["tmp"]), "/tmp", None, MS_BIND)
+    # the tool's /tmp: a tmpfs of its own, which also holds the mount points and the overlays' upper/work dirs
+    kernel.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={plan.get('tmp_size', '50%')}")
+    for path in (EXEC_ROOT, TOOL_CACHE, LAYERS):
+        os.makedirs(path, 0o755, exist_ok=True)
+    os.chmod(LAYERS, 0o700)
     writable = ["/tmp", EXEC_ROOT]
     cache = plan.get("cache")
-    if plan["exec"] == "overlay" or cache == "overlay":
-        kernel.mount("tmpfs", LAYERS, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0700,size={plan.get('layers_size', '50%')}")
+    layered = plan["exec"] == "overlay" or cache == "overlay"
+    if layered:
         for name in ("upper", "work", "cache-upper", "cache-work"):
             os.mkdir(f"{LAYERS}/{name}", 0o755)
     if plan["exec"] == "overlay":
@@ -239,8 +243,9 @@ def build_view(kernel: Kernel, plan: dict[str, Any], fds: dict[str, int]) -> Non
     elif cache == "bind":
         kernel.mount(_fd_path(fds["cache_lower"]), TOOL_CACHE, None, MS_BIND)
         writable.append(TOOL_CACHE)
-    if plan["exec"] == "overlay" or cache == "overlay":  # hidden under an empty read-only tmpfs (cheaper than
-        kernel.mount("tmpfs", LAYERS, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k,mode=0500")  # umount)
+    # (cache "private": TOOL_CACHE stays an empty directory of the tool's /tmp)
+    if layered:  # hidden under an empty read-only tmpfs (cheaper than an unmount)
+        kernel.mount("tmpfs", LAYERS, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k,mode=0500")
     if os.path.isdir("/dev/shm"):
         kernel.mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
         writable.append("/dev/shm")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from treemat.errors import ExecutionError
 from treemat.fsprims import remove_tree
-from treemat.sandbox import EXEC_ROOT, TOOL_CACHE, CacheView, RunDir, Sandbox, ToolPlan, environment
+from treemat.sandbox import EXEC_ROOT, TOOL_CACHE, CacheView, Sandbox, ToolPlan, environment
 from treemat.toolrun import read_bounded
 
 COMPLETE_MARKER = ".complete"
@@ -121,10 +121,8 @@ class ToolCaches:
         exec_dir.mkdir(parents=True)
         cache.mkdir()
         (exec_dir / "seed.swift").write_text(SEED_SOURCE)
-        run_dir = RunDir(work / "run")
-        run_dir.create()
         env = environment({"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/tmp"}, {})
-        plan = ToolPlan(seed_argv, env, exec_dir, run_dir, overlay=True, cache=CacheView(cache, writable=True))
+        plan = ToolPlan(seed_argv, env, exec_dir, None, overlay=True, cache=CacheView(cache, writable=True))
         process = sandbox.start(plan)
         try:
             output = read_bounded(process.output_fd)

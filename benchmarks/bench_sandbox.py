@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""The fixed cost of running a tool sandboxed, against a plain fork+exec, side by side in one run.
+
+    python3 benchmarks/bench_sandbox.py [--rounds 30] [--root DIR]
+
+For `/bin/true` (the tool's own cost is ~nothing), each round times, in alternating order:
+
+- `fork+exec`: subprocess.Popen + wait, stdout on a pipe read to EOF (what an unsandboxed worker pays);
+- `copy-on-write` / `overlay`: Sandbox.start + read to EOF + wait through sandboxd (one clone into fresh mount+pid
+  namespaces, the view built: exec dir bound or overlaid, private /tmp, /dev/shm, read-only remount, TREEMAT_ROOT
+  masked, fresh /proc; an init as pid 1);
+- `action`: a whole 1-input action through the stack's ActionExecutor (`touch out/x`: stage, run, collect, finish).
+
+Prints min and median per row (ms) and each sandbox's overhead over fork+exec (difference of medians). The
+fail-closed issue's budget is <= 3 ms over fork+exec for the sandbox itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from treemat.executor import ActionRequest, RequestInput
+from treemat.flagfile import ActionSpec
+from treemat.fsprims import remove_tree
+from treemat.sandbox import ISOLATION_COW, ISOLATION_OVERLAY, Sandbox, ToolPlan, open_sandbox
+from treemat.stack import open_stack
+from treemat.toolrun import read_bounded
+
+TOOL = ["/bin/true"]
+
+
+def fork_exec() -> None:
+    proc = subprocess.Popen(TOOL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    proc.stdout.read()
+    proc.wait()
+
+
+def sandboxed(sandbox: Sandbox, work: Path, overlay: bool) -> Callable[[], None]:
+    exec_dir = work / f"exec-{sandbox.mode}"
+    exec_dir.mkdir()
+    (exec_dir / "input").write_bytes(b"x")
+
+    def run() -> None:
+        process = sandbox.start(ToolPlan(list(TOOL), {"PATH": "/usr/bin:/bin"}, exec_dir, None, overlay))
+        try:
+            read_bounded(process.output_fd)
+            assert process.wait() == 0
+        finally:
+            os.close(process.output_fd)
+            os.close(process.view_fd)
+
+    return run
+
+
+def whole_action(root: Path, work: Path) -> tuple[Callable[[], None], Callable[[], None]]:
+    stack = open_stack(root, background_cleanup=False)
+    execroot = work / "execroot"
+    (execroot / "in").mkdir(parents=True)
+    (execroot / "in/a").write_bytes(b"input\n")
+    inputs = [RequestInput("in/a", hashlib.sha256(b"input\n").hexdigest())]
+    spec = ActionSpec(argv=["touch", "out/x"], outputs=["out/x"])
+
+    def run() -> None:
+        result = stack.executor.execute(ActionRequest(spec, inputs, execroot))
+        assert result.exit_code == 0, result.output
+
+    return run, stack.close
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--root", type=Path, default=None, help="where the scratch root goes (default: a temp dir)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-sandbox-", dir=args.root))
+    closers: list[Callable[[], None]] = []
+    try:
+        rows: dict[str, Callable[[], None]] = {"fork+exec": fork_exec}
+        for mode in (ISOLATION_COW, ISOLATION_OVERLAY):
+            sandbox = open_sandbox(work / "root", mode)
+            closers.append(sandbox.close)
+            rows[mode] = sandboxed(sandbox, work, overlay=mode == ISOLATION_OVERLAY)
+        action, close_stack = whole_action(work / "stack-root", work)
+        closers.append(close_stack)
+        rows["action (1 input, touch)"] = action
+        times: dict[str, list[float]] = {name: [] for name in rows}
+        for name, run in rows.items():  # warm-up: one of each
+            run()
+        for round_ in range(args.rounds):
+            order = list(rows.items())
+            if round_ % 2:
+                order.reverse()
+            for name, run in order:
+                started = time.perf_counter()
+                run()
+                times[name].append((time.perf_counter() - started) * 1000)
+        floor = statistics.median(times["fork+exec"])
+        print(f"{'run of /bin/true':<26} {'min ms':>8} {'median ms':>10} {'over fork+exec':>15}")
+        for name, values in times.items():
+            over = statistics.median(values) - floor
+            print(f"{name:<26} {min(values):8.2f} {statistics.median(values):10.2f} {over:+14.2f}")
+        print(f"({args.rounds} rounds, alternating order; python {sys.version.split()[0]}, {os.uname().release})")
+    finally:
+        for close in closers:
+            close()
+        remove_tree(work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
