@@ -94,7 +94,7 @@ def main() -> int:
         closers.append(close_stack)
         rows["action (1 input, touch)"] = action
         times: dict[str, list[float]] = {name: [] for name in rows}
-        for name, run in rows.items():  # warm-up: one of each
+        for run in rows.values():  # warm-up: one of each
             run()
         for round_ in range(args.rounds):
             order = list(rows.items())
