@@ -196,3 +196,21 @@ def test_a_warm_worker_survives_its_root_being_cleared(
                 shutil.rmtree(root / name, ignore_errors=True)
     finally:
         assert worker.close() == 0, worker.stderr
+
+
+def test_a_tool_kept_in_the_hosts_tmp_runs_where_the_overlay_shows_it(
+    stack: Stack, execroot: Path, tmp_path: Path
+) -> None:
+    """Overlay mode shows the host's /tmp (read-only below, writes private): a toolchain kept there still runs;
+    copy-on-write mode gives an empty private /tmp, and says what it could not run."""
+    tool = tmp_path / "toolchain" / "hello"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\necho hello from /tmp > out/x\necho scribble > " + str(tool) + "\n")
+    tool.chmod(0o755)
+    result = _execute(stack.executor, ActionRequest(ActionSpec(argv=[str(tool)], outputs=["out/x"]), [], execroot))
+    assert tool.read_text().startswith("#!/bin/sh"), "the tool wrote the host's /tmp"
+    if stack.isolation == ISOLATION_OVERLAY:
+        assert result.exit_code == 0, result.output
+        assert (execroot / "out/x").read_text() == "hello from /tmp\n"
+    else:
+        assert result.exit_code == 127 and f"cannot run {str(tool)!r}" in result.output, result.output

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,22 +42,28 @@ def _mount_image(tmp_root: Path, fs: str, size_mb: int) -> Path:
     return mountpoint
 
 
-def _mounted(factory: pytest.TempPathFactory, fs: str) -> Iterator[Path]:
-    mountpoint = _mount_image(factory.mktemp(fs), fs, 512)
-    yield mountpoint
-    subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+def _mounted(fs: str) -> Iterator[Path]:
+    """Mounted under /var/tmp, not pytest's /tmp: a mount below the host's /tmp keeps the sandbox from showing
+    the host's /tmp to tools (the kernel refuses to clone it; sandboxd falls back to an empty /tmp)."""
+    base = Path(tempfile.mkdtemp(prefix=f"treemat-test-{fs}-", dir="/var/tmp"))
+    try:
+        mountpoint = _mount_image(base, fs, 512)
+        yield mountpoint
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def xfs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def xfs_dir() -> Iterator[Path]:
     """A directory on a fresh loop-mounted xfs (reflink=1) filesystem."""
-    yield from _mounted(tmp_path_factory, "xfs")
+    yield from _mounted("xfs")
 
 
 @pytest.fixture(scope="session")
-def btrfs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def btrfs_dir() -> Iterator[Path]:
     """A directory on a fresh loop-mounted btrfs filesystem."""
-    yield from _mounted(tmp_path_factory, "btrfs")
+    yield from _mounted("btrfs")
 
 
 @pytest.fixture()

@@ -5,9 +5,11 @@ start it enters a user namespace and a private mount namespace of its own, once;
 one clone(2) into new mount + pid namespaces, a few mounts and an exec:
 
     clone(NEWNS | NEWPID) ─▶ the tool's process, pid 1 of its namespace:
-        /tmp            = a tmpfs of its own (it also holds the overlays' upper and work dirs, hidden)
+        /tmp            = the host's /tmp under a private upper layer (overlay mode, if the kernel lets us
+                          clone it: no foreign mounts below it), else an empty private dir
         EXEC_ROOT       = the staged tree: an overlay (lower: the staged hardlinks, upper: private) or a bind
         TOOL_CACHE      = the trusted cache seed under a private overlay, or an empty dir of its /tmp
+        (every layer the tool writes is in one tmpfs of the run's own, unreachable by path once mounted)
         /dev/shm        = a private tmpfs
         /               = every other mount read-only (nosuid), Bazel's execroot included
         masks           = an empty read-only tmpfs over TREEMAT_ROOT (and every other path that reaches it)
@@ -41,7 +43,6 @@ from typing import Any
 
 EXEC_ROOT = "/tmp/treemat/exec"
 TOOL_CACHE = "/tmp/treemat/cache"
-LAYERS = "/tmp/treemat/layers"  # the overlays' upper and work dirs (in the tool's /tmp, covered before exec)
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
@@ -217,26 +218,40 @@ def open_dirs(plan: dict[str, Any]) -> dict[str, int]:
 def build_view(kernel: Kernel, plan: dict[str, Any], fds: dict[str, int]) -> None:
     """In the new mount namespace: the tool's whole view of the filesystem (see the module doc)."""
     kernel.mount(None, "/", None, MS_REC | MS_PRIVATE)  # frozen: nothing mounted outside from now on shows up
-    # the tool's /tmp: a tmpfs of its own, which also holds the mount points and the overlays' upper/work dirs
-    kernel.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={plan.get('tmp_size', '50%')}")
-    for path in (EXEC_ROOT, TOOL_CACHE, LAYERS):
-        os.makedirs(path, 0o755, exist_ok=True)
-    os.chmod(LAYERS, 0o700)
+    # Every layer the tool writes lives in one tmpfs of its own, first mounted at /tmp.
+    host_tmp = os.open("/tmp", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    kernel.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0700,size={plan.get('tmp_size', '50%')}")
+    layers = "/tmp/layers"
+    os.mkdir(layers, 0o700)
+    for name in ("upper", "work", "cache-upper", "cache-work", "tmp-upper", "tmp-work"):
+        os.mkdir(f"{layers}/{name}", 0o755)
+    os.chmod(f"{layers}/tmp-upper", 0o1777)
+    # the mount points, made in the upper layer: whatever the host's /tmp has at these paths (a symlink, a dir
+    # of another user) is shadowed by them, so no mount below follows a link someone planted
+    for path in ("treemat", "treemat/exec", "treemat/cache"):
+        os.mkdir(f"{layers}/tmp-upper/{path}", 0o755)
+    layers_fd = os.open(layers, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    layers = _fd_path(layers_fd)
+    overlay = plan["exec"] == "overlay"
+    try:  # the tool's /tmp: the host's below (tools and toolchains kept in /tmp stay runnable), writes private
+        if not overlay:
+            raise SandboxSetupError("no overlayfs")
+        options = f"lowerdir={_fd_path(host_tmp)},upperdir={layers}/tmp-upper,workdir={layers}/tmp-work,userxattr"
+        kernel.mount("overlay", "/tmp", "overlay", MS_NOSUID | MS_NODEV, options)
+    except SandboxSetupError:  # no overlayfs, or the host's /tmp has mounts of another namespace below it
+        kernel.mount(f"{layers}/tmp-upper", "/tmp", None, MS_BIND)  # (which the kernel refuses to clone): an
+    os.close(host_tmp)  # empty private /tmp, as Bazel's hermetic tmp
     writable = ["/tmp", EXEC_ROOT]
     cache = plan.get("cache")
-    layered = plan["exec"] == "overlay" or cache == "overlay"
-    if layered:
-        for name in ("upper", "work", "cache-upper", "cache-work"):
-            os.mkdir(f"{LAYERS}/{name}", 0o755)
-    if plan["exec"] == "overlay":
-        options = f"lowerdir={_fd_path(fds['lower'])},upperdir={LAYERS}/upper,workdir={LAYERS}/work,userxattr"
+    if overlay:
+        options = f"lowerdir={_fd_path(fds['lower'])},upperdir={layers}/upper,workdir={layers}/work,userxattr"
         kernel.mount("overlay", EXEC_ROOT, "overlay", MS_NOSUID | MS_NODEV, options)
     else:
         kernel.mount(_fd_path(fds["lower"]), EXEC_ROOT, None, MS_BIND)
     if cache == "overlay":
         options = (
-            f"lowerdir={_fd_path(fds['cache_lower'])},upperdir={LAYERS}/cache-upper,"
-            f"workdir={LAYERS}/cache-work,userxattr"
+            f"lowerdir={_fd_path(fds['cache_lower'])},upperdir={layers}/cache-upper,"
+            f"workdir={layers}/cache-work,userxattr"
         )
         kernel.mount("overlay", TOOL_CACHE, "overlay", MS_NOSUID | MS_NODEV, options)
         writable.append(TOOL_CACHE)
@@ -244,8 +259,7 @@ def build_view(kernel: Kernel, plan: dict[str, Any], fds: dict[str, int]) -> Non
         kernel.mount(_fd_path(fds["cache_lower"]), TOOL_CACHE, None, MS_BIND)
         writable.append(TOOL_CACHE)
     # (cache "private": TOOL_CACHE stays an empty directory of the tool's /tmp)
-    if layered:  # hidden under an empty read-only tmpfs (cheaper than an unmount)
-        kernel.mount("tmpfs", LAYERS, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k,mode=0500")
+    os.close(layers_fd)  # the layers tmpfs is now reachable only through the mounts made of it
     if os.path.isdir("/dev/shm"):
         kernel.mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
         writable.append("/dev/shm")
