@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -199,23 +200,28 @@ def test_the_cas_never_serves_a_corrupt_blob(
     tally.record(f"{attack} ({'warm' if warm else 'fresh'} worker)", outcome)
 
 
-def test_a_blob_written_while_an_action_runs_fails_that_action(
-    execroot: Path, stack_root: Path, tmp_path: Path, tally: Tally
-) -> None:
+def test_a_blob_written_while_an_action_runs_fails_that_action(execroot: Path, stack_root: Path, tally: Tally) -> None:
     executor = _executor(stack_root)
     assert _victim(executor, execroot, "warm-up") == "prevented"
-    mark = tmp_path / "started"
-    script = f"touch {mark}; sleep 1; cat in/a.txt > out/during"
+    # a handshake through two FIFOs outside /tmp (the tool's /tmp is private; a FIFO opens for writing on a
+    # read-only mount): the tool says it runs, waits while the blob is written, then reads its input
+    pipes = Path(tempfile.mkdtemp(prefix="treemat-handshake-", dir="/var/tmp"))
+    started, go = pipes / "started", pipes / "go"
+    os.mkfifo(started)
+    os.mkfifo(go)
+    script = f"echo running > {started}; read answer < {go}; cat in/a.txt > out/during"
     box: list[ActionResult] = []
     spec = ActionSpec(argv=["sh", "-c", script], outputs=["out/during"])
     thread = threading.Thread(
         target=lambda: box.append(executor.execute(ActionRequest(spec, _inputs(execroot, "in/a.txt"), execroot)))
     )
     thread.start()
-    deadline = time.monotonic() + 30
-    while not mark.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    _tamper_in_place(_blob(stack_root), PRISTINE.replace(b"pristine", b"poisoned"))
+    try:
+        assert started.read_text() == "running\n"
+        _tamper_in_place(_blob(stack_root), PRISTINE.replace(b"pristine", b"poisoned"))
+        go.write_text("go\n")
+    finally:
+        shutil.rmtree(pipes)
     thread.join(ACTION_TIMEOUT_S)
     result = box[0]
     if result.exit_code == 0:
