@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from treemat import blobguard
+from treemat import writewatch
 from treemat.executor import ActionExecutor, ActionRequest, ActionResult, RequestInput
 from treemat.flagfile import ActionSpec
 from treemat.sandbox import ToolPlan
@@ -120,7 +120,7 @@ def no_inotify(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_args: object, **_kwargs: object) -> object:
         raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
 
-    monkeypatch.setattr(blobguard, "INotify", refuse)
+    monkeypatch.setattr(writewatch, "INotify", refuse)
 
 
 @pytest.mark.parametrize("same_outputs", [False, True], ids=["fresh-dir", "pooled-dir"])

@@ -18,7 +18,7 @@ other). docs/architecture.md explains them; `lint-imports` enforces this exact l
     tree | protocol | cas | backends
     manifest
     protos
-    digest | counters | locking | flagfile | fsprims | layout | sandboxd | ledger
+    digest | counters | locking | flagfile | fsprims | layout | sandboxd | ledger | writewatch
     errors
 """
 

@@ -29,20 +29,14 @@ import os
 import stat
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from treemat.cas import BLOB_MTIME_NS, ContentStore
 from treemat.counters import Counters
 from treemat.fsprims import blob_mode
 from treemat.ledger import VerifiedLedger
-
-try:  # Linux only; elsewhere every use re-hashes
-    from inotify_simple import INotify
-    from inotify_simple import flags as inotify_flags
-except ImportError:  # pragma: no cover - non-Linux
-    INotify = None  # type: ignore[assignment,misc]
-    inotify_flags = None  # type: ignore[assignment]
+from treemat.writewatch import DirCallback, DirectoryWatches, SignalLog, errno_name, inotify_flags, open_inotify
 
 __all__ = ["BlobGuard", "BlobIdentity", "GuardMark", "StagedBlobs", "VerifiedLedger"]
 
@@ -99,12 +93,12 @@ class BlobGuard:
         self.taint_generation = 0  # bumped whenever an inode is tainted: a cheap "anything new?" check
         self.trust_epoch = 0  # bumped whenever a blob may be in use without a live watch
         self._overflows = 0
-        self._losses: dict[str, int] = {}  # why the guard is not (only) on inotify: reason -> times
-        self._dir_watch: dict[int, Callable[[bool], None]] = {}
+        self._signal = SignalLog()  # why the guard is not (only) on inotify
+        self._dirs = DirectoryWatches()
         self._poll_lock = threading.Lock()  # one reader of the event queue at a time
-        self._inotify, why_not = _open_inotify()
+        self._inotify, why_not = open_inotify()
         if why_not:
-            self._losses[why_not] = 1
+            self._signal.lost(why_not)
             self.counters.add("guard_no_inotify")
 
     @property
@@ -115,16 +109,12 @@ class BlobGuard:
     @property
     def mode(self) -> str:
         """`inotify`, `degraded` (some signal was lost: those blobs are hashed on every use) or `none`."""
-        if self._inotify is None:
-            return "none"
-        return "degraded" if self._losses else "inotify"
+        return str(self.describe()["write_watch"])
 
     def describe(self) -> dict[str, object]:
-        """The mode and why (for `treemat stats` / `probe`)."""
+        """The mode (`write_watch`) and why (`write_watch_detail`), for `treemat stats` / `probe`."""
         with self._lock:
-            reasons = "; ".join(f"{why} (x{times})" for why, times in self._losses.items())
-        detail = "unwatched blobs are hashed on every use" if self._losses else "one lstat per use"
-        return {"write_watch": self.mode, "write_watch_detail": f"{reasons}: {detail}" if reasons else detail}
+            return self._signal.describe(self._inotify is not None)
 
     def mark(self) -> GuardMark:
         """The taint generation and trust epoch now (see GuardMark)."""
@@ -132,7 +122,7 @@ class BlobGuard:
 
     def _lost(self, reason: str, counter: str) -> None:
         """Note a loss of signal (lock held)."""
-        self._losses[reason] = self._losses.get(reason, 0) + 1
+        self._signal.lost(reason)
         self.trust_epoch += 1
         self.counters.add(counter)
 
@@ -252,7 +242,7 @@ class BlobGuard:
                     self._by_watch[wd] = key
                     self._watch_of[key] = (wd, identity)
                 except OSError as exc:
-                    self._lost(f"a blob watch failed ({_errno_name(exc)})", "guard_watch_failures")
+                    self._lost(f"a blob watch failed ({errno_name(exc)})", "guard_watch_failures")
             if old is not None and old[0] != wd:
                 stale.append(old[0])
         for gone in stale:
@@ -284,7 +274,7 @@ class BlobGuard:
             except BlockingIOError:
                 events = []
         hit: dict[BlobKey, str] = {}
-        notify: list[tuple[Callable[[bool], None], bool]] = []
+        notify: list[tuple[DirCallback, bool]] = []
         for event in events:
             ignored = bool(event.mask & inotify_flags.IGNORED)
             with self._lock:
@@ -292,10 +282,10 @@ class BlobGuard:
                     self._verified.clear()
                     self._overflows += 1
                     self._lost("the inotify queue overflowed (events lost)", "guard_queue_overflows")
-                    notify.extend((callback, True) for callback in self._dir_watch.values())
+                    notify.extend((callback, True) for callback in self._dirs.everyone())
                     continue
                 key = self._by_watch.get(event.wd)
-                on_dir_event = self._dir_watch.pop(event.wd, None) if ignored else self._dir_watch.get(event.wd)
+                on_dir_event = self._dirs.on_event(event.wd, ignored)
                 if ignored and key is not None:
                     self._by_watch.pop(event.wd, None)
                     live = self._watch_of.get(key)
@@ -315,7 +305,7 @@ class BlobGuard:
             callback(lost)
         return list(hit)
 
-    def watch_directory(self, path: str, on_event: Callable[[bool], None]) -> int | None:
+    def watch_directory(self, path: str, on_event: DirCallback) -> int | None:
         """Call `on_event(lost)` (from `poll`) whenever an entry of `path` is created, removed, renamed or
         chmodded; `lost` is True when the watch itself was lost (queue overflow, IN_IGNORED).
 
@@ -323,34 +313,16 @@ class BlobGuard:
         """
         if self._inotify is None:
             return None
-        mask = (
-            inotify_flags.CREATE
-            | inotify_flags.DELETE
-            | inotify_flags.MOVED_FROM
-            | inotify_flags.MOVED_TO
-            | inotify_flags.ATTRIB
-            | inotify_flags.DELETE_SELF
-            | inotify_flags.MOVE_SELF
-            | inotify_flags.ONLYDIR
-            | inotify_flags.DONT_FOLLOW
-        )
         try:
-            wd = int(self._inotify.add_watch(path, mask))
+            return self._dirs.add(self._inotify, path, on_event)
         except OSError as exc:
             with self._lock:
-                self._lost(f"a directory watch failed ({_errno_name(exc)})", "guard_watch_failures")
+                self._lost(f"a directory watch failed ({errno_name(exc)})", "guard_watch_failures")
             return None
-        with self._lock:
-            self._dir_watch[wd] = on_event
-        return wd
 
     def unwatch_directory(self, wd: int) -> None:
         """Stop watching a directory (gone already is fine)."""
-        with self._lock:
-            self._dir_watch.pop(wd, None)
-        if self._inotify is not None:
-            with contextlib.suppress(OSError):
-                self._inotify.rm_watch(wd)
+        self._dirs.remove(self._inotify, wd)
 
     def tainted(self, identities: set[BlobIdentity]) -> bool:
         """True if any of these inodes was written to since it was verified."""
@@ -505,21 +477,3 @@ def _hash_fd(fd: int) -> str:
         hasher.update(chunk)
         offset += len(chunk)
     return hasher.hexdigest()
-
-
-def _errno_name(exc: OSError) -> str:
-    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-    hint = {errno.ENOSPC: ": the kernel's inotify watch limit", errno.EMFILE: ": the inotify instance limit"}
-    return f"{name}{hint.get(exc.errno or 0, '')}"
-
-
-def _open_inotify() -> tuple[INotify | None, str | None]:
-    """The inotify instance, or None and why not."""
-    if INotify is None:
-        return None, "no inotify on this platform"
-    try:
-        # non-blocking: two threads may both see events pending (FIONREAD) and both read; the second must get
-        # EAGAIN, not block until some future event (that hung a worker)
-        return INotify(nonblocking=True), None
-    except OSError as exc:
-        return None, f"no inotify instance ({_errno_name(exc)})"
