@@ -18,7 +18,7 @@ other). docs/architecture.md explains them; `lint-imports` enforces this exact l
     tree | protocol | cas | backends
     manifest
     protos
-    digest | counters | locking | flagfile | fsprims | layout | sandboxd | sandbox_darwin
+    digest | counters | locking | flagfile | fsprims | layout | sandboxd | sandbox_darwin | ledger | writewatch
     errors
 """
 

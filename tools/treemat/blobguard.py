@@ -6,45 +6,47 @@ everything else that can reach the store: another program of the same user, a ba
 - Before each use (`admit`), the blob is `lstat`ed, never followed: it must be a regular file with the
   digest's size, the store's fixed mode and sentinel mtime, and the same (device, inode) as when it was
   verified. That catches truncation, replacement (by a file or a symlink), chmod and touched mtimes.
-- The first time a process uses a blob it hashes it, through an `O_NOFOLLOW` descriptor, and puts an inotify
-  watch on that very inode (`/proc/self/fd/N`). From then on, a write through *any* link (IN_MODIFY), or
-  opening it for writing at all (IN_CLOSE_WRITE, which also covers writes through mmap), queues an event,
-  whatever mtime and mode are restored afterwards. `poll` drains the queue: the blob is quarantined and its
-  identity is remembered as tainted, so every action that had it staged fails instead of returning success.
-  Blobs this process ingested itself were hashed on the way in and are only watched.
-- Without inotify (macOS) or past the watch budget, a blob is re-hashed on every first use per process.
+- A blob is trusted on that one `lstat` only while this process holds a live inotify watch on its inode
+  (`/proc/self/fd/N`), placed before the blob was hashed (or matched in the verified ledger, ledger.py) and
+  with no event since. A write through *any* link (IN_MODIFY), or opening it for writing at all
+  (IN_CLOSE_WRITE, which also covers writes through mmap), queues an event, whatever mtime and mode are restored
+  afterwards. `poll` drains the queue: the blob is quarantined and its inode tainted, so every action that had
+  it staged fails instead of returning success. Blobs this process ingested itself are only watched.
+- Fail closed. Every loss of that signal makes the blobs concerned untrusted, and an untrusted blob is hashed
+  on *every* use: no inotify instance (mode `none`), a watch that cannot be placed (ENOSPC: the kernel's watch
+  limit), a watch dropped by the budget (`max_watches`) or by the kernel (IN_IGNORED), and a queue overflow
+  (IN_Q_OVERFLOW: events were lost, so every blob is untrusted). Each loss bumps `trust_epoch`, which also
+  tells in-flight actions (executor.py) and pooled exec dirs (execpool.py) to hash what they staged again
+  (`recheck`, `confirm`). The mode (`inotify`, `degraded` with its reasons, `none`) is in `describe()`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import os
-import secrets
 import stat
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from treemat.cas import BLOB_MTIME_NS, ContentStore
 from treemat.counters import Counters
 from treemat.fsprims import blob_mode
+from treemat.ledger import VerifiedLedger
+from treemat.writewatch import DirCallback, DirectoryWatches, SignalLog, errno_name, inotify_flags, open_inotify
 
-try:  # Linux only; elsewhere every first use per process re-hashes
-    from inotify_simple import INotify
-    from inotify_simple import flags as inotify_flags
-except ImportError:  # pragma: no cover - non-Linux
-    INotify = None  # type: ignore[assignment,misc]
-    inotify_flags = None  # type: ignore[assignment]
+__all__ = ["BlobGuard", "BlobIdentity", "GuardMark", "StagedBlobs", "VerifiedLedger"]
 
 DEFAULT_MAX_WATCHES = 50_000
 _PLAIN_FILE_MODE = stat.S_IFREG | blob_mode(False)
 _EXEC_FILE_MODE = stat.S_IFREG | blob_mode(True)
 _CHUNK = 1 << 20
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+BlobKey = tuple[str, bool]  # (hash, executable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +57,19 @@ class BlobIdentity:
     inode: int
 
 
+@dataclass(frozen=True, slots=True)
+class GuardMark:
+    """Where the guard stood when an action began: a different mark later means taints or lost trust since."""
+
+    taint_generation: int
+    trust_epoch: int
+
+
+StagedBlobs = dict[BlobIdentity, tuple[str, BlobKey]]  # inode -> (a path it is staged at, its key)
+
+
 class BlobGuard:
-    """Verifies blobs once per process, watches them for writes, and fails actions that used a tainted one."""
+    """Trusts blobs it watches, hashes the ones it cannot watch on every use, fails actions that used a bad one."""
 
     def __init__(
         self,
@@ -71,20 +84,47 @@ class BlobGuard:
         self.counters = counters if counters is not None else cas.counters
         self.max_watches = DEFAULT_MAX_WATCHES if max_watches is None else max_watches
         self._lock = threading.Lock()
-        self._verified: OrderedDict[tuple[str, bool], tuple[BlobIdentity, int]] = OrderedDict()
-        self._by_watch: dict[int, tuple[str, bool]] = {}
-        self._watch_of: dict[tuple[str, bool], int] = {}
+        # trusted on one lstat: only blobs with a live watch placed before they were verified, no event since
+        self._verified: OrderedDict[BlobKey, tuple[BlobIdentity, int]] = OrderedDict()
+        self._by_watch: dict[int, BlobKey] = {}
+        self._watch_of: OrderedDict[BlobKey, tuple[int, BlobIdentity]] = OrderedDict()  # LRU for the budget
         self._tainted: set[BlobIdentity] = set()
         self.taint_reasons: dict[BlobIdentity, str] = {}
         self.taint_generation = 0  # bumped whenever an inode is tainted: a cheap "anything new?" check
-        self._dir_watch: dict[int, Callable[[], None]] = {}
+        self.trust_epoch = 0  # bumped whenever a blob may be in use without a live watch
+        self._overflows = 0
+        self._signal = SignalLog()  # why the guard is not (only) on inotify
+        self._dirs = DirectoryWatches()
         self._poll_lock = threading.Lock()  # one reader of the event queue at a time
-        self._inotify = _open_inotify()
+        self._inotify, why_not = open_inotify()
+        if why_not:
+            self._signal.lost(why_not)
+            self.counters.add("guard_no_inotify")
 
     @property
     def watching(self) -> bool:
-        """True when writes are caught by inotify (else only by the per-use stat and per-process hash)."""
+        """True when writes are caught by inotify (else every use hashes)."""
         return self._inotify is not None
+
+    @property
+    def mode(self) -> str:
+        """`inotify`, `degraded` (some signal was lost: those blobs are hashed on every use) or `none`."""
+        return str(self.describe()["write_watch"])
+
+    def describe(self) -> dict[str, object]:
+        """The mode (`write_watch`) and why (`write_watch_detail`), for `treemat stats` / `probe`."""
+        with self._lock:
+            return self._signal.describe(self._inotify is not None)
+
+    def mark(self) -> GuardMark:
+        """The taint generation and trust epoch now (see GuardMark)."""
+        return GuardMark(self.taint_generation, self.trust_epoch)
+
+    def _lost(self, reason: str, counter: str) -> None:
+        """Note a loss of signal (lock held)."""
+        self._signal.lost(reason)
+        self.trust_epoch += 1
+        self.counters.add(counter)
 
     # ----------------------------------------------------------------------------------------- admission
 
@@ -96,8 +136,8 @@ class BlobGuard:
     def admit_sized(self, hash_hex: str, executable: bool, size: int | None = None) -> tuple[BlobIdentity, int] | None:
         """`admit`, also for a blob whose size the caller does not know yet (None): (identity, size) or None.
 
-        An unknown size is taken from what this process verified before, else from the blob itself (whose
-        first use in this process is then hashed, or matched in the verified ledger, as always).
+        An unknown size is taken from what this process verified before, else from the blob itself (which is then
+        hashed, or matched in the verified ledger under a live watch, as always).
         """
         key = (hash_hex, executable)
         path = self.cas.blob_path_str(hash_hex, executable)
@@ -130,15 +170,15 @@ class BlobGuard:
         return (identity, size) if identity is not None else None
 
     def admit_ingested(self, hash_hex: str, executable: bool, size: int) -> BlobIdentity | None:
-        """Register a blob this process has just hashed on ingest: watched, not hashed again."""
+        """Register a blob this process has just hashed on ingest: watched, not hashed again (unless unwatched)."""
         return self._verify_and_watch(
             (hash_hex, executable), self.cas.blob_path_str(hash_hex, executable), size, rehash=False
         )
 
-    def _verify_and_watch(self, key: tuple[str, bool], path: str, size: int, *, rehash: bool) -> BlobIdentity | None:
+    def _verify_and_watch(self, key: BlobKey, path: str, size: int, *, rehash: bool) -> BlobIdentity | None:
         hash_hex, executable = key
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(path, _OPEN_FLAGS)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -147,11 +187,14 @@ class BlobGuard:
                 return None
             raise
         try:
-            reason = _stat_problem(os.fstat(fd), executable, size)
+            info = os.fstat(fd)
+            reason = _stat_problem(info, executable, size)
             if reason is not None:
                 self._reject(key, reason)
                 return None
-            watch = self._watch(fd, key)
+            identity = BlobIdentity(info.st_dev, info.st_ino)
+            overflows = self._overflows
+            watch = self._watch(fd, key, identity)
             info = os.fstat(fd)  # after the watch: any later write to this inode is an event
             trusted = watch is not None and self.ledger is not None and self.ledger.matches(key, info)
             if trusted:
@@ -159,52 +202,69 @@ class BlobGuard:
             elif rehash or watch is None:
                 self.counters.add("guard_hashed_blobs")
                 self.counters.add("guard_hashed_bytes", size)
+                if watch is None:
+                    self.counters.add("guard_unwatched_hashed_blobs")
+                    self.counters.add("guard_unwatched_hashed_bytes", size)
                 if _hash_fd(fd) != hash_hex:
-                    self._reject(key, "content does not match its digest")
+                    self._reject(key, "content does not match its digest", taint=identity)
                     return None
             if watch is not None and not trusted and self.ledger is not None:
                 self.ledger.record(key, info)
         finally:
             os.close(fd)
-        identity = BlobIdentity(info.st_dev, info.st_ino)
         with self._lock:
-            self._verified[key] = (identity, size)
-            self._verified.move_to_end(key)
+            live = self._watch_of.get(key)
+            if watch is not None and live is not None and live[0] == watch and self._overflows == overflows:
+                self._verified[key] = (identity, size)
+                self._verified.move_to_end(key)
+            else:  # no watch, or it was lost meanwhile: good for this use only
+                self._verified.pop(key, None)
+                self.trust_epoch += 1
         return identity
 
-    def _watch(self, fd: int, key: tuple[str, bool]) -> int | None:
+    def _watch(self, fd: int, key: BlobKey, identity: BlobIdentity) -> int | None:
         if self._inotify is None:
             return None
         mask = inotify_flags.MODIFY | inotify_flags.CLOSE_WRITE
+        stale: list[int] = []
+        wd: int | None = None
         with self._lock:
-            if len(self._watch_of) >= self.max_watches:
-                self._drop_oldest_watch()
-            try:
-                wd = int(self._inotify.add_watch(f"/proc/self/fd/{fd}", mask))
-            except OSError:
-                return None  # out of watches (fs.inotify.max_user_watches): this blob is re-hashed per use
-            self._by_watch[wd] = key
-            self._watch_of[key] = wd
+            old = self._watch_of.pop(key, None)
+            if old is not None:
+                self._by_watch.pop(old[0], None)
+            while self._watch_of and len(self._watch_of) >= self.max_watches:
+                stale.append(self._drop_oldest_watch())
+            if self.max_watches <= 0:
+                self._lost(f"watch budget of {self.max_watches} reached", "guard_watch_budget_drops")
+            else:
+                try:
+                    wd = int(self._inotify.add_watch(f"/proc/self/fd/{fd}", mask))
+                    self._by_watch[wd] = key
+                    self._watch_of[key] = (wd, identity)
+                except OSError as exc:
+                    self._lost(f"a blob watch failed ({errno_name(exc)})", "guard_watch_failures")
+            if old is not None and old[0] != wd:
+                stale.append(old[0])
+        for gone in stale:
+            with contextlib.suppress(OSError):
+                self._inotify.rm_watch(gone)
         return wd
 
-    def _drop_oldest_watch(self) -> None:
-        """Over budget: forget the least recently verified blob (it will be hashed again on its next use)."""
-        for key in self._verified:
-            wd = self._watch_of.pop(key, None)
-            if wd is not None:
-                self._by_watch.pop(wd, None)
-                del self._verified[key]
-                with contextlib.suppress(OSError):
-                    self._inotify.rm_watch(wd)  # type: ignore[union-attr]
-                return
+    def _drop_oldest_watch(self) -> int:
+        """Over budget (lock held): the least recently verified blob loses its watch, so its trust."""
+        key, (wd, _identity) = self._watch_of.popitem(last=False)
+        self._by_watch.pop(wd, None)
+        self._verified.pop(key, None)
+        self._lost(f"watch budget of {self.max_watches} reached", "guard_watch_budget_drops")
+        return wd
 
     # ----------------------------------------------------------------------------------------- taint
 
-    def poll(self) -> list[tuple[str, bool]]:
+    def poll(self) -> list[BlobKey]:
         """Drain the event queue: each written blob is tainted and quarantined; directory watchers are told.
 
         Returns the blobs hit. If the kernel's queue overflowed, nothing verified can be trusted: every blob is
-        forgotten (hashed again on its next use) and every directory watcher is told.
+        untrusted (hashed again on its next use), and every directory watcher is told its watch was lost.
         """
         if self._inotify is None:
             return []
@@ -213,76 +273,65 @@ class BlobGuard:
                 events = self._inotify.read(timeout=0)
             except BlockingIOError:
                 events = []
-        hit: list[tuple[str, bool]] = []
-        why: dict[tuple[str, bool], str] = {}
-        notify: list[Callable[[], None]] = []
+        hit: dict[BlobKey, str] = {}
+        notify: list[tuple[DirCallback, bool]] = []
         for event in events:
-            if event.mask & inotify_flags.Q_OVERFLOW:
-                with self._lock:
-                    self._verified.clear()
-                    notify.extend(self._dir_watch.values())
-                self.counters.add("guard_queue_overflows")
-                continue
+            ignored = bool(event.mask & inotify_flags.IGNORED)
             with self._lock:
+                if event.mask & inotify_flags.Q_OVERFLOW:
+                    self._verified.clear()
+                    self._overflows += 1
+                    self._lost("the inotify queue overflowed (events lost)", "guard_queue_overflows")
+                    notify.extend((callback, True) for callback in self._dirs.everyone())
+                    continue
                 key = self._by_watch.get(event.wd)
-                on_dir_event = self._dir_watch.get(event.wd)
-                if event.mask & inotify_flags.IGNORED:
-                    self._dir_watch.pop(event.wd, None)
+                on_dir_event = self._dirs.on_event(event.wd, ignored)
+                if ignored and key is not None:
+                    self._by_watch.pop(event.wd, None)
+                    live = self._watch_of.get(key)
+                    if live is not None and live[0] == event.wd:
+                        del self._watch_of[key]
+                        self._verified.pop(key, None)
+                        self._lost("a blob watch was removed by the kernel (IN_IGNORED)", "guard_watches_lost")
             if on_dir_event is not None:
-                notify.append(on_dir_event)
-            if key is None or event.mask & inotify_flags.IGNORED:
+                notify.append((on_dir_event, ignored))
+            if key is None or ignored:
                 continue
-            if key not in hit:
-                hit.append(key)
             names = "|".join(flag.name or "?" for flag in inotify_flags.from_mask(event.mask))
-            why[key] = f"{why[key]},{names}" if key in why else names
-        for key in hit:
-            self._reject(key, f"written to while in the store (inotify {why[key]})", written=True)
-        for callback in notify:
-            callback()
-        return hit
+            hit[key] = f"{hit[key]},{names}" if key in hit else names
+        for key, names in hit.items():
+            self._reject(key, f"written to while in the store (inotify {names})", written=True)
+        for callback, lost in notify:
+            callback(lost)
+        return list(hit)
 
-    def watch_directory(self, path: str, on_event: Callable[[], None]) -> int | None:
-        """Call `on_event` (from `poll`) whenever an entry of `path` is created, removed, renamed or chmodded.
+    def watch_directory(self, path: str, on_event: DirCallback) -> int | None:
+        """Call `on_event(lost)` (from `poll`) whenever an entry of `path` is created, removed, renamed or
+        chmodded; `lost` is True when the watch itself was lost (queue overflow, IN_IGNORED).
 
-        None when there is no inotify (the caller then verifies by `lstat`).
+        None when there is no inotify or the watch cannot be placed (the caller then verifies by `lstat`).
         """
         if self._inotify is None:
             return None
-        mask = (
-            inotify_flags.CREATE
-            | inotify_flags.DELETE
-            | inotify_flags.MOVED_FROM
-            | inotify_flags.MOVED_TO
-            | inotify_flags.ATTRIB
-            | inotify_flags.DELETE_SELF
-            | inotify_flags.MOVE_SELF
-            | inotify_flags.ONLYDIR
-            | inotify_flags.DONT_FOLLOW
-        )
         try:
-            wd = int(self._inotify.add_watch(path, mask))
-        except OSError:
+            return self._dirs.add(self._inotify, path, on_event)
+        except OSError as exc:
+            with self._lock:
+                self._lost(f"a directory watch failed ({errno_name(exc)})", "guard_watch_failures")
             return None
-        with self._lock:
-            self._dir_watch[wd] = on_event
-        return wd
 
     def unwatch_directory(self, wd: int) -> None:
         """Stop watching a directory (gone already is fine)."""
-        with self._lock:
-            self._dir_watch.pop(wd, None)
-        if self._inotify is not None:
-            with contextlib.suppress(OSError):
-                self._inotify.rm_watch(wd)
+        self._dirs.remove(self._inotify, wd)
 
     def tainted(self, identities: set[BlobIdentity]) -> bool:
         """True if any of these inodes was written to since it was verified."""
         with self._lock:
             return not self._tainted.isdisjoint(identities)
 
-    def _reject(self, key: tuple[str, bool], reason: str, *, written: bool = False) -> None:
-        """Quarantine a bad blob and stop watching it; `written`: its inode was written to, so it is tainted.
+    def _reject(self, key: BlobKey, reason: str, *, written: bool = False, taint: BlobIdentity | None = None) -> None:
+        """Quarantine a bad blob and stop watching it; its inode is tainted if it was written (`written`: the
+        watched one; `taint`: this one, whose bytes were found wrong).
 
         Only a write taints an inode (and fails the actions that staged it). A blob that was merely replaced or
         chmodded is taken out of service, but the inode an action staged kept its bytes. (A tainted inode stays
@@ -290,21 +339,85 @@ class BlobGuard:
         """
         hash_hex, executable = key
         with self._lock:
-            known = self._verified.pop(key, None)
-            wd = self._watch_of.pop(key, None)
-            if wd is not None:
-                self._by_watch.pop(wd, None)
-            if known is not None and written:
-                self._tainted.add(known[0])
-                self.taint_reasons[known[0]] = reason
-                self.taint_generation += 1
-        if wd is not None and self._inotify is not None:
+            self._verified.pop(key, None)
+            watched = self._watch_of.pop(key, None)
+            if watched is not None:
+                self._by_watch.pop(watched[0], None)
+                if written and taint is None:
+                    taint = watched[1]
+            if taint is not None:
+                self._taint(taint, reason)
+            self.trust_epoch += 1  # a pooled dir may still link the old inode, now unwatched
+        if watched is not None and self._inotify is not None:
             with contextlib.suppress(OSError):
-                self._inotify.rm_watch(wd)
+                self._inotify.rm_watch(watched[0])
         self.counters.add("guard_rejected")
         self.cas.quarantine(hash_hex, executable, reason)
 
-    def refresh(self, keys: Iterable[tuple[str, bool]]) -> int:
+    def _taint(self, identity: BlobIdentity, reason: str) -> None:
+        """The inode was written (lock held): every action that staged it fails."""
+        self._tainted.add(identity)
+        self.taint_reasons[identity] = reason
+        self.taint_generation += 1
+
+    # ----------------------------------------------------------------------------------------- re-verification
+
+    def trusted(self, key: BlobKey, identity: BlobIdentity) -> bool:
+        """True while `identity` is the blob of `key` under a live watch with no event since."""
+        known = self._verified.get(key)
+        return known is not None and known[0] == identity
+
+    def confirm(self, key: BlobKey, identity: BlobIdentity) -> bool:
+        """True if `identity` is still the good blob of `key`: trusted, else admitted again (hashed if unwatched)."""
+        if self.trusted(key, identity):
+            return True
+        admitted = self.admit_sized(key[0], key[1])
+        return admitted is not None and admitted[0] == identity
+
+    def recheck(self, staged: StagedBlobs, exec_dir: str) -> list[str]:
+        """After an action: hash again every staged inode that is not trusted now (unwatched, or trust lost).
+
+        An inode whose bytes are wrong is tainted (the taint check then fails the action). Returns the paths of
+        inodes that could not be found to hash (neither at their CAS path nor at `exec_dir`/path).
+        """
+        self.poll()
+        missing: list[str] = []
+        for identity, (path, key) in staged.items():
+            if self.trusted(key, identity):
+                continue
+            if not self._rehash_inode(identity, key, f"{exec_dir}/{path}"):
+                missing.append(path)
+        return missing
+
+    def _rehash_inode(self, identity: BlobIdentity, key: BlobKey, staged_path: str) -> bool:
+        """Hash the inode `identity` (found at the blob's CAS path or where it was staged); False if not found."""
+        cas_path = self.cas.blob_path_str(*key)
+        for candidate in (cas_path, staged_path):
+            try:
+                fd = os.open(candidate, _OPEN_FLAGS)
+            except OSError:
+                continue
+            try:
+                info = os.fstat(fd)
+                if (info.st_dev, info.st_ino) != (identity.device, identity.inode):
+                    continue
+                self.counters.add("guard_rechecked_blobs")
+                good = _hash_fd(fd) == key[0]
+            finally:
+                os.close(fd)
+            if not good:
+                reason = "content does not match its digest (hashed again after the action: it had no live watch)"
+                if candidate == cas_path:
+                    self._reject(key, reason, taint=identity)
+                else:
+                    with self._lock:
+                        self._taint(identity, reason)
+            return True
+        return False
+
+    # ----------------------------------------------------------------------------------------- ledger, close
+
+    def refresh(self, keys: Iterable[BlobKey]) -> int:
         """Record in the ledger the new state (our own links and unlinks moved their ctime) of watched blobs.
 
         Each blob is `lstat`ed first, then the event queue is drained: a blob written meanwhile is rejected, not
@@ -312,7 +425,7 @@ class BlobGuard:
         """
         if self.ledger is None or self._inotify is None:
             return 0
-        seen: list[tuple[tuple[str, bool], os.stat_result]] = []
+        seen: list[tuple[BlobKey, os.stat_result]] = []
         for key in set(keys):
             known = self._verified.get(key)
             if known is None:
@@ -332,7 +445,7 @@ class BlobGuard:
         self.ledger.flush()
         return recorded
 
-    def _forget(self, key: tuple[str, bool]) -> None:
+    def _forget(self, key: BlobKey) -> None:
         with self._lock:
             self._verified.pop(key, None)
 
@@ -364,111 +477,3 @@ def _hash_fd(fd: int) -> str:
         hasher.update(chunk)
         offset += len(chunk)
     return hasher.hexdigest()
-
-
-def _open_inotify() -> INotify | None:
-    if INotify is None:
-        return None
-    try:
-        # non-blocking: two threads may both see events pending (FIONREAD) and both read; the second must get
-        # EAGAIN, not block until some future event (that hung a worker)
-        return INotify(nonblocking=True)
-    except OSError:
-        return None
-
-
-class VerifiedLedger:
-    """Blob states known good, shared by every treemat process of one root: (inode, ctime, size) per blob.
-
-    A process that hashed a blob, or that holds an inotify watch on it and saw no write, appends the blob's
-    current (inode, ctime, size) to its own log under `<root>/verified/`. A new process trusts a blob without
-    hashing it when, *after* putting its own watch on it, the blob still has exactly a recorded state: ctime
-    moves on every write, chmod or link, and nobody can set it back. Our own links and unlinks move it too, so
-    workers re-record after staging and removal (in the background). A state that is not recorded is hashed.
-    What the ledger does not stop: someone who forges the ledger itself (same user, on purpose).
-    """
-
-    COMPACT_AFTER_FILES = 16
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(mode=0o700, exist_ok=True)
-        self._lock = threading.Lock()
-        self._records = self._load()
-        self._pending: list[str] = []
-        path = self.directory / f"{os.getpid()}-{secrets.token_hex(4)}.log"
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)  # held for our whole life: compaction never removes a live log
-
-    def matches(self, key: tuple[str, bool], info: os.stat_result) -> bool:
-        """True if `info` is exactly a recorded good state of the blob."""
-        record = self._records.get(key)
-        return record is not None and record == (info.st_ino, info.st_ctime_ns, info.st_size)
-
-    def record(self, key: tuple[str, bool], info: os.stat_result) -> None:
-        """Note a good state (written out by `flush`)."""
-        state = (info.st_ino, info.st_ctime_ns, info.st_size)
-        hash_hex, executable = key
-        with self._lock:
-            self._records[key] = state
-            self._pending.append(f"{hash_hex}{'+x' if executable else ''} {state[0]} {state[1]} {state[2]}\n")
-            full = len(self._pending) >= 4096
-        if full:
-            self.flush()
-
-    def flush(self) -> None:
-        """Append the noted states to this process's log."""
-        with self._lock:
-            pending, self._pending = self._pending, []
-            fd = self._fd
-        if pending and fd is not None:
-            with contextlib.suppress(OSError):
-                os.write(fd, "".join(pending).encode())
-
-    def close(self) -> None:
-        """Flush and close this process's log."""
-        self.flush()
-        with self._lock:
-            fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-    def _load(self) -> dict[tuple[str, bool], tuple[int, int, int]]:
-        records: dict[tuple[str, bool], tuple[int, int, int]] = {}
-        logs = sorted(self.directory.glob("*.log"))
-        for log in logs:
-            try:
-                text = log.read_text()
-            except OSError:
-                continue
-            for line in text.splitlines():
-                fields = line.split()
-                if len(fields) != 4 or not all(part.isdigit() for part in fields[1:]):
-                    continue  # a torn or foreign line: ignored, the blob is hashed instead
-                name = fields[0]
-                key = (name[:-2], True) if name.endswith("+x") else (name, False)
-                state = (int(fields[1]), int(fields[2]), int(fields[3]))
-                if key not in records or state[1] >= records[key][1]:
-                    records[key] = state
-        if len(logs) > self.COMPACT_AFTER_FILES:
-            self._compact(records, logs)
-        return records
-
-    def _compact(self, records: dict[tuple[str, bool], tuple[int, int, int]], logs: list[Path]) -> None:
-        """Write the merged records to one log, then remove the logs no live process holds."""
-        lines = [f"{h}{'+x' if x else ''} {ino} {ctime} {size}\n" for (h, x), (ino, ctime, size) in records.items()]
-        temp = self.directory / f".compact-{os.getpid()}-{secrets.token_hex(4)}"
-        with contextlib.suppress(OSError):
-            temp.write_text("".join(lines))
-            os.chmod(temp, 0o600)
-            os.replace(temp, self.directory / f"0-compact-{secrets.token_hex(4)}.log")
-            for log in logs:
-                with contextlib.suppress(OSError):
-                    fd = os.open(log, os.O_RDONLY | os.O_CLOEXEC)
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        log.unlink()
-                    except OSError:
-                        pass  # a live writer's log
-                    finally:
-                        os.close(fd)

@@ -11,8 +11,11 @@ What keeps a reused dir honest:
   chmodded by anyone but the pool's own patch marks the dir dirty, and a dirty dir is discarded (O(1) at
   reuse). Without inotify, or when a dir could not be watched whole (out of watches), the pool remembers each
   directory's (inode, mtime, ctime) and `lstat`s them all before reuse instead;
+- a lost directory watch (queue overflow, IN_IGNORED) marks the dir dirty, even during the pool's own patch;
 - file contents are CAS inodes, watched by the blob guard: a write anywhere taints the inode, and a pooled dir
-  holding a tainted inode is discarded (the taint generation tells when a check is due);
+  holding a tainted inode is discarded. When the guard's mark moved since the dir was staged (a taint, or a
+  blob that lost or never had its watch), every file the guard does not trust right now is hashed again
+  (`BlobGuard.confirm`) before reuse, and the dir is discarded if one is not its blob any more;
 - a dir whose patch fails halfway is discarded, never returned to the pool.
 """
 
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from treemat.blobguard import BlobGuard, BlobIdentity
+from treemat.blobguard import BlobGuard, BlobIdentity, GuardMark
 from treemat.cas import ContentStore
 from treemat.fsprims import blob_mode
 from treemat.manifest import InputManifest
@@ -61,15 +64,16 @@ class PooledDir:
     children: dict[str, int] = field(default_factory=dict)  # entries directly inside each dir ("" included)
     pinned: set[str] = field(default_factory=set)  # declared output dirs / output parents (kept even if empty)
     manifest: InputManifest | None = None  # the inputs of the request it was last staged for
-    generation: int = 0
+    mark: GuardMark | None = None  # the guard's mark before the dir was last staged (None: check everything)
     watches: dict[str, int] = field(default_factory=dict)  # dir -> inotify watch descriptor
     patching: bool = False  # events now are our own doing
     dirty: bool = False  # something changed a directory while we were not patching it
     unwatched: bool = False  # some directory could not be watched: verified by lstat signatures instead
 
-    def on_directory_event(self) -> None:
-        """A watched directory changed: unless we are patching it ourselves, the dir can no longer be trusted."""
-        if not self.patching:
+    def on_directory_event(self, lost: bool = False) -> None:
+        """A watched directory changed: unless we are patching it ourselves, the dir can no longer be trusted;
+        a lost watch (`lost`: queue overflow, IN_IGNORED) makes it dirty even while we patch."""
+        if lost or not self.patching:
             self.dirty = True
 
     def count_children(self) -> None:
@@ -124,16 +128,24 @@ class ExecDirPool:
         if entry is None:
             return None
         self.guard.poll()
-        if entry.generation != self.guard.taint_generation:
-            if self.guard.tainted(entry.identities()):
-                self._discard(entry)  # a blob it holds was written to
+        mark = self.guard.mark()
+        if entry.mark != mark:
+            if self.guard.tainted(entry.identities()) or not self._blobs_confirmed(entry):
+                self._discard(entry)  # a blob it holds was written to, or cannot be vouched for
                 return None
-            entry.generation = self.guard.taint_generation
+            entry.mark = mark
         unchanged = self._dirs_unchanged(entry) if entry.unwatched else not entry.dirty
         if not unchanged:
             self._discard(entry)  # a directory changed behind the pool's back
             return None
         return entry
+
+    def _blobs_confirmed(self, entry: PooledDir) -> bool:
+        """Every file still its blob: trusted under a live watch, else hashed again now."""
+        confirm = self.guard.confirm
+        return all(
+            confirm(staged.key(), staged.identity) for staged in entry.files.values() if staged.identity != NO_BLOB
+        )
 
     def release(self, entry: PooledDir) -> list[PooledDir]:
         """Return a dir after its action; the evicted dirs (least recently used beyond `size`) are returned."""
@@ -333,7 +345,6 @@ class ExecDirPool:
             if rel in entry.dirs or rel == "":
                 info = os.lstat(f"{base}/{rel}" if rel else base)
                 entry.dirs[rel] = (info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
-        entry.generation = self.guard.taint_generation
 
 
 class AdmitFn(Protocol):

@@ -4,9 +4,11 @@ Every tool runs in the sandbox (unless `--isolation=none` was asked for): its ex
 everywhere else but its private /tmp and its per-action tool cache (toolcache.py), TREEMAT_ROOT hidden, and no
 process of it outlives the action. Hardlinked inputs are only used under the overlay, where a write copies up
 into the run's private upper layer. A write to a blob from anywhere else is caught by the blob guard, and every
-action that had that blob staged fails instead of reporting success. Outputs are copied out of the tool's view
-by descriptor (outputs.py). Finished exec dirs go back to the pool (execpool.py) or are removed in the
-background, where LRU atimes and the store's size budget are also kept.
+action that had that blob staged fails instead of reporting success. Where the guard lost its signal for a blob
+an action staged (no live watch, a queue overflow), that blob is hashed again before the result is returned
+(`BlobGuard.recheck`): wrong bytes, or an inode that cannot be found, fail the action. Outputs are copied out of
+the tool's view by descriptor (outputs.py). Finished exec dirs go back to the pool (execpool.py) or are removed
+in the background, where LRU atimes and the store's size budget are also kept.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from treemat.action import ActionRequest, ActionResult, RequestInput
-from treemat.blobguard import BlobGuard, BlobIdentity
+from treemat.blobguard import BlobGuard, GuardMark, StagedBlobs
 from treemat.budget import StoreBudget
 from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.dircache import DirectoryCache
 from treemat.errors import ExecutionError, TreematError
-from treemat.execpool import DEFAULT_POOL_SIZE, ExecDirPool, PooledDir
+from treemat.execpool import DEFAULT_POOL_SIZE, NO_BLOB, ExecDirPool, PooledDir
 from treemat.flagfile import ActionSpec
 from treemat.fsprims import remove_tree, sweep_dead_owners
 from treemat.inputs import InputStager
@@ -117,13 +119,13 @@ class ActionExecutor:
             if self.layout is not None:
                 self.layout.ensure()  # a user may have deleted cas/, tmp/ or exec/ under us: made again, one mkdir each
             self.guard.poll()
-            generation = self.guard.taint_generation
+            mark = self.guard.mark()
             with self.cas.in_use():
                 pooled, stage = self.inputs.stage_reused(request)
                 relinked = list(stage.hardlinked)
                 if pooled is not None:
                     exec_dir = pooled.path
-                    staged: dict[BlobIdentity, str] | None = None
+                    staged: StagedBlobs | None = None
                 else:
                     fresh = self.inputs.stage_fresh(request, exec_dir)
                     staged, stage = fresh.staged, fresh.report
@@ -137,13 +139,15 @@ class ActionExecutor:
                 )
             if pooled is None and self.pool is not None and staged is not None:
                 pooled = self.inputs.pooled_from_fresh(request, exec_dir, fresh)
+            if pooled is not None:
+                pooled.mark = mark  # anything that happened to the guard since is checked on its next reuse
             self.counters.add(f"actions_isolation_{self.sandbox.mode}")
             if self.sandbox.in_place:  # no mount namespace: the tool's /tmp and cache are dirs on disk
                 run_dir = RunDir(self.exec_base / f"{exec_dir.name}.run-{secrets.token_hex(3)}")
                 run_dir.create()
             result = self._run_tool(request, exec_dir, run_dir)
             result.stage, result.stage_seconds = stage, stage_seconds
-            self._check_integrity(staged, pooled, generation, result)
+            self._check_integrity(staged, pooled, exec_dir, mark, result)
         except TreematError as exc:
             result = ActionResult(exit_code=1, output=f"treemat: error: {exc}\n")
         except OSError as exc:
@@ -219,21 +223,42 @@ class ActionExecutor:
             result.output += f"treemat: error: the tool did not create declared output(s): {', '.join(missing)}\n"
 
     def _check_integrity(
-        self, staged: dict[BlobIdentity, str] | None, pooled: PooledDir | None, generation: int, result: ActionResult
+        self,
+        staged: StagedBlobs | None,
+        pooled: PooledDir | None,
+        exec_dir: Path,
+        mark: GuardMark,
+        result: ActionResult,
     ) -> None:
-        """Fail the action if any blob it had staged was written to (from anywhere) while it ran."""
+        """Fail the action if any blob it had staged was written to (from anywhere) while it ran.
+
+        With a live watch on every blob since before staging, that is one poll. Otherwise (the guard's mark
+        moved: unwatched blobs, lost watches, a queue overflow) every staged blob the guard does not trust now is
+        hashed again first; a blob that cannot be found to hash fails the action too.
+        """
         hit = self.guard.poll()
         if hit:
             self.inputs.forget(hit)
-        if self.guard.taint_generation == generation:
-            return  # nothing was tainted while the action ran (blobs tainted before were never staged)
-        if staged is None:
-            staged = {}
+        if self.guard.mark() == mark:
+            return  # no taint, and every staged blob was under a live watch throughout
+        blobs: StagedBlobs = dict(staged or {})
         if pooled is not None:
-            staged.update((file.identity, path) for path, file in pooled.files.items())
-        if not staged or not self.guard.tainted(set(staged)):
+            blobs.update((f.identity, (path, f.key())) for path, f in pooled.files.items() if f.identity != NO_BLOB)
+        if result.exit_code == 0 and not result.cancelled:
+            unverified = self.guard.recheck(blobs, str(exec_dir))
+            if unverified:
+                result.exit_code = 1
+                result.output += (
+                    f"treemat: error: input(s) {', '.join(repr(name) for name in sorted(unverified)[:5])} lost their "
+                    "write watch and could not be hashed again after the action ran; failing rather than return a "
+                    f"result built from unverified bytes (guard: {self.guard.describe()['write_watch_detail']})\n"
+                )
+            hit = self.guard.poll()
+            if hit:
+                self.inputs.forget(hit)
+        if not blobs or not self.guard.tainted(set(blobs)):
             return
-        hits = sorted((path, identity) for identity, path in staged.items() if self.guard.tainted({identity}))
+        hits = sorted((path, identity) for identity, (path, _key) in blobs.items() if self.guard.tainted({identity}))
         names = [path for path, _identity in hits]
         result.quarantined.extend(names)
         result.exit_code = result.exit_code or 1

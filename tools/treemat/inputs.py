@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from treemat.action import ActionRequest, RequestInput
-from treemat.blobguard import BlobGuard, BlobIdentity
+from treemat.blobguard import BlobGuard, BlobIdentity, StagedBlobs
 from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.digest import EMPTY_DIGEST, Digest, check_hash
@@ -172,18 +172,16 @@ class InputStager:
             self._normalized[raw] = path
         return path
 
-    def build_tree(
-        self, request: ActionRequest
-    ) -> tuple[InputTree, dict[BlobIdentity, str], dict[str, StagedFile] | None]:
+    def build_tree(self, request: ActionRequest) -> tuple[InputTree, StagedBlobs, dict[str, StagedFile] | None]:
         """Validate input paths, admit every blob (ingesting what the CAS lacks).
 
-        Returns the tree, its blob inodes (identity -> a path) and, for the exec-dir pool, what each path
+        Returns the tree, its blob inodes (identity -> (a path, its key)) and, for the exec-dir pool, what each path
         is a hardlink to (None when an input has no digest, e.g. a directory input). A warm worker spends one
         dict lookup, one lstat (the guard's per-use check) and one tree insert per input.
         """
         tree = InputTree()
         add_file = tree.add_file
-        staged: dict[BlobIdentity, str] = {}
+        staged: StagedBlobs = {}
         files: dict[str, StagedFile] | None = {} if self.pool is not None else None
         used: list[tuple[str, bool]] = []
         execroot = str(request.execroot)
@@ -201,8 +199,9 @@ class InputStager:
                     if identity is None:  # gone or rejected since: the slow path re-ingests it
                         known = None
                     else:
-                        staged.setdefault(identity, path)
-                        used.append((node.digest.hash, node.executable))
+                        key = (node.digest.hash, node.executable)
+                        staged.setdefault(identity, (path, key))
+                        used.append(key)
             if known is None:
                 if not item.hash:
                     files = None  # no digest (a directory or an unhashed file): the request cannot tell a change
@@ -218,7 +217,7 @@ class InputStager:
         return tree, staged, files
 
     def _admit_input(
-        self, tree: InputTree, request: ActionRequest, item: RequestInput, staged: dict[BlobIdentity, str]
+        self, tree: InputTree, request: ActionRequest, item: RequestInput, staged: StagedBlobs
     ) -> tuple[str, FileNode, BlobIdentity | None] | None:
         """The slow path of one input: validate, stat, admit or ingest; None for a directory input (added)."""
         path = self._normalize(item.path)
@@ -237,7 +236,7 @@ class InputStager:
             executable = meta[1]
         digest, identity = self._ensure_blob(full, expected, executable, path)
         if identity is not None:
-            staged.setdefault(identity, path)
+            staged.setdefault(identity, (path, (digest.hash, executable)))
         node = FileNode(digest, executable, source=full)
         if expected:
             self._meta[(path, expected)] = (digest, executable)
@@ -246,7 +245,7 @@ class InputStager:
             self._hot[item] = (path, node, digest.size)
         return path, node, identity
 
-    def _add_directory(self, tree: InputTree, execroot: Path, path: str, staged: dict[BlobIdentity, str]) -> None:
+    def _add_directory(self, tree: InputTree, execroot: Path, path: str, staged: StagedBlobs) -> None:
         """A directory input (source directory / tree artifact): files, empty dirs and in-tree symlinks.
 
         Every entry has a defined answer: regular files are ingested (hashed), symlinks that stay inside the
@@ -270,7 +269,7 @@ class InputStager:
                     executable = bool(info.st_mode & 0o111)
                     digest, identity = self._ensure_blob(full, None, executable, rel)
                     if identity is not None:
-                        staged.setdefault(identity, rel)
+                        staged.setdefault(identity, (rel, (digest.hash, executable)))
                     tree.add_file(rel, FileNode(digest, executable, source=full))
                 else:
                     raise ExecutionError(
@@ -305,10 +304,10 @@ class InputStager:
 
 @dataclass(slots=True)
 class FreshStage:
-    """A freshly staged exec dir: its blob inodes (identity -> a path), the report, and (for the pool) what
-    each path is a hardlink to, None when a directory input is in it."""
+    """A freshly staged exec dir: its blob inodes (identity -> (a path, its key)), the report, and (for the pool)
+    what each path is a hardlink to, None when a directory input is in it."""
 
-    staged: dict[BlobIdentity, str]
+    staged: StagedBlobs
     report: StageReport
     files: dict[str, StagedFile] | None
 

@@ -87,7 +87,7 @@ class Stack:
         return {
             "isolation": self.isolation,
             "isolation_detail": self.isolation_detail,
-            "write_watch": "inotify" if self.guard.watching else "hash on first use",
+            **self.guard.describe(),
             "methods": [method.value for method in self.probe.order],
             "method_timings_us": dict(self.probe.timings),
             **self.dircache.describe(),
@@ -157,10 +157,11 @@ def open_stack(
     sandbox = _sandbox_for(root, isolation)
     try:
         from treemat.backends import DEFAULT_ORDER, BackendProbe, Method
-        from treemat.blobguard import BlobGuard, VerifiedLedger
+        from treemat.blobguard import BlobGuard
         from treemat.budget import StoreBudget, default_budget
         from treemat.dircache import DirectoryCache, KernelTreeCloner
         from treemat.executor import ActionExecutor
+        from treemat.ledger import VerifiedLedger
         from treemat.materializer import Materializer
         from treemat.toolcache import ToolCaches
 

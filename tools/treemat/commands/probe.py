@@ -35,5 +35,5 @@ def probe(rooted: RootedContext, dest_dir: Path, as_json: bool) -> int:
     else:
         click.echo(f"{stack.cas.cas_dir} -> {dest_dir}: {' > '.join(names)}")
         click.echo(f"isolation: {described['isolation']} ({described['isolation_detail']})")
-        click.echo(f"write watch: {described['write_watch']}")
+        click.echo(f"write watch: {described['write_watch']} ({described['write_watch_detail']})")
     return 0

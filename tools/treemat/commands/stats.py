@@ -26,6 +26,9 @@ _SUMMARIZED = frozenset(
         "ingested_blobs",
         "ingested_bytes",
         "integrity_quarantined",
+        "guard_unwatched_hashed_blobs",
+        "guard_unwatched_hashed_bytes",
+        "guard_rechecked_blobs",
     }
 )
 
@@ -100,6 +103,7 @@ def show_stats(store: StatsStore, root: Path, *, as_json: bool) -> None:
     modes = sorted({f"{r.get('isolation')} ({r.get('write_watch')})" for r in records if r.get("isolation")})
     if modes:
         click.echo(f"isolation: {', '.join(modes)}")
+    click.echo(format_write_watch(records, totals))
     click.echo(format_dircache(dircache))
     click.echo(format_counters(totals))
     recent = [a for r in records for a in _as_list(r.get("recent_actions"))]
@@ -107,6 +111,24 @@ def show_stats(store: StatsStore, root: Path, *, as_json: bool) -> None:
         click.echo("recent actions:")
         for action in recent[-10:]:
             click.echo(f"  {json.dumps(action, sort_keys=True)}")
+
+
+def format_write_watch(records: list[dict[str, object]], totals: Mapping[str, int]) -> str:
+    """One line: the blob guard's mode per process (inotify / degraded, with why / none) and the hashes it cost."""
+    modes: dict[str, int] = {}
+    for record in records:
+        mode = record.get("write_watch")
+        if isinstance(mode, str):
+            detail = record.get("write_watch_detail")
+            label = mode if mode == "inotify" or not isinstance(detail, str) else f"{mode.upper()} ({detail})"
+            modes[label] = modes.get(label, 0) + 1
+    how = ", ".join(f"{label} in {count} process(es)" for label, count in sorted(modes.items()))
+    return (
+        f"write watch: {how or 'no process has reported it'}; "
+        f"{totals.get('guard_unwatched_hashed_blobs', 0)} blobs "
+        f"({human_bytes(totals.get('guard_unwatched_hashed_bytes', 0))}) hashed on use because they had no watch, "
+        f"{totals.get('guard_rechecked_blobs', 0)} hashed again after their action"
+    )
 
 
 def dircache_state(root: Path, records: list[dict[str, object]]) -> dict[str, object]:

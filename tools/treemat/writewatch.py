@@ -1,0 +1,110 @@
+"""The blob guard's inotify descriptor: opening it, directory watches, and the record of every lost signal.
+
+blobguard.py keeps the blob watches (they decide what is trusted); this module holds what does not: the
+instance itself (none when the user's instances are used up: EMFILE), the directory watches the exec-dir pool
+asks for (execpool.py), and `SignalLog`, the reasons the guard is not (only) on inotify, which make its mode:
+`inotify`, `degraded` (some blobs had or lost no watch: those are hashed on every use) or `none`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import threading
+from collections.abc import Callable
+
+try:  # Linux only
+    from inotify_simple import INotify
+    from inotify_simple import flags as inotify_flags
+except ImportError:  # pragma: no cover - non-Linux
+    INotify = None  # type: ignore[assignment,misc]
+    inotify_flags = None  # type: ignore[assignment]
+
+__all__ = ["DirectoryWatches", "INotify", "SignalLog", "errno_name", "inotify_flags", "open_inotify"]
+
+DirCallback = Callable[[bool], None]  # called with lost=True when the watch itself was lost
+
+
+def open_inotify() -> tuple[INotify | None, str | None]:
+    """A non-blocking inotify instance, or None and why not."""
+    if INotify is None:
+        return None, "no inotify on this platform"
+    try:
+        # non-blocking: two threads may both see events pending (FIONREAD) and both read; the second must get
+        # EAGAIN, not block until some future event (that hung a worker)
+        return INotify(nonblocking=True), None
+    except OSError as exc:
+        return None, f"no inotify instance ({errno_name(exc)})"
+
+
+def errno_name(exc: OSError) -> str:
+    """EMFILE / ENOSPC / ..., with the kernel limit it means for inotify."""
+    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    hint = {errno.ENOSPC: ": the kernel's inotify watch limit", errno.EMFILE: ": the inotify instance limit"}
+    return f"{name}{hint.get(exc.errno or 0, '')}"
+
+
+class SignalLog:
+    """Why the guard is not (only) on inotify: reason -> times. Callers hold their own lock around `lost`."""
+
+    def __init__(self) -> None:
+        self.losses: dict[str, int] = {}
+
+    def lost(self, reason: str) -> None:
+        """Note one loss of signal."""
+        self.losses[reason] = self.losses.get(reason, 0) + 1
+
+    def describe(self, watching: bool) -> dict[str, object]:
+        """`write_watch` (the mode) and `write_watch_detail` (the reasons), for `treemat stats` / `probe`."""
+        reasons = "; ".join(f"{why} (x{times})" for why, times in list(self.losses.items()))
+        mode = "none" if not watching else "degraded" if reasons else "inotify"
+        detail = "unwatched blobs are hashed on every use" if reasons else "one lstat per use"
+        return {"write_watch": mode, "write_watch_detail": f"{reasons}: {detail}" if reasons else detail}
+
+
+class DirectoryWatches:
+    """Directory watches on the guard's descriptor, each with the callback `poll` calls on its events."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._callbacks: dict[int, DirCallback] = {}
+
+    @staticmethod
+    def mask() -> int:
+        """Entries created, removed, renamed or chmodded; the directory itself removed or moved."""
+        return int(
+            inotify_flags.CREATE
+            | inotify_flags.DELETE
+            | inotify_flags.MOVED_FROM
+            | inotify_flags.MOVED_TO
+            | inotify_flags.ATTRIB
+            | inotify_flags.DELETE_SELF
+            | inotify_flags.MOVE_SELF
+            | inotify_flags.ONLYDIR
+            | inotify_flags.DONT_FOLLOW
+        )
+
+    def add(self, inotify: INotify, path: str, on_event: DirCallback) -> int:
+        """Watch `path`; OSError if the kernel refuses."""
+        wd = int(inotify.add_watch(path, self.mask()))
+        with self._lock:
+            self._callbacks[wd] = on_event
+        return wd
+
+    def remove(self, inotify: INotify | None, wd: int) -> None:
+        """Stop watching (gone already is fine)."""
+        with self._lock:
+            self._callbacks.pop(wd, None)
+        if inotify is not None:
+            with contextlib.suppress(OSError):
+                inotify.rm_watch(wd)
+
+    def on_event(self, wd: int, ignored: bool) -> DirCallback | None:
+        """The callback for an event on `wd`, if it is a directory watch (IN_IGNORED: the watch is gone)."""
+        with self._lock:
+            return self._callbacks.pop(wd, None) if ignored else self._callbacks.get(wd)
+
+    def everyone(self) -> list[DirCallback]:
+        """Every callback (a queue overflow: every directory watch lost events)."""
+        with self._lock:
+            return list(self._callbacks.values())
