@@ -16,5 +16,17 @@ PYTHONPATH="tools${PYTHONPATH:+:$PYTHONPATH}" lint-imports --no-cache
 echo "== pytest (unit, property, faults, e2e)"
 python3 -m pytest -q -ra --durations=20 tests
 
+# CI runs as root; users do not. The isolation, cleanup and permission suites run again as an ordinary user (uid
+# 1000 in a user namespace of their own: no capability, owning the files), then with no inotify instance left
+# (the limit lowered inside a user namespace of the test's own, never on the host): the guard must fail closed.
+AS_USER=(unshare --user --map-user=1000 --map-group=1000)
+ISOLATION_SUITES=(tests/faults tests/treemat/test_executor.py tests/treemat/test_worker.py tests/treemat/test_execpool.py
+  tests/treemat/test_blobguard.py tests/treemat/test_cli.py)
+echo "== pytest as an unprivileged user: ${ISOLATION_SUITES[*]}"
+"${AS_USER[@]}" python3 -m pytest -q -ra -p no:cacheprovider "${ISOLATION_SUITES[@]}"
+echo "== pytest as an unprivileged user with no inotify instance left: faults"
+unshare --user --map-root-user sh -c 'echo 0 > /proc/sys/user/max_inotify_instances && exec "$@"' sh \
+  "${AS_USER[@]}" python3 -m pytest -q -ra -p no:cacheprovider tests/faults
+
 echo "== bazel test //tests/..."
 bazel test //tests/... --test_output=errors
