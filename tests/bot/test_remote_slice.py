@@ -115,11 +115,11 @@ def test_action_runs_hermetically_and_outputs_come_back(client: Client) -> None:
         "hello from the input root",
         "env:hi:unset",  # the Command's environment only: the bot's own variables do not leak in
         "cwd:work",
-        "input:writable" if os.geteuid() == 0 else "input:read-only",  # root ignores 0o444 ...
+        "input:read-only",  # the sandbox drops every capability: even root cannot write a 0o444 input ...
     ]
     stderr = client.read(result.stderr_digest).decode()
     assert stderr.startswith("to-stderr\n")
-    # ... but the bot never hardlinks (copy-on-write isolation): the write hit a private copy, and the next
+    # ... and a write that got through (chmod first) would copy up into the run's private layer: the next
     # action reads the pristine bytes.
     again = client.execute(_action(client, salt=b"again" + str(time.time_ns()).encode()), skip_cache=True)
     assert client.read(again.result.stdout_digest).decode().splitlines()[0] == "hello from the input root"
