@@ -3,6 +3,7 @@ hand-built REAPI actions (no Bazel). Select with `-m "remote and not slow"`; the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -115,11 +116,11 @@ def test_action_runs_hermetically_and_outputs_come_back(client: Client) -> None:
         "hello from the input root",
         "env:hi:unset",  # the Command's environment only: the bot's own variables do not leak in
         "cwd:work",
-        "input:writable" if os.geteuid() == 0 else "input:read-only",  # root ignores 0o444 ...
+        "input:read-only",  # the sandbox drops every capability: even root cannot write a 0o444 input ...
     ]
     stderr = client.read(result.stderr_digest).decode()
     assert stderr.startswith("to-stderr\n")
-    # ... but the bot never hardlinks (copy-on-write isolation): the write hit a private copy, and the next
+    # ... and a write that got through (chmod first) would copy up into the run's private layer: the next
     # action reads the pristine bytes.
     again = client.execute(_action(client, salt=b"again" + str(time.time_ns()).encode()), skip_cache=True)
     assert client.read(again.result.stdout_digest).decode().splitlines()[0] == "hello from the input root"
@@ -174,12 +175,12 @@ def test_big_blobs_travel_by_bytestream_and_are_verified(client: Client) -> None
     assert out.digest.hash == digest_of(big + big).hash and out.digest.size_bytes == 2 * len(big)
 
 
-def test_cancelling_the_operation_kills_the_command(client: Client, tmp_path: Path) -> None:
+def test_cancelling_the_operation_kills_the_command(client: Client) -> None:
     from buildgrid._protos.google.longrunning import operations_pb2, operations_pb2_grpc
 
-    pid_file = tmp_path / "pid"
+    token = _token(300)  # the command runs sandboxed (its own pid namespace, a private /tmp): found by argv
     action = client.build_action(
-        {"run.sh": (f"echo $$ > {pid_file}.tmp && mv {pid_file}.tmp {pid_file}; exec sleep 300\n".encode(), True)},
+        {"run.sh": (f"exec sleep {token}\n".encode(), True)},
         ["/bin/sh", "run.sh"],
         env={"PATH": "/usr/bin:/bin"},
         salt=str(time.time_ns()).encode(),
@@ -187,12 +188,10 @@ def test_cancelling_the_operation_kills_the_command(client: Client, tmp_path: Pa
     stream = client.operations(action)
     try:
         first = next(iter(stream))
-        wait_for(pid_file.exists, 60, "the command to start on a bot")
-        pid = int(pid_file.read_text())
-        assert _alive(pid)
+        wait_for(lambda: bool(_processes_with(token)), 60, "the command to start on a bot")
         operations = operations_pb2_grpc.OperationsStub(client.channel)
         operations.CancelOperation(operations_pb2.CancelOperationRequest(name=first.name), timeout=30)
-        wait_for(lambda: not _alive(pid), 60, f"the cancelled command (pid {pid}) to be killed")
+        wait_for(lambda: not _processes_with(token), 60, "the cancelled command to be killed")
     finally:
         stream.cancel()
 
@@ -241,10 +240,9 @@ def test_stats_show_bot_work_per_root(cluster: Cluster, client: Client) -> None:
 
 @pytest.mark.slow
 def test_killed_bot_loses_no_action(cluster: Cluster, client: Client, tmp_path: Path) -> None:
-    marker = tmp_path / "where"
-    script = f"pwd > {marker}.tmp && mv {marker}.tmp {marker}; sleep 3; echo done > out.txt\n".encode()
+    token = _token(3)
     action = client.build_action(
-        {"run.sh": (script, True)},
+        {"run.sh": (f"sleep {token}; echo done > out.txt\n".encode(), True)},
         ["/bin/sh", "run.sh"],
         env={"PATH": "/usr/bin:/bin"},
         outputs=["out.txt"],
@@ -255,9 +253,9 @@ def test_killed_bot_loses_no_action(cluster: Cluster, client: Client, tmp_path: 
     thread.start()
     victim = None
     try:
-        wait_for(marker.exists, 60, "the action to start on a bot")
-        exec_dir = marker.read_text().strip()
-        victim = next(b for b in cluster.running_bots if exec_dir.startswith(str(b.root)))
+        wait_for(lambda: bool(_processes_with(token)), 60, "the action to start on a bot")
+        bots = {bot.proc.pid: bot for bot in cluster.running_bots}
+        victim = next(bots[pid] for pid in _ancestors(_processes_with(token)[0]) if pid in bots)
         cluster.kill_bot(victim.name)
         thread.join(180)
         assert results, "Execute did not finish"
@@ -269,6 +267,34 @@ def test_killed_bot_loses_no_action(cluster: Cluster, client: Client, tmp_path: 
         thread.join(1)
         if victim is not None:  # later tests keep two bots
             cluster.start_bot(f"{victim.name}-restarted", tmp_path / "restarted-root")
+
+
+def _token(seconds: int) -> str:
+    """A `sleep` argument of about `seconds` that no other process has: the command is found by it."""
+    return f"{seconds}.{time.time_ns() % 10**9:09d}"
+
+
+def _processes_with(token: str) -> list[int]:
+    """Live processes whose command line holds `token`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if token.encode() in Path(f"/proc/{entry}/cmdline").read_bytes() and _alive(int(entry)):
+                    found.append(int(entry))
+    return found
+
+
+def _ancestors(pid: int) -> list[int]:
+    """`pid`'s parent, its parent, ... (host pids)."""
+    chain = []
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+        chain.append(pid)
+    return chain
 
 
 def _alive(pid: int) -> bool:

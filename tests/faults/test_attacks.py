@@ -350,6 +350,7 @@ def test_symlinks_inside_directory_inputs_are_staged_or_refused(execroot: Path, 
         ("output is a relative symlink escaping the exec dir", "ln -s ../../../../../../../etc/passwd out/x"),
         ("output is a FIFO", "mkfifo out/x"),
         ("output dir holds a symlink to /dev/zero", "mkdir -p out/x && ln -s /dev/zero out/x/z"),
+        ("output dir links back to its own ancestor", 'mkdir -p out/x/d && ln -s "$PWD/out/x" out/x/d/up'),
     ],
 )
 def test_hostile_outputs_are_refused(name: str, script: str, execroot: Path, stack_root: Path, tally: Tally) -> None:

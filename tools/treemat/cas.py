@@ -213,20 +213,34 @@ class ContentStore:
         except OSError as exc:
             raise CasError(f"cannot ingest {source}: {exc.strerror}") from None
         try:
-            info = os.fstat(src_fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise CasError(f"cannot ingest {source}: it is a {file_kind(info.st_mode)}, not a regular file")
-            if info.st_size == 0:
-                digest = EMPTY_DIGEST
-            else:
-                with self._temp_blob() as temp:
-                    digest = _copy_and_hash(src_fd, temp.fd, source, reflink=self.ingest_reflinks)
-                    _check_expected(digest, expected_hash, expected_size, source)
-                    return self._publish(temp, digest, executable)
-            _check_expected(digest, expected_hash, expected_size, source)
-            return digest
+            return self._ingest_open(src_fd, source, executable, expected_hash, expected_size)
         finally:
             os.close(src_fd)
+
+    def ingest_fd(self, src_fd: int, *, executable: bool, what: str) -> Digest:
+        """Copy the regular file open at `src_fd` into the CAS, hashing it (`what` names it in errors)."""
+        return self._ingest_open(src_fd, what, executable, None, None)
+
+    def _ingest_open(
+        self,
+        src_fd: int,
+        source: str | os.PathLike[str],
+        executable: bool,
+        expected_hash: str | None,
+        expected_size: int | None,
+    ) -> Digest:
+        info = os.fstat(src_fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CasError(f"cannot ingest {source}: it is a {file_kind(info.st_mode)}, not a regular file")
+        if info.st_size == 0:
+            digest = EMPTY_DIGEST
+        else:
+            with self._temp_blob() as temp:
+                digest = _copy_and_hash(src_fd, temp.fd, source, reflink=self.ingest_reflinks)
+                _check_expected(digest, expected_hash, expected_size, source)
+                return self._publish(temp, digest, executable)
+        _check_expected(digest, expected_hash, expected_size, source)
+        return digest
 
     def ingest_bytes(self, data: bytes, *, executable: bool) -> Digest:
         """Store an in-memory blob."""

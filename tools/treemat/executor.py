@@ -57,6 +57,12 @@ class _Background:
         """Queue a job; errors in it are a lost optimisation, never a lost action."""
         self._queue.put(job)
 
+    def flush(self) -> None:
+        """Wait until every job queued so far has run."""
+        done = threading.Event()
+        self._queue.put(done.set)
+        done.wait()
+
     def _run(self) -> None:
         while True:
             job = self._queue.get()
@@ -162,12 +168,18 @@ class ActionExecutor:
         return result
 
     def close(self) -> None:
-        """Remove the pooled exec dirs (they pin their blobs against gc while kept)."""
+        """Remove the pooled exec dirs (they pin their blobs against gc while kept); let queued removals finish."""
+        if self._background is not None:
+            self._background.flush()  # before the guard closes: a removal refreshes the ledger through it
         if self.pool is not None:
             for entry in self.pool.drain():
                 self.pool.forget(entry)
                 remove_tree(entry.path)
                 self.guard.refresh(entry.keys())
+
+    def dispose(self, path: Path, blobs: Iterable[tuple[str, bool]] = ()) -> None:
+        """Remove an exec or run dir of this root in the background (`blobs` it hardlinked: ledger refreshed after)."""
+        self._dispose_path(path, blobs)
 
     def cancel(self, request_id: int) -> bool:
         """Kill the running tool of `request_id` (or make it never start). True if it was in flight."""

@@ -9,7 +9,12 @@ replaced by a link into TREEMAT_ROOT, say) is a refusal, never a redirected writ
   sparse-aware (only data extents are copied) and bounded by the size the file had when opened.
 - A relative symlink that stays inside the exec dir is kept; an absolute one into the exec dir is resolved to
   its content (inside the view, hop by hop); a link leaving the exec dir, or a device, FIFO or socket, is refused.
-- Inside an output directory every entry is checked the same way; an entry that cannot be read is an error.
+- Inside an output directory every entry is checked the same way; an entry that cannot be read is an error, and
+  a link back into a directory being walked (a loop) is refused.
+
+One walker (`walk_entry`) applies these rules for every consumer; what becomes of an entry is its `OutputSink`'s
+business: the worker's copies it into Bazel's execroot, the bot's (bot/outputs.py) stores it and builds REAPI
+messages. Both therefore refuse the same entries with the same one-line errors.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import errno
 import os
 import stat
 from collections.abc import Iterator, Sequence
+from typing import Protocol, TypeVar
 
 from treemat.errors import ExecutionError
 from treemat.fsprims import file_kind
@@ -29,6 +35,7 @@ _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _COPY_CHUNK = 1 << 30
+H = TypeVar("H")
 
 
 class OutputView:
@@ -95,53 +102,118 @@ class OutputView:
         raise ExecutionError(f"output {what!r}: too many levels of symlinks")
 
 
+class OutputSink(Protocol[H]):
+    """Where the walker delivers an output's entries; `into` is a directory of the sink's own (H)."""
+
+    def file(self, fd: int, info: os.stat_result, into: H, name: str, rel: str) -> None:
+        """A regular file, open for reading at `fd` (checked regular through it)."""
+
+    def symlink(self, target: str, into: H, name: str, rel: str) -> None:
+        """A relative symlink that stays inside the exec dir (its target checked, inside the view)."""
+
+    def directory(self, into: H, name: str, rel: str) -> H:
+        """A directory: make it in `into` and return it; its entries follow, then `close` (even on error)."""
+
+    def close(self, directory: H, *, complete: bool) -> None:
+        """The directory `directory` returned is done (`complete` False when the walk failed inside it)."""
+
+
+class _CopySink:
+    """The worker's sink: new files, directories and links under a destination directory descriptor."""
+
+    def file(self, fd: int, info: os.stat_result, into: int, name: str, rel: str) -> None:
+        copy_open_file(fd, info, into, name)
+
+    def symlink(self, target: str, into: int, name: str, rel: str) -> None:
+        os.symlink(target, name, dir_fd=into)
+
+    def directory(self, into: int, name: str, rel: str) -> int:
+        os.mkdir(name, 0o755, dir_fd=into)
+        return os.open(name, _DIR_PATH, dir_fd=into)
+
+    def close(self, directory: int, *, complete: bool) -> None:
+        os.close(directory)
+
+
+def find_output(view: OutputView, output: str) -> tuple[int, str, os.stat_result] | None:
+    """(parent descriptor, name, lstat) of a declared output in the view, following no link; None if absent."""
+    rel = normalize_path(output)
+    opened = view.open_parent(rel, rel)
+    if opened is None:
+        return None
+    parent, name = opened
+    try:
+        return parent, name, os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        os.close(parent)
+        return None
+    except BaseException:
+        os.close(parent)
+        raise
+
+
 def collect_outputs(outputs: Sequence[str], view: OutputView, execroot_fd: int) -> list[str]:
     """Copy each declared output (file or directory) from the view into the execroot; returns the missing ones."""
     missing: list[str] = []
+    sink = _CopySink()
     for output in outputs:
         rel = normalize_path(output)
-        opened = view.open_parent(rel, rel)
-        if opened is None:
+        found = find_output(view, rel)
+        if found is None:
             missing.append(rel)
             continue
-        parent, name = opened
+        parent, name, info = found
         try:
-            try:
-                info = os.stat(name, dir_fd=parent, follow_symlinks=False)
-            except FileNotFoundError:
-                missing.append(rel)
-                continue
             with _destination_parent(execroot_fd, rel) as (dst_parent, dst_name):
                 _clear(dst_parent, dst_name, rel)
-                _copy_entry(view, parent, name, info, dst_parent, dst_name, rel)
+                walk_entry(view, parent, name, info, sink, dst_parent, dst_name, rel)
         finally:
             os.close(parent)
     return missing
 
 
-def _copy_entry(
-    view: OutputView, parent: int, name: str, info: os.stat_result, dst_parent: int, dst_name: str, rel: str
+def walk_entry(
+    view: OutputView,
+    parent: int,
+    name: str,
+    info: os.stat_result,
+    sink: OutputSink[H],
+    into: H,
+    dst_name: str,
+    rel: str,
+    ancestors: frozenset[tuple[int, int]] = frozenset(),
 ) -> None:
-    """Copy one entry (file, directory or symlink) of the view into `dst_parent`, by the rules above."""
+    """Deliver one entry of the view (file, directory or symlink) to `sink` as `dst_name` in `into`, by the
+    rules above; `ancestors` are the directories being walked (a link back into one is a loop: refused)."""
     if stat.S_ISLNK(info.st_mode):
         target = os.readlink(name, dir_fd=parent)
         inside = view.inside(os.path.dirname(rel), target, rel)
         if not os.path.isabs(target):
             _check_link_target(view, inside, rel, target)
-            os.symlink(target, dst_name, dir_fd=dst_parent)
+            sink.symlink(target, into, dst_name, rel)
             return
         resolved = view.resolve(inside, rel)
         if resolved is None:
             raise ExecutionError(f"output {rel!r} is a dangling symlink ({target!r})")
         real_parent, real_name, real_info = resolved
         try:
-            _copy_entry(view, real_parent, real_name, real_info, dst_parent, dst_name, rel)
+            walk_entry(view, real_parent, real_name, real_info, sink, into, dst_name, rel, ancestors)
         finally:
             os.close(real_parent)
     elif stat.S_ISREG(info.st_mode):
-        copy_file_at(parent, name, dst_parent, dst_name, rel)
+        try:
+            fd = os.open(name, _FILE_READ, dir_fd=parent)
+        except OSError as exc:
+            raise ExecutionError(f"output {rel!r} cannot be read: {exc.strerror}") from None
+        try:
+            opened = os.fstat(fd)
+            if not stat.S_ISREG(opened.st_mode):
+                raise ExecutionError(f"output {rel!r} is a {file_kind(opened.st_mode)}: refused")
+            sink.file(fd, opened, into, dst_name, rel)
+        finally:
+            os.close(fd)
     elif stat.S_ISDIR(info.st_mode):
-        _copy_directory(view, parent, name, dst_parent, dst_name, rel)
+        _walk_directory(view, parent, name, sink, into, dst_name, rel, ancestors)
     else:
         raise ExecutionError(f"output {rel!r} is a {file_kind(info.st_mode)}: refused")
 
@@ -157,54 +229,58 @@ def _check_link_target(view: OutputView, inside: str, rel: str, target: str) -> 
         raise ExecutionError(f"output {rel!r} is a symlink ({target!r}) to a {file_kind(info.st_mode)}: refused")
 
 
-def _copy_directory(view: OutputView, parent: int, name: str, dst_parent: int, dst_name: str, rel: str) -> None:
+def _walk_directory(
+    view: OutputView,
+    parent: int,
+    name: str,
+    sink: OutputSink[H],
+    into: H,
+    dst_name: str,
+    rel: str,
+    ancestors: frozenset[tuple[int, int]],
+) -> None:
     try:
         src = os.open(name, _DIR_READ, dir_fd=parent)
     except OSError as exc:
         raise ExecutionError(f"output directory {rel!r} cannot be read: {exc.strerror}") from None
     try:
-        os.mkdir(dst_name, 0o755, dir_fd=dst_parent)
-        dst = os.open(dst_name, _DIR_PATH, dir_fd=dst_parent)
+        here = os.fstat(src)
+        key = (here.st_dev, here.st_ino)
+        if key in ancestors:
+            raise ExecutionError(f"output {rel!r} leads back into a directory that contains it (a loop): refused")
+        directory = sink.directory(into, dst_name, rel)
+        complete = False
         try:
             for entry_name in sorted(os.listdir(src)):
                 inner = f"{rel}/{entry_name}"
                 entry_info = os.stat(entry_name, dir_fd=src, follow_symlinks=False)
-                _copy_entry(view, src, entry_name, entry_info, dst, entry_name, inner)
+                walk_entry(view, src, entry_name, entry_info, sink, directory, entry_name, inner, ancestors | {key})
+            complete = True
         finally:
-            os.close(dst)
+            sink.close(directory, complete=complete)
     except PermissionError as exc:
         raise ExecutionError(f"output directory {rel!r} has an entry that cannot be read: {exc.strerror}") from None
     finally:
         os.close(src)
 
 
-def copy_file_at(src_parent: int, src_name: str, dst_parent: int, dst_name: str, what: str) -> None:
-    """Copy a regular file (checked through the open descriptor) to a new file, mode 0o755 or 0o644.
+def copy_open_file(fd: int, info: os.stat_result, dst_parent: int, dst_name: str) -> None:
+    """Copy the regular file open at `fd` to a new file, mode 0o755 or 0o644.
 
     Sparse-aware: only the data extents are copied (a huge hole costs nothing); never more than the size the
     file had when it was opened.
     """
+    mode = 0o755 if info.st_mode & 0o111 else 0o644
+    out = os.open(
+        dst_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dst_parent
+    )
     try:
-        fd = os.open(src_name, _FILE_READ, dir_fd=src_parent)
-    except OSError as exc:
-        raise ExecutionError(f"output {what!r} cannot be read: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ExecutionError(f"output {what!r} is a {file_kind(info.st_mode)}: refused")
-        mode = 0o755 if info.st_mode & 0o111 else 0o644
-        out = os.open(
-            dst_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dst_parent
-        )
-        try:
-            for start, end in _data_extents(fd, info.st_size):
-                _copy_range(fd, out, start, end)
-            os.ftruncate(out, info.st_size)
-            os.fchmod(out, mode)
-        finally:
-            os.close(out)
+        for start, end in _data_extents(fd, info.st_size):
+            _copy_range(fd, out, start, end)
+        os.ftruncate(out, info.st_size)
+        os.fchmod(out, mode)
     finally:
-        os.close(fd)
+        os.close(out)
 
 
 def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:

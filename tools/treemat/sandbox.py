@@ -94,6 +94,8 @@ class ToolPlan:
     cache: CacheView | None = None  # None: a private empty cache
     cwd: str = ""  # relative to the exec dir (REAPI working_directory)
     masks: Sequence[str] = field(default_factory=tuple)
+    stdout: int = -1  # a descriptor of the caller's (a file) for the tool's stdout; -1: the outcome's output pipe
+    stderr: int = -1  # likewise for stderr; -1: wherever stdout goes
 
 
 class SandboxProcess:
@@ -184,9 +186,12 @@ class Sandbox:
                     "cache": cache_mode,
                     "mask": list(plan.masks or self.masks),
                     "dirs": dirs,
-                    "fds": ["status", "stdout"],
+                    "fds": ["status", "stdout", "stderr"] if plan.stderr >= 0 else ["status", "stdout"],
                 }
-                socket.send_fds(self._control, [json.dumps(request).encode()], [status_there.fileno(), write_end])
+                fds = [status_there.fileno(), plan.stdout if plan.stdout >= 0 else write_end]
+                if plan.stderr >= 0:
+                    fds.append(plan.stderr)
+                socket.send_fds(self._control, [json.dumps(request).encode()], fds)
         except OSError as exc:
             os.close(read_end)
             status_here.close()

@@ -307,19 +307,20 @@ def become_tool(kernel: Kernel, plan: dict[str, Any], fds: dict[str, int]) -> No
         finally:
             os._exit(126)
     if tool == 0:
-        _exec_tool(kernel, argv, env, fds["stdout"])
+        _exec_tool(kernel, argv, env, fds["stdout"], fds.get("stderr", fds["stdout"]))
     status.close()
     os.closerange(3, 65536)  # init keeps nothing of the helper's: the output pipe ends with the tool's processes
     os._exit(_init_loop(tool))
 
 
-def _exec_tool(kernel: Kernel, argv: list[str], env: dict[str, str], stdout: int) -> None:
-    """In the tool's process: stdio on the pipe, nothing else of ours open, no capability left; then exec."""
+def _exec_tool(kernel: Kernel, argv: list[str], env: dict[str, str], stdout: int, stderr: int) -> None:
+    """In the tool's process: stdio on the pipe (or the caller's files), nothing else of ours open, no capability
+    left; then exec."""
     try:
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(stdout, 1)
-        os.dup2(stdout, 2)
+        os.dup2(stderr, 2)
         os.closerange(3, 65536)  # nothing of ours reaches the tool
         kernel.drop_capabilities()
     except BaseException as exc:

@@ -101,6 +101,8 @@ class ToolRunner:
         """The tool in its own session at its real exec dir: `--isolation=none`, or macOS under its profile."""
         cwd = plan.exec_dir / plan.cwd if plan.cwd else plan.exec_dir
         argv = self.sandbox.command(plan)
+        stdout = plan.stdout if plan.stdout >= 0 else subprocess.PIPE
+        stderr = plan.stderr if plan.stderr >= 0 else subprocess.STDOUT
         with self.fork_gate.forking():
             try:
                 proc = subprocess.Popen(
@@ -108,8 +110,8 @@ class ToolRunner:
                     cwd=cwd,
                     env=plan.env,
                     stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
+                    stdout=stdout,
+                    stderr=stderr,
                     start_new_session=True,
                 )
             except OSError as exc:
@@ -117,7 +119,6 @@ class ToolRunner:
                 return ToolOutcome(code, f"treemat: error: cannot run {plan.argv[0]!r}: {exc.strerror}\n")
         self._register(request_id, lambda: _kill_group(proc.pid))
         try:
-            assert proc.stdout is not None
             output = _drain_group(proc)
         finally:
             cancelled = self._unregister(request_id)
@@ -144,7 +145,11 @@ def read_bounded(fd: int) -> str:
 def _drain_group(proc: subprocess.Popen[bytes]) -> str:
     """Unsandboxed: the output; once the tool exits its process group gets a grace period, then SIGKILL."""
     result: list[str] = []
-    assert proc.stdout is not None
+    if proc.stdout is None:  # the caller's files take the output
+        proc.wait()
+        time.sleep(KILL_GRACE_SECONDS)
+        _kill_group(proc.pid)
+        return ""
     stdout = proc.stdout.fileno()
     reader = threading.Thread(target=lambda: result.append(read_bounded(stdout)), daemon=True)
     reader.start()

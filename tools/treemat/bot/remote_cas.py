@@ -18,8 +18,7 @@ from typing import Any
 import grpc
 
 from treemat.bot.rpc import bs_grpc, bs_pb2, code_pb2, re_grpc, re_pb2
-from treemat.bot.stager import Digest, LocalStager
-from treemat.errors import TreematError
+from treemat.bot.stager import Digest, LocalStager, TreematError
 
 BATCH_BYTES = 2 << 20  # per Batch* request (BuildGrid accepts up to ~4 MiB)
 BATCH_COUNT = 400  # digests per request (BuildGrid caps at 500)

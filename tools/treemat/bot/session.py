@@ -92,6 +92,7 @@ class Bot:
             self._abandon_all("bot stopping")
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._publish()
+            self.stager.close()
 
     def _create_session(self, stop: threading.Event) -> Any:
         template = bots_pb2.BotSession(bot_id=self.bot_id, status=bots_pb2.OK)
