@@ -1,0 +1,51 @@
+"""Smaller holes an adversarial review found: each test here failed on the code before its fix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ..treemat.workerharness import Worker, request
+
+IN_BYTES = b"declared input\n"
+
+
+@pytest.fixture
+def execroot(tmp_path: Path) -> Path:
+    root = tmp_path / "execroot"
+    (root / "in").mkdir(parents=True)
+    (root / "in/a.txt").write_bytes(IN_BYTES)
+    return root
+
+
+@pytest.fixture
+def worker(execroot: Path, tmp_path: Path) -> Iterator[Worker]:
+    live = Worker(execroot, tmp_path / "root", extra=["--max-workers=4"])
+    try:
+        yield live
+    finally:
+        live.proc.kill()
+        live.proc.wait()
+
+
+# ----------------------------------------------------------------------------------- the worker protocol
+
+
+def test_a_request_id_already_in_flight_is_refused_and_its_cancel_reaches_the_first(
+    execroot: Path, worker: Worker
+) -> None:
+    slow = request(execroot, ["in/a.txt"], ["out/slow"], ["sh", "-c", "sleep 60; touch out/slow"], 5)
+    worker.send(slow, slow)  # the first is in flight once read: the worker reads requests one by one
+    refused = worker.read()
+    assert refused["requestId"] == 5 and refused["exitCode"] == 1, refused
+    assert "already in flight" in refused["output"] and refused["output"].count("\n") == 1, refused
+    worker.send({"requestId": 5, "cancel": True})
+    cancelled = worker.read()
+    assert cancelled["requestId"] == 5 and cancelled.get("wasCancelled") is True, cancelled
+    worker.send(request(execroot, ["in/a.txt"], ["out/after"], ["cp", "in/a.txt", "out/after"], 5))
+    after = worker.read()
+    assert after["requestId"] == 5 and after["exitCode"] == 0, "the id is free again once its action ended"
+    assert (execroot / "out/after").read_bytes() == IN_BYTES
+    assert not (execroot / "out/slow").exists()
