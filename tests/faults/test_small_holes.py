@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from treemat import protocol, protos
 
 from ..treemat.workerharness import Worker, request
 
@@ -30,6 +32,10 @@ def worker(execroot: Path, tmp_path: Path) -> Iterator[Worker]:
         live.proc.wait()
 
 
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 # ----------------------------------------------------------------------------------- the worker protocol
 
 
@@ -49,3 +55,33 @@ def test_a_request_id_already_in_flight_is_refused_and_its_cancel_reaches_the_fi
     assert after["requestId"] == 5 and after["exitCode"] == 0, "the id is free again once its action ended"
     assert (execroot / "out/after").read_bytes() == IN_BYTES
     assert not (execroot / "out/slow").exists()
+
+
+def test_sandbox_dir_is_refused_naming_the_field(execroot: Path, worker: Worker) -> None:
+    body = request(execroot, ["in/a.txt"], ["out/x"], ["cp", "in/a.txt", "out/x"], 3)
+    worker.send({**body, "sandboxDir": "__sandbox/3/_main"})
+    reply = worker.read()
+    assert reply["requestId"] == 3 and reply["exitCode"] == 1, reply
+    assert "sandbox_dir" in reply["output"] and reply["output"].count("\n") == 1, reply
+    assert "--experimental_worker_multiplex_sandboxing" in reply["output"]
+    assert not (execroot / "out/x").exists()
+    worker.send(body)
+    assert worker.read()["exitCode"] == 0, "the worker keeps serving"
+
+
+def test_sandbox_dir_is_refused_in_proto_requests_too(execroot: Path, tmp_path: Path) -> None:
+    live = Worker(execroot, tmp_path / "root", protocol="proto")
+    try:
+        message = protos.WorkRequest(
+            arguments=["--output=out/p", "--", "cp", "in/a.txt", "out/p"], request_id=4, sandbox_dir="sb/4"
+        )
+        message.inputs.add(path="in/a.txt", digest=_sha(IN_BYTES).encode())
+        protocol.write_delimited(live.stdin, message)
+        live.stdin.flush()
+        reply = protocol.read_delimited(live.stdout, protos.WorkResponse)
+        assert reply is not None and reply.request_id == 4 and reply.exit_code == 1
+        assert "sandbox_dir" in reply.output and reply.output.count("\n") == 1, reply.output
+        assert not (execroot / "out/p").exists()
+    finally:
+        live.proc.kill()
+        live.proc.wait()

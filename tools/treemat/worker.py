@@ -1,8 +1,9 @@
 """The persistent-worker loop: decoded requests in (protocol.py), each dispatched to the executor, replies out.
 
 Singleplex requests (request id 0) run in order; multiplex ones run concurrently on a bounded pool; a cancel
-request kills the tool of an in-flight request. A request reusing the id of one in flight is refused with a
-one-line error. stdout carries protocol bytes only; the cwd is the execroot.
+request kills the tool of an in-flight request. A request reusing the id of one in flight, or asking for Bazel's
+multiplex sandboxing (`sandbox_dir`), is refused with a one-line error. stdout carries protocol bytes only; the
+cwd is the execroot.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from treemat.protocol import Malformed, Wire, WorkItem, WorkReply, encode_reply,
 from treemat.stack import Stack, open_stack
 
 Handler = Callable[[WorkItem], WorkReply]
+SANDBOX_DIR_REFUSED = (
+    "treemat: error: the work request sets sandbox_dir ({!r:.200}), which treemat does not support: it stages and "
+    "sandboxes each action itself; turn off --experimental_worker_multiplex_sandboxing\n"
+)
 DUPLICATE_REFUSED = (
     "treemat: error: request id {} is already in flight: refused (a multiplex worker needs one id per action)\n"
 )
@@ -77,6 +82,9 @@ class WorkerServer:
                     inflight = item.request_id in self._inflight
                 if inflight:
                     self.on_cancel(item.request_id)
+            return
+        if item.sandbox_dir:
+            self.respond(WorkReply(item.request_id, 1, SANDBOX_DIR_REFUSED.format(item.sandbox_dir)))
             return
         if item.request_id == 0:
             self.respond(self._run(item))
