@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from treemat import protocol, protos
+from treemat.executor import ActionExecutor, ActionRequest, ActionResult, RequestInput
+from treemat.flagfile import ActionSpec
+from treemat.stack import open_stack
 
 from ..treemat.workerharness import Worker, request
 
@@ -85,3 +89,40 @@ def test_sandbox_dir_is_refused_in_proto_requests_too(execroot: Path, tmp_path: 
     finally:
         live.proc.kill()
         live.proc.wait()
+
+
+# ----------------------------------------------------------------------------------- input paths
+
+
+def _executor(root: Path) -> ActionExecutor:
+    return open_stack(root, background_cleanup=False).executor
+
+
+def _execute(executor: ActionExecutor, execroot: Path, script: str, outputs: list[str], *inputs: str) -> ActionResult:
+    listed = [RequestInput(p, _sha((execroot / p).read_bytes()) if (execroot / p).exists() else None) for p in inputs]
+    spec = ActionSpec(argv=["sh", "-c", script], outputs=outputs)
+    return executor.execute(ActionRequest(spec, listed, execroot))
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["fresh", "reused-exec-dir"])
+def test_a_lone_surrogate_in_an_input_path_is_a_one_line_error_leaking_nothing(
+    execroot: Path, tmp_path: Path, warm: bool
+) -> None:
+    root = tmp_path / "root"
+    executor = _executor(root)
+    if warm:  # a pooled exec dir for these outputs, which the bad request then leases
+        assert _execute(executor, execroot, "cp in/a.txt out/x", ["out/x"], "in/a.txt").exit_code == 0
+    result = _execute(executor, execroot, "cp in/a.txt out/x", ["out/x"], "in/a.txt", "in/\ud800bad")
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "\\ud800" in result.output and "surrogate" in result.output, result.output
+    assert _execute(executor, execroot, "cp in/a.txt out/y", ["out/y"], "in/a.txt").exit_code == 0, "still serving"
+    executor.close()
+    assert os.listdir(root / "exec") == [], "no exec dir is left behind"
+
+
+def test_a_lone_surrogate_reaches_the_worker_as_a_one_line_reply(execroot: Path, worker: Worker) -> None:
+    worker.send_raw(b'{"arguments": ["--", "true"], "inputs": [{"path": "in/\\ud800"}], "requestId": 8}')
+    reply = worker.read()
+    assert reply["requestId"] == 8 and reply["exitCode"] == 1, reply
+    assert "surrogate" in reply["output"] and reply["output"].count("\n") == 1, reply
+    assert "'in/\\ud800'" in reply["output"] and "internal error" not in reply["output"], "names the path"

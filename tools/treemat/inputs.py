@@ -101,8 +101,11 @@ class InputStager:
             entry.manifest = request.inputs
         except (OSError, TreematError):
             self.counters.add("execpool_patch_failed")
-            self._dispose(entry.path)
+            self._drop(entry)
             return None, empty
+        except BaseException:
+            self._drop(entry)  # leased and half patched: never back to the pool, never left in exec/
+            raise
         report.unchanged = len(request.inputs) - report.linked
         self.counters.add("execpool_reused")
         self.counters.add("hardlink", report.linked)
@@ -110,6 +113,12 @@ class InputStager:
         stage.hardlinked = report.relinked
         stage.seconds = time.perf_counter() - started
         return entry, stage
+
+    def _drop(self, entry: PooledDir) -> None:
+        """A leased dir that cannot be used: unwatched and removed."""
+        assert self.pool is not None
+        self.pool.forget(entry)
+        self._dispose(entry.path)
 
     def _delta(self, request: ActionRequest, entry: PooledDir) -> tuple[dict[str, tuple[str, bool]], set[str]]:
         """What to (re)link ({path: (hash, executable)}) and what to remove to turn `entry` into this request.
