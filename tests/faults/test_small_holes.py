@@ -126,3 +126,28 @@ def test_a_lone_surrogate_reaches_the_worker_as_a_one_line_reply(execroot: Path,
     assert reply["requestId"] == 8 and reply["exitCode"] == 1, reply
     assert "surrogate" in reply["output"] and reply["output"].count("\n") == 1, reply
     assert "'in/\\ud800'" in reply["output"] and "internal error" not in reply["output"], "names the path"
+
+
+# ----------------------------------------------------------------------------------- exec bits
+
+
+@pytest.mark.parametrize("isolation", ["overlay", "copy-on-write"], ids=["reused-exec-dir", "warm-restaged"])
+def test_an_exec_bit_changed_with_the_same_bytes_is_what_the_tool_sees(
+    execroot: Path, tmp_path: Path, isolation: str
+) -> None:
+    tool = execroot / "in/tool.sh"
+    tool.write_bytes(b"#!/bin/sh\necho ran\n")
+    executor = open_stack(tmp_path / "root", isolation=isolation, background_cleanup=False).executor
+    probe = "if test -x in/tool.sh; then echo x; else echo -; fi > out/m"
+
+    def seen() -> str:
+        result = _execute(executor, execroot, probe, ["out/m"], "in/a.txt", "in/tool.sh")
+        assert result.exit_code == 0, result.output
+        return (execroot / "out/m").read_text().strip()
+
+    for mode, expected in ((0o644, "-"), (0o755, "x"), (0o644, "-"), (0o755, "x")):
+        os.chmod(tool, mode)
+        assert seen() == expected, f"after chmod {mode:o} (the same bytes)"
+    if isolation == "overlay":
+        assert executor.counters.get("execpool_reused") >= 3, "the exec dir was reused"
+    executor.close()
