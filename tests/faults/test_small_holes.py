@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from treemat import protocol, protos
 from treemat.executor import ActionExecutor, ActionRequest, ActionResult, RequestInput
 from treemat.flagfile import ActionSpec
+from treemat.sandbox import EXEC_ROOT
 from treemat.stack import open_stack
 
 from ..treemat.workerharness import Worker, request
@@ -151,3 +153,64 @@ def test_an_exec_bit_changed_with_the_same_bytes_is_what_the_tool_sees(
     if isolation == "overlay":
         assert executor.counters.get("execpool_reused") >= 3, "the exec dir was reused"
     executor.close()
+
+
+# ----------------------------------------------------------------------------------- outputs
+
+
+def _outputs_run(
+    executor: ActionExecutor, execroot: Path, script: str, files: list[str], dirs: list[str]
+) -> ActionResult:
+    spec = ActionSpec(argv=["sh", "-c", script], outputs=files, output_dirs=dirs)
+    return executor.execute(ActionRequest(spec, [RequestInput("in/a.txt", _sha(IN_BYTES))], execroot))
+
+
+def test_an_absolute_symlink_output_to_a_huge_sparse_file_is_copied_sparse(execroot: Path, tmp_path: Path) -> None:
+    executor = _executor(tmp_path / "root")
+    script = f"truncate -s 100G out/big && printf tail >> out/big && ln -s {EXEC_ROOT}/out/big out/x"
+    result = _outputs_run(executor, execroot, script, ["out/x"], [])
+    assert result.exit_code == 0, result.output
+    copied = os.lstat(execroot / "out/x")
+    assert stat.S_ISREG(copied.st_mode) and copied.st_size == (100 << 30) + 4
+    assert copied.st_blocks * 512 < 1 << 20, f"densified: {copied.st_blocks * 512} bytes allocated"
+    with open(execroot / "out/x", "rb") as handle:
+        handle.seek(100 << 30)
+        assert handle.read() == b"tail"
+    executor.close()
+
+
+@pytest.mark.parametrize(
+    ("script", "files", "dirs"),
+    [
+        (f"ln -s {EXEC_ROOT} out/x", ["out/x"], []),
+        (f"ln -s {EXEC_ROOT}/out out/x", ["out/x"], []),
+        ("ln -s .. out/x", ["out/x"], []),
+        ("ln -s . out/x", ["out/x"], []),
+        (f"mkdir -p out/d && ln -s {EXEC_ROOT}/out/d out/d/loop", [], ["out/d"]),
+        (f"mkdir -p out/d/e && ln -s {EXEC_ROOT}/out out/d/e/loop", [], ["out/d"]),
+        (f"mkdir -p out/d other && ln -s {EXEC_ROOT}/other out/d/a && ln -s {EXEC_ROOT}/other other/b", [], ["out/d"]),
+    ],
+    ids=["exec-root", "parent-abs", "parent-rel", "self-rel", "dir-self", "dir-grandparent", "loop-via-other"],
+)
+def test_a_symlink_output_to_an_ancestor_directory_is_a_clear_refusal(
+    execroot: Path, tmp_path: Path, script: str, files: list[str], dirs: list[str]
+) -> None:
+    executor = _executor(tmp_path / "root")
+    result = _outputs_run(executor, execroot, script, files, dirs)
+    assert result.exit_code == 1 and "refused" in result.output, result.output
+    assert result.output.count("\n") == 1 and "RecursionError" not in result.output, result.output
+    executor.close()
+
+
+def test_an_unreadable_directory_inside_an_output_dir_is_an_error_not_skipped(execroot: Path, tmp_path: Path) -> None:
+    executor = _executor(tmp_path / "root")
+    script = "mkdir -p out/d/sub && echo hi > out/d/sub/f && echo top > out/d/g && chmod 000 out/d/sub"
+    result = _outputs_run(executor, execroot, script, [], ["out/d"])
+    copied = execroot / "out/d/sub/f"
+    if result.exit_code == 0:  # the worker could read it anyway (root: chmod 000 does not stop it): all copied
+        assert os.geteuid() == 0, "an unprivileged worker cannot have read a mode-000 directory"
+        assert copied.read_text() == "hi\n" and (execroot / "out/d/g").read_text() == "top\n"
+    else:
+        assert "'out/d/sub'" in result.output and result.output.count("\n") == 1, result.output
+    executor.close()
+    assert os.listdir(tmp_path / "root/exec") == [], "nothing left behind either way"

@@ -10,6 +10,8 @@ replaced by a link into TREEMAT_ROOT, say) is a refusal, never a redirected writ
 - A relative symlink that stays inside the exec dir is kept; an absolute one into the exec dir is resolved to
   its content (inside the view, hop by hop); a link leaving the exec dir, or a device, FIFO or socket, is refused.
 - Inside an output directory every entry is checked the same way; an entry that cannot be read is an error.
+- A symlink that leads back to a directory containing it (`out/x -> ..`, an absolute link to the exec dir or
+  to a directory being copied) is refused: copying it would never end.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _COPY_CHUNK = 1 << 30
+
+Identity = tuple[int, int]  # (st_dev, st_ino) of a directory
 
 
 class OutputView:
@@ -73,6 +77,20 @@ class OutputView:
             raise
         return fd, parts[-1]
 
+    def parent_identities(self, rel: str) -> set[Identity]:
+        """(dev, ino) of every directory above `rel` in the view (the view itself included), following no link."""
+        fd = os.dup(self.fd)
+        try:
+            found = {_identity(os.fstat(fd))}
+            for part in rel.split("/")[:-1]:
+                child = os.open(part, _DIR_PATH, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                found.add(_identity(os.fstat(fd)))
+        finally:
+            os.close(fd)
+        return found
+
     def resolve(self, rel: str, what: str) -> tuple[int, str, os.stat_result] | None:
         """Follow symlinks inside the view from `rel` to a file or directory: (parent fd, name, lstat) or None."""
         for _hop in range(_SYMLINK_HOPS):
@@ -111,22 +129,40 @@ def collect_outputs(outputs: Sequence[str], view: OutputView, execroot_fd: int) 
             except FileNotFoundError:
                 missing.append(rel)
                 continue
+            # the directories the copy must never come back to: the output's parents (for a link or a directory)
+            above = set() if stat.S_ISREG(info.st_mode) else view.parent_identities(rel)
             with _destination_parent(execroot_fd, rel) as (dst_parent, dst_name):
                 _clear(dst_parent, dst_name, rel)
-                _copy_entry(view, parent, name, info, dst_parent, dst_name, rel)
+                try:
+                    _copy_entry(view, parent, name, info, dst_parent, dst_name, rel, above)
+                except RecursionError:
+                    raise ExecutionError(f"output {rel!r} is nested too deeply to copy: refused") from None
         finally:
             os.close(parent)
     return missing
 
 
 def _copy_entry(
-    view: OutputView, parent: int, name: str, info: os.stat_result, dst_parent: int, dst_name: str, rel: str
+    view: OutputView,
+    parent: int,
+    name: str,
+    info: os.stat_result,
+    dst_parent: int,
+    dst_name: str,
+    rel: str,
+    above: set[Identity],
 ) -> None:
-    """Copy one entry (file, directory or symlink) of the view into `dst_parent`, by the rules above."""
+    """Copy one entry (file, directory or symlink) of the view into `dst_parent`, by the rules above.
+
+    `above` holds the directories that contain the entry (in the view and in this copy): reaching one again is
+    a cycle.
+    """
     if stat.S_ISLNK(info.st_mode):
         target = os.readlink(name, dir_fd=parent)
         inside = view.inside(os.path.dirname(rel), target, rel)
         if not os.path.isabs(target):
+            if inside in (".", rel) or rel.startswith(inside + "/"):
+                raise ExecutionError(f"output {rel!r} is a symlink to {target!r}, a directory containing it: refused")
             _check_link_target(view, inside, rel, target)
             os.symlink(target, dst_name, dir_fd=dst_parent)
             return
@@ -135,15 +171,21 @@ def _copy_entry(
             raise ExecutionError(f"output {rel!r} is a dangling symlink ({target!r})")
         real_parent, real_name, real_info = resolved
         try:
-            _copy_entry(view, real_parent, real_name, real_info, dst_parent, dst_name, rel)
+            if stat.S_ISDIR(real_info.st_mode) and _identity(real_info) in above:
+                raise ExecutionError(f"output {rel!r} is a symlink to {target!r}, a directory containing it: refused")
+            _copy_entry(view, real_parent, real_name, real_info, dst_parent, dst_name, rel, above)
         finally:
             os.close(real_parent)
     elif stat.S_ISREG(info.st_mode):
         copy_file_at(parent, name, dst_parent, dst_name, rel)
     elif stat.S_ISDIR(info.st_mode):
-        _copy_directory(view, parent, name, dst_parent, dst_name, rel)
+        _copy_directory(view, parent, name, dst_parent, dst_name, rel, above)
     else:
         raise ExecutionError(f"output {rel!r} is a {file_kind(info.st_mode)}: refused")
+
+
+def _identity(info: os.stat_result) -> Identity:
+    return (info.st_dev, info.st_ino)
 
 
 def _check_link_target(view: OutputView, inside: str, rel: str, target: str) -> None:
@@ -157,19 +199,25 @@ def _check_link_target(view: OutputView, inside: str, rel: str, target: str) -> 
         raise ExecutionError(f"output {rel!r} is a symlink ({target!r}) to a {file_kind(info.st_mode)}: refused")
 
 
-def _copy_directory(view: OutputView, parent: int, name: str, dst_parent: int, dst_name: str, rel: str) -> None:
+def _copy_directory(
+    view: OutputView, parent: int, name: str, dst_parent: int, dst_name: str, rel: str, above: set[Identity]
+) -> None:
     try:
         src = os.open(name, _DIR_READ, dir_fd=parent)
     except OSError as exc:
         raise ExecutionError(f"output directory {rel!r} cannot be read: {exc.strerror}") from None
     try:
+        identity = _identity(os.fstat(src))
+        if identity in above:
+            raise ExecutionError(f"output {rel!r} leads back to a directory containing it: refused")
+        above = above | {identity}
         os.mkdir(dst_name, 0o755, dir_fd=dst_parent)
         dst = os.open(dst_name, _DIR_PATH, dir_fd=dst_parent)
         try:
             for entry_name in sorted(os.listdir(src)):
                 inner = f"{rel}/{entry_name}"
                 entry_info = os.stat(entry_name, dir_fd=src, follow_symlinks=False)
-                _copy_entry(view, src, entry_name, entry_info, dst, entry_name, inner)
+                _copy_entry(view, src, entry_name, entry_info, dst, entry_name, inner, above)
         finally:
             os.close(dst)
     except PermissionError as exc:
