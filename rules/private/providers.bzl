@@ -19,5 +19,7 @@ SwiftModuleInfo = provider(
         "transitive_swiftmodules": "depset of .swiftmodule Files of this module and its dependencies.",
         "transitive_objects": "depset of object Files to link, this module's included.",
         "transitive_linkopts": "depset of linker flags (strings) of this module and its dependencies.",
+        "transitive_link_inputs": "depset of Files named in those linker flags ($(location) of a file of " +
+                                  "swiftc_inputs or data): inputs of every link the flags reach.",
     },
 )

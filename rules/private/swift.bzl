@@ -51,6 +51,20 @@ def _expand(ctx, values):
     targets = ctx.attr.swiftc_inputs + ctx.attr.data
     return [ctx.expand_location(value, targets) for value in values]
 
+def _named_files(ctx, expanded):
+    """Files of swiftc_inputs and data whose path appears in `expanded` flags ($(location), $(execpath) and
+    $(rootpath) all leave one there): the action that gets the flags needs them as inputs, or it works only
+    where the execroot is at hand (local) and fails on the worker or in a sandbox."""
+    if not expanded:
+        return []
+    text = "\n".join(expanded)
+    named = []
+    for target in ctx.attr.swiftc_inputs + ctx.attr.data:
+        for file in target.files.to_list():
+            if file.path in text or file.short_path in text:
+                named.append(file)
+    return named
+
 def _deps_info(ctx):
     return [dep[SwiftModuleInfo] for dep in ctx.attr.deps]
 
@@ -79,7 +93,8 @@ def _compile(ctx, *, swift, module_name, parse_as_library, enable_testing, emit_
     request.add_all(ctx.attr.defines, format_each = "-D%s")
     request.add_all(["-file-prefix-map", "{EXEC_ROOT}=.", "-module-cache-path", "{TOOL_CACHE}/swift-module-cache"])
     request.add_all(transitive_modules, map_each = _dirname, uniquify = True, before_each = "-I")
-    request.add_all(_expand(ctx, ctx.attr.copts), map_each = escape_tool_arg)
+    copts = _expand(ctx, ctx.attr.copts)
+    request.add_all(copts, map_each = escape_tool_arg)
     request.add_all(["-c", "-o", object_file])
     if swiftmodule:
         request.add_all(["-emit-module", "-emit-module-path", swiftmodule])
@@ -93,7 +108,7 @@ def _compile(ctx, *, swift, module_name, parse_as_library, enable_testing, emit_
         mnemonic = "SwiftCompile",
         args = request,
         inputs = depset(
-            ctx.files.srcs + ctx.files.swiftc_inputs + [swift.identity],
+            ctx.files.srcs + ctx.files.swiftc_inputs + _named_files(ctx, copts) + [swift.identity],
             transitive = [transitive_modules],
         ),
         outputs = outputs + output_dirs,
@@ -108,18 +123,25 @@ def _link(ctx, *, swift, objects, deps, executable):
         request.add("-g")
     request.add_all(["-file-prefix-map", "{EXEC_ROOT}=."])
     request.add_all(objects)
-    request.add_all(depset(
-        _expand(ctx, ctx.attr.linkopts),
-        transitive = [d.transitive_linkopts for d in deps],
-    ), map_each = escape_tool_arg)
+    request.add_all(_transitive_linkopts(ctx, deps), map_each = escape_tool_arg)
     request.add_all(["-o", executable])
     treemat_action(
         ctx,
         mnemonic = "SwiftLink",
         args = request,
-        inputs = depset([swift.identity], transitive = [objects]),
+        inputs = depset([swift.identity], transitive = [objects, _transitive_link_inputs(ctx, deps)]),
         outputs = [executable],
         progress_message = "Linking Swift executable {}".format(ctx.label),
+    )
+
+def _transitive_linkopts(ctx, deps):
+    return depset(_expand(ctx, ctx.attr.linkopts), transitive = [d.transitive_linkopts for d in deps])
+
+def _transitive_link_inputs(ctx, deps):
+    """Files named in the linkopts of this module and its dependencies (inputs of every link they reach)."""
+    return depset(
+        _named_files(ctx, _expand(ctx, ctx.attr.linkopts)),
+        transitive = [d.transitive_link_inputs for d in deps],
     )
 
 def _runfiles(ctx, extra_files = []):
@@ -154,10 +176,8 @@ def _swift_library_impl(ctx):
             swiftmodule = swiftmodule,
             transitive_swiftmodules = depset([swiftmodule], transitive = [d.transitive_swiftmodules for d in deps]),
             transitive_objects = depset([object_file], transitive = [d.transitive_objects for d in deps]),
-            transitive_linkopts = depset(
-                _expand(ctx, ctx.attr.linkopts),
-                transitive = [d.transitive_linkopts for d in deps],
-            ),
+            transitive_linkopts = _transitive_linkopts(ctx, deps),
+            transitive_link_inputs = _transitive_link_inputs(ctx, deps),
         ),
     ]
 
@@ -258,7 +278,8 @@ _COMMON_ATTRS = dict(TREEMAT_ATTRS, **{
     "swiftc_inputs": attr.label_list(
         allow_files = True,
         doc = "Extra inputs of the compile (files referenced from copts with $(location), resources, " +
-              "SDK-like trees); staged read-only with the sources.",
+              "SDK-like trees); staged read-only with the sources. A file of swiftc_inputs or data named " +
+              "in linkopts is an input of every link the linkopts reach.",
     ),
     "module_name": attr.string(
         doc = "The module name (what `import` uses). Default: the target name, with -, ., /, + turned into _.",
@@ -269,7 +290,8 @@ _COMMON_ATTRS = dict(TREEMAT_ATTRS, **{
               "targets of one SwiftPM package do.",
     ),
     "copts": attr.string_list(
-        doc = "Extra swiftc flags, after the rule's own ($(location) expanded over swiftc_inputs and data). " +
+        doc = "Extra swiftc flags, after the rule's own ($(location) expanded over swiftc_inputs and data; " +
+              "the files named are inputs of the compile). " +
               "Upcoming and experimental features go here: `-enable-upcoming-feature X`, " +
               "`-enable-experimental-feature X`.",
     ),
@@ -277,7 +299,8 @@ _COMMON_ATTRS = dict(TREEMAT_ATTRS, **{
         doc = "Compilation conditions for `#if`: each NAME becomes `-DNAME`.",
     ),
     "linkopts": attr.string_list(
-        doc = "Extra flags for the swiftc link of every executable or test this module ends up in.",
+        doc = "Extra flags for the swiftc link of every executable or test this module ends up in " +
+              "($(location) expanded over swiftc_inputs and data; the files named are link inputs).",
     ),
     "swift_version": attr.string(
         values = ["", "4", "4.2", "5", "6"],

@@ -51,20 +51,18 @@ class InputStager:
         self._dispose = dispose
         self._lock = threading.Lock()
         self._normalized: dict[str, str] = {}
-        self._meta: dict[tuple[str, str], tuple[Digest, bool]] = {}
         self._known: dict[tuple[str, bool], int] = {}  # (hash, executable) -> size, known to be in the CAS
-        # (raw path, raw hash) as listed -> (path, node, size): what a warm worker needs per input, one lookup
-        self._hot: dict[tuple[str, str | None], tuple[str, FileNode, int]] = {}
+        # (raw path, raw hash) as listed -> (path, node, size, execroot path): what a warm worker needs per input
+        self._hot: dict[tuple[str, str | None], tuple[str, FileNode, int, str]] = {}
         self._hot_root = ""  # the execroot the nodes' `source` paths are under
 
     def forget(self, blobs: list[tuple[str, bool]] | None = None) -> None:
-        """Blobs that were just rejected (None: every blob): drop what we knew of them, and every path's meta."""
+        """Blobs that were just rejected (None: every blob): drop what we knew of them, and every path's node."""
         with self._lock:
             if blobs is None:
                 self._known.clear()
             for key in blobs or ():
                 self._known.pop(key, None)
-            self._meta.clear()
             self._hot.clear()
 
     def stage_fresh(self, request: ActionRequest, exec_dir: Path) -> FreshStage:
@@ -93,16 +91,17 @@ class InputStager:
             changes, removed = self._delta(request, entry)
 
             def admit(path: str, hash_hex: str, executable: bool) -> BlobIdentity | None:
-                digest, identity = self._ensure_blob(request.execroot / path, hash_hex, executable, path)
-                self._meta[(path, hash_hex)] = (digest, executable)
-                return identity
+                return self._ensure_blob(request.execroot / path, hash_hex, executable, path)[1]
 
             report = self.pool.patch(entry, changes, removed, output_dirs(request.spec), admit)
             entry.manifest = request.inputs
         except (OSError, TreematError):
             self.counters.add("execpool_patch_failed")
-            self._dispose(entry.path)
+            self._drop(entry)
             return None, empty
+        except BaseException:
+            self._drop(entry)  # leased and half patched: never back to the pool, never left in exec/
+            raise
         report.unchanged = len(request.inputs) - report.linked
         self.counters.add("execpool_reused")
         self.counters.add("hardlink", report.linked)
@@ -111,10 +110,18 @@ class InputStager:
         stage.seconds = time.perf_counter() - started
         return entry, stage
 
+    def _drop(self, entry: PooledDir) -> None:
+        """A leased dir that cannot be used: unwatched and removed."""
+        assert self.pool is not None
+        self.pool.forget(entry)
+        self._dispose(entry.path)
+
     def _delta(self, request: ActionRequest, entry: PooledDir) -> tuple[dict[str, tuple[str, bool]], set[str]]:
         """What to (re)link ({path: (hash, executable)}) and what to remove to turn `entry` into this request.
 
-        Costs O(changed inputs): the manifests find the run of inputs that differs (manifest.py).
+        Decoding costs O(changed inputs): the manifests find the run of inputs that differs (manifest.py). Every
+        input is `stat`ed once: an exec bit is what the execroot says now (`chmod +x` keeps the bytes and the
+        digest Bazel lists), so an unchanged input whose bit flipped is relinked to the other blob.
         ExecutionError where this request cannot be patched in (fresh staging then gives the real answer).
         """
         if entry.manifest is None:
@@ -131,15 +138,13 @@ class InputStager:
             if path in changes or (path in entry.files and path not in earlier):
                 raise ExecutionError(f"input {path!r} is listed twice")
             hash_hex = check_hash(hash_text)
-            meta = self._meta.get((path, hash_hex))
-            if meta is None:
-                info = _stat_input(request.execroot / path, path)
-                if not stat.S_ISREG(info.st_mode):
-                    raise ExecutionError(f"input {path!r} is a {file_kind(info.st_mode)}: refused")
-                executable = bool(info.st_mode & 0o111)
-            else:
-                executable = meta[1]
-            changes[path] = (hash_hex, executable)
+            changes[path] = (hash_hex, _executable(f"{request.execroot}/{path}", path))
+        base, files = f"{request.execroot}/", entry.files
+        for path, staged in files.items():
+            if path not in changes and path not in earlier:
+                executable = _executable(base + path, path)
+                if executable != staged.executable:
+                    changes[path] = (staged.hash, executable)
         return changes, earlier - changes.keys()
 
     def pooled_from_fresh(self, request: ActionRequest, exec_dir: Path, fresh: FreshStage) -> PooledDir | None:
@@ -177,7 +182,8 @@ class InputStager:
 
         Returns the tree, its blob inodes (identity -> (a path, its key)) and, for the exec-dir pool, what each path
         is a hardlink to (None when an input has no digest, e.g. a directory input). A warm worker spends one
-        dict lookup, one lstat (the guard's per-use check) and one tree insert per input.
+        dict lookup, one stat of the execroot file (its exec bit now), one lstat (the guard's per-use check) and
+        one tree insert per input.
         """
         tree = InputTree()
         add_file = tree.add_file
@@ -188,13 +194,19 @@ class InputStager:
         if execroot != self._hot_root:
             self._hot.clear()
             self._hot_root = execroot
-        hot, admit = self._hot, self.guard.admit
+        hot, admit, stat_now = self._hot, self.guard.admit, os.stat
         for item in request.inputs:
             known = hot.get(item)
             identity: BlobIdentity | None = NO_BLOB
             if known is not None:
-                path, node, size = known
-                if size:
+                path, node, size, full = known
+                try:
+                    mode = stat_now(full).st_mode
+                except OSError:
+                    mode = 0  # gone: the slow path says so
+                if not stat.S_ISREG(mode) or bool(mode & 0o111) != node.executable:
+                    known = None  # chmodded (same bytes, same digest), replaced or gone since
+                elif size:
                     identity = admit(node.digest.hash, node.executable, size)
                     if identity is None:  # gone or rejected since: the slow path re-ingests it
                         known = None
@@ -222,27 +234,22 @@ class InputStager:
         """The slow path of one input: validate, stat, admit or ingest; None for a directory input (added)."""
         path = self._normalize(item.path)
         expected = check_hash(item.hash) if item.hash else None
-        meta = self._meta.get((path, expected)) if expected else None
         full = f"{request.execroot}/{path}"
-        if meta is None:
-            info = _stat_input(full, path)
-            if stat.S_ISDIR(info.st_mode):
-                self._add_directory(tree, request.execroot, path, staged)
-                return None
-            if not stat.S_ISREG(info.st_mode):
-                raise ExecutionError(f"input {path!r} is a {file_kind(info.st_mode)}: refused (not a regular file)")
-            executable = bool(info.st_mode & 0o111)
-        else:
-            executable = meta[1]
+        info = _stat_input(full, path)
+        if stat.S_ISDIR(info.st_mode):
+            self._add_directory(tree, request.execroot, path, staged)
+            return None
+        if not stat.S_ISREG(info.st_mode):
+            raise ExecutionError(f"input {path!r} is a {file_kind(info.st_mode)}: refused (not a regular file)")
+        executable = bool(info.st_mode & 0o111)
         digest, identity = self._ensure_blob(full, expected, executable, path)
         if identity is not None:
             staged.setdefault(identity, (path, (digest.hash, executable)))
         node = FileNode(digest, executable, source=full)
         if expected:
-            self._meta[(path, expected)] = (digest, executable)
             if len(self._hot) > 1_000_000:
                 self._hot.clear()
-            self._hot[item] = (path, node, digest.size)
+            self._hot[item] = (path, node, digest.size, full)
         return path, node, identity
 
     def _add_directory(self, tree: InputTree, execroot: Path, path: str, staged: StagedBlobs) -> None:
@@ -330,6 +337,14 @@ def _stat_input(full: str | Path, path: str) -> os.stat_result:
         raise ExecutionError(f"input {path!r} does not exist in the execroot") from None
     except OSError as exc:
         raise ExecutionError(f"input {path!r}: {exc.strerror}") from None
+
+
+def _executable(full: str, path: str) -> bool:
+    """The exec bit a regular-file input has in the execroot now; ExecutionError for anything else."""
+    mode = _stat_input(full, path).st_mode
+    if not stat.S_ISREG(mode):
+        raise ExecutionError(f"input {path!r} is a {file_kind(mode)}: refused")
+    return bool(mode & 0o111)
 
 
 def _inner_symlink_target(full: str, rel: str, top: str) -> str:

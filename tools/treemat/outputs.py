@@ -189,6 +189,8 @@ def walk_entry(
         target = os.readlink(name, dir_fd=parent)
         inside = view.inside(os.path.dirname(rel), target, rel)
         if not os.path.isabs(target):
+            if inside in (".", rel) or rel.startswith(inside + "/"):
+                raise ExecutionError(f"output {rel!r} is a symlink to {target!r}, a directory containing it: refused")
             _check_link_target(view, inside, rel, target)
             sink.symlink(target, into, dst_name, rel)
             return

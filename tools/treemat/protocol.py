@@ -61,6 +61,7 @@ class WorkItem:
     arguments: list[str]
     inputs: InputManifest
     cancel: bool = False
+    sandbox_dir: str = ""  # Bazel 7's multiplex sandboxing; the worker refuses it (treemat sandboxes itself)
 
 
 @dataclass(slots=True)
@@ -118,7 +119,11 @@ def item_from_json(obj: Any) -> WorkItem:
         if not isinstance(digest_text, str):
             raise ProtocolError(f"digest of {entry['path']!r} must be a base64 string")
         inputs.append((entry["path"], decode_json_digest(digest_text, entry["path"])))
-    return WorkItem(request_id, list(arguments), InputManifest.of(inputs), bool(obj.get("cancel", False)))
+    sandbox_dir = obj.get("sandboxDir", "")
+    if not isinstance(sandbox_dir, str):
+        raise ProtocolError("sandboxDir must be a string")
+    cancel = bool(obj.get("cancel", False))
+    return WorkItem(request_id, list(arguments), InputManifest.of(inputs), cancel, sandbox_dir)
 
 
 def valid_request_id(value: object) -> bool:
@@ -129,7 +134,9 @@ def valid_request_id(value: object) -> bool:
 def item_from_proto(message: Any, payload: bytes) -> WorkItem:
     """A protobuf WorkRequest (and its serialized `payload`) -> WorkItem."""
     inputs = InputManifest.from_proto(message, payload)
-    return WorkItem(int(message.request_id), list(message.arguments), inputs, bool(message.cancel))
+    return WorkItem(
+        int(message.request_id), list(message.arguments), inputs, bool(message.cancel), str(message.sandbox_dir)
+    )
 
 
 class JsonRequestDecoder:

@@ -75,6 +75,11 @@ def normalize_path(raw: str) -> str:
         raise ManifestError(f"path must be a non-empty string, got {raw!r}")
     if "\0" in raw:
         raise ManifestError(f"path contains a NUL byte: {raw!r}")
+    if not raw.isascii():
+        try:
+            os.fsencode(raw)
+        except UnicodeEncodeError:
+            raise ManifestError(f"path is not a file name (a lone surrogate: not valid UTF-8): {raw!r}") from None
     if raw.startswith("/"):
         raise ManifestError(f"absolute path not allowed in an input tree: {raw!r}")
     parts = [part for part in raw.split("/") if part not in ("",)]

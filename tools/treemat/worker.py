@@ -1,7 +1,9 @@
 """The persistent-worker loop: decoded requests in (protocol.py), each dispatched to the executor, replies out.
 
 Singleplex requests (request id 0) run in order; multiplex ones run concurrently on a bounded pool; a cancel
-request kills the tool of an in-flight request. stdout carries protocol bytes only; the cwd is the execroot.
+request kills the tool of an in-flight request. A request reusing the id of one in flight, or asking for Bazel's
+multiplex sandboxing (`sandbox_dir`), is refused with a one-line error. stdout carries protocol bytes only; the
+cwd is the execroot.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ from treemat.protocol import Malformed, Wire, WorkItem, WorkReply, encode_reply,
 from treemat.stack import Stack, open_stack
 
 Handler = Callable[[WorkItem], WorkReply]
+SANDBOX_DIR_REFUSED = (
+    "treemat: error: the work request sets sandbox_dir ({!r:.200}), which treemat does not support: it stages and "
+    "sandboxes each action itself; turn off --experimental_worker_multiplex_sandboxing\n"
+)
+DUPLICATE_REFUSED = (
+    "treemat: error: request id {} is already in flight: refused (a multiplex worker needs one id per action)\n"
+)
 Canceller = Callable[[int], bool]
 
 
@@ -74,11 +83,20 @@ class WorkerServer:
                 if inflight:
                     self.on_cancel(item.request_id)
             return
+        if item.sandbox_dir:
+            self.respond(WorkReply(item.request_id, 1, SANDBOX_DIR_REFUSED.format(item.sandbox_dir)))
+            return
         if item.request_id == 0:
             self.respond(self._run(item))
             return
         with self._inflight_lock:
-            self._inflight.add(item.request_id)
+            duplicate = item.request_id in self._inflight
+            if not duplicate:
+                self._inflight.add(item.request_id)
+        if duplicate:
+            # running it too would leave one id naming two actions: a cancel could reach only one of them
+            self.respond(WorkReply(item.request_id, 1, DUPLICATE_REFUSED.format(item.request_id)))
+            return
         self._pool.submit(self._run_and_respond, item)
 
     def reject(self, malformed: Malformed) -> None:
