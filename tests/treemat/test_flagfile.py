@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from treemat.errors import ProtocolError
-from treemat.flagfile import MAX_FLAGFILE_BYTES, parse_action_args, request_arguments
+from treemat.flagfile import MAX_FLAGFILE_BYTES, parse_action_args, read_flagfile, request_arguments
 
 from .workerharness import worker_env
 
@@ -97,3 +97,12 @@ def test_flagfile_must_be_a_bounded_regular_file(tmp_path: Path) -> None:
         handle.truncate(MAX_FLAGFILE_BYTES + 1)
     with pytest.raises(ProtocolError, match="limit"):
         request_arguments([f"@{big}"])
+
+
+def test_flagfile_lines_split_only_at_newline(tmp_path: Path) -> None:
+    """Bazel writes one argument per `\\n`; str.splitlines also split at U+2028, U+0085, VT, FF, FS...: 8
+    arguments reached the tool as 16."""
+    awkward = ["a\u2028b", "c\u0085d", "e\x0bf", "g\x0ch", "i\x1cj", "k\x1dl", "m\x1en", "o\u2029p"]
+    path = tmp_path / "args.params"
+    path.write_bytes(("\n".join(["--", *awkward]) + "\r\n").encode())
+    assert read_flagfile(str(path)) == ["--", *awkward]
