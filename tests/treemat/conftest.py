@@ -42,10 +42,14 @@ def _mount_image(tmp_root: Path, fs: str, size_mb: int) -> Path:
     return mountpoint
 
 
-def _mounted(fs: str) -> Iterator[Path]:
-    """Mounted under /var/tmp, not pytest's /tmp: a mount below the host's /tmp keeps the sandbox from showing
-    the host's /tmp to tools (the kernel refuses to clone it; sandboxd falls back to an empty /tmp)."""
-    base = Path(tempfile.mkdtemp(prefix=f"treemat-test-{fs}-", dir="/var/tmp"))
+def _mounted(factory: pytest.TempPathFactory, fs: str) -> Iterator[Path]:
+    """Mounted under /var/tmp where it is writable, not pytest's /tmp: a mount below the host's /tmp keeps the
+    sandbox from showing the host's /tmp to tools (the kernel refuses to clone it; sandboxd falls back to an
+    empty /tmp). Under Bazel's sandbox /var/tmp is read-only: there the images skip (no mounting) anyway."""
+    try:
+        base = Path(tempfile.mkdtemp(prefix=f"treemat-test-{fs}-", dir="/var/tmp"))
+    except OSError:
+        base = factory.mktemp(fs)
     try:
         mountpoint = _mount_image(base, fs, 512)
         yield mountpoint
@@ -55,15 +59,15 @@ def _mounted(fs: str) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def xfs_dir() -> Iterator[Path]:
+def xfs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A directory on a fresh loop-mounted xfs (reflink=1) filesystem."""
-    yield from _mounted("xfs")
+    yield from _mounted(tmp_path_factory, "xfs")
 
 
 @pytest.fixture(scope="session")
-def btrfs_dir() -> Iterator[Path]:
+def btrfs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A directory on a fresh loop-mounted btrfs filesystem."""
-    yield from _mounted("btrfs")
+    yield from _mounted(tmp_path_factory, "btrfs")
 
 
 @pytest.fixture()
