@@ -24,10 +24,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench_staging import time_alternating
 from treemat.executor import ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
 from treemat.fsprims import remove_tree
@@ -93,17 +93,9 @@ def main() -> int:
         action, close_stack = whole_action(work / "stack-root", work)
         closers.append(close_stack)
         rows["action (1 input, touch)"] = action
-        times: dict[str, list[float]] = {name: [] for name in rows}
         for run in rows.values():  # warm-up: one of each
             run()
-        for round_ in range(args.rounds):
-            order = list(rows.items())
-            if round_ % 2:
-                order.reverse()
-            for name, run in order:
-                started = time.perf_counter()
-                run()
-                times[name].append((time.perf_counter() - started) * 1000)
+        times = time_alternating(rows, args.rounds)
         floor = statistics.median(times["fork+exec"])
         print(f"{'run of /bin/true':<26} {'min ms':>8} {'median ms':>10} {'over fork+exec':>15}")
         for name, values in times.items():

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -199,6 +200,20 @@ def build_c_program(work: Path, source: str, name: str, *link_flags: str) -> Pat
     if cc is None or subprocess.run([cc, "-O2", "-o", str(binary), str(source_file), *link_flags]).returncode:
         return None
     return binary
+
+
+def time_alternating(rows: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
+    """Milliseconds of each row's callable per round, the rows run in turn (order reversed every other round)."""
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for round_ in range(rounds):
+        order = list(rows.items())
+        if round_ % 2:
+            order.reverse()
+        for name, run in order:
+            started = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - started) * 1000)
+    return times
 
 
 def min_median(values: list[float], width: int = 7, digits: int = 1) -> str:

@@ -23,10 +23,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench_staging import time_alternating
 from treemat.executor import ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
 from treemat.fsprims import remove_tree
@@ -76,15 +76,7 @@ def main() -> int:
         }
         for run in rows.values():  # warm-up: builds the seed, fills the shared cache
             run()
-        times: dict[str, list[float]] = {name: [] for name in rows}
-        for round_ in range(args.rounds):
-            order = list(rows.items())
-            if round_ % 2:
-                order.reverse()
-            for name, run in order:
-                started = time.perf_counter()
-                run()
-                times[name].append((time.perf_counter() - started) * 1000)
+        times = time_alternating(rows, args.rounds)
         reference = statistics.median(times["shared (old, unsafe)"])
         print(f"{'swiftc -c, 1 module':<24} {'min ms':>8} {'median ms':>10} {'x shared':>9}")
         for name, values in times.items():

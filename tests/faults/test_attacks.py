@@ -26,6 +26,7 @@ from treemat.flagfile import ActionSpec
 from treemat.stack import ISOLATION_OVERLAY, open_stack
 
 from ..treemat.workerharness import Worker, request
+from .tampering import tamper_in_place
 
 PRISTINE = b"pristine input bytes\n" * 20
 ACTION_TIMEOUT_S = 60
@@ -107,17 +108,6 @@ def _blob(root: Path) -> Path:
     return root / "cas" / digest[:2] / digest
 
 
-def _tamper_in_place(path: Path, data: bytes) -> None:
-    """An outsider's write with mode and mtime restored afterwards (only ctime and inotify can tell)."""
-    info = path.stat()
-    os.chmod(path, 0o644)
-    with open(path, "r+b") as handle:
-        handle.write(data)
-        handle.truncate(len(data))
-    os.chmod(path, info.st_mode & 0o777)
-    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
-
-
 @pytest.fixture
 def stack_root(tmp_path: Path) -> Path:
     return tmp_path / "root"
@@ -170,10 +160,10 @@ def test_two_workers_sharing_a_cas_warm_worker_is_not_fooled(execroot: Path, sta
 
 
 OUTSIDER_ATTACKS: dict[str, Callable[[Path], None]] = {
-    "outsider: same-size in-place write, mode+mtime kept": lambda blob: _tamper_in_place(
+    "outsider: same-size in-place write, mode+mtime kept": lambda blob: tamper_in_place(
         blob, PRISTINE.replace(b"pristine", b"poisoned")
     ),
-    "outsider: truncated in place, mode+mtime kept": lambda blob: _tamper_in_place(blob, PRISTINE[:7]),
+    "outsider: truncated in place, mode+mtime kept": lambda blob: tamper_in_place(blob, PRISTINE[:7]),
     "outsider: blob replaced by a symlink to /etc/passwd": lambda blob: (blob.unlink(), blob.symlink_to("/etc/passwd")),
     "outsider: blob replaced by another file, same mode+mtime": lambda blob: _replace_with_twin(blob),
 }
@@ -218,7 +208,7 @@ def test_a_blob_written_while_an_action_runs_fails_that_action(execroot: Path, s
     thread.start()
     try:
         assert started.read_text() == "running\n"
-        _tamper_in_place(_blob(stack_root), PRISTINE.replace(b"pristine", b"poisoned"))
+        tamper_in_place(_blob(stack_root), PRISTINE.replace(b"pristine", b"poisoned"))
         go.write_text("go\n")
     finally:
         shutil.rmtree(pipes)

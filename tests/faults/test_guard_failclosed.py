@@ -30,6 +30,7 @@ from treemat.stack import Stack, open_stack
 from treemat.toolrun import ToolOutcome
 
 from ..treemat.workerharness import TOOLS_DIR, request
+from .tampering import tamper_in_place
 
 PRISTINE = b"pristine input bytes\n" * 20
 POISONED = PRISTINE.replace(b"pristine", b"poisoned")
@@ -56,14 +57,7 @@ def _blob(root: Path, data: bytes = PRISTINE) -> Path:
 
 
 def _tamper_in_place(path: Path, data: bytes = POISONED) -> None:
-    """An outsider's same-size write with mode and mtime restored afterwards (only ctime and inotify can tell)."""
-    info = path.stat()
-    os.chmod(path, 0o644)
-    with open(path, "r+b") as handle:
-        handle.write(data)
-        handle.truncate(len(data))
-    os.chmod(path, info.st_mode & 0o777)
-    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    tamper_in_place(path, data)
 
 
 def _stack(root: Path) -> Stack:
