@@ -29,11 +29,10 @@ from treemat.counters import Counters
 from treemat.digest import EMPTY_DIGEST, Digest, check_hash
 from treemat.errors import CasError, CorruptBlobError, MissingBlobError
 from treemat.fsprims import LEGACY_MODES, blob_mode, file_kind, is_btrfs, reflink_fd, sweep_unlocked_files
+from treemat.layout import PRIVATE_DIR_MODE, SHARED_DIR_MODE, check_root
 from treemat.locking import ForkGate, file_lock
 
 BLOB_MTIME_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z: a blob whose mtime differs was written to
-PRIVATE_DIR_MODE = 0o700
-SHARED_DIR_MODE = 0o750
 TOUCH_INTERVAL_NS = 3600 * 1_000_000_000
 TEMP_GRACE_NS = 10 * 1_000_000_000  # a named temp file younger than this may still be about to be locked
 _CHUNK = 1 << 20
@@ -72,30 +71,9 @@ class GcReport:
 
 
 def prepare_root(root: Path, *, group_shared: bool = False) -> Path:
-    """Create (0o700, or 0o750 when shared with the group) or check the treemat root; CasError if unsafe.
-
-    A root owned by another user, or writable by others (or by the group, unless shared), would let someone
-    else plant blobs that treemat then serves: it is refused rather than used.
-    """
+    """Create or check the treemat root (`layout.check_root`); CasError if unsafe."""
     root = Path(root)
-    mode = SHARED_DIR_MODE if group_shared else PRIVATE_DIR_MODE
-    try:
-        root.mkdir(mode=mode, parents=True, exist_ok=True)
-        info = os.lstat(root)
-    except OSError as exc:
-        raise _io_error(exc, f"creating the treemat root {root}") from None
-    if stat.S_ISLNK(info.st_mode):
-        info = os.stat(root)
-    if not stat.S_ISDIR(info.st_mode):
-        raise CasError(f"treemat root {root} is not a directory")
-    if info.st_uid != os.geteuid():
-        raise CasError(f"treemat root {root} belongs to uid {info.st_uid}, not to you (uid {os.geteuid()}): refused")
-    forbidden = stat.S_IWOTH | (0 if group_shared else stat.S_IWGRP)
-    if info.st_mode & forbidden:
-        raise CasError(
-            f"treemat root {root} is writable by {'others' if info.st_mode & stat.S_IWOTH else 'its group'} "
-            f"(mode {stat.S_IMODE(info.st_mode):o}): refused; chmod it to {mode:o}"
-        )
+    check_root(root, group_shared=group_shared)
     return root
 
 

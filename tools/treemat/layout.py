@@ -134,26 +134,33 @@ class Root:
                 raise CasError(f"cannot create {directory}: {exc.strerror}") from None
 
     def _check_or_create(self) -> None:
-        root = self.path
-        try:
-            root.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
-            info = os.lstat(root)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise CasError(f"disk full while creating the treemat root {root}: free space") from None
-            raise CasError(f"{exc.strerror or exc} while creating the treemat root {root}") from None
-        if stat.S_ISLNK(info.st_mode):
-            info = os.stat(root)
-        if not stat.S_ISDIR(info.st_mode):
-            raise CasError(f"treemat root {root} is not a directory")
-        if info.st_uid != os.geteuid():
-            raise CasError(
-                f"treemat root {root} belongs to uid {info.st_uid}, not to you (uid {os.geteuid()}): refused"
-            )
-        forbidden = stat.S_IWOTH | (0 if self.group_shared else stat.S_IWGRP)
-        if info.st_mode & forbidden:
-            who = "others" if info.st_mode & stat.S_IWOTH else "its group"
-            raise CasError(
-                f"treemat root {root} is writable by {who} (mode {stat.S_IMODE(info.st_mode):o}): refused; "
-                f"chmod it to {self.dir_mode:o}"
-            )
+        check_root(self.path, group_shared=self.group_shared)
+
+
+def check_root(root: Path, *, group_shared: bool = False) -> None:
+    """Create (0o700, or 0o750 when shared with the group) or check a treemat root; CasError if unsafe.
+
+    A root owned by another user, or writable by others (or by the group, unless shared), would let someone
+    else plant blobs that treemat then serves: it is refused rather than used.
+    """
+    dir_mode = SHARED_DIR_MODE if group_shared else PRIVATE_DIR_MODE
+    try:
+        root.mkdir(mode=dir_mode, parents=True, exist_ok=True)
+        info = os.lstat(root)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise CasError(f"disk full while creating the treemat root {root}: free space") from None
+        raise CasError(f"{exc.strerror or exc} while creating the treemat root {root}") from None
+    if stat.S_ISLNK(info.st_mode):
+        info = os.stat(root)
+    if not stat.S_ISDIR(info.st_mode):
+        raise CasError(f"treemat root {root} is not a directory")
+    if info.st_uid != os.geteuid():
+        raise CasError(f"treemat root {root} belongs to uid {info.st_uid}, not to you (uid {os.geteuid()}): refused")
+    forbidden = stat.S_IWOTH | (0 if group_shared else stat.S_IWGRP)
+    if info.st_mode & forbidden:
+        who = "others" if info.st_mode & stat.S_IWOTH else "its group"
+        raise CasError(
+            f"treemat root {root} is writable by {who} (mode {stat.S_IMODE(info.st_mode):o}): refused; "
+            f"chmod it to {dir_mode:o}"
+        )

@@ -15,8 +15,7 @@ kernel's reason.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -122,16 +121,6 @@ def _sandbox_for(root: Path, want: str) -> Sandbox:
         return refusing_sandbox(str(exc))
 
 
-@contextlib.contextmanager
-def opened_stack(root: Path, **options: object) -> Iterator[Stack]:
-    """`open_stack` as a context manager: the stack is closed (ledger flushed, helper stopped) on the way out."""
-    stack = open_stack(root, **options)  # type: ignore[arg-type]
-    try:
-        yield stack
-    finally:
-        stack.close()
-
-
 def open_stack(
     root: Path,
     *,
@@ -145,7 +134,7 @@ def open_stack(
     background_cleanup: bool = True,
     max_bytes: int | None = None,
 ) -> Stack:
-    """Open (creating if needed) the treemat root and wire every layer over it (close it, or use `opened_stack`).
+    """Open (creating if needed) the treemat root and wire every layer over it; close it (or use `with`).
 
     `isolation` is auto | overlay | copy-on-write | none: an explicit mode that does not work here is an error;
     `auto` that finds no sandbox gives a stack whose actions all fail with the reason.
