@@ -62,23 +62,7 @@ class OutputView:
 
     def open_parent(self, rel: str, what: str) -> tuple[int, str] | None:
         """(descriptor of `rel`'s parent, its last name), following no link; None if a parent is missing."""
-        parts = rel.split("/")
-        fd = os.dup(self.fd)
-        try:
-            for part in parts[:-1]:
-                try:
-                    child = os.open(part, _DIR_PATH, dir_fd=fd)
-                except FileNotFoundError:
-                    os.close(fd)
-                    return None
-                except OSError as exc:
-                    raise _parent_error(exc, what, part) from None
-                os.close(fd)
-                fd = child
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd, parts[-1]
+        return _open_parent(self.fd, rel, what, create=False)
 
     def resolve(self, rel: str, what: str) -> tuple[int, str, os.stat_result] | None:
         """Follow symlinks inside the view from `rel` to a file or directory: (parent fd, name, lstat) or None."""
@@ -322,6 +306,18 @@ def _copy_range(src: int, dst: int, start: int, end: int) -> None:
 @contextlib.contextmanager
 def _destination_parent(root_fd: int, rel: str) -> Iterator[tuple[int, str]]:
     """The destination's parent directory as a descriptor (created as needed), following no link."""
+    opened = _open_parent(root_fd, rel, rel, create=True)
+    assert opened is not None  # created as needed: never missing
+    fd, name = opened
+    try:
+        yield fd, name
+    finally:
+        os.close(fd)
+
+
+def _open_parent(root_fd: int, rel: str, what: str, *, create: bool) -> tuple[int, str] | None:
+    """(descriptor of `rel`'s parent under `root_fd`, its last name), following no link at any component; a
+    missing parent is made (`create`) or the answer is None."""
     parts = rel.split("/")
     fd = os.dup(root_fd)
     try:
@@ -329,23 +325,23 @@ def _destination_parent(root_fd: int, rel: str) -> Iterator[tuple[int, str]]:
             try:
                 child = os.open(part, _DIR_PATH, dir_fd=fd)
             except FileNotFoundError:
+                if not create:
+                    os.close(fd)
+                    return None
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(part, 0o755, dir_fd=fd)
-                child = _open_destination_dir(fd, part, rel)
+                try:
+                    child = os.open(part, _DIR_PATH, dir_fd=fd)
+                except OSError as exc:
+                    raise _parent_error(exc, what, part) from None
             except OSError as exc:
-                raise _parent_error(exc, rel, part) from None
+                raise _parent_error(exc, what, part) from None
             os.close(fd)
             fd = child
-        yield fd, parts[-1]
-    finally:
+    except BaseException:
         os.close(fd)
-
-
-def _open_destination_dir(parent: int, part: str, rel: str) -> int:
-    try:
-        return os.open(part, _DIR_PATH, dir_fd=parent)
-    except OSError as exc:
-        raise _parent_error(exc, rel, part) from None
+        raise
+    return fd, parts[-1]
 
 
 def _parent_error(exc: OSError, rel: str, part: str) -> ExecutionError:
