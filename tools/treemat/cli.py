@@ -50,9 +50,9 @@ def cli(ctx: click.Context, root: Path | None, isolation: str) -> None:
       treemat stage manifest.json out/       materialize a tree by hand
       treemat cas verify                     rehash every blob, quarantine corrupt ones
     """
-    from treemat.stack import default_root
+    from treemat.layout import default_root_path
 
-    ctx.obj = RootedContext((root or default_root()).expanduser().absolute(), isolation)
+    ctx.obj = RootedContext((root or default_root_path()).expanduser().absolute(), isolation)
 
 
 for _command in (

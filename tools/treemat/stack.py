@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from treemat.cas import ContentStore
 from treemat.counters import Counters
-from treemat.layout import Root, default_root_path
+from treemat.layout import Root
 from treemat.sandbox import (
     ISOLATION_COW,
     ISOLATION_NONE,
@@ -43,12 +43,7 @@ if TYPE_CHECKING:  # imported by open_stack, after the sandbox has started
 
 DEFAULT_DIRCACHE_MIN_FILES = 64  # = dircache.MIN_SUBTREE_FILES, measured there (not imported: start-up cost)
 ISOLATION_CHOICES = ("auto", ISOLATION_OVERLAY, ISOLATION_COW, ISOLATION_NONE)
-__all__ = ["ISOLATION_COW", "ISOLATION_NONE", "ISOLATION_OVERLAY", "Stack", "default_root", "open_stack"]
-
-
-def default_root() -> Path:
-    """`$TREEMAT_ROOT`, else `$XDG_CACHE_HOME/treemat`, else `~/.cache/treemat` (layout.default_root_path)."""
-    return default_root_path()
+__all__ = ["ISOLATION_COW", "ISOLATION_NONE", "ISOLATION_OVERLAY", "Stack", "open_stack"]
 
 
 @dataclass(slots=True)
