@@ -6,6 +6,9 @@ other). docs/architecture.md explains them; `lint-imports` enforces this exact l
     __main__
     cli
     commands
+    swiftpm_import
+    swiftpm_rules
+    swiftpm
     bot
     worker | replay | bench
     stack
