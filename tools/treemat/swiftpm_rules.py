@@ -122,9 +122,7 @@ def layout_target(package_dir: Path, target: Target, report: list[str]) -> Targe
         if not label_safe(path):
             report.append(f"file {path!r}: not expressible as a Bazel label: left out")
         elif (nested := _in_bazel_package(path, package_dir)) is not None:
-            report.append(
-                f"file {path} lies in the Bazel package {nested} (it has a BUILD file): target not translated"
-            )
+            report.append(f"{nested} has a BUILD file (a Bazel package of its own): target not translated")
             return None
     sources = [p for p in sources if label_safe(p)]
     kept_resources = tuple(p for p in resources if label_safe(p))
