@@ -212,7 +212,10 @@ def dump_package(directory: Path, swift: str | None = None) -> dict[str, Any]:
     command = [swift or find_swift(), "package", "--package-path", str(directory), "dump-package"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     if run.returncode != 0:
-        reason = next((line for line in run.stderr.splitlines() if "error:" in line), run.stderr.strip())
+        errors = [line for line in run.stderr.splitlines() if "error:" in line] or [run.stderr.strip()]
+        # the compiler's diagnostic (Package.swift:LINE:COL: error: ...) says more than SwiftPM's summary
+        reason = next((e for e in errors if "Package.swift:" in e and ": error:" in e), errors[0])
+        reason = re.sub(r" \(compiled with: .*", "", reason)
         raise PackageImportError(f"{directory}: swift package dump-package failed: {reason[:500]}")
     loaded: dict[str, Any] = json.loads(run.stdout)
     return loaded
