@@ -25,9 +25,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SWIFT = shutil.which("swift") or ("/opt/swift/usr/bin/swift" if Path("/opt/swift/usr/bin/swift").exists() else None)
 # `swift build && .build/debug/shapes` on the same fixture (its URL dependency made a path) prints exactly this.
-EXPECTED_APP_OUTPUT = (
-    "distance: 5.0\nscaled area: 30\nratio: 2:3\ntotal area: 7.0\nabsolute: 7\nplatform: linux\n"
-)
+EXPECTED_APP_OUTPUT = "distance: 5.0\nscaled area: 30\nratio: 2:3\ntotal area: 7.0\nabsolute: 7\nplatform: linux\n"
 TESTS = ("//:GeometryTests", "@swiftpkg_fastmath//:FastMathTests")
 
 pytestmark = [
@@ -115,7 +113,8 @@ def reference(imported: Imported) -> dict[str, str]:
 
 
 def test_the_imported_app_runs_like_swiftpms(imported: Imported, reference: dict[str, str]) -> None:
-    assert "shapes" in reference and "GeometryTests" in reference, sorted(reference)
+    assert {"shapes", "GeometryTests", "libCShapes.a", "external/swiftpkg_fastmath/libCFastMath_cc.a"} <= set(reference)
+    assert len(reference) >= 20, sorted(reference)  # objects, archives, modules, docs, executables of both repos
     bin_dir = Path(imported.bazel("info", "bazel-bin").stdout.strip())
     run = subprocess.run([str(bin_dir / "shapes")], capture_output=True, text=True, check=True)
     assert run.stdout == EXPECTED_APP_OUTPUT
