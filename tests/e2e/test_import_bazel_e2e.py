@@ -5,6 +5,11 @@ docs/bazel.md says plus the WORKSPACE snippet the import printed. The app prints
 fixture prints; `bazel test` passes both packages' tests; the default build (worker), `--config=treemat` and
 `--spawn_strategy=sandboxed` give byte-identical outputs.
 
+Flavors as in test_adoption_e2e.py: `bazel4` on the host; inside tools/bazel7.sh's chroot (TREEMAT_BAZEL7_CHROOT)
+`bazel7-workspace` (the WORKSPACE snippet) and `bazel7-bzlmod` (the MODULE.bazel fragment: `bazel_dep` +
+`local_path_override`, and the dependency's generated MODULE.bazel); `test_import_on_bazel7` runs those from the
+host when the chroot exists.
+
 Needs the rules' C interop (cc_library in swift deps, swift_c_module), which lands separately on main.
 """
 
@@ -27,6 +32,8 @@ SWIFT = shutil.which("swift") or ("/opt/swift/usr/bin/swift" if Path("/opt/swift
 # `swift build && .build/debug/shapes` on the same fixture (its URL dependency made a path) prints exactly this.
 EXPECTED_APP_OUTPUT = "distance: 5.0\nscaled area: 30\nratio: 2:3\ntotal area: 7.0\nabsolute: 7\nplatform: linux\n"
 TESTS = ("//:GeometryTests", "@swiftpkg_fastmath//:FastMathTests")
+IN_BAZEL7_CHROOT = bool(os.environ.get("TREEMAT_BAZEL7_CHROOT"))
+FLAVORS = ["bazel7-workspace", "bazel7-bzlmod"] if IN_BAZEL7_CHROOT else ["bazel4"]
 
 pytestmark = [
     pytest.mark.bazel,
@@ -36,12 +43,12 @@ pytestmark = [
 ]
 
 
-def _doc_block(heading: str) -> str:
-    """The first fenced code block after `### heading` in docs/bazel.md."""
+def _doc_blocks(heading: str) -> list[str]:
+    """Every fenced code block under `### heading` in docs/bazel.md (up to the next heading)."""
     text = (REPO / "docs" / "bazel.md").read_text()
-    match = re.search(rf"^### {re.escape(heading)}\n.*?^```[a-z]*\n(.*?)^```", text, re.S | re.M)
-    assert match, f"docs/bazel.md has no code block under '### {heading}'"
-    return match.group(1)
+    match = re.search(rf"^### {re.escape(heading)}\n(.*?)(?=^##|\Z)", text, re.S | re.M)
+    assert match, f"docs/bazel.md has no section '### {heading}'"
+    return re.findall(r"^```[a-z]*\n(.*?)^```", match.group(1), re.S | re.M)
 
 
 @dataclass
@@ -75,9 +82,10 @@ class Imported:
         return digests
 
 
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Imported]:
-    base = tmp_path_factory.mktemp("import-e2e")
+@pytest.fixture(scope="module", params=FLAVORS)
+def imported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Imported]:
+    flavor: str = request.param
+    base = tmp_path_factory.mktemp(f"import-{flavor}")
     packages = base / "packages"
     shutil.copytree(REPO / "tests" / "swiftpm" / "packages", packages)
     run = subprocess.run(
@@ -89,15 +97,20 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Imported]:
         env=dict(os.environ, PYTHONPATH=str(REPO / "tools")),
         check=True,
     )
-    snippet = run.stdout[run.stdout.index("# WORKSPACE") : run.stdout.index("# MODULE.bazel")]
+    workspace_snippet = run.stdout[run.stdout.index("# WORKSPACE") : run.stdout.index("# MODULE.bazel")]
+    module_fragment = run.stdout[run.stdout.index("# MODULE.bazel") :]
     workspace = packages / "geometry"
-    (workspace / "WORKSPACE").write_text(
-        'workspace(name = "geometry")\n\n'
-        + _doc_block("WORKSPACE").replace("/path/to/treemat", str(REPO))
-        + "\n"
-        + snippet
-    )
-    (workspace / ".bazelrc").write_text("build --nosandbox_debug\n" + _doc_block(".bazelrc"))
+    bazelrc = "build --nosandbox_debug\n" + _doc_blocks(".bazelrc")[0]
+    if flavor == "bazel7-bzlmod":
+        module, bzlmod_rc = _doc_blocks("Bzlmod (Bazel 7)")
+        treemat = module.replace("/path/to/treemat", str(REPO))
+        (workspace / "MODULE.bazel").write_text('module(name = "geometry")\n\n' + treemat + "\n" + module_fragment)
+        bazelrc += bzlmod_rc + "common --enable_bzlmod\n"
+    else:
+        treemat = _doc_blocks("WORKSPACE")[0].replace("/path/to/treemat", str(REPO))
+        (workspace / "WORKSPACE").write_text('workspace(name = "geometry")\n\n' + treemat + "\n" + workspace_snippet)
+        bazelrc += "common --noenable_bzlmod\n" if flavor == "bazel7-workspace" else ""
+    (workspace / ".bazelrc").write_text(bazelrc)
     ws = Imported(workspace, base / "output_base")
     try:
         yield ws
@@ -113,7 +126,9 @@ def reference(imported: Imported) -> dict[str, str]:
 
 
 def test_the_imported_app_runs_like_swiftpms(imported: Imported, reference: dict[str, str]) -> None:
-    assert {"shapes", "GeometryTests", "libCShapes.a", "external/swiftpkg_fastmath/libCFastMath_cc.a"} <= set(reference)
+    assert {"shapes", "GeometryTests", "libCShapes.a"} <= set(reference), sorted(reference)
+    # the dependency's repository: external/swiftpkg_fastmath (WORKSPACE) or its canonical name (Bzlmod)
+    assert [p for p in reference if re.fullmatch(r"external/swiftpkg_fastmath([~+][0-9.]*)?/libCFastMath_cc\.a", p)]
     assert len(reference) >= 20, sorted(reference)  # objects, archives, modules, docs, executables of both repos
     bin_dir = Path(imported.bazel("info", "bazel-bin").stdout.strip())
     run = subprocess.run([str(bin_dir / "shapes")], capture_output=True, text=True, check=True)
@@ -135,3 +150,36 @@ def test_outputs_identical_with_config_treemat_and_sandboxed(imported: Imported,
         imported.bazel("clean")
         imported.bazel("build", *flags, "//...", "@swiftpkg_fastmath//...")
         assert imported.outputs() == reference, f"{flags} outputs differ from the default build"
+
+
+def _bazel7_skip_reason() -> str | None:
+    """Why the Bazel 7 legs cannot run here (the chroot of tools/bazel7.sh, as test_adoption_bazel7.py)."""
+    if IN_BAZEL7_CHROOT:
+        return "already inside the Bazel 7 chroot (the flavors above run here)"
+    if os.geteuid() != 0:
+        return "the Bazel 7 chroot needs root (chroot, mount namespaces)"
+    root = subprocess.run([str(REPO / "tools" / "bazel7.sh"), "root"], capture_output=True, text=True, check=True)
+    if not (Path(root.stdout.strip()) / ".treemat-bazel7-ready").exists():
+        return "no Bazel 7.7.1 chroot: create it with `sudo tools/bazel7.sh setup` (see README.md)"
+    return None
+
+
+@pytest.mark.bazel7
+@pytest.mark.parametrize("flavor", ["bazel7-workspace", "bazel7-bzlmod"])
+def test_import_on_bazel7(flavor: str, tmp_path: Path) -> None:
+    reason = _bazel7_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    inner = ["python3", "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'inner'}"]
+    selection = ["-k", f"{flavor} and not test_import_on_bazel7"]
+    run = subprocess.run(
+        [str(REPO / "tools" / "bazel7.sh"), "run", "--bind", str(tmp_path), "--", *inner, __file__, *selection],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=2400,
+        check=False,
+    )
+    output = run.stdout[-8000:] + run.stderr[-4000:]
+    assert run.returncode == 0, f"import e2e on Bazel 7.7.1 ({flavor}) failed:\n{output}"
+    assert " passed" in run.stdout and "skipped" not in run.stdout, output

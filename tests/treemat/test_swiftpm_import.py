@@ -184,6 +184,21 @@ def test_language_mode(
     assert f'swift_version = "{expected}"' in build_text(plan_import(tmp_path / "p", root_data=data), tmp_path / "p")
 
 
+def test_language_standards_reach_c_targets_of_one_language(tmp_path: Path) -> None:
+    files = {"Sources/CC/c.c": "", "Sources/Cxx/x.cpp": "", "Sources/Both/b.c": "", "Sources/Both/b.cc": ""}
+    root = tree(tmp_path / "p", {"Package.swift": "", "Sources/Bad Name/a.swift": "", **files})
+    data = dump("P", [target("CC"), target("Cxx"), target("Both"), target("Bad Name")])
+    data.update(cLanguageStandard="gnu11", cxxLanguageStandard="c++17")
+    result = plan_import(root, root_data=data)
+    text = build_text(result, root)
+    assert 'copts = ["-std=gnu11"]' in rule_of(text, "CC") and 'copts = ["-std=c++17"]' in rule_of(text, "Cxx")
+    assert "copts" not in rule_of(text, "Both") and "Bad Name" not in text
+    assert [u.line() for u in result.untranslated] == [
+        "p/Bad Name: target name 'Bad Name' is not a valid Bazel target name: not translated",
+        "p/Both: language standard: C and C++ sources in one target share one copts: not translated",
+    ]
+
+
 def test_settings_in_the_pre_5_9_dump_format_parse() -> None:
     manifest = parse_manifest(
         dump("P", [target("A", settings=[{"name": "define", "value": ["X"], "tool": "swift", "condition": None}])])

@@ -8,6 +8,7 @@ other). docs/architecture.md explains them; `lint-imports` enforces this exact l
     commands
     swiftpm_import
     swiftpm_rules
+    swiftpm_settings
     swiftpm
     bot
     worker | replay | bench

@@ -93,6 +93,8 @@ class Manifest:
     dependencies: tuple[PackageDependency, ...] = ()
     products: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # library/executable product -> targets
     targets: tuple[Target, ...] = ()
+    c_standard: str | None = None  # cLanguageStandard, e.g. gnu11
+    cxx_standard: str | None = None  # cxxLanguageStandard, e.g. c++17
 
     def target(self, name: str) -> Target | None:
         """The target called `name`, if any."""
@@ -188,6 +190,8 @@ def parse_manifest(data: Mapping[str, Any]) -> Manifest:
             dependencies=tuple(_package_dependency(d) for d in data.get("dependencies") or ()),
             products=products,
             targets=tuple(_target(t) for t in data.get("targets") or ()),
+            c_standard=data.get("cLanguageStandard"),
+            cxx_standard=data.get("cxxLanguageStandard"),
         )
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise PackageImportError(f"not a `swift package dump-package` document: {type(exc).__name__}: {exc}") from None

@@ -5,7 +5,7 @@ ships its own `include/module.modulemap`. Everything it cannot translate becomes
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,16 +17,21 @@ from treemat.swiftpm import (
     SWIFT_SUFFIXES,
     Manifest,
     PackageImportError,
-    Setting,
     Target,
     TargetDependency,
     c99name,
     target_dir,
     target_files,
 )
+from treemat.swiftpm_settings import (
+    applies_on_linux,
+    c_setting,
+    dropped,
+    language_standard_copts,
+    swift_language_version,
+    swift_setting,
+)
 
-LINUX = "linux"
-SWIFT_VERSIONS = ("4", "4.2", "5", "6")  # what swiftc's -swift-version takes
 # Characters a Bazel 4.x label's target name may hold (no space, quote, backslash or colon).
 _LABEL_SAFE = re.compile(r"[A-Za-z0-9!%\-@^_#$&'()*+,;<=>?\[\]{|}~/.]+")
 AttrValue = str | tuple[str, ...]
@@ -92,16 +97,6 @@ def label_safe(path: str) -> bool:
     )
 
 
-def _applies_on_linux(platforms: Sequence[str], config: str | None = None) -> bool:
-    return (not platforms or LINUX in platforms) and config is None
-
-
-def _dropped(platforms: Sequence[str], config: str | None) -> str:
-    if config is not None:
-        return f"only for the {config} configuration: dropped"
-    return f"only for {', '.join(platforms)} (not linux): dropped"
-
-
 def _in_bazel_package(path: str, package_dir: Path) -> str | None:
     """The nested Bazel package (a directory with a BUILD file) `path` lies in, if any."""
     parent = Path(path).parent
@@ -116,6 +111,9 @@ def layout_target(package_dir: Path, target: Target, report: list[str]) -> Targe
     """Classify a target from its files (None: not translatable; the reasons appended to `report`)."""
     if target.type not in ("regular", "executable", "test"):
         report.append(f"{target.type} target not translated")
+        return None
+    if not label_safe(target.name) or "/" in target.name:
+        report.append(f"target name {target.name!r} is not a valid Bazel target name: not translated")
         return None
     sources, resources = target_files(package_dir, target)
     for path in sources + resources:
@@ -172,74 +170,6 @@ def layout_package(info: PackageInfo, report: list[Untranslated]) -> None:
             info.layouts[target.name] = layout
 
 
-def swift_language_version(manifest: Manifest, target: Target) -> str:
-    """The language mode SwiftPM compiles `target` in: its setting, the package's list, or the tools version's."""
-    for setting in target.settings:
-        if setting.kind in ("swiftLanguageMode", "swiftLanguageVersion") and setting.values:
-            return setting.values[0]
-    supported = [v for v in manifest.swift_language_versions if v in SWIFT_VERSIONS]
-    if supported:
-        return max(supported, key=lambda v: tuple(int(p) for p in v.split(".")))
-    major_minor = tuple(manifest.tools_version[:2])
-    return "6" if major_minor >= (6, 0) else "5" if major_minor >= (5, 0) else "4.2" if major_minor >= (4, 2) else "4"
-
-
-_SWIFT_FLAGS = {
-    "enableUpcomingFeature": ("-enable-upcoming-feature",),
-    "enableExperimentalFeature": ("-enable-experimental-feature",),
-    "defaultIsolation": ("-default-isolation",),
-}
-
-
-def _swift_setting(setting: Setting, attrs: dict[str, list[str]]) -> str | None:
-    """Translate one swift/linker setting into attrs; returns why not, or None."""
-    kind, values = setting.kind, list(setting.values)
-    if setting.tool == "linker":
-        if kind == "linkedLibrary":
-            attrs["linkopts"] += [f"-l{v}" for v in values]
-        elif kind == "unsafeFlags":
-            attrs["linkopts"] += values
-        elif kind == "linkedFramework":
-            return f"{setting.describe()}: frameworks are Apple-only: dropped"
-        else:
-            return f"{setting.describe()}: not translated"
-    elif setting.tool != "swift":
-        return f"{setting.describe()}: C settings of a Swift target are not translated"
-    elif kind == "define":
-        attrs["defines"] += values
-    elif kind == "unsafeFlags":
-        attrs["copts"] += values
-    elif kind in _SWIFT_FLAGS:
-        for value in values:
-            attrs["copts"] += [*_SWIFT_FLAGS[kind], value]
-    elif kind == "interoperabilityMode":
-        attrs["copts"] += ["-cxx-interoperability-mode=default"] if values[:1] == ["Cxx"] else []
-    elif kind in ("swiftLanguageMode", "swiftLanguageVersion"):
-        pass  # swift_language_version()
-    else:
-        return f"{setting.describe()}: not translated"
-    return None
-
-
-def _c_setting(setting: Setting, target_path: str, attrs: dict[str, list[str]]) -> str | None:
-    """Translate one c/cxx/linker setting of a C target into attrs; returns why not, or None."""
-    kind, values = setting.kind, list(setting.values)
-    if setting.tool == "linker" or setting.tool == "swift":
-        if setting.tool == "linker" and kind in ("linkedLibrary", "unsafeFlags"):
-            attrs["linkopts"] += [f"-l{v}" for v in values] if kind == "linkedLibrary" else values
-            return None
-        return f"{setting.describe()}: not translated for a C target"
-    if kind == "define":
-        attrs["local_defines"] += [v.replace("$", "$$") for v in values]
-    elif kind == "headerSearchPath":
-        attrs["includes"] += [f"{target_path}/{v}".rstrip("/") for v in values]
-    elif kind == "unsafeFlags":
-        attrs["copts"] += [v.replace("$", "$$") for v in values]
-    else:
-        return f"{setting.describe()}: not translated"
-    return None
-
-
 def _find_dependency(deps: Mapping[str, PackageInfo], package: str) -> PackageInfo | None:
     wanted = package.lower()
     for info in deps.values():
@@ -285,12 +215,16 @@ def _target_attrs(package: PackageInfo, target: Target, layout: TargetLayout) ->
     is_c = layout.kind != "swift"
     target_path = target_dir(package.directory or Path("."), target).relative_to(package.directory or Path("."))
     for setting in target.settings:
-        if not _applies_on_linux(setting.platforms, setting.config):
-            reasons.append(f"{setting.describe()}: {_dropped(setting.platforms, setting.config)}")
+        if not applies_on_linux(setting.platforms, setting.config):
+            reasons.append(f"{setting.describe()}: {dropped(setting.platforms, setting.config)}")
             continue
-        translate = _c_setting(setting, target_path.as_posix(), attrs) if is_c else _swift_setting(setting, attrs)
+        translate = c_setting(setting, target_path.as_posix(), attrs) if is_c else swift_setting(setting, attrs)
         if translate is not None:
             reasons.append(translate)
+    if is_c and package.manifest is not None:
+        standard, why = language_standard_copts(package.manifest, layout.sources)
+        attrs["copts"] = standard + attrs["copts"]
+        reasons += [why] if why else []
     return attrs, reasons
 
 
@@ -306,8 +240,8 @@ def translate(package: PackageInfo, deps: Mapping[str, PackageInfo], report: lis
         attrs, reasons = _target_attrs(package, target, layout)
         is_c = layout.kind != "swift"
         for dependency in target.dependencies:
-            if not _applies_on_linux(dependency.platforms):
-                reasons.append(f"dependency {dependency.name}: {_dropped(dependency.platforms, None)}")
+            if not applies_on_linux(dependency.platforms):
+                reasons.append(f"dependency {dependency.name}: {dropped(dependency.platforms, None)}")
                 continue
             labels, why = resolve(package, deps, dependency, cc=is_c)
             if is_c and any(dep_layout_is_swift(package, deps, label) for label in labels):
