@@ -248,6 +248,18 @@ def test_an_unknown_product_is_reported(tmp_path: Path) -> None:
     assert [u.item for u in result.untranslated] == ["dependency on product Missing of fast-math: not found"]
 
 
+def test_untranslated_targets_of_a_product_are_reported(tmp_path: Path) -> None:
+    root, dep, data = _with_dependency(tmp_path)
+    products = [{"name": "FastMath", "targets": ["FastMath", "FastMathMacros"]}]
+    dep_dump = dump("FastMath", [target("FastMath"), target("FastMathMacros", "macro")], products=products)
+    result = plan_import(root, {"fast-math": dep}, root_data=data, load=lambda _path: dep_dump)
+    assert 'deps = ["@swiftpkg_fast_math//:FastMath"]' in build_text(result, root)
+    assert [u.line() for u in result.untranslated] == [
+        "fast-math/FastMathMacros: macro target not translated",
+        "geometry/G: product FastMath: its untranslated targets FastMathMacros dropped",
+    ]
+
+
 def test_an_unused_dep_is_an_error(tmp_path: Path) -> None:
     root = tree(tmp_path / "p", {"Package.swift": "", "Sources/A/a.swift": ""})
     with pytest.raises(PackageImportError, match="--dep typo: no package in the graph depends on 'typo'"):

@@ -204,7 +204,11 @@ def resolve(
             continue
         targets = info.manifest.products.get(dependency.name)
         if targets is not None:
-            return [info.label(t, cc=cc) for t in targets if t in info.layouts], None
+            missing = [t for t in targets if t not in info.layouts]
+            why = (
+                f"product {dependency.name}: its untranslated targets {', '.join(missing)} dropped" if missing else None
+            )
+            return [info.label(t, cc=cc) for t in targets if t in info.layouts], why
     return [], f"dependency on product {dependency.name} of {dependency.package or 'any package'}: not found"
 
 
@@ -256,7 +260,7 @@ def translate(package: PackageInfo, deps: Mapping[str, PackageInfo], report: lis
             )
         elif layout.resources:
             reasons.append(f"resources ({len(layout.resources)} files) of a C target: not translated")
-        report.extend(Untranslated(package.identity, target.name, reason) for reason in reasons)
+        report.extend(Untranslated(package.identity, target.name, reason) for reason in dict.fromkeys(reasons))
         rules += _c_rules(target, layout, attrs) if is_c else [_swift_rule(package, manifest, target, layout, attrs)]
     return rules
 
