@@ -30,7 +30,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SWIFT = shutil.which("swift") or ("/opt/swift/usr/bin/swift" if Path("/opt/swift/usr/bin/swift").exists() else None)
 # `swift build && .build/debug/shapes` on the same fixture (its URL dependency made a path) prints exactly this.
-EXPECTED_APP_OUTPUT = "distance: 5.0\nscaled area: 30\nratio: 2:3\ntotal area: 7.0\nabsolute: 7\nplatform: linux\n"
+EXPECTED_APP_OUTPUT = (
+    "distance: 5.0\nscaled area: 30\nratio: 2:3\ntotal area: 7.0\nabsolute: 7\nplatform: linux\nconfiguration: debug\n"
+)
 TESTS = ("//:GeometryTests", "@swiftpkg_fastmath//:FastMathTests")
 IN_BAZEL7_CHROOT = bool(os.environ.get("TREEMAT_BAZEL7_CHROOT"))
 FLAVORS = ["bazel7-workspace", "bazel7-bzlmod"] if IN_BAZEL7_CHROOT else ["bazel4"]
@@ -133,6 +135,11 @@ def test_the_imported_app_runs_like_swiftpms(imported: Imported, reference: dict
     bin_dir = Path(imported.bazel("info", "bazel-bin").stdout.strip())
     run = subprocess.run([str(bin_dir / "shapes")], capture_output=True, text=True, check=True)
     assert run.stdout == EXPECTED_APP_OUTPUT
+    # `.when(configuration: .debug)` holds in fastbuild, not under -c opt (SwiftPM's `-c release` prints this)
+    imported.bazel("build", "-c", "opt", "//:shapes")
+    opt_bin = Path(imported.bazel("info", "-c", "opt", "bazel-bin").stdout.strip())
+    release = subprocess.run([str(opt_bin / "shapes")], capture_output=True, text=True, check=True)
+    assert release.stdout == EXPECTED_APP_OUTPUT.replace("configuration: debug", "configuration: release")
 
 
 def test_bazel_test_passes_both_packages_tests(imported: Imported, reference: dict[str, str]) -> None:

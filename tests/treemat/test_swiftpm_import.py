@@ -88,6 +88,7 @@ GEOMETRY = dump(
                 setting("c", "define", "SCALE=2"),
                 setting("c", "define", "APPLE_ONLY", ["macos", "ios"]),
                 setting("c", "define", "LINUX_ONLY", ["linux"]),
+                setting("c", "define", "NDEBUG", config="release"),
                 setting("linker", "linkedLibrary", "m"),
             ],
         ),
@@ -101,6 +102,7 @@ GEOMETRY = dump(
                 setting("swift", "define", "GEOMETRY_LINUX", ["linux"]),
                 setting("swift", "define", "GEOMETRY_APPLE", ["macos"]),
                 setting("swift", "define", "DEBUG_ONLY", config="debug"),
+                setting("swift", "unsafeFlags", ["-Ounchecked", "-wmo"], config="release"),
                 setting("swift", "enableUpcomingFeature", "ExistentialAny"),
                 setting("swift", "enableExperimentalFeature", "Extern"),
                 setting("swift", "unsafeFlags", ["-enforce-exclusivity=checked"]),
@@ -138,7 +140,19 @@ def test_c_targets_swift_targets_and_settings(geometry: Path) -> None:
     assert '"Sources/Geometry/Geometry.swift",\n        "Sources/Geometry/Shapes/Shape.swift",\n    ]' in geometry_rule
     assert "NotListed" not in geometry_rule and ".hidden" not in geometry_rule, "sources and hidden files"
     assert 'deps = [\n        ":CShapes",\n        ":CMapped",\n    ]' in geometry_rule
-    assert 'defines = ["GEOMETRY_LINUX"]' in geometry_rule
+    # .when(configuration:): SwiftPM's release is -c opt, its debug Bazel's fastbuild and dbg
+    assert (
+        text.count('config_setting(\n    name = "swiftpm_release",\n    values = {"compilation_mode": "opt"},\n)') == 1
+    )
+    assert (
+        'defines = ["GEOMETRY_LINUX"] + select({\n        ":swiftpm_release": [],\n'
+        '        "//conditions:default": ["DEBUG_ONLY"],\n    }),'
+    ) in geometry_rule
+    assert (
+        '    ] + select({\n        ":swiftpm_release": [\n            "-Ounchecked",\n            "-wmo",\n        ],\n'
+        '        "//conditions:default": [],\n    }),'
+    ) in geometry_rule
+    assert 'local_defines = [\n        "SCALE=2",\n        "LINUX_ONLY",\n    ] + select({' in shapes
     assert '"-enable-upcoming-feature",\n        "ExistentialAny",' in geometry_rule
     assert '"-enable-experimental-feature",\n        "Extern",' in geometry_rule
     assert '"-enforce-exclusivity=checked"' in geometry_rule and 'swift_version = "5"' in geometry_rule
@@ -155,7 +169,6 @@ def test_c_targets_swift_targets_and_settings(geometry: Path) -> None:
     assert lines == {
         "geometry/CShapes: cSettings define APPLE_ONLY: only for macos, ios (not linux): dropped",
         "geometry/Geometry: swiftSettings define GEOMETRY_APPLE: only for macos (not linux): dropped",
-        "geometry/Geometry: swiftSettings define DEBUG_ONLY: only for the debug configuration: dropped",
         "geometry/Geometry: linkerSettings linkedFramework Foundation: frameworks are Apple-only: dropped",
         "geometry/Geometry: resources (1 files) are runfiles (`data`); Bundle.module is not generated",
         "geometry/GeometryTests: dependency on executable target shapes-cli: not translated",

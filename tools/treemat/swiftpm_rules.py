@@ -34,7 +34,42 @@ from treemat.swiftpm_settings import (
 
 # Characters a Bazel 4.x label's target name may hold (no space, quote, backslash or colon).
 _LABEL_SAFE = re.compile(r"[A-Za-z0-9!%\-@^_#$&'()*+,;<=>?\[\]{|}~/.]+")
-AttrValue = str | tuple[str, ...]
+RELEASE_SETTING = "swiftpm_release"  # config_setting: -c opt is SwiftPM's release, fastbuild and dbg its debug
+
+
+@dataclass(frozen=True)
+class Selected:
+    """A list attribute with parts for SwiftPM's configurations: `base + select({release, default: debug})`."""
+
+    base: tuple[str, ...]
+    release: tuple[str, ...]
+    debug: tuple[str, ...]
+
+
+AttrValue = str | tuple[str, ...] | Selected
+_LISTS = ("deps", "defines", "local_defines", "includes", "copts", "linkopts")
+
+
+class _Attrs:
+    """A target's list attributes: unconditional, and per `.when(configuration:)`."""
+
+    def __init__(self) -> None:
+        self.base: dict[str, list[str]] = {k: [] for k in _LISTS}
+        self.configured: dict[str, dict[str, list[str]]] = {c: {k: [] for k in _LISTS} for c in ("debug", "release")}
+
+    def __getitem__(self, key: str) -> list[str]:
+        return self.base[key]
+
+    def __setitem__(self, key: str, value: list[str]) -> None:
+        self.base[key] = value
+
+    def value(self, key: str, prefix: tuple[str, ...] = ()) -> tuple[str, ...] | Selected:
+        """The attribute as written: a list, or a list plus a select over the configuration."""
+        base = (*prefix, *self.base[key])
+        release, debug = (tuple(self.configured[c][key]) for c in ("release", "debug"))
+        return Selected(base, release, debug) if release or debug else base
+
+
 CC_SUFFIX = "_cc"  # the cc_library behind a swift_c_module
 
 
@@ -212,17 +247,21 @@ def resolve(
     return [], f"dependency on product {dependency.name} of {dependency.package or 'any package'}: not found"
 
 
-def _target_attrs(package: PackageInfo, target: Target, layout: TargetLayout) -> tuple[dict[str, list[str]], list[str]]:
-    """Settings and dependencies of one target -> attribute lists, plus the reasons for what was dropped."""
-    attrs: dict[str, list[str]] = {k: [] for k in ("deps", "defines", "local_defines", "includes", "copts", "linkopts")}
+def _target_attrs(package: PackageInfo, target: Target, layout: TargetLayout) -> tuple[_Attrs, list[str]]:
+    """Settings of one target -> attribute lists, plus the reasons for what was dropped."""
+    attrs = _Attrs()
     reasons = []
     is_c = layout.kind != "swift"
     target_path = target_dir(package.directory or Path("."), target).relative_to(package.directory or Path("."))
     for setting in target.settings:
-        if not applies_on_linux(setting.platforms, setting.config):
-            reasons.append(f"{setting.describe()}: {dropped(setting.platforms, setting.config)}")
+        if not applies_on_linux(setting.platforms):
+            reasons.append(f"{setting.describe()}: {dropped(setting.platforms, None)}")
             continue
-        translate = c_setting(setting, target_path.as_posix(), attrs) if is_c else swift_setting(setting, attrs)
+        if setting.config not in (None, "debug", "release"):
+            reasons.append(f"{setting.describe()}: {dropped((), setting.config)}")
+            continue
+        lists = attrs.base if setting.config is None else attrs.configured[setting.config]
+        translate = c_setting(setting, target_path.as_posix(), lists) if is_c else swift_setting(setting, lists)
         if translate is not None:
             reasons.append(translate)
     if is_c and package.manifest is not None:
@@ -273,9 +312,7 @@ def dep_layout_is_swift(package: PackageInfo, deps: Mapping[str, PackageInfo], l
     return layout is not None and layout.kind == "swift"
 
 
-def _swift_rule(
-    package: PackageInfo, manifest: Manifest, target: Target, layout: TargetLayout, attrs: dict[str, list[str]]
-) -> Rule:
+def _swift_rule(package: PackageInfo, manifest: Manifest, target: Target, layout: TargetLayout, attrs: _Attrs) -> Rule:
     kind = {"executable": "swift_binary", "test": "swift_test"}.get(target.type, "swift_library")
     return Rule(
         kind,
@@ -285,17 +322,17 @@ def _swift_rule(
             ("module_name", c99name(target.name)),
             ("package_name", package.identity),
             ("deps", tuple(attrs["deps"])),
-            ("defines", tuple(attrs["defines"])),
-            ("copts", tuple(attrs["copts"])),
+            ("defines", attrs.value("defines")),
+            ("copts", attrs.value("copts")),
             ("swift_version", swift_language_version(manifest, target)),
-            ("linkopts", tuple(attrs["linkopts"])),
+            ("linkopts", attrs.value("linkopts")),
             ("data", layout.resources),
         ),
     )
 
 
-def _c_rules(target: Target, layout: TargetLayout, attrs: dict[str, list[str]]) -> list[Rule]:
-    includes = ([layout.include_dir] if layout.include_dir else []) + attrs["includes"]
+def _c_rules(target: Target, layout: TargetLayout, attrs: _Attrs) -> list[Rule]:
+    includes = attrs.value("includes", (layout.include_dir,) if layout.include_dir else ())
     own_map = layout.module_map is not None
     library = Rule(
         "cc_library",
@@ -303,11 +340,11 @@ def _c_rules(target: Target, layout: TargetLayout, attrs: dict[str, list[str]]) 
         (
             ("srcs", layout.sources),
             ("hdrs", layout.headers),
-            ("includes", tuple(includes)),
+            ("includes", includes),
             ("deps", tuple(attrs["deps"])),
-            ("local_defines", tuple(attrs["local_defines"])),
-            ("copts", tuple(attrs["copts"])),
-            ("linkopts", tuple(attrs["linkopts"])),
+            ("local_defines", attrs.value("local_defines")),
+            ("copts", attrs.value("copts")),
+            ("linkopts", attrs.value("linkopts")),
             ("tags", () if own_map else (f"swift_module={c99name(target.name)}",)),
         ),
     )

@@ -13,9 +13,9 @@ SWIFT_VERSIONS = ("4", "4.2", "5", "6")  # what swiftc's -swift-version takes
 CXX_SUFFIXES = frozenset({".cc", ".cpp", ".cxx", ".c++"})
 
 
-def applies_on_linux(platforms: Sequence[str], config: str | None = None) -> bool:
-    """Whether a `.when(platforms:configuration:)` condition holds for every Linux build."""
-    return (not platforms or LINUX in platforms) and config is None
+def applies_on_linux(platforms: Sequence[str]) -> bool:
+    """Whether a `.when(platforms:)` condition holds on Linux."""
+    return not platforms or LINUX in platforms
 
 
 def dropped(platforms: Sequence[str], config: str | None) -> str:

@@ -31,6 +31,7 @@ let package = Package(
             swiftSettings: [
                 .define("GEOMETRY_LINUX", .when(platforms: [.linux])),
                 .define("GEOMETRY_APPLE", .when(platforms: [.macOS])),
+                .define("GEOMETRY_DEBUG", .when(configuration: .debug)),
                 .enableUpcomingFeature("ExistentialAny"),
                 .enableExperimentalFeature("Extern"),
                 .unsafeFlags(["-enforce-exclusivity=checked"]),

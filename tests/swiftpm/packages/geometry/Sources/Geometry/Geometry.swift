@@ -38,6 +38,15 @@ public var platformName: String {
     #endif
 }
 
+/// SwiftPM's debug configuration is Bazel's fastbuild and dbg; its release is `-c opt`.
+public var buildConfiguration: String {
+    #if GEOMETRY_DEBUG
+    return "debug"
+    #else
+    return "release"
+    #endif
+}
+
 // Needs the experimental feature Extern (swiftSettings).
 @_extern(c, "abs")
 func cAbs(_ value: Int32) -> Int32
