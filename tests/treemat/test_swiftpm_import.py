@@ -163,7 +163,9 @@ def test_c_targets_swift_targets_and_settings(geometry: Path) -> None:
     assert '"Sources/ShapesCLI/main.swift"' in cli_rule and 'swift_version = "6"' in cli_rule
     tests = rule_of(text, "GeometryTests")
     assert tests.startswith("swift_test(") and 'deps = [":Geometry"]' in tests
-    assert "Plugin" not in text
+    assert "Plugin" not in text and "size" not in tests, "the rules' default size unless asked"
+    sized = build_text(plan_import(geometry, root_data=GEOMETRY, test_size="large"), geometry)
+    assert rule_of(sized, "GeometryTests").endswith('    size = "large",\n)\n') and sized.count("size =") == 1
     assert text.startswith(MARK) and 'load("@treemat//rules:defs.bzl", "swift_binary", "swift_c_module",' in text
     lines = {u.line() for u in result.untranslated}
     assert lines == {

@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -174,8 +174,12 @@ def plan_import(
     *,
     root_data: Mapping[str, Any] | None = None,
     load: Loader | None = None,
+    test_size: str | None = None,
 ) -> ImportResult:
-    """The files to write for `root` and its local dependencies (nothing is written)."""
+    """The files to write for `root` and its local dependencies (nothing is written).
+
+    `test_size` sets every swift_test's `size` (SwiftPM has no test timeout; the rules' default is small, 60 s).
+    """
     root = root.resolve()
     if root_data is None and not (root / "Package.swift").is_file():
         raise PackageImportError(f"{root}: no Package.swift (give a SwiftPM package directory)")
@@ -191,6 +195,8 @@ def plan_import(
             continue
         deps = [by_identity[identity] for identity in edges[info.identity]]
         rules = translate(info, {d.identity: d for d in deps}, result.untranslated)
+        if test_size:
+            rules = [replace(r, attrs=(*r.attrs, ("size", test_size))) if r.kind == "swift_test" else r for r in rules]
         result.files[info.directory / "BUILD.bazel"] = render_build(info.identity, rules)
         if info.repo:
             for name, text in _dependency_repo_files(info, deps).items():

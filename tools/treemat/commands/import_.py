@@ -36,11 +36,23 @@ def _parse_dep(_ctx: click.Context, _param: click.Parameter, values: tuple[str, 
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Read the root package's `swift package dump-package` JSON from FILE instead of running swift.",
 )
+@click.option(
+    "--test-size",
+    type=click.Choice(("small", "medium", "large", "enormous")),
+    help="`size` of every swift_test (Bazel's timeout: 60 s, 5, 15, 60 min). SwiftPM has no test timeout; "
+    "the rules' default is small.",
+)
 @click.option("--force", is_flag=True, help="Replace BUILD files written by hand (no `treemat import` header).")
 @click.option("--dry-run", is_flag=True, help="Write nothing; report what would be written.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable: files, untranslated items, snippets.")
 def import_(
-    package_dir: Path, deps: dict[str, Path], dump: Path | None, force: bool, dry_run: bool, as_json: bool
+    package_dir: Path,
+    deps: dict[str, Path],
+    dump: Path | None,
+    test_size: str | None,
+    force: bool,
+    dry_run: bool,
+    as_json: bool,
 ) -> int:
     """Write BUILD.bazel files for a SwiftPM package (and, recursively, its local dependencies).
 
@@ -57,7 +69,7 @@ def import_(
     from treemat.swiftpm_import import plan_import, write_import
 
     root_data = json.loads(dump.read_text(encoding="utf-8")) if dump else None
-    result = plan_import(package_dir, deps, root_data=root_data)
+    result = plan_import(package_dir, deps, root_data=root_data, test_size=test_size)
     if not dry_run:
         write_import(result, force=force)
     if as_json:
