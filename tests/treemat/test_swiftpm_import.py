@@ -375,6 +375,9 @@ def test_cli_help_json_and_one_line_errors(tmp_path: Path) -> None:
     root = tree(tmp_path / "p", {"Package.swift": "", "Sources/A/a.swift": "", "Sources/B/b.swift": ""})
     dump_file = tmp_path / "dump.json"
     dump_file.write_text(json.dumps(dump("P", [target("A"), target("B", settings=[setting("c", "define", "X")])])))
+    dry = runner.invoke(cli, ["import", "--dry-run", "--dump", str(dump_file), str(root)])
+    assert dry.exit_code == 0 and f"would write: {root.resolve() / 'BUILD.bazel'}" in dry.stdout
+    assert not (root / "BUILD.bazel").exists(), "--dry-run writes nothing"
     run = runner.invoke(cli, ["import", "--json", "--dump", str(dump_file), str(root)])
     assert run.exit_code == 0, run.output
     report = json.loads(run.output)
