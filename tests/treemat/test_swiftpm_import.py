@@ -256,6 +256,23 @@ def test_a_dependency_without_checkout_is_reported_and_still_named(tmp_path: Pat
     assert by_name.item == "dependency on product FastMath of any package: not found", "byName needs the manifest"
 
 
+def test_a_transitive_dependency_without_checkout_is_not_a_bazel_dep(tmp_path: Path) -> None:
+    root, dep, data = _with_dependency(tmp_path)
+    far = {"sourceControl": [{"identity": "far", "location": {"remote": [{"urlString": "https://x/far"}]}}]}
+    products = [{"name": "FastMath", "targets": ["FastMath"]}]
+    dep_dump = dump("FastMath", [target("FastMath")], products=products, dependencies=[far])
+    result = plan_import(root, {"fast-math": dep}, root_data=data, load=lambda _path: dep_dump)
+    assert "swiftpkg_far" not in result.files[dep.resolve() / "MODULE.bazel"] + result.module + result.workspace
+    assert [u.line() for u in result.untranslated] == [
+        "fast-math: dependency far (https://x/far): no local checkout, pass --dep far=PATH; its products are "
+        "taken as targets of the same name"
+    ]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing = plan_import(root, {"fast-math": empty}, root_data=data)
+    assert f"dependency fast-math ({empty} has no Package.swift)" in missing.untranslated[0].item
+
+
 def test_an_unknown_product_is_reported(tmp_path: Path) -> None:
     root, dep, data = _with_dependency(tmp_path, dep_product="Missing")
     dep_dump = dump("FastMath", [target("FastMath")], products=[{"name": "FastMath", "targets": ["FastMath"]}])

@@ -147,7 +147,7 @@ def _load_graph(
             path = given or (Path(dependency.location) if dependency.kind == "fileSystem" else None)
             new = PackageInfo(dependency.identity, repo_name(dependency.identity), None, path)
             if path is None or not (path / "Package.swift").is_file():
-                where = f"{dependency.location} has no Package.swift" if path else dependency.location
+                where = f"{path} has no Package.swift" if path else dependency.location
                 report.append(
                     Untranslated(
                         info.identity,
@@ -199,7 +199,7 @@ def plan_import(
             rules = [replace(r, attrs=(*r.attrs, ("size", test_size))) if r.kind == "swift_test" else r for r in rules]
         result.files[info.directory / "BUILD.bazel"] = render_build(info.identity, rules)
         if info.repo:
-            for name, text in _dependency_repo_files(info, deps).items():
+            for name, text in _dependency_repo_files(info, [d for d in deps if d.directory]).items():
                 result.files[info.directory / name] = text
     local = sorted((p for p in packages[1:] if p.directory is not None), key=lambda p: p.repo)
     result.workspace = "".join(_render_call("local_repository", name=p.repo, path=str(p.directory)) for p in local)
