@@ -183,11 +183,21 @@ def _compile(
     )
     return object_file, swiftmodule, swiftdoc
 
-def _link(ctx, *, swift, objects, context, executable):
-    """Registers SwiftLink: the Swift objects, then the C/C++ libraries reached (dependents first), then the
-    linkopts of the Swift modules and of the C libraries; every file it reads is an input."""
+def _link(ctx, *, swift, own_objects, context, executable):
+    """Registers SwiftLink: this target's objects, those of its Swift deps, then the C/C++ libraries reached
+    (dependents first), then the linkopts of the Swift modules and of the C libraries; every file it reads is
+    an input, every file it writes an output.
+
+    swiftc writes the `swift-autolink-extract` list to `<directory of the first object>/<executable>.autolink`
+    (a temporary file only when that directory is the working directory): this target's own object comes
+    first, so the file lands in this target's `_objs` directory, where it is declared.
+    """
     c_libraries = link_inputs(context.interop)
-    request = treemat_args(ctx, [executable])
+    objects = depset(own_objects, transitive = [d.transitive_objects for d in context.deps], order = "preorder")
+    autolink = ctx.actions.declare_file("{}_objs/{}.autolink".format(ctx.label.name, executable.basename))
+    if own_objects[0].dirname != autolink.dirname:
+        fail("internal: {}'s first object {} is not in {}".format(ctx.label, own_objects[0].path, autolink.dirname))
+    request = treemat_args(ctx, [executable, autolink])
     request.add(swift.swiftc)
     if ctx.var["COMPILATION_MODE"] == "dbg":
         request.add("-g")
@@ -205,7 +215,7 @@ def _link(ctx, *, swift, objects, context, executable):
             [swift.identity] + c_libraries.files + c_libraries.additional_inputs,
             transitive = [objects, _transitive_link_inputs(ctx, context.deps)],
         ),
-        outputs = [executable],
+        outputs = [executable, autolink],
         progress_message = "Linking Swift executable {}".format(ctx.label),
     )
     return c_libraries
@@ -286,8 +296,7 @@ def _swift_binary_impl(ctx):
         emit_module = False,
     )
     executable = ctx.actions.declare_file(ctx.label.name)
-    objects = depset([object_file], transitive = [d.transitive_objects for d in context.deps])
-    c_libraries = _link(ctx, swift = swift, objects = objects, context = context, executable = executable)
+    c_libraries = _link(ctx, swift = swift, own_objects = [object_file], context = context, executable = executable)
     return [DefaultInfo(
         executable = executable,
         files = depset([executable]),
@@ -331,8 +340,13 @@ def _swift_test_impl(ctx):
         progress_message = "Compiling test runner of {}".format(ctx.label),
     )
     executable = ctx.actions.declare_file(ctx.label.name)
-    objects = depset([test_object, runner_object], transitive = [d.transitive_objects for d in context.deps])
-    c_libraries = _link(ctx, swift = swift, objects = objects, context = context, executable = executable)
+    c_libraries = _link(
+        ctx,
+        swift = swift,
+        own_objects = [test_object, runner_object],
+        context = context,
+        executable = executable,
+    )
     return [
         DefaultInfo(executable = executable, files = depset([executable]), runfiles = _executable_runfiles(ctx, c_libraries)),
         testing.TestEnvironment(ctx.attr.env),
