@@ -78,12 +78,13 @@ def _rule_files(ctx, name):
     return getattr(ctx.rule.files, name, []) if hasattr(ctx.rule, "files") else []
 
 def _dep_clang_infos(ctx):
-    infos = []
-    for name in ["deps", "implementation_deps"]:
-        for dep in getattr(ctx.rule.attr, name, []) or []:
-            if type(dep) == "Target" and SwiftClangModuleInfo in dep:
-                infos.append(dep[SwiftClangModuleInfo])
-    return infos
+    # `deps` only: the headers of `implementation_deps` are not in the library's CcInfo, so their modules are
+    # not the dependents' business (their code is still linked: it is in the linking context).
+    return [
+        dep[SwiftClangModuleInfo]
+        for dep in getattr(ctx.rule.attr, "deps", []) or []
+        if type(dep) == "Target" and SwiftClangModuleInfo in dep
+    ]
 
 def _clang_module_aspect_impl(target, ctx):
     # Swift modules and targets that declare their own C module (swift_c_module) are left as they are.
@@ -111,7 +112,7 @@ def _clang_module_aspect_impl(target, ctx):
 
 clang_module_aspect = aspect(
     implementation = _clang_module_aspect_impl,
-    attr_aspects = ["deps", "implementation_deps"],
+    attr_aspects = ["deps"],
     doc = """Gives every C/C++ library reached through `deps` (a cc_library, or any target with CcInfo) a clang
 module: a generated module map listing its public headers, named by its `swift_module=NAME` tag or after its
 label. Swift modules and swift_c_module targets are left alone.""",
