@@ -91,12 +91,13 @@ def _clang_module_aspect_impl(target, ctx):
     if CcInfo not in target or SwiftModuleInfo in target or SwiftClangModuleInfo in target:
         return []
     deps = _dep_clang_infos(ctx)
-    textual = {f.path: True for f in _rule_files(ctx, "textual_hdrs")}
-    if hasattr(ctx.rule.files, "hdrs"):
-        public = ctx.rule.files.hdrs
-    else:  # another rule with CcInfo (cc_import, a custom rule): what its compilation context calls public
-        public = target[CcInfo].compilation_context.direct_public_headers
-    headers = [f for f in public if f.extension in _HEADER_EXTENSIONS and f.path not in textual]
+    # The public headers as the library's compilation context has them: `hdrs` (`textual_hdrs` are apart), or
+    # their `_virtual_includes` copies under strip_include_prefix / include_prefix (the paths includes find).
+    # Bazel lists both a header and its virtual copy there: one header in a module twice would define its
+    # types twice, so the copies win.
+    public = [f for f in target[CcInfo].compilation_context.direct_public_headers if f.extension in _HEADER_EXTENSIONS]
+    virtual = [f for f in public if "/_virtual_includes/" in f.path]
+    headers = virtual or public
     module_name = cc_module_name(target.label, getattr(ctx.rule.attr, "tags", []))
     module_map = None
     if headers:

@@ -11,7 +11,14 @@ C interop (cc_interop.bzl): cc_library / swift_c_module targets in `deps` are cl
 compilation context reaches every compile, their libraries every link.
 """
 
-load(":cc_interop.bzl", "add_clang_importer_args", "c_interop", "clang_importer_inputs", "clang_module_aspect", "link_inputs")
+load(
+    ":cc_interop.bzl",
+    "add_clang_importer_args",
+    "c_interop",
+    "clang_importer_inputs",
+    "clang_module_aspect",
+    "link_inputs",
+)
 load(":providers.bzl", "SwiftModuleInfo")
 load(":staged_action.bzl", "TREEMAT_ATTRS", "escape_tool_arg", "treemat_action", "treemat_args")
 
@@ -94,7 +101,17 @@ def _compile_context(ctx):
         ),
     )
 
-def _add_compile_args(request, ctx, swift, context, *, module_name, swift_version, parse_as_library, enable_testing, extra_modules):
+def _add_compile_args(
+        request,
+        ctx,
+        swift,
+        context,
+        *,
+        module_name,
+        swift_version,
+        parse_as_library,
+        enable_testing,
+        extra_modules):
     """The one swiftc argument builder: every compile (library, binary, test, test runner) gets its flags here."""
     request.add(swift.swiftc)
     request.add_all(["-module-name", module_name, "-package-name", _package_name(ctx)])
@@ -348,7 +365,11 @@ def _swift_test_impl(ctx):
         executable = executable,
     )
     return [
-        DefaultInfo(executable = executable, files = depset([executable]), runfiles = _executable_runfiles(ctx, c_libraries)),
+        DefaultInfo(
+            executable = executable,
+            files = depset([executable]),
+            runfiles = _executable_runfiles(ctx, c_libraries),
+        ),
         testing.TestEnvironment(ctx.attr.env),
     ]
 

@@ -70,7 +70,11 @@ def _clang_module_name_test_impl(ctx):
     errors = []
     info = ctx.attr.target_under_test[SwiftClangModuleInfo]
     if info.module_name != ctx.attr.expected:
-        errors.append("{}: module name {}, expected {}".format(ctx.attr.target_under_test.label, info.module_name, ctx.attr.expected))
+        errors.append("{}: module name {}, expected {}".format(
+            ctx.attr.target_under_test.label,
+            info.module_name,
+            ctx.attr.expected,
+        ))
     if bool(info.module_map) != ctx.attr.has_module_map:
         errors.append("{}: module map {}".format(ctx.attr.target_under_test.label, info.module_map))
 

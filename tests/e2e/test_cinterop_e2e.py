@@ -165,15 +165,18 @@ ALGORITHMS = {
         )
         """,
     "kernels/BUILD.bazel": """\
-        # A C++ library with a C interface; no swift_module tag: Swift imports it as kernels_ckernels.
+        # A C++ library with a C interface; no swift_module tag: Swift imports it as kernels_ckernels. Its header
+        # is included as <ckernels/kernels.h> (a _virtual_includes copy, which the module map must name).
         cc_library(
             name = "ckernels",
             srcs = ["dot.cc"],
-            hdrs = ["kernels.h"],
+            hdrs = ["include/kernels.h"],
+            include_prefix = "ckernels",
+            strip_include_prefix = "include",
             visibility = ["//visibility:public"],
         )
         """,
-    "kernels/kernels.h": """\
+    "kernels/include/kernels.h": """\
         #include <stddef.h>
         #ifdef __cplusplus
         extern "C" {
@@ -184,7 +187,7 @@ ALGORITHMS = {
         #endif
         """,
     "kernels/dot.cc": """\
-        #include "kernels/kernels.h"
+        #include <ckernels/kernels.h>
         #include <numeric>
         #include <vector>
 
@@ -425,7 +428,10 @@ def test_generated_module_map_is_named_after_the_label(workspace: Workspace, bui
     bin_dir = Path(workspace.bazel("info", "bazel-bin").stdout.strip())
     text = (bin_dir / "external/algorithms/kernels/ckernels.swift.modulemap").read_text()
     assert text.startswith('module "kernels_ckernels" {\n    export *\n'), text
-    assert 'header "../../../../../../external/algorithms/kernels/kernels.h"' in text, text
+    virtual = "external/algorithms/kernels/_virtual_includes/ckernels/ckernels/kernels.h"
+    assert text.count("header ") == 1 and f'header "../../../../../../bazel-out/k8-fastbuild/bin/{virtual}"' in text, (
+        text
+    )
 
 
 def test_package_access_stays_within_one_repository(workspace: Workspace, builds: dict[str, dict[str, str]]) -> None:
