@@ -78,8 +78,9 @@ def swift_library(name, target_compatible_with = [], **kwargs):
 
     `deps` takes swift_library modules, `cc_library` targets (anything with CcInfo) and swift_c_module
     targets. A cc_library gets a generated module map listing its `hdrs` (`textual_hdrs` excluded; the
-    `_virtual_includes` copies under strip_include_prefix/include_prefix) with `export *`, named by a `swift_module=NAME` tag on it, else after its label (`//pkg/path:name` ->
-    `pkg_path_name`, as rules_swift derives it). The whole transitive C compilation context (headers, module
+    `_virtual_includes` copies under strip_include_prefix/include_prefix) with `export *`, named by a
+    `swift_module=NAME` tag on it, else after its label (`//pkg/path:name` -> `pkg_path_name`, as rules_swift
+    derives it). The whole transitive C compilation context (headers, module
     maps, includes, defines) reaches this module's compile and every compile that imports it, across
     repositories; the C/C++ libraries are linked into every binary and test that reaches them.
 
