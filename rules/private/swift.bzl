@@ -3,10 +3,23 @@
 Outputs are deterministic and independent of where the tool runs: each module is compiled whole-module
 (`-wmo`) to one object at a fixed path (swiftc's own temp-file names would leak into the object), and
 `-file-prefix-map {EXEC_ROOT}=.` strips the exec directory from debug info. swiftc's module cache goes to
-`{TOOL_CACHE}`, which treemat keeps across actions.
+`{TOOL_CACHE}`, which treemat keeps across actions. Every file swiftc writes is declared (the .swiftdoc beside
+each .swiftmodule) or not written (`-avoid-emit-module-source-info`); a swift_test's symbol graph stays inside
+its compile action.
+
+C interop (cc_interop.bzl): cc_library / swift_c_module targets in `deps` are clang modules; their transitive
+compilation context reaches every compile, their libraries every link.
 """
 
-load(":providers.bzl", "SwiftModuleInfo", "SwiftToolchainInfo")
+load(
+    ":cc_interop.bzl",
+    "add_clang_importer_args",
+    "c_interop",
+    "clang_importer_inputs",
+    "clang_module_aspect",
+    "link_inputs",
+)
+load(":providers.bzl", "SwiftModuleInfo")
 load(":staged_action.bzl", "TREEMAT_ATTRS", "escape_tool_arg", "treemat_action", "treemat_args")
 
 SWIFT_TOOLCHAIN_TYPE = str(Label("//rules:swift_toolchain_type"))
@@ -66,24 +79,44 @@ def _named_files(ctx, expanded):
     return named
 
 def _deps_info(ctx):
-    return [dep[SwiftModuleInfo] for dep in ctx.attr.deps]
+    return [dep[SwiftModuleInfo] for dep in ctx.attr.deps if SwiftModuleInfo in dep]
 
-def _compile(ctx, *, swift, module_name, parse_as_library, enable_testing, emit_module, symbol_graph_dir = None):
-    """Registers the SwiftCompile action; returns (object File, .swiftmodule File or None)."""
+def _compile_context(ctx):
+    """What every compile of this target reads besides its own sources, and the flags that say so: the
+    Swift modules and C modules its deps reach (transitively, across repositories), copts, swiftc_inputs."""
     deps = _deps_info(ctx)
-    transitive_modules = depset(transitive = [d.transitive_swiftmodules for d in deps])
-    object_file = ctx.actions.declare_file("{}_objs/{}.o".format(ctx.label.name, module_name))
-    swiftmodule = None
-    outputs = [object_file]
-    if emit_module:
-        swiftmodule = ctx.actions.declare_file("{}_module/{}.swiftmodule".format(ctx.label.name, module_name))
-        outputs.append(swiftmodule)
-    output_dirs = [symbol_graph_dir] if symbol_graph_dir else []
-    request = treemat_args(ctx, outputs, output_dirs = output_dirs)
+    interop = c_interop(ctx.attr.deps)
+    swiftmodules = depset(transitive = [d.transitive_swiftmodules for d in deps])
+    swiftdocs = depset(transitive = [d.transitive_swiftdocs for d in deps])
+    copts = _expand(ctx, ctx.attr.copts)
+    return struct(
+        deps = deps,
+        interop = interop,
+        swiftmodules = swiftmodules,
+        swiftdocs = swiftdocs,
+        copts = copts,
+        inputs = depset(
+            ctx.files.swiftc_inputs + _named_files(ctx, copts),
+            transitive = [swiftmodules, swiftdocs, clang_importer_inputs(interop)],
+        ),
+    )
+
+def _add_compile_args(
+        request,
+        ctx,
+        swift,
+        context,
+        *,
+        module_name,
+        swift_version,
+        parse_as_library,
+        enable_testing,
+        extra_modules):
+    """The one swiftc argument builder: every compile (library, binary, test, test runner) gets its flags here."""
     request.add(swift.swiftc)
     request.add_all(["-module-name", module_name, "-package-name", _package_name(ctx)])
-    if ctx.attr.swift_version:
-        request.add_all(["-swift-version", ctx.attr.swift_version])
+    if swift_version:
+        request.add_all(["-swift-version", swift_version])
     request.add_all(["-wmo", "-num-threads", "0"])
     request.add_all(_MODE_FLAGS[ctx.var["COMPILATION_MODE"]])
     if enable_testing:
@@ -92,47 +125,117 @@ def _compile(ctx, *, swift, module_name, parse_as_library, enable_testing, emit_
         request.add("-parse-as-library")
     request.add_all(ctx.attr.defines, format_each = "-D%s")
     request.add_all(["-file-prefix-map", "{EXEC_ROOT}=.", "-module-cache-path", "{TOOL_CACHE}/swift-module-cache"])
-    request.add_all(transitive_modules, map_each = _dirname, uniquify = True, before_each = "-I")
-    copts = _expand(ctx, ctx.attr.copts)
-    request.add_all(copts, map_each = escape_tool_arg)
+    request.add_all(
+        depset(transitive = [extra_modules, context.swiftmodules]),
+        map_each = _dirname,
+        uniquify = True,
+        before_each = "-I",
+    )
+    add_clang_importer_args(request, context.interop)
+    request.add_all(context.copts, map_each = escape_tool_arg)
+
+def _compile(
+        ctx,
+        *,
+        swift,
+        context,
+        module_name,
+        srcs,
+        parse_as_library,
+        enable_testing,
+        emit_module,
+        swift_version = None,
+        extra_modules = None,
+        runner_source = None,
+        progress_message = None):
+    """Registers a SwiftCompile action; returns (object File, .swiftmodule File or None, .swiftdoc or None).
+
+    With `runner_source` (swift_test), the action compiles through swift_test_discovery.py, which adds a
+    symbol graph in a private temporary directory and writes the test runner's source to `runner_source`.
+    """
+    subdir = "{}_runner".format(ctx.label.name) if extra_modules else "{}_objs".format(ctx.label.name)
+    object_file = ctx.actions.declare_file("{}/{}.o".format(subdir, module_name))
+    outputs = [object_file]
+    swiftmodule, swiftdoc = None, None
+    if emit_module:
+        # swiftc writes the .swiftdoc beside the .swiftmodule whatever it is told: declared, so it is the same
+        # file in every strategy (and an input of the compiles that import the module); the .swiftsourceinfo
+        # (absolute paths) is not written at all.
+        swiftmodule = ctx.actions.declare_file("{}_module/{}.swiftmodule".format(ctx.label.name, module_name))
+        swiftdoc = ctx.actions.declare_file("{}_module/{}.swiftdoc".format(ctx.label.name, module_name))
+        outputs.extend([swiftmodule, swiftdoc])
+    if runner_source:
+        outputs.append(runner_source)
+    extra_modules = extra_modules or depset()
+    request = treemat_args(ctx, outputs)
+    tools = []
+    if runner_source:
+        python = ctx.toolchains[_PYTHON_TOOLCHAIN_TYPE].py3_runtime
+        request.add(python.interpreter.path if python.interpreter else python.interpreter_path)
+        request.add(ctx.file._discovery)
+        request.add_all(["--module", module_name, "--output", runner_source, "--"])
+        tools = [ctx.file._discovery] + ([python.interpreter] if python.interpreter else [])
+    _add_compile_args(
+        request,
+        ctx,
+        swift,
+        context,
+        module_name = module_name,
+        swift_version = ctx.attr.swift_version if swift_version == None else swift_version,
+        parse_as_library = parse_as_library,
+        enable_testing = enable_testing,
+        extra_modules = extra_modules,
+    )
     request.add_all(["-c", "-o", object_file])
     if swiftmodule:
-        request.add_all(["-emit-module", "-emit-module-path", swiftmodule])
-    if symbol_graph_dir:
-        request.add_all(["-emit-symbol-graph", "-symbol-graph-minimum-access-level", "internal"])
-        request.add("-emit-symbol-graph-dir")
-        request.add_all([symbol_graph_dir], expand_directories = False)
-    request.add_all(ctx.files.srcs)
+        request.add_all(["-emit-module", "-emit-module-path", swiftmodule, "-avoid-emit-module-source-info"])
+    request.add_all(srcs)
     treemat_action(
         ctx,
         mnemonic = "SwiftCompile",
         args = request,
-        inputs = depset(
-            ctx.files.srcs + ctx.files.swiftc_inputs + _named_files(ctx, copts) + [swift.identity],
-            transitive = [transitive_modules],
-        ),
-        outputs = outputs + output_dirs,
-        progress_message = "Compiling Swift module {} ({} sources)".format(module_name, len(ctx.files.srcs)),
+        inputs = depset(srcs + tools + [swift.identity], transitive = [extra_modules, context.inputs]),
+        outputs = outputs,
+        progress_message = progress_message or "Compiling Swift module {} ({} sources)".format(module_name, len(srcs)),
     )
-    return object_file, swiftmodule
+    return object_file, swiftmodule, swiftdoc
 
-def _link(ctx, *, swift, objects, deps, executable):
-    request = treemat_args(ctx, [executable])
+def _link(ctx, *, swift, own_objects, context, executable):
+    """Registers SwiftLink: this target's objects, those of its Swift deps, then the C/C++ libraries reached
+    (dependents first), then the linkopts of the Swift modules and of the C libraries; every file it reads is
+    an input, every file it writes an output.
+
+    swiftc writes the `swift-autolink-extract` list to `<directory of the first object>/<executable>.autolink`
+    (a temporary file only when that directory is the working directory): this target's own object comes
+    first, so the file lands in this target's `_objs` directory, where it is declared.
+    """
+    c_libraries = link_inputs(context.interop)
+    objects = depset(own_objects, transitive = [d.transitive_objects for d in context.deps], order = "preorder")
+    autolink = ctx.actions.declare_file("{}_objs/{}.autolink".format(ctx.label.name, executable.basename))
+    if own_objects[0].dirname != autolink.dirname:
+        fail("internal: {}'s first object {} is not in {}".format(ctx.label, own_objects[0].path, autolink.dirname))
+    request = treemat_args(ctx, [executable, autolink])
     request.add(swift.swiftc)
     if ctx.var["COMPILATION_MODE"] == "dbg":
         request.add("-g")
     request.add_all(["-file-prefix-map", "{EXEC_ROOT}=."])
     request.add_all(objects)
-    request.add_all(_transitive_linkopts(ctx, deps), map_each = escape_tool_arg)
+    request.add_all(c_libraries.files)
+    request.add_all(_transitive_linkopts(ctx, context.deps), map_each = escape_tool_arg)
+    request.add_all(c_libraries.flags, map_each = escape_tool_arg)
     request.add_all(["-o", executable])
     treemat_action(
         ctx,
         mnemonic = "SwiftLink",
         args = request,
-        inputs = depset([swift.identity], transitive = [objects, _transitive_link_inputs(ctx, deps)]),
-        outputs = [executable],
+        inputs = depset(
+            [swift.identity] + c_libraries.files + c_libraries.additional_inputs,
+            transitive = [objects, _transitive_link_inputs(ctx, context.deps)],
+        ),
+        outputs = [executable, autolink],
         progress_message = "Linking Swift executable {}".format(ctx.label),
     )
+    return c_libraries
 
 def _transitive_linkopts(ctx, deps):
     return depset(_expand(ctx, ctx.attr.linkopts), transitive = [d.transitive_linkopts for d in deps])
@@ -160,117 +263,126 @@ def _enable_testing(ctx):
 def _swift_library_impl(ctx):
     swift = _toolchain(ctx)
     module_name = _module_name(ctx)
-    object_file, swiftmodule = _compile(
+    context = _compile_context(ctx)
+    object_file, swiftmodule, swiftdoc = _compile(
         ctx,
         swift = swift,
+        context = context,
         module_name = module_name,
+        srcs = ctx.files.srcs,
         parse_as_library = True,
         enable_testing = _enable_testing(ctx),
         emit_module = True,
     )
-    deps = _deps_info(ctx)
+    deps = context.deps
     return [
         DefaultInfo(files = depset([swiftmodule, object_file]), runfiles = _runfiles(ctx)),
         SwiftModuleInfo(
             module_name = module_name,
             swiftmodule = swiftmodule,
             transitive_swiftmodules = depset([swiftmodule], transitive = [d.transitive_swiftmodules for d in deps]),
+            transitive_swiftdocs = depset([swiftdoc], transitive = [d.transitive_swiftdocs for d in deps]),
             transitive_objects = depset([object_file], transitive = [d.transitive_objects for d in deps]),
             transitive_linkopts = _transitive_linkopts(ctx, deps),
             transitive_link_inputs = _transitive_link_inputs(ctx, deps),
+            cc_info = context.interop.cc_info,
+            transitive_module_maps = context.interop.module_maps,
+            links_cxx = context.interop.links_cxx,
         ),
     ]
+
+def _executable_runfiles(ctx, c_libraries):
+    # Shared C libraries are loaded at run time.
+    return _runfiles(ctx, extra_files = c_libraries.shared_libraries)
 
 def _swift_binary_impl(ctx):
     swift = _toolchain(ctx)
     module_name = _module_name(ctx)
+    context = _compile_context(ctx)
 
     # A module with main.swift has top-level code there; any other module is parsed as a library, so `@main`
     # works (swiftc: "'main' attribute cannot be used in a module that contains top-level code").
-    object_file, _ = _compile(
+    object_file, _, _ = _compile(
         ctx,
         swift = swift,
+        context = context,
         module_name = module_name,
+        srcs = ctx.files.srcs,
         parse_as_library = not _has_main_swift(ctx),
         enable_testing = False,
         emit_module = False,
     )
-    deps = _deps_info(ctx)
     executable = ctx.actions.declare_file(ctx.label.name)
-    objects = depset([object_file], transitive = [d.transitive_objects for d in deps])
-    _link(ctx, swift = swift, objects = objects, deps = deps, executable = executable)
-    return [DefaultInfo(executable = executable, files = depset([executable]), runfiles = _runfiles(ctx))]
+    c_libraries = _link(ctx, swift = swift, own_objects = [object_file], context = context, executable = executable)
+    return [DefaultInfo(
+        executable = executable,
+        files = depset([executable]),
+        runfiles = _executable_runfiles(ctx, c_libraries),
+    )]
 
 def _swift_test_impl(ctx):
     swift = _toolchain(ctx)
     module_name = _module_name(ctx)
-    symbol_graphs = ctx.actions.declare_directory("{}_symbol_graphs".format(ctx.label.name))
-    test_object, test_module = _compile(
+    context = _compile_context(ctx)
+
+    # Linux has no XCTest runtime discovery: the test module's compile also emits its symbol graph (into a
+    # temporary directory of the action, never an output) and swift_test_discovery.py writes an `@main` runner
+    # from the XCTestCase subclasses and test methods it lists; the runner runs Swift Testing, then XCTest.
+    runner_source = ctx.actions.declare_file("{}_runner/main.swift".format(ctx.label.name))
+    test_object, test_module, test_doc = _compile(
         ctx,
         swift = swift,
+        context = context,
         module_name = module_name,
+        srcs = ctx.files.srcs,
         parse_as_library = True,
         enable_testing = True,  # the generated runner `@testable import`s the test module
         emit_module = True,
-        symbol_graph_dir = symbol_graphs,
+        runner_source = runner_source,
     )
 
-    # Linux has no XCTest runtime discovery: find XCTestCase subclasses and their test methods in the test
-    # module's symbol graph and generate an `@main` runner that runs Swift Testing, then XCTest.
-    runner_src = ctx.actions.declare_file("{}_runner/main.swift".format(ctx.label.name))
-    # A plain script run by the Python toolchain's interpreter (the one treemat itself runs with): staging
-    # a py_binary's runfiles tree is not something the worker does.
-    python = ctx.toolchains[_PYTHON_TOOLCHAIN_TYPE].py3_runtime
-    interpreter = python.interpreter.path if python.interpreter else python.interpreter_path
-    script = ctx.file._discovery
-    treemat_action(
+    # The runner imports the test module, so it is compiled with everything that module's compile had (copts,
+    # swiftc_inputs, Swift and C modules), by the same argument builder.
+    runner_object, _, _ = _compile(
         ctx,
-        mnemonic = "SwiftTestDiscovery",
-        executable = interpreter,
-        arguments = [
-            script.path,
-            "--module",
-            module_name,
-            "--symbol-graph-dir",
-            symbol_graphs.path,
-            "--output",
-            runner_src.path,
-        ],
-        inputs = [symbol_graphs, script] + ([python.interpreter] if python.interpreter else []),
-        outputs = [runner_src],
-        progress_message = "Discovering tests of {}".format(ctx.label),
-    )
-    runner_module = module_name + "_Runner"
-    runner_object = ctx.actions.declare_file("{}_runner/{}.o".format(ctx.label.name, runner_module))
-    request = treemat_args(ctx, [runner_object])
-    request.add(swift.swiftc)
-    request.add_all(["-module-name", runner_module, "-wmo", "-num-threads", "0", "-parse-as-library"])
-    request.add_all(_MODE_FLAGS[ctx.var["COMPILATION_MODE"]])
-    request.add_all(["-swift-version", "5"])  # generated code, whatever the tests' language mode
-    request.add_all(["-file-prefix-map", "{EXEC_ROOT}=.", "-module-cache-path", "{TOOL_CACHE}/swift-module-cache"])
-    deps = _deps_info(ctx)
-    all_modules = depset([test_module], transitive = [d.transitive_swiftmodules for d in deps])
-    request.add_all(all_modules, map_each = _dirname, uniquify = True, before_each = "-I")
-    request.add_all(["-c", "-o", runner_object, runner_src])
-    treemat_action(
-        ctx,
-        mnemonic = "SwiftCompile",
-        args = request,
-        inputs = depset([runner_src, swift.identity], transitive = [all_modules]),
-        outputs = [runner_object],
+        swift = swift,
+        context = context,
+        module_name = module_name + "_Runner",
+        srcs = [runner_source],
+        parse_as_library = True,
+        enable_testing = False,
+        emit_module = False,
+        swift_version = "5",  # generated code, whatever the tests' language mode
+        extra_modules = depset([test_module, test_doc]),
         progress_message = "Compiling test runner of {}".format(ctx.label),
     )
     executable = ctx.actions.declare_file(ctx.label.name)
-    objects = depset([test_object, runner_object], transitive = [d.transitive_objects for d in deps])
-    _link(ctx, swift = swift, objects = objects, deps = deps, executable = executable)
+    c_libraries = _link(
+        ctx,
+        swift = swift,
+        own_objects = [test_object, runner_object],
+        context = context,
+        executable = executable,
+    )
     return [
-        DefaultInfo(executable = executable, files = depset([executable]), runfiles = _runfiles(ctx)),
+        DefaultInfo(
+            executable = executable,
+            files = depset([executable]),
+            runfiles = _executable_runfiles(ctx, c_libraries),
+        ),
         testing.TestEnvironment(ctx.attr.env),
     ]
 
 _COMMON_ATTRS = dict(TREEMAT_ATTRS, **{
     "srcs": attr.label_list(allow_files = [".swift"], doc = "Swift sources of this module."),
-    "deps": attr.label_list(providers = [SwiftModuleInfo], doc = "swift_library modules this one imports."),
+    "deps": attr.label_list(
+        providers = [[SwiftModuleInfo], [CcInfo]],
+        aspects = [clang_module_aspect],
+        doc = "What this module imports and links: swift_library modules, cc_library targets (anything with " +
+              "CcInfo; each gets a generated clang module map, named by its `swift_module=NAME` tag or after " +
+              "its label) and swift_c_module targets (a package's own module map). Their Swift and C modules " +
+              "reach every compile that imports this module, their libraries every link.",
+    ),
     "data": attr.label_list(
         allow_files = True,
         doc = "Files needed at run time: runfiles of this target and of every binary or test depending on it.",

@@ -35,9 +35,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SWIFTC = shutil.which("swiftc") or ("/opt/swift/usr/bin/swiftc" if Path("/opt/swift/usr/bin/swiftc").exists() else None)
-MNEMONICS = ("SwiftCompile", "SwiftLink", "SwiftTestDiscovery", "TreematRun")
+MNEMONICS = ("SwiftCompile", "SwiftLink", "TreematRun")
 EXECUTABLES = {"greet", "XCTestCases", "SwiftTestingCases"}
-SWIFT_MNEMONICS = {"SwiftCompile", "SwiftLink", "SwiftTestDiscovery"}
+SWIFT_MNEMONICS = {"SwiftCompile", "SwiftLink"}
 # Inside tools/bazel7.sh's chroot `bazel` is 7.7.1; both of its modes are tested there.
 IN_BAZEL7_CHROOT = bool(os.environ.get("TREEMAT_BAZEL7_CHROOT"))
 FLAVORS = ["bazel7-workspace", "bazel7-bzlmod"] if IN_BAZEL7_CHROOT else ["bazel4"]

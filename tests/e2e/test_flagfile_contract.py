@@ -20,7 +20,7 @@ import pytest
 from treemat.flagfile import parse_action_args, unescape_tool_argument
 
 WORKSPACE = Path(__file__).resolve().parents[2]
-TREEMAT_MNEMONICS = ("SwiftCompile", "SwiftLink", "SwiftTestDiscovery", "TreematRun")
+TREEMAT_MNEMONICS = ("SwiftCompile", "SwiftLink", "TreematRun")
 TRICKY = "//tests/flagfile_contract:tricky"
 # the tool arguments of :tricky after the output path, as written in BUILD.bazel (locations expanded)
 TRICKY_ARGV = [
