@@ -10,7 +10,8 @@ Flavors as in test_adoption_e2e.py: `bazel4` on the host; inside tools/bazel7.sh
 `local_path_override`, and the dependency's generated MODULE.bazel); `test_import_on_bazel7` runs those from the
 host when the chroot exists.
 
-Needs the rules' C interop (cc_library in swift deps, swift_c_module), which lands separately on main.
+Uses the rules' C interop (cc_library in swift deps, swift_c_module) as docs/bazel.md's "C and C++ dependencies"
+describes it.
 """
 
 from __future__ import annotations
