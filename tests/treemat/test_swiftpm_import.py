@@ -115,6 +115,12 @@ GEOMETRY = dump(
         target("Plugin", "plugin"),
     ],
     toolsVersion={"_version": "6.0.0"},
+    products=[
+        {"name": "Geometry", "targets": ["Geometry"], "type": {"library": ["automatic"]}},
+        {"name": "shapes", "targets": ["shapes-cli"], "type": {"executable": None}},
+        {"name": "Both", "targets": ["Geometry", "CShapes"], "type": {"library": ["automatic"]}},
+        {"name": "GeometryPlugin", "targets": ["Plugin"], "type": {"plugin": None}},
+    ],
 )
 
 
@@ -163,6 +169,7 @@ def test_c_targets_swift_targets_and_settings(geometry: Path) -> None:
     assert '"Sources/ShapesCLI/main.swift"' in cli_rule and 'swift_version = "6"' in cli_rule
     tests = rule_of(text, "GeometryTests")
     assert tests.startswith("swift_test(") and 'deps = [":Geometry"]' in tests
+    assert text.endswith('\nalias(\n    name = "shapes",\n    actual = ":shapes-cli",\n)\n'), "one alias: the product"
     assert "Plugin" not in text and "size" not in tests, "the rules' default size unless asked"
     sized = build_text(plan_import(geometry, root_data=GEOMETRY, test_size="large"), geometry)
     assert rule_of(sized, "GeometryTests").endswith('    size = "large",\n)\n') and sized.count("size =") == 1

@@ -301,7 +301,18 @@ def translate(package: PackageInfo, deps: Mapping[str, PackageInfo], report: lis
             reasons.append(f"resources ({len(layout.resources)} files) of a C target: not translated")
         report.extend(Untranslated(package.identity, target.name, reason) for reason in dict.fromkeys(reasons))
         rules += _c_rules(target, layout, attrs) if is_c else [_swift_rule(package, manifest, target, layout, attrs)]
-    return rules
+    return rules + _product_aliases(package)
+
+
+def _product_aliases(package: PackageInfo) -> list[Rule]:
+    """`alias`es for single-target products named unlike their target (`bazel run //:product` as `swift run`)."""
+    assert package.manifest is not None
+    names = {t.name for t in package.manifest.targets}
+    return [
+        Rule("alias", product, (("actual", f":{targets[0]}"),))
+        for product, targets in package.manifest.products.items()
+        if product not in names and len(targets) == 1 and targets[0] in package.layouts and label_safe(product)
+    ]
 
 
 def dep_layout_is_swift(package: PackageInfo, deps: Mapping[str, PackageInfo], label: str) -> bool:
