@@ -19,6 +19,7 @@ import grpc
 from treemat.bot.client import Client, Entry
 from treemat.bot.cluster import Cluster
 from treemat.counters import StatsStore
+from treemat.layout import Root
 
 
 def main() -> None:
@@ -53,7 +54,7 @@ def main() -> None:
             elapsed = time.perf_counter() - started
             assert all(r.result.exit_code == 0 for r in results)
             rates.append(options.actions / elapsed)
-        records = StatsStore(cluster.running_bots[0].root).load_all()
+        records = StatsStore(Root(cluster.running_bots[0].root).stats).load_all()
         recent = [a for r in records for a in cast("list[dict[str, float]]", r.get("recent_actions", []))]
         stage = [float(a["stage_ms"]) for a in recent if "stage_ms" in a]
         fetch = [float(a["fetch_ms"]) for a in recent if "fetch_ms" in a]

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from treemat import protos
 from treemat.executor import ActionExecutor, ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
+from treemat.layout import Root
 from treemat.manifest import InputManifest
 from treemat.protocol import parse_message
 from treemat.stack import open_stack
@@ -249,7 +250,7 @@ def main() -> int:
                 execroot = base / f"execroot-{count}"
                 inputs = make_inputs(execroot, count, args.mb << 20)
                 root = base / f"root-{count}"
-                stack = open_stack(root)
+                stack = open_stack(Root(root))
                 executor = stack.executor
                 request_minus_tool(executor, execroot, inputs, "out/warmup")
                 first, floor, incremental, patching, fresh, fresh_floor = [], [], [], [], [], []
@@ -264,7 +265,7 @@ def main() -> int:
                     whole, staging = timed_request(executor, execroot, inputs, "out/first0")
                     incremental.append(whole)
                     patching.append(staging)
-                    other = open_stack(root)  # a new worker process's stack, as Bazel would start it
+                    other = open_stack(Root(root))  # a new worker process's stack, as Bazel would start it
                     fresh.append(request_minus_tool(other.executor, execroot, inputs, f"out/fresh{round_}"))
                     time.sleep(0.2)
                     other.close()

@@ -159,6 +159,7 @@ def test_an_edit_rebuild_patches_the_pooled_exec_dir_decoding_only_what_changed(
     """Edit one source and rebuild: the worker reuses the compile's exec dir and, of the whole WorkRequest,
     decodes only the changed input's two entries (old and new): Bazel lists inputs in a stable order."""
     from treemat.counters import StatsStore
+    from treemat.layout import Root
 
     output_base, root = tmp_path / "ob-edit", tmp_path / "treemat-root"
     try:
@@ -174,7 +175,7 @@ def test_an_edit_rebuild_patches_the_pooled_exec_dir_decoding_only_what_changed(
             assert build.returncode == 0, f"build failed:\n{build.stderr[-4000:]}"
     finally:
         _bazel(output_base, "shutdown")
-    totals = StatsStore(root).totals()
+    totals = StatsStore(Root(root).stats).totals()
     assert totals.get("execpool_reused") == 1, totals
     assert totals.get("execpool_delta_entries") == 2, totals
 

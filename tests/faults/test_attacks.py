@@ -19,10 +19,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from treemat.cas import ContentStore, prepare_root
+from treemat.cas import ContentStore
+from treemat.counters import Counters
 from treemat.errors import CasError
 from treemat.executor import ActionExecutor, ActionRequest, ActionResult, RequestInput
 from treemat.flagfile import ActionSpec
+from treemat.layout import Root
 from treemat.stack import ISOLATION_OVERLAY, open_stack
 
 from ..treemat.workerharness import Worker, request
@@ -114,7 +116,7 @@ def stack_root(tmp_path: Path) -> Path:
 
 
 def _executor(root: Path) -> ActionExecutor:
-    return open_stack(root, background_cleanup=False).executor
+    return open_stack(Root(root), background_cleanup=False).executor
 
 
 TOOL_ATTACKS: dict[str, Callable[[Path], str]] = {
@@ -258,7 +260,7 @@ def test_a_request_flagfile_of_dev_zero_is_a_one_line_error(execroot: Path, stac
 
 
 def test_gc_in_a_loop_never_breaks_concurrent_ingests(tmp_path: Path, tally: Tally) -> None:
-    store = ContentStore(tmp_path / "root")
+    store = ContentStore(Root(tmp_path / "root"), counters=Counters())
     stop = threading.Event()
     failures: list[str] = []
     ingested = [0]
@@ -279,7 +281,7 @@ def test_gc_in_a_loop_never_breaks_concurrent_ingests(tmp_path: Path, tally: Tal
     gc_runs = 0
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
-        ContentStore(tmp_path / "root").gc(0)
+        ContentStore(Root(tmp_path / "root"), counters=Counters()).gc(0)
         gc_runs += 1
     stop.set()
     for thread in threads:
@@ -372,8 +374,9 @@ def test_signal_exits_are_reported_as_128_plus_n(execroot: Path, stack_root: Pat
 def test_root_is_private_and_unsafe_roots_are_refused(tmp_path: Path, tally: Tally) -> None:
     old = os.umask(0)
     try:
-        root = prepare_root(tmp_path / "fresh")
-        store = ContentStore(root)
+        layout = Root(tmp_path / "fresh")
+        root = layout.path
+        store = ContentStore(layout, counters=Counters())
         digest = store.ingest_bytes(b"secret\n", executable=False)
     finally:
         os.umask(old)
@@ -382,12 +385,12 @@ def test_root_is_private_and_unsafe_roots_are_refused(tmp_path: Path, tally: Tal
     (tmp_path / "open").mkdir(mode=0o777)
     os.chmod(tmp_path / "open", 0o777)
     with pytest.raises(CasError, match="writable by others"):
-        prepare_root(tmp_path / "open")
+        Root(tmp_path / "open")
     if os.geteuid() == 0:
         (tmp_path / "foreign").mkdir(mode=0o700)
         os.chown(tmp_path / "foreign", 65534, 65534)
         with pytest.raises(CasError, match="belongs to uid"):
-            prepare_root(tmp_path / "foreign")
+            Root(tmp_path / "foreign")
     tally.record("foreign-owned or world-writable TREEMAT_ROOT", "detected")
 
 
@@ -398,5 +401,5 @@ def test_isolation_in_use_is_overlay_where_the_kernel_allows(stack_root: Path) -
     probe = subprocess.run(["unshare", "-U", "-m", "true"], capture_output=True, check=False)
     if probe.returncode != 0:
         pytest.skip("user namespaces are not available here")
-    stack = open_stack(stack_root)
+    stack = open_stack(Root(stack_root))
     assert stack.isolation == ISOLATION_OVERLAY, stack.isolation_detail

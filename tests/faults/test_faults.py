@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 from treemat.cas import ContentStore
+from treemat.counters import Counters
 from treemat.digest import digest_file
 from treemat.executor import ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
+from treemat.layout import Root
 
 from ..treemat.workerharness import Worker, make_executor, request, worker_env
 
@@ -63,7 +65,9 @@ import os, sys
 sys.path.insert(0, {tools!r})
 from pathlib import Path
 from treemat.cas import ContentStore
-cas = ContentStore(Path({root!r}))
+from treemat.layout import Root
+from treemat.counters import Counters
+cas = ContentStore(Root(Path({root!r})), counters=Counters())
 i = 0
 while True:
     data = os.urandom(1 << 20) * 8 + str(i).encode()
@@ -86,7 +90,7 @@ def test_kill_9_during_ingest_never_leaves_a_partial_blob(tmp_path: Path) -> Non
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     debris_before = len(list((root / "tmp").iterdir()))
-    cas = ContentStore(root)  # a new store sweeps temp files of dead writers
+    cas = ContentStore(Root(root), counters=Counters())  # a new store sweeps temp files of dead writers
     report = cas.verify_all()
     debris = len(list((root / "tmp").iterdir()))
     print(
@@ -127,7 +131,7 @@ def test_eight_concurrent_workers_on_one_cas(tmp_path: Path) -> None:
         for w in range(8)
         for n in range(per_worker)
     )
-    report = ContentStore(tmp_path / "root").verify_all()
+    report = ContentStore(Root(tmp_path / "root"), counters=Counters()).verify_all()
     total = 8 * per_worker
     print(
         f"\n[8 workers] {total} actions in {elapsed:.1f}s ({total / elapsed:.0f}/s): {errors} errors, "
@@ -252,7 +256,7 @@ def test_disk_full_gives_clear_errors_and_worker_keeps_serving(tmp_path: Path) -
         too_many = worker.read()
         worker.send(request(execroot, ["small.txt"], ["out/ok"], ["cp", "small.txt", "out/ok"]))
         fine = worker.read()
-        cas = ContentStore(root)
+        cas = ContentStore(Root(root), counters=Counters())
         report = cas.verify_all()
         exec_base = root / "exec"
         leftovers = [p.name for p in exec_base.iterdir()] if exec_base.exists() else []

@@ -25,6 +25,7 @@ import pytest
 from treemat import writewatch
 from treemat.executor import ActionExecutor, ActionRequest, ActionResult, RequestInput
 from treemat.flagfile import ActionSpec
+from treemat.layout import Root
 from treemat.sandbox import ToolPlan
 from treemat.stack import Stack, open_stack
 from treemat.toolrun import ToolOutcome
@@ -61,7 +62,7 @@ def _tamper_in_place(path: Path, data: bytes = POISONED) -> None:
 
 
 def _stack(root: Path) -> Stack:
-    stack = open_stack(root, background_cleanup=False)
+    stack = open_stack(Root(root), background_cleanup=False)
     if stack.isolation not in ("overlay", "copy-on-write"):
         stack.close()
         pytest.skip(f"no sandbox here ({stack.isolation_detail})")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from treemat.executor import ActionExecutor, ActionRequest, ActionResult, RequestInput
 from treemat.flagfile import ActionSpec
+from treemat.layout import Root
 from treemat.stack import ISOLATION_COW, ISOLATION_OVERLAY, Stack, open_stack
 
 from ..treemat.workerharness import Worker, request
@@ -29,7 +30,7 @@ SWIFTC = shutil.which("swiftc") or ("/opt/swift/usr/bin/swiftc" if Path("/opt/sw
 
 @pytest.fixture(params=[ISOLATION_OVERLAY, ISOLATION_COW])
 def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
-    opened = open_stack(tmp_path / "root", isolation=request.param, background_cleanup=False)
+    opened = open_stack(Root(tmp_path / "root"), isolation=request.param, background_cleanup=False)
     try:
         yield opened
     finally:

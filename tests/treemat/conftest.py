@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from treemat.cas import ContentStore
 from treemat.counters import Counters
+from treemat.layout import Root
 
 
 def _mount_image(tmp_root: Path, fs: str, size_mb: int) -> Path:
@@ -87,4 +88,4 @@ def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture()
 def store(tmp_path: Path) -> ContentStore:
     """A fresh CAS under tmp_path/root."""
-    return ContentStore(tmp_path / "root", counters=Counters())
+    return ContentStore(Root(tmp_path / "root"), counters=Counters())

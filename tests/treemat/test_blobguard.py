@@ -11,11 +11,12 @@ from treemat.blobguard import BlobGuard, VerifiedLedger
 from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.digest import Digest
+from treemat.layout import Root
 
 
 def _guard(root: Path) -> tuple[ContentStore, BlobGuard]:
     counters = Counters()
-    cas = ContentStore(root, counters=counters)
+    cas = ContentStore(Root(root), counters=counters)
     guard = BlobGuard(cas, counters=counters, ledger=VerifiedLedger(root / "verified"))
     if not guard.watching:
         pytest.skip("needs inotify")

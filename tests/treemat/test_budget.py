@@ -9,6 +9,7 @@ import pytest
 from treemat.budget import default_budget, parse_size
 from treemat.executor import ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
+from treemat.layout import Root
 from treemat.stack import ISOLATION_COW, open_stack
 
 
@@ -26,7 +27,7 @@ def _inputs(execroot: Path, round_: int, count: int = 8, size: int = 64 << 10) -
 
 def test_the_store_is_kept_within_its_budget(tmp_path: Path) -> None:
     budget = 1 << 20  # 1 MiB; each round ingests ~0.5 MiB of new blobs
-    stack = open_stack(tmp_path / "root", isolation=ISOLATION_COW, max_bytes=budget, background_cleanup=False)
+    stack = open_stack(Root(tmp_path / "root"), isolation=ISOLATION_COW, max_bytes=budget, background_cleanup=False)
     execroot = tmp_path / "execroot"
     for round_ in range(10):
         spec = ActionSpec(argv=["sh", "-c", "cat in/*/* > out/all"], outputs=["out/all"])
@@ -40,7 +41,7 @@ def test_the_store_is_kept_within_its_budget(tmp_path: Path) -> None:
 
 
 def test_blobs_in_use_survive_collection(tmp_path: Path) -> None:
-    stack = open_stack(tmp_path / "root", max_bytes=1, background_cleanup=False)
+    stack = open_stack(Root(tmp_path / "root"), max_bytes=1, background_cleanup=False)
     execroot = tmp_path / "execroot"
     inputs = _inputs(execroot, 0, count=3)
     spec = ActionSpec(argv=["true"], outputs=[])

@@ -14,6 +14,7 @@ from treemat.counters import Counters
 from treemat.digest import Digest
 from treemat.errors import CasError, CorruptBlobError
 from treemat.fsprims import copy_fd, is_btrfs
+from treemat.layout import Root
 
 
 def _big(tmp_path: Path, size: int = 3 * cas_module._INGEST_CHUNK + 12345) -> tuple[Path, bytes]:
@@ -24,7 +25,7 @@ def _big(tmp_path: Path, size: int = 3 * cas_module._INGEST_CHUNK + 12345) -> tu
 
 
 def test_the_strategy_follows_the_filesystem(tmp_path: Path) -> None:
-    store = ContentStore(tmp_path / "root", counters=Counters())
+    store = ContentStore(Root(tmp_path / "root"), counters=Counters())
     assert store.ingest_reflinks == is_btrfs(tmp_path), "reflink-then-hash on btrfs only, one pass elsewhere"
 
 
@@ -97,7 +98,7 @@ def test_a_failed_reflink_falls_back_to_one_pass(tmp_path: Path, monkeypatch: py
         raise OSError(95, "Operation not supported")
 
     monkeypatch.setattr(cas_module, "reflink_fd", refuse)
-    store = ContentStore(tmp_path / "root", counters=Counters())
+    store = ContentStore(Root(tmp_path / "root"), counters=Counters())
     store.ingest_reflinks = True
     digest = store.ingest_file(source, executable=True, expected=hashlib.sha256(data).hexdigest())
     assert store.blob_path(digest.hash, True).read_bytes() == data

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from treemat.counters import Counters, StatsStore, sum_counters
+from treemat.layout import Root
 from treemat.locking import LockBusy, file_lock
 
 
@@ -37,7 +38,7 @@ def test_merge_and_sum() -> None:
 
 
 def test_stats_store_publish_totals_reset(tmp_path: Path) -> None:
-    store = StatsStore(tmp_path)
+    store = StatsStore(Root(tmp_path).stats)
     counters = Counters()
     counters.add("hardlink", 7)
     path = store.publish(counters, role="test", extra={"recent_actions": [{"files": 7}]})

@@ -18,9 +18,10 @@ from treemat.backends import BackendProbe
 from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.digest import digest_bytes
-from treemat.dircache import DirectoryCache, recorded_usage
+from treemat.dircache import DirectoryCache, KernelTreeCloner, recorded_usage
 from treemat.errors import MissingBlobError
 from treemat.fsprims import is_subvolume, remove_tree
+from treemat.layout import Root
 from treemat.locking import file_lock
 from treemat.materializer import Materializer
 from treemat.merkle import MerkleIndex
@@ -32,11 +33,13 @@ from .treegen import Spec, build_tree, expected_view, read_back, tree_specs
 
 def _stack(root: Path, min_files: int | None = 4, max_bytes: int | None = None) -> tuple[ContentStore, DirectoryCache]:
     counters = Counters()
-    cas = ContentStore(root, counters=counters)
+    layout = Root(root)
+    cas = ContentStore(layout, counters=counters)
     cache = DirectoryCache(
-        root,
+        layout.dircache,
         Materializer(cas, BackendProbe(), counters=counters),
         counters=counters,
+        cloner=KernelTreeCloner(),
         min_files=min_files,
         max_bytes=max_bytes,
     )
@@ -182,10 +185,11 @@ def _fake_stack(
     root: Path, cloner: CopyCloner, min_files: int | None = 4, max_bytes: int | None = None
 ) -> tuple[ContentStore, DirectoryCache]:
     counters = Counters()
-    cas = ContentStore(root, counters=counters)
+    layout = Root(root)
+    cas = ContentStore(layout, counters=counters)
     materializer = Materializer(cas, BackendProbe(), counters=counters)
     cache = DirectoryCache(
-        root, materializer, counters=counters, cloner=cloner, min_files=min_files, max_bytes=max_bytes
+        layout.dircache, materializer, counters=counters, cloner=cloner, min_files=min_files, max_bytes=max_bytes
     )
     return cas, cache
 
@@ -248,7 +252,7 @@ def test_disabled_cache_never_asks_the_cloner(tmp_path: Path) -> None:
     report = cache.stage(_sdk_tree(cas), tmp_path / "exec")
     assert cache.mode == "off" and cloner.mode_calls == 0 and cloner.clones == []
     assert report.files == 14 and "copytree" not in report.methods
-    assert not (tmp_path / "root/dircache").exists()
+    assert not any(cache.cache_dir.iterdir()), "nothing written to the (disabled) cache"
 
 
 def test_whole_subtree_choice_prefers_cached_directories(tmp_path: Path) -> None:
@@ -429,7 +433,7 @@ def test_a_build_under_budget_touches_no_other_entry(
     counts = test_a_build_under_budget_touches_no_other_entry.calls  # type: ignore[attr-defined]
     if len(counts) == 2:
         assert counts[2] == counts[12], counts
-    assert recorded_usage(tmp_path / "root") == (cached + 1, 500 * (cached + 1))
+    assert recorded_usage(Root(tmp_path / "root").dircache) == (cached + 1, 500 * (cached + 1))
     assert cache.counters.get("dircache_eviction_passes") == 0
 
 
@@ -460,7 +464,7 @@ def test_eviction_keeps_the_budget_and_spares_pinned_entries(tmp_path: Path, dat
         remove_tree(base / f"exec{step}")
         actual = _actual(cache)
         assert pinned <= set(actual), "a pinned entry was evicted"
-        assert recorded_usage(base / "root") == (len(actual), sum(actual.values()))
+        assert recorded_usage(Root(base / "root").dircache) == (len(actual), sum(actual.values()))
         if report.subtree_misses:  # a build: over budget afterwards only if nothing left could go
             new_key = _key(tree, "lib")
             assert sum(actual.values()) <= budget or set(actual) <= pinned | {new_key}, (budget, actual, pinned)
@@ -468,9 +472,9 @@ def test_eviction_keeps_the_budget_and_spares_pinned_entries(tmp_path: Path, dat
 
 def _stage_many(root: str, trees: list[InputTree], out: str, budget: int) -> None:
     counters = Counters()
-    cas = ContentStore(Path(root), counters=counters)
+    cas = ContentStore(Root(Path(root)), counters=counters)
     cache = DirectoryCache(
-        Path(root),
+        Root(root).dircache,
         Materializer(cas, BackendProbe(), counters=counters),
         counters=counters,
         cloner=CopyCloner(),
@@ -500,7 +504,7 @@ def test_concurrent_processes_keep_the_recorded_total_exact(tmp_path: Path) -> N
         worker.join(120)
         assert worker.exitcode == 0
     actual = _actual(cache)
-    assert recorded_usage(tmp_path / "root") == (len(actual), sum(actual.values()))
+    assert recorded_usage(Root(tmp_path / "root").dircache) == (len(actual), sum(actual.values()))
     assert sum(actual.values()) <= 2000, "every pin is released: the last build's eviction got under budget"
     assert not [p for p in cache.cache_dir.iterdir() if p.name.startswith((".evict", ".tmp"))]
 
@@ -515,9 +519,9 @@ def test_a_cache_without_recorded_sizes_is_measured_once(tmp_path: Path) -> None
     for sidecar in cache.cache_dir.glob("*.bytes"):
         sidecar.unlink()
     (cache.cache_dir / ".index").unlink()
-    assert recorded_usage(tmp_path / "root") is None
+    assert recorded_usage(Root(tmp_path / "root").dircache) is None
     stats = cache.stats()
     assert (stats.entries, stats.bytes) == (3, 4 * (50 + 100 + 150))
     assert sorted(p.name for p in cache.cache_dir.glob("*.bytes")) == sorted(f"{_key(t, 'lib')}.bytes" for t in trees)
     assert cache.evict(4 * 150) == 2, "the two least recently used go"
-    assert recorded_usage(tmp_path / "root") == (1, 4 * 150)
+    assert recorded_usage(Root(tmp_path / "root").dircache) == (1, 4 * 150)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from treemat.executor import ActionExecutor
+from treemat.layout import Root
 from treemat.stack import open_stack
 
 # The directory holding the treemat package the worker subprocesses import: under `bazel test` the runner finds
@@ -95,4 +96,4 @@ class Worker:
 
 def make_executor(root: Path) -> ActionExecutor:
     """The composed stack's executor in one process, exec dirs removed synchronously."""
-    return open_stack(root, background_cleanup=False).executor
+    return open_stack(Root(root), background_cleanup=False).executor

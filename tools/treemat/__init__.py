@@ -13,8 +13,8 @@ other). docs/architecture.md explains them; `lint-imports` enforces this exact l
     inputs | toolcache
     action | outputs | toolrun | execpool | budget
     sandbox
-    dircache | materializer
-    staging | merkle | execlog | blobguard
+    dircache | materializer | housekeeping
+    staging | merkle | execlog | blobguard | inputmemo
     tree | protocol | cas | backends
     manifest
     protos

@@ -75,13 +75,13 @@ class BlobGuard:
         self,
         cas: ContentStore,
         *,
-        counters: Counters | None = None,
+        counters: Counters,
+        ledger: VerifiedLedger | None,
         max_watches: int | None = None,
-        ledger: VerifiedLedger | None = None,
     ) -> None:
         self.cas = cas
         self.ledger = ledger
-        self.counters = counters if counters is not None else cas.counters
+        self.counters = counters
         self.max_watches = DEFAULT_MAX_WATCHES if max_watches is None else max_watches
         self._lock = threading.Lock()
         # trusted on one lstat: only blobs with a live watch placed before they were verified, no event since

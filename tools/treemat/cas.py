@@ -29,7 +29,7 @@ from treemat.counters import Counters
 from treemat.digest import EMPTY_DIGEST, Digest, check_hash
 from treemat.errors import CasError, CorruptBlobError, MissingBlobError
 from treemat.fsprims import LEGACY_MODES, blob_mode, file_kind, is_btrfs, reflink_fd, sweep_unlocked_files
-from treemat.layout import PRIVATE_DIR_MODE, SHARED_DIR_MODE, check_root
+from treemat.layout import Root
 from treemat.locking import ForkGate, file_lock
 
 BLOB_MTIME_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z: a blob whose mtime differs was written to
@@ -70,26 +70,18 @@ class GcReport:
     kept_in_use: int = 0
 
 
-def prepare_root(root: Path, *, group_shared: bool = False) -> Path:
-    """Create or check the treemat root (`layout.check_root`); CasError if unsafe."""
-    root = Path(root)
-    check_root(root, group_shared=group_shared)
-    return root
-
-
 class ContentStore:
     """The CAS. Safe for many threads and processes at once; publishes are atomic (link of an unnamed file)."""
 
-    def __init__(self, root: Path, *, counters: Counters | None = None, group_shared: bool = False) -> None:
-        self.root = prepare_root(root, group_shared=group_shared)
-        self.cas_dir = self.root / "cas"
-        self.tmp_dir = self.root / "tmp"
-        self.quarantine_dir = self.root / "quarantine"
-        self.gc_lock_path = self.root / "gc.lock"
-        self.counters = counters if counters is not None else Counters()
-        self.dir_mode = SHARED_DIR_MODE if group_shared else PRIVATE_DIR_MODE
-        for directory in (self.cas_dir, self.tmp_dir, self.quarantine_dir):
-            directory.mkdir(mode=self.dir_mode, exist_ok=True)
+    def __init__(self, layout: Root, *, counters: Counters) -> None:
+        self.layout = layout
+        self.root = layout.path
+        self.cas_dir = layout.cas
+        self.tmp_dir = layout.tmp
+        self.quarantine_dir = layout.quarantine
+        self.gc_lock_path = layout.gc_lock
+        self.counters = counters
+        self.dir_mode = layout.dir_mode
         self._cas_prefix = f"{self.cas_dir}/"
         self.fork_gate = ForkGate()
         # Ingest strategy, measured (benchmarks/bench_ingest.py): reading a reflinked copy back goes to the disk

@@ -120,10 +120,11 @@ class DirCacheStats:
     max_bytes: int | None = None
 
 
-def recorded_usage(root: Path) -> tuple[int, int] | None:
-    """(entries, bytes) of `<root>/dircache` as last recorded, or None if nothing is (one small read, no lock)."""
+def recorded_usage(cache_dir: Path) -> tuple[int, int] | None:
+    """(entries, bytes) of the cache at `cache_dir` (`Root.dircache`) as last recorded, or None if nothing is
+    (one small read, no lock)."""
     try:
-        entries, size = (root / "dircache" / _INDEX).read_text().split()
+        entries, size = (cache_dir / _INDEX).read_text().split()
         return int(entries), int(size)
     except (OSError, ValueError):
         return None
@@ -134,21 +135,20 @@ class DirectoryCache:
 
     def __init__(
         self,
-        root: Path,
+        cache_dir: Path,
         stager: Stager,
         *,
-        counters: Counters | None = None,
-        cloner: TreeCloner | None = None,
+        counters: Counters,
+        cloner: TreeCloner,
         max_bytes: int | None = 8 << 30,
         min_files: int | None = MIN_SUBTREE_FILES,
     ) -> None:
-        self.root = Path(root)
         self.stager = stager
-        self.counters = counters if counters is not None else Counters()
-        self.cloner: TreeCloner = cloner if cloner is not None else KernelTreeCloner()
+        self.counters = counters
+        self.cloner = cloner
         self.max_bytes = max_bytes
         self.min_files = min_files
-        self.cache_dir = self.root / "dircache"
+        self.cache_dir = Path(cache_dir)
         self._mode: str | None = None
 
     @property
@@ -321,7 +321,7 @@ class DirectoryCache:
         }
 
     def _read_usage(self) -> tuple[int, int] | None:
-        return recorded_usage(self.root)
+        return recorded_usage(self.cache_dir)
 
     def _write_usage(self, usage: tuple[int, int]) -> None:
         _write_atomic(self.cache_dir / _INDEX, f"{usage[0]} {usage[1]}\n")
