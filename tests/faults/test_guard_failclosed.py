@@ -198,7 +198,7 @@ def _flood_until_overflow(stack: Stack, scratch: Path) -> None:
     if limit > 1 << 17:
         pytest.skip(f"max_queued_events is {limit}: too many events to provoke an overflow")
     scratch.mkdir()
-    assert stack.guard.watch_directory(str(scratch), lambda *_lost: None) is not None
+    assert stack.watch.watch_directory(str(scratch), lambda *_lost: None) is not None
     fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for index in range(limit // 2 + 2):  # two events (create, delete) each, no two alike: none coalesce

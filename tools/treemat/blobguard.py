@@ -31,12 +31,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from treemat.cas import BLOB_MTIME_NS, ContentStore
 from treemat.counters import Counters
 from treemat.fsprims import blob_mode
 from treemat.ledger import VerifiedLedger
-from treemat.writewatch import DirCallback, DirectoryWatches, SignalLog, errno_name, inotify_flags, open_inotify
+from treemat.writewatch import SignalLog, WriteWatch, errno_name, inotify_flags
 
 __all__ = ["BlobGuard", "BlobIdentity", "GuardMark", "StagedBlobs", "VerifiedLedger"]
 
@@ -74,12 +75,14 @@ class BlobGuard:
     def __init__(
         self,
         cas: ContentStore,
+        watch: WriteWatch,
         *,
         counters: Counters,
         ledger: VerifiedLedger | None,
         max_watches: int | None = None,
     ) -> None:
         self.cas = cas
+        self.watch = watch
         self.ledger = ledger
         self.counters = counters
         self.max_watches = DEFAULT_MAX_WATCHES if max_watches is None else max_watches
@@ -94,12 +97,11 @@ class BlobGuard:
         self.trust_epoch = 0  # bumped whenever a blob may be in use without a live watch
         self._overflows = 0
         self._signal = SignalLog()  # why the guard is not (only) on inotify
-        self._dirs = DirectoryWatches()
-        self._poll_lock = threading.Lock()  # one reader of the event queue at a time
-        self._inotify, why_not = open_inotify()
-        if why_not:
-            self._signal.lost(why_not)
+        self._inotify = watch.inotify
+        if watch.why_not:
+            self._signal.lost(watch.why_not)
             self.counters.add("guard_no_inotify")
+        watch.serve(self._on_events, self._lost_locked)
 
     @property
     def watching(self) -> bool:
@@ -119,6 +121,10 @@ class BlobGuard:
     def mark(self) -> GuardMark:
         """The taint generation and trust epoch now (see GuardMark)."""
         return GuardMark(self.taint_generation, self.trust_epoch)
+
+    def _lost_locked(self, reason: str, counter: str) -> None:
+        with self._lock:
+            self._lost(reason, counter)
 
     def _lost(self, reason: str, counter: str) -> None:
         """Note a loss of signal (lock held)."""
@@ -261,20 +267,16 @@ class BlobGuard:
     # ----------------------------------------------------------------------------------------- taint
 
     def poll(self) -> list[BlobKey]:
-        """Drain the event queue: each written blob is tainted and quarantined; directory watchers are told.
+        """Drain the write-watch queue: each written blob is tainted and quarantined (directory watchers are told).
 
         Returns the blobs hit. If the kernel's queue overflowed, nothing verified can be trusted: every blob is
-        untrusted (hashed again on its next use), and every directory watcher is told its watch was lost.
+        untrusted (hashed again on its next use).
         """
-        if self._inotify is None:
-            return []
-        with self._poll_lock:
-            try:
-                events = self._inotify.read(timeout=0)
-            except BlockingIOError:
-                events = []
+        return self.watch.poll()
+
+    def _on_events(self, events: list[Any]) -> list[BlobKey]:
+        """The events of blob watches (and a queue overflow), from `WriteWatch.poll`."""
         hit: dict[BlobKey, str] = {}
-        notify: list[tuple[DirCallback, bool]] = []
         for event in events:
             ignored = bool(event.mask & inotify_flags.IGNORED)
             with self._lock:
@@ -282,10 +284,8 @@ class BlobGuard:
                     self._verified.clear()
                     self._overflows += 1
                     self._lost("the inotify queue overflowed (events lost)", "guard_queue_overflows")
-                    notify.extend((callback, True) for callback in self._dirs.everyone())
                     continue
                 key = self._by_watch.get(event.wd)
-                on_dir_event = self._dirs.on_event(event.wd, ignored)
                 if ignored and key is not None:
                     self._by_watch.pop(event.wd, None)
                     live = self._watch_of.get(key)
@@ -293,36 +293,13 @@ class BlobGuard:
                         del self._watch_of[key]
                         self._verified.pop(key, None)
                         self._lost("a blob watch was removed by the kernel (IN_IGNORED)", "guard_watches_lost")
-            if on_dir_event is not None:
-                notify.append((on_dir_event, ignored))
             if key is None or ignored:
                 continue
             names = "|".join(flag.name or "?" for flag in inotify_flags.from_mask(event.mask))
             hit[key] = f"{hit[key]},{names}" if key in hit else names
         for key, names in hit.items():
             self._reject(key, f"written to while in the store (inotify {names})", written=True)
-        for callback, lost in notify:
-            callback(lost)
         return list(hit)
-
-    def watch_directory(self, path: str, on_event: DirCallback) -> int | None:
-        """Call `on_event(lost)` (from `poll`) whenever an entry of `path` is created, removed, renamed or
-        chmodded; `lost` is True when the watch itself was lost (queue overflow, IN_IGNORED).
-
-        None when there is no inotify or the watch cannot be placed (the caller then verifies by `lstat`).
-        """
-        if self._inotify is None:
-            return None
-        try:
-            return self._dirs.add(self._inotify, path, on_event)
-        except OSError as exc:
-            with self._lock:
-                self._lost(f"a directory watch failed ({errno_name(exc)})", "guard_watch_failures")
-            return None
-
-    def unwatch_directory(self, wd: int) -> None:
-        """Stop watching a directory (gone already is fine)."""
-        self._dirs.remove(self._inotify, wd)
 
     def tainted(self, identities: set[BlobIdentity]) -> bool:
         """True if any of these inodes was written to since it was verified."""
@@ -450,12 +427,10 @@ class BlobGuard:
             self._verified.pop(key, None)
 
     def close(self) -> None:
-        """Flush the ledger and release the inotify descriptor."""
+        """Flush the ledger and stop using inotify (the stack closes the shared instance)."""
         if self.ledger is not None:
             self.ledger.close()
-        if self._inotify is not None:
-            self._inotify.close()
-            self._inotify = None
+        self._inotify = None
 
 
 def _stat_problem(info: os.stat_result, executable: bool, size: int) -> str | None:

@@ -33,6 +33,7 @@ from treemat.blobguard import BlobGuard, BlobIdentity, BlobKey, GuardMark
 from treemat.cas import ContentStore
 from treemat.fsprims import blob_mode, remove_tree
 from treemat.manifest import InputManifest
+from treemat.writewatch import WriteWatch
 
 DEFAULT_POOL_SIZE = 8
 
@@ -115,9 +116,12 @@ Dispose = Callable[[Path, Iterable[BlobKey]], None]  # remove a dir (in the back
 class ExecDirPool:
     """A bounded LRU of finished exec dirs, each leased to one action at a time; it removes the dirs it drops."""
 
-    def __init__(self, cas: ContentStore, guard: BlobGuard, *, dispose: Dispose, size: int = DEFAULT_POOL_SIZE) -> None:
+    def __init__(
+        self, cas: ContentStore, guard: BlobGuard, watch: WriteWatch, *, dispose: Dispose, size: int = DEFAULT_POOL_SIZE
+    ) -> None:
         self.cas = cas
         self.guard = guard
+        self.watch = watch
         self.size = size
         self._dispose = dispose
         self._lock = threading.Lock()
@@ -207,7 +211,7 @@ class ExecDirPool:
     def _forget(self, entry: PooledDir) -> None:
         """Stop watching a dir that leaves the pool."""
         for wd in entry.watches.values():
-            self.guard.unwatch_directory(wd)
+            self.watch.unwatch_directory(wd)
         entry.watches.clear()
 
     def _watch(self, entry: PooledDir, rels: Iterable[str]) -> None:
@@ -218,7 +222,7 @@ class ExecDirPool:
         for rel in rels:
             if rel in entry.watches:
                 continue
-            wd = self.guard.watch_directory(f"{base}/{rel}" if rel else base, entry.on_directory_event)
+            wd = self.watch.watch_directory(f"{base}/{rel}" if rel else base, entry.on_directory_event)
             if wd is None:
                 # no inotify, or out of watches (fs.inotify.max_user_watches): a dir watched only in part would
                 # let a change in its unwatched directories through, so acquire verifies by lstat instead
@@ -341,7 +345,7 @@ class ExecDirPool:
             del entry.dirs[rel]
             wd = entry.watches.pop(rel, None)
             if wd is not None:
-                self.guard.unwatch_directory(wd)
+                self.watch.unwatch_directory(wd)
             entry.children.pop(rel, None)
             touched.discard(rel)
             parent = _parent(rel)

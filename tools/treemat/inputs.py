@@ -85,20 +85,19 @@ class InputStager:
         (and adopted by the pool where it can be reused); declared output directories made. On an error the
         dir is removed (or retired from the pool) before it is raised."""
         started = time.perf_counter()
+        key, outputs = pool_key(request.spec), output_dirs(request.spec)
         self.guard.poll()
         mark = self.guard.mark()
         files: dict[str, StagedFile] | None = None
         with self.cas.in_use():
-            prepared = self._reuse(request, mark)
+            prepared = self._reuse(request, key, outputs, mark)
             if prepared is None:
                 prepared, files = self._stage_fresh(request, exec_dir, mark)
         try:
-            for rel in output_dirs(request.spec):
+            for rel in outputs:
                 os.makedirs(f"{prepared.path}/{rel}", exist_ok=True)
             if prepared.pooled is None and self.pool is not None and files and _poolable(prepared.report):
-                prepared.pooled = self.pool.adopt(
-                    prepared.path, pool_key(request.spec), files, output_dirs(request.spec), request.inputs, mark
-                )
+                prepared.pooled = self.pool.adopt(prepared.path, key, files, outputs, request.inputs, mark)
         except BaseException:
             self.abandon(prepared)
             raise
@@ -130,18 +129,18 @@ class InputStager:
             raise
         return PreparedDir(exec_dir, report, mark, staged), files
 
-    def _reuse(self, request: ActionRequest, mark: GuardMark) -> PreparedDir | None:
-        """Patch the pooled exec dir of a similar earlier action into this one's inputs, if there is one."""
+    def _reuse(self, request: ActionRequest, key: str, outputs: list[str], mark: GuardMark) -> PreparedDir | None:
+        """Patch the pooled exec dir of a similar earlier action (same `key`) into this one's inputs, if any."""
         if self.pool is None or not request.inputs:
             return None
-        entry = self.pool.acquire(pool_key(request.spec))
+        entry = self.pool.acquire(key)
         if entry is None:
             return None
         started = time.perf_counter()
         try:
             changes, removed = self._delta(request, entry)
             admitted = self._admit_changes(request, entry, changes)
-            report = self.pool.patch(entry, admitted, removed, output_dirs(request.spec))
+            report = self.pool.patch(entry, admitted, removed, outputs)
             entry.manifest = request.inputs
         except (OSError, TreematError):
             self.counters.add("execpool_patch_failed")

@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # imported by open_stack, after the sandbox has started
     from treemat.housekeeping import Housekeeper
     from treemat.materializer import Materializer
     from treemat.toolrun import ToolRunner
+    from treemat.writewatch import WriteWatch
 
 DEFAULT_DIRCACHE_MIN_FILES = 64  # = dircache.MIN_SUBTREE_FILES, measured there (not imported: start-up cost)
 ISOLATION_CHOICES = ("auto", ISOLATION_OVERLAY, ISOLATION_COW, ISOLATION_NONE)
@@ -61,6 +62,7 @@ class Stack:
         layout: Root,
         counters: Counters,
         cas: ContentStore,
+        watch: WriteWatch,
         guard: BlobGuard,
         budget: StoreBudget,
         probe: BackendProbe,
@@ -75,6 +77,7 @@ class Stack:
         self.root = layout.path
         self.counters = counters
         self.cas = cas
+        self.watch = watch
         self.guard = guard
         self.budget = budget
         self.probe = probe
@@ -131,6 +134,7 @@ class Stack:
                 self.housekeeper.flush()
         finally:
             self.guard.close()
+            self.watch.close()
             self.sandbox.close()
 
     def __enter__(self) -> Stack:
@@ -182,8 +186,10 @@ def open_stack(
         from treemat.ledger import VerifiedLedger
         from treemat.materializer import Materializer
         from treemat.toolrun import ToolRunner
+        from treemat.writewatch import WriteWatch
 
-        guard = BlobGuard(cas, counters=counters, ledger=VerifiedLedger(layout.verified))
+        watch = WriteWatch()
+        guard = BlobGuard(cas, watch, counters=counters, ledger=VerifiedLedger(layout.verified))
         budget = StoreBudget(
             cas, max_bytes if max_bytes is not None else default_budget(layout.path), counters=counters
         )
@@ -213,7 +219,7 @@ def open_stack(
         # exec-dir reuse needs the overlay: there the staged tree is untouched by the tool
         pool = None
         if stack.sandbox.overlay and size > 0:
-            pool = ExecDirPool(stack.cas, stack.guard, dispose=stack.housekeeper.dispose, size=size)
+            pool = ExecDirPool(stack.cas, stack.guard, stack.watch, dispose=stack.housekeeper.dispose, size=size)
         inputs = InputStager(
             stack.cas, stack.guard, stack.dircache, pool, counters=counters, dispose=stack.housekeeper.dispose
         )
@@ -235,6 +241,7 @@ def open_stack(
         layout=layout,
         counters=counters,
         cas=cas,
+        watch=watch,
         guard=guard,
         budget=budget,
         probe=probe,
