@@ -37,11 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_staging import min_median, mount_image
-from treemat.dircache import DirectoryCache, KernelTreeCloner
+from treemat.dircache import DirectoryCache
 from treemat.fsprims import remove_tree
 from treemat.layout import Root
 from treemat.stack import ISOLATION_COW, open_stack
 from treemat.tree import FileNode, InputTree
+from treemat.treeclone import KernelTreeCloner
 
 FILES_PER_DIR = 8
 

@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from treemat import protos
 from treemat.executor import ActionExecutor, ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
+from treemat.framing import parse_message
 from treemat.layout import Root
 from treemat.manifest import InputManifest
-from treemat.protocol import parse_message
 from treemat.stack import open_stack
 
 C_FLOOR = r"""

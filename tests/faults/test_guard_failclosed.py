@@ -124,7 +124,9 @@ def test_without_an_inotify_instance_every_use_hashes(
 ) -> None:
     stack = _stack(tmp_path / "root")
     try:
-        assert stack.guard.mode == "none" and "EMFILE" in str(stack.describe()["write_watch_detail"])
+        assert stack.guard.describe()["write_watch"] == "none" and "EMFILE" in str(
+            stack.describe()["write_watch_detail"]
+        )
         first = _act(stack.executor, execroot, "out/first")
         assert _served(first, execroot, "out/first") == "pristine"
         _tamper_in_place(_blob(stack.root))
@@ -169,7 +171,9 @@ def test_a_blob_dropped_by_the_watch_budget_is_hashed_before_its_pooled_dir_is_r
     _tamper_in_place(_blob(stack.root))  # no watch on it any more: no event
     again = _act(stack.executor, execroot, "out/a", "in/a.txt")  # the pooled dir of the first action, reused
     assert _served(again, execroot, "out/a") in ("pristine", "failed")
-    assert stack.guard.mode == "degraded" and "budget" in str(stack.guard.describe()["write_watch_detail"])
+    assert stack.guard.describe()["write_watch"] == "degraded" and "budget" in str(
+        stack.guard.describe()["write_watch_detail"]
+    )
 
 
 def test_a_blob_dropped_by_the_watch_budget_during_the_run_is_hashed_again(stack: Stack, execroot: Path) -> None:
@@ -225,7 +229,9 @@ def test_a_write_lost_in_a_queue_overflow_during_the_run_fails_the_action(
     assert stack.counters.get("guard_queue_overflows") >= 1, "the kernel reported the overflow"
     assert _served(during, execroot, "out/during") == "failed"
     assert "modified in the CAS while the action ran" in during.output
-    assert stack.guard.mode == "degraded" and "overflow" in str(stack.guard.describe()["write_watch_detail"])
+    assert stack.guard.describe()["write_watch"] == "degraded" and "overflow" in str(
+        stack.guard.describe()["write_watch_detail"]
+    )
     assert _served(_act(stack.executor, execroot, "out/during"), execroot, "out/during") == "pristine"
 
 

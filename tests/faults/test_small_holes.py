@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from treemat import protocol, protos
+from treemat import framing, protos
 from treemat.executor import ActionExecutor, ActionRequest, ActionResult, RequestInput
 from treemat.flagfile import ActionSpec
 from treemat.layout import Root
@@ -83,9 +83,9 @@ def test_sandbox_dir_is_refused_in_proto_requests_too(execroot: Path, tmp_path: 
             arguments=["--output=out/p", "--", "cp", "in/a.txt", "out/p"], request_id=4, sandbox_dir="sb/4"
         )
         message.inputs.add(path="in/a.txt", digest=_sha(IN_BYTES).encode())
-        protocol.write_delimited(live.stdin, message)
+        framing.write_delimited(live.stdin, message)
         live.stdin.flush()
-        reply = protocol.read_delimited(live.stdout, protos.WorkResponse)
+        reply = framing.read_delimited(live.stdout, protos.WorkResponse)
         assert reply is not None and reply.request_id == 4 and reply.exit_code == 1
         assert "sandbox_dir" in reply.output and reply.output.count("\n") == 1, reply.output
         assert not (execroot / "out/p").exists()

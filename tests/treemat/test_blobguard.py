@@ -7,11 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
-from treemat.blobguard import BlobGuard, VerifiedLedger
+from treemat.blobguard import BlobGuard
 from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.digest import Digest
 from treemat.layout import Root
+from treemat.ledger import VerifiedLedger
 from treemat.writewatch import WriteWatch
 
 

@@ -10,10 +10,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from treemat.cas import BLOB_MTIME_NS, ContentStore
+from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.digest import EMPTY_DIGEST, digest_bytes
 from treemat.errors import CasError, CorruptBlobError, MissingBlobError
+from treemat.fsprims import BLOB_MTIME_NS
 from treemat.layout import Root
 
 

@@ -18,7 +18,7 @@ from treemat.backends import BackendProbe
 from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.digest import digest_bytes
-from treemat.dircache import DirectoryCache, KernelTreeCloner, recorded_usage
+from treemat.dircache import DirectoryCache, recorded_usage
 from treemat.errors import MissingBlobError
 from treemat.fsprims import is_subvolume, remove_tree
 from treemat.layout import Root
@@ -27,6 +27,7 @@ from treemat.materializer import Materializer
 from treemat.merkle import MerkleIndex
 from treemat.staging import StageReport
 from treemat.tree import FileNode, InputTree
+from treemat.treeclone import KernelTreeCloner
 
 from .treegen import Spec, build_tree, expected_view, read_back, tree_specs
 

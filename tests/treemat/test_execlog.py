@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import json_format
-from treemat import protocol, protos
+from treemat import framing, protos
 from treemat.digest import digest_bytes
 from treemat.errors import ProtocolError
 from treemat.execlog import read_exec_log
@@ -46,7 +46,7 @@ def logs(tmp_path: Path) -> tuple[Path, Path, Path]:
     binary_log = tmp_path / "log.bin"
     stream = io.BytesIO()
     for spawn in spawns:
-        protocol.write_delimited(stream, spawn)  # type: ignore[arg-type]
+        framing.write_delimited(stream, spawn)  # type: ignore[arg-type]
     binary_log.write_bytes(stream.getvalue())
     return json_log, binary_log, execroot
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from treemat import protocol, protos
+from treemat import framing, protos
 from treemat.errors import ProtocolError
 from treemat.protocol import JsonRequestDecoder, item_from_json
 from treemat.sandbox import EXEC_ROOT
@@ -138,9 +138,9 @@ def test_proto_protocol(execroot: Path, tmp_path: Path) -> None:
     message = protos.WorkRequest(arguments=["--output=out/p.txt", "--", "sh", "src/copy.sh", "src/in.txt", "out/p.txt"])
     for path in ("src/in.txt", "src/copy.sh"):
         message.inputs.add(path=path, digest=hashlib.sha256((execroot / path).read_bytes()).hexdigest().encode())
-    protocol.write_delimited(worker.stdin, message)
+    framing.write_delimited(worker.stdin, message)
     worker.stdin.flush()
-    reply = protocol.read_delimited(worker.stdout, protos.WorkResponse)
+    reply = framing.read_delimited(worker.stdout, protos.WorkResponse)
     assert reply is not None and reply.exit_code == 0, reply
     assert (execroot / "out/p.txt").read_text() == "hello input\n"
     assert worker.close() == 0

@@ -24,49 +24,31 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
-import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
-from treemat.cas import BLOB_MTIME_NS, ContentStore
+from treemat.blobstate import (
+    EXEC_FILE_MODE,
+    PLAIN_FILE_MODE,
+    BlobIdentity,
+    BlobKey,
+    GuardMark,
+    StagedBlobs,
+    hash_fd,
+    hash_inode,
+    stat_problem,
+)
+from treemat.cas import ContentStore
 from treemat.counters import Counters
-from treemat.fsprims import blob_mode
+from treemat.fsprims import BLOB_MTIME_NS
 from treemat.ledger import VerifiedLedger
 from treemat.writewatch import SignalLog, WriteWatch, errno_name, inotify_flags
 
-__all__ = ["BlobGuard", "BlobIdentity", "GuardMark", "StagedBlobs", "VerifiedLedger"]
-
 DEFAULT_MAX_WATCHES = 50_000
-_PLAIN_FILE_MODE = stat.S_IFREG | blob_mode(False)
-_EXEC_FILE_MODE = stat.S_IFREG | blob_mode(True)
-_CHUNK = 1 << 20
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-BlobKey = tuple[str, bool]  # (hash, executable)
-
-
-@dataclass(frozen=True, slots=True)
-class BlobIdentity:
-    """The inode a verified blob lives in."""
-
-    device: int
-    inode: int
-
-
-@dataclass(frozen=True, slots=True)
-class GuardMark:
-    """Where the guard stood when an action began: a different mark later means taints or lost trust since."""
-
-    taint_generation: int
-    trust_epoch: int
-
-
-StagedBlobs = dict[BlobIdentity, tuple[str, BlobKey]]  # inode -> (a path it is staged at, its key)
 
 
 class BlobGuard:
@@ -108,11 +90,6 @@ class BlobGuard:
         """True when writes are caught by inotify (else every use hashes)."""
         return self._inotify is not None
 
-    @property
-    def mode(self) -> str:
-        """`inotify`, `degraded` (some signal was lost: those blobs are hashed on every use) or `none`."""
-        return str(self.describe()["write_watch"])
-
     def describe(self) -> dict[str, object]:
         """The mode (`write_watch`) and why (`write_watch_detail`), for `treemat stats` / `probe`."""
         with self._lock:
@@ -150,7 +127,8 @@ class BlobGuard:
         try:
             info = os.lstat(path)
         except FileNotFoundError:
-            self._forget(key)
+            with self._lock:
+                self._verified.pop(key, None)
             return None
         known = self._verified.get(key)  # a dict read is atomic: no lock on the hot path
         if size is None:
@@ -161,10 +139,10 @@ class BlobGuard:
             and info.st_dev == known[0].device
             and info.st_size == size
             and info.st_mtime_ns == BLOB_MTIME_NS
-            and info.st_mode == (_EXEC_FILE_MODE if executable else _PLAIN_FILE_MODE)
+            and info.st_mode == (EXEC_FILE_MODE if executable else PLAIN_FILE_MODE)
         ):
             return known[0], size
-        reason = _stat_problem(info, executable, size)
+        reason = stat_problem(info, executable, size)
         if known is not None and reason is None:
             reason = "the blob file was replaced"
         if reason is not None and not (
@@ -194,7 +172,7 @@ class BlobGuard:
             raise
         try:
             info = os.fstat(fd)
-            reason = _stat_problem(info, executable, size)
+            reason = stat_problem(info, executable, size)
             if reason is not None:
                 self._reject(key, reason)
                 return None
@@ -211,7 +189,7 @@ class BlobGuard:
                 if watch is None:
                     self.counters.add("guard_unwatched_hashed_blobs")
                     self.counters.add("guard_unwatched_hashed_bytes", size)
-                if _hash_fd(fd) != hash_hex:
+                if hash_fd(fd) != hash_hex:
                     self._reject(key, "content does not match its digest", taint=identity)
                     return None
             if watch is not None and not trusted and self.ledger is not None:
@@ -369,28 +347,19 @@ class BlobGuard:
     def _rehash_inode(self, identity: BlobIdentity, key: BlobKey, staged_path: str) -> bool:
         """Hash the inode `identity` (found at the blob's CAS path or where it was staged); False if not found."""
         cas_path = self.cas.blob_path_str(*key)
-        for candidate in (cas_path, staged_path):
-            try:
-                fd = os.open(candidate, _OPEN_FLAGS)
-            except OSError:
-                continue
-            try:
-                info = os.fstat(fd)
-                if (info.st_dev, info.st_ino) != (identity.device, identity.inode):
-                    continue
-                self.counters.add("guard_rechecked_blobs")
-                good = _hash_fd(fd) == key[0]
-            finally:
-                os.close(fd)
-            if not good:
-                reason = "content does not match its digest (hashed again after the action: it had no live watch)"
-                if candidate == cas_path:
-                    self._reject(key, reason, taint=identity)
-                else:
-                    with self._lock:
-                        self._taint(identity, reason)
-            return True
-        return False
+        found = hash_inode(identity, (cas_path, staged_path))
+        if found is None:
+            return False
+        self.counters.add("guard_rechecked_blobs")
+        where, hash_hex = found
+        if hash_hex != key[0]:
+            reason = "content does not match its digest (hashed again after the action: it had no live watch)"
+            if where == cas_path:
+                self._reject(key, reason, taint=identity)
+            else:
+                with self._lock:
+                    self._taint(identity, reason)
+        return True
 
     # ----------------------------------------------------------------------------------------- ledger, close
 
@@ -422,33 +391,8 @@ class BlobGuard:
         self.ledger.flush()
         return recorded
 
-    def _forget(self, key: BlobKey) -> None:
-        with self._lock:
-            self._verified.pop(key, None)
-
     def close(self) -> None:
         """Flush the ledger and stop using inotify (the stack closes the shared instance)."""
         if self.ledger is not None:
             self.ledger.close()
         self._inotify = None
-
-
-def _stat_problem(info: os.stat_result, executable: bool, size: int) -> str | None:
-    if not stat.S_ISREG(info.st_mode):
-        return "the blob is not a regular file"
-    if info.st_size != size:
-        return f"the blob has {info.st_size} bytes, its digest says {size}"
-    if stat.S_IMODE(info.st_mode) != blob_mode(executable):
-        return f"the blob's mode changed to {stat.S_IMODE(info.st_mode):o}"
-    if info.st_mtime_ns != BLOB_MTIME_NS:
-        return "the blob's mtime changed (written to)"
-    return None
-
-
-def _hash_fd(fd: int) -> str:
-    hasher = hashlib.sha256()
-    offset = 0
-    while chunk := os.pread(fd, _CHUNK, offset):
-        hasher.update(chunk)
-        offset += len(chunk)
-    return hasher.hexdigest()

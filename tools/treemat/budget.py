@@ -13,7 +13,8 @@ import os
 import threading
 from dataclasses import dataclass
 
-from treemat.cas import ContentStore, GcReport
+from treemat.cas import ContentStore
+from treemat.casmaint import GcReport
 from treemat.counters import Counters
 
 DEFAULT_SHARE = 0.10

@@ -27,18 +27,13 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from treemat.counters import Counters
 from treemat.fsprims import (
-    clone_tree,
-    create_subvolume,
-    is_btrfs,
     make_dirs_writable,
     make_tree_readonly,
     pid_alive,
@@ -48,6 +43,7 @@ from treemat.locking import LockBusy, file_lock
 from treemat.merkle import MerkleIndex
 from treemat.staging import Progress, Stager, StageReport
 from treemat.tree import DirectoryNode, InputTree
+from treemat.treeclone import TreeCloner
 
 MIN_SUBTREE_FILES = 64
 """Smallest subtree (in files) worth caching and cloning whole.
@@ -67,45 +63,6 @@ EVICT_TO = 0.9
 
 _INDEX = ".index"
 _INDEX_LOCK = ".index.lock"
-
-
-class TreeCloner(Protocol):
-    """The whole-tree operations the cache needs from the platform (injectable: tests use a plain copy)."""
-
-    def mode(self, cache_dir: Path) -> str:
-        """The method's name where a whole tree clones in O(1) at `cache_dir`, else 'off'."""
-        ...
-
-    def new_entry(self, path: Path) -> None:
-        """Create the empty directory (0o755) an entry is built in; called only when `mode` is not 'off'."""
-        ...
-
-    def clone(self, entry: Path, dest: Path) -> bool:
-        """Clone the read-only tree `entry` to `dest` (must not exist) whole; False where that is impossible."""
-        ...
-
-
-class KernelTreeCloner:
-    """The real cloner: clonefile(2) of a directory on macOS, a btrfs subvolume snapshot on Linux."""
-
-    def mode(self, cache_dir: Path) -> str:
-        """'clonefile' (macOS), 'snapshot' (btrfs), or 'off' (no O(1) whole-tree clone here)."""
-        if sys.platform == "darwin":
-            return "clonefile"
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        return "snapshot" if is_btrfs(cache_dir) else "off"
-
-    def new_entry(self, path: Path) -> None:
-        """A plain directory for clonefile(2); a subvolume (what can be snapshotted) on btrfs."""
-        if sys.platform == "darwin":
-            os.mkdir(path, 0o755)
-        else:
-            create_subvolume(path)
-            os.chmod(path, 0o755)
-
-    def clone(self, entry: Path, dest: Path) -> bool:
-        """One clonefile(2) / snapshot call."""
-        return clone_tree(entry, dest)
 
 
 @dataclass(frozen=True, slots=True)

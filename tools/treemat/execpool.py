@@ -29,7 +29,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from treemat.blobguard import BlobGuard, BlobIdentity, BlobKey, GuardMark
+from treemat.blobguard import BlobGuard
+from treemat.blobstate import BlobIdentity, BlobKey, GuardMark
 from treemat.cas import ContentStore
 from treemat.fsprims import blob_mode, remove_tree
 from treemat.manifest import InputManifest

@@ -15,7 +15,8 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from treemat.blobguard import BlobGuard, BlobKey
+from treemat.blobguard import BlobGuard
+from treemat.blobstate import BlobKey
 from treemat.errors import TreematError
 from treemat.fsprims import remove_tree, sweep_dead_owners
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from treemat.action import ActionRequest, RequestInput
-from treemat.blobguard import BlobGuard, BlobIdentity, BlobKey, GuardMark, StagedBlobs
+from treemat.blobguard import BlobGuard
+from treemat.blobstate import BlobIdentity, BlobKey, GuardMark, StagedBlobs
 from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.digest import EMPTY_DIGEST, Digest, check_hash

@@ -181,11 +181,12 @@ def open_stack(
         from treemat.backends import DEFAULT_ORDER, BackendProbe, Method
         from treemat.blobguard import BlobGuard
         from treemat.budget import StoreBudget, default_budget
-        from treemat.dircache import DirectoryCache, KernelTreeCloner
+        from treemat.dircache import DirectoryCache
         from treemat.housekeeping import Housekeeper
         from treemat.ledger import VerifiedLedger
         from treemat.materializer import Materializer
         from treemat.toolrun import ToolRunner
+        from treemat.treeclone import KernelTreeCloner
         from treemat.writewatch import WriteWatch
 
         watch = WriteWatch()

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from treemat.blobguard import BlobIdentity
+from treemat.blobstate import BlobIdentity
 from treemat.counters import StatsStore
 from treemat.digest import EMPTY_DIGEST, Digest, digest_bytes
 from treemat.errors import ExecutionError, TreematError
