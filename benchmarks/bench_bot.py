@@ -10,16 +10,19 @@ import argparse
 import concurrent.futures
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import cast
 
 import grpc
-from treemat.bot.client import Client, Entry
-from treemat.bot.cluster import Cluster
 from treemat.counters import StatsStore
 from treemat.layout import Root
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests/support is dev tooling
+from tests.support.client import Client, Entry
+from tests.support.cluster import Cluster
 
 
 def main() -> None:

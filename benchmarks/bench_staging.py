@@ -256,7 +256,7 @@ def main() -> int:
                 first, floor, incremental, patching, fresh, fresh_floor = [], [], [], [], [], []
                 for round_ in range(args.rounds):
                     first.append(request_minus_tool(executor, execroot, inputs, f"out/first{round_}"))
-                    time.sleep(0.2)  # let the background removal finish before the next timing
+                    stack.housekeeper.flush()  # the background removal finishes before the next timing
                     floor.append(c_floor(binary, work, execroot, inputs, stack.cas.cas_dir, base / "floor-dest"))
                     edited = execroot / inputs[round_ % count].path
                     edited.write_bytes(edited.read_bytes() + b"!")
@@ -267,8 +267,7 @@ def main() -> int:
                     patching.append(staging)
                     other = open_stack(Root(root))  # a new worker process's stack, as Bazel would start it
                     fresh.append(request_minus_tool(other.executor, execroot, inputs, f"out/fresh{round_}"))
-                    time.sleep(0.2)
-                    other.close()
+                    other.close()  # lets its background removals finish
                     fresh_floor.append(
                         c_floor(binary, work, execroot, inputs, stack.cas.cas_dir, base / "floor-dest", fresh=True)
                     )

@@ -33,8 +33,9 @@ from pathlib import Path
 
 import pytest
 
+from ..support.swift import NO_SWIFTC, SWIFTC
+
 REPO = Path(__file__).resolve().parents[2]
-SWIFTC = shutil.which("swiftc") or ("/opt/swift/usr/bin/swiftc" if Path("/opt/swift/usr/bin/swiftc").exists() else None)
 MNEMONICS = ("SwiftCompile", "SwiftLink", "SwiftTestDiscovery", "TreematRun")
 EXECUTABLES = {"greet", "XCTestCases", "SwiftTestingCases"}
 SWIFT_MNEMONICS = {"SwiftCompile", "SwiftLink", "SwiftTestDiscovery"}
@@ -52,7 +53,7 @@ pytestmark = [
     pytest.mark.bazel,
     pytest.mark.swift,
     pytest.mark.skipif(shutil.which("bazel") is None, reason="bazel is not installed (tools/setup.sh installs it)"),
-    pytest.mark.skipif(SWIFTC is None, reason="no swiftc on PATH or under /opt/swift"),
+    pytest.mark.skipif(SWIFTC is None, reason=NO_SWIFTC),
 ]
 
 BUILD = """\

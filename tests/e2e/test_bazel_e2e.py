@@ -14,14 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from ..support.swift import NO_SWIFTC
+from ..support.swift import SWIFTC as SWIFT
+
 WORKSPACE = Path(__file__).resolve().parents[2]
 EXPECTED_APP_OUTPUT = "Invoice for Ada\n  3 x clonefile @ $1.50\n  2 x reflink @ $10.05\nTotal: $24.60\n"
-SWIFT = shutil.which("swiftc") or ("/opt/swift/usr/bin/swiftc" if Path("/opt/swift/usr/bin/swiftc").exists() else None)
 
 pytestmark = [
     pytest.mark.bazel,
     pytest.mark.skipif(shutil.which("bazel") is None, reason="bazel is not installed (tools/setup.sh installs it)"),
-    pytest.mark.skipif(SWIFT is None, reason="no swiftc on PATH or under /opt/swift"),
+    pytest.mark.skipif(SWIFT is None, reason=NO_SWIFTC),
 ]
 
 STRATEGIES = {

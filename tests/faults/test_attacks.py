@@ -27,7 +27,7 @@ from treemat.flagfile import ActionSpec
 from treemat.layout import Root
 from treemat.stack import ISOLATION_OVERLAY, open_stack
 
-from ..treemat.workerharness import Worker, request
+from ..support.harness import Worker, request
 from .tampering import tamper_in_place
 
 PRISTINE = b"pristine input bytes\n" * 20

@@ -24,7 +24,8 @@ from treemat.executor import ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
 from treemat.layout import Root
 
-from ..treemat.workerharness import Worker, make_executor, request, worker_env
+from ..support.harness import Worker, request, worker_env
+from ..support.stacks import make_executor
 
 
 def _sha(path: Path) -> str:
@@ -75,6 +76,7 @@ while True:
     src = Path({root!r}).parent / f"src-{{os.getpid()}}"
     src.write_bytes(data[::-1])
     cas.ingest_file(src, executable=False)
+    print(i, flush=True)  # one line per round: the test kills after a (seeded) random number of them
     i += 1
 """
 
@@ -85,10 +87,15 @@ def test_kill_9_during_ingest_never_leaves_a_partial_blob(tmp_path: Path) -> Non
     rng = random.Random(9)
     kills = 12
     for _ in range(kills):
-        proc = subprocess.Popen([sys.executable, "-c", _INGEST_LOOP.format(tools=tools, root=str(root))])
-        time.sleep(0.3 + rng.random() * 0.5)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _INGEST_LOOP.format(tools=tools, root=str(root))], stdout=subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        for _round in range(rng.randint(1, 3)):  # the writer keeps ingesting while we read: killed mid-round
+            assert proc.stdout.readline(), "the ingest loop died on its own"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        proc.stdout.close()
     debris_before = len(list((root / "tmp").iterdir()))
     cas = ContentStore(Root(root), counters=Counters())  # a new store sweeps temp files of dead writers
     report = cas.verify_all()
@@ -272,7 +279,6 @@ def test_disk_full_gives_clear_errors_and_worker_keeps_serving(tmp_path: Path) -
         assert fine["exitCode"] == 0 and (execroot / "out/ok").read_text() == "small\n", fine
         assert report.corrupt == 0
         assert not list((root / "tmp").iterdir())
-        time.sleep(0.5)
         assert not [name for name in leftovers if not name.startswith(".trash") and name not in pooled]
         assert len(pooled) <= 1
         assert worker.close() == 0

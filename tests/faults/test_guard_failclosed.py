@@ -30,7 +30,7 @@ from treemat.sandbox import ToolPlan
 from treemat.stack import Stack, open_stack
 from treemat.toolrun import ToolOutcome
 
-from ..treemat.workerharness import TOOLS_DIR, request
+from ..support.harness import TOOLS_DIR, request
 from .tampering import tamper_in_place
 
 PRISTINE = b"pristine input bytes\n" * 20

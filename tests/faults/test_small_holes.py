@@ -16,7 +16,7 @@ from treemat.layout import Root
 from treemat.sandbox import EXEC_ROOT
 from treemat.stack import open_stack
 
-from ..treemat.workerharness import Worker, request
+from ..support.harness import Worker, request
 
 IN_BYTES = b"declared input\n"
 

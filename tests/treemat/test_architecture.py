@@ -42,3 +42,17 @@ def test_contract_places_every_module() -> None:
     modules = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
     modules |= {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
     assert modules <= placed, f"not in the import contract: {sorted(modules - placed)}"
+
+
+def test_only_layout_spells_a_subdirectory_of_the_root() -> None:
+    """Every path under TREEMAT_ROOT comes from layout.Root: no other module joins a root subdirectory's name."""
+    names = "cas|tmp|quarantine|exec|verified|stats|dircache|tool-cache|replay|gc.lock|README.txt"
+    spelled = re.compile(rf'root\)? / "({names})"')  # `root / "cas"`, `self.root / "exec"`, `Path(root) / "tmp"`
+    offenders = [
+        f"{path.relative_to(PACKAGE)}:{number}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "layout.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if spelled.search(line)
+    ]
+    assert offenders == []

@@ -15,7 +15,7 @@ from treemat.counters import Counters
 from treemat.digest import digest_bytes
 from treemat.layout import Root
 
-from .workerharness import worker_env
+from ..support.harness import worker_env
 
 
 def _run(root: Path, *args: str) -> tuple[int, str]:

@@ -16,7 +16,7 @@ from treemat.executor import ActionExecutor, ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
 from treemat.manifest import InputManifest
 
-from .workerharness import make_executor
+from ..support.stacks import make_executor
 
 LIST_TREE = (
     "find . -path ./out -prune -o \\( -type f -o -type d \\) -print | sort > out/listing; "

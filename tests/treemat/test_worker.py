@@ -10,7 +10,6 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,8 @@ from treemat.errors import ProtocolError
 from treemat.protocol import JsonRequestDecoder, item_from_json
 from treemat.sandbox import EXEC_ROOT
 
-from .workerharness import Worker, request, worker_env
+from ..support.harness import Worker, request, worker_env
+from ..support.waiting import running_below, wait_for
 
 HELLO_HASH = hashlib.sha256(b"hello input\n").hexdigest()
 
@@ -74,7 +74,7 @@ def test_multiplex_requests_run_concurrently(execroot: Path, tmp_path: Path) -> 
 def test_cancellation_kills_the_tool(execroot: Path, tmp_path: Path) -> None:
     worker = Worker(execroot, tmp_path / "root")
     worker.send(request(execroot, ["src/in.txt"], ["out/never"], ["sh", "-c", "sleep 30; touch out/never"], 9))
-    time.sleep(1.0)
+    wait_for(lambda: running_below(worker.proc.pid, ["sleep", "30"]), what="the tool to start")
     worker.send({"requestId": 9, "cancel": True})
     reply = worker.read()
     assert reply["requestId"] == 9 and reply.get("wasCancelled") is True
