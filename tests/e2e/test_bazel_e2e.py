@@ -122,6 +122,7 @@ def test_stats_show_where_files_came_from(builds: dict[str, tuple[dict[str, str]
 
 def test_replay_real_execution_logs(builds: dict[str, tuple[dict[str, str], Path]], tmp_path: Path) -> None:
     from treemat.execlog import read_exec_log
+    from treemat.layout import Root
     from treemat.replay import replay
 
     logs = builds["treemat"][1] / "logs"
@@ -130,7 +131,7 @@ def test_replay_real_execution_logs(builds: dict[str, tuple[dict[str, str], Path
     assert len(worker_spawns) == len(sandboxed_spawns) >= 6
     assert {s.runner for s in worker_spawns} == {"worker"}
     assert max(len(s.inputs) for s in worker_spawns) >= 635
-    report = replay(logs / "treemat.json", root=tmp_path / "root", mnemonics={"SwiftCompile"})
+    report = replay(logs / "treemat.json", layout=Root(tmp_path / "root"), mnemonics={"SwiftCompile"})
     row = report.rows["SwiftCompile"]
     print("\n" + report.to_table())
     assert row.spawns == len(worker_spawns) and row.files >= 700
