@@ -15,9 +15,8 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from typing import NamedTuple
 
+from treemat.blobstate import BlobKey
 from treemat.tree import FileNode, normalize_path
-
-BlobKey = tuple[str, bool]  # (hash, executable)
 
 
 class KnownInput(NamedTuple):
