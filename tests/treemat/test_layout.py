@@ -56,15 +56,3 @@ def test_a_subdirectory_deleted_under_a_running_executor_is_made_again(tmp_path:
     result = executor.execute(_copy_action(execroot, "out/b"))
     assert result.exit_code == 0, result.output
     assert all((tmp_path / "root" / name).is_dir() for name in Root.SUBDIRS)
-
-
-def test_the_bot_builds_no_action_executor(tmp_path: Path) -> None:
-    """The bot stages and runs commands itself: it used to build an ActionExecutor it never used."""
-    from treemat.bot.stager import LocalStager
-
-    stager = LocalStager(tmp_path / "root", isolation="none")
-    try:
-        assert "executor" not in vars(stager)
-        assert stager.stack._executor is None
-    finally:
-        stager.close()
