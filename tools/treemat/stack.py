@@ -190,11 +190,16 @@ def open_stack(
         from treemat.writewatch import WriteWatch
 
         watch = WriteWatch()
+    except BaseException:
+        sandbox.close()
+        raise
+    try:
         guard = BlobGuard(cas, watch, counters=counters, ledger=VerifiedLedger(layout.verified))
         budget = StoreBudget(
             cas, max_bytes if max_bytes is not None else default_budget(layout.path), counters=counters
         )
     except BaseException:
+        watch.close()
         sandbox.close()
         raise
     order = list(prefer) if prefer else list(DEFAULT_ORDER)
