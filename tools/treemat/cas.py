@@ -61,7 +61,8 @@ class ContentStore(StoreMaintenance):
         weakref.finalize(self, os.close, self._root_fd)
         self._touched: dict[tuple[str, bool], int] = {}
         self._pending_touches: list[tuple[str, bool]] = []
-        self._touch_lock = threading.Lock()
+        self._touch_lock = threading.Lock()  # also guards published_bytes
+        self.published_bytes = 0  # bytes this process added to the store (the size budget's estimate grows by it)
         self.sweep_temp_files()
 
     # ------------------------------------------------------------------ paths and lookups
@@ -258,6 +259,8 @@ class ContentStore(StoreMaintenance):
                     raise io_error(exc, f"publishing blob {digest}") from None
         except OSError as exc:
             raise io_error(exc, f"publishing blob {digest}") from None
+        with self._touch_lock:
+            self.published_bytes += digest.size
         self.counters.add("ingested_blobs")
         self.counters.add("ingested_bytes", digest.size)
         return digest
