@@ -31,6 +31,7 @@ from bench_staging import time_alternating
 from treemat.executor import ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
 from treemat.fsprims import remove_tree
+from treemat.layout import Root
 from treemat.sandbox import ISOLATION_COW, ISOLATION_OVERLAY, Sandbox, ToolPlan, open_sandbox
 from treemat.stack import open_stack
 from treemat.toolrun import read_bounded
@@ -63,7 +64,7 @@ def sandboxed(sandbox: Sandbox, work: Path, overlay: bool) -> Callable[[], None]
 
 
 def whole_action(root: Path, work: Path) -> tuple[Callable[[], None], Callable[[], None]]:
-    stack = open_stack(root, background_cleanup=False)
+    stack = open_stack(Root(root), background_cleanup=False)
     execroot = work / "execroot"
     (execroot / "in").mkdir(parents=True)
     (execroot / "in/a").write_bytes(b"input\n")
@@ -87,7 +88,7 @@ def main() -> int:
     try:
         rows: dict[str, Callable[[], None]] = {"fork+exec": fork_exec}
         for mode in (ISOLATION_COW, ISOLATION_OVERLAY):
-            sandbox = open_sandbox(work / "root", mode)
+            sandbox = open_sandbox(Root(work / "root"), mode)
             closers.append(sandbox.close)
             rows[mode] = sandboxed(sandbox, work, overlay=mode == ISOLATION_OVERLAY)
         action, close_stack = whole_action(work / "stack-root", work)

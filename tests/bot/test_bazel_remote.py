@@ -22,12 +22,14 @@ import pytest
 pytest.importorskip("grpc", reason="needs the bot extra: pip install -e '.[bot]'")
 pytest.importorskip("buildgrid", reason="needs the bot extra: pip install -e '.[bot]'")
 
-from treemat.bot.cluster import Cluster, ClusterError, pg_bin
 from treemat.fsprims import is_btrfs
+
+from ..support.cluster import Cluster, ClusterError, pg_bin
+from ..support.swift import NO_SWIFTC
+from ..support.swift import SWIFTC as SWIFT
 
 WORKSPACE = Path(__file__).resolve().parents[2]
 TOOLS = WORKSPACE / "tools"
-SWIFT = shutil.which("swiftc") or ("/opt/swift/usr/bin/swiftc" if Path("/opt/swift/usr/bin/swiftc").exists() else None)
 LOCAL = [
     "--spawn_strategy=local",
     "--strategy=SwiftCompile=local",
@@ -47,7 +49,7 @@ pytestmark = [
     pytest.mark.bazel_remote,
     pytest.mark.swift,
     pytest.mark.skipif(shutil.which("bazel") is None, reason="bazel is not installed (tools/setup.sh installs it)"),
-    pytest.mark.skipif(SWIFT is None, reason="no swiftc on PATH or under /opt/swift"),
+    pytest.mark.skipif(SWIFT is None, reason=NO_SWIFTC),
     pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL server binaries missing (apt-get install postgresql)"),
 ]
 

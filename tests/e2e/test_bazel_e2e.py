@@ -14,17 +14,19 @@ from pathlib import Path
 
 import pytest
 
+from ..support.swift import NO_SWIFTC
+from ..support.swift import SWIFTC as SWIFT
+
 WORKSPACE = Path(__file__).resolve().parents[2]
 EXPECTED_APP_OUTPUT = (
     "Invoice for Ada\n  3 x clonefile @ $1.50\n  2 x reflink @ $10.05\nTotal: $24.60\n"
     "CRC-32: f232e986\n"  # by the C module of examples/checksum, two Swift modules below the app
 )
-SWIFT = shutil.which("swiftc") or ("/opt/swift/usr/bin/swiftc" if Path("/opt/swift/usr/bin/swiftc").exists() else None)
 
 pytestmark = [
     pytest.mark.bazel,
     pytest.mark.skipif(shutil.which("bazel") is None, reason="bazel is not installed (tools/setup.sh installs it)"),
-    pytest.mark.skipif(SWIFT is None, reason="no swiftc on PATH or under /opt/swift"),
+    pytest.mark.skipif(SWIFT is None, reason=NO_SWIFTC),
 ]
 
 STRATEGIES = {
@@ -123,6 +125,7 @@ def test_stats_show_where_files_came_from(builds: dict[str, tuple[dict[str, str]
 
 def test_replay_real_execution_logs(builds: dict[str, tuple[dict[str, str], Path]], tmp_path: Path) -> None:
     from treemat.execlog import read_exec_log
+    from treemat.layout import Root
     from treemat.replay import replay
 
     logs = builds["treemat"][1] / "logs"
@@ -131,7 +134,7 @@ def test_replay_real_execution_logs(builds: dict[str, tuple[dict[str, str], Path
     assert len(worker_spawns) == len(sandboxed_spawns) >= 6
     assert {s.runner for s in worker_spawns} == {"worker"}
     assert max(len(s.inputs) for s in worker_spawns) >= 635
-    report = replay(logs / "treemat.json", root=tmp_path / "root", mnemonics={"SwiftCompile"})
+    report = replay(logs / "treemat.json", layout=Root(tmp_path / "root"), mnemonics={"SwiftCompile"})
     row = report.rows["SwiftCompile"]
     print("\n" + report.to_table())
     assert row.spawns == len(worker_spawns) and row.files >= 700
@@ -162,6 +165,7 @@ def test_an_edit_rebuild_patches_the_pooled_exec_dir_decoding_only_what_changed(
     """Edit one source and rebuild: the worker reuses the compile's exec dir and, of the whole WorkRequest,
     decodes only the changed input's two entries (old and new): Bazel lists inputs in a stable order."""
     from treemat.counters import StatsStore
+    from treemat.layout import Root
 
     output_base, root = tmp_path / "ob-edit", tmp_path / "treemat-root"
     try:
@@ -177,7 +181,7 @@ def test_an_edit_rebuild_patches_the_pooled_exec_dir_decoding_only_what_changed(
             assert build.returncode == 0, f"build failed:\n{build.stderr[-4000:]}"
     finally:
         _bazel(output_base, "shutdown")
-    totals = StatsStore(root).totals()
+    totals = StatsStore(Root(root).stats).totals()
     assert totals.get("execpool_reused") == 1, totals
     assert totals.get("execpool_delta_entries") == 2, totals
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,9 @@ from types import ModuleType
 
 import pytest
 
+from ..support.swift import NO_SWIFTC, SWIFTC
+
 REPO = Path(__file__).resolve().parents[2]
-SWIFTC = shutil.which("swiftc") or ("/opt/swift/usr/bin/swiftc" if Path("/opt/swift/usr/bin/swiftc").exists() else None)
 
 
 def _load() -> ModuleType:
@@ -70,7 +70,7 @@ def test_discovers_subclasses_through_a_base_class_and_async_methods(tmp_path: P
 
 
 @pytest.mark.swift
-@pytest.mark.skipif(SWIFTC is None, reason="no swiftc on PATH or under /opt/swift")
+@pytest.mark.skipif(SWIFTC is None, reason=NO_SWIFTC)
 @pytest.mark.parametrize("failing", ["none", "xctest", "swift-testing"])
 def test_generated_runner_runs_both_libraries_and_fails_when_either_fails(tmp_path: Path, failing: str) -> None:
     assert SWIFTC

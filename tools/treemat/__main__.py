@@ -35,6 +35,7 @@ def keep_bytecode_across_bazel_clean() -> None:
     explicit PYTHONPYCACHEPREFIX or -B wins.
     """
     if sys.pycache_prefix is None and not sys.flags.dont_write_bytecode:
+        # layout.user_cache_dir's rule, spelled here: importing any treemat module first would compile it in place
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         sys.pycache_prefix = os.path.join(cache, "treemat", "pycache")
 

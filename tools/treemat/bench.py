@@ -30,6 +30,7 @@ from pathlib import Path
 from treemat.counters import StatsStore
 from treemat.errors import TreematError
 from treemat.fsprims import remove_tree
+from treemat.layout import Root
 
 STRATEGY_FLAGS = {
     "local": ["--strategy=SwiftCompile=local", "--strategy=SwiftLink=local", "--spawn_strategy=local"],
@@ -301,7 +302,7 @@ def run_bench(
     output_base = output_base or scratch / "output_base"
     targets = [f"//examples/generated:Shape{shape}" for shape in shapes]
     report = BenchReport(bazel=release)
-    stats = StatsStore(root)
+    stats = StatsStore(Root(root).stats)
 
     def build(strategy: str, profile: Path, *extra: str) -> str:
         stats.reset()

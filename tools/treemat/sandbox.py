@@ -29,6 +29,7 @@ from pathlib import Path
 from treemat import sandbox_darwin
 from treemat.errors import ExecutionError
 from treemat.fsprims import remove_tree
+from treemat.layout import Root
 
 EXEC_ROOT = "/tmp/treemat/exec"  # = sandboxd.EXEC_ROOT (not imported: sandboxd is a program of its own)
 TOOL_CACHE = "/tmp/treemat/cache"
@@ -357,7 +358,7 @@ def refusing_sandbox(reason: str) -> Sandbox:
     )
 
 
-def open_sandbox(root: Path, want: str = "auto") -> Sandbox:
+def open_sandbox(layout: Root, want: str = "auto") -> Sandbox:
     """The sandbox for `want` in auto | overlay | copy-on-write | none, tried for real; SandboxUnavailable if not.
 
     `auto` takes overlay where overlayfs works in a user namespace, else copy-on-write.
@@ -367,13 +368,13 @@ def open_sandbox(root: Path, want: str = "auto") -> Sandbox:
     if sys.platform == "darwin":
         if not os.access(sandbox_darwin.SANDBOX_EXEC, os.X_OK):
             raise SandboxUnavailable(f"{sandbox_darwin.SANDBOX_EXEC} is missing")
-        hidden = [str(Path(root, name)) for name in ("cas", "verified", "dircache", "quarantine", "tool-cache")]
+        hidden = [str(path) for path in layout.hidden]
         return Sandbox(ISOLATION_DARWIN, None, None, hidden)
     if sys.platform != "linux":
         raise SandboxUnavailable(f"no sandbox for {sys.platform} in this process (see docs/hermeticity.md)")
     helper, control = start_helper()
-    sandbox = Sandbox(ISOLATION_COW, helper, control, hidden_paths(root))
-    scratch = root / "tmp" / f".sandbox-probe-{os.getpid()}-{threading.get_ident()}"
+    sandbox = Sandbox(ISOLATION_COW, helper, control, hidden_paths(layout.path))
+    scratch = layout.tmp / f".sandbox-probe-{os.getpid()}-{threading.get_ident()}"
     try:
         scratch.mkdir(parents=True)
         modes = [True, False] if want in ("auto", ISOLATION_OVERLAY) else [False]
