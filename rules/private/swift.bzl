@@ -26,7 +26,8 @@ SWIFT_TOOLCHAIN_TYPE = str(Label("//rules:swift_toolchain_type"))
 
 _PYTHON_TOOLCHAIN_TYPE = "@bazel_tools//tools/python:toolchain_type"
 
-_NO_SWIFTC = ("treemat: no swiftc found (set SWIFTC, put swiftc on PATH, or install Swift under /opt/swift, " +
+# The one explanation of a missing swiftc: failed at analysis (swift.bzl) and printed at loading (defs.bzl).
+NO_SWIFTC = ("treemat: no swiftc found (set SWIFTC, put swiftc on PATH, or install Swift under /opt/swift, " +
               "then `bazel sync --configure` or restart Bazel); cannot build {}")
 
 # -c opt|dbg|fastbuild -> swiftc optimisation and debug flags.
@@ -39,7 +40,7 @@ _MODE_FLAGS = {
 def _toolchain(ctx):
     swift = ctx.toolchains[SWIFT_TOOLCHAIN_TYPE].swift
     if not swift.swiftc:
-        fail(_NO_SWIFTC.format(ctx.label))
+        fail(NO_SWIFTC.format(ctx.label))
     return swift
 
 def _module_name(ctx):
