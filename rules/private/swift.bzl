@@ -234,6 +234,9 @@ def _link(ctx, *, swift, own_objects, context, executable):
             transitive = [objects, _transitive_link_inputs(ctx, context.deps)],
         ),
         outputs = [executable, autolink],
+        # swiftc's clang driver finds the linker (`ld`) on PATH: without it, "posix_spawn failed: No such file
+        # or directory". The compiles run swift-frontend by absolute path and get no shell environment.
+        use_default_shell_env = True,
         progress_message = "Linking Swift executable {}".format(ctx.label),
     )
     return c_libraries
