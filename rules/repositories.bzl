@@ -163,15 +163,22 @@ def _treemat_swift_configure_impl(repository_ctx):
 treemat_swift_configure = repository_rule(
     implementation = _treemat_swift_configure_impl,
     attrs = {
-        "_toolchain_bzl": attr.label(default = Label("//rules/private:toolchain.bzl")),
-        "_toolchain_type": attr.label(default = Label("//rules:swift_toolchain_type")),
+        "_toolchain_bzl": attr.label(
+            default = Label("//rules/private:toolchain.bzl"),
+            doc = "The swift_toolchain rule the generated BUILD file loads (named from here, whatever the repo).",
+        ),
+        "_toolchain_type": attr.label(
+            default = Label("//rules:swift_toolchain_type"),
+            doc = "The toolchain type the generated toolchain() is registered for.",
+        ),
     },
     environ = ["SWIFTC", "PATH"],
     local = True,
     configure = True,  # Bazel 4.x: `bazel sync --configure` re-runs it (after upgrading swiftc in place)
     doc = """Finds swiftc ($SWIFTC, then PATH, then /opt/swift/usr/bin) and writes a Swift toolchain.
 
-The generated repository has `:toolchain` (register it; `treemat_dependencies()` and MODULE.bazel do),
+The generated repository has `:toolchain` (register it; `treemat_dependencies()` and MODULE.bazel do; it is
+compatible only with the host's OS and CPU, as exec and as target platform),
 `identity.txt` (`swiftc --version` plus sha256 of the driver and frontend binaries: an input of every Swift
 action, so a compiler upgrade reruns them), and `defs.bzl` with `SWIFTC`, `SWIFT_VERSION`, `SWIFT_AVAILABLE`
 and `SWIFT_INCOMPATIBLE` (a target_compatible_with list with a self-explaining constraint name that makes
