@@ -8,7 +8,9 @@ Bazel's own analysis-test support (`rule(analysis_test = True)`, `AnalysisTestRe
 (`analysistest`) is at hand, and on Bazel 7. `Action.argv` includes the lines of the rules' param files.
 
 Placeholders in expected strings: `{bin}` is the bin directory of the action's configuration (e.g.
-`bazel-out/k8-opt/bin`), `{swiftc}` the registered toolchain's swiftc; an expected argv element `*` matches any
+`bazel-out/k8-opt/bin`), `{swiftc}` the registered toolchain's swiftc, `{treemat_swift}` the exec path of its
+generated repository, `{main_repo}` the main repository's name (`treemat` in WORKSPACE mode, `_main` under
+Bzlmod: the default `-package-name` of this repository's modules); an expected argv element `*` matches any
 one argument (the exec-configuration path of a tool).
 """
 
@@ -16,8 +18,13 @@ load("@treemat_swift//:defs.bzl", "SWIFTC")
 
 _COMPILATION_MODE = "//command_line_option:compilation_mode"
 
-def _subst(text, bin_dir):
-    return text.replace("{bin}", bin_dir).replace("{swiftc}", SWIFTC)
+# The generated toolchain repository's exec path: external/treemat_swift (WORKSPACE), or its canonical name
+# under Bzlmod (external/_main~_repo_rules~treemat_swift on Bazel 7).
+TREEMAT_SWIFT_ROOT = Label("@treemat_swift//:defs.bzl").workspace_root
+
+def _subst(text, bin_dir, workspace_name):
+    return (text.replace("{bin}", bin_dir).replace("{swiftc}", SWIFTC).replace("{treemat_swift}", TREEMAT_SWIFT_ROOT)
+        .replace("{main_repo}", workspace_name))
 
 def _matches(actual, expected):
     if len(actual) != len(expected):
@@ -59,21 +66,21 @@ def _check_action(ctx, action):
     separator = argv.index("--") if "--" in argv else len(argv)
     request, tool_argv = argv[1:separator + 1], argv[separator + 1:]
     if ctx.attr.request:
-        expected = [_subst(word, bin_dir) for word in ctx.attr.request]
+        expected = [_subst(word, bin_dir, ctx.workspace_name) for word in ctx.attr.request]
         if not _matches(request, expected):
             errors.append(_describe_mismatch("request (startup flags and flagfile up to `--`)", request, expected))
     if ctx.attr.tool_argv:
-        expected = [_subst(word, bin_dir) for word in ctx.attr.tool_argv]
+        expected = [_subst(word, bin_dir, ctx.workspace_name) for word in ctx.attr.tool_argv]
         if not _matches(tool_argv, expected):
             errors.append(_describe_mismatch("tool argv (after `--`)", tool_argv, expected))
     inputs = [f.path for f in action.inputs.to_list()]
     for path in ctx.attr.inputs:
-        if _subst(path, bin_dir) not in inputs:
-            errors.append("{} is not a declared input".format(_subst(path, bin_dir)))
+        if _subst(path, bin_dir, ctx.workspace_name) not in inputs:
+            errors.append("{} is not a declared input".format(_subst(path, bin_dir, ctx.workspace_name)))
     for prefix in ctx.attr.exact_inputs_under:
-        prefix = _subst(prefix, bin_dir)
+        prefix = _subst(prefix, bin_dir, ctx.workspace_name)
         under = sorted([path for path in inputs if path.startswith(prefix)])
-        expected = sorted([_subst(path, bin_dir) for path in ctx.attr.inputs if _subst(path, bin_dir).startswith(prefix)])
+        expected = sorted([_subst(path, bin_dir, ctx.workspace_name) for path in ctx.attr.inputs if _subst(path, bin_dir, ctx.workspace_name).startswith(prefix)])
         if under != expected:
             errors.append("declared inputs under {}: {}, expected {}".format(prefix, under, expected))
     return errors
