@@ -14,7 +14,6 @@ place. Outputs are byte-identical either way.
 """
 
 load("@treemat_swift//:defs.bzl", "SWIFT_AVAILABLE", "SWIFT_INCOMPATIBLE")
-load("//rules/private:generate.bzl", _swift_module_set = "swift_module_set")
 load("//rules/private:cc_interop.bzl", _MODULE_NAME_TAG = "MODULE_NAME_TAG", _derive_module_name = "derive_module_name")
 load(
     "//rules/private:providers.bzl",
@@ -25,6 +24,7 @@ load(
 load("//rules/private:staged_action.bzl", _TREEMAT_ATTRS = "TREEMAT_ATTRS", _escape_tool_arg = "escape_tool_arg", _treemat_action = "treemat_action", _treemat_args = "treemat_args")
 load(
     "//rules/private:swift.bzl",
+    _NO_SWIFTC = "NO_SWIFTC",
     _SWIFT_TOOLCHAIN_TYPE = "SWIFT_TOOLCHAIN_TYPE",
     _swift_binary = "swift_binary",
     _swift_library = "swift_library",
@@ -57,14 +57,10 @@ escape_tool_arg = _escape_tool_arg
 
 treemat_run = _treemat_run
 swift_toolchain = _swift_toolchain
-swift_module_set = _swift_module_set
-
-_NO_SWIFTC = ("treemat: no swiftc found (set SWIFTC, put swiftc on PATH, or install Swift under /opt/swift); " +
-              "Swift target {} is incompatible and will be skipped")
 
 def _compatible(name, target_compatible_with):
     if not SWIFT_AVAILABLE:
-        print(_NO_SWIFTC.format(name))  # buildifier: disable=print
+        print(_NO_SWIFTC.format(name) + " (incompatible: skipped by wildcard builds)")  # buildifier: disable=print
     return SWIFT_INCOMPATIBLE + target_compatible_with
 
 def swift_library(name, target_compatible_with = [], **kwargs):

@@ -7,39 +7,35 @@ Outputs are deterministic and independent of where the tool runs: each module is
 each .swiftmodule) or not written (`-avoid-emit-module-source-info`); a swift_test's symbol graph stays inside
 its compile action.
 
-C interop (cc_interop.bzl): cc_library / swift_c_module targets in `deps` are clang modules; their transitive
+The actions (the one argument builder for every compile, the link) are in swift_actions.bzl. C interop
+(cc_interop.bzl): cc_library / swift_c_module targets in `deps` are clang modules; their transitive
 compilation context reaches every compile, their libraries every link.
 """
 
-load(
-    ":cc_interop.bzl",
-    "add_clang_importer_args",
-    "c_interop",
-    "clang_importer_inputs",
-    "clang_module_aspect",
-    "link_inputs",
-)
+load(":cc_interop.bzl", "clang_module_aspect")
 load(":providers.bzl", "SwiftModuleInfo")
-load(":staged_action.bzl", "TREEMAT_ATTRS", "escape_tool_arg", "treemat_action", "treemat_args")
+load(":staged_action.bzl", "TREEMAT_ATTRS")
+load(
+    ":swift_actions.bzl",
+    "PYTHON_TOOLCHAIN_TYPE",
+    "compile",
+    "compile_context",
+    "link",
+    "transitive_link_inputs",
+    "transitive_linkopts",
+)
 
 SWIFT_TOOLCHAIN_TYPE = str(Label("//rules:swift_toolchain_type"))
 
-_PYTHON_TOOLCHAIN_TYPE = "@bazel_tools//tools/python:toolchain_type"
-
-_NO_SWIFTC = ("treemat: no swiftc found (set SWIFTC, put swiftc on PATH, or install Swift under /opt/swift, " +
+# The one explanation of a missing swiftc: failed at analysis (swift.bzl) and printed at loading (defs.bzl).
+NO_SWIFTC = ("treemat: no swiftc found (set SWIFTC, put swiftc on PATH, or install Swift under /opt/swift, " +
               "then `bazel sync --configure` or restart Bazel); cannot build {}")
 
 # -c opt|dbg|fastbuild -> swiftc optimisation and debug flags.
-_MODE_FLAGS = {
-    "opt": ["-O"],
-    "dbg": ["-Onone", "-g"],
-    "fastbuild": ["-Onone"],
-}
-
 def _toolchain(ctx):
     swift = ctx.toolchains[SWIFT_TOOLCHAIN_TYPE].swift
     if not swift.swiftc:
-        fail(_NO_SWIFTC.format(ctx.label))
+        fail(NO_SWIFTC.format(ctx.label))
     return swift
 
 def _module_name(ctx):
@@ -49,203 +45,6 @@ def _module_name(ctx):
     for char in ["-", ".", "/", "+"]:
         name = name.replace(char, "_")
     return name
-
-def _package_name(ctx):
-    # Like SwiftPM, where every target of a package shares its package name: by default all modules of one
-    # Bazel repository form one Swift package, so `package` declarations are visible across them.
-    if ctx.attr.package_name:
-        return ctx.attr.package_name
-    return ctx.label.workspace_name or ctx.workspace_name
-
-def _dirname(file):
-    return file.dirname
-
-def _expand(ctx, values):
-    targets = ctx.attr.swiftc_inputs + ctx.attr.data
-    return [ctx.expand_location(value, targets) for value in values]
-
-def _named_files(ctx, expanded):
-    """Files of swiftc_inputs and data whose path appears in `expanded` flags ($(location), $(execpath) and
-    $(rootpath) all leave one there): the action that gets the flags needs them as inputs, or it works only
-    where the execroot is at hand (local) and fails on the worker or in a sandbox."""
-    if not expanded:
-        return []
-    text = "\n".join(expanded)
-    named = []
-    for target in ctx.attr.swiftc_inputs + ctx.attr.data:
-        for file in target.files.to_list():
-            if file.path in text or file.short_path in text:
-                named.append(file)
-    return named
-
-def _deps_info(ctx):
-    return [dep[SwiftModuleInfo] for dep in ctx.attr.deps if SwiftModuleInfo in dep]
-
-def _compile_context(ctx):
-    """What every compile of this target reads besides its own sources, and the flags that say so: the
-    Swift modules and C modules its deps reach (transitively, across repositories), copts, swiftc_inputs."""
-    deps = _deps_info(ctx)
-    interop = c_interop(ctx.attr.deps)
-    swiftmodules = depset(transitive = [d.transitive_swiftmodules for d in deps])
-    swiftdocs = depset(transitive = [d.transitive_swiftdocs for d in deps])
-    copts = _expand(ctx, ctx.attr.copts)
-    return struct(
-        deps = deps,
-        interop = interop,
-        swiftmodules = swiftmodules,
-        swiftdocs = swiftdocs,
-        copts = copts,
-        inputs = depset(
-            ctx.files.swiftc_inputs + _named_files(ctx, copts),
-            transitive = [swiftmodules, swiftdocs, clang_importer_inputs(interop)],
-        ),
-    )
-
-def _add_compile_args(
-        request,
-        ctx,
-        swift,
-        context,
-        *,
-        module_name,
-        swift_version,
-        parse_as_library,
-        enable_testing,
-        extra_modules):
-    """The one swiftc argument builder: every compile (library, binary, test, test runner) gets its flags here."""
-    request.add(swift.swiftc)
-    request.add_all(["-module-name", module_name, "-package-name", _package_name(ctx)])
-    if swift_version:
-        request.add_all(["-swift-version", swift_version])
-    request.add_all(["-wmo", "-num-threads", "0"])
-    request.add_all(_MODE_FLAGS[ctx.var["COMPILATION_MODE"]])
-    if enable_testing:
-        request.add("-enable-testing")
-    if parse_as_library:
-        request.add("-parse-as-library")
-    request.add_all(ctx.attr.defines, format_each = "-D%s")
-    request.add_all(["-file-prefix-map", "{EXEC_ROOT}=.", "-module-cache-path", "{TOOL_CACHE}/swift-module-cache"])
-    request.add_all(
-        depset(transitive = [extra_modules, context.swiftmodules]),
-        map_each = _dirname,
-        uniquify = True,
-        before_each = "-I",
-    )
-    add_clang_importer_args(request, context.interop)
-    request.add_all(context.copts, map_each = escape_tool_arg)
-
-def _compile(
-        ctx,
-        *,
-        swift,
-        context,
-        module_name,
-        srcs,
-        parse_as_library,
-        enable_testing,
-        emit_module,
-        swift_version = None,
-        extra_modules = None,
-        runner_source = None,
-        progress_message = None):
-    """Registers a SwiftCompile action; returns (object File, .swiftmodule File or None, .swiftdoc or None).
-
-    With `runner_source` (swift_test), the action compiles through swift_test_discovery.py, which adds a
-    symbol graph in a private temporary directory and writes the test runner's source to `runner_source`.
-    """
-    subdir = "{}_runner".format(ctx.label.name) if extra_modules else "{}_objs".format(ctx.label.name)
-    object_file = ctx.actions.declare_file("{}/{}.o".format(subdir, module_name))
-    outputs = [object_file]
-    swiftmodule, swiftdoc = None, None
-    if emit_module:
-        # swiftc writes the .swiftdoc beside the .swiftmodule whatever it is told: declared, so it is the same
-        # file in every strategy (and an input of the compiles that import the module); the .swiftsourceinfo
-        # (absolute paths) is not written at all.
-        swiftmodule = ctx.actions.declare_file("{}_module/{}.swiftmodule".format(ctx.label.name, module_name))
-        swiftdoc = ctx.actions.declare_file("{}_module/{}.swiftdoc".format(ctx.label.name, module_name))
-        outputs.extend([swiftmodule, swiftdoc])
-    if runner_source:
-        outputs.append(runner_source)
-    extra_modules = extra_modules or depset()
-    request = treemat_args(ctx, outputs)
-    tools = []
-    if runner_source:
-        python = ctx.toolchains[_PYTHON_TOOLCHAIN_TYPE].py3_runtime
-        request.add(python.interpreter.path if python.interpreter else python.interpreter_path)
-        request.add(ctx.file._discovery)
-        request.add_all(["--module", module_name, "--output", runner_source, "--"])
-        tools = [ctx.file._discovery] + ([python.interpreter] if python.interpreter else [])
-    _add_compile_args(
-        request,
-        ctx,
-        swift,
-        context,
-        module_name = module_name,
-        swift_version = ctx.attr.swift_version if swift_version == None else swift_version,
-        parse_as_library = parse_as_library,
-        enable_testing = enable_testing,
-        extra_modules = extra_modules,
-    )
-    request.add_all(["-c", "-o", object_file])
-    if swiftmodule:
-        request.add_all(["-emit-module", "-emit-module-path", swiftmodule, "-avoid-emit-module-source-info"])
-    request.add_all(srcs)
-    treemat_action(
-        ctx,
-        mnemonic = "SwiftCompile",
-        args = request,
-        inputs = depset(srcs + tools + [swift.identity], transitive = [extra_modules, context.inputs]),
-        outputs = outputs,
-        progress_message = progress_message or "Compiling Swift module {} ({} sources)".format(module_name, len(srcs)),
-    )
-    return object_file, swiftmodule, swiftdoc
-
-def _link(ctx, *, swift, own_objects, context, executable):
-    """Registers SwiftLink: this target's objects, those of its Swift deps, then the C/C++ libraries reached
-    (dependents first), then the linkopts of the Swift modules and of the C libraries; every file it reads is
-    an input, every file it writes an output.
-
-    swiftc writes the `swift-autolink-extract` list to `<directory of the first object>/<executable>.autolink`
-    (a temporary file only when that directory is the working directory): this target's own object comes
-    first, so the file lands in this target's `_objs` directory, where it is declared.
-    """
-    c_libraries = link_inputs(context.interop)
-    objects = depset(own_objects, transitive = [d.transitive_objects for d in context.deps], order = "preorder")
-    autolink = ctx.actions.declare_file("{}_objs/{}.autolink".format(ctx.label.name, executable.basename))
-    if own_objects[0].dirname != autolink.dirname:
-        fail("internal: {}'s first object {} is not in {}".format(ctx.label, own_objects[0].path, autolink.dirname))
-    request = treemat_args(ctx, [executable, autolink])
-    request.add(swift.swiftc)
-    if ctx.var["COMPILATION_MODE"] == "dbg":
-        request.add("-g")
-    request.add_all(["-file-prefix-map", "{EXEC_ROOT}=."])
-    request.add_all(objects)
-    request.add_all(c_libraries.files)
-    request.add_all(_transitive_linkopts(ctx, context.deps), map_each = escape_tool_arg)
-    request.add_all(c_libraries.flags, map_each = escape_tool_arg)
-    request.add_all(["-o", executable])
-    treemat_action(
-        ctx,
-        mnemonic = "SwiftLink",
-        args = request,
-        inputs = depset(
-            [swift.identity] + c_libraries.files + c_libraries.additional_inputs,
-            transitive = [objects, _transitive_link_inputs(ctx, context.deps)],
-        ),
-        outputs = [executable, autolink],
-        progress_message = "Linking Swift executable {}".format(ctx.label),
-    )
-    return c_libraries
-
-def _transitive_linkopts(ctx, deps):
-    return depset(_expand(ctx, ctx.attr.linkopts), transitive = [d.transitive_linkopts for d in deps])
-
-def _transitive_link_inputs(ctx, deps):
-    """Files named in the linkopts of this module and its dependencies (inputs of every link they reach)."""
-    return depset(
-        _named_files(ctx, _expand(ctx, ctx.attr.linkopts)),
-        transitive = [d.transitive_link_inputs for d in deps],
-    )
 
 def _runfiles(ctx, extra_files = []):
     runfiles = ctx.runfiles(files = ctx.files.data + extra_files)
@@ -263,8 +62,8 @@ def _enable_testing(ctx):
 def _swift_library_impl(ctx):
     swift = _toolchain(ctx)
     module_name = _module_name(ctx)
-    context = _compile_context(ctx)
-    object_file, swiftmodule, swiftdoc = _compile(
+    context = compile_context(ctx)
+    object_file, swiftmodule, swiftdoc = compile(
         ctx,
         swift = swift,
         context = context,
@@ -283,8 +82,8 @@ def _swift_library_impl(ctx):
             transitive_swiftmodules = depset([swiftmodule], transitive = [d.transitive_swiftmodules for d in deps]),
             transitive_swiftdocs = depset([swiftdoc], transitive = [d.transitive_swiftdocs for d in deps]),
             transitive_objects = depset([object_file], transitive = [d.transitive_objects for d in deps]),
-            transitive_linkopts = _transitive_linkopts(ctx, deps),
-            transitive_link_inputs = _transitive_link_inputs(ctx, deps),
+            transitive_linkopts = transitive_linkopts(ctx, deps),
+            transitive_link_inputs = transitive_link_inputs(ctx, deps),
             cc_info = context.interop.cc_info,
             transitive_module_maps = context.interop.module_maps,
             links_cxx = context.interop.links_cxx,
@@ -298,11 +97,11 @@ def _executable_runfiles(ctx, c_libraries):
 def _swift_binary_impl(ctx):
     swift = _toolchain(ctx)
     module_name = _module_name(ctx)
-    context = _compile_context(ctx)
+    context = compile_context(ctx)
 
     # A module with main.swift has top-level code there; any other module is parsed as a library, so `@main`
     # works (swiftc: "'main' attribute cannot be used in a module that contains top-level code").
-    object_file, _, _ = _compile(
+    object_file, _, _ = compile(
         ctx,
         swift = swift,
         context = context,
@@ -313,7 +112,7 @@ def _swift_binary_impl(ctx):
         emit_module = False,
     )
     executable = ctx.actions.declare_file(ctx.label.name)
-    c_libraries = _link(ctx, swift = swift, own_objects = [object_file], context = context, executable = executable)
+    c_libraries = link(ctx, swift = swift, own_objects = [object_file], context = context, executable = executable)
     return [DefaultInfo(
         executable = executable,
         files = depset([executable]),
@@ -323,13 +122,13 @@ def _swift_binary_impl(ctx):
 def _swift_test_impl(ctx):
     swift = _toolchain(ctx)
     module_name = _module_name(ctx)
-    context = _compile_context(ctx)
+    context = compile_context(ctx)
 
     # Linux has no XCTest runtime discovery: the test module's compile also emits its symbol graph (into a
     # temporary directory of the action, never an output) and swift_test_discovery.py writes an `@main` runner
     # from the XCTestCase subclasses and test methods it lists; the runner runs Swift Testing, then XCTest.
     runner_source = ctx.actions.declare_file("{}_runner/main.swift".format(ctx.label.name))
-    test_object, test_module, test_doc = _compile(
+    test_object, test_module, test_doc = compile(
         ctx,
         swift = swift,
         context = context,
@@ -343,7 +142,7 @@ def _swift_test_impl(ctx):
 
     # The runner imports the test module, so it is compiled with everything that module's compile had (copts,
     # swiftc_inputs, Swift and C modules), by the same argument builder.
-    runner_object, _, _ = _compile(
+    runner_object, _, _ = compile(
         ctx,
         swift = swift,
         context = context,
@@ -357,7 +156,7 @@ def _swift_test_impl(ctx):
         progress_message = "Compiling test runner of {}".format(ctx.label),
     )
     executable = ctx.actions.declare_file(ctx.label.name)
-    c_libraries = _link(
+    c_libraries = link(
         ctx,
         swift = swift,
         own_objects = [test_object, runner_object],
@@ -455,7 +254,7 @@ swift_test = rule(
             doc = "Generates the test runner from the test module's symbol graph.",
         ),
     }),
-    toolchains = _TOOLCHAINS + [_PYTHON_TOOLCHAIN_TYPE],
+    toolchains = _TOOLCHAINS + [PYTHON_TOOLCHAIN_TYPE],
     test = True,
     doc = """A Swift test module and its runner, run by `bazel test`.
 

@@ -206,8 +206,8 @@ def test_killing_a_bot_mid_build_loses_no_action(cluster: Cluster, builds: dict[
     killer = threading.Thread(target=kill_first_busy_bot)
     killer.start()
     try:
-        # a new action key for every action (the salt is part of the Command), same input trees
-        stderr = _build(remote_base, *builds["flags"], "--action_env=TREEMAT_REMOTE_RUN=kill")  # type: ignore[misc]
+        # every action executed again (no remote cache hits), same input trees
+        stderr = _build(remote_base, *builds["flags"], "--noremote_accept_cached")  # type: ignore[misc]
     finally:
         stop.set()
         killer.join(30)
@@ -247,8 +247,11 @@ def test_dynamic_execution_local_worker_races_remote_bots(
         "--strategy=TreematRun=dynamic",
         "--dynamic_local_strategy=worker",
         "--dynamic_remote_strategy=remote",
-        f"--action_env=TREEMAT_ROOT={tmp_path / 'worker-root'}",
-        "--action_env=TREEMAT_REMOTE_RUN=dynamic",
+        *[
+            f"--worker_extra_flag={m}=--root={tmp_path / 'worker-root'}"
+            for m in ("SwiftCompile", "SwiftLink", "TreematRun")
+        ],
+        "--noremote_accept_cached",
     )
     processes = _processes(stderr)
     assert processes.get("worker", 0) + processes.get("remote", 0) >= 7, processes

@@ -310,7 +310,8 @@ def run_bench(
             workspace,
             output_base,
             "build",
-            f"--action_env=TREEMAT_ROOT={root}",
+            # the worker's root as a startup flag: the compiles get no shell environment (no --action_env)
+            *[f"--worker_extra_flag={m}=--root={root}" for m in ("SwiftCompile", "SwiftLink", "TreematRun")],
             f"--profile={profile}",
             *extra,
             *strategy_flags(strategy, major),
