@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""A real worker process driven as Bazel drives it: the incremental round trip, and its RSS over many requests.
+
+    python3 benchmarks/bench_roundtrip.py [--shapes 635,1978,10000] [--rounds 15] [--profile DIR]
+    python3 benchmarks/bench_roundtrip.py --rss [--requests 10000] [--rss-inputs 64]
+
+Round trip (default): per shape, a fresh `python3 -m treemat --persistent_worker --protocol=proto --root=R`
+(Bazel's command line, cwd = the execroot) gets varint-delimited WorkRequest protos with multiplex request ids
+on its stdin (real bytes, inputs sorted by path with their hex digests, as Bazel writes them) and answers on
+stdout. After a warm-up (the N-input action twice, the 1-input action), each round, in alternating order:
+
+- `N inputs, one changed`: one input's content is edited, then the N-input request's bytes are written and the
+  response's bytes read (the timing covers bytes in -> bytes out, nothing else);
+- `1 input`: the same tool (`touch out/x`) with one input: the fixed cost of a request.
+
+`incremental` is the first minus the second (minimum minus minimum, median minus median). The issue's goal:
+<= 5 ms, flat from 635 to 10,000 inputs. `--profile DIR` runs the worker under cProfile (slower: read the
+profile for what grows, not the timings) and writes DIR/worker-N.prof plus the top functions.
+
+RSS (`--rss`): one worker, `--requests` requests of `--rss-inputs` inputs each with one input changed every
+time (new blobs keep arriving, as in a long build); prints the worker's VmRSS from /proc every 1,000 requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile  # noqa: F401  (the worker runs under `python3 -m cProfile`)
+import hashlib
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+from treemat import protos
+from treemat.framing import encode_delimited, read_delimited
+from treemat.fsprims import remove_tree
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+class WorkerProcess:
+    """One `treemat --persistent_worker` child speaking the proto protocol; requests get increasing ids."""
+
+    def __init__(self, execroot: Path, root: Path, profile: Path | None = None) -> None:
+        prefix = [sys.executable]
+        if profile is not None:
+            prefix += ["-m", "cProfile", "-o", str(profile)]
+        command = [*prefix, "-m", "treemat", "--persistent_worker", "--protocol=proto", f"--root={root}"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TOOLS), os.environ.get("PYTHONPATH", "")])}
+        self.proc = subprocess.Popen(command, cwd=execroot, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.next_id = 1
+
+    def encode(self, inputs: list[tuple[str, str]], output: str = "out/x") -> bytes:
+        """A WorkRequest as Bazel writes it: the flagfile contract's arguments, inputs sorted, a multiplex id.
+
+        The output names the action: a pooled exec dir is reused by the next action with the same outputs."""
+        message = protos.WorkRequest()
+        message.arguments.extend([f"--output={output}", "--", "touch", output])
+        message.request_id = self.next_id
+        self.next_id += 1
+        for path, digest in sorted(inputs):
+            entry = message.inputs.add()
+            entry.path = path
+            entry.digest = digest.encode()
+        return encode_delimited(message)
+
+    def round_trip(self, payload: bytes) -> float:
+        """Seconds from writing the request's bytes to having read its response's bytes."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        started = time.perf_counter()
+        self.proc.stdin.write(payload)
+        self.proc.stdin.flush()
+        reply = read_delimited(self.proc.stdout, protos.WorkResponse)
+        elapsed = time.perf_counter() - started
+        if reply is None or reply.exit_code != 0:
+            raise SystemExit(f"worker failed: {reply}")
+        return elapsed
+
+    def cpu_ns(self) -> int:
+        """CPU time run so far by the worker's threads and its children's (the sandbox helper), in ns."""
+        pids = [self.proc.pid]
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        pids += [int(pid) for pid in children.read_text().split()] if children.exists() else []
+        total = 0
+        for pid in pids:
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                try:
+                    total += int((task / "schedstat").read_text().split()[0])
+                except (OSError, ValueError, IndexError):
+                    continue  # a thread that ended meanwhile
+        return total
+
+    def settle(self, quiet_ms: float = 20.0, limit_s: float = 5.0) -> None:
+        """Wait until the worker's deferred work (removals, ledger writes, a spare namespace) is done: its CPU
+        time stays unchanged for `quiet_ms`. Keeps one request's leftovers out of the next one's timing."""
+        deadline = time.monotonic() + limit_s
+        last = self.cpu_ns()
+        while time.monotonic() < deadline:
+            time.sleep(quiet_ms / 1000)
+            now = self.cpu_ns()
+            if now == last:
+                return
+            last = now
+
+    def rss_kib(self) -> int:
+        """The worker's resident set (VmRSS) in KiB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def close(self) -> None:
+        """EOF on stdin: the worker drains and exits (cProfile then writes its profile)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def make_inputs(execroot: Path, count: int, total_bytes: int = 32 << 20) -> list[tuple[str, str]]:
+    """`count` files in about count/6 directories, SwiftCompile-like paths, about `total_bytes` in all."""
+    inputs = []
+    per_file = max(4, total_bytes // max(count, 1))
+    for index in range(count):
+        rel = f"bazel-out/k8/bin/mod{index % (count // 50 + 1)}/sub{index % 6}/f{index}.swiftmodule"
+        path = execroot / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = index.to_bytes(4, "little") * (per_file // 4)
+        path.write_bytes(data)
+        inputs.append((rel, hashlib.sha256(data).hexdigest()))
+    return inputs
+
+
+def edit(execroot: Path, inputs: list[tuple[str, str]], index: int, stamp: int) -> None:
+    """Change input `index` (a new blob) and its digest in `inputs`."""
+    rel = inputs[index][0]
+    path = execroot / rel
+    data = path.read_bytes()[:64] + stamp.to_bytes(8, "little")
+    path.write_bytes(data)
+    inputs[index] = (rel, hashlib.sha256(data).hexdigest())
+
+
+def ms(values: list[float]) -> str:
+    """ "min median" in milliseconds."""
+    return f"{min(values) * 1000:8.2f} {statistics.median(values) * 1000:8.2f}"
+
+
+def measure_round_trip(work: Path, count: int, rounds: int, profile_dir: Path | None) -> None:
+    """One fresh worker per shape; prints the N-input, 1-input and incremental rows."""
+    execroot = work / f"execroot-{count}"
+    inputs = make_inputs(execroot, count)
+    (execroot / "one").mkdir()
+    (execroot / "one/a").write_bytes(b"one input\n")
+    (execroot / "out").mkdir()
+    single = [("one/a", hashlib.sha256(b"one input\n").hexdigest())]
+    profile = profile_dir / f"worker-{count}.prof" if profile_dir else None
+    worker = WorkerProcess(execroot, work / f"root-{count}", profile)
+    try:
+        for _ in range(2):
+            worker.round_trip(worker.encode(inputs))
+        worker.round_trip(worker.encode(single, "out/one"))
+        big: list[float] = []
+        small: list[float] = []
+        for round_ in range(rounds):
+            edit(execroot, inputs, (round_ * 7919) % count, round_)
+            rows = [(big, inputs, "out/x"), (small, single, "out/one")]
+            for times, request, output in rows if round_ % 2 else reversed(rows):
+                payload = worker.encode(request, output)
+                worker.settle()
+                times.append(worker.round_trip(payload))
+    finally:
+        worker.close()
+    incremental_min = min(big) - min(small)
+    incremental_median = statistics.median(big) - statistics.median(small)
+    print(f"{count:>6} {'N inputs, one changed':<24} {ms(big)}")
+    print(f"{count:>6} {'1 input':<24} {ms(small)}")
+    print(f"{count:>6} {'incremental':<24} {incremental_min * 1000:8.2f} {incremental_median * 1000:8.2f}")
+    sys.stdout.flush()
+    if profile is not None:
+        stats = pstats.Stats(str(profile))
+        stats.sort_stats("tottime").print_stats(15)
+
+
+def measure_rss(work: Path, requests: int, count: int) -> None:
+    """One worker, `requests` requests of `count` inputs with one changed each time; VmRSS every 1,000."""
+    execroot = work / "execroot-rss"
+    inputs = make_inputs(execroot, count, total_bytes=count * 4096)
+    (execroot / "out").mkdir()
+    worker = WorkerProcess(execroot, work / "root-rss")
+    print(f"{'requests':>8} {'VmRSS MiB':>10} {'last 1k ms (median)':>20}")
+    try:
+        window: list[float] = []
+        for index in range(requests + 1):
+            if index % 1000 == 0:
+                median = f"{statistics.median(window) * 1000:20.2f}" if window else f"{'-':>20}"
+                print(f"{index:>8} {worker.rss_kib() / 1024:>10.1f} {median}")
+                sys.stdout.flush()
+                window.clear()
+            if index == requests:
+                break
+            edit(execroot, inputs, index % count, index)
+            window.append(worker.round_trip(worker.encode(inputs)))
+    finally:
+        worker.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="635,1978,10000")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--profile", type=Path, default=None, help="run the worker under cProfile, write here")
+    parser.add_argument("--rss", action="store_true", help="the worker's RSS over --requests requests instead")
+    parser.add_argument("--requests", type=int, default=10_000)
+    parser.add_argument("--rss-inputs", type=int, default=64)
+    parser.add_argument("--scratch", type=Path, default=None, help="where the execroots and roots go")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-roundtrip-", dir=args.scratch))
+    try:
+        if args.rss:
+            measure_rss(work, args.requests, args.rss_inputs)
+            return 0
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+        print(f"{'inputs':>6} {'row':<24} {'min ms':>8} {'med ms':>8}")
+        for count in (int(n) for n in args.shapes.split(",")):
+            measure_round_trip(work, count, args.rounds, args.profile)
+        print(f"({args.rounds} rounds, alternating order; fresh worker per shape; python {sys.version.split()[0]})")
+    finally:
+        remove_tree(work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
