@@ -14,8 +14,9 @@ stdout. After a warm-up (the N-input action twice, the 1-input action), each rou
 - `1 input`: the same tool (`touch out/x`) with one input: the fixed cost of a request.
 
 `incremental` is the first minus the second (minimum minus minimum, median minus median). The issue's goal:
-<= 5 ms, flat from 635 to 10,000 inputs. `--profile DIR` runs the worker under cProfile (slower: read the
-profile for what grows, not the timings) and writes DIR/worker-N.prof plus the top functions.
+<= 5 ms, flat from 635 to 10,000 inputs. `--profile DIR` runs the worker under `py-spy record` (every thread;
+slower: read the profile for what grows, not the timings), writes DIR/worker-N.txt (folded stacks) and prints
+the functions with the most samples.
 
 RSS (`--rss`): one worker, `--requests` requests of `--rss-inputs` inputs each with one input changed every
 time (new blobs keep arriving, as in a long build); prints the worker's VmRSS from /proc every 1,000 requests.
@@ -24,10 +25,8 @@ time (new blobs keep arriving, as in a long build); prints the worker's VmRSS fr
 from __future__ import annotations
 
 import argparse
-import cProfile  # noqa: F401  (the worker runs under `python3 -m cProfile`)
 import hashlib
 import os
-import pstats
 import statistics
 import subprocess
 import sys
@@ -47,14 +46,20 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 class WorkerProcess:
     """One `treemat --persistent_worker` child speaking the proto protocol; requests get increasing ids."""
 
-    def __init__(self, execroot: Path, root: Path, profile: Path | None = None) -> None:
-        prefix = [sys.executable]
-        if profile is not None:
-            prefix += ["-m", "cProfile", "-o", str(profile)]
-        command = [*prefix, "-m", "treemat", "--persistent_worker", "--protocol=proto", f"--root={root}"]
+    def __init__(self, execroot: Path, root: Path) -> None:
+        command = [sys.executable, "-m", "treemat", "--persistent_worker", "--protocol=proto", f"--root={root}"]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TOOLS), os.environ.get("PYTHONPATH", "")])}
         self.proc = subprocess.Popen(command, cwd=execroot, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.next_id = 1
+        self.profiler: subprocess.Popen[bytes] | None = None
+
+    def start_profiler(self, profile: Path) -> None:
+        """Attach `py-spy record` (every thread; cProfile would see only the thread reading stdin)."""
+        spy = ["py-spy", "record", "--rate", "1000", "--format", "raw", "-o", str(profile)]
+        self.profiler = subprocess.Popen(
+            [*spy, "--pid", str(self.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        time.sleep(1.0)  # py-spy's attach: the samples start after it
 
     def encode(self, inputs: list[tuple[str, str]], output: str = "out/x") -> bytes:
         """A WorkRequest as Bazel writes it: the flagfile contract's arguments, inputs sorted, a multiplex id.
@@ -116,10 +121,12 @@ class WorkerProcess:
         return 0
 
     def close(self) -> None:
-        """EOF on stdin: the worker drains and exits (cProfile then writes its profile)."""
+        """EOF on stdin: the worker drains and exits (py-spy then writes its profile)."""
         assert self.proc.stdin is not None
         self.proc.stdin.close()
         self.proc.wait()
+        if self.profiler is not None:
+            self.profiler.wait()
 
 
 def make_inputs(execroot: Path, count: int, total_bytes: int = 32 << 20) -> list[tuple[str, str]]:
@@ -158,12 +165,14 @@ def measure_round_trip(work: Path, count: int, rounds: int, profile_dir: Path | 
     (execroot / "one/a").write_bytes(b"one input\n")
     (execroot / "out").mkdir()
     single = [("one/a", hashlib.sha256(b"one input\n").hexdigest())]
-    profile = profile_dir / f"worker-{count}.prof" if profile_dir else None
-    worker = WorkerProcess(execroot, work / f"root-{count}", profile)
+    profile = profile_dir / f"worker-{count}.txt" if profile_dir else None
+    worker = WorkerProcess(execroot, work / f"root-{count}")
     try:
         for _ in range(2):
             worker.round_trip(worker.encode(inputs))
         worker.round_trip(worker.encode(single, "out/one"))
+        if profile is not None:
+            worker.start_profiler(profile)
         big: list[float] = []
         small: list[float] = []
         for round_ in range(rounds):
@@ -182,8 +191,29 @@ def measure_round_trip(work: Path, count: int, rounds: int, profile_dir: Path | 
     print(f"{count:>6} {'incremental':<24} {incremental_min * 1000:8.2f} {incremental_median * 1000:8.2f}")
     sys.stdout.flush()
     if profile is not None:
-        stats = pstats.Stats(str(profile))
-        stats.sort_stats("tottime").print_stats(15)
+        print_hot_frames(profile)
+
+
+def print_hot_frames(profile: Path, top: int = 25) -> None:
+    """treemat's functions by samples (inclusive: every frame of a stack) in a py-spy raw profile, and by own
+    samples (the innermost frame), over the stacks that pass through treemat but not idle waits."""
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for line in profile.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not count.isdigit() or not any("treemat/" in f for f in frames) or "read_varint" in stack:
+            continue
+        total += int(count)
+        own[frames[-1]] = own.get(frames[-1], 0) + int(count)
+        for frame in set(frames):
+            if "treemat/" in frame:
+                inclusive[frame] = inclusive.get(frame, 0) + int(count)
+    print(f"  py-spy samples in treemat (busy): {total}")
+    for title, table in (("inclusive", inclusive), ("own", own)):
+        for frame, samples in sorted(table.items(), key=lambda item: -item[1])[:top]:
+            print(f"  {title:>9} {samples * 100 / max(total, 1):5.1f}%  {frame}")
 
 
 def measure_rss(work: Path, requests: int, count: int) -> None:
