@@ -45,3 +45,78 @@ Output groups `sources` and `resources` feed a swift_library's `srcs` and `data`
 hundreds to thousands of staged inputs. `--define=treemat_bench_edit=N` changes the first source only (an
 edit-one-file rebuild for `treemat bench`).""",
 )
+
+def _swift_chain_sources_impl(ctx):
+    level, index = ctx.attr.level, ctx.attr.index
+    edited = level == ctx.attr.edit_level and index == 0
+    lines = ["// edit {}".format(ctx.var.get("treemat_bench_edit", "")) if edited else "//"]
+    lines += ["import {}".format(dep) for dep in ctx.attr.imports]
+    total = " + ".join(["{}.{}Value().id".format(dep, dep) for dep in ctx.attr.imports]) or "0"
+    sources = []
+    for file_index in range(ctx.attr.num_sources):
+        src = ctx.actions.declare_file("{}_srcs/{}{}.swift".format(ctx.label.name, ctx.attr.module, file_index))
+        body = lines if file_index == 0 else ["//"]
+        if file_index == 0:
+            body = body + [
+                "public struct {}Value {{".format(ctx.attr.module),
+                "    public let id: Int",
+                "    public init() {{ self.id = {} + {} }}".format(total, level),
+                "}",
+            ]
+        body = body + [
+            "public func {}Helper{}(_ value: Int) -> Int {{ value &* {} &+ {} }}".format(
+                ctx.attr.module,
+                file_index,
+                file_index + 3,
+                level,
+            ),
+            "",
+        ]
+        ctx.actions.write(src, "\n".join(body))
+        sources.append(src)
+    return [DefaultInfo(files = depset(sources))]
+
+_swift_chain_sources = rule(
+    implementation = _swift_chain_sources_impl,
+    attrs = {
+        "edit_level": attr.int(doc = "The level whose first module `--define=treemat_bench_edit=N` edits."),
+        "imports": attr.string_list(doc = "The modules of the level below, imported and used."),
+        "index": attr.int(),
+        "level": attr.int(),
+        "module": attr.string(),
+        "num_sources": attr.int(default = 4),
+    },
+    doc = "The Swift sources of one module of swift_module_chain.",
+)
+
+def swift_module_chain(name, swift_library, depth = 32, width = 3, num_sources = 4, tags = []):
+    """`depth` levels of `width` Swift modules, each importing every module of the level below.
+
+    A module at level L sees the .swiftmodule and .swiftdoc of every module below it as inputs (2 * width * L
+    of them: 186 at the top of 32 x 3), as the compiles of an iOS app's upper modules do. `name` is a module
+    importing the top level. `--define=treemat_bench_edit=N` edits the first module of the middle level (an
+    edit-one-source rebuild for `treemat bench --workload chain`). `swift_library` is the rule (a macro
+    argument: this file is loaded by rules that must not load defs.bzl).
+    """
+    below = []
+    for level in range(depth + 1):
+        top = level == depth
+        modules = [name] if top else ["{}L{}M{}".format(name, level, index) for index in range(width)]
+        for index, module in enumerate(modules):
+            _swift_chain_sources(
+                name = module + "_sources",
+                module = module,
+                level = level,
+                index = index,
+                imports = below,
+                edit_level = depth // 2,
+                num_sources = num_sources,
+                tags = tags,
+            )
+            swift_library(
+                name = module,
+                srcs = [":" + module + "_sources"],
+                deps = [":" + dep for dep in below],
+                tags = tags,
+            )
+        below = modules
