@@ -13,6 +13,11 @@ with `--reuse_sandbox_directories` and `--experimental_inmemory_sandbox_stashes`
 4.2.3, a fresh sandbox per action. Bazel 7 builds in WORKSPACE mode (`--noenable_bzlmod`), from the same
 WORKSPACE as 4.2.3. The spawn runner each strategy used (linux-sandbox, processwrapper-sandbox, worker, ...) is
 taken from Bazel's "INFO: N processes: ..." line and reported.
+
+`--ci` (run_bench(ci=True)) is the CI-shaped variant: instead of `bazel clean`, each build gets a new output
+base and so a new Bazel server and fresh workers, while the treemat root is kept (as a CI cache restore would);
+clean builds only. `--workload chain` builds //examples/generated:Chain (32 levels of 3 Swift modules, each
+importing the level below) and reports each build's execution phase, clean and after editing one source.
 """
 
 from __future__ import annotations
@@ -20,29 +25,21 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import statistics
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from treemat.benchreport import BASELINES as BASELINES
+from treemat.benchreport import GOALS as GOALS
+from treemat.benchreport import STRATEGY_FLAGS as STRATEGY_FLAGS
+from treemat.benchreport import BenchReport as BenchReport
+from treemat.benchreport import BenchSample as BenchSample
 from treemat.counters import StatsStore
 from treemat.errors import TreematError
 from treemat.fsprims import remove_tree
 from treemat.layout import Root
 
-STRATEGY_FLAGS = {
-    "local": ["--strategy=SwiftCompile=local", "--strategy=SwiftLink=local", "--spawn_strategy=local"],
-    "sandboxed": ["--strategy=SwiftCompile=sandboxed", "--strategy=SwiftLink=sandboxed"],
-    "sandboxed-reuse": [
-        "--strategy=SwiftCompile=sandboxed",
-        "--strategy=SwiftLink=sandboxed",
-        "--reuse_sandbox_directories",
-        "--experimental_inmemory_sandbox_stashes",
-    ],
-    "treemat": ["--config=treemat"],
-}
 # The oldest Bazel major version with a strategy's flags (--experimental_inmemory_sandbox_stashes: 7.x).
 MIN_BAZEL_MAJOR = {"sandboxed-reuse": 7}
 # Flags added from a Bazel major version on, per strategy ("*": every strategy).
@@ -52,9 +49,6 @@ VERSION_FLAGS: dict[str, list[tuple[int, list[str]]]] = {
     # 7.x reuses sandbox directories by default; `sandboxed` stays a fresh sandbox per action, as on 4.2.3.
     "sandboxed": [(7, ["--noreuse_sandbox_directories"])],
 }
-# treemat's wall time is compared with each of these that was measured, in this order.
-BASELINES = ("sandboxed", "sandboxed-reuse", "local")
-GOALS = "goals: treemat <= 0.5x sandboxed, <= 1.05x local"
 
 
 def parse_bazel_version(text: str) -> tuple[int, str]:
@@ -136,146 +130,16 @@ def bazel7_command(script: Path, argv: Sequence[str], binds: Sequence[Path]) -> 
     return [*command, "--", "python3", "-m", "treemat", *argv]
 
 
-@dataclass(slots=True)
-class BenchSample:
-    """One SwiftCompile spawn of one shape under one strategy in one round."""
-
-    strategy: str
-    shape: int
-    round: int
-    walltime_ms: float
-    stage_ms: float | None = None
-
-
-@dataclass(slots=True)
-class BenchReport:
-    """All samples plus medians and ratios, and which Bazel and spawn runners produced them."""
-
-    samples: list[BenchSample] = field(default_factory=list)
-    bazel: str = ""
-    runners: dict[str, str] = field(default_factory=dict)
-
-    def strategies(self) -> list[str]:
-        """The strategies measured (clean builds or edit rebuilds), in table order."""
-        measured = {s.strategy.removesuffix("+edit") for s in self.samples}
-        return [name for name in STRATEGY_FLAGS if name in measured]
-
-    def values(self, strategy: str, shape: int, attr: str = "walltime_ms") -> list[float]:
-        """Every round's `attr` for one strategy (e.g. "treemat" or "treemat+edit") and shape."""
-        return [
-            getattr(s, attr)
-            for s in self.samples
-            if s.strategy == strategy and s.shape == shape and getattr(s, attr) is not None
-        ]
-
-    def median(self, strategy: str, shape: int, attr: str = "walltime_ms") -> float | None:
-        """Median of `attr` over rounds, or None when there are no samples."""
-        values = self.values(strategy, shape, attr)
-        return statistics.median(values) if values else None
-
-    def minimum(self, strategy: str, shape: int, attr: str = "walltime_ms") -> float | None:
-        """Minimum of `attr` over rounds, or None when there are no samples."""
-        values = self.values(strategy, shape, attr)
-        return min(values) if values else None
-
-    def shapes(self) -> list[int]:
-        """Shapes measured."""
-        return sorted({s.shape for s in self.samples})
-
-    def to_json(self) -> dict[str, object]:
-        """Samples and per-shape medians/ratios, clean builds and the edit-one-source rebuilds."""
-        summary = []
-        for shape in self.shapes():
-            row: dict[str, object] = {"shape": shape}
-            for suffix in ("", "+edit"):
-                for strategy in self.strategies():
-                    row[f"{strategy}{suffix}_ms"] = self.median(strategy + suffix, shape)
-                    row[f"{strategy}{suffix}_min_ms"] = self.minimum(strategy + suffix, shape)
-                row[f"treemat{suffix}_stage_ms"] = self.median("treemat" + suffix, shape, "stage_ms")
-                row.update({f"{key}{suffix}": value for key, value in self.ratios(shape, suffix).items()})
-            summary.append(row)
-        return {
-            "bazel": self.bazel,
-            "runners": self.runners,
-            "samples": [asdict(s) for s in self.samples],
-            "summary": summary,
-        }
-
-    def ratios(self, shape: int, suffix: str = "") -> dict[str, float | None]:
-        """treemat's median wall time over each other measured strategy's (BASELINES), e.g. treemat/sandboxed.
-
-        Goals: <= 0.5 against sandboxed, <= 1.05 against local; none against sandboxed-reuse (Bazel >= 7).
-        """
-        ours = self.median("treemat" + suffix, shape)
-        measured = self.strategies()
-        out: dict[str, float | None] = {}
-        for other in (name for name in BASELINES if name in measured):
-            theirs = self.median(other + suffix, shape)
-            out[f"treemat_vs_{other}"] = round(ours / theirs, 2) if ours and theirs else None
-        return out
-
-    def to_table(self) -> str:
-        """Human table: min / median per strategy, treemat's staging, ratios; clean builds then edit rebuilds."""
-
-        def fmt(value: float | None, width: int, places: int = 1) -> str:
-            return f"{value:>{width}.{places}f}" if value is not None else f"{'-':>{width}}"
-
-        strategies = self.strategies()
-        others = [name for name in BASELINES if name in strategies]
-        lines: list[str] = []
-        if self.bazel:
-            lines.append(f"Bazel {self.bazel}")
-        for suffix, title in (("", "clean build"), ("+edit", "rebuild after editing one source")):
-            lines.append(f"SwiftCompile wall time per action, {title}, min / median over rounds (ms):")
-            header = f"{'inputs':>7}" + "".join(f" {name:>15}" for name in strategies) + f" {'(staging)':>10}"
-            lines.append(header + "".join(f" {'vs ' + name:>{max(len(name) + 3, 9)}}" for name in others))
-            for shape in self.shapes():
-                ratios = self.ratios(shape, suffix)
-                cells = "".join(
-                    f" {fmt(self.minimum(name + suffix, shape), 7)}/{fmt(self.median(name + suffix, shape), 7)}"
-                    for name in strategies
-                )
-                stage = fmt(self.median("treemat" + suffix, shape, "stage_ms"), 10)
-                ratio_cells = "".join(
-                    f" {fmt(ratios[f'treemat_vs_{name}'], max(len(name) + 2, 8), 2)}x" for name in others
-                )
-                lines.append(f"{shape:>7}{cells} {stage}{ratio_cells}")
-        if self.runners:
-            lines.append("spawn runners: " + ", ".join(f"{k}={v or '?'}" for k, v in self.runners.items()))
-        lines.append(GOALS)
-        return "\n".join(lines)
-
-    def write_chart(self, path: Path) -> bool:
-        """A grouped bar chart (PNG) when matplotlib is installed; False otherwise."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return False
-        shapes = self.shapes()
-        strategies = self.strategies()
-        fig, axis = plt.subplots(figsize=(7, 4))
-        width = 0.8 / max(len(strategies), 1)
-        for offset, strategy in enumerate(strategies):
-            values = [self.median(strategy, shape) or 0.0 for shape in shapes]
-            axis.bar([i + offset * width for i in range(len(shapes))], values, width, label=strategy)
-        center = width * (len(strategies) - 1) / 2
-        axis.set_xticks([i + center for i in range(len(shapes))], [f"{s} inputs" for s in shapes])
-        axis.set_ylabel("SwiftCompile wall time (ms, median)")
-        axis.set_title(f"treemat vs Bazel {self.bazel} strategies" if self.bazel else "treemat vs Bazel strategies")
-        axis.legend()
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
-        return True
-
-
 def _bazel(workspace: Path, output_base: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bazel", f"--output_base={output_base}", *args], cwd=workspace, capture_output=True, text=True
     )
+
+
+# The chain workload (examples/generated/BUILD.bazel): 32 levels of 3 modules under one top module.
+CHAIN_TARGET = "//examples/generated:Chain"
+CHAIN_MODULES = 32 * 3 + 1
+WORKLOADS = ("shapes", "chain")
 
 
 def run_bench(
@@ -288,27 +152,36 @@ def run_bench(
     root: Path | None = None,
     output_base: Path | None = None,
     progress: Callable[[str], None] | None = None,
+    ci: bool = False,
+    workload: str = "shapes",
 ) -> BenchReport:
     """Run the strategy benchmark; see the module docstring for the method.
 
     `bazel` is (major, release) of the `bazel` on PATH (asked when None); `strategies` defaults to every
-    strategy that version offers.
+    strategy that version offers. `ci`: every build gets a new output base and Bazel server (so a fresh
+    worker), the treemat root is kept, and there are no edit rebuilds. `workload` "chain" builds the module
+    chain and reports each build's execution phase instead of each ShapeN compile.
     """
     major, release = bazel or bazel_version(workspace)
     strategies = tuple(strategies) if strategies is not None else available_strategies(major)
     check_strategies(strategies, major)
+    if workload not in WORKLOADS:
+        raise TreematError(f"unknown workload {workload!r}: choose from {', '.join(WORKLOADS)}")
     scratch = Path(tempfile.mkdtemp(prefix="treemat-bench-"))
     root = root or scratch / "treemat-root"
-    output_base = output_base or scratch / "output_base"
-    targets = [f"//examples/generated:Shape{shape}" for shape in shapes]
-    report = BenchReport(bazel=release)
+    shared_base = output_base or scratch / "output_base"
+    chain = workload == "chain"
+    targets = [CHAIN_TARGET] if chain else [f"//examples/generated:Shape{shape}" for shape in shapes]
+    report = BenchReport(bazel=release, mode="ci" if ci else "warm")
+    if chain:
+        report.metric, report.unit = "Execution phase of the whole build", "modules"
     stats = StatsStore(Root(root).stats)
 
-    def build(strategy: str, profile: Path, *extra: str) -> str:
+    def build(base: Path, strategy: str, profile: Path, *extra: str) -> str:
         stats.reset()
         run = _bazel(
             workspace,
-            output_base,
+            base,
             "build",
             # the worker's root as a startup flag: the compiles get no shell environment (no --action_env)
             *[f"--worker_extra_flag={m}=--root={root}" for m in ("SwiftCompile", "SwiftLink", "TreematRun")],
@@ -323,47 +196,78 @@ def run_bench(
         return run.stderr
 
     def record(strategy: str, label: str, profile: Path, round_index: int) -> None:
+        if chain:
+            report.samples.append(BenchSample(label, CHAIN_MODULES, round_index, _execution_span_ms(profile)))
+            return
         staged = _stage_ms_by_inputs(stats) if strategy == "treemat" else {}
         for shape, wall_ms in _compile_times(profile, shapes).items():
             stage = next((ms for inputs, ms in sorted(staged.items()) if shape <= inputs <= shape + 16), None)
             report.samples.append(BenchSample(label, shape, round_index, wall_ms, stage))
 
+    def one_run(strategy: str, round_index: int) -> None:
+        base = scratch / f"output_base-{strategy}-{round_index}" if ci else shared_base
+        if not ci:
+            cleaned = _bazel(workspace, base, "clean")
+            if cleaned.returncode:
+                raise TreematError(f"bazel clean failed: {cleaned.stderr.strip()[-300:]}")
+        try:
+            profile = scratch / f"{strategy}-{round_index}.profile.json"
+            stderr = build(base, strategy, profile)
+            report.runners.setdefault(strategy, spawn_runners(stderr))
+            if round_index == 0:
+                return  # warm-up: Bazel server, worker, CAS (under --ci: the root's CAS and ledger only)
+            record(strategy, strategy, profile, round_index)
+            if ci:
+                return  # CI builds once from scratch
+            # incremental: edit one source of every shape and rebuild (same server, warm worker)
+            edited = scratch / f"{strategy}-{round_index}-edit.profile.json"
+            build(base, strategy, edited, f"--define=treemat_bench_edit={strategy}{round_index}")
+            record(strategy, f"{strategy}+edit", edited, round_index)
+        finally:
+            if ci:  # the server goes with its output base, as on a fresh CI machine
+                _bazel(workspace, base, "shutdown")
+                with contextlib.suppress(OSError):
+                    remove_tree(base)
+
     try:
         for round_index in range(rounds + 1):
-            order = list(strategies[round_index % len(strategies) :]) + list(
-                strategies[: round_index % len(strategies)]
-            )
-            for strategy in order:
+            shift = round_index % len(strategies)
+            for strategy in list(strategies[shift:]) + list(strategies[:shift]):
                 if progress:
                     progress(f"round {round_index}/{rounds} {strategy}")
-                cleaned = _bazel(workspace, output_base, "clean")
-                if cleaned.returncode:
-                    raise TreematError(f"bazel clean failed: {cleaned.stderr.strip()[-300:]}")
-                profile = scratch / f"{strategy}-{round_index}.profile.json"
-                stderr = build(strategy, profile)
-                report.runners.setdefault(strategy, spawn_runners(stderr))
-                if round_index == 0:
-                    continue  # warm-up: Bazel server, worker, CAS
-                record(strategy, strategy, profile, round_index)
-                # incremental: edit one source of every shape and rebuild (same server, warm worker)
-                edited = scratch / f"{strategy}-{round_index}-edit.profile.json"
-                build(strategy, edited, f"--define=treemat_bench_edit={strategy}{round_index}")
-                record(strategy, f"{strategy}+edit", edited, round_index)
+                one_run(strategy, round_index)
     finally:
-        _bazel(workspace, output_base, "shutdown")
+        if not ci:
+            _bazel(workspace, shared_base, "shutdown")
         with contextlib.suppress(OSError):
-            remove_tree(scratch)  # output base, profiles, the default treemat root: hundreds of MB per run
+            remove_tree(scratch)  # output bases, profiles, the default treemat root: hundreds of MB per run
     return report
 
 
-def _compile_times(profile: Path, shapes: Sequence[int]) -> dict[int, float]:
-    """Wall time (ms) of each ShapeN SwiftCompile action, from a Bazel JSON trace profile."""
+def _execution_span_ms(profile: Path) -> float:
+    """From the first action's start to the last action's end (ms), from a Bazel JSON trace profile."""
+    spans = [
+        (float(event.get("ts", 0)), float(event.get("ts", 0)) + float(event.get("dur", 0)))
+        for event in _trace_events(profile)
+        if isinstance(event, dict) and event.get("cat") == "action processing"
+    ]
+    if not spans:
+        raise TreematError(f"Bazel profile {profile} has no action")
+    return (max(end for _, end in spans) - min(start for start, _ in spans)) / 1000.0
+
+
+def _trace_events(profile: Path) -> list[object]:
     try:
         events = json.loads(profile.read_text()).get("traceEvents", [])
     except (OSError, ValueError) as exc:
         raise TreematError(f"cannot read Bazel profile {profile}: {exc}") from None
+    return events if isinstance(events, list) else []
+
+
+def _compile_times(profile: Path, shapes: Sequence[int]) -> dict[int, float]:
+    """Wall time (ms) of each ShapeN SwiftCompile action, from a Bazel JSON trace profile."""
     times: dict[int, float] = {}
-    for event in events:
+    for event in _trace_events(profile):
         if not isinstance(event, dict) or event.get("cat") != "action processing":
             continue
         name = str(event.get("name", ""))

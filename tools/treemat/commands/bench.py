@@ -14,6 +14,7 @@ from treemat.errors import TreematError
 # tools/bazel7.sh of the checkout this package runs from (tools/treemat/commands/bench.py -> tools/).
 BAZEL7_SCRIPT = Path(__file__).resolve().parents[2] / "bazel7.sh"
 STRATEGIES = ("local", "sandboxed", "sandboxed-reuse", "treemat")  # treemat.bench.STRATEGY_FLAGS, import-free
+WORKLOADS = ("shapes", "chain")  # treemat.bench.WORKLOADS
 
 
 @click.command()
@@ -38,7 +39,28 @@ STRATEGIES = ("local", "sandboxed", "sandboxed-reuse", "treemat")  # treemat.ben
     is_flag=True,
     help="Run the whole bench on Bazel 7.7.1 in the chroot of tools/bazel7.sh (root; $TREEMAT_BAZEL7_ROOT).",
 )
+@click.option(
+    "--ci",
+    is_flag=True,
+    help="CI-shaped: a new output base and Bazel server (fresh workers) per build, the treemat root kept "
+    "(as a CI cache restore would); clean builds only.",
+)
+@click.option(
+    "--workload",
+    type=click.Choice(WORKLOADS),
+    default="shapes",
+    show_default=True,
+    help="shapes: per-compile time of //examples/generated:Shape{64,635,1978}; chain: the execution phase of "
+    "building //examples/generated:Chain (32 levels of 3 Swift modules each importing the level below), clean "
+    "and after editing one source.",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True)
+@click.option(
+    "--chart",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where the PNG chart goes (needs matplotlib: the [chart] extra). Default: OUT/bench.png.",
+)
 @click.option("--json", "as_json", is_flag=True)
 def bench(
     workspace: Path,
@@ -47,7 +69,10 @@ def bench(
     rounds: int,
     quick: bool,
     bazel7: bool,
+    ci: bool,
+    workload: str,
     out: Path,
+    chart: Path | None,
     as_json: bool,
 ) -> int:
     """Compare treemat with Bazel's local and sandboxed strategies on SwiftCompile-shaped actions.
@@ -55,17 +80,23 @@ def bench(
     Builds //examples/generated:Shape{64,635,1978} from `bazel clean` with each strategy, alternating
     the order every round (round 0 warms up), and reads per-action wall time from Bazel's JSON trace
     profile. On Bazel >= 7 (`--bazel7`) it also measures `sandboxed-reuse` (--reuse_sandbox_directories
-    --experimental_inmemory_sandbox_stashes). Writes OUT/bench.json and, with matplotlib installed,
-    OUT/bench.png. Takes minutes.
+    --experimental_inmemory_sandbox_stashes). `--ci` gives every build a new output base and server instead
+    of `bazel clean`; `--workload chain` times whole builds of a 97-module dependency chain. Writes
+    OUT/bench.json and, with matplotlib installed, a chart (OUT/bench.png or --chart). Takes minutes.
     """
     from treemat.bench import available_strategies, bazel_version, check_strategies, run_bench, save_report
 
     workspace, out = workspace.absolute(), out.absolute()
+    if workload == "chain" and shapes:
+        raise click.UsageError("--shape applies to --workload shapes only")
     if bazel7 and not os.environ.get("TREEMAT_BAZEL7_CHROOT"):
         argv = ["bench", f"--workspace={workspace}", f"--rounds={rounds}", f"--out={out}"]
+        argv += [f"--chart={chart.absolute()}"] if chart else []
         argv += [f"--shape={s}" for s in shapes] + [f"--strategy={s}" for s in strategies]
-        argv += ["--quick"] * quick + ["--json"] * as_json
-        return _run_in_bazel7_chroot(argv, workspace, out)
+        argv += ["--quick"] * quick + ["--json"] * as_json + ["--ci"] * ci
+        argv += [f"--workload={workload}"] * (workload != "shapes")
+        return _run_in_bazel7_chroot(argv, workspace, out, chart.absolute().parent if chart else out)
+    chart = chart.absolute() if chart else out / "bench.png"
     bazel = bazel_version(workspace)
     chosen_strategies = strategies or available_strategies(bazel[0])
     check_strategies(chosen_strategies, bazel[0])
@@ -79,9 +110,12 @@ def bench(
             strategies=chosen_strategies,
             bazel=bazel,
             progress=lambda _msg: advance(1),
+            ci=ci,
+            workload=workload,
         )
     out.mkdir(parents=True, exist_ok=True)
-    written = save_report(report, out / "bench.json", out / "bench.png")
+    chart.parent.mkdir(parents=True, exist_ok=True)
+    written = save_report(report, out / "bench.json", chart)
     if as_json:
         emit_json(report.to_json())
     else:
@@ -90,7 +124,7 @@ def bench(
     return 0
 
 
-def _run_in_bazel7_chroot(argv: list[str], workspace: Path, out: Path) -> int:
+def _run_in_bazel7_chroot(argv: list[str], workspace: Path, out: Path, chart_dir: Path) -> int:
     """`treemat ARGV` inside tools/bazel7.sh's chroot (this checkout mounted, plus workspace and out)."""
     from treemat.bench import bazel7_command
 
@@ -99,6 +133,8 @@ def _run_in_bazel7_chroot(argv: list[str], workspace: Path, out: Path) -> int:
     if os.geteuid() != 0:
         raise TreematError("--bazel7 needs root (tools/bazel7.sh mounts and pivots into a chroot): use sudo")
     out.mkdir(parents=True, exist_ok=True)
+    chart_dir.mkdir(parents=True, exist_ok=True)
     checkout = BAZEL7_SCRIPT.parents[1]
-    binds = [path for path in (workspace, out) if not path.resolve().is_relative_to(checkout)]
+    binds = [path for path in (workspace, out, chart_dir) if not path.resolve().is_relative_to(checkout)]
+    binds = [path for index, path in enumerate(binds) if path not in binds[:index]]
     return subprocess.run(bazel7_command(BAZEL7_SCRIPT, argv, binds), check=False).returncode
