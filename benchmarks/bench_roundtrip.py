@@ -19,7 +19,8 @@ slower: read the profile for what grows, not the timings), writes DIR/worker-N.t
 the functions with the most samples.
 
 RSS (`--rss`): one worker, `--requests` requests of `--rss-inputs` inputs each with one input changed every
-time (new blobs keep arriving, as in a long build); prints the worker's VmRSS from /proc every 1,000 requests.
+time, between two recurring contents (`--fresh-blobs`: new content every time, as in a long build where new
+blobs keep arriving); prints the worker's VmRSS from /proc after the first request and every 1,000.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def make_inputs(execroot: Path, count: int, total_bytes: int = 32 << 20) -> list
 
 
 def edit(execroot: Path, inputs: list[tuple[str, str]], index: int, stamp: int) -> None:
-    """Change input `index` (a new blob) and its digest in `inputs`."""
+    """Give input `index` the content its first bytes plus `stamp` make, and that digest in `inputs`."""
     rel = inputs[index][0]
     path = execroot / rel
     data = path.read_bytes()[:64] + stamp.to_bytes(8, "little")
@@ -216,25 +217,31 @@ def print_hot_frames(profile: Path, top: int = 25) -> None:
             print(f"  {title:>9} {samples * 100 / max(total, 1):5.1f}%  {frame}")
 
 
-def measure_rss(work: Path, requests: int, count: int) -> None:
-    """One worker, `requests` requests of `count` inputs with one changed each time; VmRSS every 1,000."""
+def measure_rss(work: Path, requests: int, count: int, fresh_blobs: bool) -> None:
+    """One worker, `requests` requests of `count` inputs with one input changed each time; VmRSS every 1,000.
+
+    The changed input alternates between two contents (the blobs recur: what grows is per request), or with
+    `fresh_blobs` gets new content every time (one new blob per request: per-blob state grows too)."""
     execroot = work / "execroot-rss"
     inputs = make_inputs(execroot, count, total_bytes=count * 4096)
     (execroot / "out").mkdir()
     worker = WorkerProcess(execroot, work / "root-rss")
+    blobs = "a new blob per request" if fresh_blobs else "two recurring contents"
+    print(f"{requests} requests of {count} inputs, one changed each time ({blobs}); row 0: after the first")
     print(f"{'requests':>8} {'VmRSS MiB':>10} {'last 1k ms (median)':>20}")
     try:
         window: list[float] = []
         for index in range(requests + 1):
-            if index % 1000 == 0:
-                median = f"{statistics.median(window) * 1000:20.2f}" if window else f"{'-':>20}"
-                print(f"{index:>8} {worker.rss_kib() / 1024:>10.1f} {median}")
+            if index % 1000 == 0 and index:
+                print(f"{index:>8} {worker.rss_kib() / 1024:>10.1f} {statistics.median(window) * 1000:>20.2f}")
                 sys.stdout.flush()
                 window.clear()
             if index == requests:
                 break
-            edit(execroot, inputs, index % count, index)
+            edit(execroot, inputs, index % count, index if fresh_blobs else index % 2)
             window.append(worker.round_trip(worker.encode(inputs)))
+            if index == 0:
+                print(f"{0:>8} {worker.rss_kib() / 1024:>10.1f} {'-':>20}")
     finally:
         worker.close()
 
@@ -247,12 +254,13 @@ def main() -> int:
     parser.add_argument("--rss", action="store_true", help="the worker's RSS over --requests requests instead")
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--rss-inputs", type=int, default=64)
+    parser.add_argument("--fresh-blobs", action="store_true", help="--rss: a new blob per request")
     parser.add_argument("--scratch", type=Path, default=None, help="where the execroots and roots go")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-roundtrip-", dir=args.scratch))
     try:
         if args.rss:
-            measure_rss(work, args.requests, args.rss_inputs)
+            measure_rss(work, args.requests, args.rss_inputs, args.fresh_blobs)
             return 0
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
