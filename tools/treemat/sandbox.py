@@ -120,6 +120,8 @@ class SandboxProcess:
         if not message:
             raise ExecutionError("the sandbox helper died while the tool ran")
         reply = json.loads(message)
+        if "exit" not in reply:
+            raise ExecutionError(f"the tool's sandbox failed: {reply.get('error', reply)}")
         return int(reply["exit"])
 
 
