@@ -16,7 +16,7 @@ Where namespaces are impossible and `none` was not asked for, no tool runs: each
 from __future__ import annotations
 
 import contextlib
-import json
+import marshal
 import os
 import socket
 import subprocess
@@ -119,7 +119,7 @@ class SandboxProcess:
             self.status.close()
         if not message:
             raise ExecutionError("the sandbox helper died while the tool ran")
-        reply = json.loads(message)
+        reply = marshal.loads(message)
         if "exit" not in reply:
             raise ExecutionError(f"the tool's sandbox failed: {reply.get('error', reply)}")
         return int(reply["exit"])
@@ -193,7 +193,7 @@ class Sandbox:
                 fds = [status_there.fileno(), plan.stdout if plan.stdout >= 0 else write_end]
                 if plan.stderr >= 0:
                     fds.append(plan.stderr)
-                socket.send_fds(self._control, [json.dumps(request).encode()], fds)
+                socket.send_fds(self._control, [marshal.dumps(request)], fds)
         except OSError as exc:
             os.close(read_end)
             status_here.close()
@@ -204,8 +204,8 @@ class Sandbox:
         try:
             message, received, _flags, _addr = socket.recv_fds(status_here, 65536, 1)
         except OSError as exc:
-            message, received = json.dumps({"error": str(exc)}).encode(), []
-        reply = json.loads(message) if message else {"error": "the sandbox helper died"}
+            message, received = marshal.dumps({"error": str(exc)}), []
+        reply = marshal.loads(message) if message else {"error": "the sandbox helper died"}
         if "error" in reply or not received:
             for fd in received:
                 os.close(fd)
@@ -242,7 +242,7 @@ class Sandbox:
         if self._control is None:
             return
         with self._lock, contextlib.suppress(OSError):
-            self._control.send(json.dumps({"op": "kill", "id": request_id}).encode())
+            self._control.send(marshal.dumps({"op": "kill", "id": request_id}))
 
     def close(self) -> None:
         """Stop the helper (it kills any tool still running)."""
@@ -257,14 +257,25 @@ class Sandbox:
                 self._helper.wait()
 
 
-def start_helper() -> tuple[subprocess.Popen[bytes], socket.socket]:
-    """Start sandboxd.py and wait for it to be in its namespaces; SandboxUnavailable with the kernel's reason."""
+_prestarted: list[tuple[subprocess.Popen[bytes], socket.socket]] = []
+
+
+def prestart_helper() -> None:
+    """Start the helper now, without waiting for it (a worker's first step: it boots while the worker imports);
+    the next start_helper takes it. A failure is left for start_helper to report."""
+    if sys.platform == "linux" and not _prestarted:
+        with contextlib.suppress(SandboxUnavailable):
+            _prestarted.append(_spawn_helper())
+
+
+def _spawn_helper() -> tuple[subprocess.Popen[bytes], socket.socket]:
     here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         helper = subprocess.Popen(
             [sys.executable, "-I", "-S", str(_HELPER), str(there.fileno())],
             pass_fds=[there.fileno()],
             stdin=subprocess.DEVNULL,
+            stdout=2,  # never the worker's fd 1 (Bazel's protocol pipe, when started before the worker moved it)
             close_fds=True,
         )
     except OSError as exc:
@@ -272,13 +283,22 @@ def start_helper() -> tuple[subprocess.Popen[bytes], socket.socket]:
         raise SandboxUnavailable(f"cannot start the sandbox helper: {exc.strerror}") from None
     finally:
         there.close()
+    return helper, here
+
+
+def start_helper() -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """Start sandboxd.py and wait for it to be in its namespaces; SandboxUnavailable with the kernel's reason."""
+    try:
+        helper, here = _prestarted.pop()
+    except IndexError:
+        helper, here = _spawn_helper()
     here.settimeout(START_TIMEOUT_SECONDS)
     try:
         message = here.recv(65536)
     except OSError:
         message = b""
     here.settimeout(None)
-    reply = json.loads(message) if message else {"error": "the sandbox helper exited at start"}
+    reply = marshal.loads(message) if message else {"error": "the sandbox helper exited at start"}
     if "error" in reply:
         here.close()
         helper.wait()
@@ -359,11 +379,43 @@ def refusing_sandbox(reason: str) -> Sandbox:
     )
 
 
+_early: dict[tuple[str, str], tuple[threading.Thread, list[Sandbox | BaseException]]] = {}
+
+
+def open_early(root: Path, want: str, check_root: Callable[[], object]) -> None:
+    """Open the sandbox for (root, want) in a thread, now (a worker's first step: the helper boots and the probe
+    runs while the worker imports); open_sandbox(root, want) takes it. Call prestart_helper first, from the
+    thread that outlives the helper (its parent-death signal follows the thread that started it)."""
+    outcome: list[Sandbox | BaseException] = []
+
+    def run() -> None:
+        try:
+            check_root()  # never probe in a root the stack would refuse (the stack checks it again)
+            outcome.append(_open_sandbox(root, want))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name="treemat-sandbox-open", daemon=True)
+    thread.start()
+    _early[(str(root), want)] = (thread, outcome)
+
+
 def open_sandbox(root: Path, want: str = "auto") -> Sandbox:
     """The sandbox for `want` in auto | overlay | copy-on-write | none, tried for real; SandboxUnavailable if not.
 
     `auto` takes overlay where overlayfs works in a user namespace, else copy-on-write.
     """
+    early = _early.pop((str(root), want), None)
+    if early is not None:
+        early[0].join()
+        if early[1] and isinstance(early[1][0], Sandbox | SandboxUnavailable):
+            if isinstance(early[1][0], SandboxUnavailable):
+                raise early[1][0]
+            return early[1][0]
+    return _open_sandbox(root, want)
+
+
+def _open_sandbox(root: Path, want: str) -> Sandbox:
     if want == ISOLATION_NONE:
         return Sandbox(ISOLATION_NONE, None, None, ())
     if sys.platform == "darwin":
