@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A fresh worker's start-up, black-box: spawn -> first reply of a 1-input request, against a bare interpreter.
 
-    python3 benchmarks/bench_startup.py [--rounds 10] [--baseline OTHER/tools] [--no-bytecode]
+    python3 benchmarks/bench_startup.py [--rounds 10] [--baseline NAME=OTHER/tools ...] [--no-bytecode]
 
 Each round times, in alternating order (wall clock, from this process):
 
@@ -10,7 +10,7 @@ Each round times, in alternating order (wall clock, from this process):
 - `worker`: spawn `python3 -m treemat --persistent_worker --root=R` (Bazel's command line), write one
   varint-delimited WorkRequest proto on its stdin (real bytes: 1 input, `touch out/x`, as Bazel writes them),
   read the delimited WorkResponse from its stdout; the worker is then closed and reaped outside the timing;
-- `baseline worker` (with `--baseline`): the same through another checkout's package, e.g. a worktree of main.
+- `NAME worker` (each `--baseline NAME=DIR`): the same through another checkout's package (a worktree of main).
 
 The root is kept across rounds (Bazel restarts workers on the same root: the blob is in its CAS and ledger). The
 worker runs without PYTHONDONTWRITEBYTECODE, as users run it (__main__ keeps compiled modules in
@@ -83,7 +83,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--root", type=Path, default=None, help="where the scratch dirs go (default: a temp dir)")
-    parser.add_argument("--baseline", type=Path, default=None, help="another checkout's tools/ dir, timed alongside")
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="another checkout's tools/ dir, timed alongside as `NAME worker` (repeatable)",
+    )
     parser.add_argument("--no-bytecode", action="store_true", help="keep PYTHONDONTWRITEBYTECODE if it is set")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-startup-", dir=args.root))
@@ -97,10 +103,10 @@ def main() -> int:
             "python3 -c pass": lambda: subprocess.run([sys.executable, "-c", "pass"], check=True),
             "fork+exec touch": lambda: subprocess.run(["touch", "out/x"], cwd=execroot, check=True),
         }
-        for name, tools in (("worker", TOOLS), ("baseline worker", args.baseline)):
-            if tools is not None:
-                workers.append(FreshWorker(execroot, work / "root", tools, keep_no_bytecode=args.no_bytecode))
-                rows[name] = workers[-1]
+        baselines = [(f"{name} worker", Path(tools)) for name, _, tools in (b.partition("=") for b in args.baseline)]
+        for name, tools in [("worker", TOOLS), *baselines]:
+            workers.append(FreshWorker(execroot, work / "root", tools, keep_no_bytecode=args.no_bytecode))
+            rows[name] = workers[-1]
         times: dict[str, list[float]] = {name: [] for name in rows}
         for round_ in range(args.rounds + 1):  # round 0 warms up (the root's first use, compiled modules)
             order = list(rows.items()) if round_ % 2 else list(reversed(rows.items()))
@@ -122,13 +128,13 @@ def main() -> int:
 def report(times: dict[str, list[float]], rounds: int) -> None:
     bare = statistics.median(times["python3 -c pass"])
     tool = statistics.median(times["fork+exec touch"])
-    print(f"{'spawn -> first reply':<30} {'min ms':>8} {'median ms':>10} {'x bare':>8}")
+    print(f"{'spawn -> first reply':<34} {'min ms':>8} {'median ms':>10} {'x bare':>8}")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:<30} {min(values):8.1f} {median:10.1f} {median / bare:8.2f}")
+        print(f"{name:<34} {min(values):8.1f} {median:10.1f} {median / bare:8.2f}")
     for name in (name for name in times if name.endswith("worker")):
         start_up = statistics.median(times[name]) - tool
-        print(f"{name + ' minus the tool':<30} {'':8} {start_up:10.1f} {start_up / bare:8.2f}")
+        print(f"{name + ' minus the tool':<34} {'':8} {start_up:10.1f} {start_up / bare:8.2f}")
     print(f"({rounds} rounds, alternating order; python {sys.version.split()[0]}, {os.uname().release})")
 
 
