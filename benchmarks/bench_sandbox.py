@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The fixed cost of running a tool sandboxed, against a plain fork+exec, side by side in one run.
 
-    python3 benchmarks/bench_sandbox.py [--rounds 30] [--root DIR]
+    python3 benchmarks/bench_sandbox.py [--rounds 30] [--root DIR] [--inputs 1,1978]
 
 For `/bin/true` (the tool's own cost is ~nothing), each round times, in alternating order:
 
@@ -86,6 +86,7 @@ def whole_action(root: Path, work: Path, count: int) -> tuple[Callable[[], None]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--inputs", default="1,1978", help="input counts of the whole-action rows (comma-separated)")
     parser.add_argument("--root", type=Path, default=None, help="where the scratch root goes (default: a temp dir)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-sandbox-", dir=args.root))
@@ -96,7 +97,7 @@ def main() -> int:
             sandbox = open_sandbox(work / "root", mode)
             closers.append(sandbox.close)
             rows[mode] = sandboxed(sandbox, work, overlay=mode == ISOLATION_OVERLAY)
-        for count in (1, 1978):
+        for count in (int(text) for text in args.inputs.split(",") if text):
             action, close_stack = whole_action(work / f"stack-root-{count}", work, count)
             closers.append(close_stack)
             rows[f"action ({count} input{'s' if count > 1 else ''}, touch)"] = action

@@ -38,6 +38,7 @@ reports `{"exit": code}` too once it has reaped init (the client takes the first
 
 from __future__ import annotations
 
+import contextlib
 import marshal
 import os
 import select
@@ -69,8 +70,9 @@ class Spare:
         self.channel = channel
         self.key = key
 
-    def alive(self) -> bool:
-        readable, _w, _x = select.select([self.pidfd], [], [], 0)
+    def sound(self) -> bool:
+        """Alive and not reporting a failed preparation (either makes its pidfd or its channel readable)."""
+        readable, _w, _x = select.select([self.pidfd, self.channel.fileno()], [], [], 0)
         return not readable
 
 
@@ -123,6 +125,9 @@ def _namespace_main(kernel: view.Kernel, key: dict[str, Any], channel_fd: int, *
         layers_fd = view.prepare_view(kernel, key, masked)
     except (view.SandboxSetupError, OSError) as exc:
         failure = str(exc) or type(exc).__name__
+        if ahead:
+            with contextlib.suppress(OSError):
+                channel.send(b"failed")  # in doubt: the helper clones a fresh namespace instead
     got = got or _receive(channel)
     if got is None:
         return 0
@@ -190,6 +195,7 @@ class Helper:
     def _run(self, request: dict[str, Any], names: list[str], fds: list[int]) -> None:
         status = socket.socket(fileno=os.dup(fds[names.index("status")]))
         key = _key(request)
+        spare: Spare | None = None
         try:
             if _needs_a_fresh_namespace(request):
                 spare = self._clone(key, ahead=False)
@@ -204,6 +210,8 @@ class Helper:
                     fds.append(copy)
             socket.send_fds(spare.channel, [marshal.dumps(request)], fds)
         except (view.SandboxSetupError, OSError) as exc:
+            if spare is not None:
+                self._discard(spare)
             status.send(marshal.dumps({"error": str(exc)}))
             status.close()
             return
@@ -224,7 +232,7 @@ class Helper:
         """The spare if nothing about it is in doubt, else a fresh namespace."""
         spare, self.spare = self.spare, None
         mounts_moved = bool(self.mount_events.poll(0))
-        if spare is not None and (spare.key != key or mounts_moved or not spare.alive()):
+        if spare is not None and (spare.key != key or mounts_moved or not spare.sound()):
             self._discard(spare)
             spare = None
         return spare or self._clone(key, ahead=True)

@@ -201,12 +201,16 @@ def open_dirs(plan: dict[str, Any]) -> dict[str, int]:
     """Open the plan's directories in the tool's mount namespace (a bind mount takes only a source of its own
     namespace), each checked to be the very (device, inode) the client prepared: a path swapped in is refused."""
     fds: dict[str, int] = {}
-    for name, (path, device, inode) in plan["dirs"].items():
-        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        info = os.fstat(fd)
-        if (info.st_dev, info.st_ino) != (device, inode):
-            raise SandboxSetupError(f"{path} was replaced while the sandbox was set up")
-        fds[name] = fd
+    try:
+        for name, (path, device, inode) in plan["dirs"].items():
+            fds[name] = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            info = os.fstat(fds[name])
+            if (info.st_dev, info.st_ino) != (device, inode):
+                raise SandboxSetupError(f"{path} was replaced while the sandbox was set up")
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
     return fds
 
 
