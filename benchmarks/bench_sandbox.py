@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """The fixed cost of running a tool sandboxed, against a plain fork+exec, side by side in one run.
 
-    python3 benchmarks/bench_sandbox.py [--rounds 30] [--root DIR] [--inputs 1,1978]
+    python3 benchmarks/bench_sandbox.py [--rounds 30] [--block 5] [--root DIR] [--inputs 1,1978]
 
-For `/bin/true` (the tool's own cost is ~nothing), each round times, in alternating order:
+For `/bin/true` (the tool's own cost is ~nothing), each round times, in alternating order, a block of `--block`
+runs of each row back to back (reported per run: the block's mean):
 
 - `fork+exec`: subprocess.Popen + wait, stdout on a pipe read to EOF (what an unsandboxed worker pays);
 - `copy-on-write` / `overlay`: Sandbox.start + read to EOF + wait through sandboxd (fresh mount+pid namespaces:
@@ -83,9 +84,21 @@ def whole_action(root: Path, work: Path, count: int) -> tuple[Callable[[], None]
     return run, stack.close
 
 
+def in_blocks(run: Callable[[], None], count: int) -> Callable[[], None]:
+    """`run`, `count` times back to back: what a row costs includes the work it leaves for the next run (the
+    sandbox helper prepares the next namespace once a tool ends), not spilled into another row's timing."""
+
+    def block() -> None:
+        for _ in range(count):
+            run()
+
+    return block
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--block", type=int, default=5, help="runs of a row back to back per round (timed as a mean)")
     parser.add_argument("--inputs", default="1,1978", help="input counts of the whole-action rows (comma-separated)")
     parser.add_argument("--root", type=Path, default=None, help="where the scratch root goes (default: a temp dir)")
     args = parser.parse_args()
@@ -103,13 +116,17 @@ def main() -> int:
             rows[f"action ({count} input{'s' if count > 1 else ''}, touch)"] = action
         for run in rows.values():  # warm-up: one of each
             run()
-        times = time_alternating(rows, args.rounds)
+        times = time_alternating({name: in_blocks(run, args.block) for name, run in rows.items()}, args.rounds)
+        times = {name: [value / args.block for value in values] for name, values in times.items()}
         floor = statistics.median(times["fork+exec"])
         print(f"{'run of /bin/true':<30} {'min ms':>8} {'median ms':>10} {'over fork+exec':>15}")
         for name, values in times.items():
             over = statistics.median(values) - floor
             print(f"{name:<30} {min(values):8.2f} {statistics.median(values):10.2f} {over:+14.2f}")
-        print(f"({args.rounds} rounds, alternating order; python {sys.version.split()[0]}, {os.uname().release})")
+        print(
+            f"({args.rounds} rounds of {args.block} runs per row, alternating order; the mean of a block per round; "
+            f"python {sys.version.split()[0]}, {os.uname().release})"
+        )
     finally:
         for close in closers:
             close()
