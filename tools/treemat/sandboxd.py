@@ -295,8 +295,8 @@ class Helper:
         self._prepare_next()
 
     def _prepare_next(self) -> None:
-        """Clone the next request's namespace now that a tool has ended: made while its tool ran, the spare took
-        CPU from it (on 2 loaded cores, +5-9 ms at the median instead of +3-4)."""
+        """Clone the next request's namespace now that a tool has ended: between actions, not competing for the CPU
+        with a tool that runs (docs/hermeticity.md, the cost of the sandbox)."""
         if self.spare is None and self.next_key is not None:
             try:
                 self.spare = self._clone(self.next_key, ahead=True)
