@@ -19,7 +19,7 @@ other). docs/architecture.md explains them; `lint-imports` enforces this exact l
     manifest
     protos
     digest | counters | locking | flagfile | fsprims | layout | sandboxd | sandbox_darwin | ledger | writewatch
-    sandboxview
+    sandboxstart | sandboxview
     errors
 """
 

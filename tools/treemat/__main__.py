@@ -56,15 +56,18 @@ def worker_options(args: list[str], env: dict[str, str] | os._Environ[str]) -> d
 
 def serve_worker(options: dict[str, str]) -> int:
     """`treemat worker` as worker_options read it; errors as the CLI reports them (one line, exit 1)."""
+    if options["isolation"] != "none":
+        from treemat.sandboxstart import prestart_helper
+
+        prestart_helper()
     from pathlib import Path
 
     from treemat.layout import Root, default_root_path
 
     root = Path(options["root"]).expanduser().absolute() if options["root"] else default_root_path()
     if options["isolation"] != "none":
-        from treemat.sandbox import open_early, prestart_helper
+        from treemat.sandbox import open_early
 
-        prestart_helper()
         open_early(root, options["isolation"], lambda: Root(root))
     from treemat.errors import TreematError, describe_error
     from treemat.worker import serve_stdio

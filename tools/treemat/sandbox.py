@@ -1,7 +1,8 @@
 """Every tool runs sandboxed: the client of the sandbox helper (sandboxd.py), and the probe that picks the mode.
 
-One helper process per treemat process is started once (a user namespace and a mount namespace, prepared); each
-tool then costs one clone into fresh mount + pid namespaces. What the tool sees (sandboxd.py has the details):
+One helper process per treemat process is started once (sandboxstart.py: a user namespace and a mount namespace,
+prepared); each tool then runs in fresh mount + pid namespaces, cloned ahead of it. What the tool sees (sandboxd.py
+has the details):
 its exec dir at the fixed path EXEC_ROOT (an overlay over the staged hardlinks, or a bind of a copy-on-write
 tree), its tool cache at TOOL_CACHE, a private /tmp and /dev/shm, everything else read-only, TREEMAT_ROOT
 hidden. Nothing it starts outlives it.
@@ -29,6 +30,8 @@ from pathlib import Path
 from treemat import sandbox_darwin
 from treemat.errors import ExecutionError
 from treemat.fsprims import remove_tree
+from treemat.sandboxstart import SandboxUnavailable as SandboxUnavailable
+from treemat.sandboxstart import hidden_paths, start_helper
 
 EXEC_ROOT = "/tmp/treemat/exec"  # = sandboxd.EXEC_ROOT (not imported: sandboxd is a program of its own)
 TOOL_CACHE = "/tmp/treemat/cache"
@@ -38,12 +41,6 @@ ISOLATION_NONE = "none"
 ISOLATION_DARWIN = "sandbox-exec"  # macOS: a Seatbelt profile (sandbox_darwin.py), the tool at its real exec dir
 ISOLATION_UNAVAILABLE = "unavailable"  # no sandbox works and `none` was not asked for: every action fails
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_HELPER = Path(__file__).with_name("sandboxd.py")
-START_TIMEOUT_SECONDS = 30
-
-
-class SandboxUnavailable(ExecutionError):
-    """The kernel refused what the sandbox needs; the message names the feature."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,95 +254,6 @@ class Sandbox:
                 self._helper.wait()
 
 
-_prestarted: list[tuple[subprocess.Popen[bytes], socket.socket]] = []
-
-
-def prestart_helper() -> None:
-    """Start the helper now, without waiting for it (a worker's first step: it boots while the worker imports);
-    the next start_helper takes it. A failure is left for start_helper to report."""
-    if sys.platform == "linux" and not _prestarted:
-        with contextlib.suppress(SandboxUnavailable):
-            _prestarted.append(_spawn_helper())
-
-
-def _spawn_helper() -> tuple[subprocess.Popen[bytes], socket.socket]:
-    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        helper = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(_HELPER), str(there.fileno())],
-            pass_fds=[there.fileno()],
-            stdin=subprocess.DEVNULL,
-            stdout=2,  # never the worker's fd 1 (Bazel's protocol pipe, when started before the worker moved it)
-            close_fds=True,
-        )
-    except OSError as exc:
-        here.close()
-        raise SandboxUnavailable(f"cannot start the sandbox helper: {exc.strerror}") from None
-    finally:
-        there.close()
-    return helper, here
-
-
-def start_helper() -> tuple[subprocess.Popen[bytes], socket.socket]:
-    """Start sandboxd.py and wait for it to be in its namespaces; SandboxUnavailable with the kernel's reason."""
-    try:
-        helper, here = _prestarted.pop()
-    except IndexError:
-        helper, here = _spawn_helper()
-    here.settimeout(START_TIMEOUT_SECONDS)
-    try:
-        message = here.recv(65536)
-    except OSError:
-        message = b""
-    here.settimeout(None)
-    reply = marshal.loads(message) if message else {"error": "the sandbox helper exited at start"}
-    if "error" in reply:
-        here.close()
-        helper.wait()
-        raise SandboxUnavailable(str(reply["error"]))
-    return helper, here
-
-
-def hidden_paths(root: Path) -> list[str]:
-    """Every path that reaches the treemat root (the root itself plus other mounts of the same directory).
-
-    A filesystem can be mounted twice (or bind-mounted): a tool could reach the CAS through any of them, so
-    each one is hidden in the tool's view.
-    """
-    real = os.path.realpath(root)
-    aliases = [real]
-    try:
-        info = os.stat(real)
-        mountinfo = Path("/proc/self/mountinfo").read_text()
-    except OSError:
-        return aliases
-    device = f"{os.major(info.st_dev)}:{os.minor(info.st_dev)}"
-    mounts = [line.split() for line in mountinfo.splitlines()]
-    own = [fields for fields in mounts if len(fields) > 4 and real.startswith(fields[4].rstrip("/") + "/")]
-    if not own:
-        return aliases
-    mount_point_of_root = max((fields[4] for fields in own), key=len)
-    own_fields = next(fields for fields in own if fields[4] == mount_point_of_root)
-    inside_fs = os.path.join(own_fields[3], os.path.relpath(real, mount_point_of_root))
-    for fields in mounts:
-        if len(fields) < 5 or fields[2] != device or fields[4] == mount_point_of_root:
-            continue
-        fs_root, mount_point = fields[3], fields[4]
-        relative = os.path.relpath(inside_fs, fs_root)
-        if relative == "." or not relative.startswith(".."):
-            candidate = _decode_mountinfo(os.path.normpath(os.path.join(mount_point, relative)))
-            if os.path.isdir(candidate) and candidate not in aliases:
-                aliases.append(candidate)
-    return aliases
-
-
-def _decode_mountinfo(path: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        path = path.replace(code, char)
-    return path
-
-
 @contextlib.contextmanager
 def probe_run(sandbox: Sandbox, scratch: Path, *, overlay: bool) -> Iterator[tuple[int, bytes, bool]]:
     """One real run of the whole path on a scratch tree: (exit, output, input untouched)."""
@@ -408,10 +316,11 @@ def open_sandbox(root: Path, want: str = "auto") -> Sandbox:
     early = _early.pop((str(root), want), None)
     if early is not None:
         early[0].join()
-        if early[1] and isinstance(early[1][0], Sandbox | SandboxUnavailable):
-            if isinstance(early[1][0], SandboxUnavailable):
-                raise early[1][0]
-            return early[1][0]
+        outcome = early[1][0] if early[1] else None
+        if isinstance(outcome, SandboxUnavailable):
+            raise outcome
+        if isinstance(outcome, Sandbox):
+            return outcome
     return _open_sandbox(root, want)
 
 
