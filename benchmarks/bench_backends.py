@@ -29,6 +29,7 @@ from treemat.backends import BackendProbe, Method
 from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.fsprims import remove_tree
+from treemat.layout import Root
 from treemat.materializer import Materializer
 from treemat.tree import FileNode, InputTree
 
@@ -124,13 +125,13 @@ def main() -> int:
         if binary is None:
             print("no C compiler: cannot measure the syscall floor", file=sys.stderr)
             return 1
-        cas = ContentStore(base / "root", counters=Counters())
+        cas = ContentStore(Root(base / "root"), counters=Counters())
         print(f"generating {args.files} files / {args.mb} MB under {base} ...", file=sys.stderr)
         tree = build_tree(cas, args.files, args.mb << 20, seed=1978)
         methods = BackendProbe().methods_for(cas.cas_dir, base)
         results = []
         for method in [m for m in methods if m is not Method.CLONEFILE]:
-            materializer = Materializer(cas, BackendProbe(prefer=[method]))
+            materializer = Materializer(cas, BackendProbe(prefer=[method]), counters=cas.counters)
             ours, floor = [], []
             list_path = work / f"{method.value}.list"
             for run in range(args.runs):  # alternate treemat and C each run, same blobs, same fs

@@ -10,15 +10,19 @@ import argparse
 import concurrent.futures
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import cast
 
 import grpc
-from treemat.bot.client import Client, Entry
-from treemat.bot.cluster import Cluster
 from treemat.counters import StatsStore
+from treemat.layout import Root
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests/support is dev tooling
+from tests.support.client import Client, Entry
+from tests.support.cluster import Cluster
 
 
 def main() -> None:
@@ -53,7 +57,7 @@ def main() -> None:
             elapsed = time.perf_counter() - started
             assert all(r.result.exit_code == 0 for r in results)
             rates.append(options.actions / elapsed)
-        records = StatsStore(cluster.running_bots[0].root).load_all()
+        records = StatsStore(Root(cluster.running_bots[0].root).stats).load_all()
         recent = [a for r in records for a in cast("list[dict[str, float]]", r.get("recent_actions", []))]
         stage = [float(a["stage_ms"]) for a in recent if "stage_ms" in a]
         fetch = [float(a["fetch_ms"]) for a in recent if "fetch_ms" in a]

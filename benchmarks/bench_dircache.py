@@ -37,10 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_staging import min_median, mount_image
-from treemat.dircache import DirectoryCache, KernelTreeCloner
+from treemat.dircache import DirectoryCache
 from treemat.fsprims import remove_tree
+from treemat.layout import Root
 from treemat.stack import ISOLATION_COW, open_stack
 from treemat.tree import FileNode, InputTree
+from treemat.treeclone import KernelTreeCloner
 
 FILES_PER_DIR = 8
 
@@ -86,7 +88,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
         return 1
     try:
-        stack = open_stack(base / "root", isolation=ISOLATION_COW, dircache_min_files=None)
+        stack = open_stack(Root(base / "root"), isolation=ISOLATION_COW, dircache_min_files=None)
         rng = random.Random(10)
         blobs = []
         for index in range(args.blobs):
@@ -107,7 +109,14 @@ def main() -> int:
         for count in sizes:
             tree = make_tree(count, rng, blobs)
             cloner = TimedCloner()
-            cache = DirectoryCache(base / "root", stack.materializer, cloner=cloner, min_files=count, max_bytes=None)
+            cache = DirectoryCache(
+                stack.layout.dircache,
+                stack.materializer,
+                counters=stack.counters,
+                cloner=cloner,
+                min_files=count,
+                max_bytes=None,
+            )
             warm = cache.stage(tree, outdir / "warm")  # builds the entry (a miss)
             assert warm.subtree_misses == 1, warm
             remove_tree(outdir / "warm")

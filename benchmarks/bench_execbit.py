@@ -20,6 +20,7 @@ from pathlib import Path
 from treemat.executor import ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
 from treemat.inputs import pool_key
+from treemat.layout import Root
 from treemat.stack import open_stack
 
 ROUNDS = 15
@@ -47,7 +48,7 @@ def main(count: int) -> None:
             (execroot / path).parent.mkdir(parents=True, exist_ok=True)
             (execroot / path).write_bytes(data)
             inputs.append(RequestInput(path, hashlib.sha256(data).hexdigest()))
-        with open_stack(scratch / "root", background_cleanup=False) as stack:
+        with open_stack(Root(scratch / "root"), background_cleanup=False) as stack:
             executor = stack.executor
             spec = ActionSpec(argv=["sh", "-c", "echo > out/x"], outputs=["out/x"])
             request = ActionRequest(spec, inputs, execroot)

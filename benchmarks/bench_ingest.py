@@ -47,6 +47,7 @@ from bench_staging import build_c_program, min_median, mount_image, release
 from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.fsprims import remove_tree
+from treemat.layout import Root
 
 C_FLOOR = r"""
 #define _GNU_SOURCE
@@ -134,7 +135,7 @@ def settle(inputs: list[tuple[str, str, bool]], *trees: Path) -> None:
 
 def treemat_ingest(root: Path, inputs: list[tuple[str, str, bool]], mode: str) -> float:
     started = time.perf_counter()
-    cas = ContentStore(root, counters=Counters())
+    cas = ContentStore(Root(root), counters=Counters())
     if mode != "auto":
         cas.ingest_reflinks = mode == "reflink"
     for path, hash_hex, executable in inputs:

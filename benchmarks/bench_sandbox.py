@@ -33,6 +33,7 @@ from bench_staging import time_alternating
 from treemat.executor import ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
 from treemat.fsprims import remove_tree
+from treemat.layout import Root
 from treemat.sandbox import ISOLATION_COW, ISOLATION_OVERLAY, Sandbox, ToolPlan, open_sandbox
 from treemat.stack import open_stack
 from treemat.toolrun import read_bounded
@@ -66,7 +67,7 @@ def sandboxed(sandbox: Sandbox, work: Path, overlay: bool) -> Callable[[], None]
 
 def whole_action(root: Path, work: Path, count: int) -> tuple[Callable[[], None], Callable[[], None]]:
     """`touch out/x` with `count` inputs through a stack of its own (after the first round: a reused exec dir)."""
-    stack = open_stack(root, background_cleanup=False)
+    stack = open_stack(Root(root), background_cleanup=False)
     execroot = work / f"execroot-{count}"
     inputs = []
     for index in range(count):
@@ -107,7 +108,7 @@ def main() -> int:
     try:
         rows: dict[str, Callable[[], None]] = {"fork+exec": fork_exec}
         for mode in (ISOLATION_COW, ISOLATION_OVERLAY):
-            sandbox = open_sandbox(work / "root", mode)
+            sandbox = open_sandbox(Root(work / "root"), mode)
             closers.append(sandbox.close)
             rows[mode] = sandboxed(sandbox, work, overlay=mode == ISOLATION_OVERLAY)
         for count in (int(text) for text in args.inputs.split(",") if text):

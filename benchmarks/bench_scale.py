@@ -26,6 +26,8 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
 
 from treemat.cas import ContentStore  # noqa: E402 - after the sys.path line
+from treemat.counters import Counters  # noqa: E402
+from treemat.layout import Root  # noqa: E402
 
 
 def timed(function: object, rounds: int) -> list[float]:
@@ -46,7 +48,7 @@ def line(name: str, ours: list[float], floor: list[float]) -> str:
 
 
 def cas_scale(base: Path, blobs: int, rounds: int) -> None:
-    store = ContentStore(base / "root")
+    store = ContentStore(Root(base / "root"), counters=Counters())
     started = time.perf_counter()
     for index in range(blobs):
         store.ingest_bytes(f"blob {index}\n".encode(), executable=index % 50 == 0)

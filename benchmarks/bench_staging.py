@@ -39,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from treemat import protos
 from treemat.executor import ActionExecutor, ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
+from treemat.framing import parse_message
+from treemat.layout import Root
 from treemat.manifest import InputManifest
-from treemat.protocol import parse_message
 from treemat.stack import open_stack
 
 C_FLOOR = r"""
@@ -249,13 +250,13 @@ def main() -> int:
                 execroot = base / f"execroot-{count}"
                 inputs = make_inputs(execroot, count, args.mb << 20)
                 root = base / f"root-{count}"
-                stack = open_stack(root)
+                stack = open_stack(Root(root))
                 executor = stack.executor
                 request_minus_tool(executor, execroot, inputs, "out/warmup")
                 first, floor, incremental, patching, fresh, fresh_floor = [], [], [], [], [], []
                 for round_ in range(args.rounds):
                     first.append(request_minus_tool(executor, execroot, inputs, f"out/first{round_}"))
-                    time.sleep(0.2)  # let the background removal finish before the next timing
+                    stack.housekeeper.flush()  # the background removal finishes before the next timing
                     floor.append(c_floor(binary, work, execroot, inputs, stack.cas.cas_dir, base / "floor-dest"))
                     edited = execroot / inputs[round_ % count].path
                     edited.write_bytes(edited.read_bytes() + b"!")
@@ -264,10 +265,9 @@ def main() -> int:
                     whole, staging = timed_request(executor, execroot, inputs, "out/first0")
                     incremental.append(whole)
                     patching.append(staging)
-                    other = open_stack(root)  # a new worker process's stack, as Bazel would start it
+                    other = open_stack(Root(root))  # a new worker process's stack, as Bazel would start it
                     fresh.append(request_minus_tool(other.executor, execroot, inputs, f"out/fresh{round_}"))
-                    time.sleep(0.2)
-                    other.close()
+                    other.close()  # lets its background removals finish
                     fresh_floor.append(
                         c_floor(binary, work, execroot, inputs, stack.cas.cas_dir, base / "floor-dest", fresh=True)
                     )

@@ -32,8 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from treemat import protos
+from treemat.framing import encode_delimited, read_delimited
 from treemat.fsprims import remove_tree
-from treemat.protocol import encode_delimited, read_delimited
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 

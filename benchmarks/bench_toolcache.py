@@ -30,6 +30,7 @@ from bench_staging import time_alternating
 from treemat.executor import ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
 from treemat.fsprims import remove_tree
+from treemat.layout import Root
 from treemat.sandbox import TOOL_CACHE
 from treemat.stack import open_stack
 
@@ -42,7 +43,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-toolcache-", dir="/var/tmp"))
-    stack = open_stack(work / "root", background_cleanup=False)
+    stack = open_stack(Root(work / "root"), background_cleanup=False)
     try:
         execroot = work / "execroot"
         (execroot / "mod").mkdir(parents=True)

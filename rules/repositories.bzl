@@ -20,7 +20,11 @@ load("{toolchain_bzl}", "swift_toolchain")
 
 package(default_visibility = ["//visibility:public"])
 
-exports_files(["identity.txt"])
+# defs.bzl: in the `deps` of a bzl_library of yours that loads it (//rules:defs does).
+exports_files([
+    "defs.bzl",
+    "identity.txt",
+])
 
 constraint_setting(name = "swiftc")
 
@@ -38,8 +42,13 @@ swift_toolchain(
     identity = "identity.txt",
 )
 
+# This swiftc runs on the host and builds for the host: the toolchain matches only a platform with the host's
+# OS and CPU ({host}), on both sides, so a build for a foreign platform finds no Swift toolchain instead of
+# running this one.
 toolchain(
     name = "toolchain",
+    exec_compatible_with = {constraints},
+    target_compatible_with = {constraints},
     toolchain = ":swift_toolchain",
     toolchain_type = "{toolchain_type}",
 )
@@ -61,6 +70,29 @@ def _label_string(label):
     if text.startswith("//"):
         return "@" + text
     return text
+
+# Host OS / CPU (repository_ctx.os.name, `uname -m`) -> @platforms constraints (the names Bazel's own host
+# platform uses). An unknown one adds no constraint on that side.
+_HOST_OS = {
+    "linux": "@platforms//os:linux",
+    "mac os x": "@platforms//os:osx",
+    "freebsd": "@platforms//os:freebsd",
+}
+
+_HOST_CPU = {
+    "x86_64": "@platforms//cpu:x86_64",
+    "amd64": "@platforms//cpu:x86_64",
+    "aarch64": "@platforms//cpu:aarch64",
+    "arm64": "@platforms//cpu:aarch64",
+}
+
+def _host_constraints(repository_ctx):
+    """The host's OS and CPU as @platforms constraint labels (resolved from this file, so they name treemat's
+    `platforms` dependency under Bzlmod and Bazel's built-in @platforms in WORKSPACE mode)."""
+    os_name = repository_ctx.os.name.lower()
+    arch = repository_ctx.execute(["uname", "-m"]).stdout.strip()
+    found = [_HOST_OS.get(os_name), _HOST_CPU.get(arch)]
+    return [_label_string(Label(c)) for c in found if c], "{} {}".format(os_name, arch)
 
 def _find_swiftc(repository_ctx):
     explicit = repository_ctx.os.environ.get("SWIFTC", "")
@@ -111,7 +143,10 @@ def _treemat_swift_configure_impl(repository_ctx):
     if swiftc:
         version, identity = _compiler_identity(repository_ctx, swiftc)
     repository_ctx.file("identity.txt", identity)
+    constraints, host = _host_constraints(repository_ctx)
     repository_ctx.file("BUILD.bazel", _SWIFT_BUILD.format(
+        constraints = repr(constraints),
+        host = host,
         swiftc = swiftc or "",
         version = version,
         toolchain_bzl = _label_string(repository_ctx.attr._toolchain_bzl),
@@ -128,15 +163,22 @@ def _treemat_swift_configure_impl(repository_ctx):
 treemat_swift_configure = repository_rule(
     implementation = _treemat_swift_configure_impl,
     attrs = {
-        "_toolchain_bzl": attr.label(default = Label("//rules/private:toolchain.bzl")),
-        "_toolchain_type": attr.label(default = Label("//rules:swift_toolchain_type")),
+        "_toolchain_bzl": attr.label(
+            default = Label("//rules/private:toolchain.bzl"),
+            doc = "The swift_toolchain rule the generated BUILD file loads (named from here, whatever the repo).",
+        ),
+        "_toolchain_type": attr.label(
+            default = Label("//rules:swift_toolchain_type"),
+            doc = "The toolchain type the generated toolchain() is registered for.",
+        ),
     },
     environ = ["SWIFTC", "PATH"],
     local = True,
     configure = True,  # Bazel 4.x: `bazel sync --configure` re-runs it (after upgrading swiftc in place)
     doc = """Finds swiftc ($SWIFTC, then PATH, then /opt/swift/usr/bin) and writes a Swift toolchain.
 
-The generated repository has `:toolchain` (register it; `treemat_dependencies()` and MODULE.bazel do),
+The generated repository has `:toolchain` (register it; `treemat_dependencies()` and MODULE.bazel do; it is
+compatible only with the host's OS and CPU, as exec and as target platform),
 `identity.txt` (`swiftc --version` plus sha256 of the driver and frontend binaries: an input of every Swift
 action, so a compiler upgrade reruns them), and `defs.bzl` with `SWIFTC`, `SWIFT_VERSION`, `SWIFT_AVAILABLE`
 and `SWIFT_INCOMPATIBLE` (a target_compatible_with list with a self-explaining constraint name that makes

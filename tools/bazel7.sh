@@ -54,12 +54,17 @@ mirror() {
   echo "${uri:-http://deb.debian.org/debian}"
 }
 
-# Runs "$@" inside the chroot, in a private mount namespace with the chroot's mounts in place: proc, sys,
-# dev, the Swift toolchain (read-only), then the bind dirs (absolute, existing) at the same paths. The
+# in_namespace NBINDS DIR... CMD...: runs CMD inside the chroot, in a private mount namespace with the
+# chroot's mounts in place: proc, sys, dev, the Swift toolchain (read-only), then the NBINDS bind dirs
+# (absolute, existing) at the same paths. The binds are arguments, never shared state: a first `run` once lost
+# its binds (and so the checkout) because `setup`, called from it, reset a global list. The
 # namespace's root is pivoted to the chroot (pivot_root, not chroot(2): the kernel refuses user namespaces to
 # chrooted processes, and Bazel's linux-sandbox and treemat's hardlink isolation need them).
 in_namespace() {
-  local binds=("${BINDS[@]}")
+  local nbinds="$1"
+  shift
+  local binds=("${@:1:$nbinds}")
+  shift "$nbinds"
   unshare --mount --propagation private -- bash -euo pipefail -c '
     root="$1"; swift="$2"; nbinds="$3"; shift 3
     binds=("${@:1:$nbinds}"); shift "$nbinds"
@@ -84,7 +89,7 @@ in_namespace() {
 
 in_chroot() {
   # Runs a command in the chroot with a clean, predictable environment (setup steps only).
-  in_namespace /usr/bin/env -i HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive \
+  in_namespace 0 /usr/bin/env -i HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@"
 }
 
@@ -165,7 +170,6 @@ setup() {
   printf '#!/bin/sh\nexit 101\n' >"$ROOT/usr/sbin/policy-rc.d" && chmod 755 "$ROOT/usr/sbin/policy-rc.d"
   local step=$SECONDS
   log "apt-get install ${PACKAGES[*]}"
-  BINDS=()
   in_chroot sh -c 'apt-get update -qq && apt-get install -y -qq "$@" >/dev/null && apt-get clean' sh "${PACKAGES[@]}"
   log "apt-get took $((SECONDS - step)) s"
   # pip (PyPI through this machine's TLS proxy, if any): trust the same extra CA certificates as the host.
@@ -196,10 +200,10 @@ EOF
 }
 
 run() {
-  BINDS=("$REPO")
+  local binds=("$REPO")
   while [ $# -gt 0 ]; do
     case "$1" in
-      --bind) [ $# -ge 2 ] || usage; BINDS+=("$(realpath "$2")"); shift 2 ;;
+      --bind) [ $# -ge 2 ] || usage; binds+=("$(realpath "$2")"); shift 2 ;;
       --) shift; break ;;
       *) break ;;
     esac
@@ -207,12 +211,12 @@ run() {
   [ $# -gt 0 ] || usage
   setup
   local dir cwd=/
-  for dir in "${BINDS[@]}"; do
+  for dir in "${binds[@]}"; do
     [ -d "$dir" ] || die "--bind $dir: no such directory"
     case "$PWD/" in "$dir"/*) cwd="$PWD" ;; esac
   done
   # The caller's environment, minus what points at host-only places; treemat from this checkout.
-  in_namespace /usr/bin/env -u TMPDIR -u VIRTUAL_ENV -u PYTHONHOME \
+  in_namespace "${#binds[@]}" "${binds[@]}" /usr/bin/env -u TMPDIR -u VIRTUAL_ENV -u PYTHONHOME \
     PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$SWIFT_DIR/usr/bin" \
     PYTHONPATH="$REPO/tools${PYTHONPATH:+:$PYTHONPATH}" HOME=/root TREEMAT_BAZEL7_CHROOT="$ROOT" \
     sh -c 'cd "$1" && shift && exec "$@"' sh "$cwd" "$@"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start a remote-execution cluster on loopback: PostgreSQL, a BuildGrid 0.4.4 server (config:
-# tools/treemat/bot/buildgrid.yml) and N treemat bots, each with its own treemat root. Ctrl-C stops everything.
+# tests/support/buildgrid.yml) and N treemat bots, each with its own treemat root. Ctrl-C stops everything.
 #   tools/cluster.sh [--dir DIR] [--bots N] [--concurrency N] [--port PORT]
 # then, in another shell:
 #   bazel build --config=remote --remote_executor=grpc://127.0.0.1:PORT //examples/...
@@ -15,4 +15,4 @@ while [ $# -gt 0 ]; do
   esac
 done
 export PYTHONPATH="$PWD/tools${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python3}" -m treemat.bot.cluster up --dir "$dir" "${args[@]}"
+exec "${PYTHON:-python3}" tests/support/cluster.py up --dir "$dir" "${args[@]}"

@@ -1,3 +1,4 @@
+import Checksum
 import Formatting
 import Models
 
@@ -10,6 +11,8 @@ public struct Report {
         var lines = ["Invoice for \(invoice.customer)"]
         lines += invoice.items.map { "  " + Money.line($0) }
         lines.append("Total: \(Money.format(cents: invoice.totalCents))")
+        // CRC-32 of the lines above, by the C library of //examples/checksum.
+        lines.append("CRC-32: \(Checksum.hex(Checksum.crc32(Array(lines.joined(separator: "\n").utf8))))")
         return lines.joined(separator: "\n")
     }
 }

@@ -70,6 +70,7 @@ def treemat_action(
         output_dirs = [],
         tools = [],
         env = {},
+        use_default_shell_env = False,
         progress_message = None):
     """Registers an action whose spawn goes through treemat.
 
@@ -92,6 +93,10 @@ def treemat_action(
       output_dirs: declared output directories (tree artifacts), when `args` is not given.
       tools: extra tool inputs (Files, depsets or FilesToRunProviders; runfiles are staged too).
       env: extra environment for the tool, when `args` is not given.
+      use_default_shell_env: give the action Bazel's shell environment (PATH and `--action_env`), for a tool
+        that looks programs up on PATH (e.g. a compiler driver that runs the linker); it is then part of the
+        action key. Default False: the tool gets only `env` (treemat and the py_binary stub start by absolute
+        paths and need nothing from it).
       progress_message: shown by Bazel while the action runs.
     """
     tool_inputs = list(tools)
@@ -119,7 +124,7 @@ def treemat_action(
         mnemonic = mnemonic,
         progress_message = progress_message or "{} {} (through treemat)".format(mnemonic, ctx.label),
         execution_requirements = EXECUTION_REQUIREMENTS,
-        # PATH for the py_binary stub (#!/usr/bin/env python3). TREEMAT_ROOT is not passed this way: it would
-        # be part of every action's key. The worker gets its root from --worker_extra_flag (see docs/bazel.md).
-        use_default_shell_env = True,
+        # Only where the calling rule asks for it. TREEMAT_ROOT is never passed this way: it would be part of
+        # every action's key; the worker gets its root from --worker_extra_flag (see docs/bazel.md).
+        use_default_shell_env = use_default_shell_env,
     )

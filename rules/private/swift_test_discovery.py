@@ -6,13 +6,20 @@ and up) and hand them to `XCTMain`. Swift Testing finds its `@Test`s at run time
 then XCTest, and exits non-zero if either failed.
 
     swift_test_discovery.py --module NAME --symbol-graph-dir DIR --output main.swift
+    swift_test_discovery.py --module NAME --output main.swift -- SWIFTC ARGS...
+
+The second form is what swift_test runs: it compiles the test module (the swiftc command line after `--`) with
+`-emit-symbol-graph` into a private temporary directory and writes the runner in the same action, so the symbol
+graph (whose relationship order varies from run to run and which names absolute paths) never becomes an output.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,17 +151,36 @@ def render(module: str, classes: list[TestClass]) -> str:
     return "\n".join(parts)
 
 
+SYMBOL_GRAPH_FLAGS = ["-emit-symbol-graph", "-symbol-graph-minimum-access-level", "internal"]
+
+
+def compile_with_symbol_graph(command: list[str], symbol_graph_dir: Path) -> int:
+    """Runs the swiftc command line with the symbol graph written to `symbol_graph_dir`; returns its status."""
+    return subprocess.run([*command, *SYMBOL_GRAPH_FLAGS, "-emit-symbol-graph-dir", str(symbol_graph_dir)]).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = args[args.index("--") + 1 :] if "--" in args else []
+    if "--" in args:
+        args = args[: args.index("--")]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--module", required=True)
-    parser.add_argument("--symbol-graph-dir", type=Path, required=True)
+    parser.add_argument("--symbol-graph-dir", type=Path)
     parser.add_argument("--output", type=Path, required=True)
-    options = parser.parse_args(argv)
-    if not options.symbol_graph_dir.is_dir():
-        print(f"swift_test_discovery: no symbol graph directory {options.symbol_graph_dir}", file=sys.stderr)
-        return 2
-    classes = discover(options.symbol_graph_dir)
+    options = parser.parse_args(args)
+    if command:
+        with tempfile.TemporaryDirectory(prefix="swift-test-symbol-graph-") as temporary:
+            status = compile_with_symbol_graph(command, Path(temporary))
+            if status != 0:
+                return status
+            classes = discover(Path(temporary))
+    else:
+        if options.symbol_graph_dir is None or not options.symbol_graph_dir.is_dir():
+            print(f"swift_test_discovery: no symbol graph directory {options.symbol_graph_dir}", file=sys.stderr)
+            return 2
+        classes = discover(options.symbol_graph_dir)
     options.output.parent.mkdir(parents=True, exist_ok=True)
     options.output.write_text(render(options.module, classes))
     return 0

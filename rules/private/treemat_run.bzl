@@ -16,6 +16,7 @@ def _treemat_run_impl(ctx):
         inputs = ctx.files.srcs,
         outputs = outputs,
         env = env,
+        use_default_shell_env = ctx.attr.use_default_shell_env,
         progress_message = ctx.attr.progress_message or "Running {} through treemat".format(ctx.label),
     )
     return [DefaultInfo(files = depset(outputs), runfiles = ctx.runfiles(files = outputs))]
@@ -42,6 +43,10 @@ treemat_run = rule(
                   "`build:treemat --strategy=<mnemonic>=worker`.",
         ),
         "progress_message": attr.string(doc = "Shown while the action runs."),
+        "use_default_shell_env": attr.bool(
+            doc = "Run the tool with Bazel's shell environment (PATH and `--action_env` variables; part of the " +
+                  "action key), for a tool that looks programs up on PATH. Default: only `env`.",
+        ),
     }),
     doc = """Runs `tool` on `srcs` producing `outs`, through treemat.
 

@@ -22,12 +22,14 @@ import pytest
 pytest.importorskip("grpc", reason="needs the bot extra: pip install -e '.[bot]'")
 pytest.importorskip("buildgrid", reason="needs the bot extra: pip install -e '.[bot]'")
 
-from treemat.bot.cluster import Cluster, ClusterError, pg_bin
 from treemat.fsprims import is_btrfs
+
+from ..support.cluster import Cluster, ClusterError, pg_bin
+from ..support.swift import NO_SWIFTC
+from ..support.swift import SWIFTC as SWIFT
 
 WORKSPACE = Path(__file__).resolve().parents[2]
 TOOLS = WORKSPACE / "tools"
-SWIFT = shutil.which("swiftc") or ("/opt/swift/usr/bin/swiftc" if Path("/opt/swift/usr/bin/swiftc").exists() else None)
 LOCAL = [
     "--spawn_strategy=local",
     "--strategy=SwiftCompile=local",
@@ -47,7 +49,7 @@ pytestmark = [
     pytest.mark.bazel_remote,
     pytest.mark.swift,
     pytest.mark.skipif(shutil.which("bazel") is None, reason="bazel is not installed (tools/setup.sh installs it)"),
-    pytest.mark.skipif(SWIFT is None, reason="no swiftc on PATH or under /opt/swift"),
+    pytest.mark.skipif(SWIFT is None, reason=NO_SWIFTC),
     pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL server binaries missing (apt-get install postgresql)"),
 ]
 
@@ -204,8 +206,8 @@ def test_killing_a_bot_mid_build_loses_no_action(cluster: Cluster, builds: dict[
     killer = threading.Thread(target=kill_first_busy_bot)
     killer.start()
     try:
-        # a new action key for every action (the salt is part of the Command), same input trees
-        stderr = _build(remote_base, *builds["flags"], "--action_env=TREEMAT_REMOTE_RUN=kill")  # type: ignore[misc]
+        # every action executed again (no remote cache hits), same input trees
+        stderr = _build(remote_base, *builds["flags"], "--noremote_accept_cached")  # type: ignore[misc]
     finally:
         stop.set()
         killer.join(30)
@@ -245,8 +247,11 @@ def test_dynamic_execution_local_worker_races_remote_bots(
         "--strategy=TreematRun=dynamic",
         "--dynamic_local_strategy=worker",
         "--dynamic_remote_strategy=remote",
-        f"--action_env=TREEMAT_ROOT={tmp_path / 'worker-root'}",
-        "--action_env=TREEMAT_REMOTE_RUN=dynamic",
+        *[
+            f"--worker_extra_flag={m}=--root={tmp_path / 'worker-root'}"
+            for m in ("SwiftCompile", "SwiftLink", "TreematRun")
+        ],
+        "--noremote_accept_cached",
     )
     processes = _processes(stderr)
     assert processes.get("worker", 0) + processes.get("remote", 0) >= 7, processes

@@ -179,3 +179,13 @@ def test_a_write_through_an_input_never_reaches_the_bots_cas(bot: Any) -> None:
     assert stager.blob_path(digest, False).read_bytes() == b"pristine\n"
     if stager.sandbox.overlay:
         assert first.record["methods"] == {"hardlink": 2}
+
+
+def test_the_bot_builds_no_action_executor(tmp_path: Path) -> None:
+    """The bot stages and runs commands itself: it used to build an ActionExecutor it never used."""
+    stager = LocalStager(tmp_path / "root", isolation="none")
+    try:
+        assert "executor" not in vars(stager)
+        assert stager.stack._executor is None
+    finally:
+        stager.close()

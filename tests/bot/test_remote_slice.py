@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,9 +19,11 @@ import pytest
 grpc = pytest.importorskip("grpc", reason="needs the bot extra: pip install -e '.[bot]'")
 pytest.importorskip("buildgrid", reason="needs the bot extra: pip install -e '.[bot]'")
 
-from treemat.bot.client import Client, digest_of  # noqa: E402
-from treemat.bot.cluster import Cluster, ClusterError, pg_bin  # noqa: E402
 from treemat.bot.rpc import code_pb2, re_pb2  # noqa: E402
+
+from ..support.client import Client, digest_of  # noqa: E402
+from ..support.cluster import Cluster, ClusterError, pg_bin  # noqa: E402
+from ..support.waiting import wait_for  # noqa: E402
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 LEAK = "TREEMAT_BOT_ONLY_VARIABLE"
@@ -36,16 +38,6 @@ pytestmark = [
     pytest.mark.remote,
     pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL server binaries missing (apt-get install postgresql)"),
 ]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `predicate` until true; fail after `timeout` seconds (a bound, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The adoption end-to-end test (test_adoption_e2e.py) on Bazel 7.7.1, from the host.
+"""The adoption end-to-end test (test_adoption_e2e.py) and the C interop one (test_cinterop_e2e.py, WORKSPACE
+mode) on Bazel 7.7.1, from the host.
 
 Each leg runs that test module inside the Debian sid chroot of tools/bazel7.sh, where `bazel` is Debian's
 bazel-bootstrap 7.7.1: `bazel7-workspace` (WORKSPACE + `treemat_dependencies()`, `--noenable_bzlmod`) and
@@ -80,4 +81,20 @@ def test_adoption_on_bazel7(flavor: str, tmp_path: Path) -> None:
     )
     output = run.stdout[-8000:] + run.stderr[-4000:]
     assert run.returncode == 0, f"adoption e2e on Bazel 7.7.1 ({flavor}) failed:\n{output}"
+    assert " passed" in run.stdout and "skipped" not in run.stdout, output
+
+
+def test_c_interop_on_bazel7(tmp_path: Path) -> None:
+    """tests/e2e/test_cinterop_e2e.py (C modules across three repositories, outputs identical across
+    strategies) on Bazel 7.7.1 in WORKSPACE mode."""
+    run = subprocess.run(
+        [str(SCRIPT), "run", "--bind", str(tmp_path), "--", "python3", "-m", "pytest", "-q", "-ra", "-p",
+         "no:cacheprovider", str(REPO / "tests" / "e2e" / "test_cinterop_e2e.py"), f"--basetemp={tmp_path / 'inner'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )  # fmt: skip
+    output = run.stdout[-8000:] + run.stderr[-4000:]
+    assert run.returncode == 0, f"C interop e2e on Bazel 7.7.1 failed:\n{output}"
     assert " passed" in run.stdout and "skipped" not in run.stdout, output

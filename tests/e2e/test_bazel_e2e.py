@@ -14,14 +14,19 @@ from pathlib import Path
 
 import pytest
 
+from ..support.swift import NO_SWIFTC
+from ..support.swift import SWIFTC as SWIFT
+
 WORKSPACE = Path(__file__).resolve().parents[2]
-EXPECTED_APP_OUTPUT = "Invoice for Ada\n  3 x clonefile @ $1.50\n  2 x reflink @ $10.05\nTotal: $24.60\n"
-SWIFT = shutil.which("swiftc") or ("/opt/swift/usr/bin/swiftc" if Path("/opt/swift/usr/bin/swiftc").exists() else None)
+EXPECTED_APP_OUTPUT = (
+    "Invoice for Ada\n  3 x clonefile @ $1.50\n  2 x reflink @ $10.05\nTotal: $24.60\n"
+    "CRC-32: f232e986\n"  # by the C module of examples/checksum, two Swift modules below the app
+)
 
 pytestmark = [
     pytest.mark.bazel,
     pytest.mark.skipif(shutil.which("bazel") is None, reason="bazel is not installed (tools/setup.sh installs it)"),
-    pytest.mark.skipif(SWIFT is None, reason="no swiftc on PATH or under /opt/swift"),
+    pytest.mark.skipif(SWIFT is None, reason=NO_SWIFTC),
 ]
 
 STRATEGIES = {
@@ -54,6 +59,12 @@ def _outputs(output_base: Path) -> dict[str, str]:
     return digests
 
 
+def _root_flags(root: Path) -> list[str]:
+    """The worker's root, as a worker startup flag per treemat mnemonic (never --action_env: the rules give the
+    shell environment only to SwiftLink, and it would be part of action keys)."""
+    return [f"--worker_extra_flag={m}=--root={root}" for m in ("SwiftCompile", "SwiftLink", "TreematRun")]
+
+
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict[str, str], Path]]:
     """Clean builds of //examples/... with each strategy; execution logs kept under <base>/logs."""
@@ -68,9 +79,7 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict[str
             assert clean.returncode == 0, clean.stderr
             log = base / "logs" / (f"{name}.json" if name != "sandboxed" else f"{name}.bin")
             log_flag = "--execution_log_binary_file" if name == "sandboxed" else "--execution_log_json_file"
-            build = _bazel(
-                output_base, "build", f"--action_env=TREEMAT_ROOT={root}", f"{log_flag}={log}", *flags, "//examples/..."
-            )
+            build = _bazel(output_base, "build", *_root_flags(root), f"{log_flag}={log}", *flags, "//examples/...")
             assert build.returncode == 0, f"{name} build failed:\n{build.stderr[-4000:]}"
             if name == "treemat":
                 assert "worker" in build.stderr, "under --config=treemat the actions must run on the worker"
@@ -92,9 +101,7 @@ def test_outputs_byte_identical_across_strategies(builds: dict[str, tuple[dict[s
 def test_app_prints_expected_output(builds: dict[str, tuple[dict[str, str], Path]], tmp_path: Path) -> None:
     output_base = tmp_path / "ob"
     try:
-        run = _bazel(
-            output_base, "run", "--config=treemat", f"--action_env=TREEMAT_ROOT={tmp_path / 'r'}", "//examples/app"
-        )
+        run = _bazel(output_base, "run", "--config=treemat", *_root_flags(tmp_path / "r"), "//examples/app")
     finally:
         _bazel(output_base, "shutdown")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -120,6 +127,7 @@ def test_stats_show_where_files_came_from(builds: dict[str, tuple[dict[str, str]
 
 def test_replay_real_execution_logs(builds: dict[str, tuple[dict[str, str], Path]], tmp_path: Path) -> None:
     from treemat.execlog import read_exec_log
+    from treemat.layout import Root
     from treemat.replay import replay
 
     logs = builds["treemat"][1] / "logs"
@@ -128,7 +136,7 @@ def test_replay_real_execution_logs(builds: dict[str, tuple[dict[str, str], Path
     assert len(worker_spawns) == len(sandboxed_spawns) >= 6
     assert {s.runner for s in worker_spawns} == {"worker"}
     assert max(len(s.inputs) for s in worker_spawns) >= 635
-    report = replay(logs / "treemat.json", root=tmp_path / "root", mnemonics={"SwiftCompile"})
+    report = replay(logs / "treemat.json", layout=Root(tmp_path / "root"), mnemonics={"SwiftCompile"})
     row = report.rows["SwiftCompile"]
     print("\n" + report.to_table())
     assert row.spawns == len(worker_spawns) and row.files >= 700
@@ -159,6 +167,7 @@ def test_an_edit_rebuild_patches_the_pooled_exec_dir_decoding_only_what_changed(
     """Edit one source and rebuild: the worker reuses the compile's exec dir and, of the whole WorkRequest,
     decodes only the changed input's two entries (old and new): Bazel lists inputs in a stable order."""
     from treemat.counters import StatsStore
+    from treemat.layout import Root
 
     output_base, root = tmp_path / "ob-edit", tmp_path / "treemat-root"
     try:
@@ -167,14 +176,14 @@ def test_an_edit_rebuild_patches_the_pooled_exec_dir_decoding_only_what_changed(
                 output_base,
                 "build",
                 "--config=treemat",
-                f"--action_env=TREEMAT_ROOT={root}",
+                *_root_flags(root),
                 f"--define=treemat_bench_edit={edit}",
                 "//examples/generated:Shape64",
             )
             assert build.returncode == 0, f"build failed:\n{build.stderr[-4000:]}"
     finally:
         _bazel(output_base, "shutdown")
-    totals = StatsStore(root).totals()
+    totals = StatsStore(Root(root).stats).totals()
     assert totals.get("execpool_reused") == 1, totals
     assert totals.get("execpool_delta_entries") == 2, totals
 
@@ -194,3 +203,18 @@ def test_no_swiftc_makes_swift_targets_incompatible(tmp_path: Path) -> None:
     # must not try to run a missing compiler, and the reason is printed.
     assert "//examples/app:app was skipped" in direct.stderr or direct.returncode != 0
     assert "treemat: no swiftc found" in direct.stderr + everything.stderr
+
+
+def test_the_swift_toolchain_does_not_match_a_foreign_platform(tmp_path: Path) -> None:
+    """The generated toolchain carries the host's OS/CPU as exec and target constraints: a build for another
+    platform finds no Swift toolchain instead of running the host's swiftc."""
+    output_base = tmp_path / "ob-foreign"
+    try:
+        host = _bazel(output_base, "build", "--nobuild", "//tests/rules:Lib")
+        foreign = _bazel(output_base, "build", "--nobuild", "--platforms=//tests/rules:foreign", "//tests/rules:Lib")
+    finally:
+        _bazel(output_base, "shutdown")
+    assert host.returncode == 0, host.stderr[-3000:]
+    assert foreign.returncode != 0, "a Windows/arm64 target platform must not get the host's swiftc"
+    assert "no matching toolchains found for types" in foreign.stderr.lower(), foreign.stderr[-3000:]
+    assert "swift_toolchain_type" in foreign.stderr, foreign.stderr[-3000:]

@@ -20,8 +20,9 @@ import pytest
 from treemat.flagfile import parse_action_args, unescape_tool_argument
 
 WORKSPACE = Path(__file__).resolve().parents[2]
-TREEMAT_MNEMONICS = ("SwiftCompile", "SwiftLink", "SwiftTestDiscovery", "TreematRun")
+TREEMAT_MNEMONICS = ("SwiftCompile", "SwiftLink", "TreematRun")
 TRICKY = "//tests/flagfile_contract:tricky"
+SHELL_ENV_PROBE = "TREEMAT_SHELL_ENV_PROBE"
 # the tool arguments of :tricky after the output path, as written in BUILD.bazel (locations expanded)
 TRICKY_ARGV = [
     "@response.rsp",
@@ -58,7 +59,8 @@ def output_base(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def actions(output_base: Path) -> list[dict[str, Any]]:
     """Every treemat action of //examples/... and :tricky: mnemonic, command line, declared outputs."""
     query = f"mnemonic('{'|'.join(TREEMAT_MNEMONICS)}', set(//examples/... {TRICKY}))"
-    result = _bazel(output_base, "aquery", "--output=jsonproto", "--include_param_files", query)
+    probe = f"--action_env={SHELL_ENV_PROBE}=1"  # in the environment of exactly the actions that take Bazel's
+    result = _bazel(output_base, "aquery", "--output=jsonproto", "--include_param_files", probe, query)
     assert result.returncode == 0, result.stderr[-3000:]
     graph = json.loads(result.stdout)
     fragments = {f["id"]: f for f in graph["pathFragments"]}
@@ -81,6 +83,7 @@ def actions(output_base: Path) -> list[dict[str, Any]]:
                 "label": labels[action["targetId"]],
                 "arguments": _command_line(action),
                 "outputs": sorted(artifacts[i] for i in action["outputIds"]),
+                "env": {v["key"]: v["value"] for v in action.get("environmentVariables", [])},
             }
         )
     return found
@@ -124,7 +127,8 @@ def test_at_arguments_are_escaped_by_the_rules_and_unescaped_by_treemat(actions:
 @pytest.mark.parametrize("strategy", ["worker", "one-shot"])
 def test_the_tool_sees_its_arguments_as_written(output_base: Path, tmp_path: Path, strategy: str) -> None:
     flags = ["--config=treemat"] if strategy == "worker" else ["--spawn_strategy=local"]
-    build = _bazel(output_base, "build", *flags, f"--action_env=TREEMAT_ROOT={tmp_path / 'root'}", TRICKY)
+    roots = [f"--worker_extra_flag={m}=--root={tmp_path / 'root'}" for m in TREEMAT_MNEMONICS]
+    build = _bazel(output_base, "build", *flags, *roots, TRICKY)
     assert build.returncode == 0, build.stderr[-3000:]
     assert ("worker" in build.stderr) == (strategy == "worker"), build.stderr[-2000:]
     bin_dir = Path(_bazel(output_base, "info", "bazel-bin").stdout.strip())
@@ -133,3 +137,11 @@ def test_the_tool_sees_its_arguments_as_written(output_base: Path, tmp_path: Pat
     assert Path(exec_root).is_absolute() and "{EXEC_ROOT}" not in exec_root
     assert seen == [arg.replace("{EXEC_ROOT}", exec_root) for arg in TRICKY_ARGV] + ["TRICKY=x=y z"]
     _bazel(output_base, "clean")  # the next strategy runs the action again
+
+
+def test_only_the_link_gets_the_shell_environment(actions: list[dict[str, Any]]) -> None:
+    """use_default_shell_env only where a rule asks for it: SwiftLink (swiftc's clang driver finds `ld` on PATH);
+    the compiles run swiftc by absolute path and treemat_run asks only through its attribute."""
+    for action in actions:
+        asked = action["mnemonic"] == "SwiftLink"
+        assert (SHELL_ENV_PROBE in action["env"]) == asked, (action["mnemonic"], action["label"], action["env"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +14,9 @@ from types import ModuleType
 
 import pytest
 
+from ..support.swift import NO_SWIFTC, SWIFTC
+
 REPO = Path(__file__).resolve().parents[2]
-SWIFTC = shutil.which("swiftc") or ("/opt/swift/usr/bin/swiftc" if Path("/opt/swift/usr/bin/swiftc").exists() else None)
 
 
 def _load() -> ModuleType:
@@ -69,7 +70,7 @@ def test_discovers_subclasses_through_a_base_class_and_async_methods(tmp_path: P
 
 
 @pytest.mark.swift
-@pytest.mark.skipif(SWIFTC is None, reason="no swiftc on PATH or under /opt/swift")
+@pytest.mark.skipif(SWIFTC is None, reason=NO_SWIFTC)
 @pytest.mark.parametrize("failing", ["none", "xctest", "swift-testing"])
 def test_generated_runner_runs_both_libraries_and_fails_when_either_fails(tmp_path: Path, failing: str) -> None:
     assert SWIFTC
@@ -105,3 +106,44 @@ def test_generated_runner_runs_both_libraries_and_fails_when_either_fails(tmp_pa
     assert ("Test Case 'Cases.testTwo' failed" in output) == (failing == "xctest")
     assert "Test swiftTesting()" in output, "Swift Testing ran"
     assert (run.returncode != 0) == (failing != "none"), output
+
+
+@pytest.mark.swift
+@pytest.mark.skipif(SWIFTC is None, reason="no swiftc on PATH or under /opt/swift")
+def test_compile_mode_compiles_discovers_and_leaves_no_symbol_graph(tmp_path: Path) -> None:
+    """swift_test's form: the test module's swiftc command line after `--`; the symbol graph goes to a private
+    temporary directory (its relationship order varies and it names absolute paths), the runner to --output."""
+    assert SWIFTC
+    discovery = _load()
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "T.swift").write_text(
+        "import XCTest\nfinal class Cases: XCTestCase {\n    func testOne() {}\n    func testTwo() async {}\n}\n"
+    )
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    runner = work / "runner" / "main.swift"
+    compile_argv = [SWIFTC, "-module-name", "T", "-parse-as-library", "-wmo", "-num-threads", "0",
+                    "-module-cache-path", str(tmp_path / "mc"), "-enable-testing", "-emit-module", "-emit-module-path",
+                    str(work / "T.swiftmodule"), "-avoid-emit-module-source-info", "-c", "-o", str(work / "T.o"),
+                    str(work / "T.swift")]  # fmt: skip
+    old_tmpdir = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(temporary)
+    try:
+        status = discovery.main(["--module", "T", "--output", str(runner), "--", *compile_argv])
+    finally:
+        if old_tmpdir is None:
+            del os.environ["TMPDIR"]
+        else:
+            os.environ["TMPDIR"] = old_tmpdir
+    assert status == 0
+    source = runner.read_text()
+    assert '("testOne", testOne)' in source and '("testTwo", asyncTest(testTwo))' in source
+    assert sorted(p.name for p in work.iterdir()) == ["T.o", "T.swift", "T.swiftdoc", "T.swiftmodule", "runner"]
+    assert list(temporary.iterdir()) == [], "the symbol graph directory is removed"
+
+    # A failing compile fails the action with swiftc's status, and writes no runner.
+    (work / "T.swift").write_text("this is not Swift\n")
+    runner.unlink()
+    assert discovery.main(["--module", "T", "--output", str(runner), "--", *compile_argv]) != 0
+    assert not runner.exists()

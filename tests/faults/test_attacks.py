@@ -19,13 +19,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from treemat.cas import ContentStore, prepare_root
+from treemat.cas import ContentStore
+from treemat.counters import Counters
 from treemat.errors import CasError
 from treemat.executor import ActionExecutor, ActionRequest, ActionResult, RequestInput
 from treemat.flagfile import ActionSpec
+from treemat.layout import Root
 from treemat.stack import ISOLATION_OVERLAY, open_stack
 
-from ..treemat.workerharness import Worker, request
+from ..support.harness import Worker, request
+from ..support.stacks import make_executor
 from .tampering import tamper_in_place
 
 PRISTINE = b"pristine input bytes\n" * 20
@@ -113,10 +116,6 @@ def stack_root(tmp_path: Path) -> Path:
     return tmp_path / "root"
 
 
-def _executor(root: Path) -> ActionExecutor:
-    return open_stack(root, background_cleanup=False).executor
-
-
 TOOL_ATTACKS: dict[str, Callable[[Path], str]] = {
     "tool: chmod u+w + cp -p over an input": lambda root: "chmod u+w in/a.txt; cp -p in/b.txt in/a.txt",
     "tool: python shutil.copy2 over an input": lambda root: (
@@ -143,17 +142,17 @@ TOOL_ATTACKS: dict[str, Callable[[Path], str]] = {
 def test_tools_cannot_change_what_later_actions_see(
     attack: str, execroot: Path, stack_root: Path, tally: Tally
 ) -> None:
-    executor = _executor(stack_root)
+    executor = make_executor(stack_root)
     assert _victim(executor, execroot, "warm-up") == "prevented"
     _run(executor, execroot, TOOL_ATTACKS[attack](stack_root), [], "in/a.txt", "in/b.txt")
     warm = _victim(executor, execroot, "warm")
-    fresh = _victim(_executor(stack_root), execroot, "fresh")
+    fresh = _victim(make_executor(stack_root), execroot, "fresh")
     assert _blob(stack_root).read_bytes() == PRISTINE, "the CAS blob itself is untouched"
     tally.record(attack, "prevented" if (warm, fresh) == ("prevented", "prevented") else f"{warm}/{fresh}")
 
 
 def test_two_workers_sharing_a_cas_warm_worker_is_not_fooled(execroot: Path, stack_root: Path, tally: Tally) -> None:
-    first, second = _executor(stack_root), _executor(stack_root)
+    first, second = make_executor(stack_root), make_executor(stack_root)
     assert _victim(second, execroot, "warm-up") == "prevented"  # worker 2 now knows the blob
     _run(first, execroot, TOOL_ATTACKS["tool: write, then restore mode and mtime"](stack_root), [], "in/a.txt")
     tally.record("two workers: worker 1's tool writes, worker 2 (warm) stages", _victim(second, execroot, "w2"))
@@ -183,15 +182,15 @@ def _replace_with_twin(blob: Path) -> None:
 def test_the_cas_never_serves_a_corrupt_blob(
     attack: str, warm: bool, execroot: Path, stack_root: Path, tally: Tally
 ) -> None:
-    executor = _executor(stack_root)
+    executor = make_executor(stack_root)
     assert _victim(executor, execroot, "warm-up") == "prevented"
     OUTSIDER_ATTACKS[attack](_blob(stack_root))
-    outcome = _victim(executor if warm else _executor(stack_root), execroot, "after")
+    outcome = _victim(executor if warm else make_executor(stack_root), execroot, "after")
     tally.record(f"{attack} ({'warm' if warm else 'fresh'} worker)", outcome)
 
 
 def test_a_blob_written_while_an_action_runs_fails_that_action(execroot: Path, stack_root: Path, tally: Tally) -> None:
-    executor = _executor(stack_root)
+    executor = make_executor(stack_root)
     assert _victim(executor, execroot, "warm-up") == "prevented"
     # a handshake through two FIFOs outside /tmp (the tool's /tmp is private; a FIFO opens for writing on a
     # read-only mount): the tool says it runs, waits while the blob is written, then reads its input
@@ -258,7 +257,7 @@ def test_a_request_flagfile_of_dev_zero_is_a_one_line_error(execroot: Path, stac
 
 
 def test_gc_in_a_loop_never_breaks_concurrent_ingests(tmp_path: Path, tally: Tally) -> None:
-    store = ContentStore(tmp_path / "root")
+    store = ContentStore(Root(tmp_path / "root"), counters=Counters())
     stop = threading.Event()
     failures: list[str] = []
     ingested = [0]
@@ -279,7 +278,7 @@ def test_gc_in_a_loop_never_breaks_concurrent_ingests(tmp_path: Path, tally: Tal
     gc_runs = 0
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
-        ContentStore(tmp_path / "root").gc(0)
+        ContentStore(Root(tmp_path / "root"), counters=Counters()).gc(0)
         gc_runs += 1
     stop.set()
     for thread in threads:
@@ -291,7 +290,7 @@ def test_gc_in_a_loop_never_breaks_concurrent_ingests(tmp_path: Path, tally: Tal
 
 
 def test_odd_input_types_are_refused_without_hanging(execroot: Path, stack_root: Path, tally: Tally) -> None:
-    executor = _executor(stack_root)
+    executor = make_executor(stack_root)
     os.mkfifo(execroot / "in/fifo")
     (execroot / "in/dir").mkdir()
     os.mkfifo(execroot / "in/dir/fifo")
@@ -315,7 +314,7 @@ def _run_request(
 
 
 def test_symlinks_inside_directory_inputs_are_staged_or_refused(execroot: Path, stack_root: Path, tally: Tally) -> None:
-    executor = _executor(stack_root)
+    executor = make_executor(stack_root)
     tree = execroot / "in/tree"
     (tree / "real").mkdir(parents=True)
     (tree / "real/f.txt").write_text("inside\n")
@@ -344,7 +343,7 @@ def test_symlinks_inside_directory_inputs_are_staged_or_refused(execroot: Path, 
     ],
 )
 def test_hostile_outputs_are_refused(name: str, script: str, execroot: Path, stack_root: Path, tally: Tally) -> None:
-    executor = _executor(stack_root)
+    executor = make_executor(stack_root)
     outputs = ["out/x"]
     result = _run(executor, execroot, script, outputs)
     assert result.exit_code != 0 and "refused" in result.output, result.output
@@ -355,7 +354,7 @@ def test_hostile_outputs_are_refused(name: str, script: str, execroot: Path, sta
 def test_a_background_child_holding_stdout_cannot_hold_the_action(
     execroot: Path, stack_root: Path, tally: Tally
 ) -> None:
-    executor = _executor(stack_root)
+    executor = make_executor(stack_root)
     started = time.monotonic()
     result = _run(executor, execroot, "(sleep 300 &) ; echo done > out/x", ["out/x"])
     elapsed = time.monotonic() - started
@@ -365,29 +364,28 @@ def test_a_background_child_holding_stdout_cannot_hold_the_action(
 
 
 def test_signal_exits_are_reported_as_128_plus_n(execroot: Path, stack_root: Path) -> None:
-    result = _run(_executor(stack_root), execroot, "kill -9 $$", [])
+    result = _run(make_executor(stack_root), execroot, "kill -9 $$", [])
     assert result.exit_code == 128 + 9, result.output
 
 
 def test_root_is_private_and_unsafe_roots_are_refused(tmp_path: Path, tally: Tally) -> None:
     old = os.umask(0)
     try:
-        root = prepare_root(tmp_path / "fresh")
-        store = ContentStore(root)
-        digest = store.ingest_bytes(b"secret\n", executable=False)
+        layout = Root(tmp_path / "fresh")
+        digest = ContentStore(layout, counters=Counters()).ingest_bytes(b"secret\n", executable=False)
     finally:
         os.umask(old)
-    assert root.stat().st_mode & 0o777 == 0o700
-    assert store.blob_path(digest.hash, False).stat().st_mode & 0o007 == 0, "no blob is world-readable"
+    assert layout.path.stat().st_mode & 0o777 == 0o700
+    assert (layout.cas / digest.hash[:2] / digest.hash).stat().st_mode & 0o007 == 0, "no blob is world-readable"
     (tmp_path / "open").mkdir(mode=0o777)
     os.chmod(tmp_path / "open", 0o777)
     with pytest.raises(CasError, match="writable by others"):
-        prepare_root(tmp_path / "open")
+        Root(tmp_path / "open")
     if os.geteuid() == 0:
         (tmp_path / "foreign").mkdir(mode=0o700)
         os.chown(tmp_path / "foreign", 65534, 65534)
         with pytest.raises(CasError, match="belongs to uid"):
-            prepare_root(tmp_path / "foreign")
+            Root(tmp_path / "foreign")
     tally.record("foreign-owned or world-writable TREEMAT_ROOT", "detected")
 
 
@@ -398,5 +396,5 @@ def test_isolation_in_use_is_overlay_where_the_kernel_allows(stack_root: Path) -
     probe = subprocess.run(["unshare", "-U", "-m", "true"], capture_output=True, check=False)
     if probe.returncode != 0:
         pytest.skip("user namespaces are not available here")
-    stack = open_stack(stack_root)
+    stack = open_stack(Root(stack_root))
     assert stack.isolation == ISOLATION_OVERLAY, stack.isolation_detail

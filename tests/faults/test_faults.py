@@ -18,11 +18,14 @@ from pathlib import Path
 
 import pytest
 from treemat.cas import ContentStore
+from treemat.counters import Counters
 from treemat.digest import digest_file
 from treemat.executor import ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
+from treemat.layout import Root
 
-from ..treemat.workerharness import Worker, make_executor, request, worker_env
+from ..support.harness import Worker, request, worker_env
+from ..support.stacks import make_executor
 
 
 def _sha(path: Path) -> str:
@@ -63,7 +66,9 @@ import os, sys
 sys.path.insert(0, {tools!r})
 from pathlib import Path
 from treemat.cas import ContentStore
-cas = ContentStore(Path({root!r}))
+from treemat.layout import Root
+from treemat.counters import Counters
+cas = ContentStore(Root(Path({root!r})), counters=Counters())
 i = 0
 while True:
     data = os.urandom(1 << 20) * 8 + str(i).encode()
@@ -71,6 +76,7 @@ while True:
     src = Path({root!r}).parent / f"src-{{os.getpid()}}"
     src.write_bytes(data[::-1])
     cas.ingest_file(src, executable=False)
+    print(i, flush=True)  # one line per round: the test kills after a (seeded) random number of them
     i += 1
 """
 
@@ -81,12 +87,17 @@ def test_kill_9_during_ingest_never_leaves_a_partial_blob(tmp_path: Path) -> Non
     rng = random.Random(9)
     kills = 12
     for _ in range(kills):
-        proc = subprocess.Popen([sys.executable, "-c", _INGEST_LOOP.format(tools=tools, root=str(root))])
-        time.sleep(0.3 + rng.random() * 0.5)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _INGEST_LOOP.format(tools=tools, root=str(root))], stdout=subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        for _round in range(rng.randint(1, 3)):  # the writer keeps ingesting while we read: killed mid-round
+            assert proc.stdout.readline(), "the ingest loop died on its own"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        proc.stdout.close()
     debris_before = len(list((root / "tmp").iterdir()))
-    cas = ContentStore(root)  # a new store sweeps temp files of dead writers
+    cas = ContentStore(Root(root), counters=Counters())  # a new store sweeps temp files of dead writers
     report = cas.verify_all()
     debris = len(list((root / "tmp").iterdir()))
     print(
@@ -127,7 +138,7 @@ def test_eight_concurrent_workers_on_one_cas(tmp_path: Path) -> None:
         for w in range(8)
         for n in range(per_worker)
     )
-    report = ContentStore(tmp_path / "root").verify_all()
+    report = ContentStore(Root(tmp_path / "root"), counters=Counters()).verify_all()
     total = 8 * per_worker
     print(
         f"\n[8 workers] {total} actions in {elapsed:.1f}s ({total / elapsed:.0f}/s): {errors} errors, "
@@ -252,7 +263,7 @@ def test_disk_full_gives_clear_errors_and_worker_keeps_serving(tmp_path: Path) -
         too_many = worker.read()
         worker.send(request(execroot, ["small.txt"], ["out/ok"], ["cp", "small.txt", "out/ok"]))
         fine = worker.read()
-        cas = ContentStore(root)
+        cas = ContentStore(Root(root), counters=Counters())
         report = cas.verify_all()
         exec_base = root / "exec"
         leftovers = [p.name for p in exec_base.iterdir()] if exec_base.exists() else []
@@ -268,7 +279,6 @@ def test_disk_full_gives_clear_errors_and_worker_keeps_serving(tmp_path: Path) -
         assert fine["exitCode"] == 0 and (execroot / "out/ok").read_text() == "small\n", fine
         assert report.corrupt == 0
         assert not list((root / "tmp").iterdir())
-        time.sleep(0.5)
         assert not [name for name in leftovers if not name.startswith(".trash") and name not in pooled]
         assert len(pooled) <= 1
         assert worker.close() == 0

@@ -25,11 +25,12 @@ import pytest
 from treemat import writewatch
 from treemat.executor import ActionExecutor, ActionRequest, ActionResult, RequestInput
 from treemat.flagfile import ActionSpec
+from treemat.layout import Root
 from treemat.sandbox import ToolPlan
 from treemat.stack import Stack, open_stack
 from treemat.toolrun import ToolOutcome
 
-from ..treemat.workerharness import TOOLS_DIR, request
+from ..support.harness import TOOLS_DIR, request
 from .tampering import tamper_in_place
 
 PRISTINE = b"pristine input bytes\n" * 20
@@ -61,7 +62,7 @@ def _tamper_in_place(path: Path, data: bytes = POISONED) -> None:
 
 
 def _stack(root: Path) -> Stack:
-    stack = open_stack(root, background_cleanup=False)
+    stack = open_stack(Root(root), background_cleanup=False)
     if stack.isolation not in ("overlay", "copy-on-write"):
         stack.close()
         pytest.skip(f"no sandbox here ({stack.isolation_detail})")
@@ -123,7 +124,9 @@ def test_without_an_inotify_instance_every_use_hashes(
 ) -> None:
     stack = _stack(tmp_path / "root")
     try:
-        assert stack.guard.mode == "none" and "EMFILE" in str(stack.describe()["write_watch_detail"])
+        assert stack.guard.describe()["write_watch"] == "none" and "EMFILE" in str(
+            stack.describe()["write_watch_detail"]
+        )
         first = _act(stack.executor, execroot, "out/first")
         assert _served(first, execroot, "out/first") == "pristine"
         _tamper_in_place(_blob(stack.root))
@@ -168,7 +171,9 @@ def test_a_blob_dropped_by_the_watch_budget_is_hashed_before_its_pooled_dir_is_r
     _tamper_in_place(_blob(stack.root))  # no watch on it any more: no event
     again = _act(stack.executor, execroot, "out/a", "in/a.txt")  # the pooled dir of the first action, reused
     assert _served(again, execroot, "out/a") in ("pristine", "failed")
-    assert stack.guard.mode == "degraded" and "budget" in str(stack.guard.describe()["write_watch_detail"])
+    assert stack.guard.describe()["write_watch"] == "degraded" and "budget" in str(
+        stack.guard.describe()["write_watch_detail"]
+    )
 
 
 def test_a_blob_dropped_by_the_watch_budget_during_the_run_is_hashed_again(stack: Stack, execroot: Path) -> None:
@@ -197,7 +202,7 @@ def _flood_until_overflow(stack: Stack, scratch: Path) -> None:
     if limit > 1 << 17:
         pytest.skip(f"max_queued_events is {limit}: too many events to provoke an overflow")
     scratch.mkdir()
-    assert stack.guard.watch_directory(str(scratch), lambda *_lost: None) is not None
+    assert stack.watch.watch_directory(str(scratch), lambda *_lost: None) is not None
     fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for index in range(limit // 2 + 2):  # two events (create, delete) each, no two alike: none coalesce
@@ -224,7 +229,9 @@ def test_a_write_lost_in_a_queue_overflow_during_the_run_fails_the_action(
     assert stack.counters.get("guard_queue_overflows") >= 1, "the kernel reported the overflow"
     assert _served(during, execroot, "out/during") == "failed"
     assert "modified in the CAS while the action ran" in during.output
-    assert stack.guard.mode == "degraded" and "overflow" in str(stack.guard.describe()["write_watch_detail"])
+    assert stack.guard.describe()["write_watch"] == "degraded" and "overflow" in str(
+        stack.guard.describe()["write_watch_detail"]
+    )
     assert _served(_act(stack.executor, execroot, "out/during"), execroot, "out/during") == "pristine"
 
 

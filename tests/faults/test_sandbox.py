@@ -19,18 +19,19 @@ from pathlib import Path
 import pytest
 from treemat.executor import ActionExecutor, ActionRequest, ActionResult, RequestInput
 from treemat.flagfile import ActionSpec
+from treemat.layout import Root
 from treemat.stack import ISOLATION_COW, ISOLATION_OVERLAY, Stack, open_stack
 
-from ..treemat.workerharness import Worker, request
+from ..support.harness import Worker, request
+from ..support.swift import NO_SWIFTC, SWIFTC
 
 PRISTINE = b"pristine input bytes\n" * 20
 ACTION_TIMEOUT_S = 120
-SWIFTC = shutil.which("swiftc") or ("/opt/swift/usr/bin/swiftc" if Path("/opt/swift/usr/bin/swiftc").exists() else None)
 
 
 @pytest.fixture(params=[ISOLATION_OVERLAY, ISOLATION_COW])
 def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
-    opened = open_stack(tmp_path / "root", isolation=request.param, background_cleanup=False)
+    opened = open_stack(Root(tmp_path / "root"), isolation=request.param, background_cleanup=False)
     try:
         yield opened
     finally:
@@ -152,7 +153,7 @@ def test_the_tool_gets_a_private_tmp(stack: Stack, execroot: Path) -> None:
     assert second.exit_code == 0, "one action's /tmp is seen by the next"
 
 
-@pytest.mark.skipif(SWIFTC is None, reason="no swiftc on PATH or under /opt/swift")
+@pytest.mark.skipif(SWIFTC is None, reason=NO_SWIFTC)
 def test_a_same_size_header_edit_behind_a_module_map_is_seen(stack: Stack, execroot: Path) -> None:
     """Clang checks a cached module against its headers by size and mtime; staged inputs all share one mtime,
     so a module cache kept across actions served the old header: edited 1 -> 2 -> 3, the binary printed 1, 1, 1."""

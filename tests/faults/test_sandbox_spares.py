@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from treemat.layout import Root
 from treemat.sandbox import EXEC_ROOT, ISOLATION_OVERLAY, Sandbox, ToolPlan, open_sandbox
 from treemat.toolrun import read_bounded
 
@@ -73,7 +74,7 @@ def outside_tmp() -> Iterator[Path]:
 def test_a_treemat_root_made_again_after_the_spare_is_masked(outside_tmp: Path) -> None:
     """The spare masked the old directory; the kernel drops that mask when the directory is removed."""
     root, exec_dir = outside_tmp / "root", outside_tmp / "exec"
-    sandbox = open_sandbox(root, ISOLATION_OVERLAY)
+    sandbox = open_sandbox(Root(root), ISOLATION_OVERLAY)
     try:
         _remade_root_is_masked(sandbox, root, exec_dir)
     finally:
@@ -96,7 +97,7 @@ def mounted_after_the_spare(base: Path) -> int:
     show in the next tool's view, as in a namespace cloned at the request. Exit 0 if it does. (On /mnt, of this
     namespace only: below /tmp the tool sees the host's /tmp through an overlay, which shows no mounts.)"""
     subprocess.run(["mount", "--make-rshared", "/"], check=True)
-    sandbox = open_sandbox(base / "root", ISOLATION_OVERLAY)
+    sandbox = open_sandbox(Root(base / "root"), ISOLATION_OVERLAY)
     try:
         exec_dir, late = base / "exec", Path("/mnt")
         exec_dir.mkdir()

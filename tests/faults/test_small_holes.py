@@ -9,13 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from treemat import protocol, protos
+from treemat import framing, protos
 from treemat.executor import ActionExecutor, ActionRequest, ActionResult, RequestInput
 from treemat.flagfile import ActionSpec
+from treemat.layout import Root
 from treemat.sandbox import EXEC_ROOT
 from treemat.stack import open_stack
 
-from ..treemat.workerharness import Worker, request
+from ..support.harness import Worker, request
 
 IN_BYTES = b"declared input\n"
 
@@ -82,9 +83,9 @@ def test_sandbox_dir_is_refused_in_proto_requests_too(execroot: Path, tmp_path: 
             arguments=["--output=out/p", "--", "cp", "in/a.txt", "out/p"], request_id=4, sandbox_dir="sb/4"
         )
         message.inputs.add(path="in/a.txt", digest=_sha(IN_BYTES).encode())
-        protocol.write_delimited(live.stdin, message)
+        framing.write_delimited(live.stdin, message)
         live.stdin.flush()
-        reply = protocol.read_delimited(live.stdout, protos.WorkResponse)
+        reply = framing.read_delimited(live.stdout, protos.WorkResponse)
         assert reply is not None and reply.request_id == 4 and reply.exit_code == 1
         assert "sandbox_dir" in reply.output and reply.output.count("\n") == 1, reply.output
         assert not (execroot / "out/p").exists()
@@ -97,7 +98,7 @@ def test_sandbox_dir_is_refused_in_proto_requests_too(execroot: Path, tmp_path: 
 
 
 def _executor(root: Path) -> ActionExecutor:
-    return open_stack(root, background_cleanup=False).executor
+    return open_stack(Root(root), background_cleanup=False).executor
 
 
 def _execute(executor: ActionExecutor, execroot: Path, script: str, outputs: list[str], *inputs: str) -> ActionResult:
@@ -139,7 +140,7 @@ def test_an_exec_bit_changed_with_the_same_bytes_is_what_the_tool_sees(
 ) -> None:
     tool = execroot / "in/tool.sh"
     tool.write_bytes(b"#!/bin/sh\necho ran\n")
-    executor = open_stack(tmp_path / "root", isolation=isolation, background_cleanup=False).executor
+    executor = open_stack(Root(tmp_path / "root"), isolation=isolation, background_cleanup=False).executor
     probe = "if test -x in/tool.sh; then echo x; else echo -; fi > out/m"
 
     def seen() -> str:

@@ -7,16 +7,20 @@ import os
 from pathlib import Path
 
 import pytest
-from treemat.blobguard import BlobGuard, VerifiedLedger
+from treemat.blobguard import BlobGuard
 from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.digest import Digest
+from treemat.layout import Root
+from treemat.ledger import VerifiedLedger
+from treemat.writewatch import WriteWatch
 
 
 def _guard(root: Path) -> tuple[ContentStore, BlobGuard]:
     counters = Counters()
-    cas = ContentStore(root, counters=counters)
-    guard = BlobGuard(cas, counters=counters, ledger=VerifiedLedger(root / "verified"))
+    layout = Root(root)
+    cas = ContentStore(layout, counters=counters)
+    guard = BlobGuard(cas, WriteWatch(), counters=counters, ledger=VerifiedLedger(layout.verified))
     if not guard.watching:
         pytest.skip("needs inotify")
     return cas, guard

@@ -6,9 +6,12 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from treemat.budget import default_budget, parse_size
+from treemat.budget import StoreBudget, default_budget, parse_size
+from treemat.cas import ContentStore
+from treemat.counters import Counters
 from treemat.executor import ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
+from treemat.layout import Root
 from treemat.stack import ISOLATION_COW, open_stack
 
 
@@ -26,7 +29,7 @@ def _inputs(execroot: Path, round_: int, count: int = 8, size: int = 64 << 10) -
 
 def test_the_store_is_kept_within_its_budget(tmp_path: Path) -> None:
     budget = 1 << 20  # 1 MiB; each round ingests ~0.5 MiB of new blobs
-    stack = open_stack(tmp_path / "root", isolation=ISOLATION_COW, max_bytes=budget, background_cleanup=False)
+    stack = open_stack(Root(tmp_path / "root"), isolation=ISOLATION_COW, max_bytes=budget, background_cleanup=False)
     execroot = tmp_path / "execroot"
     for round_ in range(10):
         spec = ActionSpec(argv=["sh", "-c", "cat in/*/* > out/all"], outputs=["out/all"])
@@ -40,7 +43,7 @@ def test_the_store_is_kept_within_its_budget(tmp_path: Path) -> None:
 
 
 def test_blobs_in_use_survive_collection(tmp_path: Path) -> None:
-    stack = open_stack(tmp_path / "root", max_bytes=1, background_cleanup=False)
+    stack = open_stack(Root(tmp_path / "root"), max_bytes=1, background_cleanup=False)
     execroot = tmp_path / "execroot"
     inputs = _inputs(execroot, 0, count=3)
     spec = ActionSpec(argv=["true"], outputs=[])
@@ -63,3 +66,16 @@ def test_sizes_and_default_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert default_budget(tmp_path) >= 1 << 30
     monkeypatch.setenv("TREEMAT_MAX_SIZE", "3G")
     assert default_budget(tmp_path) == 3 << 30
+
+
+def test_the_budget_counts_what_the_store_published_not_a_telemetry_counter(tmp_path: Path) -> None:
+    """The estimate grows by the bytes the store published, whichever counters the budget reports to (it read
+    the `ingested_bytes` counter: a budget given its own counters never saw an ingest, and never collected)."""
+    store = ContentStore(Root(tmp_path / "root"), counters=Counters())
+    budget = StoreBudget(store, 4 << 10, counters=Counters())
+    assert budget.maybe_collect() is None  # the first call scans: an empty store
+    for index in range(4):
+        store.ingest_bytes(bytes([index]) * (4 << 10), executable=False)
+    report = budget.maybe_collect()
+    assert report is not None and report.deleted_blobs > 0
+    assert store.stats().bytes <= 4 << 10

@@ -10,10 +10,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from treemat.cas import BLOB_MTIME_NS, ContentStore
+from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.digest import EMPTY_DIGEST, digest_bytes
 from treemat.errors import CasError, CorruptBlobError, MissingBlobError
+from treemat.fsprims import BLOB_MTIME_NS
+from treemat.layout import Root
 
 
 def test_layout_modes_and_mtime(store: ContentStore, tmp_path: Path) -> None:
@@ -139,7 +141,7 @@ def test_concurrent_threads_ingest_same_blobs(store: ContentStore) -> None:
 
 
 def _ingest_many(root: str, seed: int) -> None:
-    cas = ContentStore(Path(root))
+    cas = ContentStore(Root(Path(root)), counters=Counters())
     for i in range(50):
         cas.ingest_bytes(f"shared {i}".encode() * 100, executable=bool(i % 2))
         cas.ingest_bytes(f"private {seed} {i}".encode(), executable=False)
@@ -153,14 +155,14 @@ def test_concurrent_processes_share_one_cas(tmp_path: Path) -> None:
     for proc in procs:
         proc.join(60)
         assert proc.exitcode == 0
-    cas = ContentStore(tmp_path / "root")
+    cas = ContentStore(Root(tmp_path / "root"), counters=Counters())
     assert cas.stats().blobs == 50 + 4 * 50
     assert cas.verify_all().corrupt == 0
     assert not list((tmp_path / "root" / "tmp").iterdir())
 
 
 def test_disk_full_is_a_clear_error_and_leaves_nothing(tiny_tmpfs: Path, tmp_path: Path) -> None:
-    cas = ContentStore(tiny_tmpfs / "root", counters=Counters())
+    cas = ContentStore(Root(tiny_tmpfs / "root"), counters=Counters())
     big = tmp_path / "big"
     big.write_bytes(os.urandom(3 << 20))
     with pytest.raises(CasError, match="disk full"):

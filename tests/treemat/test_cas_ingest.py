@@ -8,15 +8,17 @@ import random
 from pathlib import Path
 
 import pytest
-from treemat import cas as cas_module
-from treemat.cas import ContentStore, _copy_and_hash
+from treemat import blobio
+from treemat.blobio import copy_and_hash
+from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.digest import Digest
 from treemat.errors import CasError, CorruptBlobError
 from treemat.fsprims import copy_fd, is_btrfs
+from treemat.layout import Root
 
 
-def _big(tmp_path: Path, size: int = 3 * cas_module._INGEST_CHUNK + 12345) -> tuple[Path, bytes]:
+def _big(tmp_path: Path, size: int = 3 * blobio._INGEST_CHUNK + 12345) -> tuple[Path, bytes]:
     data = random.Random(size).randbytes(size)
     source = tmp_path / "big.swiftmodule"
     source.write_bytes(data)
@@ -24,7 +26,7 @@ def _big(tmp_path: Path, size: int = 3 * cas_module._INGEST_CHUNK + 12345) -> tu
 
 
 def test_the_strategy_follows_the_filesystem(tmp_path: Path) -> None:
-    store = ContentStore(tmp_path / "root", counters=Counters())
+    store = ContentStore(Root(tmp_path / "root"), counters=Counters())
     assert store.ingest_reflinks == is_btrfs(tmp_path), "reflink-then-hash on btrfs only, one pass elsewhere"
 
 
@@ -60,7 +62,7 @@ def test_one_pass_hashes_exactly_what_it_writes(tmp_path: Path) -> None:
     src = os.open(source, os.O_RDONLY)
     dst = os.open(tmp_path, os.O_RDWR | os.O_TMPFILE, 0o600)
     try:
-        digest = _copy_and_hash(src, dst, source)
+        digest = copy_and_hash(src, dst, source)
         os.lseek(dst, 0, os.SEEK_SET)
         written = b"".join(iter(lambda: os.read(dst, 1 << 20), b""))
     finally:
@@ -79,11 +81,11 @@ def test_reflink_path_hashes_what_landed_in_the_copy(tmp_path: Path, monkeypatch
         os.pwrite(dst_fd, b"X", 0)
         os.lseek(dst_fd, 0, os.SEEK_SET)
 
-    monkeypatch.setattr(cas_module, "reflink_fd", fake_reflink)
+    monkeypatch.setattr(blobio, "reflink_fd", fake_reflink)
     src = os.open(source, os.O_RDONLY)
     dst = os.open(tmp_path, os.O_RDWR | os.O_TMPFILE, 0o600)
     try:
-        digest = _copy_and_hash(src, dst, source, reflink=True)
+        digest = copy_and_hash(src, dst, source, reflink=True)
     finally:
         os.close(src)
         os.close(dst)
@@ -96,8 +98,8 @@ def test_a_failed_reflink_falls_back_to_one_pass(tmp_path: Path, monkeypatch: py
     def refuse(src_fd: int, dst_fd: int) -> None:
         raise OSError(95, "Operation not supported")
 
-    monkeypatch.setattr(cas_module, "reflink_fd", refuse)
-    store = ContentStore(tmp_path / "root", counters=Counters())
+    monkeypatch.setattr(blobio, "reflink_fd", refuse)
+    store = ContentStore(Root(tmp_path / "root"), counters=Counters())
     store.ingest_reflinks = True
     digest = store.ingest_file(source, executable=True, expected=hashlib.sha256(data).hexdigest())
     assert store.blob_path(digest.hash, True).read_bytes() == data

@@ -11,9 +11,11 @@ from pathlib import Path
 from click.testing import CliRunner
 from treemat.cli import cli
 from treemat.commands.cas import parse_size
+from treemat.counters import Counters
 from treemat.digest import digest_bytes
+from treemat.layout import Root
 
-from .workerharness import worker_env
+from ..support.harness import worker_env
 
 
 def _run(root: Path, *args: str) -> tuple[int, str]:
@@ -103,7 +105,7 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
 
 def test_stats_watch_redraws_when_a_worker_publishes(tmp_path: Path) -> None:
     import pytest
-    from treemat.counters import Counters, StatsStore
+    from treemat.counters import StatsStore
 
     pytest.importorskip("watchdog", reason="the optional `watch` extra")
 
@@ -120,7 +122,7 @@ def test_stats_watch_redraws_when_a_worker_publishes(tmp_path: Path) -> None:
     assert first["totals"] == {}
     counters = Counters()
     counters.add("reflink", 42)
-    StatsStore(root).publish(counters, role="worker")  # a worker finishing a request
+    StatsStore(Root(root).stats).publish(counters, role="worker")  # a worker finishing a request
     second = json.loads(watcher.stdout.readline())
     assert second["totals"] == {"reflink": 42}
     assert watcher.wait(30) == 0
@@ -253,10 +255,10 @@ def test_stats_show_the_dircache_choice_and_size(btrfs_dir: Path) -> None:
     base.mkdir()
     root = base / "root"
     tree = load_manifest(_sdk_manifest(base, 64))
-    stack = open_stack(root, isolation=ISOLATION_COW)
+    stack = open_stack(Root(root), isolation=ISOLATION_COW)
     for dest in ("d1", "d2"):
         stack.dircache.stage(tree, base / dest)
-    StatsStore(root).publish(stack.counters, role="test", extra=stack.describe())
+    StatsStore(Root(root).stats).publish(stack.counters, role="test", extra=stack.describe())
     stack.close()
     code, text = _run(root, "stats")
     assert code == 0, text

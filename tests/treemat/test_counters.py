@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import threading
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from treemat.counters import Counters, StatsStore, sum_counters
+from treemat.layout import Root
 from treemat.locking import LockBusy, file_lock
 
 
@@ -37,7 +39,7 @@ def test_merge_and_sum() -> None:
 
 
 def test_stats_store_publish_totals_reset(tmp_path: Path) -> None:
-    store = StatsStore(tmp_path)
+    store = StatsStore(Root(tmp_path).stats)
     counters = Counters()
     counters.add("hardlink", 7)
     path = store.publish(counters, role="test", extra={"recent_actions": [{"files": 7}]})
@@ -85,7 +87,6 @@ def test_shared_locks_coexist(tmp_path: Path) -> None:
 def test_fork_gate_lets_a_waiting_fork_in_between_ingests() -> None:
     """Ingests hold the gate shared, one after another; a fork waiting meanwhile gets in before the next ingest."""
     import threading
-    import time
 
     from treemat.locking import ForkGate
 
@@ -93,11 +94,14 @@ def test_fork_gate_lets_a_waiting_fork_in_between_ingests() -> None:
     order: list[str] = []
     stop = threading.Event()
 
+    started = threading.Event()
+
     def ingests() -> None:
         while not stop.is_set():
             with gate.writing():
                 order.append("ingest")
-                time.sleep(0.001)
+                started.set()
+                hashlib.sha256(bytes(1 << 16)).digest()  # an ingest's worth of work while holding the gate
 
     def fork() -> None:
         with gate.forking():
@@ -105,7 +109,7 @@ def test_fork_gate_lets_a_waiting_fork_in_between_ingests() -> None:
 
     thread = threading.Thread(target=ingests, daemon=True)
     thread.start()
-    time.sleep(0.05)
+    assert started.wait(10)
     forker = threading.Thread(target=fork, daemon=True)
     forker.start()
     forker.join(10)

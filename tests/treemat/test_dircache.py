@@ -3,40 +3,40 @@ pins, eviction."""
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
 import os
 import shutil
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from treemat.backends import BackendProbe
 from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.digest import digest_bytes
-from treemat.dircache import DirectoryCache, recorded_usage
+from treemat.dircache import DirectoryCache
 from treemat.errors import MissingBlobError
 from treemat.fsprims import is_subvolume, remove_tree
+from treemat.layout import Root
 from treemat.locking import file_lock
 from treemat.materializer import Materializer
 from treemat.merkle import MerkleIndex
 from treemat.staging import StageReport
 from treemat.tree import FileNode, InputTree
+from treemat.treeclone import KernelTreeCloner
 
+from ..support.dircaches import CopyCloner, entry_key, fake_stack
 from .treegen import Spec, build_tree, expected_view, read_back, tree_specs
 
 
 def _stack(root: Path, min_files: int | None = 4, max_bytes: int | None = None) -> tuple[ContentStore, DirectoryCache]:
     counters = Counters()
-    cas = ContentStore(root, counters=counters)
+    layout = Root(root)
+    cas = ContentStore(layout, counters=counters)
     cache = DirectoryCache(
-        root,
+        layout.dircache,
         Materializer(cas, BackendProbe(), counters=counters),
         counters=counters,
+        cloner=KernelTreeCloner(),
         min_files=min_files,
         max_bytes=max_bytes,
     )
@@ -144,31 +144,6 @@ def test_failed_stage_leaves_nothing(btrfs_dir: Path) -> None:
 # cache decides (what to clone whole, hits and misses, eviction, pins, falling back) runs on any filesystem.
 
 
-class CopyCloner:
-    """A TreeCloner that copies instead of cloning in O(1), records its calls, and can be told to fail."""
-
-    def __init__(self, *, fail: bool = False) -> None:
-        self.fail = fail
-        self.mode_calls = 0
-        self.entries: list[Path] = []
-        self.clones: list[tuple[Path, Path]] = []
-
-    def mode(self, cache_dir: Path) -> str:
-        self.mode_calls += 1
-        return "copytree"
-
-    def new_entry(self, path: Path) -> None:
-        os.mkdir(path, 0o755)
-        self.entries.append(path)
-
-    def clone(self, entry: Path, dest: Path) -> bool:
-        self.clones.append((entry, dest))
-        if self.fail:
-            return False
-        shutil.copytree(entry, dest, symlinks=True)
-        return True
-
-
 def _tree_missing_a_blob(cas: ContentStore) -> InputTree:
     """A subtree of 6 files, one of whose blobs was never stored (staging it must fail)."""
     missing = InputTree()
@@ -176,25 +151,6 @@ def _tree_missing_a_blob(cas: ContentStore) -> InputTree:
     for i in range(5):
         missing.add_file(f"sdk/y{i}", FileNode(cas.ingest_bytes(b"y%d" % i, executable=False)))
     return missing
-
-
-def _fake_stack(
-    root: Path, cloner: CopyCloner, min_files: int | None = 4, max_bytes: int | None = None
-) -> tuple[ContentStore, DirectoryCache]:
-    counters = Counters()
-    cas = ContentStore(root, counters=counters)
-    materializer = Materializer(cas, BackendProbe(), counters=counters)
-    cache = DirectoryCache(
-        root, materializer, counters=counters, cloner=cloner, min_files=min_files, max_bytes=max_bytes
-    )
-    return cas, cache
-
-
-def _key(tree: InputTree, *path: str) -> str:
-    node = tree.root
-    for name in path:
-        node = node.dirs[name]
-    return MerkleIndex().digest_of(node).hash
 
 
 def _sdk_view(variant: bytes = b"") -> dict[str, object]:
@@ -206,7 +162,7 @@ def _sdk_view(variant: bytes = b"") -> dict[str, object]:
 
 def test_fake_cloner_misses_then_hits(tmp_path: Path) -> None:
     cloner = CopyCloner()
-    cas, cache = _fake_stack(tmp_path / "root", cloner)
+    cas, cache = fake_stack(tmp_path / "root", cloner)
     assert cache.mode == "copytree"
     first = cache.stage(_sdk_tree(cas), tmp_path / "exec1")
     assert (first.subtree_misses, first.subtree_hits, first.subtree_files) == (1, 0, 12)
@@ -214,7 +170,7 @@ def test_fake_cloner_misses_then_hits(tmp_path: Path) -> None:
     second = cache.stage(_sdk_tree(cas, variant=b" // changed"), tmp_path / "exec2")
     assert (second.subtree_misses, second.subtree_hits) == (0, 1), "the unchanged sdk/include is reused"
     assert len(cloner.entries) == 1, "a hit builds nothing"
-    entry = cache.cache_dir / _key(_sdk_tree(cas), "sdk", "include")
+    entry = cache.cache_dir / entry_key(_sdk_tree(cas), "sdk", "include")
     assert cloner.clones == [(entry, tmp_path / "exec1/sdk/include"), (entry, tmp_path / "exec2/sdk/include")]
     assert second.files == 14 and second.methods["copytree"] == 12
     assert second.bytes == _sdk_tree(cas).root.total_bytes() + len(b" // changed")
@@ -230,12 +186,12 @@ def test_fake_cloner_misses_then_hits(tmp_path: Path) -> None:
 def test_min_files_threshold(tmp_path: Path) -> None:
     """sdk/ holds 13 files (include/ 12, bin/ 1): at 13 it is the unit, at 14 nothing is big enough."""
     cloner = CopyCloner()
-    cas, cache = _fake_stack(tmp_path / "r13", cloner, min_files=13)
+    cas, cache = fake_stack(tmp_path / "r13", cloner, min_files=13)
     report = cache.stage(_sdk_tree(cas), tmp_path / "e13")
     assert [dest for _entry, dest in cloner.clones] == [tmp_path / "e13/sdk"]
     assert report.subtree_files == 13
     cloner = CopyCloner()
-    cas, cache = _fake_stack(tmp_path / "r14", cloner, min_files=14)
+    cas, cache = fake_stack(tmp_path / "r14", cloner, min_files=14)
     report = cache.stage(_sdk_tree(cas), tmp_path / "e14")
     assert cloner.clones == [] and cloner.entries == []
     assert (report.subtree_hits, report.subtree_misses, report.files) == (0, 0, 14)
@@ -244,23 +200,23 @@ def test_min_files_threshold(tmp_path: Path) -> None:
 
 def test_disabled_cache_never_asks_the_cloner(tmp_path: Path) -> None:
     cloner = CopyCloner()
-    cas, cache = _fake_stack(tmp_path / "root", cloner, min_files=None)
+    cas, cache = fake_stack(tmp_path / "root", cloner, min_files=None)
     report = cache.stage(_sdk_tree(cas), tmp_path / "exec")
     assert cache.mode == "off" and cloner.mode_calls == 0 and cloner.clones == []
     assert report.files == 14 and "copytree" not in report.methods
-    assert not (tmp_path / "root/dircache").exists()
+    assert not any(cache.cache_dir.iterdir()), "nothing written to the (disabled) cache"
 
 
 def test_whole_subtree_choice_prefers_cached_directories(tmp_path: Path) -> None:
     """Uncached: the deepest big directory (sdk/include, since sdk has a big child). Cached: the biggest."""
     cloner = CopyCloner()
-    cas, cache = _fake_stack(tmp_path / "root", cloner, min_files=4)
+    cas, cache = fake_stack(tmp_path / "root", cloner, min_files=4)
     cache.stage(_sdk_tree(cas), tmp_path / "deep")
     assert [dest for _entry, dest in cloner.clones] == [tmp_path / "deep/sdk/include"]
     # another cache over the same root, whose threshold made sdk/ itself an entry
-    _cas, wide = _fake_stack(tmp_path / "root", cloner, min_files=13)
+    _cas, wide = fake_stack(tmp_path / "root", cloner, min_files=13)
     wide.stage(_sdk_tree(cas), tmp_path / "wide")
-    assert cloner.clones[-1] == (wide.cache_dir / _key(_sdk_tree(cas), "sdk"), tmp_path / "wide/sdk")
+    assert cloner.clones[-1] == (wide.cache_dir / entry_key(_sdk_tree(cas), "sdk"), tmp_path / "wide/sdk")
     cloner.clones.clear()
     report = cache.stage(_sdk_tree(cas), tmp_path / "again")
     assert [dest for _entry, dest in cloner.clones] == [tmp_path / "again/sdk"], "sdk/ is cached: one clone"
@@ -270,7 +226,7 @@ def test_whole_subtree_choice_prefers_cached_directories(tmp_path: Path) -> None
 
 def test_a_failed_clone_falls_back_to_the_wrapped_stager(tmp_path: Path) -> None:
     cloner = CopyCloner(fail=True)
-    cas, cache = _fake_stack(tmp_path / "root", cloner)
+    cas, cache = fake_stack(tmp_path / "root", cloner)
     calls: list[int] = []
     report = cache.stage(_sdk_tree(cas), tmp_path / "exec", progress=calls.append)
     assert len(cloner.clones) == 1, "the clone was tried"
@@ -282,7 +238,7 @@ def test_a_failed_clone_falls_back_to_the_wrapped_stager(tmp_path: Path) -> None
 
 
 def test_progress_counts_every_file_once(tmp_path: Path) -> None:
-    cas, cache = _fake_stack(tmp_path / "root", CopyCloner())
+    cas, cache = fake_stack(tmp_path / "root", CopyCloner())
     for attempt in ("cold", "warm"):
         calls: list[int] = []
         cache.stage(_sdk_tree(cas), tmp_path / attempt, progress=calls.append)
@@ -291,14 +247,14 @@ def test_progress_counts_every_file_once(tmp_path: Path) -> None:
 
 def test_pins_and_lru_eviction_without_root(tmp_path: Path) -> None:
     cloner = CopyCloner()
-    cas, cache = _fake_stack(tmp_path / "root", cloner)
+    cas, cache = fake_stack(tmp_path / "root", cloner)
     tree_a = _sdk_tree(cas)
     tree_b = InputTree()
     for i in range(5):
         tree_b.add_file(f"lib/m{i}", FileNode(cas.ingest_bytes(b"module %d" % i, executable=False)))
     cache.stage(tree_a, tmp_path / "a")
     cache.stage(tree_b, tmp_path / "b")
-    key_a, key_b = _key(tree_a, "sdk", "include"), _key(tree_b, "lib")
+    key_a, key_b = entry_key(tree_a, "sdk", "include"), entry_key(tree_b, "lib")
     os.utime(cache.cache_dir / f"{key_a}.lock", (1, 1))  # a was used long ago, b just now
     assert cache.stats().entries == 2
     with file_lock(cache.cache_dir / f"{key_a}.lock", shared=True):  # a stager is cloning a right now
@@ -313,7 +269,7 @@ def test_pins_and_lru_eviction_without_root(tmp_path: Path) -> None:
 
 
 def test_failed_stage_leaves_nothing_without_root(tmp_path: Path) -> None:
-    cas, cache = _fake_stack(tmp_path / "root", CopyCloner())
+    cas, cache = fake_stack(tmp_path / "root", CopyCloner())
     missing = _tree_missing_a_blob(cas)
     with pytest.raises(MissingBlobError, match="not in the CAS"):
         cache.stage(missing, tmp_path / "exec")
@@ -325,7 +281,7 @@ def test_failed_stage_leaves_nothing_without_root(tmp_path: Path) -> None:
 @given(spec=tree_specs(max_entries=30))
 def test_tree_in_equals_tree_out_through_the_fake_cloner(tmp_path: Path, spec: Spec) -> None:
     base = _fresh_dir(tmp_path / "prop")
-    cas, cache = _fake_stack(base / "root", CopyCloner(), min_files=1)
+    cas, cache = fake_stack(base / "root", CopyCloner(), min_files=1)
     tree = build_tree(spec, cas)
     miss, hit = _stage_cold_then_warm(cache, tree, spec, base)
     assert miss.files == hit.files == tree.count_files()
@@ -334,7 +290,7 @@ def test_tree_in_equals_tree_out_through_the_fake_cloner(tmp_path: Path, spec: S
 def test_a_new_entry_is_not_the_first_evicted(tmp_path: Path) -> None:
     """Building an entry may push the cache over budget: the least recently used entry goes, not the new one."""
     cloner = CopyCloner()
-    cas, cache = _fake_stack(tmp_path / "root", cloner, max_bytes=None)
+    cas, cache = fake_stack(tmp_path / "root", cloner, max_bytes=None)
     old, new = InputTree(), InputTree()
     for i in range(5):
         old.add_file(f"lib/m{i}", FileNode(cas.ingest_bytes(b"old module %d" % i, executable=False)))
@@ -343,8 +299,8 @@ def test_a_new_entry_is_not_the_first_evicted(tmp_path: Path) -> None:
     cache.max_bytes = cache.stats().bytes  # room for one entry
     report = cache.stage(new, tmp_path / "new")
     assert (report.subtree_misses, report.files) == (1, 5), "the new entry was built and cloned"
-    assert not (cache.cache_dir / _key(old, "lib")).exists(), "the old entry made room"
-    assert (cache.cache_dir / _key(new, "lib")).is_dir()
+    assert not (cache.cache_dir / entry_key(old, "lib")).exists(), "the old entry made room"
+    assert (cache.cache_dir / entry_key(new, "lib")).is_dir()
     assert read_back(tmp_path / "new")["lib/m0"] == ("file", (b"new module 0", False))
 
 
@@ -358,166 +314,3 @@ def test_the_stack_default_is_the_measured_threshold() -> None:
 
 # ---------------------------------------------------------------------------- incremental eviction
 # Sizes are recorded when an entry is built; a build under budget must not list or walk the cache.
-
-
-def _lib_tree(cas: ContentStore, tag: str, sizes: list[int]) -> InputTree:
-    tree = InputTree()
-    for i, size in enumerate(sizes):
-        data = (f"{tag}:{i}:".encode() * (size // 4 + 1))[:size] or tag.encode()
-        tree.add_file(f"lib/m{i}", FileNode(cas.ingest_bytes(data, executable=False)))
-    return tree
-
-
-def _actual(cache: DirectoryCache) -> dict[str, int]:
-    """Every entry and its bytes, by walking (what the cache must no longer do per build)."""
-    sizes: dict[str, int] = {}
-    if not cache.cache_dir.is_dir():
-        return sizes
-    for path in cache.cache_dir.iterdir():
-        if path.is_dir() and not path.name.startswith("."):
-            sizes[path.name] = sum(
-                os.lstat(os.path.join(d, f)).st_size for d, _dirs, files in os.walk(path) for f in files
-            )
-    return sizes
-
-
-@contextlib.contextmanager
-def _fs_calls(monkeypatch: pytest.MonkeyPatch, under: Path) -> Iterator[list[tuple[str, str]]]:
-    """Record (call, path) for every stat / lstat / open / listing of a path under `under`."""
-    calls: list[tuple[str, str]] = []
-    prefix = str(under)
-
-    def wrap(name: str) -> Callable[..., Any]:
-        real = getattr(os, name)
-
-        def recorded(path: Any = ".", *args: Any, **kwargs: Any) -> Any:
-            if isinstance(path, (str, os.PathLike)) and not kwargs.get("dir_fd"):
-                text = os.fspath(path)
-                if isinstance(text, str) and text.startswith(prefix):
-                    calls.append((name, text))
-            return real(path, *args, **kwargs)
-
-        return recorded
-
-    with monkeypatch.context() as patch:
-        for name in ("stat", "lstat", "open", "scandir", "listdir"):
-            patch.setattr(os, name, wrap(name))
-        yield calls
-
-
-@pytest.mark.parametrize("cached", [2, 12])
-def test_a_build_under_budget_touches_no_other_entry(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached: int
-) -> None:
-    """The first build of an entry records its size in O(1): the cache is neither listed nor walked
-    (the old code walked every entry to evict, on every build)."""
-    cas, cache = _fake_stack(tmp_path / "root", CopyCloner(), max_bytes=1 << 30)
-    old = [_lib_tree(cas, f"old{n}", [100] * 5) for n in range(cached)]
-    for n, tree in enumerate(old):
-        cache.stage(tree, tmp_path / f"old{n}")
-    new = _lib_tree(cas, "new", [100] * 5)
-    with _fs_calls(monkeypatch, cache.cache_dir) as calls:
-        report = cache.stage(new, tmp_path / "new")
-    assert report.subtree_misses == 1
-    old_keys = {_key(tree, "lib") for tree in old}
-    listed = [path for call, path in calls if call in ("scandir", "listdir") and path == str(cache.cache_dir)]
-    assert listed == [], "the cache directory was listed"
-    inside = [path for _call, path in calls if os.path.relpath(path, cache.cache_dir).split(os.sep)[0] in old_keys]
-    assert inside == [], f"other entries were touched: {inside[:5]}"
-    # what a build does in the cache depends on the new entry alone, not on how many others there are
-    test_a_build_under_budget_touches_no_other_entry.calls[cached] = len(calls)  # type: ignore[attr-defined]
-    counts = test_a_build_under_budget_touches_no_other_entry.calls  # type: ignore[attr-defined]
-    if len(counts) == 2:
-        assert counts[2] == counts[12], counts
-    assert recorded_usage(tmp_path / "root") == (cached + 1, 500 * (cached + 1))
-    assert cache.counters.get("dircache_eviction_passes") == 0
-
-
-test_a_build_under_budget_touches_no_other_entry.calls = {}  # type: ignore[attr-defined]
-
-
-@SETTINGS
-@given(data=st.data())
-def test_eviction_keeps_the_budget_and_spares_pinned_entries(tmp_path: Path, data: st.DataObject) -> None:
-    """Property: after every build the recorded total is exact, the cache is within budget unless everything
-    left is pinned, and a pinned entry is never removed."""
-    base = tmp_path / "evict-prop"
-    if base.exists():
-        remove_tree(base)
-    base.mkdir()
-    budget = data.draw(st.integers(0, 3000), label="budget")
-    cas, cache = _fake_stack(base / "root", CopyCloner(), min_files=1, max_bytes=budget)
-    sizes = st.lists(st.integers(1, 400), min_size=1, max_size=4)
-    trees = [_lib_tree(cas, f"t{n}", data.draw(sizes, label=f"sizes{n}")) for n in range(6)]
-    for step in range(data.draw(st.integers(1, 10), label="steps")):
-        tree = trees[data.draw(st.integers(0, len(trees) - 1), label="tree")]
-        present = sorted(_actual(cache))
-        pinned = data.draw(st.sets(st.sampled_from(present)) if present else st.just(set()), label="pinned")
-        with contextlib.ExitStack() as pins:
-            for key in pinned:
-                pins.enter_context(file_lock(cache.cache_dir / f"{key}.lock", shared=True))
-            report = cache.stage(tree, base / f"exec{step}")
-        remove_tree(base / f"exec{step}")
-        actual = _actual(cache)
-        assert pinned <= set(actual), "a pinned entry was evicted"
-        assert recorded_usage(base / "root") == (len(actual), sum(actual.values()))
-        if report.subtree_misses:  # a build: over budget afterwards only if nothing left could go
-            new_key = _key(tree, "lib")
-            assert sum(actual.values()) <= budget or set(actual) <= pinned | {new_key}, (budget, actual, pinned)
-
-
-def _stage_many(root: str, trees: list[InputTree], out: str, budget: int) -> None:
-    counters = Counters()
-    cas = ContentStore(Path(root), counters=counters)
-    cache = DirectoryCache(
-        Path(root),
-        Materializer(cas, BackendProbe(), counters=counters),
-        counters=counters,
-        cloner=CopyCloner(),
-        min_files=4,
-        max_bytes=budget,
-    )
-    Path(out).mkdir()
-    for n, tree in enumerate(trees + trees[::2]):  # misses, then hits (or misses again, if evicted meanwhile)
-        cache.stage(tree, Path(out) / str(n))
-        remove_tree(Path(out) / str(n))
-
-
-def test_concurrent_processes_keep_the_recorded_total_exact(tmp_path: Path) -> None:
-    """Three processes build, hit and evict overlapping entries in one cache: the total stays exact."""
-    cas, cache = _fake_stack(tmp_path / "root", CopyCloner(), max_bytes=2000)
-    pool = [_lib_tree(cas, f"shared{n}", [100] * 5) for n in range(8)]
-    context = multiprocessing.get_context("fork")
-    workers = [
-        context.Process(
-            target=_stage_many, args=(str(tmp_path / "root"), pool[w:] + pool[:w], str(tmp_path / f"w{w}"), 2000)
-        )
-        for w in range(3)
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(120)
-        assert worker.exitcode == 0
-    actual = _actual(cache)
-    assert recorded_usage(tmp_path / "root") == (len(actual), sum(actual.values()))
-    assert sum(actual.values()) <= 2000, "every pin is released: the last build's eviction got under budget"
-    assert not [p for p in cache.cache_dir.iterdir() if p.name.startswith((".evict", ".tmp"))]
-
-
-def test_a_cache_without_recorded_sizes_is_measured_once(tmp_path: Path) -> None:
-    """Entries from before sizes were recorded (or a crash between publishing and recording) are walked by
-    the next pass, once; their sizes are recorded from then on."""
-    cas, cache = _fake_stack(tmp_path / "root", CopyCloner(), max_bytes=None)
-    trees = [_lib_tree(cas, f"legacy{n}", [50 * (n + 1)] * 4) for n in range(3)]
-    for n, tree in enumerate(trees):
-        cache.stage(tree, tmp_path / f"e{n}")
-    for sidecar in cache.cache_dir.glob("*.bytes"):
-        sidecar.unlink()
-    (cache.cache_dir / ".index").unlink()
-    assert recorded_usage(tmp_path / "root") is None
-    stats = cache.stats()
-    assert (stats.entries, stats.bytes) == (3, 4 * (50 + 100 + 150))
-    assert sorted(p.name for p in cache.cache_dir.glob("*.bytes")) == sorted(f"{_key(t, 'lib')}.bytes" for t in trees)
-    assert cache.evict(4 * 150) == 2, "the two least recently used go"
-    assert recorded_usage(tmp_path / "root") == (1, 4 * 150)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import json_format
-from treemat import protocol, protos
+from treemat import framing, protos
 from treemat.digest import digest_bytes
 from treemat.errors import ProtocolError
 from treemat.execlog import read_exec_log
+from treemat.layout import Root
 from treemat.replay import replay
 
 
@@ -45,7 +46,7 @@ def logs(tmp_path: Path) -> tuple[Path, Path, Path]:
     binary_log = tmp_path / "log.bin"
     stream = io.BytesIO()
     for spawn in spawns:
-        protocol.write_delimited(stream, spawn)  # type: ignore[arg-type]
+        framing.write_delimited(stream, spawn)  # type: ignore[arg-type]
     binary_log.write_bytes(stream.getvalue())
     return json_log, binary_log, execroot
 
@@ -73,7 +74,7 @@ def test_bad_logs_are_clear_errors(tmp_path: Path) -> None:
 
 def test_replay_reports_every_backend(logs: tuple[Path, Path, Path], tmp_path: Path) -> None:
     json_log, _, execroot = logs
-    report = replay(json_log, root=tmp_path / "root", execroot=execroot)
+    report = replay(json_log, layout=Root(tmp_path / "root"), execroot=execroot)
     assert report.spawns == 3
     assert report.blobs_synthesized == 1 and report.blobs_from_execroot == 21
     swift = report.rows["SwiftCompile"]
@@ -82,7 +83,7 @@ def test_replay_reports_every_backend(logs: tuple[Path, Path, Path], tmp_path: P
     table = report.to_table()
     assert "SwiftCompile" in table and "saved vs copy" in table
     assert json.loads(json.dumps(report.to_json()))["spawns"] == 3
-    limited = replay(json_log, root=tmp_path / "root2", limit=1, mnemonics={"CppLink"})
+    limited = replay(json_log, layout=Root(tmp_path / "root2"), limit=1, mnemonics={"CppLink"})
     assert limited.spawns == 1 and list(limited.rows) == ["CppLink"]
 
 

@@ -16,7 +16,7 @@ from treemat.executor import ActionExecutor, ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
 from treemat.manifest import InputManifest
 
-from .workerharness import make_executor
+from ..support.stacks import make_executor
 
 LIST_TREE = (
     "find . -path ./out -prune -o \\( -type f -o -type d \\) -print | sort > out/listing; "
@@ -198,7 +198,8 @@ def test_a_dir_watched_only_in_part_is_verified_by_lstat(tmp_path: Path, monkeyp
     """Out of inotify watches halfway through a dir: a change in a directory left unwatched is still caught."""
     execroot = tmp_path / "execroot"
     executor = _executor_with_pool(tmp_path / "root")
-    real = executor.guard.watch_directory
+    assert executor.pool is not None
+    real = executor.pool.watch.watch_directory
     placed: list[str] = []
 
     def watch_one(path: str, on_event: Callable[[], None]) -> int | None:
@@ -207,7 +208,7 @@ def test_a_dir_watched_only_in_part_is_verified_by_lstat(tmp_path: Path, monkeyp
         placed.append(path)
         return real(path, on_event)
 
-    monkeypatch.setattr(executor.guard, "watch_directory", watch_one)
+    monkeypatch.setattr(executor.pool.watch, "watch_directory", watch_one)
     files = {"in/deep/a.txt": b"a\n", "in/deep/b.txt": b"b\n"}
     inputs = _write(execroot, files)
     _run(executor, execroot, inputs)

@@ -15,7 +15,7 @@ from treemat.locking import ForkGate
 from treemat.sandbox import EXEC_ROOT, ISOLATION_NONE, RunDir, Sandbox, ToolPlan
 from treemat.toolrun import ToolRunner
 
-from .workerharness import make_executor
+from ..support.stacks import make_executor
 
 
 def _sha(path: Path) -> str:

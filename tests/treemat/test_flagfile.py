@@ -11,7 +11,7 @@ import pytest
 from treemat.errors import ProtocolError
 from treemat.flagfile import MAX_FLAGFILE_BYTES, parse_action_args, read_flagfile, request_arguments
 
-from .workerharness import worker_env
+from ..support.harness import worker_env
 
 
 def test_parse_action_args() -> None:

@@ -13,6 +13,7 @@ from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.digest import digest_bytes
 from treemat.errors import MaterializeError, MissingBlobError
+from treemat.layout import Root
 from treemat.materializer import Materializer
 from treemat.tree import FileNode, InputTree
 
@@ -24,9 +25,11 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 def _roundtrip(base: Path, spec: Spec, prefer: list[Method], concurrency: int) -> tuple[Spec, dict[str, int]]:
     if base.exists():
         shutil.rmtree(base)
-    cas = ContentStore(base / "root", counters=Counters())
+    cas = ContentStore(Root(base / "root"), counters=Counters())
     tree = build_tree(spec, cas)
-    materializer = Materializer(cas, BackendProbe(prefer=prefer), concurrency=concurrency, batch_size=3)
+    materializer = Materializer(
+        cas, BackendProbe(prefer=prefer), concurrency=concurrency, batch_size=3, counters=cas.counters
+    )
     dest = base / "out"
     report = materializer.build(tree.root, dest)
     assert report.files == sum(1 for kind, _ in spec.values() if kind == "file")
@@ -51,7 +54,7 @@ def test_reflink_round_trip_on_xfs(xfs_dir: Path, spec: Spec) -> None:
 
 
 def test_inputs_read_only_outputs_creatable(tmp_path: Path) -> None:
-    cas = ContentStore(tmp_path / "root")
+    cas = ContentStore(Root(tmp_path / "root"), counters=Counters())
     tree = InputTree()
     tree.add_file("src/a.swift", FileNode(cas.ingest_bytes(b"let a = 1\n", executable=False)))
     tree.add_file("bin/tool", FileNode(cas.ingest_bytes(b"#!/bin/sh\n", executable=True), executable=True))
@@ -72,22 +75,22 @@ def test_inputs_read_only_outputs_creatable(tmp_path: Path) -> None:
 
 
 def test_missing_blob_fails_cleanly(tmp_path: Path) -> None:
-    cas = ContentStore(tmp_path / "root")
+    cas = ContentStore(Root(tmp_path / "root"), counters=Counters())
     tree = InputTree()
     tree.add_file("present", FileNode(cas.ingest_bytes(b"here", executable=False)))
     tree.add_file("absent", FileNode(digest_bytes(b"never ingested")))
     with pytest.raises(MissingBlobError, match="absent"):
-        Materializer(cas, BackendProbe(), concurrency=1).build(tree.root, tmp_path / "exec")
+        Materializer(cas, BackendProbe(), concurrency=1, counters=cas.counters).build(tree.root, tmp_path / "exec")
     assert not (tmp_path / "exec").exists(), "a failed build leaves nothing behind"
 
 
 def test_missing_blob_is_ingested_from_source(tmp_path: Path) -> None:
-    cas = ContentStore(tmp_path / "root")
+    cas = ContentStore(Root(tmp_path / "root"), counters=Counters())
     source = tmp_path / "src.txt"
     source.write_bytes(b"from source")
     tree = InputTree()
     tree.add_file("x/src.txt", FileNode(digest_bytes(b"from source"), source=source))
-    Materializer(cas, BackendProbe()).build(tree.root, tmp_path / "exec")
+    Materializer(cas, BackendProbe(), counters=cas.counters).build(tree.root, tmp_path / "exec")
     assert (tmp_path / "exec/x/src.txt").read_bytes() == b"from source"
     assert cas.lookup(digest_bytes(b"from source").hash, False) is not None
 
@@ -95,11 +98,13 @@ def test_missing_blob_is_ingested_from_source(tmp_path: Path) -> None:
 def test_destination_must_not_exist(tmp_path: Path) -> None:
     (tmp_path / "exec").mkdir()
     with pytest.raises(MaterializeError, match="already exists"):
-        Materializer(ContentStore(tmp_path / "root"), BackendProbe()).build(InputTree().root, tmp_path / "exec")
+        Materializer(
+            ContentStore(Root(tmp_path / "root"), counters=Counters()), BackendProbe(), counters=Counters()
+        ).build(InputTree().root, tmp_path / "exec")
 
 
 def test_cross_filesystem_falls_back_to_copy_visibly(tmp_path: Path, tiny_tmpfs: Path) -> None:
-    cas = ContentStore(tmp_path / "root")
+    cas = ContentStore(Root(tmp_path / "root"), counters=Counters())
     tree = InputTree()
     for i in range(10):
         tree.add_file(f"f{i}", FileNode(cas.ingest_bytes(f"blob {i}".encode(), executable=False)))
@@ -110,11 +115,11 @@ def test_cross_filesystem_falls_back_to_copy_visibly(tmp_path: Path, tiny_tmpfs:
 
 
 def test_disk_full_during_materialization(tmp_path: Path, tiny_tmpfs: Path) -> None:
-    cas = ContentStore(tmp_path / "root")
+    cas = ContentStore(Root(tmp_path / "root"), counters=Counters())
     tree = InputTree()
     for i in range(4):
         tree.add_file(f"big{i}", FileNode(cas.ingest_bytes(os.urandom(400_000) + bytes([i]), executable=False)))
     with pytest.raises(MaterializeError, match="disk full"):
-        Materializer(cas, BackendProbe(), concurrency=1).build(tree.root, tiny_tmpfs / "exec")
+        Materializer(cas, BackendProbe(), concurrency=1, counters=cas.counters).build(tree.root, tiny_tmpfs / "exec")
     assert not (tiny_tmpfs / "exec").exists()
     assert cas.verify_all().corrupt == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import pytest
-from treemat import protocol, protos
+from treemat import framing, protos
 from treemat.errors import ProtocolError
 
 
@@ -28,19 +28,19 @@ def test_work_request_and_response_field_numbers() -> None:
 def test_delimited_round_trip_and_eof() -> None:
     stream = io.BytesIO()
     for rid in (1, 300):
-        protocol.write_delimited(stream, protos.WorkRequest(request_id=rid, arguments=["a" * 200]))
+        framing.write_delimited(stream, protos.WorkRequest(request_id=rid, arguments=["a" * 200]))
     stream.seek(0)
-    first = protocol.read_delimited(stream, protos.WorkRequest)
-    second = protocol.read_delimited(stream, protos.WorkRequest)
+    first = framing.read_delimited(stream, protos.WorkRequest)
+    second = framing.read_delimited(stream, protos.WorkRequest)
     assert first is not None and second is not None
     assert (first.request_id, second.request_id) == (1, 300)
-    assert protocol.read_delimited(stream, protos.WorkRequest) is None
+    assert framing.read_delimited(stream, protos.WorkRequest) is None
 
 
 def test_truncated_message_is_a_protocol_error() -> None:
-    stream = io.BytesIO(protocol.encode_varint(50) + b"short")
+    stream = io.BytesIO(framing.encode_varint(50) + b"short")
     with pytest.raises(ProtocolError, match="truncated"):
-        protocol.read_delimited(stream, protos.WorkRequest)
+        framing.read_delimited(stream, protos.WorkRequest)
 
 
 def test_spawn_exec_parses_execution_log_fields() -> None:

@@ -10,16 +10,16 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from treemat import protocol, protos
+from treemat import framing, protos
 from treemat.errors import ProtocolError
 from treemat.protocol import JsonRequestDecoder, item_from_json
 from treemat.sandbox import EXEC_ROOT
 
-from .workerharness import Worker, request, worker_env
+from ..support.harness import Worker, request, worker_env
+from ..support.waiting import running_below, wait_for
 
 HELLO_HASH = hashlib.sha256(b"hello input\n").hexdigest()
 
@@ -74,7 +74,7 @@ def test_multiplex_requests_run_concurrently(execroot: Path, tmp_path: Path) -> 
 def test_cancellation_kills_the_tool(execroot: Path, tmp_path: Path) -> None:
     worker = Worker(execroot, tmp_path / "root")
     worker.send(request(execroot, ["src/in.txt"], ["out/never"], ["sh", "-c", "sleep 30; touch out/never"], 9))
-    time.sleep(1.0)
+    wait_for(lambda: running_below(worker.proc.pid, ["sleep", "30"]), what="the tool to start")
     worker.send({"requestId": 9, "cancel": True})
     reply = worker.read()
     assert reply["requestId"] == 9 and reply.get("wasCancelled") is True
@@ -138,9 +138,9 @@ def test_proto_protocol(execroot: Path, tmp_path: Path) -> None:
     message = protos.WorkRequest(arguments=["--output=out/p.txt", "--", "sh", "src/copy.sh", "src/in.txt", "out/p.txt"])
     for path in ("src/in.txt", "src/copy.sh"):
         message.inputs.add(path=path, digest=hashlib.sha256((execroot / path).read_bytes()).hexdigest().encode())
-    protocol.write_delimited(worker.stdin, message)
+    framing.write_delimited(worker.stdin, message)
     worker.stdin.flush()
-    reply = protocol.read_delimited(worker.stdout, protos.WorkResponse)
+    reply = framing.read_delimited(worker.stdout, protos.WorkResponse)
     assert reply is not None and reply.exit_code == 0, reply
     assert (execroot / "out/p.txt").read_text() == "hello input\n"
     assert worker.close() == 0

@@ -62,13 +62,13 @@ def serve_worker(options: dict[str, str]) -> int:
         prestart_helper()
     from pathlib import Path
 
-    from treemat.layout import Root, default_root_path
+    from treemat.layout import default_root_path
 
     root = Path(options["root"]).expanduser().absolute() if options["root"] else default_root_path()
     if options["isolation"] != "none":
         from treemat.sandbox import open_early
 
-        open_early(root, options["isolation"], lambda: Root(root))
+        open_early(root, options["isolation"])
     from treemat.errors import TreematError, describe_error
     from treemat.worker import serve_stdio
 
@@ -92,6 +92,7 @@ def keep_bytecode_across_bazel_clean() -> None:
     explicit PYTHONPYCACHEPREFIX or -B wins.
     """
     if sys.pycache_prefix is None and not sys.flags.dont_write_bytecode:
+        # layout.user_cache_dir's rule, spelled here: importing any treemat module first would compile it in place
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         sys.pycache_prefix = os.path.join(cache, "treemat", "pycache")
 

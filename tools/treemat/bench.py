@@ -30,6 +30,7 @@ from pathlib import Path
 from treemat.counters import StatsStore
 from treemat.errors import TreematError
 from treemat.fsprims import remove_tree
+from treemat.layout import Root
 
 STRATEGY_FLAGS = {
     "local": ["--strategy=SwiftCompile=local", "--strategy=SwiftLink=local", "--spawn_strategy=local"],
@@ -301,7 +302,7 @@ def run_bench(
     output_base = output_base or scratch / "output_base"
     targets = [f"//examples/generated:Shape{shape}" for shape in shapes]
     report = BenchReport(bazel=release)
-    stats = StatsStore(root)
+    stats = StatsStore(Root(root).stats)
 
     def build(strategy: str, profile: Path, *extra: str) -> str:
         stats.reset()
@@ -309,7 +310,8 @@ def run_bench(
             workspace,
             output_base,
             "build",
-            f"--action_env=TREEMAT_ROOT={root}",
+            # the worker's root as a startup flag: the compiles get no shell environment (no --action_env)
+            *[f"--worker_extra_flag={m}=--root={root}" for m in ("SwiftCompile", "SwiftLink", "TreematRun")],
             f"--profile={profile}",
             *extra,
             *strategy_flags(strategy, major),

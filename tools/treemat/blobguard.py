@@ -24,48 +24,31 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
-import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import Any
 
-from treemat.cas import BLOB_MTIME_NS, ContentStore
+from treemat.blobstate import (
+    EXEC_FILE_MODE,
+    PLAIN_FILE_MODE,
+    BlobIdentity,
+    BlobKey,
+    GuardMark,
+    StagedBlobs,
+    hash_fd,
+    hash_inode,
+    stat_problem,
+)
+from treemat.cas import ContentStore
 from treemat.counters import Counters
-from treemat.fsprims import blob_mode
+from treemat.fsprims import BLOB_MTIME_NS
 from treemat.ledger import VerifiedLedger
-from treemat.writewatch import DirCallback, DirectoryWatches, SignalLog, errno_name, inotify_flags, open_inotify
-
-__all__ = ["BlobGuard", "BlobIdentity", "GuardMark", "StagedBlobs", "VerifiedLedger"]
+from treemat.writewatch import SignalLog, WriteWatch, errno_name, inotify_flags
 
 DEFAULT_MAX_WATCHES = 50_000
-_PLAIN_FILE_MODE = stat.S_IFREG | blob_mode(False)
-_EXEC_FILE_MODE = stat.S_IFREG | blob_mode(True)
-_CHUNK = 1 << 20
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-BlobKey = tuple[str, bool]  # (hash, executable)
-
-
-@dataclass(frozen=True, slots=True)
-class BlobIdentity:
-    """The inode a verified blob lives in."""
-
-    device: int
-    inode: int
-
-
-@dataclass(frozen=True, slots=True)
-class GuardMark:
-    """Where the guard stood when an action began: a different mark later means taints or lost trust since."""
-
-    taint_generation: int
-    trust_epoch: int
-
-
-StagedBlobs = dict[BlobIdentity, tuple[str, BlobKey]]  # inode -> (a path it is staged at, its key)
 
 
 class BlobGuard:
@@ -74,14 +57,16 @@ class BlobGuard:
     def __init__(
         self,
         cas: ContentStore,
+        watch: WriteWatch,
         *,
-        counters: Counters | None = None,
+        counters: Counters,
+        ledger: VerifiedLedger | None,
         max_watches: int | None = None,
-        ledger: VerifiedLedger | None = None,
     ) -> None:
         self.cas = cas
+        self.watch = watch
         self.ledger = ledger
-        self.counters = counters if counters is not None else cas.counters
+        self.counters = counters
         self.max_watches = DEFAULT_MAX_WATCHES if max_watches is None else max_watches
         self._lock = threading.Lock()
         # trusted on one lstat: only blobs with a live watch placed before they were verified, no event since
@@ -94,22 +79,16 @@ class BlobGuard:
         self.trust_epoch = 0  # bumped whenever a blob may be in use without a live watch
         self._overflows = 0
         self._signal = SignalLog()  # why the guard is not (only) on inotify
-        self._dirs = DirectoryWatches()
-        self._poll_lock = threading.Lock()  # one reader of the event queue at a time
-        self._inotify, why_not = open_inotify()
-        if why_not:
-            self._signal.lost(why_not)
+        self._inotify = watch.inotify
+        if watch.why_not:
+            self._signal.lost(watch.why_not)
             self.counters.add("guard_no_inotify")
+        watch.serve(self._on_events, self._lost_locked)
 
     @property
     def watching(self) -> bool:
         """True when writes are caught by inotify (else every use hashes)."""
         return self._inotify is not None
-
-    @property
-    def mode(self) -> str:
-        """`inotify`, `degraded` (some signal was lost: those blobs are hashed on every use) or `none`."""
-        return str(self.describe()["write_watch"])
 
     def describe(self) -> dict[str, object]:
         """The mode (`write_watch`) and why (`write_watch_detail`), for `treemat stats` / `probe`."""
@@ -119,6 +98,10 @@ class BlobGuard:
     def mark(self) -> GuardMark:
         """The taint generation and trust epoch now (see GuardMark)."""
         return GuardMark(self.taint_generation, self.trust_epoch)
+
+    def _lost_locked(self, reason: str, counter: str) -> None:
+        with self._lock:
+            self._lost(reason, counter)
 
     def _lost(self, reason: str, counter: str) -> None:
         """Note a loss of signal (lock held)."""
@@ -144,7 +127,8 @@ class BlobGuard:
         try:
             info = os.lstat(path)
         except FileNotFoundError:
-            self._forget(key)
+            with self._lock:
+                self._verified.pop(key, None)
             return None
         known = self._verified.get(key)  # a dict read is atomic: no lock on the hot path
         if size is None:
@@ -155,10 +139,10 @@ class BlobGuard:
             and info.st_dev == known[0].device
             and info.st_size == size
             and info.st_mtime_ns == BLOB_MTIME_NS
-            and info.st_mode == (_EXEC_FILE_MODE if executable else _PLAIN_FILE_MODE)
+            and info.st_mode == (EXEC_FILE_MODE if executable else PLAIN_FILE_MODE)
         ):
             return known[0], size
-        reason = _stat_problem(info, executable, size)
+        reason = stat_problem(info, executable, size)
         if known is not None and reason is None:
             reason = "the blob file was replaced"
         if reason is not None and not (
@@ -188,7 +172,7 @@ class BlobGuard:
             raise
         try:
             info = os.fstat(fd)
-            reason = _stat_problem(info, executable, size)
+            reason = stat_problem(info, executable, size)
             if reason is not None:
                 self._reject(key, reason)
                 return None
@@ -205,7 +189,7 @@ class BlobGuard:
                 if watch is None:
                     self.counters.add("guard_unwatched_hashed_blobs")
                     self.counters.add("guard_unwatched_hashed_bytes", size)
-                if _hash_fd(fd) != hash_hex:
+                if hash_fd(fd) != hash_hex:
                     self._reject(key, "content does not match its digest", taint=identity)
                     return None
             if watch is not None and not trusted and self.ledger is not None:
@@ -261,20 +245,16 @@ class BlobGuard:
     # ----------------------------------------------------------------------------------------- taint
 
     def poll(self) -> list[BlobKey]:
-        """Drain the event queue: each written blob is tainted and quarantined; directory watchers are told.
+        """Drain the write-watch queue: each written blob is tainted and quarantined (directory watchers are told).
 
         Returns the blobs hit. If the kernel's queue overflowed, nothing verified can be trusted: every blob is
-        untrusted (hashed again on its next use), and every directory watcher is told its watch was lost.
+        untrusted (hashed again on its next use).
         """
-        if self._inotify is None:
-            return []
-        with self._poll_lock:
-            try:
-                events = self._inotify.read(timeout=0)
-            except BlockingIOError:
-                events = []
+        return self.watch.poll()
+
+    def _on_events(self, events: list[Any]) -> list[BlobKey]:
+        """The events of blob watches (and a queue overflow), from `WriteWatch.poll`."""
         hit: dict[BlobKey, str] = {}
-        notify: list[tuple[DirCallback, bool]] = []
         for event in events:
             ignored = bool(event.mask & inotify_flags.IGNORED)
             with self._lock:
@@ -282,10 +262,8 @@ class BlobGuard:
                     self._verified.clear()
                     self._overflows += 1
                     self._lost("the inotify queue overflowed (events lost)", "guard_queue_overflows")
-                    notify.extend((callback, True) for callback in self._dirs.everyone())
                     continue
                 key = self._by_watch.get(event.wd)
-                on_dir_event = self._dirs.on_event(event.wd, ignored)
                 if ignored and key is not None:
                     self._by_watch.pop(event.wd, None)
                     live = self._watch_of.get(key)
@@ -293,36 +271,13 @@ class BlobGuard:
                         del self._watch_of[key]
                         self._verified.pop(key, None)
                         self._lost("a blob watch was removed by the kernel (IN_IGNORED)", "guard_watches_lost")
-            if on_dir_event is not None:
-                notify.append((on_dir_event, ignored))
             if key is None or ignored:
                 continue
             names = "|".join(flag.name or "?" for flag in inotify_flags.from_mask(event.mask))
             hit[key] = f"{hit[key]},{names}" if key in hit else names
         for key, names in hit.items():
             self._reject(key, f"written to while in the store (inotify {names})", written=True)
-        for callback, lost in notify:
-            callback(lost)
         return list(hit)
-
-    def watch_directory(self, path: str, on_event: DirCallback) -> int | None:
-        """Call `on_event(lost)` (from `poll`) whenever an entry of `path` is created, removed, renamed or
-        chmodded; `lost` is True when the watch itself was lost (queue overflow, IN_IGNORED).
-
-        None when there is no inotify or the watch cannot be placed (the caller then verifies by `lstat`).
-        """
-        if self._inotify is None:
-            return None
-        try:
-            return self._dirs.add(self._inotify, path, on_event)
-        except OSError as exc:
-            with self._lock:
-                self._lost(f"a directory watch failed ({errno_name(exc)})", "guard_watch_failures")
-            return None
-
-    def unwatch_directory(self, wd: int) -> None:
-        """Stop watching a directory (gone already is fine)."""
-        self._dirs.remove(self._inotify, wd)
 
     def tainted(self, identities: set[BlobIdentity]) -> bool:
         """True if any of these inodes was written to since it was verified."""
@@ -392,28 +347,19 @@ class BlobGuard:
     def _rehash_inode(self, identity: BlobIdentity, key: BlobKey, staged_path: str) -> bool:
         """Hash the inode `identity` (found at the blob's CAS path or where it was staged); False if not found."""
         cas_path = self.cas.blob_path_str(*key)
-        for candidate in (cas_path, staged_path):
-            try:
-                fd = os.open(candidate, _OPEN_FLAGS)
-            except OSError:
-                continue
-            try:
-                info = os.fstat(fd)
-                if (info.st_dev, info.st_ino) != (identity.device, identity.inode):
-                    continue
-                self.counters.add("guard_rechecked_blobs")
-                good = _hash_fd(fd) == key[0]
-            finally:
-                os.close(fd)
-            if not good:
-                reason = "content does not match its digest (hashed again after the action: it had no live watch)"
-                if candidate == cas_path:
-                    self._reject(key, reason, taint=identity)
-                else:
-                    with self._lock:
-                        self._taint(identity, reason)
-            return True
-        return False
+        found = hash_inode(identity, (cas_path, staged_path))
+        if found is None:
+            return False
+        self.counters.add("guard_rechecked_blobs")
+        where, hash_hex = found
+        if hash_hex != key[0]:
+            reason = "content does not match its digest (hashed again after the action: it had no live watch)"
+            if where == cas_path:
+                self._reject(key, reason, taint=identity)
+            else:
+                with self._lock:
+                    self._taint(identity, reason)
+        return True
 
     # ----------------------------------------------------------------------------------------- ledger, close
 
@@ -445,35 +391,8 @@ class BlobGuard:
         self.ledger.flush()
         return recorded
 
-    def _forget(self, key: BlobKey) -> None:
-        with self._lock:
-            self._verified.pop(key, None)
-
     def close(self) -> None:
-        """Flush the ledger and release the inotify descriptor."""
+        """Flush the ledger and stop using inotify (the stack closes the shared instance)."""
         if self.ledger is not None:
             self.ledger.close()
-        if self._inotify is not None:
-            self._inotify.close()
-            self._inotify = None
-
-
-def _stat_problem(info: os.stat_result, executable: bool, size: int) -> str | None:
-    if not stat.S_ISREG(info.st_mode):
-        return "the blob is not a regular file"
-    if info.st_size != size:
-        return f"the blob has {info.st_size} bytes, its digest says {size}"
-    if stat.S_IMODE(info.st_mode) != blob_mode(executable):
-        return f"the blob's mode changed to {stat.S_IMODE(info.st_mode):o}"
-    if info.st_mtime_ns != BLOB_MTIME_NS:
-        return "the blob's mtime changed (written to)"
-    return None
-
-
-def _hash_fd(fd: int) -> str:
-    hasher = hashlib.sha256()
-    offset = 0
-    while chunk := os.pread(fd, _CHUNK, offset):
-        hasher.update(chunk)
-        offset += len(chunk)
-    return hasher.hexdigest()
+        self._inotify = None

@@ -13,7 +13,8 @@ import os
 import threading
 from dataclasses import dataclass
 
-from treemat.cas import ContentStore, GcReport
+from treemat.cas import ContentStore
+from treemat.casmaint import GcReport
 from treemat.counters import Counters
 
 DEFAULT_SHARE = 0.10
@@ -56,10 +57,10 @@ class BudgetState:
 class StoreBudget:
     """Tracks the store's size and collects it when it outgrows the budget (call `maybe_collect` off-path)."""
 
-    def __init__(self, cas: ContentStore, max_bytes: int, *, counters: Counters | None = None) -> None:
+    def __init__(self, cas: ContentStore, max_bytes: int, *, counters: Counters) -> None:
         self.cas = cas
         self.max_bytes = max_bytes
-        self.counters = counters if counters is not None else cas.counters
+        self.counters = counters
         self._lock = threading.Lock()
         self._estimate: int | None = None
         self._counted_ingest = 0
@@ -68,7 +69,7 @@ class StoreBudget:
 
     def maybe_collect(self) -> GcReport | None:
         """Scan once if the size is unknown; gc down to 80% of the budget when over it. Returns the gc report."""
-        ingested = self.counters.get("ingested_bytes")
+        ingested = self.cas.published_bytes  # what this process added since the last call: the store's own tally
         with self._lock:
             fresh = ingested - self._counted_ingest
             self._counted_ingest = ingested

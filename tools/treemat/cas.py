@@ -21,75 +21,34 @@ import stat
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
+from treemat.blobio import TempBlob, check_expected, copy_and_hash, io_error
+from treemat.casmaint import StoreMaintenance
 from treemat.counters import Counters
 from treemat.digest import EMPTY_DIGEST, Digest, check_hash
-from treemat.errors import CasError, CorruptBlobError, MissingBlobError
-from treemat.fsprims import LEGACY_MODES, blob_mode, file_kind, is_btrfs, reflink_fd, sweep_unlocked_files
-from treemat.layout import PRIVATE_DIR_MODE, SHARED_DIR_MODE, check_root
+from treemat.errors import CasError, MissingBlobError
+from treemat.fsprims import BLOB_MTIME_NS, LEGACY_MODES, blob_mode, file_kind, is_btrfs
+from treemat.layout import Root
 from treemat.locking import ForkGate, file_lock
 
-BLOB_MTIME_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z: a blob whose mtime differs was written to
 TOUCH_INTERVAL_NS = 3600 * 1_000_000_000
-TEMP_GRACE_NS = 10 * 1_000_000_000  # a named temp file younger than this may still be about to be locked
 _CHUNK = 1 << 20
-_INGEST_CHUNK = 1 << 18  # read, hashed and written while still in the CPU's cache
 
 
-@dataclass(frozen=True, slots=True)
-class CasStats:
-    """Size of the store."""
-
-    blobs: int
-    bytes: int
-    executable_blobs: int
-    quarantined: int
-
-
-@dataclass(slots=True)
-class VerifyReport:
-    """Outcome of rehashing every blob."""
-
-    checked: int = 0
-    ok: int = 0
-    corrupt: int = 0
-    corrupt_blobs: list[str] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class GcReport:
-    """Outcome of a garbage collection."""
-
-    before_bytes: int = 0
-    after_bytes: int = 0
-    deleted_blobs: int = 0
-    deleted_bytes: int = 0
-    kept_in_use: int = 0
-
-
-def prepare_root(root: Path, *, group_shared: bool = False) -> Path:
-    """Create or check the treemat root (`layout.check_root`); CasError if unsafe."""
-    root = Path(root)
-    check_root(root, group_shared=group_shared)
-    return root
-
-
-class ContentStore:
+class ContentStore(StoreMaintenance):
     """The CAS. Safe for many threads and processes at once; publishes are atomic (link of an unnamed file)."""
 
-    def __init__(self, root: Path, *, counters: Counters | None = None, group_shared: bool = False) -> None:
-        self.root = prepare_root(root, group_shared=group_shared)
-        self.cas_dir = self.root / "cas"
-        self.tmp_dir = self.root / "tmp"
-        self.quarantine_dir = self.root / "quarantine"
-        self.gc_lock_path = self.root / "gc.lock"
-        self.counters = counters if counters is not None else Counters()
-        self.dir_mode = SHARED_DIR_MODE if group_shared else PRIVATE_DIR_MODE
-        for directory in (self.cas_dir, self.tmp_dir, self.quarantine_dir):
-            directory.mkdir(mode=self.dir_mode, exist_ok=True)
+    def __init__(self, layout: Root, *, counters: Counters) -> None:
+        self.layout = layout
+        self.root = layout.path
+        self.cas_dir = layout.cas
+        self.tmp_dir = layout.tmp
+        self.quarantine_dir = layout.quarantine
+        self.gc_lock_path = layout.gc_lock
+        self.counters = counters
+        self.dir_mode = layout.dir_mode
         self._cas_prefix = f"{self.cas_dir}/"
         self.fork_gate = ForkGate()
         # Ingest strategy, measured (benchmarks/bench_ingest.py): reading a reflinked copy back goes to the disk
@@ -102,7 +61,8 @@ class ContentStore:
         weakref.finalize(self, os.close, self._root_fd)
         self._touched: dict[tuple[str, bool], int] = {}
         self._pending_touches: list[tuple[str, bool]] = []
-        self._touch_lock = threading.Lock()
+        self._touch_lock = threading.Lock()  # also guards published_bytes
+        self.published_bytes = 0  # bytes this process added to the store (the size budget's estimate grows by it)
         self.sweep_temp_files()
 
     # ------------------------------------------------------------------ paths and lookups
@@ -214,10 +174,10 @@ class ContentStore:
             digest = EMPTY_DIGEST
         else:
             with self._temp_blob() as temp:
-                digest = _copy_and_hash(src_fd, temp.fd, source, reflink=self.ingest_reflinks)
-                _check_expected(digest, expected_hash, expected_size, source)
+                digest = copy_and_hash(src_fd, temp.fd, source, reflink=self.ingest_reflinks)
+                check_expected(digest, expected_hash, expected_size, source)
                 return self._publish(temp, digest, executable)
-        _check_expected(digest, expected_hash, expected_size, source)
+        check_expected(digest, expected_hash, expected_size, source)
         return digest
 
     def ingest_bytes(self, data: bytes, *, executable: bool) -> Digest:
@@ -234,11 +194,11 @@ class ContentStore:
                 while view:
                     view = view[os.write(temp.fd, view) :]
             except OSError as exc:
-                raise _io_error(exc, "writing a blob") from None
+                raise io_error(exc, "writing a blob") from None
             return self._publish(temp, digest, executable)
 
     @contextlib.contextmanager
-    def _temp_blob(self) -> Iterator[_TempBlob]:
+    def _temp_blob(self) -> Iterator[TempBlob]:
         """A fresh unnamed file in `<root>/tmp` (O_TMPFILE), or a named, flock-held one where unsupported.
 
         Held under the fork gate's shared side while the writable descriptor lives (see locking.ForkGate).
@@ -253,13 +213,13 @@ class ContentStore:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(temp.name)
 
-    def _open_temp(self) -> _TempBlob:
+    def _open_temp(self) -> TempBlob:
         try:
-            temp = _TempBlob(os.open(self.tmp_dir, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600), None)
+            temp = TempBlob(os.open(self.tmp_dir, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600), None)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
-                raise _io_error(exc, f"creating a temp file in {self.tmp_dir}") from None
-            temp = _TempBlob(*self._named_temp())
+                raise io_error(exc, f"creating a temp file in {self.tmp_dir}") from None
+            temp = TempBlob(*self._named_temp())
         return temp
 
     def _named_temp(self) -> tuple[int, str]:
@@ -268,11 +228,11 @@ class ContentStore:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise _io_error(exc, f"creating a temp file in {self.tmp_dir}") from None
+            raise io_error(exc, f"creating a temp file in {self.tmp_dir}") from None
         fcntl.flock(fd, fcntl.LOCK_EX)
         return fd, path
 
-    def _publish(self, temp: _TempBlob, digest: Digest, executable: bool) -> Digest:
+    def _publish(self, temp: TempBlob, digest: Digest, executable: bool) -> Digest:
         """Fix mode and mtime on the temp file, then link it into place; EEXIST means another writer won.
 
         The writable descriptor is closed *before* the link: its close is a write event (IN_CLOSE_WRITE), and
@@ -296,9 +256,11 @@ class ContentStore:
                 try:
                     os.link(source, final, src_dir_fd=root_fd, follow_symlinks=True)
                 except OSError as exc:
-                    raise _io_error(exc, f"publishing blob {digest}") from None
+                    raise io_error(exc, f"publishing blob {digest}") from None
         except OSError as exc:
-            raise _io_error(exc, f"publishing blob {digest}") from None
+            raise io_error(exc, f"publishing blob {digest}") from None
+        with self._touch_lock:
+            self.published_bytes += digest.size
         self.counters.add("ingested_blobs")
         self.counters.add("ingested_bytes", digest.size)
         return digest
@@ -332,41 +294,6 @@ class ContentStore:
         finally:
             os.close(fd)
         return hasher.hexdigest() == hash_hex and _fingerprint_ok(info, executable)
-
-    def iter_blobs(self) -> Iterator[tuple[str, bool, Path]]:
-        """Every (hash, executable, path) in the store."""
-        for _hash_hex, _executable, entry in self._scan():
-            name = entry.name
-            executable = name.endswith("+x")
-            yield (name[:-2] if executable else name), executable, Path(entry.path)
-
-    def _scan(self) -> Iterator[tuple[str, bool, os.DirEntry[str]]]:
-        """Every blob as a DirEntry (one getdents per shard, no Path objects): the fast path for gc and stats."""
-        try:
-            shards = sorted(entry.path for entry in os.scandir(self.cas_dir) if entry.is_dir(follow_symlinks=False))
-        except FileNotFoundError:
-            return
-        for shard in shards:
-            with contextlib.suppress(FileNotFoundError), os.scandir(shard) as entries:
-                for entry in entries:
-                    name = entry.name
-                    executable = name.endswith("+x")
-                    yield (name[:-2] if executable else name), executable, entry
-
-    def verify_all(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
-        """Rehash every blob; corrupt ones are quarantined."""
-        report = VerifyReport()
-        for hash_hex, executable, _path in self.iter_blobs():
-            report.checked += 1
-            if self.verify(hash_hex, executable):
-                report.ok += 1
-            else:
-                report.corrupt += 1
-                report.corrupt_blobs.append(hash_hex + ("+x" if executable else ""))
-                self.quarantine(hash_hex, executable, "content does not match its digest")
-            if progress:
-                progress(1)
-        return report
 
     # ------------------------------------------------------------------ LRU + GC
 
@@ -404,83 +331,6 @@ class ContentStore:
         with file_lock(self.gc_lock_path, shared=True):
             yield
 
-    def gc(self, max_bytes: int) -> GcReport:
-        """Delete least-recently-used blobs until the store fits in `max_bytes`; linked (in-use) blobs stay."""
-        self.flush_touches()
-        report = GcReport()
-        with file_lock(self.gc_lock_path):
-            entries: list[tuple[int, int, str]] = []
-            pinned_bytes = 0
-            for _hash, _executable, entry in self._scan():
-                try:
-                    info = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                path = entry.path
-                report.before_bytes += info.st_size
-                if info.st_nlink > 1:
-                    report.kept_in_use += 1
-                    pinned_bytes += info.st_size
-                    continue
-                entries.append((info.st_atime_ns, info.st_size, path))
-            total = report.before_bytes
-            for _atime, size, path in sorted(entries):
-                if total <= max_bytes:
-                    break
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                    total -= size
-                    report.deleted_blobs += 1
-                    report.deleted_bytes += size
-            report.after_bytes = total
-            self.sweep_temp_files()
-        return report
-
-    def sweep_temp_files(self) -> int:
-        """Remove named temp files no live writer holds (killed mid-ingest); returns how many.
-
-        Liveness is the writer's flock, never a timestamp: a publish sets the sentinel mtime on its temp file
-        before linking it, so an mtime says nothing. A file is taken only if its lock can be had and its ctime
-        (which nobody can set back) is older than a short grace period covering create-then-lock.
-        """
-        # names not starting with a digit are not temp blobs (e.g. a probe's scratch directory)
-        return sweep_unlocked_files(self.tmp_dir, grace_ns=TEMP_GRACE_NS, wanted=lambda name: name[:1].isdigit())
-
-    def stats(self) -> CasStats:
-        """Blob count and bytes."""
-        blobs = total = executable_blobs = 0
-        for _hash, executable, entry in self._scan():
-            try:
-                size = entry.stat(follow_symlinks=False).st_size
-            except FileNotFoundError:
-                continue
-            blobs += 1
-            total += size
-            executable_blobs += executable
-        quarantined = sum(1 for p in self.quarantine_dir.iterdir() if not p.name.endswith(".reason"))
-        return CasStats(blobs=blobs, bytes=total, executable_blobs=executable_blobs, quarantined=quarantined)
-
-
-@dataclass(slots=True)
-class _TempBlob:
-    """A temp file being written: its descriptor, and its name when it is not an unnamed O_TMPFILE."""
-
-    fd: int
-    name: str | None
-
-    def seal(self) -> None:
-        """Swap the writable descriptor for a read-only one (the write one's close event happens now)."""
-        read_only = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
-        if self.name is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)  # a fresh named file is inside the sweep's grace period
-            fcntl.flock(read_only, fcntl.LOCK_EX)
-        os.close(self.fd)
-        self.fd = read_only
-
-    def close(self) -> None:
-        """Close whichever descriptor is held."""
-        os.close(self.fd)
-
 
 def _fingerprint_ok(info: os.stat_result, executable: bool) -> bool:
     return (
@@ -488,52 +338,3 @@ def _fingerprint_ok(info: os.stat_result, executable: bool) -> bool:
         and stat.S_IMODE(info.st_mode) == blob_mode(executable)
         and info.st_mtime_ns == BLOB_MTIME_NS
     )
-
-
-def _check_expected(
-    digest: Digest, expected_hash: str | None, expected_size: int | None, source: str | os.PathLike[str]
-) -> None:
-    if expected_hash is not None and digest.hash != expected_hash:
-        raise CorruptBlobError(
-            f"{source}: content hashes to {digest.hash[:16]}… but {expected_hash[:16]}… was expected "
-            "(the file changed after Bazel digested it?)"
-        )
-    if expected_size is not None and digest.size != expected_size:
-        raise CorruptBlobError(f"{source}: {digest.size} bytes, but its digest declares {expected_size}")
-
-
-def _io_error(exc: OSError, doing: str) -> CasError:
-    if exc.errno == errno.ENOSPC:
-        return CasError(f"disk full while {doing}: free space or run `treemat cas gc`")
-    return CasError(f"{exc.strerror or exc} while {doing}")
-
-
-def _copy_and_hash(src_fd: int, dst_fd: int, source: str | os.PathLike[str], *, reflink: bool = False) -> Digest:
-    """Copy src into the empty dst and hash exactly the bytes dst holds.
-
-    With `reflink`, dst first shares src's extents (FICLONE) and is then read back and hashed. Otherwise, or
-    where the reflink fails, one pass: each chunk read from src is hashed and written to dst, the same
-    immutable bytes object for both, so the digest is of what was written.
-    """
-    hasher = hashlib.sha256()
-    size = 0
-    try:
-        if reflink:
-            try:
-                reflink_fd(src_fd, dst_fd)
-            except OSError:
-                pass  # not here (another filesystem, no reflink support): copy below
-            else:
-                while chunk := os.read(dst_fd, _CHUNK):
-                    hasher.update(chunk)
-                    size += len(chunk)
-                return Digest(hasher.hexdigest(), size)
-        while chunk := os.read(src_fd, _INGEST_CHUNK):
-            hasher.update(chunk)
-            size += len(chunk)
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(dst_fd, view) :]
-    except OSError as exc:
-        raise _io_error(exc, f"ingesting {source}") from None
-    return Digest(hasher.hexdigest(), size)

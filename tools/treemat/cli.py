@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from treemat.commands import bench, bot, cas, probe, replay, stage, stats, worker
+from treemat.commands import bench, bot, cas, import_, probe, replay, stage, stats, worker
 from treemat.commands._common import RootedContext, TreematGroup
 
 ISOLATION_CHOICES = ("auto", "overlay", "copy-on-write", "none")  # = stack.ISOLATION_CHOICES (a test checks)
@@ -64,6 +64,7 @@ for _command in (
     replay.replay,
     worker.worker,
     bot.bot,
+    import_.import_,
 ):
     cli.add_command(_command)
 

@@ -57,10 +57,10 @@ def sum_counters(snapshots: Iterable[Mapping[str, int]]) -> dict[str, int]:
 
 
 class StatsStore:
-    """Per-process counter files under `<root>/stats/`, rewritten atomically (temp file + os.replace)."""
+    """Per-process counter files in `directory` (`Root.stats`), rewritten atomically (temp file + os.replace)."""
 
-    def __init__(self, root: Path) -> None:
-        self.directory = root / "stats"
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
 
     def publish(self, counters: Counters, *, role: str, extra: Mapping[str, object] | None = None) -> Path:
         """Write this process's counters to `<root>/stats/<pid>.json`."""

@@ -27,18 +27,13 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from treemat.counters import Counters
 from treemat.fsprims import (
-    clone_tree,
-    create_subvolume,
-    is_btrfs,
     make_dirs_writable,
     make_tree_readonly,
     pid_alive,
@@ -48,6 +43,7 @@ from treemat.locking import LockBusy, file_lock
 from treemat.merkle import MerkleIndex
 from treemat.staging import Progress, Stager, StageReport
 from treemat.tree import DirectoryNode, InputTree
+from treemat.treeclone import TreeCloner
 
 MIN_SUBTREE_FILES = 64
 """Smallest subtree (in files) worth caching and cloning whole.
@@ -69,45 +65,6 @@ _INDEX = ".index"
 _INDEX_LOCK = ".index.lock"
 
 
-class TreeCloner(Protocol):
-    """The whole-tree operations the cache needs from the platform (injectable: tests use a plain copy)."""
-
-    def mode(self, cache_dir: Path) -> str:
-        """The method's name where a whole tree clones in O(1) at `cache_dir`, else 'off'."""
-        ...
-
-    def new_entry(self, path: Path) -> None:
-        """Create the empty directory (0o755) an entry is built in; called only when `mode` is not 'off'."""
-        ...
-
-    def clone(self, entry: Path, dest: Path) -> bool:
-        """Clone the read-only tree `entry` to `dest` (must not exist) whole; False where that is impossible."""
-        ...
-
-
-class KernelTreeCloner:
-    """The real cloner: clonefile(2) of a directory on macOS, a btrfs subvolume snapshot on Linux."""
-
-    def mode(self, cache_dir: Path) -> str:
-        """'clonefile' (macOS), 'snapshot' (btrfs), or 'off' (no O(1) whole-tree clone here)."""
-        if sys.platform == "darwin":
-            return "clonefile"
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        return "snapshot" if is_btrfs(cache_dir) else "off"
-
-    def new_entry(self, path: Path) -> None:
-        """A plain directory for clonefile(2); a subvolume (what can be snapshotted) on btrfs."""
-        if sys.platform == "darwin":
-            os.mkdir(path, 0o755)
-        else:
-            create_subvolume(path)
-            os.chmod(path, 0o755)
-
-    def clone(self, entry: Path, dest: Path) -> bool:
-        """One clonefile(2) / snapshot call."""
-        return clone_tree(entry, dest)
-
-
 @dataclass(frozen=True, slots=True)
 class DirCacheStats:
     """Size of the directory cache (as recorded), and the choices it runs with."""
@@ -120,10 +77,11 @@ class DirCacheStats:
     max_bytes: int | None = None
 
 
-def recorded_usage(root: Path) -> tuple[int, int] | None:
-    """(entries, bytes) of `<root>/dircache` as last recorded, or None if nothing is (one small read, no lock)."""
+def recorded_usage(cache_dir: Path) -> tuple[int, int] | None:
+    """(entries, bytes) of the cache at `cache_dir` (`Root.dircache`) as last recorded, or None if nothing is
+    (one small read, no lock)."""
     try:
-        entries, size = (root / "dircache" / _INDEX).read_text().split()
+        entries, size = (cache_dir / _INDEX).read_text().split()
         return int(entries), int(size)
     except (OSError, ValueError):
         return None
@@ -134,21 +92,20 @@ class DirectoryCache:
 
     def __init__(
         self,
-        root: Path,
+        cache_dir: Path,
         stager: Stager,
         *,
-        counters: Counters | None = None,
-        cloner: TreeCloner | None = None,
+        counters: Counters,
+        cloner: TreeCloner,
         max_bytes: int | None = 8 << 30,
         min_files: int | None = MIN_SUBTREE_FILES,
     ) -> None:
-        self.root = Path(root)
         self.stager = stager
-        self.counters = counters if counters is not None else Counters()
-        self.cloner: TreeCloner = cloner if cloner is not None else KernelTreeCloner()
+        self.counters = counters
+        self.cloner = cloner
         self.max_bytes = max_bytes
         self.min_files = min_files
-        self.cache_dir = self.root / "dircache"
+        self.cache_dir = Path(cache_dir)
         self._mode: str | None = None
 
     @property
@@ -321,7 +278,7 @@ class DirectoryCache:
         }
 
     def _read_usage(self) -> tuple[int, int] | None:
-        return recorded_usage(self.root)
+        return recorded_usage(self.cache_dir)
 
     def _write_usage(self, usage: tuple[int, int]) -> None:
         _write_atomic(self.cache_dir / _INDEX, f"{usage[0]} {usage[1]}\n")

@@ -75,7 +75,7 @@ def read_exec_log(path: Path) -> Iterator[Spawn]:
     from google.protobuf import json_format
 
     from treemat import protos
-    from treemat.protocol import read_delimited
+    from treemat.framing import read_delimited
 
     try:
         data = path.read_bytes()

@@ -25,15 +25,16 @@ import contextlib
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
-from treemat.blobguard import BlobGuard, BlobIdentity, GuardMark
+from treemat.blobguard import BlobGuard
+from treemat.blobstate import BlobIdentity, BlobKey, GuardMark
 from treemat.cas import ContentStore
-from treemat.fsprims import blob_mode
+from treemat.fsprims import blob_mode, remove_tree
 from treemat.manifest import InputManifest
+from treemat.writewatch import WriteWatch
 
 DEFAULT_POOL_SIZE = 8
 
@@ -110,16 +111,40 @@ class PatchReport:
     removed_dirs: int = 0
 
 
-class ExecDirPool:
-    """A bounded LRU of finished exec dirs, each leased to one action at a time."""
+Dispose = Callable[[Path, Iterable[BlobKey]], None]  # remove a dir (in the background); its blobs' ledger refreshed
 
-    def __init__(self, cas: ContentStore, guard: BlobGuard, *, size: int = DEFAULT_POOL_SIZE) -> None:
+
+class ExecDirPool:
+    """A bounded LRU of finished exec dirs, each leased to one action at a time; it removes the dirs it drops."""
+
+    def __init__(
+        self, cas: ContentStore, guard: BlobGuard, watch: WriteWatch, *, dispose: Dispose, size: int = DEFAULT_POOL_SIZE
+    ) -> None:
         self.cas = cas
         self.guard = guard
+        self.watch = watch
         self.size = size
+        self._dispose = dispose
         self._lock = threading.Lock()
         self._idle: OrderedDict[str, PooledDir] = OrderedDict()
-        self._graveyard: list[Path] = []
+
+    def adopt(
+        self,
+        path: Path,
+        key: str,
+        files: dict[str, StagedFile],
+        pinned: Iterable[str],
+        manifest: InputManifest,
+        mark: GuardMark,
+    ) -> PooledDir:
+        """A freshly staged exec dir becomes a pool entry: every directory's signature taken and watched."""
+        entry = PooledDir(path=path, key=key, files=files, pinned=set(pinned), manifest=manifest, mark=mark)
+        for rel in directories_for(entry.files.keys(), entry.pinned):
+            entry.dirs[rel] = (0, 0, 0)
+        entry.count_children()
+        self.record(entry)
+        self._watch(entry, entry.dirs)
+        return entry
 
     def acquire(self, key: str) -> PooledDir | None:
         """Lease the idle dir for `key`, if any, after checking nothing changed it; None to stage afresh."""
@@ -160,29 +185,35 @@ class ExecDirPool:
         return evicted
 
     def drain(self) -> list[PooledDir]:
-        """Take every idle dir out (for removal at shutdown)."""
+        """Take every idle dir out."""
         with self._lock:
             entries = list(self._idle.values())
             self._idle.clear()
         return entries
 
+    def close(self) -> None:
+        """Remove every idle dir now (they pin their blobs against gc while kept)."""
+        for entry in self.drain():
+            self._forget(entry)
+            remove_tree(entry.path)
+            self.guard.refresh(entry.keys())
+
+    def retire(self, entry: PooledDir, *, intact: bool = True) -> None:
+        """A dir leaves the pool (evicted, dirty, or failed half patched): unwatched and removed; the ledger is
+        refreshed for its blobs when it is `intact` (holds what `files` says)."""
+        self._forget(entry)
+        self._dispose(entry.path, entry.keys() if intact else ())
+
     def _discard(self, entry: PooledDir) -> None:
-        """Drop a dir that cannot be trusted; its path goes to `take_discarded` for removal."""
+        """Drop a dir that cannot be trusted."""
         self.guard.counters.add("execpool_discarded")
-        self.forget(entry)
-        with self._lock:
-            self._graveyard.append(entry.path)
+        self.retire(entry, intact=False)
 
-    def forget(self, entry: PooledDir) -> None:
-        """Stop watching a dir that leaves the pool (evicted, discarded, or not pooled after all)."""
+    def _forget(self, entry: PooledDir) -> None:
+        """Stop watching a dir that leaves the pool."""
         for wd in entry.watches.values():
-            self.guard.unwatch_directory(wd)
+            self.watch.unwatch_directory(wd)
         entry.watches.clear()
-
-    def start(self, entry: PooledDir) -> None:
-        """A freshly staged dir: take every directory's signature and start watching it (before the tool runs)."""
-        self.record(entry)
-        self._watch(entry, entry.dirs)
 
     def _watch(self, entry: PooledDir, rels: Iterable[str]) -> None:
         """Watch `rels` (dirs of `entry`); if any watch cannot be placed, none is kept (see `acquire`)."""
@@ -192,21 +223,14 @@ class ExecDirPool:
         for rel in rels:
             if rel in entry.watches:
                 continue
-            wd = self.guard.watch_directory(f"{base}/{rel}" if rel else base, entry.on_directory_event)
+            wd = self.watch.watch_directory(f"{base}/{rel}" if rel else base, entry.on_directory_event)
             if wd is None:
                 # no inotify, or out of watches (fs.inotify.max_user_watches): a dir watched only in part would
                 # let a change in its unwatched directories through, so acquire verifies by lstat instead
-                self.forget(entry)
+                self._forget(entry)
                 entry.unwatched = True
                 return
             entry.watches[rel] = wd
-
-    def take_discarded(self) -> list[Path]:
-        """Paths of dirs discarded on acquire, for the caller to remove."""
-        with self._lock:
-            paths = list(self._graveyard)
-            self._graveyard.clear()
-        return paths
 
     def _dirs_unchanged(self, entry: PooledDir) -> bool:
         base = str(entry.path)
@@ -223,22 +247,16 @@ class ExecDirPool:
     # ----------------------------------------------------------------------------------------- patching
 
     def patch(
-        self,
-        entry: PooledDir,
-        changes: dict[str, tuple[str, bool]],
-        removed: Iterable[str],
-        extra_dirs: Iterable[str],
-        admit: AdmitFn,
+        self, entry: PooledDir, changes: dict[str, StagedFile], removed: Iterable[str], extra_dirs: Iterable[str]
     ) -> PatchReport:
-        """Apply a delta: `removed` paths go, `changes` ({path: (hash, executable)}) are (re)linked.
+        """Apply a delta: `removed` paths go, `changes` (admitted blobs; NO_BLOB: the empty file) are (re)linked.
 
         Directories follow: a parent is made when a file needs it and removed once nothing (no file, no
-        subdirectory, no declared output dir in `extra_dirs`) is left in it. `admit(path, hash, executable)`
-        returns the identity of the blob about to be linked (ingesting it if needed), None for the empty file.
-        Raises OSError if the dir cannot be patched; the caller then discards it. Cost: O(size of the delta).
+        subdirectory, no declared output dir in `extra_dirs`) is left in it. Raises OSError if the dir cannot
+        be patched; the caller then retires it. Cost: O(size of the delta).
         """
         with self._own_events(entry):
-            return self._apply(entry, changes, removed, extra_dirs, admit)
+            return self._apply(entry, changes, removed, extra_dirs)
 
     @contextlib.contextmanager
     def _own_events(self, entry: PooledDir) -> Iterator[None]:
@@ -253,10 +271,9 @@ class ExecDirPool:
     def _apply(
         self,
         entry: PooledDir,
-        changes: dict[str, tuple[str, bool]],
+        changes: dict[str, StagedFile],
         removed: Iterable[str],
         extra_dirs: Iterable[str],
-        admit: AdmitFn,
     ) -> PatchReport:
         report = PatchReport()
         base = str(entry.path)
@@ -272,7 +289,7 @@ class ExecDirPool:
             self._prune(entry, rel, touched, report)
         entry.pinned = pinned
         gone = [path for path in removed if path in files]
-        gone += [path for path, want in changes.items() if path in files and want != files[path].key()]
+        gone += [path for path, want in changes.items() if path in files and want.key() != files[path].key()]
         for path in gone:
             os.unlink(f"{base}/{path}")
             if files[path].identity != NO_BLOB:
@@ -285,14 +302,14 @@ class ExecDirPool:
         for path in gone:
             if path not in changes:
                 self._prune(entry, _parent(path), touched, report)
-        for path, (hash_hex, executable) in changes.items():
+        for path, want in changes.items():
             if path in files:
                 continue
             parent = _parent(path)
             if parent not in entry.dirs:
                 self._make_dirs(entry, parent, touched, report)
-            identity = admit(path, hash_hex, executable)
-            if identity is None:  # the zero-byte file: created, never a CAS inode
+            hash_hex, executable = want.key()
+            if want.identity == NO_BLOB:  # the zero-byte file: created, never a CAS inode
                 mode = blob_mode(executable)
                 fd = os.open(f"{base}/{path}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
                 os.fchmod(fd, mode)
@@ -300,7 +317,7 @@ class ExecDirPool:
             else:
                 os.link(self.cas.blob_path_str(hash_hex, executable), f"{base}/{path}")
                 report.relinked.append((hash_hex, executable))
-            files[path] = StagedFile(hash_hex, executable, identity or NO_BLOB)
+            files[path] = want
             children[parent] = children.get(parent, 0) + 1
             touched.add(parent)
             report.linked += 1
@@ -329,7 +346,7 @@ class ExecDirPool:
             del entry.dirs[rel]
             wd = entry.watches.pop(rel, None)
             if wd is not None:
-                self.guard.unwatch_directory(wd)
+                self.watch.unwatch_directory(wd)
             entry.children.pop(rel, None)
             touched.discard(rel)
             parent = _parent(rel)
@@ -345,12 +362,6 @@ class ExecDirPool:
             if rel in entry.dirs or rel == "":
                 info = os.lstat(f"{base}/{rel}" if rel else base)
                 entry.dirs[rel] = (info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
-
-
-class AdmitFn(Protocol):
-    """(path, hash, executable) -> identity of the admitted blob, or None for the zero-byte file."""
-
-    def __call__(self, path: str, hash_hex: str, executable: bool) -> BlobIdentity | None: ...
 
 
 NO_BLOB = BlobIdentity(-1, -1)

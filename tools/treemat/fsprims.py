@@ -26,6 +26,7 @@ StrPath = str | os.PathLike[str]
 
 PLAIN_MODE = 0o440
 EXEC_MODE = 0o550
+BLOB_MTIME_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z: a blob whose mtime differs was written to
 LEGACY_MODES = {False: 0o444, True: 0o555}  # what blobs carried before 0.1 (read for everyone): upgraded in place
 UNSUPPORTED_ERRNOS = frozenset(
     {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.ENOTTY}

@@ -10,28 +10,54 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from treemat.action import ActionRequest, RequestInput
-from treemat.blobguard import BlobGuard, BlobIdentity, StagedBlobs
+from treemat.blobguard import BlobGuard
+from treemat.blobstate import BlobIdentity, BlobKey, GuardMark, StagedBlobs
 from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.digest import EMPTY_DIGEST, Digest, check_hash
 from treemat.dircache import DirectoryCache
 from treemat.errors import ExecutionError, MissingBlobError, TreematError
-from treemat.execpool import NO_BLOB, ExecDirPool, PooledDir, StagedFile, directories_for
+from treemat.execpool import NO_BLOB, Dispose, ExecDirPool, PooledDir, StagedFile
 from treemat.flagfile import ActionSpec
 from treemat.fsprims import file_kind, remove_tree
+from treemat.inputmemo import InputMemo, KnownInput
 from treemat.staging import StageReport
 from treemat.tree import FileNode, InputTree, check_symlinks, normalize_path
 
 
+@dataclass(slots=True)
+class PreparedDir:
+    """An exec dir ready for the tool: where it is, what it links, how it was staged.
+
+    `staged` are the blob inodes staged afresh (identity -> (a path, its key)); `pooled` is its pool entry
+    (reused, or adopted after a fresh staging), whose files are blob inodes too; `mark` is the guard's mark
+    from before staging (a different mark later: check what it links).
+    """
+
+    path: Path
+    report: StageReport
+    mark: GuardMark
+    staged: StagedBlobs = field(default_factory=dict)
+    pooled: PooledDir | None = None
+    seconds: float = 0.0
+
+    def blobs(self) -> StagedBlobs:
+        """Every blob inode the dir links."""
+        blobs = dict(self.staged)
+        if self.pooled is not None:
+            blobs.update(
+                (f.identity, (path, f.key())) for path, f in self.pooled.files.items() if f.identity != NO_BLOB
+            )
+        return blobs
+
+
 class InputStager:
-    """Stages request inputs; keeps what it learnt (blob sizes, exec bits, normalized paths) across requests."""
+    """Prepares exec dirs: a pooled one patched to this request's inputs, else one staged afresh."""
 
     def __init__(
         self,
@@ -41,7 +67,7 @@ class InputStager:
         pool: ExecDirPool | None,
         *,
         counters: Counters,
-        dispose: Callable[[Path], None],
+        dispose: Dispose,
     ) -> None:
         self.cas = cas
         self.guard = guard
@@ -49,72 +75,103 @@ class InputStager:
         self.pool = pool
         self.counters = counters
         self._dispose = dispose
-        self._lock = threading.Lock()
-        self._normalized: dict[str, str] = {}
-        self._known: dict[tuple[str, bool], int] = {}  # (hash, executable) -> size, known to be in the CAS
-        # (raw path, raw hash) as listed -> (path, node, size, execroot path): what a warm worker needs per input
-        self._hot: dict[tuple[str, str | None], tuple[str, FileNode, int, str]] = {}
-        self._hot_root = ""  # the execroot the nodes' `source` paths are under
+        self.memo = InputMemo()
 
-    def forget(self, blobs: list[tuple[str, bool]] | None = None) -> None:
-        """Blobs that were just rejected (None: every blob): drop what we knew of them, and every path's node."""
-        with self._lock:
-            if blobs is None:
-                self._known.clear()
-            for key in blobs or ():
-                self._known.pop(key, None)
-            self._hot.clear()
+    def forget(self, blobs: list[BlobKey] | None = None) -> None:
+        """Blobs that were just rejected (None: every blob): the memo's one invalidation rule."""
+        self.memo.forget(blobs)
 
-    def stage_fresh(self, request: ActionRequest, exec_dir: Path) -> FreshStage:
-        """Build the tree and stage it into a new exec dir (retrying once if our in-memory view was stale)."""
+    def prepare(self, request: ActionRequest, exec_dir: Path) -> PreparedDir:
+        """The exec dir for `request`: a pooled dir patched (O(changed inputs)), else `exec_dir` staged afresh
+        (and adopted by the pool where it can be reused); declared output directories made. On an error the
+        dir is removed (or retired from the pool) before it is raised."""
+        started = time.perf_counter()
+        key, outputs = pool_key(request.spec), output_dirs(request.spec)
+        self.guard.poll()
+        mark = self.guard.mark()
+        files: dict[str, StagedFile] | None = None
+        with self.cas.in_use():
+            prepared = self._reuse(request, key, outputs, mark)
+            if prepared is None:
+                prepared, files = self._stage_fresh(request, exec_dir, mark)
         try:
-            tree, staged, files = self.build_tree(request)
-            return FreshStage(staged, self.dircache.stage(tree, exec_dir), files)
-        except MissingBlobError:
-            self.forget()  # a blob was GC'd or quarantined elsewhere: forget what we knew, retry once
-            remove_tree(exec_dir)
-            tree, staged, files = self.build_tree(request)
-            return FreshStage(staged, self.dircache.stage(tree, exec_dir), files)
+            for rel in outputs:
+                os.makedirs(f"{prepared.path}/{rel}", exist_ok=True)
+            if prepared.pooled is None and self.pool is not None and files and _poolable(prepared.report):
+                prepared.pooled = self.pool.adopt(prepared.path, key, files, outputs, request.inputs, mark)
+        except BaseException:
+            self.abandon(prepared)
+            raise
+        prepared.seconds = time.perf_counter() - started
+        return prepared
 
-    def stage_reused(self, request: ActionRequest) -> tuple[PooledDir | None, StageReport]:
-        """Patch the pooled exec dir of a similar earlier action into this one's inputs, if there is one."""
-        empty = StageReport()
+    def abandon(self, prepared: PreparedDir) -> None:
+        """A prepared dir that will not be used: out of the pool, removed."""
+        if prepared.pooled is not None and self.pool is not None:
+            self.pool.retire(prepared.pooled, intact=False)
+        else:
+            self._dispose(prepared.path, prepared.report.hardlinked)
+
+    def _stage_fresh(
+        self, request: ActionRequest, exec_dir: Path, mark: GuardMark
+    ) -> tuple[PreparedDir, dict[str, StagedFile] | None]:
+        """Build the tree and stage it into `exec_dir` (retrying once if our memo was stale)."""
+        try:
+            try:
+                tree, staged, files = self.build_tree(request)
+                report = self.dircache.stage(tree, exec_dir)
+            except MissingBlobError:
+                self.forget()  # a blob was GC'd or quarantined elsewhere: forget what we knew, retry once
+                remove_tree(exec_dir)
+                tree, staged, files = self.build_tree(request)
+                report = self.dircache.stage(tree, exec_dir)
+        except BaseException:
+            self._dispose(exec_dir, ())
+            raise
+        return PreparedDir(exec_dir, report, mark, staged), files
+
+    def _reuse(self, request: ActionRequest, key: str, outputs: list[str], mark: GuardMark) -> PreparedDir | None:
+        """Patch the pooled exec dir of a similar earlier action (same `key`) into this one's inputs, if any."""
         if self.pool is None or not request.inputs:
-            return None, empty
-        entry = self.pool.acquire(pool_key(request.spec))
-        for discarded in self.pool.take_discarded():
-            self._dispose(discarded)
+            return None
+        entry = self.pool.acquire(key)
         if entry is None:
-            return None, empty
+            return None
         started = time.perf_counter()
         try:
             changes, removed = self._delta(request, entry)
-
-            def admit(path: str, hash_hex: str, executable: bool) -> BlobIdentity | None:
-                return self._ensure_blob(request.execroot / path, hash_hex, executable, path)[1]
-
-            report = self.pool.patch(entry, changes, removed, output_dirs(request.spec), admit)
+            admitted = self._admit_changes(request, entry, changes)
+            report = self.pool.patch(entry, admitted, removed, outputs)
             entry.manifest = request.inputs
         except (OSError, TreematError):
             self.counters.add("execpool_patch_failed")
-            self._drop(entry)
-            return None, empty
+            self.pool.retire(entry, intact=False)
+            return None
         except BaseException:
-            self._drop(entry)  # leased and half patched: never back to the pool, never left in exec/
+            self.pool.retire(entry, intact=False)  # leased and half patched: never back to the pool
             raise
+        entry.mark = mark  # anything that happened to the guard since is checked on its next reuse
         report.unchanged = len(request.inputs) - report.linked
         self.counters.add("execpool_reused")
         self.counters.add("hardlink", report.linked)
         stage = StageReport(files=len(request.inputs), methods={"reused": report.unchanged, "hardlink": report.linked})
         stage.hardlinked = report.relinked
         stage.seconds = time.perf_counter() - started
-        return entry, stage
+        return PreparedDir(entry.path, stage, mark, pooled=entry)
 
-    def _drop(self, entry: PooledDir) -> None:
-        """A leased dir that cannot be used: unwatched and removed."""
-        assert self.pool is not None
-        self.pool.forget(entry)
-        self._dispose(entry.path)
+    def _admit_changes(
+        self, request: ActionRequest, entry: PooledDir, changes: dict[str, BlobKey]
+    ) -> dict[str, StagedFile]:
+        """Each changed input's blob, admitted by the guard (ingested if the CAS lacks it) before the patch."""
+        admitted: dict[str, StagedFile] = {}
+        for path, key in changes.items():
+            current = entry.files.get(path)
+            if current is not None and current.key() == key:
+                admitted[path] = current  # already linked there
+                continue
+            identity = self._ensure_blob(f"{request.execroot}/{path}", key[0], key[1], path)[1]
+            admitted[path] = StagedFile(key[0], key[1], identity or NO_BLOB)
+        return admitted
 
     def _delta(self, request: ActionRequest, entry: PooledDir) -> tuple[dict[str, tuple[str, bool]], set[str]]:
         """What to (re)link ({path: (hash, executable)}) and what to remove to turn `entry` into this request.
@@ -128,7 +185,7 @@ class InputStager:
             raise ExecutionError("the pooled dir has no manifest")
         delta = request.inputs.delta(entry.manifest)
         self.counters.add("execpool_delta_entries", len(delta.earlier) + len(delta.later))  # O(changed), in stats
-        normalize = self._normalize
+        normalize = self.memo.path
         earlier = {normalize(raw) for raw, _hash in delta.earlier}
         changes: dict[str, tuple[str, bool]] = {}
         for raw, hash_text in delta.later:
@@ -147,36 +204,6 @@ class InputStager:
                     changes[path] = (staged.hash, executable)
         return changes, earlier - changes.keys()
 
-    def pooled_from_fresh(self, request: ActionRequest, exec_dir: Path, fresh: FreshStage) -> PooledDir | None:
-        """Describe a freshly staged exec dir for the pool (only plain hardlink trees of hashed inputs)."""
-        stage = fresh.report
-        if (
-            self.pool is None
-            or fresh.files is None
-            or not fresh.files
-            or stage.subtree_hits
-            or any(method not in ("hardlink", "zero_byte") for method in stage.methods)
-        ):
-            return None
-        entry = PooledDir(path=exec_dir, key=pool_key(request.spec), files=fresh.files)
-        entry.pinned = set(output_dirs(request.spec))
-        for rel in directories_for(entry.files.keys(), entry.pinned):
-            entry.dirs[rel] = (0, 0, 0)
-        entry.count_children()
-        entry.manifest = request.inputs
-        self.pool.start(entry)
-        return entry
-
-    def _normalize(self, raw: str) -> str:
-        """normalize_path, memoized (the same execroot paths come back in every request)."""
-        path = self._normalized.get(raw)
-        if path is None:
-            path = normalize_path(raw)
-            if len(self._normalized) > 1_000_000:
-                self._normalized.clear()
-            self._normalized[raw] = path
-        return path
-
     def build_tree(self, request: ActionRequest) -> tuple[InputTree, StagedBlobs, dict[str, StagedFile] | None]:
         """Validate input paths, admit every blob (ingesting what the CAS lacks).
 
@@ -191,12 +218,10 @@ class InputStager:
         files: dict[str, StagedFile] | None = {} if self.pool is not None else None
         used: list[tuple[str, bool]] = []
         execroot = str(request.execroot)
-        if execroot != self._hot_root:
-            self._hot.clear()
-            self._hot_root = execroot
-        hot, admit, stat_now = self._hot, self.guard.admit, os.stat
+        self.memo.use_execroot(execroot)
+        known_input, admit, stat_now = self.memo.known, self.guard.admit, os.stat
         for item in request.inputs:
-            known = hot.get(item)
+            known = known_input(item)
             identity: BlobIdentity | None = NO_BLOB
             if known is not None:
                 path, node, size, full = known
@@ -232,7 +257,7 @@ class InputStager:
         self, tree: InputTree, request: ActionRequest, item: RequestInput, staged: StagedBlobs
     ) -> tuple[str, FileNode, BlobIdentity | None] | None:
         """The slow path of one input: validate, stat, admit or ingest; None for a directory input (added)."""
-        path = self._normalize(item.path)
+        path = self.memo.path(item.path)
         expected = check_hash(item.hash) if item.hash else None
         full = f"{request.execroot}/{path}"
         info = _stat_input(full, path)
@@ -247,9 +272,7 @@ class InputStager:
             staged.setdefault(identity, (path, (digest.hash, executable)))
         node = FileNode(digest, executable, source=full)
         if expected:
-            if len(self._hot) > 1_000_000:
-                self._hot.clear()
-            self._hot[item] = (path, node, digest.size, full)
+            self.memo.learn(item, KnownInput(path, node, digest.size, full))
         return path, node, identity
 
     def _add_directory(self, tree: InputTree, execroot: Path, path: str, staged: StagedBlobs) -> None:
@@ -292,31 +315,20 @@ class InputStager:
             if expected == EMPTY_DIGEST.hash:
                 return EMPTY_DIGEST, None
             key = (expected, executable)
-            admitted = self.guard.admit_sized(expected, executable, self._known.get(key))
+            admitted = self.guard.admit_sized(expected, executable, self.memo.size(key))
             if admitted is not None:
                 identity, size = admitted
                 self.cas.touch(expected, executable)  # LRU recency for `cas gc` (throttled to once an hour)
-                self._known[key] = size
+                self.memo.learn_size(key, size)
                 return Digest(expected, size), identity
-            self._known.pop(key, None)
         digest = self.cas.ingest_file(full, executable=executable, expected=expected)
-        self._known[(digest.hash, executable)] = digest.size
+        self.memo.learn_size((digest.hash, executable), digest.size)
         if not digest.size:
             return digest, None
         ingested = self.guard.admit_ingested(digest.hash, executable, digest.size)
         if ingested is None:
             raise ExecutionError(f"input {path!r}: its blob vanished or was rejected right after ingest")
         return digest, ingested
-
-
-@dataclass(slots=True)
-class FreshStage:
-    """A freshly staged exec dir: its blob inodes (identity -> (a path, its key)), the report, and (for the pool)
-    what each path is a hardlink to, None when a directory input is in it."""
-
-    staged: StagedBlobs
-    report: StageReport
-    files: dict[str, StagedFile] | None
 
 
 def pool_key(spec: ActionSpec) -> str:
@@ -328,6 +340,11 @@ def output_dirs(spec: ActionSpec) -> list[str]:
     """Directories the exec dir holds for outputs: each output's parent and each declared output directory."""
     parents = [normalize_path(output).rpartition("/")[0] for output in spec.outputs]
     return [parent for parent in parents if parent] + [normalize_path(d) for d in spec.output_dirs]
+
+
+def _poolable(report: StageReport) -> bool:
+    """Only plain hardlink trees of hashed inputs can be patched later."""
+    return not report.subtree_hits and all(method in ("hardlink", "zero_byte") for method in report.methods)
 
 
 def _stat_input(full: str | Path, path: str) -> os.stat_result:

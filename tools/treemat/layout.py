@@ -7,8 +7,9 @@
     <root>/gc.lock               shared while staging, exclusive for gc
 
 The root is created 0o700 (0o750 when shared with a group) whatever the umask; one owned by another user or
-writable by others is refused. A subdirectory someone deleted under a running process (`rm -rf ~/.cache/treemat/cas`
-to clear the cache) is made again by `ensure()`, which the executor calls before each action.
+writable by others is refused. Every subdirectory is made once, when the Root is constructed (at the entry
+point). One someone deleted under a running process (`rm -rf ~/.cache/treemat/cas` to clear the cache) is made
+again by `repair()`, which the executor calls only when preparing an action failed (never on the hot path).
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ Everything here can be deleted while no build runs; a running treemat makes what
 
 
 def user_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME`, else `~/.cache` (where treemat keeps its root and compiled modules by default)."""
+    """`$XDG_CACHE_HOME`, else `~/.cache` (where treemat keeps its root and compiled modules by default).
+
+    (__main__ spells the same rule for its bytecode cache: it runs before any treemat module may be imported.)
+    """
     cache = os.environ.get("XDG_CACHE_HOME")
     return Path(cache) if cache else Path.home() / ".cache"
 
@@ -54,7 +58,7 @@ class Root:
         self.dir_mode = SHARED_DIR_MODE if group_shared else PRIVATE_DIR_MODE
         self._check_or_create()
         self.ensure()
-        readme = self.path / "README.txt"
+        readme = self.readme
         if not readme.exists():
             try:
                 fd = os.open(readme, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -113,14 +117,30 @@ class Root:
         return self.path / "tool-cache"
 
     @property
+    def replay(self) -> Path:
+        """Scratch of `treemat replay` (removed when it ends)."""
+        return self.path / "replay"
+
+    @property
+    def readme(self) -> Path:
+        """What a user who finds the directory reads."""
+        return self.path / "README.txt"
+
+    @property
+    def hidden(self) -> list[Path]:
+        """What no tool may see (the sandbox masks them): blobs, their ledger, caches built from blobs."""
+        return [self.cas, self.verified, self.dircache, self.quarantine, self.tool_cache]
+
+    @property
     def gc_lock(self) -> Path:
         """Shared while a process stages (blobs in use), exclusive for `cas gc`."""
         return self.path / "gc.lock"
 
     # ------------------------------------------------------------------------------------------ upkeep
 
-    def ensure(self) -> None:
-        """Make any missing subdirectory again (a user may delete them under a running worker): one stat each."""
+    def ensure(self) -> bool:
+        """Make every missing subdirectory (one mkdir each); True if any was missing."""
+        made = False
         for name in self.SUBDIRS:
             directory = self.path / name
             try:
@@ -132,6 +152,17 @@ class Root:
                 os.makedirs(directory, self.dir_mode, exist_ok=True)
             except OSError as exc:
                 raise CasError(f"cannot create {directory}: {exc.strerror}") from None
+            made = True
+        return made
+
+    def repair(self) -> bool:
+        """After a failure: make again what a user deleted under a running process; True if anything was missing.
+
+        Costs one stat per subdirectory, so callers use it only when something already went wrong.
+        """
+        if all(os.path.isdir(self.path / name) for name in self.SUBDIRS):
+            return False
+        return self.ensure()
 
     def _check_or_create(self) -> None:
         check_root(self.path, group_shared=self.group_shared)

@@ -89,13 +89,13 @@ class Materializer:
         cas: ContentStore,
         probe: BackendProbe,
         *,
-        counters: Counters | None = None,
+        counters: Counters,
         concurrency: int | None = None,
         batch_size: int = 64,
     ) -> None:
         self.cas = cas
         self.probe = probe
-        self.counters = counters if counters is not None else cas.counters
+        self.counters = counters
         self.concurrency = concurrency or default_concurrency()
         self.batch_size = max(1, batch_size)
 

@@ -15,12 +15,11 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any, Literal, Protocol, TypeVar
-
-from google.protobuf.message import DecodeError, Message
+from typing import Any, Literal
 
 from treemat import protos
 from treemat.errors import DigestError, ProtocolError
+from treemat.framing import Readable, TruncatedStream, encode_delimited, parse_message, read_delimited_payload
 from treemat.manifest import InputManifest, decode_digest
 
 Wire = Literal["json", "proto"]
@@ -36,21 +35,6 @@ _BOUNDARY = re.compile(r"\}\s*\{")
 _CUT_TOKEN = re.compile(r"[0-9A-Za-z.+\-\\]*")
 _WHITESPACE = re.compile(r"\s*")
 _READ_SIZE = 1 << 16
-MAX_MESSAGE_BYTES = 256 << 20
-
-M = TypeVar("M", bound=Message)
-
-
-class Readable(Protocol):
-    """A byte stream: a pipe, a file, `io.BytesIO`, or the replaying stream `sniff_protocol` returns."""
-
-    def read(self, size: int = -1, /) -> bytes:
-        """Up to `size` bytes (all, when negative); b"" at EOF."""
-        ...
-
-
-class TruncatedStream(ProtocolError):
-    """The stream ended inside a message: nothing more can be read from it."""
 
 
 @dataclass(slots=True)
@@ -289,83 +273,6 @@ def encode_reply(reply: WorkReply, protocol: Wire) -> bytes:
         exit_code=reply.exit_code, output=reply.output, request_id=reply.request_id, was_cancelled=reply.was_cancelled
     )
     return encode_delimited(message)
-
-
-# ----------------------------------------------------------------------------------- proto framing
-
-
-def encode_varint(value: int) -> bytes:
-    """Protobuf base-128 varint."""
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if not value:
-            out.append(byte)
-            return bytes(out)
-        out.append(byte | 0x80)
-
-
-def encode_delimited(message: Message) -> bytes:
-    """`message` prefixed by its varint length (Java's writeDelimitedTo)."""
-    payload = message.SerializeToString(deterministic=True)
-    return encode_varint(len(payload)) + payload
-
-
-def write_delimited(stream: IO[bytes], message: Message) -> None:
-    """Write `message` with its varint length prefix."""
-    stream.write(encode_delimited(message))
-
-
-def read_varint(stream: Readable) -> int | None:
-    """Read a varint; None at clean EOF before the first byte."""
-    result = shift = 0
-    while True:
-        byte = stream.read(1)
-        if not byte:
-            if shift == 0:
-                return None
-            raise TruncatedStream("truncated varint length prefix")
-        result |= (byte[0] & 0x7F) << shift
-        if not byte[0] & 0x80:
-            return result
-        shift += 7
-        if shift > 63:
-            raise ProtocolError("varint length prefix longer than 10 bytes")
-
-
-def read_delimited(stream: Readable, cls: type[M], *, max_size: int = MAX_MESSAGE_BYTES) -> M | None:
-    """Read one length-delimited message; None at clean EOF; ProtocolError on truncation or garbage."""
-    payload = read_delimited_payload(stream, max_size=max_size)
-    return None if payload is None else parse_message(payload, cls)
-
-
-def read_delimited_payload(stream: Readable, *, max_size: int = MAX_MESSAGE_BYTES) -> bytes | None:
-    """The bytes of one length-delimited message; None at clean EOF; ProtocolError on truncation."""
-    size = read_varint(stream)
-    if size is None:
-        return None
-    if size > max_size:
-        raise ProtocolError(f"message of {size} bytes exceeds the {max_size}-byte limit")
-    chunks: list[bytes] = []
-    got = 0
-    while got < size:
-        chunk = stream.read(size - got)
-        if not chunk:
-            raise TruncatedStream(f"truncated message: got {got} of {size} bytes")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
-
-
-def parse_message(payload: bytes, cls: type[M]) -> M:
-    """Parse `payload` as a `cls`; ProtocolError if it is not one."""
-    message = cls()
-    try:
-        message.ParseFromString(payload)
-    except DecodeError as exc:
-        raise ProtocolError(f"undecodable {cls.__name__}: {exc}") from None
-    return message
 
 
 # ----------------------------------------------------------------------------------- the stream

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from treemat.backends import BackendProbe, Method
 from treemat.cas import ContentStore
-from treemat.counters import Counters
 from treemat.digest import Digest
-from treemat.dircache import DirectoryCache
 from treemat.errors import CorruptBlobError, MissingBlobError
 from treemat.execlog import Spawn, read_exec_log
 from treemat.fsprims import remove_tree
+from treemat.layout import Root
 from treemat.materializer import Materializer
+from treemat.stack import Stack, open_stack
 from treemat.tree import FileNode, InputTree
 
 
@@ -119,7 +119,7 @@ def _synthetic(digest: Digest) -> bytes:
 def replay(
     log: Path,
     *,
-    root: Path,
+    layout: Root,
     execroot: Path | None = None,
     methods: list[Method] | None = None,
     limit: int | None = None,
@@ -127,14 +127,26 @@ def replay(
     progress: Callable[[int], None] | None = None,
 ) -> ReplayReport:
     """Materialize each logged spawn's inputs with every available backend (and the dircache) and time it."""
+    # no tool runs here: no sandbox (so the stack's own placement never hardlinks)
+    with open_stack(layout, isolation="none", background_cleanup=False) as stack:
+        return _replay(log, stack, execroot, methods, limit, mnemonics, progress)
+
+
+def _replay(
+    log: Path,
+    stack: Stack,
+    execroot: Path | None,
+    methods: list[Method] | None,
+    limit: int | None,
+    mnemonics: set[str] | None,
+    progress: Callable[[int], None] | None,
+) -> ReplayReport:
     report = ReplayReport(log=str(log))
-    counters = Counters()
-    cas = ContentStore(root, counters=counters)
-    scratch = root / "replay"
+    cas, caches = stack.cas, stack.dircache
+    scratch = stack.layout.replay
     scratch.mkdir(parents=True, exist_ok=True)
     available = methods or [m for m in BackendProbe().methods_for(cas.cas_dir, scratch) if m is not Method.CLONEFILE]
     synthesized: dict[str, Digest] = {}
-    caches = DirectoryCache(root, Materializer(cas, BackendProbe(), counters=counters), counters=counters)
     for spawn in read_exec_log(log):
         if mnemonics and spawn.mnemonic not in mnemonics:
             continue
@@ -154,7 +166,7 @@ def replay(
             if name.startswith("dircache"):
                 caches.stage(tree, dest)
             else:
-                Materializer(cas, BackendProbe(prefer=[Method(name)])).build(tree.root, dest)
+                Materializer(cas, BackendProbe(prefer=[Method(name)]), counters=stack.counters).build(tree.root, dest)
             row.staging_ms[name] = row.staging_ms.get(name, 0.0) + (time.perf_counter() - started) * 1000
             remove_tree(dest)
         report.spawns += 1

@@ -30,6 +30,7 @@ from pathlib import Path
 from treemat import sandbox_darwin
 from treemat.errors import ExecutionError
 from treemat.fsprims import remove_tree
+from treemat.layout import Root
 from treemat.sandboxstart import SandboxUnavailable as SandboxUnavailable
 from treemat.sandboxstart import hidden_paths, start_helper
 
@@ -290,16 +291,15 @@ def refusing_sandbox(reason: str) -> Sandbox:
 _early: dict[tuple[str, str], tuple[threading.Thread, list[Sandbox | BaseException]]] = {}
 
 
-def open_early(root: Path, want: str, check_root: Callable[[], object]) -> None:
+def open_early(root: Path, want: str) -> None:
     """Open the sandbox for (root, want) in a thread, now (a worker's first step: the helper boots and the probe
-    runs while the worker imports); open_sandbox(root, want) takes it. Call prestart_helper first, from the
+    runs while the worker imports); open_sandbox(Root(root), want) takes it. Call prestart_helper first, from the
     thread that outlives the helper (its parent-death signal follows the thread that started it)."""
     outcome: list[Sandbox | BaseException] = []
 
     def run() -> None:
-        try:
-            check_root()  # never probe in a root the stack would refuse (the stack checks it again)
-            outcome.append(_open_sandbox(root, want))
+        try:  # Root checks the root first: never a probe in a root the stack would refuse (it checks it again)
+            outcome.append(_open_sandbox(Root(root), want))
         except BaseException as exc:
             outcome.append(exc)
 
@@ -308,12 +308,12 @@ def open_early(root: Path, want: str, check_root: Callable[[], object]) -> None:
     _early[(str(root), want)] = (thread, outcome)
 
 
-def open_sandbox(root: Path, want: str = "auto") -> Sandbox:
+def open_sandbox(layout: Root, want: str = "auto") -> Sandbox:
     """The sandbox for `want` in auto | overlay | copy-on-write | none, tried for real; SandboxUnavailable if not.
 
     `auto` takes overlay where overlayfs works in a user namespace, else copy-on-write.
     """
-    early = _early.pop((str(root), want), None)
+    early = _early.pop((str(layout.path), want), None)
     if early is not None:
         early[0].join()
         outcome = early[1][0] if early[1] else None
@@ -321,22 +321,22 @@ def open_sandbox(root: Path, want: str = "auto") -> Sandbox:
             raise outcome
         if isinstance(outcome, Sandbox):
             return outcome
-    return _open_sandbox(root, want)
+    return _open_sandbox(layout, want)
 
 
-def _open_sandbox(root: Path, want: str) -> Sandbox:
+def _open_sandbox(layout: Root, want: str) -> Sandbox:
     if want == ISOLATION_NONE:
         return Sandbox(ISOLATION_NONE, None, None, ())
     if sys.platform == "darwin":
         if not os.access(sandbox_darwin.SANDBOX_EXEC, os.X_OK):
             raise SandboxUnavailable(f"{sandbox_darwin.SANDBOX_EXEC} is missing")
-        hidden = [str(Path(root, name)) for name in ("cas", "verified", "dircache", "quarantine", "tool-cache")]
+        hidden = [str(path) for path in layout.hidden]
         return Sandbox(ISOLATION_DARWIN, None, None, hidden)
     if sys.platform != "linux":
         raise SandboxUnavailable(f"no sandbox for {sys.platform} in this process (see docs/hermeticity.md)")
     helper, control = start_helper()
-    sandbox = Sandbox(ISOLATION_COW, helper, control, hidden_paths(root))
-    scratch = root / "tmp" / f".sandbox-probe-{os.getpid()}-{threading.get_ident()}"
+    sandbox = Sandbox(ISOLATION_COW, helper, control, hidden_paths(layout.path))
+    scratch = layout.tmp / f".sandbox-probe-{os.getpid()}-{threading.get_ident()}"
     try:
         scratch.mkdir(parents=True)
         modes = [True, False] if want in ("auto", ISOLATION_OVERLAY) else [False]

@@ -1,7 +1,9 @@
 """The one place that wires treemat's layers: CAS -> guard -> backends -> materializer -> dircache -> executor.
 
-Every entry point (the worker, the CLI commands, replay, benchmarks, tests) calls `open_stack`, so the choice
-of isolation and placement methods is made, and reported, the same way everywhere.
+Every entry point (the worker, the CLI commands, replay, the bot, benchmarks, tests) makes the root's `Root`
+once and opens the stack over it with `with open_stack(layout) as stack:`, so the choice of isolation and
+placement methods is made, and reported, the same way everywhere, and the ledger is flushed at exit.
+No collaborator defaults another: what a constructor needs, this module hands it.
 
 Every tool runs in the sandbox (sandbox.py), chosen here by what actually works on this machine (see
 docs/hermeticity.md):
@@ -15,9 +17,8 @@ kernel's reason.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+import threading
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from treemat.cas import ContentStore
@@ -39,28 +40,63 @@ if TYPE_CHECKING:  # imported by open_stack, after the sandbox has started
     from treemat.budget import StoreBudget
     from treemat.dircache import DirectoryCache
     from treemat.executor import ActionExecutor
+    from treemat.housekeeping import Housekeeper
     from treemat.materializer import Materializer
+    from treemat.toolrun import ToolRunner
+    from treemat.writewatch import WriteWatch
 
 DEFAULT_DIRCACHE_MIN_FILES = 64  # = dircache.MIN_SUBTREE_FILES, measured there (not imported: start-up cost)
 ISOLATION_CHOICES = ("auto", ISOLATION_OVERLAY, ISOLATION_COW, ISOLATION_NONE)
 __all__ = ["ISOLATION_COW", "ISOLATION_NONE", "ISOLATION_OVERLAY", "Stack", "open_stack"]
 
 
-@dataclass(slots=True)
 class Stack:
-    """Every layer of one treemat process, wired; a context manager (closing it flushes the ledger)."""
+    """Every layer of one treemat process, wired; a context manager (closing it flushes the ledger).
 
-    root: Path
-    layout: Root
-    counters: Counters
-    cas: ContentStore
-    guard: BlobGuard
-    budget: StoreBudget
-    probe: BackendProbe
-    materializer: Materializer
-    dircache: DirectoryCache
-    sandbox: Sandbox
-    executor: ActionExecutor
+    The executor is built on first use: a process that only stages and runs tools by hand (the bot) has none.
+    """
+
+    def __init__(
+        self,
+        *,
+        layout: Root,
+        counters: Counters,
+        cas: ContentStore,
+        watch: WriteWatch,
+        guard: BlobGuard,
+        budget: StoreBudget,
+        probe: BackendProbe,
+        materializer: Materializer,
+        dircache: DirectoryCache,
+        sandbox: Sandbox,
+        runner: ToolRunner,
+        housekeeper: Housekeeper,
+        build_executor: Callable[[Stack], ActionExecutor],
+    ) -> None:
+        self.layout = layout
+        self.root = layout.path
+        self.counters = counters
+        self.cas = cas
+        self.watch = watch
+        self.guard = guard
+        self.budget = budget
+        self.probe = probe
+        self.materializer = materializer
+        self.dircache = dircache
+        self.sandbox = sandbox
+        self.runner = runner
+        self.housekeeper = housekeeper
+        self._build_executor = build_executor
+        self._executor: ActionExecutor | None = None
+        self._executor_lock = threading.Lock()
+
+    @property
+    def executor(self) -> ActionExecutor:
+        """The action executor (with its input stager and exec-dir pool), built on first use."""
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = self._build_executor(self)
+            return self._executor
 
     @property
     def isolation(self) -> str:
@@ -90,11 +126,15 @@ class Stack:
         }
 
     def close(self) -> None:
-        """Remove pooled exec dirs, flush the ledger, stop the sandbox helper, release descriptors."""
+        """Let queued removals finish, remove pooled exec dirs, flush the ledger, stop the sandbox helper."""
         try:
-            self.executor.close()
+            if self._executor is not None:
+                self._executor.close()
+            else:
+                self.housekeeper.flush()
         finally:
             self.guard.close()
+            self.watch.close()
             self.sandbox.close()
 
     def __enter__(self) -> Stack:
@@ -104,12 +144,12 @@ class Stack:
         self.close()
 
 
-def _sandbox_for(root: Path, want: str) -> Sandbox:
+def _sandbox_for(layout: Root, want: str) -> Sandbox:
     """The sandbox for `want`; where none works (and `none` was not asked for), one that refuses every tool."""
     if want not in ISOLATION_CHOICES:
         raise ValueError(f"unknown isolation {want!r} (choose from {', '.join(ISOLATION_CHOICES)})")
     try:
-        return open_sandbox(root, want)
+        return open_sandbox(layout, want)
     except SandboxUnavailable as exc:
         if want != "auto":
             raise
@@ -117,41 +157,49 @@ def _sandbox_for(root: Path, want: str) -> Sandbox:
 
 
 def open_stack(
-    root: Path,
+    layout: Root,
     *,
     counters: Counters | None = None,
     prefer: Sequence[Method] | None = None,
     concurrency: int | None = None,
     dircache_min_files: int | None = DEFAULT_DIRCACHE_MIN_FILES,
     isolation: str = "auto",
-    group_shared: bool = False,
     keep_exec_dirs: bool = False,
     background_cleanup: bool = True,
     max_bytes: int | None = None,
+    pool_size: int | None = None,
 ) -> Stack:
-    """Open (creating if needed) the treemat root and wire every layer over it; close it (or use `with`).
+    """Wire every layer over the treemat root `layout`; close the stack (or use `with`).
 
     `isolation` is auto | overlay | copy-on-write | none: an explicit mode that does not work here is an error;
     `auto` that finds no sandbox gives a stack whose actions all fail with the reason.
     """
-    layout = Root(root, group_shared=group_shared)
-    root = layout.path
     counters = counters if counters is not None else Counters()
-    cas = ContentStore(root, counters=counters, group_shared=group_shared)
-    sandbox = _sandbox_for(root, isolation)
+    cas = ContentStore(layout, counters=counters)
+    sandbox = _sandbox_for(layout, isolation)
     try:
         from treemat.backends import DEFAULT_ORDER, BackendProbe, Method
         from treemat.blobguard import BlobGuard
         from treemat.budget import StoreBudget, default_budget
-        from treemat.dircache import DirectoryCache, KernelTreeCloner
-        from treemat.executor import ActionExecutor
+        from treemat.dircache import DirectoryCache
+        from treemat.housekeeping import Housekeeper
         from treemat.ledger import VerifiedLedger
         from treemat.materializer import Materializer
-        from treemat.toolcache import ToolCaches
+        from treemat.toolrun import ToolRunner
+        from treemat.treeclone import KernelTreeCloner
+        from treemat.writewatch import WriteWatch
 
-        guard = BlobGuard(cas, counters=counters, ledger=VerifiedLedger(layout.verified))
-        budget = StoreBudget(cas, max_bytes if max_bytes is not None else default_budget(root), counters=counters)
+        watch = WriteWatch()
     except BaseException:
+        sandbox.close()
+        raise
+    try:
+        guard = BlobGuard(cas, watch, counters=counters, ledger=VerifiedLedger(layout.verified))
+        budget = StoreBudget(
+            cas, max_bytes if max_bytes is not None else default_budget(layout.path), counters=counters
+        )
+    except BaseException:
+        watch.close()
         sandbox.close()
         raise
     order = list(prefer) if prefer else list(DEFAULT_ORDER)
@@ -164,31 +212,49 @@ def open_stack(
     probe = BackendProbe(prefer=order, measure=not prefer)
     materializer = Materializer(cas, probe, counters=counters, concurrency=concurrency)
     dircache = DirectoryCache(
-        root, materializer, counters=counters, cloner=KernelTreeCloner(), min_files=dircache_min_files
+        layout.dircache, materializer, counters=counters, cloner=KernelTreeCloner(), min_files=dircache_min_files
     )
-    executor = ActionExecutor(
-        root,
-        cas,
-        dircache,
-        sandbox=sandbox,
-        guard=guard,
-        tool_caches=ToolCaches(layout.tool_cache, sandbox),
-        layout=layout,
-        budget=budget,
-        counters=counters,
-        keep_exec_dirs=keep_exec_dirs,
-        background_cleanup=background_cleanup,
-    )
+
+    def build_executor(stack: Stack) -> ActionExecutor:
+        from treemat.execpool import DEFAULT_POOL_SIZE, ExecDirPool
+        from treemat.executor import ActionExecutor
+        from treemat.inputs import InputStager
+        from treemat.toolcache import ToolCaches
+
+        size = DEFAULT_POOL_SIZE if pool_size is None else pool_size
+        # exec-dir reuse needs the overlay: there the staged tree is untouched by the tool
+        pool = None
+        if stack.sandbox.overlay and size > 0:
+            pool = ExecDirPool(stack.cas, stack.guard, stack.watch, dispose=stack.housekeeper.dispose, size=size)
+        inputs = InputStager(
+            stack.cas, stack.guard, stack.dircache, pool, counters=counters, dispose=stack.housekeeper.dispose
+        )
+        return ActionExecutor(
+            layout=layout,
+            cas=stack.cas,
+            guard=stack.guard,
+            inputs=inputs,
+            sandbox=stack.sandbox,
+            runner=stack.runner,
+            tool_caches=ToolCaches(layout.tool_cache, stack.sandbox),
+            housekeeper=stack.housekeeper,
+            budget=stack.budget,
+            counters=counters,
+            keep_exec_dirs=keep_exec_dirs,
+        )
+
     return Stack(
-        root=root,
         layout=layout,
         counters=counters,
         cas=cas,
+        watch=watch,
         guard=guard,
         budget=budget,
         probe=probe,
         materializer=materializer,
         dircache=dircache,
         sandbox=sandbox,
-        executor=executor,
+        runner=ToolRunner(sandbox, cas.fork_gate),
+        housekeeper=Housekeeper(layout.exec, guard, background=background_cleanup),
+        build_executor=build_executor,
     )

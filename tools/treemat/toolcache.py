@@ -135,8 +135,13 @@ class ToolCaches:
 
 
 def swift_seed_recipe(argv: Sequence[str]) -> tuple[str, list[str]] | None:
-    """(seed key, the seed's command line) for a swiftc command line whose module cache is under {TOOL_CACHE}."""
-    if not argv or os.path.basename(argv[0]) not in _SWIFT_DRIVERS:
+    """(seed key, the seed's command line) for a swiftc command line whose module cache is under {TOOL_CACHE}.
+
+    A wrapper that runs swiftc after `--` (swift_test's compile, which discovers the tests from the symbol
+    graph in the same action) is seeded as the swiftc it runs.
+    """
+    argv = _swift_command(argv)
+    if not argv:
         return None
     module_cache = None
     kept: list[str] = []
@@ -179,6 +184,17 @@ def swift_seed_recipe(argv: Sequence[str]) -> tuple[str, list[str]] | None:
         cache_path,
     ]
     return key, seed_argv
+
+
+def _swift_command(argv: Sequence[str]) -> Sequence[str]:
+    """The swiftc command line of `argv`: itself, or what follows a wrapper's `--`; empty if neither."""
+    if argv and os.path.basename(argv[0]) in _SWIFT_DRIVERS:
+        return argv
+    if "--" in argv:
+        rest = argv[list(argv).index("--") + 1 :]
+        if rest and os.path.basename(rest[0]) in _SWIFT_DRIVERS:
+            return rest
+    return []
 
 
 def _identity(tool: str) -> list[object] | None:

@@ -40,9 +40,9 @@ class ToolOutcome:
 class ToolRunner:
     """Starts tools in `sandbox` and cancels them by request id; safe from several threads."""
 
-    def __init__(self, sandbox: Sandbox, fork_gate: ForkGate | None = None) -> None:
+    def __init__(self, sandbox: Sandbox, fork_gate: ForkGate) -> None:
         self.sandbox = sandbox
-        self.fork_gate = fork_gate if fork_gate is not None else ForkGate()
+        self.fork_gate = fork_gate
         self._lock = threading.Lock()
         self._running: dict[int, Callable[[], None]] = {}
         self._cancelled: set[int] = set()

@@ -16,11 +16,12 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO
+from typing import IO, BinaryIO
 
 from treemat.counters import StatsStore
 from treemat.errors import ProtocolError, TreematError, describe_error
 from treemat.flagfile import parse_action_args, request_arguments
+from treemat.layout import Root
 from treemat.protocol import Malformed, Wire, WorkItem, WorkReply, encode_reply, read_requests, sniff_protocol
 from treemat.stack import Stack, open_stack
 
@@ -126,7 +127,7 @@ def make_handler(stack: Stack, execroot: Path) -> tuple[Handler, Canceller]:
     from treemat.action import ActionRequest
 
     counters, executor = stack.counters, stack.executor
-    stats = StatsStore(stack.root)
+    stats = StatsStore(stack.layout.stats)
     stats_lock = threading.Lock()
     verbose = bool(os.environ.get("TREEMAT_VERBOSE"))
 
@@ -167,9 +168,14 @@ def serve_stdio(root: Path, *, protocol: Wire | None, max_workers: int, isolatio
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     try:
-        stack = open_stack(root, isolation=isolation)
+        stack = open_stack(Root(root), isolation=isolation)
     except (TreematError, OSError) as exc:
         raise TreematError(f"the worker cannot start: {describe_error(exc)}") from None
+    with stack:
+        return _serve(stack, protocol_out, protocol, max_workers)
+
+
+def _serve(stack: Stack, protocol_out: BinaryIO, protocol: Wire | None, max_workers: int) -> int:
     if stack.isolation in ("none", "unavailable"):
         print(f"treemat worker: WARNING: isolation {stack.isolation}: {stack.isolation_detail}", file=sys.stderr)
     handler, canceller = make_handler(stack, Path.cwd())
@@ -181,8 +187,5 @@ def serve_stdio(root: Path, *, protocol: Wire | None, max_workers: int, isolatio
         print(f"treemat worker: {time.time():.3f} read {size} bytes", file=sys.stderr, flush=True)
 
     server = WorkerServer(protocol_out, handler, protocol=wire, max_workers=max_workers, on_cancel=canceller)
-    try:
-        server.serve(read_requests(source, wire, log_read if verbose else None))
-    finally:
-        stack.close()
+    server.serve(read_requests(source, wire, log_read if verbose else None))
     return 0

@@ -1,9 +1,12 @@
-"""The blob guard's inotify descriptor: opening it, directory watches, and the record of every lost signal.
+"""The process's one inotify instance, shared by the blob guard and the exec-dir pool, and the record of every
+lost signal.
 
-blobguard.py keeps the blob watches (they decide what is trusted); this module holds what does not: the
-instance itself (none when the user's instances are used up: EMFILE), the directory watches the exec-dir pool
-asks for (execpool.py), and `SignalLog`, the reasons the guard is not (only) on inotify, which make its mode:
-`inotify`, `degraded` (some blobs had or lost no watch: those are hashed on every use) or `none`.
+`WriteWatch` owns the instance (none when the user's instances are used up: EMFILE) and reads its queue: each
+event goes to its owner, directory events to the callbacks the exec-dir pool registered (execpool.py), every
+other event (blob watches, a queue overflow) to the handler the blob guard registered (blobguard.py, which keeps
+the blob watches: they decide what is trusted). `SignalLog` keeps the reasons the guard is not (only) on inotify,
+which make its mode: `inotify`, `degraded` (some blobs had or lost no watch: those are hashed on every use) or
+`none`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import ctypes
 import errno
 import threading
 from collections.abc import Callable
+from typing import Any
 
 try:  # Linux only
     import inotify_simple
@@ -22,9 +26,11 @@ except ImportError:  # pragma: no cover - non-Linux
     INotify = None  # type: ignore[assignment,misc]
     inotify_flags = None  # type: ignore[assignment]
 
-__all__ = ["DirectoryWatches", "INotify", "SignalLog", "errno_name", "inotify_flags", "open_inotify"]
+__all__ = ["DirectoryWatches", "INotify", "SignalLog", "WriteWatch", "errno_name", "inotify_flags", "open_inotify"]
 
 DirCallback = Callable[[bool], None]  # called with lost=True when the watch itself was lost
+EventHandler = Callable[[list[Any]], list[Any]]  # the guard's: events in, what they hit out
+LossListener = Callable[[str, str], None]  # (reason, counter): a watch could not be placed
 
 
 def open_inotify() -> tuple[INotify | None, str | None]:
@@ -112,3 +118,73 @@ class DirectoryWatches:
         """Every callback (a queue overflow: every directory watch lost events)."""
         with self._lock:
             return list(self._callbacks.values())
+
+
+class WriteWatch:
+    """One inotify instance for the process: blob watches (the guard's) and directory watches (the pool's).
+
+    `poll` drains the queue once, whoever calls it: the guard's handler gets the blob events (and a queue
+    overflow) first, then each directory callback is told (every one of them on an overflow, with lost=True).
+    """
+
+    def __init__(self) -> None:
+        self.inotify, self.why_not = open_inotify()
+        self._dirs = DirectoryWatches()
+        self._poll_lock = threading.Lock()  # one reader of the event queue at a time
+        self._handler: EventHandler = lambda _events: []
+        self._on_loss: LossListener = lambda _reason, _counter: None
+
+    def serve(self, handler: EventHandler, on_loss: LossListener) -> None:
+        """Register the blob guard: its event handler and where a directory watch that failed is reported."""
+        self._handler, self._on_loss = handler, on_loss
+
+    def poll(self) -> list[Any]:
+        """Read every queued event and hand each to its owner; returns what the guard's handler returned."""
+        if self.inotify is None:
+            return []
+        with self._poll_lock:
+            try:
+                events = self.inotify.read(timeout=0)
+            except BlockingIOError:
+                events = []
+        others: list[Any] = []
+        notify: list[tuple[DirCallback, bool]] = []
+        for event in events:
+            if event.mask & inotify_flags.Q_OVERFLOW:
+                notify.extend((callback, True) for callback in self._dirs.everyone())
+                others.append(event)
+                continue
+            ignored = bool(event.mask & inotify_flags.IGNORED)
+            on_dir_event = self._dirs.on_event(event.wd, ignored)
+            if on_dir_event is not None:
+                notify.append((on_dir_event, ignored))
+            else:
+                others.append(event)
+        hit = self._handler(others)
+        for callback, lost in notify:
+            callback(lost)
+        return hit
+
+    def watch_directory(self, path: str, on_event: DirCallback) -> int | None:
+        """Call `on_event(lost)` (from `poll`) whenever an entry of `path` is created, removed, renamed or
+        chmodded; `lost` is True when the watch itself was lost (queue overflow, IN_IGNORED).
+
+        None when there is no inotify or the watch cannot be placed (the caller then verifies by `lstat`).
+        """
+        if self.inotify is None:
+            return None
+        try:
+            return self._dirs.add(self.inotify, path, on_event)
+        except OSError as exc:
+            self._on_loss(f"a directory watch failed ({errno_name(exc)})", "guard_watch_failures")
+            return None
+
+    def unwatch_directory(self, wd: int) -> None:
+        """Stop watching a directory (gone already is fine)."""
+        self._dirs.remove(self.inotify, wd)
+
+    def close(self) -> None:
+        """Release the descriptor."""
+        if self.inotify is not None:
+            self.inotify.close()
+            self.inotify = None

@@ -23,10 +23,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from treemat.blobguard import BlobIdentity
+from treemat.blobstate import BlobIdentity
 from treemat.counters import StatsStore
 from treemat.digest import EMPTY_DIGEST, Digest, digest_bytes
 from treemat.errors import ExecutionError, TreematError
+from treemat.fsprims import remove_tree
+from treemat.layout import Root
 from treemat.outputs import H, OutputSink, OutputView, find_output, walk_entry
 from treemat.sandbox import EXEC_ROOT, RunDir, ToolPlan
 from treemat.stack import DEFAULT_DIRCACHE_MIN_FILES, open_stack
@@ -154,7 +156,7 @@ class LocalStager:
         self, root: Path, *, concurrency: int | None = None, dircache: bool = True, isolation: str = "auto"
     ) -> None:
         stack = open_stack(
-            Path(root),
+            Root(root),
             isolation=isolation,
             concurrency=concurrency,
             dircache_min_files=DEFAULT_DIRCACHE_MIN_FILES if dircache else None,
@@ -166,8 +168,10 @@ class LocalStager:
         self.guard = stack.guard
         self.dircache = stack.dircache
         self.sandbox = stack.sandbox
-        self.executor = stack.executor
-        self._stats = StatsStore(self.root)
+        self.runner = stack.runner
+        self.housekeeper = stack.housekeeper
+        self.exec_base = stack.layout.exec
+        self._stats = StatsStore(stack.layout.stats)
         self._stats_lock = threading.Lock()
         self._request_ids = itertools.count(_REQUEST_IDS_FROM)
         self._ids_lock = threading.Lock()
@@ -229,9 +233,8 @@ class LocalStager:
         Inputs are placed by the stack's methods (hardlinks only under the overlay sandbox). A blob written while
         it was staged, or while the command ran, fails the action (the blob is quarantined: fetched again).
         """
-        self.stack.layout.ensure()
-        exec_dir = self.executor.exec_base / f"{os.getpid()}-{tag}-{secrets.token_hex(4)}"
-        run_dir = RunDir(self.executor.exec_base / f"{exec_dir.name}.run")
+        exec_dir = self.exec_base / f"{os.getpid()}-{tag}-{secrets.token_hex(4)}"
+        run_dir = RunDir(self.exec_base / f"{exec_dir.name}.run")
         generation = self.guard.taint_generation
         identities: set[BlobIdentity] = set()
         for _path, node in tree.iter_files():
@@ -245,8 +248,7 @@ class LocalStager:
         staged: StagedAction | None = None
         try:
             started = time.perf_counter()
-            with self.cas.in_use():
-                report = self.dircache.stage(tree, exec_dir)
+            report = self._stage(tree, exec_dir)
             seconds = time.perf_counter() - started
             if report.hardlinked and not self.sandbox.overlay:
                 raise ExecutionError("inputs were hardlinked but the sandbox has no overlay: refused (a wiring bug)")
@@ -259,8 +261,20 @@ class LocalStager:
         finally:
             if staged is not None:
                 staged.close()
-            self.executor.dispose(run_dir.path)
-            self.executor.dispose(exec_dir, report.hardlinked)
+            self.housekeeper.dispose(run_dir.path)
+            self.housekeeper.dispose(exec_dir, report.hardlinked)
+
+    def _stage(self, tree: InputTree, exec_dir: Path) -> StageReport:
+        """Stage `tree` into `exec_dir`; once more if a user deleted part of the root under us."""
+        try:
+            with self.cas.in_use():
+                return self.dircache.stage(tree, exec_dir)
+        except (TreematError, OSError):
+            if not self.stack.layout.repair():
+                raise
+        remove_tree(exec_dir)
+        with self.cas.in_use():
+            return self.dircache.stage(tree, exec_dir)
 
     def check_inputs(self, identities: set[BlobIdentity], generation: int) -> None:
         """TreematError if any of these blobs was written to since `generation` (they are quarantined)."""
@@ -273,7 +287,7 @@ class LocalStager:
 
         Returns the outcome and what fired ("cancelled", "timeout" or "").
         """
-        runner = self.executor.runner
+        runner = self.runner
         with self._ids_lock:
             request_id = next(self._request_ids)
         done = threading.Event()

@@ -9,11 +9,14 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from treemat.errors import TreematError, describe_error
+
+if TYPE_CHECKING:
+    from treemat.layout import Root
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -55,11 +58,25 @@ class TreematGroup(click.Group):
 
 
 class RootedContext:
-    """Objects every subcommand shares: the treemat root directory and the isolation asked for."""
+    """Objects every subcommand shares: the treemat root directory and the isolation asked for.
+
+    `layout` (the checked root, made on first use: `treemat --help` creates nothing) is the one Root of the
+    process, handed to whatever the command opens.
+    """
 
     def __init__(self, root: Path, isolation: str = "auto") -> None:
         self.root = root
         self.isolation = isolation
+        self._layout: Root | None = None
+
+    @property
+    def layout(self) -> Root:
+        """The treemat root, checked and made once."""
+        if self._layout is None:
+            from treemat.layout import Root
+
+            self._layout = Root(self.root)
+        return self._layout
 
 
 pass_rooted = click.make_pass_decorator(RootedContext)

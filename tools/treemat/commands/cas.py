@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from treemat.commands._common import RootedContext, describe_report, emit_json, pass_rooted, progress_bar
+
+if TYPE_CHECKING:
+    from treemat.cas import ContentStore
 
 
 def parse_size(text: str) -> int:
@@ -19,6 +23,14 @@ def parse_size(text: str) -> int:
         return parse_bytes(text)
     except ValueError as exc:
         raise click.BadParameter(f"not a size: {text!r} (examples: 500M, 10G, 1048576)") from exc
+
+
+def _open_store(rooted: RootedContext) -> ContentStore:
+    """The root's CAS alone: these commands stage nothing and run no tool."""
+    from treemat.cas import ContentStore
+    from treemat.counters import Counters
+
+    return ContentStore(rooted.layout, counters=Counters())
 
 
 @click.group()
@@ -35,11 +47,9 @@ def ingest(rooted: RootedContext, paths: tuple[Path, ...], as_json: bool) -> int
 
     The exec bit of each file is kept: executables and plain files are stored as separate blobs.
     """
-    from treemat.cas import ContentStore
-
     files = list(_walk_files(paths))
     result: dict[str, str] = {}
-    store = ContentStore(rooted.root)
+    store = _open_store(rooted)
     with progress_bar(len(files), "ingesting", enabled=not as_json and len(files) >= 200) as advance:
         for path in files:
             executable = os.access(path, os.X_OK)
@@ -73,9 +83,7 @@ def verify(rooted: RootedContext, as_json: bool) -> int:
 
     Exit status 1 if anything was corrupt.
     """
-    from treemat.cas import ContentStore
-
-    store = ContentStore(rooted.root)
+    store = _open_store(rooted)
     total = store.stats().blobs
     with progress_bar(total, "verifying", enabled=not as_json and total >= 200) as advance:
         report = store.verify_all(progress=advance)
@@ -96,9 +104,7 @@ def gc(rooted: RootedContext, max_size: str, as_json: bool) -> int:
     Blobs in use (hardlinked into a live exec dir or the directory cache) are never deleted; GC waits
     for running stagers to release the CAS.
     """
-    from treemat.cas import ContentStore
-
-    report = ContentStore(rooted.root).gc(parse_size(max_size))
+    report = _open_store(rooted).gc(parse_size(max_size))
     if as_json:
         emit_json(report)
     else:
@@ -111,9 +117,7 @@ def gc(rooted: RootedContext, max_size: str, as_json: bool) -> int:
 @pass_rooted
 def stats(rooted: RootedContext, as_json: bool) -> int:
     """Blob count and bytes in the CAS."""
-    from treemat.cas import ContentStore
-
-    report = ContentStore(rooted.root).stats()
+    report = _open_store(rooted).stats()
     if as_json:
         emit_json(report)
     else:

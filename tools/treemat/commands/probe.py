@@ -23,12 +23,9 @@ def probe(rooted: RootedContext, dest_dir: Path, as_json: bool) -> int:
     """
     from treemat.stack import open_stack
 
-    stack = open_stack(rooted.root, isolation=rooted.isolation)
-    try:
+    with open_stack(rooted.layout, isolation=rooted.isolation) as stack:
         methods = stack.probe.methods_for(stack.cas.cas_dir, dest_dir.absolute())
         described = stack.describe()
-    finally:
-        stack.close()
     names = [m.value for m in methods]
     if as_json:
         emit_json({"cas": str(stack.cas.cas_dir), "dest": str(dest_dir), "methods": names, **described})

@@ -42,7 +42,7 @@ def replay(
     total = min(total, limit) if limit else total
     with progress_bar(total, "replaying", enabled=not as_json) as advance:
         report = run_replay(
-            exec_log, root=rooted.root, execroot=execroot, limit=limit, mnemonics=wanted, progress=advance
+            exec_log, layout=rooted.layout, execroot=execroot, limit=limit, mnemonics=wanted, progress=advance
         )
     if as_json:
         emit_json(report.to_json())

@@ -58,22 +58,21 @@ def stage(
         raise TreematError(f"destination already exists: {dest}")
     tree = load_manifest(manifest)
     counters = Counters()
-    stack = open_stack(
-        rooted.root,
+    with open_stack(
+        rooted.layout,
         counters=counters,
         prefer=[Method(name) for name in prefer] or None,
         concurrency=concurrency,
         dircache_min_files=DEFAULT_DIRCACHE_MIN_FILES if not no_dircache else None,
-    )
-    cache = stack.dircache
-    for path, node in tree.iter_files():
-        found = stack.cas.lookup(node.digest.hash, node.executable)
-        if found is not None and found.size != node.digest.size:
-            raise TreematError(f"{path}: the manifest declares {node.digest.size} bytes, the blob has {found.size}")
-    total = tree.count_files()
-    with progress_bar(total, "staging", enabled=not quiet and not as_json and total >= 500) as advance:
-        report = cache.stage(tree, dest.absolute(), progress=advance)
-    StatsStore(rooted.root).publish(counters, role="cli-stage", extra=stack.describe())
+    ) as stack:
+        for path, node in tree.iter_files():
+            found = stack.cas.lookup(node.digest.hash, node.executable)
+            if found is not None and found.size != node.digest.size:
+                raise TreematError(f"{path}: the manifest declares {node.digest.size} bytes, the blob has {found.size}")
+        total = tree.count_files()
+        with progress_bar(total, "staging", enabled=not quiet and not as_json and total >= 500) as advance:
+            report = stack.dircache.stage(tree, dest.absolute(), progress=advance)
+        StatsStore(stack.layout.stats).publish(counters, role="cli-stage", extra=stack.describe())
     if as_json:
         emit_json({"dest": str(dest), "report": report, "counters": counters.snapshot()})
     else:

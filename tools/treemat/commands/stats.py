@@ -6,13 +6,13 @@ import json
 import threading
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 import click
 
 from treemat.commands._common import RootedContext, human_bytes, pass_rooted
 from treemat.counters import FILE_METHOD_COUNTERS, StatsStore
 from treemat.errors import TreematError
+from treemat.layout import Root
 
 _SUMMARIZED = frozenset(
     {
@@ -46,13 +46,13 @@ def stats(rooted: RootedContext, as_json: bool, reset: bool, watch: bool, max_up
     this sums them. A silent fallback to `copy` shows up here, loudly. `--watch` follows a running
     build live (filesystem events through the optional `watchdog` package: pip install 'treemat[watch]').
     """
-    store = StatsStore(rooted.root)
+    store = StatsStore(rooted.layout.stats)
     if reset:
         click.echo(f"removed {store.reset()} stats records")
     elif watch:
-        watch_stats(store, rooted.root, as_json=as_json, max_updates=max_updates)
+        watch_stats(store, rooted.layout, as_json=as_json, max_updates=max_updates)
     else:
-        show_stats(store, rooted.root, as_json=as_json)
+        show_stats(store, rooted.layout, as_json=as_json)
     return 0
 
 
@@ -87,19 +87,19 @@ def format_counters(values: Mapping[str, int]) -> str:
     return "\n".join(lines)
 
 
-def show_stats(store: StatsStore, root: Path, *, as_json: bool) -> None:
+def show_stats(store: StatsStore, layout: Root, *, as_json: bool) -> None:
     """Print the summed counters (and recent actions) once."""
     records = store.load_all()
     totals = store.totals()
-    dircache = dircache_state(root, records)
+    dircache = dircache_state(layout, records)
     if as_json:
         click.echo(
             json.dumps(
-                {"root": str(root), "totals": totals, "dircache": dircache, "processes": records}, sort_keys=True
+                {"root": str(layout.path), "totals": totals, "dircache": dircache, "processes": records}, sort_keys=True
             )
         )
         return
-    click.echo(f"treemat root: {root}  ({len(records)} process records)")
+    click.echo(f"treemat root: {layout.path}  ({len(records)} process records)")
     modes = sorted({f"{r.get('isolation')} ({r.get('write_watch')})" for r in records if r.get("isolation")})
     if modes:
         click.echo(f"isolation: {', '.join(modes)}")
@@ -131,7 +131,7 @@ def format_write_watch(records: list[dict[str, object]], totals: Mapping[str, in
     )
 
 
-def dircache_state(root: Path, records: list[dict[str, object]]) -> dict[str, object]:
+def dircache_state(layout: Root, records: list[dict[str, object]]) -> dict[str, object]:
     """The subtree cache's choices (as the processes that published them made them) and its recorded size."""
     choices = sorted(
         {
@@ -143,7 +143,7 @@ def dircache_state(root: Path, records: list[dict[str, object]]) -> dict[str, ob
     )
     from treemat.dircache import recorded_usage  # here: `treemat stats` stays light (dircache pulls in protobuf)
 
-    usage = recorded_usage(root)
+    usage = recorded_usage(layout.dircache)
     return {
         "choices": [{"mode": mode, "min_files": files, "budget_bytes": budget} for mode, files, budget in choices],
         "entries": usage[0] if usage else 0,
@@ -174,7 +174,7 @@ def _as_int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def watch_stats(store: StatsStore, root: Path, *, as_json: bool, max_updates: int | None) -> None:
+def watch_stats(store: StatsStore, layout: Root, *, as_json: bool, max_updates: int | None) -> None:
     """Redraw the stats each time a stats record changes (needs the optional `watchdog` package)."""
     try:
         from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -199,7 +199,7 @@ def watch_stats(store: StatsStore, root: Path, *, as_json: bool, max_updates: in
         while max_updates is None or updates < max_updates:
             if not as_json:
                 click.clear()
-            show_stats(store, root, as_json=as_json)
+            show_stats(store, layout, as_json=as_json)
             updates += 1
             if max_updates is not None and updates >= max_updates:
                 break

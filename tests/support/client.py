@@ -12,7 +12,6 @@ from typing import Any
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
-
 from treemat.bot.rpc import code_pb2, re_grpc, re_pb2
 
 Entry = bytes | tuple[bytes, bool] | str | None  # file bytes, (bytes, executable), symlink target, empty dir

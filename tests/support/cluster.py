@@ -1,6 +1,7 @@
 """A real remote-execution cluster on loopback: PostgreSQL, a BuildGrid server, and N treemat bots.
 
-Used by the tests and by `tools/cluster.sh` (`python -m treemat.bot.cluster up`). Every process is started in
+Test and dev tooling, not shipped: used by the tests, benchmarks/bench_bot.py and `tools/cluster.sh`
+(`python3 tests/support/cluster.py up`). Every process is started in
 its own session and stopped (process group killed) on exit, with bounded waits; PostgreSQL runs as the
 `postgres` user when started by root (it refuses to run as root) from a private data directory.
 """
@@ -291,7 +292,7 @@ class Cluster:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m treemat.bot.cluster up --dir DIR [--bots N] [--concurrency N] [--port P]`."""
+    """`python3 tests/support/cluster.py up --dir DIR [--bots N] [--concurrency N] [--port P]`."""
     parser = argparse.ArgumentParser(prog="treemat-cluster", description=__doc__)
     parser.add_argument("command", choices=["up"])
     parser.add_argument("--dir", type=Path, required=True, help="work dir: logs, server CAS, bot roots")

@@ -1,4 +1,4 @@
-"""Drives a real `python -m treemat --persistent_worker` process the way Bazel does."""
+"""Drives a real `python -m treemat --persistent_worker` process the way Bazel does; every read has a timeout."""
 
 from __future__ import annotations
 
@@ -6,18 +6,17 @@ import base64
 import hashlib
 import json
 import os
+import queue
 import subprocess
 import sys
 import threading
 from pathlib import Path
 from typing import IO, Any
 
-from treemat.executor import ActionExecutor
-from treemat.stack import open_stack
-
 # The directory holding the treemat package the worker subprocesses import: under `bazel test` the runner finds
 # it in the runfiles (tests/pytest_runner.py); under plain pytest it is this checkout's.
 TOOLS_DIR = Path(os.environ.get("TREEMAT_TOOLS_DIR") or Path(__file__).resolve().parents[2] / "tools")
+READ_TIMEOUT = 120.0  # seconds a test waits for one reply before it fails (a hung worker fails, never hangs)
 
 
 def worker_env() -> dict[str, str]:
@@ -46,7 +45,8 @@ def request(
 
 
 class Worker:
-    """A live worker subprocess with a JSON response reader."""
+    """A live worker subprocess with a JSON response reader (started on the first `read`: proto tests read
+    `stdout` themselves)."""
 
     def __init__(self, execroot: Path, root: Path, protocol: str = "json", extra: list[str] | None = None) -> None:
         self.proc = subprocess.Popen(
@@ -62,6 +62,7 @@ class Worker:
         self.stdin: IO[bytes] = self.proc.stdin
         self.stdout: IO[bytes] = self.proc.stdout
         self._stderr: list[bytes] = []
+        self._lines: queue.Queue[bytes] | None = None
         threading.Thread(target=self._drain_stderr, daemon=True).start()
 
     def _drain_stderr(self) -> None:
@@ -81,18 +82,25 @@ class Worker:
         """Send requests back to back with no separator, as Bazel 4.2.3 does."""
         self.send_raw("".join(json.dumps(r) for r in requests).encode())
 
-    def read(self) -> dict[str, Any]:
-        line = self.stdout.readline()
+    def read(self, timeout: float = READ_TIMEOUT) -> dict[str, Any]:
+        """The next JSON reply; AssertionError if none comes within `timeout` seconds or stdout closes."""
+        if self._lines is None:
+            self._lines = queue.Queue()
+            threading.Thread(target=self._read_lines, args=(self._lines,), daemon=True).start()
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no reply within {timeout:.0f} s; stderr:\n{self.stderr}") from None
         assert line, f"worker closed stdout; stderr:\n{self.stderr}"
         reply = json.loads(line)
         assert isinstance(reply, dict)
         return reply
 
+    def _read_lines(self, lines: queue.Queue[bytes]) -> None:
+        for line in self.stdout:
+            lines.put(line)
+        lines.put(b"")  # EOF
+
     def close(self) -> int:
         self.stdin.close()
         return self.proc.wait(30)
-
-
-def make_executor(root: Path) -> ActionExecutor:
-    """The composed stack's executor in one process, exec dirs removed synchronously."""
-    return open_stack(root, background_cleanup=False).executor

@@ -1,0 +1,3 @@
+import CMod
+import COwn
+public func libValue() -> Int { Int(cmod_value() + own_value()) }

@@ -1,0 +1,2 @@
+import Lib
+public func topValue() -> Int { libValue() }

@@ -1,0 +1,2 @@
+import Top
+print(topValue())

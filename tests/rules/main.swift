@@ -1,0 +1,2 @@
+import Lib
+print(answer())

@@ -1,0 +1,1 @@
+#error "excluded in Package.swift: never compiled"

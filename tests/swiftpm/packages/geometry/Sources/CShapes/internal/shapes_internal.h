@@ -1,0 +1,6 @@
+#ifndef SHAPES_INTERNAL_H
+#define SHAPES_INTERNAL_H
+
+#define CSHAPES_MUL(a, b) ((a) * (b))
+
+#endif

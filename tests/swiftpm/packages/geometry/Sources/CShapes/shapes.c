@@ -1,0 +1,10 @@
+#include "CShapes.h"
+#include "shapes_internal.h"  /* found through cSettings' headerSearchPath("internal") */
+
+#ifdef CSHAPES_APPLE
+#error "CSHAPES_APPLE is defined for Apple platforms only"
+#endif
+
+int cshapes_scaled_area(int width, int height) { return CSHAPES_MUL(width * height, CSHAPES_SCALE); }
+
+int cshapes_scale(void) { return CSHAPES_SCALE; }

@@ -1,0 +1,103 @@
+"""Protobuf's length-delimited framing (Java's writeDelimitedTo): a varint length, then the message.
+
+Bazel's proto worker protocol (protocol.py) and its binary execution log (execlog.py) both use it.
+"""
+
+from __future__ import annotations
+
+from typing import IO, Protocol, TypeVar
+
+from google.protobuf.message import DecodeError, Message
+
+from treemat.errors import ProtocolError
+
+MAX_MESSAGE_BYTES = 256 << 20
+
+
+M = TypeVar("M", bound=Message)
+
+
+class Readable(Protocol):
+    """A byte stream: a pipe, a file, `io.BytesIO`, or the replaying stream `sniff_protocol` returns."""
+
+    def read(self, size: int = -1, /) -> bytes:
+        """Up to `size` bytes (all, when negative); b"" at EOF."""
+        ...
+
+
+class TruncatedStream(ProtocolError):
+    """The stream ended inside a message: nothing more can be read from it."""
+
+
+def encode_varint(value: int) -> bytes:
+    """Protobuf base-128 varint."""
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if not value:
+            out.append(byte)
+            return bytes(out)
+        out.append(byte | 0x80)
+
+
+def encode_delimited(message: Message) -> bytes:
+    """`message` prefixed by its varint length (Java's writeDelimitedTo)."""
+    payload = message.SerializeToString(deterministic=True)
+    return encode_varint(len(payload)) + payload
+
+
+def write_delimited(stream: IO[bytes], message: Message) -> None:
+    """Write `message` with its varint length prefix."""
+    stream.write(encode_delimited(message))
+
+
+def read_varint(stream: Readable) -> int | None:
+    """Read a varint; None at clean EOF before the first byte."""
+    result = shift = 0
+    while True:
+        byte = stream.read(1)
+        if not byte:
+            if shift == 0:
+                return None
+            raise TruncatedStream("truncated varint length prefix")
+        result |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return result
+        shift += 7
+        if shift > 63:
+            raise ProtocolError("varint length prefix longer than 10 bytes")
+
+
+def read_delimited(stream: Readable, cls: type[M], *, max_size: int = MAX_MESSAGE_BYTES) -> M | None:
+    """Read one length-delimited message; None at clean EOF; ProtocolError on truncation or garbage."""
+    payload = read_delimited_payload(stream, max_size=max_size)
+    return None if payload is None else parse_message(payload, cls)
+
+
+def read_delimited_payload(stream: Readable, *, max_size: int = MAX_MESSAGE_BYTES) -> bytes | None:
+    """The bytes of one length-delimited message; None at clean EOF; ProtocolError on truncation."""
+    size = read_varint(stream)
+    if size is None:
+        return None
+    if size > max_size:
+        raise ProtocolError(f"message of {size} bytes exceeds the {max_size}-byte limit")
+    chunks: list[bytes] = []
+    got = 0
+    while got < size:
+        chunk = stream.read(size - got)
+        if not chunk:
+            raise TruncatedStream(f"truncated message: got {got} of {size} bytes")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def parse_message(payload: bytes, cls: type[M]) -> M:
+    """Parse `payload` as a `cls`; ProtocolError if it is not one."""
+    message = cls()
+    try:
+        message.ParseFromString(payload)
+    except DecodeError as exc:
+        raise ProtocolError(f"undecodable {cls.__name__}: {exc}") from None
+    return message

@@ -1,0 +1,373 @@
+"""One SwiftPM package -> Bazel rule calls: treemat's swift rules for Swift targets; `cc_library` (tagged
+`swift_module=NAME`, the rules generate its module map) for C targets, wrapped in `swift_c_module` when the target
+ships its own `include/module.modulemap`. Everything it cannot translate becomes one `Untranslated` line."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from treemat.swiftpm import (
+    C_SUFFIXES,
+    HEADER_SUFFIXES,
+    MODULE_MAP,
+    OBJC_SUFFIXES,
+    SWIFT_SUFFIXES,
+    Manifest,
+    PackageImportError,
+    Target,
+    TargetDependency,
+    c99name,
+    target_dir,
+    target_files,
+)
+from treemat.swiftpm_settings import (
+    applies_on_linux,
+    c_setting,
+    dropped,
+    language_standard_copts,
+    swift_language_version,
+    swift_setting,
+)
+
+# Characters a Bazel 4.x label's target name may hold (no space, quote, backslash or colon).
+_LABEL_SAFE = re.compile(r"[A-Za-z0-9!%\-@^_#$&'()*+,;<=>?\[\]{|}~/.]+")
+RELEASE_SETTING = "swiftpm_release"  # config_setting: -c opt is SwiftPM's release, fastbuild and dbg its debug
+
+
+@dataclass(frozen=True)
+class Selected:
+    """A list attribute with parts for SwiftPM's configurations: `base + select({release, default: debug})`."""
+
+    base: tuple[str, ...]
+    release: tuple[str, ...]
+    debug: tuple[str, ...]
+
+
+AttrValue = str | tuple[str, ...] | Selected
+_LISTS = ("deps", "defines", "local_defines", "includes", "copts", "linkopts")
+
+
+class _Attrs:
+    """A target's list attributes: unconditional, and per `.when(configuration:)`."""
+
+    def __init__(self) -> None:
+        self.base: dict[str, list[str]] = {k: [] for k in _LISTS}
+        self.configured: dict[str, dict[str, list[str]]] = {c: {k: [] for k in _LISTS} for c in ("debug", "release")}
+
+    def __getitem__(self, key: str) -> list[str]:
+        return self.base[key]
+
+    def __setitem__(self, key: str, value: list[str]) -> None:
+        self.base[key] = value
+
+    def value(self, key: str, prefix: tuple[str, ...] = ()) -> tuple[str, ...] | Selected:
+        """The attribute as written: a list, or a list plus a select over the configuration."""
+        base = (*prefix, *self.base[key])
+        release, debug = (tuple(self.configured[c][key]) for c in ("release", "debug"))
+        return Selected(base, release, debug) if release or debug else base
+
+
+CC_SUFFIX = "_cc"  # the cc_library behind a swift_c_module
+
+
+@dataclass(frozen=True)
+class Untranslated:
+    """One item `treemat import` could not translate (or translated with a stated loss)."""
+
+    package: str
+    target: str
+    item: str
+
+    def line(self) -> str:
+        """`package/target: item`."""
+        return f"{self.package}/{self.target}: {self.item}" if self.target else f"{self.package}: {self.item}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule call in a BUILD file; attrs in the order they are written, empty ones left out."""
+
+    kind: str
+    name: str
+    attrs: tuple[tuple[str, AttrValue], ...] = ()
+
+
+@dataclass(frozen=True)
+class TargetLayout:
+    """What a target is made of on disk, classified."""
+
+    kind: str  # swift | c | c_module_map
+    sources: tuple[str, ...] = ()  # package-relative; C: sources and private headers
+    headers: tuple[str, ...] = ()  # C: public headers
+    include_dir: str | None = None  # C: the public headers directory, package-relative, if it exists
+    module_map: str | None = None
+    resources: tuple[str, ...] = ()
+
+
+@dataclass
+class PackageInfo:
+    """A package as the translation sees it: identity, repository name ("" = the main one), manifest, layouts."""
+
+    identity: str
+    repo: str
+    manifest: Manifest | None
+    directory: Path | None = None
+    layouts: dict[str, TargetLayout] = field(default_factory=dict)
+
+    def label(self, target: str, *, cc: bool = False, local: bool = False) -> str:
+        """The label of `target` (from its own package if `local`); `cc=True`: the cc_library behind a C module."""
+        layout = self.layouts.get(target)
+        name = target + CC_SUFFIX if cc and layout is not None and layout.kind == "c_module_map" else target
+        return f"@{self.repo}//:{name}" if self.repo and not local else f":{name}"
+
+
+def label_safe(path: str) -> bool:
+    """Whether a package-relative file path can be written as a Bazel label (4.x rules)."""
+    parts = path.split("/")
+    return (
+        bool(_LABEL_SAFE.fullmatch(path)) and not path.startswith("@") and all(p not in ("", ".", "..") for p in parts)
+    )
+
+
+def _in_bazel_package(path: str, package_dir: Path) -> str | None:
+    """The nested Bazel package (a directory with a BUILD file) `path` lies in, if any."""
+    parent = Path(path).parent
+    while parent != Path("."):
+        if (package_dir / parent / "BUILD").exists() or (package_dir / parent / "BUILD.bazel").exists():
+            return parent.as_posix()
+        parent = parent.parent
+    return None
+
+
+def layout_target(package_dir: Path, target: Target, report: list[str]) -> TargetLayout | None:
+    """Classify a target from its files (None: not translatable; the reasons appended to `report`)."""
+    if target.type not in ("regular", "executable", "test"):
+        report.append(f"{target.type} target not translated")
+        return None
+    if not label_safe(target.name) or "/" in target.name:
+        report.append(f"target name {target.name!r} is not a valid Bazel target name: not translated")
+        return None
+    sources, resources = target_files(package_dir, target)
+    for path in sources + resources:
+        if not label_safe(path):
+            report.append(f"file {path!r}: not expressible as a Bazel label: left out")
+        elif (nested := _in_bazel_package(path, package_dir)) is not None:
+            report.append(f"{nested} has a BUILD file (a Bazel package of its own): target not translated")
+            return None
+    sources = [p for p in sources if label_safe(p)]
+    kept_resources = tuple(p for p in resources if label_safe(p))
+    suffix = {p: Path(p).suffix for p in sources}
+    swift = [p for p in sources if suffix[p] in SWIFT_SUFFIXES]
+    objc = [p for p in sources if suffix[p] in OBJC_SUFFIXES]
+    c_family = [p for p in sources if suffix[p] in C_SUFFIXES | HEADER_SUFFIXES]
+    if objc:
+        report.append(f"Objective-C sources ({len(objc)}) left out: no Objective-C runtime on Linux")
+    if swift and c_family and any(suffix[p] in C_SUFFIXES for p in c_family):
+        report.append("mixed Swift and C sources in one target: not translated")
+        return None
+    if swift:
+        return TargetLayout("swift", tuple(swift), resources=kept_resources)
+    if not c_family:
+        report.append("no Swift or C sources: not translated")
+        return None
+    if target.type != "regular":
+        report.append(f"C {target.type} target not translated (only C library targets are)")
+        return None
+    public = target_dir(package_dir, target) / (target.public_headers_path or "include")
+    public_rel = public.relative_to(package_dir).as_posix()
+    headers = tuple(p for p in c_family if suffix[p] in HEADER_SUFFIXES and p.startswith(public_rel + "/"))
+    private = tuple(p for p in c_family if p not in headers)
+    module_map = f"{public_rel}/{MODULE_MAP}" if (public / MODULE_MAP).is_file() else None
+    return TargetLayout(
+        "c_module_map" if module_map else "c",
+        private,
+        headers,
+        public_rel if public.is_dir() else None,
+        module_map,
+        kept_resources,
+    )
+
+
+def layout_package(info: PackageInfo, report: list[Untranslated]) -> None:
+    """Fill `info.layouts` from its directory; untranslatable targets reported and left out."""
+    assert info.manifest is not None and info.directory is not None
+    for target in info.manifest.targets:
+        reasons: list[str] = []
+        try:
+            layout = layout_target(info.directory, target, reasons)
+        except PackageImportError as exc:
+            layout, reasons = None, [str(exc)]
+        report.extend(Untranslated(info.identity, target.name, reason) for reason in reasons)
+        if layout is not None:
+            info.layouts[target.name] = layout
+
+
+def _find_dependency(deps: Mapping[str, PackageInfo], package: str) -> PackageInfo | None:
+    wanted = package.lower()
+    for info in deps.values():
+        if info.identity == wanted or (info.manifest is not None and info.manifest.name.lower() == wanted):
+            return info
+    return None
+
+
+def resolve(
+    package: PackageInfo, deps: Mapping[str, PackageInfo], dependency: TargetDependency, *, cc: bool
+) -> tuple[list[str], str | None]:
+    """The labels a target dependency stands for, or why it has none."""
+    manifest = package.manifest
+    assert manifest is not None
+    if dependency.kind in ("target", "byName") and manifest.target(dependency.name) is not None:
+        target = manifest.target(dependency.name)
+        assert target is not None
+        if target.type == "executable":
+            return [], f"dependency on executable target {dependency.name}: not translated"
+        if dependency.name not in package.layouts:
+            return [], f"dependency on {dependency.name}, which is not translated: dropped"
+        return [package.label(dependency.name, cc=cc, local=True)], None
+    if dependency.kind == "target":
+        return [], f"dependency on unknown target {dependency.name}"
+    candidates = [_find_dependency(deps, dependency.package)] if dependency.package else list(deps.values())
+    for info in candidates:
+        if info is None:
+            break
+        if info.manifest is None:
+            if dependency.package:  # no checkout: assume the product is a target of the same name
+                return [f"@{info.repo}//:{dependency.name}"], None
+            continue
+        targets = info.manifest.products.get(dependency.name)
+        if targets is not None:
+            missing = [t for t in targets if t not in info.layouts]
+            why = (
+                f"product {dependency.name}: its untranslated targets {', '.join(missing)} dropped" if missing else None
+            )
+            return [info.label(t, cc=cc) for t in targets if t in info.layouts], why
+    return [], f"dependency on product {dependency.name} of {dependency.package or 'any package'}: not found"
+
+
+def _target_attrs(package: PackageInfo, target: Target, layout: TargetLayout) -> tuple[_Attrs, list[str]]:
+    """Settings of one target -> attribute lists, plus the reasons for what was dropped."""
+    attrs = _Attrs()
+    reasons = []
+    is_c = layout.kind != "swift"
+    target_path = target_dir(package.directory or Path("."), target).relative_to(package.directory or Path("."))
+    for setting in target.settings:
+        if not applies_on_linux(setting.platforms):
+            reasons.append(f"{setting.describe()}: {dropped(setting.platforms, None)}")
+            continue
+        if setting.config not in (None, "debug", "release"):
+            reasons.append(f"{setting.describe()}: {dropped((), setting.config)}")
+            continue
+        lists = attrs.base if setting.config is None else attrs.configured[setting.config]
+        translate = c_setting(setting, target_path.as_posix(), lists) if is_c else swift_setting(setting, lists)
+        if translate is not None:
+            reasons.append(translate)
+    if is_c and package.manifest is not None:
+        standard, why = language_standard_copts(package.manifest, layout.sources)
+        attrs["copts"] = standard + attrs["copts"]
+        reasons += [why] if why else []
+    return attrs, reasons
+
+
+def translate(package: PackageInfo, deps: Mapping[str, PackageInfo], report: list[Untranslated]) -> list[Rule]:
+    """The rule calls for every translatable target of `package`, in manifest order."""
+    manifest = package.manifest
+    assert manifest is not None
+    rules: list[Rule] = []
+    for target in manifest.targets:
+        layout = package.layouts.get(target.name)
+        if layout is None:
+            continue
+        attrs, reasons = _target_attrs(package, target, layout)
+        is_c = layout.kind != "swift"
+        for dependency in target.dependencies:
+            if not applies_on_linux(dependency.platforms):
+                reasons.append(f"dependency {dependency.name}: {dropped(dependency.platforms, None)}")
+                continue
+            labels, why = resolve(package, deps, dependency, cc=is_c)
+            if is_c and any(dep_layout_is_swift(package, deps, label) for label in labels):
+                why = f"C target depends on Swift module {dependency.name}: dropped"
+                labels = []
+            attrs["deps"] += [label for label in labels if label not in attrs["deps"]]
+            if why:
+                reasons.append(why)
+        if layout.resources and not is_c:
+            reasons.append(
+                f"resources ({len(layout.resources)} files) are runfiles (`data`); Bundle.module is not generated"
+            )
+        elif layout.resources:
+            reasons.append(f"resources ({len(layout.resources)} files) of a C target: not translated")
+        report.extend(Untranslated(package.identity, target.name, reason) for reason in dict.fromkeys(reasons))
+        rules += _c_rules(target, layout, attrs) if is_c else [_swift_rule(package, manifest, target, layout, attrs)]
+    return rules + _product_aliases(package)
+
+
+def _product_aliases(package: PackageInfo) -> list[Rule]:
+    """`alias`es for single-target products named unlike their target (`bazel run //:product` as `swift run`)."""
+    assert package.manifest is not None
+    names = {t.name for t in package.manifest.targets}
+    return [
+        Rule("alias", product, (("actual", f":{targets[0]}"),))
+        for product, targets in package.manifest.products.items()
+        if product not in names and len(targets) == 1 and targets[0] in package.layouts and label_safe(product)
+    ]
+
+
+def dep_layout_is_swift(package: PackageInfo, deps: Mapping[str, PackageInfo], label: str) -> bool:
+    """Whether `label` (as made by PackageInfo.label) names a Swift target."""
+    repo, _, name = label.partition("//:") if label.startswith("@") else ("", "", label[1:])
+    owner = package if not repo else next((d for d in deps.values() if f"@{d.repo}" == repo), None)
+    layout = owner.layouts.get(name) if owner is not None else None
+    return layout is not None and layout.kind == "swift"
+
+
+def _swift_rule(package: PackageInfo, manifest: Manifest, target: Target, layout: TargetLayout, attrs: _Attrs) -> Rule:
+    kind = {"executable": "swift_binary", "test": "swift_test"}.get(target.type, "swift_library")
+    return Rule(
+        kind,
+        target.name,
+        (
+            ("srcs", layout.sources),
+            ("module_name", c99name(target.name)),
+            ("package_name", package.identity),
+            ("deps", tuple(attrs["deps"])),
+            ("defines", attrs.value("defines")),
+            ("copts", attrs.value("copts")),
+            ("swift_version", swift_language_version(manifest, target)),
+            ("linkopts", attrs.value("linkopts")),
+            ("data", layout.resources),
+        ),
+    )
+
+
+def _c_rules(target: Target, layout: TargetLayout, attrs: _Attrs) -> list[Rule]:
+    includes = attrs.value("includes", (layout.include_dir,) if layout.include_dir else ())
+    own_map = layout.module_map is not None
+    library = Rule(
+        "cc_library",
+        target.name + CC_SUFFIX if own_map else target.name,
+        (
+            ("srcs", layout.sources),
+            ("hdrs", layout.headers),
+            ("includes", includes),
+            ("deps", tuple(attrs["deps"])),
+            ("local_defines", attrs.value("local_defines")),
+            ("copts", attrs.value("copts")),
+            ("linkopts", attrs.value("linkopts")),
+            ("tags", () if own_map else (f"swift_module={c99name(target.name)}",)),
+        ),
+    )
+    if layout.module_map is None:
+        return [library]
+    module = Rule(
+        "swift_c_module",
+        target.name,
+        (
+            ("module_map", layout.module_map),
+            ("module_name", c99name(target.name)),
+            ("deps", (f":{library.name}",)),
+        ),
+    )
+    return [library, module]
