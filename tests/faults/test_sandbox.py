@@ -10,6 +10,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -215,3 +216,32 @@ def test_a_tool_kept_in_the_hosts_tmp_runs_where_the_overlay_shows_it(
         assert (execroot / "out/x").read_text() == "hello from /tmp\n"
     else:
         assert result.exit_code == 127 and f"cannot run {str(tool)!r}" in result.output, result.output
+
+
+def test_the_tool_starts_with_every_signal_at_its_default(stack: Stack, execroot: Path) -> None:
+    """The tool inherited the Python helper's ignored SIGPIPE and SIGXFSZ: `yes | head -1` never got SIGPIPE."""
+    result = _run(stack, execroot, "grep -E '^(SigIgn|SigBlk)' /proc/self/status > out/x", ["out/x"])
+    assert result.exit_code == 0, result.output
+    masks = {
+        name: int(value, 16)
+        for name, value in (line.split(":") for line in (execroot / "out/x").read_text().splitlines())
+    }
+    # (glibc's own signals 32 and 33 are no program's to set: they pass through as the worker got them)
+    settable = sum(1 << (sig - 1) for sig in signal.valid_signals() if sig not in (signal.SIGKILL, signal.SIGSTOP))
+    assert masks["SigIgn"] & settable == 0 and masks["SigBlk"] == 0, masks
+
+
+def test_the_tool_holds_no_capability_now_or_after_exec(stack: Stack, execroot: Path) -> None:
+    """Every capability set empty (the bounding set too, so no exec gains one) and no_new_privs set."""
+    script = "grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs)' /proc/self/status > out/x"
+    result = _run(stack, execroot, script, ["out/x"])
+    assert result.exit_code == 0, result.output
+    fields = dict(line.split(":") for line in (execroot / "out/x").read_text().splitlines())
+    assert {name: int(value, 16) for name, value in fields.items()} == {
+        "CapInh": 0,
+        "CapPrm": 0,
+        "CapEff": 0,
+        "CapBnd": 0,
+        "CapAmb": 0,
+        "NoNewPrivs": 1,
+    }

@@ -25,3 +25,43 @@ def test_compiled_modules_go_to_the_user_cache_where_bazel_clean_cannot_remove_t
     cached = {path.name.split(".")[0] for path in (tmp_path / "cache" / "treemat" / "pycache").rglob("*.pyc")}
     assert {"cli", "errors"} <= cached
     assert not list(copy.rglob("__pycache__")), "nothing is written into the (runfiles) tree"
+
+
+def test_the_workers_fast_flags_read_as_clicks_worker_command_reads_them(tmp_path: Path) -> None:
+    """__main__ reads Bazel's usual worker flags without click (20 ms of a worker's start); whatever it takes, it
+    reads as `treemat worker` does, and it hands anything else to click."""
+    from treemat import cli
+    from treemat.__main__ import ISOLATIONS, PROTOCOLS, worker_options
+    from treemat.commands.worker import worker
+
+    assert ISOLATIONS == cli.ISOLATION_CHOICES
+    protocol_option = next(param for param in worker.params if param.name == "protocol")
+    assert tuple(protocol_option.type.choices) == PROTOCOLS  # type: ignore[attr-defined]
+    taken = [
+        ["--persistent_worker"],
+        ["--persistent_worker", "--protocol=proto", f"--root={tmp_path}", "--max-workers=3", "@flags"],
+        ["--protocol=json", "--persistent_worker", "--max-workers=1"],
+    ]
+    for args in taken:
+        options = worker_options(args, {})
+        assert options is not None, args
+        params = worker.make_context("worker", list(args)).params
+        assert options["protocol"] == params["protocol"]
+        assert (options["root"] or None) == (str(params["worker_root"]) if params["worker_root"] else None)
+        assert options["max_workers"] in ("", str(params["max_workers"]))
+        assert options["isolation"] == "auto"
+    for args in (
+        ["--persistent_worker", "--protocol", "proto"],  # a separate value: click's to pair
+        ["--persistent_worker", "--protocol=xml"],  # a bad value: click says why
+        ["--persistent_worker", "--max-workers=0"],
+        ["--persistent_worker", "--bogus=1"],
+        ["--persistent_worker", "--help"],
+    ):
+        assert worker_options(args, {}) is None, args
+    assert worker_options(["--persistent_worker"], {"TREEMAT_ISOLATION": "nonsense"}) is None
+    assert worker_options(["--persistent_worker"], {"TREEMAT_ISOLATION": "none"}) == {
+        "protocol": "auto",
+        "root": "",
+        "max_workers": "",
+        "isolation": "none",
+    }

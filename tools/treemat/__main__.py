@@ -1,8 +1,11 @@
 """Entry point of the `//tools/treemat` py_binary and `python -m treemat`.
 
 An `@flagfile` argument -> one-shot action (Bazel's local/sandboxed strategies; import-light: no click, no
-protobuf, no CAS); anything else -> the `treemat` CLI, where `--persistent_worker` means `treemat worker`.
-Run as a program, it keeps compiled modules in the user's cache (they survive `bazel clean`).
+protobuf, no CAS); `--persistent_worker` -> the worker: with the flags Bazel passes (`--protocol=`, `--root=`,
+`--max-workers=`, `@flagfile`s, all in `--name=value` form) it starts without click, the sandbox helper started
+first so that it boots while the worker imports; any other flag goes through click's `treemat worker` parser.
+Anything else -> the `treemat` CLI. Run as a program, it keeps compiled modules in the user's cache (they
+survive `bazel clean`).
 """
 
 from __future__ import annotations
@@ -10,11 +13,17 @@ from __future__ import annotations
 import os
 import sys
 
+PROTOCOLS = ("json", "proto", "auto")  # = commands/worker.py's --protocol choices (a test checks)
+ISOLATIONS = ("auto", "overlay", "copy-on-write", "none")  # = cli.ISOLATION_CHOICES (a test checks)
+
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to the one-shot runner or the CLI; returns the exit status."""
+    """Dispatch to the one-shot runner, the worker or the CLI; returns the exit status."""
     args = sys.argv[1:] if argv is None else argv
     if "--persistent_worker" in args:
+        options = worker_options(args, os.environ)
+        if options is not None:
+            return serve_worker(options)
         from treemat.cli import main as cli_main
 
         return cli_main(["worker", *args])
@@ -25,6 +34,54 @@ def main(argv: list[str] | None = None) -> int:
     from treemat.cli import main as cli_main
 
     return cli_main(args)
+
+
+def worker_options(args: list[str], env: dict[str, str] | os._Environ[str]) -> dict[str, str] | None:
+    """The worker's settings from Bazel's usual flags (`--name=value` only), or None: let click parse them."""
+    options = {"protocol": "auto", "root": "", "max_workers": "", "isolation": env.get("TREEMAT_ISOLATION", "auto")}
+    for arg in args:
+        name, _equals, value = arg.partition("=")
+        if arg == "--persistent_worker" or arg.startswith("@"):
+            continue
+        if name == "--protocol" and value in PROTOCOLS:
+            options["protocol"] = value
+        elif name == "--root" and value:
+            options["root"] = value
+        elif name == "--max-workers" and value.isdigit() and int(value) >= 1:
+            options["max_workers"] = value
+        else:
+            return None  # another flag (click ignores unknown ones), a bad value (click says why), --help...
+    return options if options["isolation"] in ISOLATIONS else None
+
+
+def serve_worker(options: dict[str, str]) -> int:
+    """`treemat worker` as worker_options read it; errors as the CLI reports them (one line, exit 1)."""
+    if options["isolation"] != "none":
+        from treemat.sandboxstart import prestart_helper
+
+        prestart_helper()
+    from pathlib import Path
+
+    from treemat.layout import default_root_path
+
+    root = Path(options["root"]).expanduser().absolute() if options["root"] else default_root_path()
+    if options["isolation"] != "none":
+        from treemat.sandbox import open_early
+
+        open_early(root, options["isolation"])
+    from treemat.errors import TreematError, describe_error
+    from treemat.worker import serve_stdio
+
+    max_workers = int(options["max_workers"] or max(2, os.cpu_count() or 2))
+    protocol = None if options["protocol"] == "auto" else options["protocol"]
+    try:
+        return serve_stdio(root, protocol=protocol, max_workers=max_workers, isolation=options["isolation"])  # type: ignore[arg-type]
+    except (TreematError, OSError) as exc:
+        print(f"treemat: error: {describe_error(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("treemat: interrupted", file=sys.stderr)
+        return 130
 
 
 def keep_bytecode_across_bazel_clean() -> None:

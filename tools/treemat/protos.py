@@ -1,5 +1,9 @@
 """Protobuf messages treemat speaks, built at import time from descriptors (no protoc, no generated code).
 
+The file descriptors are encoded here by hand (a few dozen bytes each): importing protobuf's descriptor_pb2 to
+build them took 15-40 ms of every worker's start. The execution-log messages (SpawnExec, which needs the
+well-known Duration: another 15 ms) are built on first use.
+
 Field names and numbers match upstream exactly, so encodings are wire-compatible:
 REAPI `build.bazel.remote.execution.v2` (Directory & friends; canonical Merkle encoding), Bazel's
 `blaze.worker` worker protocol, and Bazel's `tools.protos` execution log (SpawnExec). Length-delimited framing
@@ -10,17 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2, message_factory
+from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import Message
 
-_F = descriptor_pb2.FieldDescriptorProto
-_SCALARS = {
-    "string": _F.TYPE_STRING,
-    "bytes": _F.TYPE_BYTES,
-    "bool": _F.TYPE_BOOL,
-    "int32": _F.TYPE_INT32,
-    "int64": _F.TYPE_INT64,
-}
+# FieldDescriptorProto's Type and Label values (descriptor.proto)
+TYPE_MESSAGE = 11
+_SCALARS = {"string": 9, "bytes": 12, "bool": 8, "int32": 5, "int64": 3}
+LABEL_OPTIONAL, LABEL_REPEATED = 1, 3
 
 # (message name, [(field name, number, type or ".pkg.Message", repeated)])
 FieldSpec = tuple[str, int, str, bool]
@@ -125,44 +125,68 @@ _SPAWN_MESSAGES: list[MessageSpec] = [
 ]
 
 
-def file_proto(
-    name: str, package: str, messages: list[MessageSpec], dependencies: tuple[str, ...] = ()
-) -> descriptor_pb2.FileDescriptorProto:
-    """A proto3 FileDescriptorProto for `messages` in `package`."""
-    proto = descriptor_pb2.FileDescriptorProto(name=name, package=package, syntax="proto3")
-    proto.dependency.extend(dependencies)
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(number: int, value: str | bytes | int) -> bytes:
+    """One field of a descriptor message: a varint, or length-delimited bytes / text."""
+    if isinstance(value, int):
+        return _varint(number << 3) + _varint(value)
+    data = value.encode() if isinstance(value, str) else value
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def file_descriptor(name: str, package: str, messages: list[MessageSpec], dependencies: tuple[str, ...] = ()) -> bytes:
+    """A serialized proto3 FileDescriptorProto for `messages` in `package` (fields in number order, as protobuf
+    itself writes them: tests/treemat/test_protos.py compares with descriptor_pb2's bytes)."""
+    out = _field(1, name) + _field(2, package) + b"".join(_field(3, dependency) for dependency in dependencies)
     for message_name, fields in messages:
-        message = proto.message_type.add(name=message_name)
+        body = _field(1, message_name)
         for field_name, number, kind, repeated in fields:
-            field = message.field.add(name=field_name, number=number)
-            field.label = _F.LABEL_REPEATED if repeated else _F.LABEL_OPTIONAL
-            if kind in _SCALARS:
-                field.type = _SCALARS[kind]  # type: ignore[assignment]
-            else:
-                field.type = _F.TYPE_MESSAGE
-                field.type_name = kind
-    return proto
+            label = LABEL_REPEATED if repeated else LABEL_OPTIONAL
+            typed = _field(5, _SCALARS[kind]) if kind in _SCALARS else _field(5, TYPE_MESSAGE) + _field(6, kind)
+            body += _field(2, _field(1, field_name) + _field(3, number) + _field(4, label) + typed)
+        out += _field(4, body)
+    return out + _field(12, "proto3")
 
 
-def build_messages(proto: descriptor_pb2.FileDescriptorProto) -> dict[str, type[Message]]:
-    """Message classes for every top-level message of `proto`, in a private descriptor pool."""
+def build_messages(
+    serialized: bytes, package: str, messages: list[MessageSpec], *, duration: bool = False
+) -> dict[str, type[Message]]:
+    """Message classes for every message of a serialized file descriptor, in a private descriptor pool."""
     pool = descriptor_pool.DescriptorPool()
-    if "google/protobuf/duration.proto" in proto.dependency:
-        # the well-known Duration type, so proto3 JSON reads Bazel's "1.5s" strings
+    if duration:  # the well-known Duration type, so proto3 JSON reads Bazel's "1.5s" strings
+        from google.protobuf import duration_pb2
+
         pool.AddSerializedFile(duration_pb2.DESCRIPTOR.serialized_pb)
-    pool.Add(proto)
-    classes: dict[str, type[Message]] = {}
-    for message in proto.message_type:
-        descriptor = pool.FindMessageTypeByName(f"{proto.package}.{message.name}")
-        classes[message.name] = message_factory.GetMessageClass(descriptor)
-    return classes
+    pool.AddSerializedFile(serialized)
+    return {
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.{name}")) for name, _ in messages
+    }
 
 
-_reapi = build_messages(file_proto("treemat/reapi.proto", _REAPI, _REAPI_MESSAGES))
-_worker = build_messages(file_proto("treemat/worker_protocol.proto", _WORKER, _WORKER_MESSAGES))
-_spawn = build_messages(
-    file_proto("treemat/spawn.proto", _SPAWN, _SPAWN_MESSAGES, dependencies=("google/protobuf/duration.proto",))
+_reapi = build_messages(file_descriptor("treemat/reapi.proto", _REAPI, _REAPI_MESSAGES), _REAPI, _REAPI_MESSAGES)
+_worker = build_messages(
+    file_descriptor("treemat/worker_protocol.proto", _WORKER, _WORKER_MESSAGES), _WORKER, _WORKER_MESSAGES
 )
+_DURATION = "google/protobuf/duration.proto"
+
+
+def __getattr__(name: str) -> Any:
+    """SpawnExec, built on first use (only `treemat replay` and the execution log need it)."""
+    if name != "SpawnExec":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    serialized = file_descriptor("treemat/spawn.proto", _SPAWN, _SPAWN_MESSAGES, dependencies=(_DURATION,))
+    spawn_exec = build_messages(serialized, _SPAWN, _SPAWN_MESSAGES, duration=True)["SpawnExec"]
+    globals()["SpawnExec"] = spawn_exec
+    return spawn_exec
+
 
 # Module-level message *classes* (immutable types, not mutable state).
 Digest: Any = _reapi["Digest"]
@@ -173,4 +197,3 @@ Directory: Any = _reapi["Directory"]
 Input: Any = _worker["Input"]
 WorkRequest: Any = _worker["WorkRequest"]
 WorkResponse: Any = _worker["WorkResponse"]
-SpawnExec: Any = _spawn["SpawnExec"]

@@ -1,7 +1,8 @@
 """Every tool runs sandboxed: the client of the sandbox helper (sandboxd.py), and the probe that picks the mode.
 
-One helper process per treemat process is started once (a user namespace and a mount namespace, prepared); each
-tool then costs one clone into fresh mount + pid namespaces. What the tool sees (sandboxd.py has the details):
+One helper process per treemat process is started once (sandboxstart.py: a user namespace and a mount namespace,
+prepared); each tool then runs in fresh mount + pid namespaces, cloned ahead of it. What the tool sees (sandboxd.py
+has the details):
 its exec dir at the fixed path EXEC_ROOT (an overlay over the staged hardlinks, or a bind of a copy-on-write
 tree), its tool cache at TOOL_CACHE, a private /tmp and /dev/shm, everything else read-only, TREEMAT_ROOT
 hidden. Nothing it starts outlives it.
@@ -16,7 +17,7 @@ Where namespaces are impossible and `none` was not asked for, no tool runs: each
 from __future__ import annotations
 
 import contextlib
-import json
+import marshal
 import os
 import socket
 import subprocess
@@ -30,6 +31,8 @@ from treemat import sandbox_darwin
 from treemat.errors import ExecutionError
 from treemat.fsprims import remove_tree
 from treemat.layout import Root
+from treemat.sandboxstart import SandboxUnavailable as SandboxUnavailable
+from treemat.sandboxstart import hidden_paths, start_helper
 
 EXEC_ROOT = "/tmp/treemat/exec"  # = sandboxd.EXEC_ROOT (not imported: sandboxd is a program of its own)
 TOOL_CACHE = "/tmp/treemat/cache"
@@ -39,12 +42,6 @@ ISOLATION_NONE = "none"
 ISOLATION_DARWIN = "sandbox-exec"  # macOS: a Seatbelt profile (sandbox_darwin.py), the tool at its real exec dir
 ISOLATION_UNAVAILABLE = "unavailable"  # no sandbox works and `none` was not asked for: every action fails
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_HELPER = Path(__file__).with_name("sandboxd.py")
-START_TIMEOUT_SECONDS = 30
-
-
-class SandboxUnavailable(ExecutionError):
-    """The kernel refused what the sandbox needs; the message names the feature."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +117,9 @@ class SandboxProcess:
             self.status.close()
         if not message:
             raise ExecutionError("the sandbox helper died while the tool ran")
-        reply = json.loads(message)
+        reply = marshal.loads(message)
+        if "exit" not in reply:
+            raise ExecutionError(f"the tool's sandbox failed: {reply.get('error', reply)}")
         return int(reply["exit"])
 
 
@@ -192,7 +191,7 @@ class Sandbox:
                 fds = [status_there.fileno(), plan.stdout if plan.stdout >= 0 else write_end]
                 if plan.stderr >= 0:
                     fds.append(plan.stderr)
-                socket.send_fds(self._control, [json.dumps(request).encode()], fds)
+                socket.send_fds(self._control, [marshal.dumps(request)], fds)
         except OSError as exc:
             os.close(read_end)
             status_here.close()
@@ -203,8 +202,8 @@ class Sandbox:
         try:
             message, received, _flags, _addr = socket.recv_fds(status_here, 65536, 1)
         except OSError as exc:
-            message, received = json.dumps({"error": str(exc)}).encode(), []
-        reply = json.loads(message) if message else {"error": "the sandbox helper died"}
+            message, received = marshal.dumps({"error": str(exc)}), []
+        reply = marshal.loads(message) if message else {"error": "the sandbox helper died"}
         if "error" in reply or not received:
             for fd in received:
                 os.close(fd)
@@ -241,7 +240,7 @@ class Sandbox:
         if self._control is None:
             return
         with self._lock, contextlib.suppress(OSError):
-            self._control.send(json.dumps({"op": "kill", "id": request_id}).encode())
+            self._control.send(marshal.dumps({"op": "kill", "id": request_id}))
 
     def close(self) -> None:
         """Stop the helper (it kills any tool still running)."""
@@ -254,75 +253,6 @@ class Sandbox:
             if self._helper.poll() is None:
                 self._helper.kill()
                 self._helper.wait()
-
-
-def start_helper() -> tuple[subprocess.Popen[bytes], socket.socket]:
-    """Start sandboxd.py and wait for it to be in its namespaces; SandboxUnavailable with the kernel's reason."""
-    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        helper = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(_HELPER), str(there.fileno())],
-            pass_fds=[there.fileno()],
-            stdin=subprocess.DEVNULL,
-            close_fds=True,
-        )
-    except OSError as exc:
-        here.close()
-        raise SandboxUnavailable(f"cannot start the sandbox helper: {exc.strerror}") from None
-    finally:
-        there.close()
-    here.settimeout(START_TIMEOUT_SECONDS)
-    try:
-        message = here.recv(65536)
-    except OSError:
-        message = b""
-    here.settimeout(None)
-    reply = json.loads(message) if message else {"error": "the sandbox helper exited at start"}
-    if "error" in reply:
-        here.close()
-        helper.wait()
-        raise SandboxUnavailable(str(reply["error"]))
-    return helper, here
-
-
-def hidden_paths(root: Path) -> list[str]:
-    """Every path that reaches the treemat root (the root itself plus other mounts of the same directory).
-
-    A filesystem can be mounted twice (or bind-mounted): a tool could reach the CAS through any of them, so
-    each one is hidden in the tool's view.
-    """
-    real = os.path.realpath(root)
-    aliases = [real]
-    try:
-        info = os.stat(real)
-        mountinfo = Path("/proc/self/mountinfo").read_text()
-    except OSError:
-        return aliases
-    device = f"{os.major(info.st_dev)}:{os.minor(info.st_dev)}"
-    mounts = [line.split() for line in mountinfo.splitlines()]
-    own = [fields for fields in mounts if len(fields) > 4 and real.startswith(fields[4].rstrip("/") + "/")]
-    if not own:
-        return aliases
-    mount_point_of_root = max((fields[4] for fields in own), key=len)
-    own_fields = next(fields for fields in own if fields[4] == mount_point_of_root)
-    inside_fs = os.path.join(own_fields[3], os.path.relpath(real, mount_point_of_root))
-    for fields in mounts:
-        if len(fields) < 5 or fields[2] != device or fields[4] == mount_point_of_root:
-            continue
-        fs_root, mount_point = fields[3], fields[4]
-        relative = os.path.relpath(inside_fs, fs_root)
-        if relative == "." or not relative.startswith(".."):
-            candidate = _decode_mountinfo(os.path.normpath(os.path.join(mount_point, relative)))
-            if os.path.isdir(candidate) and candidate not in aliases:
-                aliases.append(candidate)
-    return aliases
-
-
-def _decode_mountinfo(path: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        path = path.replace(code, char)
-    return path
 
 
 @contextlib.contextmanager
@@ -358,11 +288,43 @@ def refusing_sandbox(reason: str) -> Sandbox:
     )
 
 
+_early: dict[tuple[str, str], tuple[threading.Thread, list[Sandbox | BaseException]]] = {}
+
+
+def open_early(root: Path, want: str) -> None:
+    """Open the sandbox for (root, want) in a thread, now (a worker's first step: the helper boots and the probe
+    runs while the worker imports); open_sandbox(Root(root), want) takes it. Call prestart_helper first, from the
+    thread that outlives the helper (its parent-death signal follows the thread that started it)."""
+    outcome: list[Sandbox | BaseException] = []
+
+    def run() -> None:
+        try:  # Root checks the root first: never a probe in a root the stack would refuse (it checks it again)
+            outcome.append(_open_sandbox(Root(root), want))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name="treemat-sandbox-open", daemon=True)
+    thread.start()
+    _early[(str(root), want)] = (thread, outcome)
+
+
 def open_sandbox(layout: Root, want: str = "auto") -> Sandbox:
     """The sandbox for `want` in auto | overlay | copy-on-write | none, tried for real; SandboxUnavailable if not.
 
     `auto` takes overlay where overlayfs works in a user namespace, else copy-on-write.
     """
+    early = _early.pop((str(layout.path), want), None)
+    if early is not None:
+        early[0].join()
+        outcome = early[1][0] if early[1] else None
+        if isinstance(outcome, SandboxUnavailable):
+            raise outcome
+        if isinstance(outcome, Sandbox):
+            return outcome
+    return _open_sandbox(layout, want)
+
+
+def _open_sandbox(layout: Root, want: str) -> Sandbox:
     if want == ISOLATION_NONE:
         return Sandbox(ISOLATION_NONE, None, None, ())
     if sys.platform == "darwin":

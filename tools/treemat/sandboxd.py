@@ -1,370 +1,168 @@
 """The sandbox helper: a small process that starts every tool in fresh mount and pid namespaces (Linux).
 
-Run as its own program (`python3 -I -S sandboxd.py FD`, stdlib only, never imports treemat) by sandbox.py. At
-start it enters a user namespace and a private mount namespace of its own, once; each `run` request then costs
-one clone(2) into new mount + pid namespaces, a few mounts and an exec:
+Run as its own program (`python3 -I -S sandboxd.py FD`, stdlib only: it imports sandboxview.py and nothing else
+of treemat) by sandbox.py. At start it enters a user namespace and a private mount namespace of its own, once,
+and gives up for good every capability a later exec could gain (bounding set, securebits, no_new_privs). A tool
+then runs in a namespace cloned ahead of its request (a *spare*: clone(NEWNS | NEWPID) and the view but the exec
+dir built once the previous tool ended, between actions), so a request costs two mounts and a spawn:
 
-    clone(NEWNS | NEWPID) ─▶ the tool's process, pid 1 of its namespace:
+    clone(NEWNS | NEWPID) ─▶ init, pid 1 of its namespace (sandboxview.py):
         /tmp            = the host's /tmp under a private upper layer (overlay mode, if the kernel lets us
                           clone it: no foreign mounts below it), else an empty private dir
-        EXEC_ROOT       = the staged tree: an overlay (lower: the staged hardlinks, upper: private) or a bind
-        TOOL_CACHE      = the trusted cache seed under a private overlay, or an empty dir of its /tmp
-        (every layer the tool writes is in one tmpfs of the run's own, unreachable by path once mounted)
         /dev/shm        = a private tmpfs
         /               = every other mount read-only (nosuid), Bazel's execroot included
         masks           = an empty read-only tmpfs over TREEMAT_ROOT (and every other path that reaches it)
         /proc           = a fresh procfs of the new pid namespace (read-only)
-        then: every capability dropped for good (bounding set, securebits, no_new_privs), stdio = the pipe, exec
+      ── the request ──
+        EXEC_ROOT       = the staged tree: an overlay (lower: the staged hardlinks, upper: private) or a bind
+        TOOL_CACHE      = the trusted cache seed under a private overlay, or an empty dir of its /tmp
+        (every layer the tool writes is in one tmpfs of the run's own, unreachable by path once mounted)
+        then: init's capabilities dropped, stdio = the pipe, posix_spawn of the tool (pid 2), signals at default
+
+A spare is used only while nothing can differ from a namespace made at the request: made for the same exec mode,
+masks and /tmp size, no mount added or removed in the helper's namespace since it was cloned (poll on
+/proc/self/mountinfo), alive; each mask is checked again at the request (a TREEMAT_ROOT made again after the
+spare was made is masked then). Anything else in doubt: the spare is killed and a fresh namespace is cloned.
 
 The tool's writes land only in its exec dir view, its cache view, /tmp and /dev/shm. It cannot unmount or
 remount anything (no capabilities in any user namespace that owns these mounts; a user namespace it makes
-itself gets locked copies). When it exits, the kernel kills every process left in its pid namespace before the
-exit is reported, so nothing outlives the action: no daemon keeps an output open, no child holds the pipe.
+itself gets locked copies). When it exits, init kills and reaps every process left in its pid namespace before
+it reports the exit, so nothing outlives the action: no daemon keeps an output open, no child holds the pipe.
 
-Requests and replies are JSON over a SOCK_SEQPACKET socket, descriptors passed with SCM_RIGHTS. Per run the
-client passes a status socket, on which the tool's process reports `{"ready": ...}` (with a descriptor of the
-exec view, through which the client collects outputs after the namespace is gone) or `{"error": ...}`, and this
-helper reports `{"exit": code}` once it has reaped the tool.
+Requests and replies are `marshal`ed dicts (both ends are the same interpreter: no json/re to import at the
+helper's start) over a SOCK_SEQPACKET socket, descriptors passed with SCM_RIGHTS. Per run the
+client passes a status socket, on which the tool's init reports `{"ready": ...}` (with a descriptor of the exec
+view, through which the client collects outputs) or `{"error": ...}`, then `{"exit": code}`; this helper
+reports `{"exit": code}` too once it has reaped init (the client takes the first: init killed reports nothing).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
-import json
+import marshal
 import os
-import platform
 import select
 import signal
 import socket
 import sys
-from typing import Any
 
-EXEC_ROOT = "/tmp/treemat/exec"
-TOOL_CACHE = "/tmp/treemat/cache"
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWPID = 0x20000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
-MS_BIND, MS_REC, MS_PRIVATE, MS_SLAVE = 0x1000, 0x4000, 0x40000, 0x80000
-AT_FDCWD, AT_RECURSIVE = -100, 0x8000
-MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
-PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 1, 24, 28, 38, 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
-# NOROOT, NO_SETUID_FIXUP and NO_CAP_AMBIENT_RAISE, each locked; KEEP_CAPS off and locked
-SECUREBITS_NO_PRIVILEGE = 0xEF
-LINUX_CAPABILITY_VERSION_3 = 0x20080522
-_SYSCALLS = {  # (clone, mount_setattr, capset) per architecture
-    "x86_64": (56, 442, 126),
-    "aarch64": (220, 442, 91),
-}
+TYPE_CHECKING = False  # (typing costs the helper 3 ms to import)
+if TYPE_CHECKING:
+    from typing import Any
+
+try:
+    from treemat import sandboxview as view
+except ImportError:  # run as a program (python3 -I -S): the package's parent is not on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from treemat import sandboxview as view
+
+EXEC_ROOT = view.EXEC_ROOT
+TOOL_CACHE = view.TOOL_CACHE
 MAX_MESSAGE = 1 << 20
 
 
-class _MountAttr(ctypes.Structure):
-    _fields_ = [
-        ("attr_set", ctypes.c_uint64),
-        ("attr_clr", ctypes.c_uint64),
-        ("propagation", ctypes.c_uint64),
-        ("userns_fd", ctypes.c_uint64),
-    ]
+class Spare:
+    """A namespace cloned ahead of a request, its view prepared for `key`, waiting on `channel` for the request."""
+
+    def __init__(self, pid: int, channel: socket.socket, key: dict[str, Any]) -> None:
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+        self.channel = channel
+        self.key = key
+
+    def sound(self) -> bool:
+        """Alive and not reporting a failed preparation (either makes its pidfd or its channel readable)."""
+        readable, _w, _x = select.select([self.pidfd, self.channel.fileno()], [], [], 0)
+        return not readable
 
 
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+def _key(request: dict[str, Any]) -> dict[str, Any]:
+    """What a spare's view depends on."""
+    return {"exec": request["exec"], "mask": list(request.get("mask", [])), "tmp_size": request.get("tmp_size")}
 
 
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+def _spares_work(release: str) -> bool:
+    """An overlay takes a detached mount (open_tree) as a layer from Linux 6.15 on."""
+    numbers = [int(part) if part.isdigit() else 0 for part in release.split("-")[0].split(".")[:2]]
+    return numbers >= [6, 15]
 
 
-class SandboxSetupError(Exception):
-    """A namespace or mount step failed; the message names the step and the kernel feature behind it."""
+SPARES = _spares_work(os.uname().release)
 
 
-class Kernel:
-    """The syscalls the sandbox needs, through libc (ctypes)."""
-
-    def __init__(self) -> None:
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        self.libc.syscall.restype = ctypes.c_long
-        self.numbers = _SYSCALLS.get(platform.machine())
-
-    def _check(self, result: int, what: str) -> None:
-        if result < 0 or (result != 0 and what != "clone"):
-            code = ctypes.get_errno()
-            raise SandboxSetupError(f"{what}: {os.strerror(code)}{_hint(what, code)}")
-
-    def unshare(self, flags: int, what: str) -> None:
-        self._check(self.libc.unshare(flags), what)
-
-    def mount(self, source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-        self._check(
-            self.libc.mount(
-                source.encode() if source else None,
-                target.encode(),
-                fstype.encode() if fstype else None,
-                flags,
-                data.encode() if data else None,
-            ),
-            f"mount {fstype or 'bind'} on {target}",
-        )
-
-    def set_mount_attrs(self, path: str, *, set_bits: int = 0, clear_bits: int = 0, recursive: bool) -> bool:
-        """mount_setattr(2); False where the kernel lacks it (before 5.12), so the caller remounts one by one."""
-        if self.numbers is None:
-            return False
-        attrs = _MountAttr(set_bits, clear_bits, 0, 0)
-        flags = AT_RECURSIVE if recursive else 0
-        result = self.libc.syscall(
-            self.numbers[1], AT_FDCWD, path.encode(), flags, ctypes.byref(attrs), ctypes.sizeof(attrs)
-        )
-        if result != 0 and ctypes.get_errno() == errno.ENOSYS:
-            return False
-        self._check(int(result), f"mount_setattr {path}")
-        return True
-
-    def clone(self, flags: int) -> int:
-        """clone(2) with `flags` into a child that goes on like fork()'s; -1 where the raw syscall is unknown."""
-        if self.numbers is None:
-            return -1
-        pid = int(self.libc.syscall(self.numbers[0], flags | signal.SIGCHLD, 0, 0, 0, 0))
-        self._check(pid, "clone")
-        return pid
-
-    def prctl(self, option: int, arg: int, what: str) -> None:
-        self._check(self.libc.prctl(option, arg, 0, 0, 0), what)
-
-    def drop_capabilities(self) -> None:
-        """No capability now or after exec, in any namespace, whatever the uid (root included)."""
-        last = int(_read("/proc/sys/kernel/cap_last_cap") or "40")
-        for cap in range(last + 1):
-            self.prctl(PR_CAPBSET_DROP, cap, "drop the capability bounding set")
-        self.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "clear ambient capabilities")
-        self.prctl(PR_SET_SECUREBITS, SECUREBITS_NO_PRIVILEGE, "set securebits")
-        header, data = _CapHeader(LINUX_CAPABILITY_VERSION_3, 0), (_CapData * 2)()
-        capset = self.numbers[2] if self.numbers else 126
-        self._check(int(self.libc.syscall(capset, ctypes.byref(header), ctypes.byref(data))), "capset")
-        self.prctl(PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")
+def _needs_a_fresh_namespace(request: dict[str, Any]) -> bool:
+    """A bind mount takes only a source of the namespace's own: its dirs are opened there, before the view."""
+    return not SPARES or request["exec"] != "overlay" or request.get("cache") == "bind"
 
 
-def _hint(what: str, code: int) -> str:
-    if what.startswith("unshare") and code in (errno.EPERM, errno.EACCES, errno.EINVAL):
-        return (
-            " (unprivileged user namespaces are disabled here: sysctl kernel.unprivileged_userns_clone, "
-            "user.max_user_namespaces or an AppArmor/SELinux policy)"
-        )
-    if code == errno.ENOSPC and (what.startswith("unshare") or what == "clone"):
-        return " (a namespace limit is reached: user.max_user_namespaces / max_mnt_namespaces / max_pid_namespaces)"
-    if "overlay" in what and code in (errno.ENODEV, errno.EINVAL, errno.EPERM):
-        return " (overlayfs in a user namespace needs Linux >= 5.11)"
-    return ""
-
-
-def _read(path: str) -> str | None:
+def _receive(channel: socket.socket) -> tuple[dict[str, Any], dict[str, int]] | None:
     try:
-        with open(path) as handle:
-            return handle.read().strip()
+        message, fds, _flags, _addr = socket.recv_fds(channel, MAX_MESSAGE, 16)
     except OSError:
         return None
+    if not message:
+        return None  # the helper is gone, or discarded this spare
+    request = marshal.loads(message)
+    return request, dict(zip(list(request["fds"]), fds, strict=True))
 
 
-def _write(path: str, data: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, data.encode())
-    finally:
-        os.close(fd)
+def _namespace_main(kernel: view.Kernel, key: dict[str, Any], channel_fd: int, *, ahead: bool) -> int:
+    """In the clone (pid 1 of its namespaces): the view, the request, then the tool's init.
 
-
-def enter_namespaces(kernel: Kernel) -> None:
-    """Once, in the helper: a user namespace (mapped to our own ids) and a private mount namespace."""
-    uid, gid = os.getuid(), os.getgid()
-    kernel.unshare(CLONE_NEWUSER | CLONE_NEWNS, "unshare(user, mount)")
-    _write("/proc/self/setgroups", "deny")
-    _write("/proc/self/uid_map", f"{uid} {uid} 1")
-    _write("/proc/self/gid_map", f"{gid} {gid} 1")
-    # a slave of the host's mounts: a filesystem mounted later (where a later exec dir lives) shows up here too
-    kernel.mount(None, "/", None, MS_REC | MS_SLAVE)
-
-
-def _fd_path(fd: int) -> str:
-    return f"/proc/self/fd/{fd}"
-
-
-def _mount_table() -> list[str]:
-    points = []
-    for line in (_read("/proc/self/mountinfo") or "").splitlines():
-        fields = line.split()
-        if len(fields) > 4:
-            points.append(fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\"))
-    return points
-
-
-def open_dirs(plan: dict[str, Any]) -> dict[str, int]:
-    """Open the plan's directories here (a bind mount takes only a source of this mount namespace), each checked
-    to be the very (device, inode) the client prepared: a path swapped in between is refused."""
-    fds: dict[str, int] = {}
-    for name, (path, device, inode) in plan["dirs"].items():
-        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        info = os.fstat(fd)
-        if (info.st_dev, info.st_ino) != (device, inode):
-            raise SandboxSetupError(f"{path} was replaced while the sandbox was set up")
-        fds[name] = fd
-    return fds
-
-
-def build_view(kernel: Kernel, plan: dict[str, Any], fds: dict[str, int]) -> None:
-    """In the new mount namespace: the tool's whole view of the filesystem (see the module doc)."""
-    kernel.mount(None, "/", None, MS_REC | MS_PRIVATE)  # frozen: nothing mounted outside from now on shows up
-    # Every layer the tool writes lives in one tmpfs of its own, first mounted at /tmp.
-    host_tmp = os.open("/tmp", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    kernel.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0700,size={plan.get('tmp_size', '50%')}")
-    layers = "/tmp/layers"
-    os.mkdir(layers, 0o700)
-    for name in ("upper", "work", "cache-upper", "cache-work", "tmp-upper", "tmp-work"):
-        os.mkdir(f"{layers}/{name}", 0o755)
-    os.chmod(f"{layers}/tmp-upper", 0o1777)
-    # the mount points, made in the upper layer: whatever the host's /tmp has at these paths (a symlink, a dir
-    # of another user) is shadowed by them, so no mount below follows a link someone planted
-    for path in ("treemat", "treemat/exec", "treemat/cache"):
-        os.mkdir(f"{layers}/tmp-upper/{path}", 0o755)
-    layers_fd = os.open(layers, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    layers = _fd_path(layers_fd)
-    overlay = plan["exec"] == "overlay"
-    try:  # the tool's /tmp: the host's below (tools and toolchains kept in /tmp stay runnable), writes private
-        if not overlay:
-            raise SandboxSetupError("no overlayfs")
-        options = f"lowerdir={_fd_path(host_tmp)},upperdir={layers}/tmp-upper,workdir={layers}/tmp-work,userxattr"
-        kernel.mount("overlay", "/tmp", "overlay", MS_NOSUID | MS_NODEV, options)
-    except SandboxSetupError:  # no overlayfs, or the host's /tmp has mounts of another namespace below it
-        kernel.mount(f"{layers}/tmp-upper", "/tmp", None, MS_BIND)  # (which the kernel refuses to clone): an
-    os.close(host_tmp)  # empty private /tmp, as Bazel's hermetic tmp
-    writable = ["/tmp", EXEC_ROOT]
-    cache = plan.get("cache")
-    if overlay:
-        options = f"lowerdir={_fd_path(fds['lower'])},upperdir={layers}/upper,workdir={layers}/work,userxattr"
-        kernel.mount("overlay", EXEC_ROOT, "overlay", MS_NOSUID | MS_NODEV, options)
-    else:
-        kernel.mount(_fd_path(fds["lower"]), EXEC_ROOT, None, MS_BIND)
-    if cache == "overlay":
-        options = (
-            f"lowerdir={_fd_path(fds['cache_lower'])},upperdir={layers}/cache-upper,"
-            f"workdir={layers}/cache-work,userxattr"
-        )
-        kernel.mount("overlay", TOOL_CACHE, "overlay", MS_NOSUID | MS_NODEV, options)
-        writable.append(TOOL_CACHE)
-    elif cache == "bind":
-        kernel.mount(_fd_path(fds["cache_lower"]), TOOL_CACHE, None, MS_BIND)
-        writable.append(TOOL_CACHE)
-    # (cache "private": TOOL_CACHE stays an empty directory of the tool's /tmp)
-    os.close(layers_fd)  # the layers tmpfs is now reachable only through the mounts made of it
-    if os.path.isdir("/dev/shm"):
-        kernel.mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-        writable.append("/dev/shm")
-    readonly = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID
-    if kernel.set_mount_attrs("/", set_bits=readonly, recursive=True):
-        for path in writable:
-            kernel.set_mount_attrs(path, clear_bits=MOUNT_ATTR_RDONLY, recursive=False)
-    else:  # no mount_setattr: remount every other mount read-only, one by one
-        for point in _mount_table():
-            if point in writable or point.startswith(("/proc/", "/sys/")) or point in ("/proc", "/sys"):
-                continue
-            try:
-                kernel.mount(None, point, None, MS_BIND | 0x20 | MS_RDONLY | MS_NOSUID)
-            except SandboxSetupError:
-                kernel.mount(point, point, None, MS_BIND)  # a locked mount: bind it, then remount the bind
-                kernel.mount(None, point, None, MS_BIND | 0x20 | MS_RDONLY | MS_NOSUID)
-    for path in plan.get("mask", []):
-        if os.path.isdir(str(path)):
-            kernel.mount("tmpfs", str(path), "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555")
-    kernel.mount("proc", "/proc", "proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-
-
-def become_tool(kernel: Kernel, plan: dict[str, Any], fds: dict[str, int]) -> None:
-    """In the cloned child (pid 1 of its namespace): build the view, report ready, then be the namespace's init.
-
-    The tool runs as pid 2, so signals reach it as anywhere else (pid 1 ignores the ones it has no handler for:
-    a tool's `kill -9 $$` would be lost). This init reaps every orphan, exits with the tool's status (128+N for
-    signal N) the moment the tool ends, and its exit makes the kernel kill whatever the tool left behind.
+    Ahead (a spare): the view is prepared first, then the request comes with its directories opened by the
+    helper. Otherwise the request comes first and its directories are opened here, before anything is covered.
     """
-    status = socket.socket(fileno=fds["status"])
+    kernel.prctl(view.PR_SET_PDEATHSIG, signal.SIGKILL, "set the parent-death signal")
+    os.closerange(3, channel_fd)  # nothing of the helper's but our channel: its death or a discard reads as EOF
+    os.closerange(channel_fd + 1, 65536)
+    channel = socket.socket(fileno=channel_fd)
+    got = None if ahead else _receive(channel)
+    failure, layers_fd = "", -1
+    masked: dict[str, int] = {}
     try:
-        kernel.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "set the parent-death signal")
-        fds.update(open_dirs(plan))
-        build_view(kernel, plan, fds)
-        os.chdir(os.path.join(EXEC_ROOT, str(plan.get("cwd") or "")))
-        view = os.open(EXEC_ROOT, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        argv = [str(arg) for arg in plan["argv"]]
-        env = {str(k): str(v) for k, v in plan["env"].items()}
-        socket.send_fds(status, [b'{"ready": true}'], [view])
-        os.close(view)
-        tool = os.fork()
-    except BaseException as exc:
-        try:
-            status.send(json.dumps({"error": str(exc) or type(exc).__name__}).encode())
-        finally:
-            os._exit(126)
-    if tool == 0:
-        _exec_tool(kernel, argv, env, fds["stdout"], fds.get("stderr", fds["stdout"]))
-    status.close()
-    os.closerange(3, 65536)  # init keeps nothing of the helper's: the output pipe ends with the tool's processes
-    os._exit(_init_loop(tool))
-
-
-def _exec_tool(kernel: Kernel, argv: list[str], env: dict[str, str], stdout: int, stderr: int) -> None:
-    """In the tool's process: stdio on the pipe (or the caller's files), nothing else of ours open, no capability
-    left; then exec."""
-    try:
-        null = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(stdout, 1)
-        os.dup2(stderr, 2)
-        os.closerange(3, 65536)  # nothing of ours reaches the tool
-        kernel.drop_capabilities()
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.write(2, f"treemat: error: cannot prepare the tool's process: {exc}\n".encode())
-        os._exit(126)
-    try:
-        os.execvpe(argv[0], argv, env)
-    except OSError as exc:
-        os.write(2, f"treemat: error: cannot run {argv[0]!r}: {exc.strerror}\n".encode())
-        os._exit(126 if exc.errno in (errno.EACCES, errno.ENOEXEC, errno.EPERM) else 127)
-
-
-def _init_loop(tool: int) -> int:
-    """Reap children until the tool itself ends; its exit status, shell style."""
-    while True:
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            return 126
-        except InterruptedError:
-            continue
-        if pid == tool:
-            code = os.waitstatus_to_exitcode(status)
-            return 128 - code if code < 0 else code
+        if got is not None:
+            got[1].update(view.open_dirs(got[0]))
+        layers_fd = view.prepare_view(kernel, key, masked)
+    except (view.SandboxSetupError, OSError) as exc:
+        failure = str(exc) or type(exc).__name__
+        if ahead:
+            with contextlib.suppress(OSError):
+                channel.send(b"failed")  # in doubt: the helper clones a fresh namespace instead
+    got = got or _receive(channel)
+    if got is None:
+        return 0
+    channel.close()
+    request, fds = got
+    if failure:
+        view.report(fds["status"], {"error": failure})
+        return 126
+    return view.run_init(kernel, request, fds, layers_fd, masked)
 
 
 class Helper:
-    """The helper's loop: run requests (one clone each), kill on request, report exits."""
+    """The helper's loop: hand requests to spares (cloned ahead), kill on request, report exits."""
 
     def __init__(self, control: socket.socket) -> None:
         self.control = control
-        self.kernel = Kernel()
+        self.kernel = view.Kernel()
         self.children: dict[int, tuple[int, socket.socket, int]] = {}  # pidfd -> (pid, status socket, request id)
         self.by_request: dict[int, int] = {}  # request id -> pid (until reaped)
+        self.spare: Spare | None = None
+        self.next_key: dict[str, Any] | None = None  # the key of the last request a spare could serve
+        self.mount_events = select.poll()
+        self.mountinfo = -1
 
     def start(self) -> None:
-        self.kernel.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "set the parent-death signal")
+        self.kernel.prctl(view.PR_SET_PDEATHSIG, signal.SIGKILL, "set the parent-death signal")
         try:
-            enter_namespaces(self.kernel)
-        except (SandboxSetupError, OSError) as exc:
-            self.control.send(json.dumps({"error": str(exc)}).encode())
+            view.enter_namespaces(self.kernel)
+            self.kernel.lock_privileges()
+            self.mountinfo = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        except (view.SandboxSetupError, OSError) as exc:
+            self.control.send(marshal.dumps({"error": str(exc)}))
             raise SystemExit(1) from None
-        self.control.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
+        self.mount_events.register(self.mountinfo, select.POLLPRI)
+        self.control.send(marshal.dumps({"ready": True, "pid": os.getpid()}))
 
     def serve(self) -> None:
         while True:
@@ -385,51 +183,102 @@ class Helper:
             return False
         if not message:
             return False
-        request = json.loads(message)
+        request = marshal.loads(message)
         if request.get("op") == "kill":
             pid = self.by_request.get(int(request["id"]))
             if pid is not None:
                 os.kill(pid, signal.SIGKILL)
             return True
         names = list(request["fds"])
-        received = dict(zip(names, fds, strict=True))
-        self._run(request, received)
+        self._run(request, names, fds)
         return True
 
-    def _run(self, request: dict[str, Any], fds: dict[str, int]) -> None:
-        status = socket.socket(fileno=os.dup(fds["status"]))
+    def _run(self, request: dict[str, Any], names: list[str], fds: list[int]) -> None:
+        status = socket.socket(fileno=os.dup(fds[names.index("status")]))
+        key = _key(request)
+        spare: Spare | None = None
         try:
-            pid = self.kernel.clone(CLONE_NEWNS | CLONE_NEWPID)
-            if pid == -1:  # unknown architecture: fork, unshare, fork
-                pid = self._fork_into_namespaces(request, fds)
-            elif pid == 0:
-                become_tool(self.kernel, request, fds)
-                os._exit(126)
-        except (SandboxSetupError, OSError) as exc:
-            status.send(json.dumps({"error": str(exc)}).encode())
+            if _needs_a_fresh_namespace(request):
+                spare = self._clone(key, ahead=False)
+            else:
+                spare = self._take_spare(key)
+                for name, fd in view.open_dirs(request).items():  # here: the spare's view covers paths
+                    try:
+                        copy = self.kernel.detached_copy(fd)
+                    finally:
+                        os.close(fd)
+                    request["fds"].append(name)
+                    fds.append(copy)
+            socket.send_fds(spare.channel, [marshal.dumps(request)], fds)
+        except (view.SandboxSetupError, OSError) as exc:
+            if spare is not None:
+                self._discard(spare)
+            status.send(marshal.dumps({"error": str(exc)}))
             status.close()
             return
         finally:
-            for fd in fds.values():
+            for fd in fds:
                 os.close(fd)
-        pidfd = os.pidfd_open(pid)
+        spare.channel.close()
         request_id = int(request.get("id", 0))
-        self.children[pidfd] = (pid, status, request_id)
-        self.by_request[request_id] = pid
+        self.children[spare.pidfd] = (spare.pid, status, request_id)
+        self.by_request[request_id] = spare.pid
+        if not _needs_a_fresh_namespace(request):
+            self.next_key = key  # the next spare is cloned once this tool is reaped (see _reap)
 
-    def _fork_into_namespaces(self, request: dict[str, Any], fds: dict[str, int]) -> int:
+    def _take_spare(self, key: dict[str, Any]) -> Spare:
+        """The spare if nothing about it is in doubt, else a fresh namespace."""
+        spare, self.spare = self.spare, None
+        mounts_moved = bool(self.mount_events.poll(0))
+        if spare is not None and (spare.key != key or mounts_moved or not spare.sound()):
+            self._discard(spare)
+            spare = None
+        return spare or self._clone(key, ahead=True)
+
+    def _clone(self, key: dict[str, Any], *, ahead: bool) -> Spare:
+        if ahead:
+            self.mount_events.poll(0)  # from here on, any mount change in our namespace discards this spare
+        here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = self.kernel.clone(view.CLONE_NEWNS | view.CLONE_NEWPID)
+            if pid == -1:  # unknown architecture: fork, unshare, fork
+                pid = self._fork_into_namespaces(key, there.fileno(), ahead=ahead)
+            elif pid == 0:
+                code = 126
+                try:
+                    code = _namespace_main(self.kernel, key, there.fileno(), ahead=ahead)
+                finally:
+                    os._exit(code)
+        except BaseException:
+            here.close()
+            raise
+        finally:
+            there.close()
+        return Spare(pid, here, key)
+
+    def _fork_into_namespaces(self, key: dict[str, Any], channel_fd: int, *, ahead: bool) -> int:
         pid = os.fork()
         if pid == 0:
             try:
-                self.kernel.unshare(CLONE_NEWNS | CLONE_NEWPID, "unshare(mount, pid)")
+                self.kernel.unshare(view.CLONE_NEWNS | view.CLONE_NEWPID, "unshare(mount, pid)")
                 inner = os.fork()
                 if inner == 0:
-                    become_tool(self.kernel, request, fds)
+                    os._exit(_namespace_main(self.kernel, key, channel_fd, ahead=ahead))
+                os.closerange(3, 65536)
                 _pid, code = os.waitpid(inner, 0)
                 os._exit(os.waitstatus_to_exitcode(code) & 0xFF)
             except BaseException:
                 os._exit(126)
         return pid
+
+    def _discard(self, spare: Spare) -> None:
+        spare.channel.close()
+        try:
+            os.kill(spare.pid, signal.SIGKILL)
+            os.waitpid(spare.pid, 0)
+        except OSError:
+            pass
+        os.close(spare.pidfd)
 
     def _reap(self, pidfd: int) -> None:
         pid, status, request_id = self.children.pop(pidfd)
@@ -437,14 +286,27 @@ class Helper:
         try:
             _pid, code = os.waitpid(pid, 0)
             exit_code = os.waitstatus_to_exitcode(code)
-            status.send(json.dumps({"exit": 128 - exit_code if exit_code < 0 else exit_code}).encode())
+            status.send(marshal.dumps({"exit": 128 - exit_code if exit_code < 0 else exit_code}))
         except OSError:
-            pass  # the client went away; nothing to tell
+            pass  # the client went away, or took init's own report; nothing to tell
         finally:
             status.close()
             os.close(pidfd)
+        self._prepare_next()
+
+    def _prepare_next(self) -> None:
+        """Clone the next request's namespace now that a tool has ended: between actions, not competing for the CPU
+        with a tool that runs (docs/hermeticity.md, the cost of the sandbox)."""
+        if self.spare is None and self.next_key is not None:
+            try:
+                self.spare = self._clone(self.next_key, ahead=True)
+            except (view.SandboxSetupError, OSError):
+                self.spare = None  # the next request clones its own (and reports why that fails)
 
     def _shutdown(self) -> None:
+        if self.spare is not None:
+            self._discard(self.spare)
+            self.spare = None
         for pidfd, (pid, status, _request_id) in list(self.children.items()):
             try:
                 os.kill(pid, signal.SIGKILL)

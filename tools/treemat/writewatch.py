@@ -12,12 +12,14 @@ which make its mode: `inotify`, `degraded` (some blobs had or lost no watch: tho
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import threading
 from collections.abc import Callable
 from typing import Any
 
 try:  # Linux only
+    import inotify_simple
     from inotify_simple import INotify
     from inotify_simple import flags as inotify_flags
 except ImportError:  # pragma: no cover - non-Linux
@@ -35,6 +37,8 @@ def open_inotify() -> tuple[INotify | None, str | None]:
     """A non-blocking inotify instance, or None and why not."""
     if INotify is None:
         return None, "no inotify on this platform"
+    if getattr(inotify_simple, "_libc", False) is None:  # the process's own libc: its find_library('c') runs
+        inotify_simple._libc = ctypes.CDLL(None, use_errno=True)  # ldconfig, 3-40 ms of a worker's start
     try:
         # non-blocking: two threads may both see events pending (FIONREAD) and both read; the second must get
         # EAGAIN, not block until some future event (that hung a worker)

@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""A fresh worker's start-up, black-box: spawn -> first reply of a 1-input request, against a bare interpreter.
+
+    python3 benchmarks/bench_startup.py [--rounds 10] [--baseline NAME=OTHER/tools ...] [--no-bytecode]
+
+Each round times, in alternating order (wall clock, from this process):
+
+- `python3 -c pass`: spawn -> exit of a bare interpreter (the floor the CI-speed issue's target is stated against);
+- `fork+exec touch`: the tool alone, as a plain child (the part of a first request no worker can avoid);
+- `worker`: spawn `python3 -m treemat --persistent_worker --root=R` (Bazel's command line), write one
+  varint-delimited WorkRequest proto on its stdin (real bytes: 1 input, `touch out/x`, as Bazel writes them),
+  read the delimited WorkResponse from its stdout; the worker is then closed and reaped outside the timing;
+- `NAME worker` (each `--baseline NAME=DIR`): the same through another checkout's package (a worktree of main).
+
+The root is kept across rounds (Bazel restarts workers on the same root: the blob is in its CAS and ledger). The
+worker runs without PYTHONDONTWRITEBYTECODE, as users run it (__main__ keeps compiled modules in
+~/.cache/treemat/pycache); `--no-bytecode` keeps the variable: every treemat module compiled at each start.
+Prints min and median (ms); `x bare` is a row's median over the bare interpreter's, both of this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from treemat import protos
+from treemat.framing import encode_delimited, read_delimited
+from treemat.fsprims import remove_tree
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+class FreshWorker:
+    """Starts a new worker per call and waits for its first reply; `reap` ends them (outside the timings)."""
+
+    def __init__(self, execroot: Path, root: Path, tools: Path, *, keep_no_bytecode: bool) -> None:
+        self.execroot = execroot
+        self.command = [sys.executable, "-m", "treemat", "--persistent_worker", "--protocol=proto", f"--root={root}"]
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tools), os.environ.get("PYTHONPATH", "")])}
+        if not keep_no_bytecode:
+            self.env.pop("PYTHONDONTWRITEBYTECODE", None)
+        self.payload = request_bytes(execroot)
+        self.running: list[subprocess.Popen[bytes]] = []
+
+    def __call__(self) -> None:
+        proc = subprocess.Popen(
+            self.command, cwd=self.execroot, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        self.running.append(proc)
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(self.payload)
+        proc.stdin.flush()
+        reply = read_delimited(proc.stdout, protos.WorkResponse)
+        assert reply is not None and reply.exit_code == 0, reply
+
+    def reap(self) -> None:
+        for proc in self.running:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            proc.wait()
+        self.running.clear()
+
+
+def request_bytes(execroot: Path) -> bytes:
+    """One WorkRequest as Bazel writes it: the flagfile contract's arguments, one input with its hex digest."""
+    message = protos.WorkRequest()
+    message.arguments.extend(["--output=out/x", "--", "touch", "out/x"])
+    entry = message.inputs.add()
+    entry.path = "in/a"
+    entry.digest = hashlib.sha256((execroot / "in/a").read_bytes()).hexdigest().encode()
+    return encode_delimited(message)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--root", type=Path, default=None, help="where the scratch dirs go (default: a temp dir)")
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="another checkout's tools/ dir, timed alongside as `NAME worker` (repeatable)",
+    )
+    parser.add_argument("--no-bytecode", action="store_true", help="keep PYTHONDONTWRITEBYTECODE if it is set")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-startup-", dir=args.root))
+    workers: list[FreshWorker] = []
+    try:
+        execroot = work / "execroot"
+        (execroot / "in").mkdir(parents=True)
+        (execroot / "out").mkdir()
+        (execroot / "in/a").write_bytes(b"input\n")
+        rows: dict[str, Callable[[], object]] = {
+            "python3 -c pass": lambda: subprocess.run([sys.executable, "-c", "pass"], check=True),
+            "fork+exec touch": lambda: subprocess.run(["touch", "out/x"], cwd=execroot, check=True),
+        }
+        baselines = [(f"{name} worker", Path(tools)) for name, _, tools in (b.partition("=") for b in args.baseline)]
+        for name, tools in [("worker", TOOLS), *baselines]:
+            workers.append(FreshWorker(execroot, work / "root", tools, keep_no_bytecode=args.no_bytecode))
+            rows[name] = workers[-1]
+        times: dict[str, list[float]] = {name: [] for name in rows}
+        for round_ in range(args.rounds + 1):  # round 0 warms up (the root's first use, compiled modules)
+            order = list(rows.items()) if round_ % 2 else list(reversed(rows.items()))
+            for name, run in order:
+                started = time.perf_counter()
+                run()
+                if round_:
+                    times[name].append((time.perf_counter() - started) * 1000)
+            for worker in workers:
+                worker.reap()
+        report(times, args.rounds)
+    finally:
+        for worker in workers:
+            worker.reap()
+        remove_tree(work)
+    return 0
+
+
+def report(times: dict[str, list[float]], rounds: int) -> None:
+    bare = statistics.median(times["python3 -c pass"])
+    tool = statistics.median(times["fork+exec touch"])
+    print(f"{'spawn -> first reply':<34} {'min ms':>8} {'median ms':>10} {'x bare':>8}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:<34} {min(values):8.1f} {median:10.1f} {median / bare:8.2f}")
+    for name in (name for name in times if name.endswith("worker")):
+        start_up = statistics.median(times[name]) - tool
+        print(f"{name + ' minus the tool':<34} {'':8} {start_up:10.1f} {start_up / bare:8.2f}")
+    print(f"({rounds} rounds, alternating order; python {sys.version.split()[0]}, {os.uname().release})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
