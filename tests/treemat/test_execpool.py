@@ -219,3 +219,24 @@ def test_a_dir_watched_only_in_part_is_verified_by_lstat(tmp_path: Path, monkeyp
     listing = _run(executor, execroot, inputs)
     assert listing.splitlines() == _listing(execroot, files), "the planted file is not seen"
     assert executor.counters.get("execpool_discarded") == 1 and executor.counters.get("execpool_reused") == 0
+
+
+def test_reuse_reads_each_unchanged_inputs_exec_bit_and_kind(tmp_path: Path) -> None:
+    """A reuse stats every input it keeps: `chmod +x` (same bytes, same digest) is relinked; an input that became
+    a directory is not patched in (fresh staging decides)."""
+    execroot = tmp_path / "execroot"
+    executor = _executor_with_pool(tmp_path / "root")
+    inputs = _write(execroot, {f"in/f{i}": f"file {i}\n".encode() for i in range(5)})
+    _run(executor, execroot, inputs)
+    os.chmod(execroot / "in/f2", 0o755)
+    check = "test -x in/f2 && test ! -x in/f3 && touch out/listing out/cat"
+    spec = ActionSpec(argv=["sh", "-c", check], outputs=["out/listing", "out/cat"])
+    result = executor.execute(ActionRequest(spec, inputs, execroot))
+    assert result.exit_code == 0, result.output
+    assert executor.counters.get("execpool_reused") == 1
+    (execroot / "in/f3").unlink()
+    (execroot / "in/f3").mkdir()
+    spec = ActionSpec(argv=["sh", "-c", "test -d in/f3 && touch out/listing out/cat"], outputs=spec.outputs)
+    result = executor.execute(ActionRequest(spec, inputs, execroot))
+    assert result.exit_code == 0, result.output  # what fresh staging makes of it: a directory input
+    assert executor.counters.get("execpool_reused") == 1, "not patched in: the pooled dir holds a file there"
