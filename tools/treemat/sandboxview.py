@@ -30,6 +30,7 @@ MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE, MS_SLAVE = 0x20, 0x1000, 0x4000, 0x4000
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 1, 24, 28, 38, 47
+PR_SET_DUMPABLE = 4
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 # NOROOT, NO_SETUID_FIXUP and NO_CAP_AMBIENT_RAISE, each locked; KEEP_CAPS off and locked
 SECUREBITS_NO_PRIVILEGE = 0xEF
@@ -332,6 +333,9 @@ def run_init(kernel: Kernel, plan: dict[str, Any], fds: dict[str, int], layers_f
         os.closerange(status + 1, 65536)
         os.set_inheritable(status, False)
         kernel.drop_capabilities()
+        # not dumpable: the tool (same uid) cannot ptrace init, read /proc/1/fd or pidfd_getfd its status socket
+        # to report its own end early while its processes run on (the tool is dumpable again after its exec)
+        kernel.prctl(PR_SET_DUMPABLE, 0, "make init undumpable")
     except BaseException as exc:
         report(status, {"error": str(exc) or type(exc).__name__})
         return 126
