@@ -106,3 +106,20 @@ def test_a_tool_cannot_take_inits_status_socket_and_end_its_action_early(stack: 
     assert stolen == "0", "the tool took descriptors of its sandbox's init"
     assert own != "0 of its own", "the tool cannot see its own descriptors (it must stay dumpable after exec)"
     assert (execroot / "out/x").read_text() == "first"
+
+
+def test_dev_shm_counts_against_the_tools_one_tmpfs(stack: Stack, tmp_path: Path) -> None:
+    """/dev/shm was a tmpfs of its own with no size: a tool could pin its /tmp's size in RAM, then as much again
+    in /dev/shm (memory no OOM kill frees while the namespace lives). Every layer it writes shares one tmpfs."""
+    execroot = tmp_path / "execroot"
+    execroot.mkdir()
+    script = (
+        "df -P -k /tmp | tail -1 > out/df; dd if=/dev/zero of=/dev/shm/fill bs=1M count=16 2>/dev/null; "
+        "df -P -k /tmp | tail -1 >> out/df; ls -ld /dev/shm | cut -c1-10 >> out/df"
+    )
+    result = _execute(stack, execroot, ["sh", "-c", script], ["out/df"])
+    assert result.exit_code == 0, result.output
+    before, after, mode = (execroot / "out/df").read_text().splitlines()
+    used = int(after.split()[2]) - int(before.split()[2])
+    assert used >= 16 * 1024, f"16 MiB written to /dev/shm did not count in the tool's tmpfs:\n{before}\n{after}"
+    assert mode == "drwxrwxrwt", mode

@@ -9,7 +9,7 @@ dir built once the previous tool ended, between actions), so a request costs two
     clone(NEWNS | NEWPID) ─▶ init, pid 1 of its namespace (sandboxview.py):
         /tmp            = the host's /tmp under a private upper layer (overlay mode, if the kernel lets us
                           clone it: no foreign mounts below it), else an empty private dir
-        /dev/shm        = a private tmpfs
+        /dev/shm        = a private dir of the same tmpfs as every other layer the tool writes
         /               = every other mount read-only (nosuid), Bazel's execroot included
         masks           = an empty read-only tmpfs over TREEMAT_ROOT (and every other path that reaches it)
         /proc           = a fresh procfs of the new pid namespace (read-only)

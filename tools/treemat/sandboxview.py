@@ -226,9 +226,10 @@ def prepare_view(kernel: Kernel, key: dict[str, Any], masked: dict[str, int]) ->
     layers_root = os.open("/tmp", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     layers = "/tmp/layers"
     os.mkdir(layers, 0o700)
-    for name in ("upper", "work", "cache-upper", "cache-work", "tmp-upper", "tmp-work"):
+    for name in ("upper", "work", "cache-upper", "cache-work", "tmp-upper", "tmp-work", "shm"):
         os.mkdir(f"{layers}/{name}", 0o755)
     os.chmod(f"{layers}/tmp-upper", 0o1777)
+    os.chmod(f"{layers}/shm", 0o1777)
     # the mount points, made in the upper layer: whatever the host's /tmp has at these paths (a symlink, a dir
     # of another user) is shadowed by them, so no mount below follows a link someone planted
     for path in ("treemat", "treemat/exec", "treemat/cache"):
@@ -244,8 +245,8 @@ def prepare_view(kernel: Kernel, key: dict[str, Any], masked: dict[str, int]) ->
         kernel.mount(f"{layers}/tmp-upper", "/tmp", None, MS_BIND)  # (which the kernel refuses to clone): an
     os.close(host_tmp)  # empty private /tmp, as Bazel's hermetic tmp
     writable = ["/tmp"]
-    if os.path.isdir("/dev/shm"):
-        kernel.mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    if os.path.isdir("/dev/shm"):  # a dir of the layers' tmpfs: its size bounds all the tool writes, /dev/shm too
+        kernel.mount(f"{layers}/shm", "/dev/shm", None, MS_BIND)
         writable.append("/dev/shm")
     readonly = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID
     if kernel.set_mount_attrs("/", set_bits=readonly, recursive=True):
