@@ -215,3 +215,21 @@ def test_an_unreadable_directory_inside_an_output_dir_is_an_error_not_skipped(ex
         assert "'out/d/sub'" in result.output and result.output.count("\n") == 1, result.output
     executor.close()
     assert os.listdir(tmp_path / "root/exec") == [], "nothing left behind either way"
+
+
+def test_an_output_dir_nested_too_deep_is_a_clear_refusal_and_the_worker_goes_on(
+    execroot: Path, tmp_path: Path
+) -> None:
+    """A tool's output dir 1500 levels deep used to end in 'internal error: RecursionError' (the walk recursed,
+    holding two descriptors a level); now a refusal naming the limit."""
+    executor = _executor(tmp_path / "root")
+    script = (
+        "mkdir -p out/d && cd out/d && i=0; while [ $i -lt 1500 ]; do mkdir a && cd a; i=$((i+1)); done; echo x > f"
+    )
+    result = _outputs_run(executor, execroot, script, [], ["out/d"])
+    assert result.exit_code == 1 and "nested deeper than" in result.output, result.output
+    assert result.output.count("\n") == 1, result.output
+    after = _outputs_run(executor, execroot, "mkdir -p out/d/a && cat in/a.txt > out/d/a/f", [], ["out/d"])
+    assert after.exit_code == 0, after.output
+    assert (execroot / "out/d/a/f").read_bytes() == IN_BYTES and os.listdir(execroot / "out/d/a") == ["f"]
+    executor.close()
