@@ -233,3 +233,22 @@ def test_an_output_dir_nested_too_deep_is_a_clear_refusal_and_the_worker_goes_on
     assert after.exit_code == 0, after.output
     assert (execroot / "out/d/a/f").read_bytes() == IN_BYTES and os.listdir(execroot / "out/d/a") == ["f"]
     executor.close()
+
+
+def test_a_directory_input_nested_too_deep_is_a_clear_refusal(execroot: Path, tmp_path: Path) -> None:
+    """A tree artifact 1500 levels deep in the execroot raised RecursionError out of the executor (os.walk)."""
+    fd = os.open(execroot / "in", os.O_RDONLY | os.O_DIRECTORY)
+    for _level in range(1500):
+        os.mkdir("d", dir_fd=fd)
+        inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.close(fd)
+    executor = _executor(tmp_path / "root")
+    spec = ActionSpec(argv=["sh", "-c", "echo ran > out/x"], outputs=["out/x"])
+    result = executor.execute(ActionRequest(spec, [RequestInput("in/d")], execroot))
+    assert result.exit_code == 1 and "nested deeper than" in result.output, result.output
+    assert result.output.count("\n") == 1 and not (execroot / "out/x").exists(), result.output
+    assert _execute(executor, execroot, "cat in/a.txt > out/x", ["out/x"], "in/a.txt").exit_code == 0
+    assert (execroot / "out/x").read_bytes() == IN_BYTES
+    executor.close()
