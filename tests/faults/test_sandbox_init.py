@@ -8,6 +8,7 @@ outlived it. Both sandboxed modes; tools/test.sh runs them as an ordinary user t
 
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
 import sys
@@ -76,12 +77,20 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
 
 
 def _execute(stack: Stack, execroot: Path, argv: list[str], outputs: list[str]) -> ActionResult:
-    box: list[ActionResult] = []
+    box: list[ActionResult | BaseException] = []
     request = ActionRequest(ActionSpec(argv=argv, outputs=outputs), [], execroot)
-    thread = threading.Thread(target=lambda: box.append(stack.executor.execute(request)), daemon=True)
+
+    def run() -> None:
+        try:
+            box.append(stack.executor.execute(request))
+        except BaseException as exc:  # an exception out of the executor is a failure of its own
+            box.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(ACTION_TIMEOUT_S)
     assert box, f"action hung for {ACTION_TIMEOUT_S}s"
+    assert isinstance(box[0], ActionResult), f"the executor raised {box[0]!r}"
     return box[0]
 
 
@@ -123,3 +132,47 @@ def test_dev_shm_counts_against_the_tools_one_tmpfs(stack: Stack, tmp_path: Path
     used = int(after.split()[2]) - int(before.split()[2])
     assert used >= 16 * 1024, f"16 MiB written to /dev/shm did not count in the tool's tmpfs:\n{before}\n{after}"
     assert mode == "drwxrwxrwt", mode
+
+
+def _ipc_ids(listing: str) -> set[str]:
+    """The ids of `ipcs -m` / `ipcs -q` output (the second column of its data rows)."""
+    return {line.split()[1] for line in listing.splitlines() if line.startswith("0x") and len(line.split()) > 1}
+
+
+def test_sysv_ipc_of_a_tool_neither_outlives_it_nor_reaches_the_next(stack: Stack, tmp_path: Path) -> None:
+    """The tool shared the worker's IPC namespace: a SysV shared memory segment or message queue it made stayed
+    after its kill-all (memory no namespace teardown freed) and the next tool could read it."""
+    execroot = tmp_path / "execroot"
+    execroot.mkdir()
+    before_m = subprocess.run(["ipcs", "-m"], capture_output=True, text=True, check=True).stdout
+    before_q = subprocess.run(["ipcs", "-q"], capture_output=True, text=True, check=True).stdout
+    made = _execute(stack, execroot, ["sh", "-c", "ipcmk -M 65536 > out/x && ipcmk -Q >> out/x"], ["out/x"])
+    after_m = subprocess.run(["ipcs", "-m"], capture_output=True, text=True, check=True).stdout
+    after_q = subprocess.run(["ipcs", "-q"], capture_output=True, text=True, check=True).stdout
+    leaked_m, leaked_q = _ipc_ids(after_m) - _ipc_ids(before_m), _ipc_ids(after_q) - _ipc_ids(before_q)
+    for flag, ids in (("-m", leaked_m), ("-q", leaked_q)):
+        for ipc_id in ids:
+            subprocess.run(["ipcrm", flag, ipc_id], check=False)
+    assert made.exit_code == 0, made.output
+    assert not leaked_m and not leaked_q, f"the tool's IPC objects outlived it: {leaked_m} {leaked_q}"
+    seen = _execute(stack, execroot, ["sh", "-c", "ipcs -m > out/y; ipcs -q >> out/y"], ["out/y"])
+    assert seen.exit_code == 0, seen.output
+    assert not _ipc_ids((execroot / "out/y").read_text()), "the next tool sees IPC objects made outside it"
+
+
+def test_a_tree_too_deep_to_recurse_left_in_the_exec_dir_is_removed(stack: Stack, tmp_path: Path) -> None:
+    """A tool leaving a 1500-level tree in its exec dir (on disk under copy-on-write) made the exec dir's removal
+    raise RecursionError out of the executor, and left the tree behind for good."""
+    execroot = tmp_path / "execroot"
+    execroot.mkdir()
+    deep = "mkdir t && cd t && i=0; while [ $i -lt 1500 ]; do mkdir a && cd a; i=$((i+1)); done; chmod 0 ."
+    try:
+        result = _execute(stack, execroot, ["sh", "-c", f"({deep}) && echo ok > out/x"], ["out/x"])
+        assert result.exit_code == 0, result.output
+        assert (execroot / "out/x").read_text() == "ok\n"
+        after = _execute(stack, execroot, ["sh", "-c", "ls > out/x"], ["out/x"])
+        assert after.exit_code == 0 and (execroot / "out/x").read_text() == "out\n", after.output
+        stack.close()
+        assert os.listdir(stack.root / "exec") == [], "the tool's tree was left behind"
+    finally:
+        subprocess.run(["rm", "-rf", str(tmp_path / "root")], check=False)  # (pytest's own removal recurses)

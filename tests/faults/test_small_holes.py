@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -246,7 +247,10 @@ def test_a_directory_input_nested_too_deep_is_a_clear_refusal(execroot: Path, tm
     os.close(fd)
     executor = _executor(tmp_path / "root")
     spec = ActionSpec(argv=["sh", "-c", "echo ran > out/x"], outputs=["out/x"])
-    result = executor.execute(ActionRequest(spec, [RequestInput("in/d")], execroot))
+    try:
+        result = executor.execute(ActionRequest(spec, [RequestInput("in/d")], execroot))
+    finally:
+        subprocess.run(["rm", "-rf", str(execroot / "in/d")], check=True)  # (pytest's own removal recurses)
     assert result.exit_code == 1 and "nested deeper than" in result.output, result.output
     assert result.output.count("\n") == 1 and not (execroot / "out/x").exists(), result.output
     assert _execute(executor, execroot, "cat in/a.txt > out/x", ["out/x"], "in/a.txt").exit_code == 0
