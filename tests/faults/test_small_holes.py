@@ -77,6 +77,29 @@ def test_sandbox_dir_is_refused_naming_the_field(execroot: Path, worker: Worker)
     assert worker.read()["exitCode"] == 0, "the worker keeps serving"
 
 
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        (["sh", "-c", "echo a\0b > out/x"], [], "argument 2"),
+        (["s\0h", "-c", "echo hi > out/x"], [], "argument 0"),
+        (["sh", "-c", "echo $A > out/x"], ["--env=A=x\0y"], "environment variable 'A'"),
+    ],
+    ids=["argument", "program", "environment"],
+)
+def test_a_nul_byte_in_the_tools_command_is_a_one_line_refusal(
+    argv: list[str], env: list[str], named: str, execroot: Path, worker: Worker
+) -> None:
+    """exec takes no NUL byte: the sandbox's init died on it and the reply was exit 126 with no word."""
+    body = request(execroot, ["in/a.txt"], ["out/x"], argv, 7)
+    body["arguments"] = [*env, *body["arguments"]]
+    worker.send(body)
+    reply = worker.read()
+    assert reply["requestId"] == 7 and reply["exitCode"] == 1, reply
+    assert f"{named} contains a NUL byte" in reply["output"] and reply["output"].count("\n") == 1, reply
+    worker.send(request(execroot, ["in/a.txt"], ["out/x"], ["cp", "in/a.txt", "out/x"], 8))
+    assert worker.read()["exitCode"] == 0, "the worker keeps serving"
+
+
 def test_sandbox_dir_is_refused_in_proto_requests_too(execroot: Path, tmp_path: Path) -> None:
     live = Worker(execroot, tmp_path / "root", protocol="proto")
     try:

@@ -372,6 +372,10 @@ def _spawn(argv: list[str], env: dict[str, str]) -> int:
         except OSError as exc:  # the first error that is not "no such file", as execvpe reports
             if failure is None or failure.errno in (errno.ENOENT, errno.ENOTDIR):
                 failure = exc
+        except ValueError as exc:  # a NUL byte (the client refuses them first): a word, not a dead init
+            with contextlib.suppress(OSError):
+                os.write(2, f"treemat: error: cannot run {argv[0]!r}: {exc}\n".encode())
+            return -126
     assert failure is not None
     with contextlib.suppress(OSError):
         os.write(2, f"treemat: error: cannot run {argv[0]!r}: {failure.strerror}\n".encode())
