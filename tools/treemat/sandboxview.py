@@ -22,10 +22,7 @@ if TYPE_CHECKING:
 
 EXEC_ROOT = "/tmp/treemat/exec"
 TOOL_CACHE = "/tmp/treemat/cache"
-CLONE_NEWNS = 0x00020000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWPID = 0x20000000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID = 0x00020000, 0x08000000, 0x10000000, 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE, MS_SLAVE = 0x20, 0x1000, 0x4000, 0x40000, 0x80000
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
@@ -335,8 +332,7 @@ def run_init(kernel: Kernel, plan: dict[str, Any], fds: dict[str, int], layers_f
         os.closerange(status + 1, 65536)
         os.set_inheritable(status, False)
         kernel.drop_capabilities()
-        # not dumpable: the tool (same uid) cannot ptrace init, read /proc/1/fd or pidfd_getfd its status socket
-        # to report its own end early while its processes run on (the tool is dumpable again after its exec)
+        # undumpable: the tool (same uid) cannot ptrace init or pidfd_getfd its status socket (dumpable after exec)
         kernel.prctl(PR_SET_DUMPABLE, 0, "make init undumpable")
     except BaseException as exc:
         report(status, {"error": str(exc) or type(exc).__name__})
@@ -372,10 +368,6 @@ def _spawn(argv: list[str], env: dict[str, str]) -> int:
         except OSError as exc:  # the first error that is not "no such file", as execvpe reports
             if failure is None or failure.errno in (errno.ENOENT, errno.ENOTDIR):
                 failure = exc
-        except ValueError as exc:  # a NUL byte (the client refuses them first): a word, not a dead init
-            with contextlib.suppress(OSError):
-                os.write(2, f"treemat: error: cannot run {argv[0]!r}: {exc}\n".encode())
-            return -126
     assert failure is not None
     with contextlib.suppress(OSError):
         os.write(2, f"treemat: error: cannot run {argv[0]!r}: {failure.strerror}\n".encode())
