@@ -176,3 +176,14 @@ def test_a_tree_too_deep_to_recurse_left_in_the_exec_dir_is_removed(stack: Stack
         assert os.listdir(stack.root / "exec") == [], "the tool's tree was left behind"
     finally:
         subprocess.run(["rm", "-rf", str(tmp_path / "root")], check=False)  # (pytest's own removal recurses)
+
+
+def test_signals_a_tool_sends_its_init_are_lost(stack: Stack, tmp_path: Path) -> None:
+    """Init is a Python process: SIGINT had a handler there, so a tool's `kill -INT 1` reached it (pid 1 drops
+    only signals it has no handler for), killed it and the whole namespace with it: exit 126 and not a word."""
+    execroot = tmp_path / "execroot"
+    execroot.mkdir()
+    script = "for sig in INT TERM HUP USR1 USR2 QUIT ALRM PIPE; do kill -$sig 1; done; echo ok > out/x"
+    result = _execute(stack, execroot, ["sh", "-c", script], ["out/x"])
+    assert result.exit_code == 0, result.output
+    assert (execroot / "out/x").read_text() == "ok\n"

@@ -114,6 +114,7 @@ def _namespace_main(kernel: view.Kernel, key: dict[str, Any], channel_fd: int, *
     helper. Otherwise the request comes first and its directories are opened here, before anything is covered.
     """
     kernel.prctl(view.PR_SET_PDEATHSIG, signal.SIGKILL, "set the parent-death signal")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # pid 1 with no handler: the tool's `kill -INT 1` is lost
     os.closerange(3, channel_fd)  # nothing of the helper's but our channel: its death or a discard reads as EOF
     os.closerange(channel_fd + 1, 65536)
     channel = socket.socket(fileno=channel_fd)
