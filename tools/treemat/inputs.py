@@ -29,6 +29,8 @@ from treemat.inputmemo import InputMemo, KnownInput
 from treemat.staging import StageReport
 from treemat.tree import FileNode, InputTree, check_symlinks, normalize_path
 
+MAX_INPUT_DEPTH = 256  # directories nested in one directory input
+
 
 @dataclass(slots=True)
 class PreparedDir:
@@ -285,6 +287,10 @@ class InputStager:
         top = os.path.join(execroot, path)
         for dirpath, dirnames, filenames in os.walk(top):
             rel_dir = os.path.relpath(dirpath, execroot)
+            if rel_dir.count("/") - path.count("/") >= MAX_INPUT_DEPTH:  # (os.walk recurses, a descriptor a level)
+                raise ExecutionError(
+                    f"directory input {path!r} is nested deeper than {MAX_INPUT_DEPTH} directories: refused"
+                )
             if not filenames and not dirnames:
                 tree.add_directory(rel_dir)
             for name in [*dirnames, *filenames]:
