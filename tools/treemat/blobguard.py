@@ -43,6 +43,7 @@ from treemat.blobstate import (
 )
 from treemat.cas import ContentStore
 from treemat.counters import Counters
+from treemat.digest import EMPTY_DIGEST, Digest
 from treemat.fsprims import BLOB_MTIME_NS
 from treemat.ledger import VerifiedLedger
 from treemat.writewatch import SignalLog, WriteWatch, errno_name, inotify_flags
@@ -113,15 +114,12 @@ class BlobGuard:
 
     def admit(self, hash_hex: str, executable: bool, size: int) -> BlobIdentity | None:
         """Check a blob right before it is staged; None if absent (or just quarantined: the caller re-ingests)."""
-        admitted = self.admit_sized(hash_hex, executable, size)
-        return admitted[0] if admitted is not None else None
+        return admitted[0] if (admitted := self.admit_sized(hash_hex, executable, size)) is not None else None
 
     def admit_sized(self, hash_hex: str, executable: bool, size: int | None = None) -> tuple[BlobIdentity, int] | None:
-        """`admit`, also for a blob whose size the caller does not know yet (None): (identity, size) or None.
-
-        An unknown size is taken from what this process verified before, else from the blob itself (which is then
-        hashed, or matched in the verified ledger under a live watch, as always).
-        """
+        """`admit`, also for a blob whose size the caller does not know yet (None): (identity, size) or None. An
+        unknown size is what this process verified before, else the blob's own (then hashed, or matched in the
+        verified ledger under a live watch, as always)."""
         key = (hash_hex, executable)
         path = self.cas.blob_path_str(hash_hex, executable)
         try:
@@ -153,11 +151,22 @@ class BlobGuard:
         identity = self._verify_and_watch(key, path, size, rehash=True)
         return (identity, size) if identity is not None else None
 
-    def admit_ingested(self, hash_hex: str, executable: bool, size: int) -> BlobIdentity | None:
-        """Register a blob this process has just hashed on ingest: watched, not hashed again (unless unwatched)."""
-        return self._verify_and_watch(
-            (hash_hex, executable), self.cas.blob_path_str(hash_hex, executable), size, rehash=False
-        )
+    def obtain(
+        self, source: str, expected: str | None, executable: bool, size: int | None
+    ) -> tuple[Digest, BlobIdentity | None] | None:
+        """The admitted blob of the file `source` in one call: the store's if it has `expected` (stamped recent), else
+        `source` ingested (checked against `expected`) and watched; None if that blob vanished or was rejected."""
+        if expected == EMPTY_DIGEST.hash:
+            return EMPTY_DIGEST, None  # the empty file: no blob inode
+        if expected is not None and (admitted := self.admit_sized(expected, executable, size)) is not None:
+            self.cas.touch(expected, executable)  # LRU recency for `cas gc`, throttled to once an hour per blob
+            return Digest(expected, admitted[1]), admitted[0]
+        digest = self.cas.ingest_file(source, executable=executable, expected=expected)
+        if not digest.size:
+            return digest, None
+        key = (digest.hash, executable)  # just hashed by the ingest: watched, not hashed again
+        identity = self._verify_and_watch(key, self.cas.blob_path_str(*key), digest.size, rehash=False)
+        return (digest, identity) if identity is not None else None
 
     def _verify_and_watch(self, key: BlobKey, path: str, size: int, *, rehash: bool) -> BlobIdentity | None:
         hash_hex, executable = key
@@ -245,11 +254,8 @@ class BlobGuard:
     # ----------------------------------------------------------------------------------------- taint
 
     def poll(self) -> list[BlobKey]:
-        """Drain the write-watch queue: each written blob is tainted and quarantined (directory watchers are told).
-
-        Returns the blobs hit. If the kernel's queue overflowed, nothing verified can be trusted: every blob is
-        untrusted (hashed again on its next use).
-        """
+        """Drain the write-watch queue: each written blob is tainted and quarantined (directory watchers are told);
+        returns the blobs hit. After a queue overflow every blob is untrusted (hashed again on its next use)."""
         return self.watch.poll()
 
     def _on_events(self, events: list[Any]) -> list[BlobKey]:
@@ -286,11 +292,9 @@ class BlobGuard:
 
     def _reject(self, key: BlobKey, reason: str, *, written: bool = False, taint: BlobIdentity | None = None) -> None:
         """Quarantine a bad blob and stop watching it; its inode is tainted if it was written (`written`: the
-        watched one; `taint`: this one, whose bytes were found wrong).
-
-        Only a write taints an inode (and fails the actions that staged it). A blob that was merely replaced or
-        chmodded is taken out of service, but the inode an action staged kept its bytes. (A tainted inode stays
-        alive in the quarantine directory, so its number cannot be reused by another file.)
+        watched one; `taint`: this one, whose bytes were found wrong). Only a write taints an inode (and fails the
+        actions that staged it): a blob merely replaced or chmodded is taken out of service, but the inode an
+        action staged kept its bytes. (A tainted inode stays alive in the quarantine, so its number is not reused.)
         """
         hash_hex, executable = key
         with self._lock:
@@ -330,11 +334,9 @@ class BlobGuard:
         return admitted is not None and admitted[0] == identity
 
     def recheck(self, staged: StagedBlobs, exec_dir: str) -> list[str]:
-        """After an action: hash again every staged inode that is not trusted now (unwatched, or trust lost).
-
-        An inode whose bytes are wrong is tainted (the taint check then fails the action). Returns the paths of
-        inodes that could not be found to hash (neither at their CAS path nor at `exec_dir`/path).
-        """
+        """After an action: hash again every staged inode not trusted now (unwatched, or trust lost); a wrong one is
+        tainted (the taint check then fails the action). Returns the paths of inodes not found to hash (neither
+        at their CAS path nor at `exec_dir`/path)."""
         self.poll()
         missing: list[str] = []
         for identity, (path, key) in staged.items():

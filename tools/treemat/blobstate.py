@@ -77,3 +77,19 @@ def hash_inode(identity: BlobIdentity, candidates: tuple[str, ...]) -> tuple[str
         finally:
             os.close(fd)
     return None
+
+
+NO_BLOB = BlobIdentity(-1, -1)  # what a staged empty file links: no blob inode
+
+
+@dataclass(slots=True)
+class StagedFile:
+    """One input file in an exec dir: which blob it is a hardlink to."""
+
+    hash: str
+    executable: bool
+    identity: BlobIdentity
+
+    def key(self) -> BlobKey:
+        """What the file must be: (hash, executable)."""
+        return (self.hash, self.executable)
