@@ -12,12 +12,10 @@ everything else that can reach the store: another program of the same user, a ba
   (IN_CLOSE_WRITE, which also covers writes through mmap), queues an event, whatever mtime and mode are restored
   afterwards. `poll` drains the queue: the blob is quarantined and its inode tainted, so every action that had
   it staged fails instead of returning success. Blobs this process ingested itself are only watched.
-- Fail closed. Every loss of that signal makes the blobs concerned untrusted, and an untrusted blob is hashed
-  on *every* use: no inotify instance (mode `none`), a watch that cannot be placed (ENOSPC: the kernel's watch
-  limit), a watch dropped by the budget (`max_watches`) or by the kernel (IN_IGNORED), and a queue overflow
-  (IN_Q_OVERFLOW: events were lost, so every blob is untrusted). Each loss bumps `trust_epoch`, which also
-  tells in-flight actions (executor.py) and pooled exec dirs (execpool.py) to hash what they staged again
-  (`recheck`, `confirm`). The mode (`inotify`, `degraded` with its reasons, `none`) is in `describe()`.
+- Fail closed. Every loss of that signal makes the blobs concerned untrusted (hashed on *every* use): no inotify
+  (mode `none`), a watch not placed (ENOSPC) or dropped (the `max_watches` budget, IN_IGNORED), a queue overflow
+  (every blob). Each loss bumps `trust_epoch`, which tells in-flight actions (executor.py) and pooled exec dirs
+  (execpool.py) to hash what they staged again (`recheck`, `confirm`). The mode is in `describe()`.
 """
 
 from __future__ import annotations
@@ -36,6 +34,7 @@ from treemat.blobstate import (
     BlobIdentity,
     BlobKey,
     GuardMark,
+    Recheck,
     StagedBlobs,
     hash_fd,
     hash_inode,
@@ -323,28 +322,29 @@ class BlobGuard:
 
     def trusted(self, key: BlobKey, identity: BlobIdentity) -> bool:
         """True while `identity` is the blob of `key` under a live watch with no event since."""
-        known = self._verified.get(key)
-        return known is not None and known[0] == identity
+        return (known := self._verified.get(key)) is not None and known[0] == identity
 
     def confirm(self, key: BlobKey, identity: BlobIdentity) -> bool:
         """True if `identity` is still the good blob of `key`: trusted, else admitted again (hashed if unwatched)."""
         if self.trusted(key, identity):
             return True
-        admitted = self.admit_sized(key[0], key[1])
-        return admitted is not None and admitted[0] == identity
+        return (admitted := self.admit_sized(*key)) is not None and admitted[0] == identity
 
-    def recheck(self, staged: StagedBlobs, exec_dir: str) -> list[str]:
-        """After an action: hash again every staged inode not trusted now (unwatched, or trust lost); a wrong one is
-        tainted (the taint check then fails the action). Returns the paths of inodes not found to hash (neither
-        at their CAS path nor at `exec_dir`/path)."""
-        self.poll()
+    def recheck(self, staged: StagedBlobs, exec_dir: str, *, rehash: bool) -> Recheck:
+        """After an action whose mark moved, in one call: when `rehash`, hash again every staged inode not trusted
+        now (a wrong one is tainted; one not found at its CAS path nor at `exec_dir`/path is `missing`) and drain
+        the queue (`hit`); then which staged inodes are tainted, with why, by path."""
         missing: list[str] = []
-        for identity, (path, key) in staged.items():
-            if self.trusted(key, identity):
-                continue
-            if not self._rehash_inode(identity, key, f"{exec_dir}/{path}"):
-                missing.append(path)
-        return missing
+        hit: list[BlobKey] = []
+        if rehash:
+            self.poll()
+            for identity, (path, key) in staged.items():
+                if not self.trusted(key, identity) and not self._rehash_inode(identity, key, f"{exec_dir}/{path}"):
+                    missing.append(path)
+            hit = self.poll()
+        with self._lock:
+            bad = [(path, self.taint_reasons[who]) for who, (path, _key) in staged.items() if who in self._tainted]
+        return Recheck(hit, missing, sorted(bad))
 
     def _rehash_inode(self, identity: BlobIdentity, key: BlobKey, staged_path: str) -> bool:
         """Hash the inode `identity` (found at the blob's CAS path or where it was staged); False if not found."""

@@ -42,6 +42,16 @@ class GuardMark:
 StagedBlobs = dict[BlobIdentity, tuple[str, BlobKey]]  # inode -> (a path it is staged at, its key)
 
 
+@dataclass(slots=True)
+class Recheck:
+    """What the guard found after an action: blobs written since (quarantined: the stager forgets them), staged
+    paths it could not hash again, and staged paths whose inode was written, with why (by path)."""
+
+    hit: list[BlobKey]
+    missing: list[str]
+    tainted: list[tuple[str, str]]
+
+
 def stat_problem(info: os.stat_result, executable: bool, size: int) -> str | None:
     if not stat.S_ISREG(info.st_mode):
         return "the blob is not a regular file"
