@@ -48,6 +48,7 @@ from treemat.ledger import VerifiedLedger
 from treemat.writewatch import SignalLog, WriteWatch, errno_name, inotify_flags
 
 DEFAULT_MAX_WATCHES = 50_000
+_EMPTY_HASH = EMPTY_DIGEST.hash  # the empty file has no blob
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -151,11 +152,10 @@ class BlobGuard:
         return (identity, size) if identity is not None else None
 
     def obtain(
-        self, source: str, expected: str | None, executable: bool, size: int | None
+        self, source: str | os.PathLike[str], expected: str | None, executable: bool, size: int | None
     ) -> tuple[Digest, BlobIdentity | None] | None:
-        """The admitted blob of the file `source` in one call: the store's if it has `expected` (stamped recent), else
-        `source` ingested (checked against `expected`) and watched; None if that blob vanished or was rejected."""
-        if expected == EMPTY_DIGEST.hash:
+        """`source`'s admitted blob in one call: the store's (stamped), else `source` ingested and watched; or None."""
+        if expected == _EMPTY_HASH:
             return EMPTY_DIGEST, None  # the empty file: no blob inode
         if expected is not None and (admitted := self.admit_sized(expected, executable, size)) is not None:
             self.cas.touch(expected, executable)  # LRU recency for `cas gc`, throttled to once an hour per blob

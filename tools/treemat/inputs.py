@@ -297,13 +297,13 @@ class InputStager:
     ) -> tuple[Digest, BlobIdentity | None]:
         """The blob's digest and inode (None for the empty file), from the guard in one call (which ingests, and
         verifies, the execroot file if the CAS lacks it)."""
-        size = self.memo.size((expected, executable)) if expected is not None else None
-        obtained = self.guard.obtain(str(full), expected, executable, size)
+        key = (expected, executable) if expected is not None else None
+        obtained = self.guard.obtain(full, expected, executable, self.memo.size(key) if key is not None else None)
         if obtained is None:
             raise ExecutionError(f"input {path!r}: its blob vanished or was rejected right after ingest")
-        digest = obtained[0]
-        if digest.size:
-            self.memo.learn_size((digest.hash, executable), digest.size)
+        size = obtained[0].size
+        if size:
+            self.memo.learn_size(key or (obtained[0].hash, executable), size)
         return obtained
 
 
