@@ -14,7 +14,10 @@ test` creates it if needed and runs the legs with per-test output.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,9 +55,20 @@ pytestmark = [
 ]
 
 
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """The directory bound into the chroot, under /var/tmp like `tools/bazel7.sh test`'s, never under /tmp: a
+    mount below the chroot's /tmp leaves each tool an empty private /tmp (the sandbox cannot overlay a /tmp with
+    submounts), and the adoption test's swiftc wrapper lives in its basetemp."""
+    path = Path(tempfile.mkdtemp(prefix="treemat-bazel7-", dir="/var/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.parametrize("flavor", ["bazel7-workspace", "bazel7-bzlmod"])
-def test_adoption_on_bazel7(flavor: str, tmp_path: Path) -> None:
-    # The bind point must outlive pytest's cleanup of its basetemp: bind tmp_path, use a child as basetemp.
+def test_adoption_on_bazel7(flavor: str, scratch: Path) -> None:
+    # The bind point must outlive the inner pytest's cleanup of its basetemp: bind scratch, use a child.
+    tmp_path = scratch
     run = subprocess.run(
         [
             str(SCRIPT),
@@ -84,9 +98,10 @@ def test_adoption_on_bazel7(flavor: str, tmp_path: Path) -> None:
     assert " passed" in run.stdout and "skipped" not in run.stdout, output
 
 
-def test_c_interop_on_bazel7(tmp_path: Path) -> None:
+def test_c_interop_on_bazel7(scratch: Path) -> None:
     """tests/e2e/test_cinterop_e2e.py (C modules across three repositories, outputs identical across
     strategies) on Bazel 7.7.1 in WORKSPACE mode."""
+    tmp_path = scratch
     run = subprocess.run(
         [str(SCRIPT), "run", "--bind", str(tmp_path), "--", "python3", "-m", "pytest", "-q", "-ra", "-p",
          "no:cacheprovider", str(REPO / "tests" / "e2e" / "test_cinterop_e2e.py"), f"--basetemp={tmp_path / 'inner'}"],

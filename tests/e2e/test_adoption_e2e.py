@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from ..support.adoption_workspace import BUILD, SOURCES
+from ..support.bazel import run_bazel
 from ..support.swift import NO_SWIFTC, SWIFTC
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,17 +82,7 @@ class Workspace:
     flavor: str
 
     def bazel(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        run = subprocess.run(
-            ["bazel", f"--output_base={self.output_base}", *args],
-            cwd=self.path,
-            capture_output=True,
-            text=True,
-            timeout=1200,
-            env=self.env,
-        )
-        if check:
-            assert run.returncode == 0, f"bazel {' '.join(args)} failed:\n{run.stderr[-5000:]}"
-        return run
+        return run_bazel(self.path, self.output_base, *args, env=self.env, timeout=1200, check=check)
 
     def build(self, name: str, *flags: str) -> list[tuple[str, str]]:
         """`bazel build -c opt //...` with an execution log; returns (mnemonic, runner) of every spawn run."""

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pytest
 
+from ..support.bazel import run_bazel
+
 REPO = Path(__file__).resolve().parents[2]
 SWIFTC = shutil.which("swiftc") or ("/opt/swift/usr/bin/swiftc" if Path("/opt/swift/usr/bin/swiftc").exists() else None)
 MNEMONICS = ("SwiftCompile", "SwiftLink", "TreematRun")
@@ -319,17 +321,7 @@ class Workspace:
     env: dict[str, str]
 
     def bazel(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        run = subprocess.run(
-            ["bazel", f"--output_base={self.output_base}", *args],
-            cwd=self.path,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            env=self.env,
-        )
-        if check:
-            assert run.returncode == 0, f"bazel {' '.join(args)} failed:\n{run.stderr[-6000:]}"
-        return run
+        return run_bazel(self.path, self.output_base, *args, env=self.env, timeout=900, check=check)
 
     def declared_outputs(self) -> dict[str, str]:
         """sha256 of every file under bazel-bin (this repository's and the external ones'), runfiles aside."""

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from ..support.bazel import run_bazel
+
 REPO = Path(__file__).resolve().parents[2]
 SWIFT = shutil.which("swift") or ("/opt/swift/usr/bin/swift" if Path("/opt/swift/usr/bin/swift").exists() else None)
 # `swift build && .build/debug/shapes` on the same fixture (its URL dependency made a path) prints exactly this.
@@ -62,16 +64,7 @@ class Imported:
     output_base: Path
 
     def bazel(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        run = subprocess.run(
-            ["bazel", f"--output_base={self.output_base}", *args],
-            cwd=self.path,
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
-        if check:
-            assert run.returncode == 0, f"bazel {' '.join(args)} failed:\n{run.stderr[-6000:]}"
-        return run
+        return run_bazel(self.path, self.output_base, *args, timeout=1800, check=check)
 
     def outputs(self) -> dict[str, str]:
         """sha256 of every object, module, archive and executable under bazel-bin and the external repo's."""
