@@ -27,10 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from bench_staging import build_c_program, mount_image, release
 from treemat.backends import BackendProbe, Method
 from treemat.cas import ContentStore
-from treemat.counters import Counters
 from treemat.fsprims import remove_tree
 from treemat.layout import Root
-from treemat.materializer import Materializer
+from treemat.stack import Store, open_store
 from treemat.tree import FileNode, InputTree
 
 C_LOOP = r"""
@@ -104,6 +103,43 @@ def write_c_list(tree: InputTree, cas: ContentStore, dest: Path, list_path: Path
     list_path.write_text("\n".join(lines) + "\n")
 
 
+def measure_methods(
+    store: Store, args: argparse.Namespace, base: Path, work: Path, binary: Path
+) -> list[dict[str, object]]:
+    """Each placement method here against the C loop doing the same syscalls, alternating, same blobs."""
+    cas = store.cas
+    print(f"generating {args.files} files / {args.mb} MB under {base} ...", file=sys.stderr)
+    tree = build_tree(cas, args.files, args.mb << 20, seed=1978)
+    methods = BackendProbe().methods_for(cas.cas_dir, base)
+    results: list[dict[str, object]] = []
+    for method in [m for m in methods if m is not Method.CLONEFILE]:
+        _probe, materializer = store.materializer([method], measure=False)
+        ours, floor = [], []
+        list_path = work / f"{method.value}.list"
+        for run in range(args.runs):  # alternate treemat and C each run, same blobs, same fs
+            dest = base / f"out-{method.value}-{run}"
+            started = time.perf_counter()
+            materializer.build(tree.root, dest)
+            ours.append(time.perf_counter() - started)
+            remove_tree(dest)
+            write_c_list(tree, cas, dest, list_path)
+            started = time.perf_counter()
+            subprocess.run([str(binary), method.value, str(list_path)], check=True)
+            floor.append(time.perf_counter() - started)
+            remove_tree(dest)
+            print(f"  {method.value} run {run + 1}/{args.runs}", file=sys.stderr)
+        ours_ms, floor_ms = statistics.median(ours) * 1000, statistics.median(floor) * 1000
+        results.append(
+            {
+                "method": method.value,
+                "treemat_ms": round(ours_ms, 1),
+                "c_floor_ms": round(floor_ms, 1),
+                "ratio": round(ours_ms / floor_ms, 2),
+            }
+        )
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fs", type=Path, help="directory on the filesystem to measure (default: loop xfs)")
@@ -125,36 +161,8 @@ def main() -> int:
         if binary is None:
             print("no C compiler: cannot measure the syscall floor", file=sys.stderr)
             return 1
-        cas = ContentStore(Root(base / "root"), counters=Counters())
-        print(f"generating {args.files} files / {args.mb} MB under {base} ...", file=sys.stderr)
-        tree = build_tree(cas, args.files, args.mb << 20, seed=1978)
-        methods = BackendProbe().methods_for(cas.cas_dir, base)
-        results = []
-        for method in [m for m in methods if m is not Method.CLONEFILE]:
-            materializer = Materializer(cas, BackendProbe(prefer=[method]), counters=cas.counters)
-            ours, floor = [], []
-            list_path = work / f"{method.value}.list"
-            for run in range(args.runs):  # alternate treemat and C each run, same blobs, same fs
-                dest = base / f"out-{method.value}-{run}"
-                started = time.perf_counter()
-                materializer.build(tree.root, dest)
-                ours.append(time.perf_counter() - started)
-                remove_tree(dest)
-                write_c_list(tree, cas, dest, list_path)
-                started = time.perf_counter()
-                subprocess.run([str(binary), method.value, str(list_path)], check=True)
-                floor.append(time.perf_counter() - started)
-                remove_tree(dest)
-                print(f"  {method.value} run {run + 1}/{args.runs}", file=sys.stderr)
-            ours_ms, floor_ms = statistics.median(ours) * 1000, statistics.median(floor) * 1000
-            results.append(
-                {
-                    "method": method.value,
-                    "treemat_ms": round(ours_ms, 1),
-                    "c_floor_ms": round(floor_ms, 1),
-                    "ratio": round(ours_ms / floor_ms, 2),
-                }
-            )
+        with open_store(Root(base / "root")) as store:
+            results = measure_methods(store, args, base, work, binary)
         where = f"{base} ({'loop-mounted xfs' if mounted else 'given directory'})"
         if args.json:
             print(json.dumps({"where": where, "files": args.files, "mb": args.mb, "results": results}, indent=2))

@@ -37,10 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_staging import min_median, mount_image
-from treemat.dircache import DirectoryCache
 from treemat.fsprims import remove_tree
 from treemat.layout import Root
-from treemat.stack import ISOLATION_COW, open_stack
+from treemat.stack import ISOLATION_COW, Stack, open_stack, open_store
 from treemat.tree import FileNode, InputTree
 from treemat.treeclone import KernelTreeCloner
 
@@ -73,6 +72,47 @@ def fmt(values: list[float]) -> str:
     return min_median(values, 7, 2)
 
 
+def measure_size(
+    stack: Stack, cloner: TimedCloner, tree: InputTree, count: int, outdir: Path, args: argparse.Namespace
+) -> str:
+    """One table row: a dircache hit (the stack's cache, `min_files=count`) against per-file staging."""
+    cache = stack.dircache
+    warm = cache.stage(tree, outdir / "warm")  # builds the entry (a miss)
+    assert warm.subtree_misses == 1, warm
+    remove_tree(outdir / "warm")
+    hit: list[float] = []
+    snap: list[float] = []
+    perfile: list[float] = []
+    rm_hit: list[float] = []
+    rm_file: list[float] = []
+    for round_ in range(args.rounds):
+        order = ("hit", "perfile") if round_ % 2 == 0 else ("perfile", "hit")
+        for kind in order:
+            dest = outdir / f"{kind}-{count}-{round_}"
+            if args.settle:
+                os.sync()
+            started = time.perf_counter()
+            if kind == "hit":
+                report = cache.stage(tree, dest)
+                hit.append(time.perf_counter() - started)
+                snap.append(cloner.last)
+                assert report.subtree_hits == 1, report
+            else:
+                report = stack.materializer.stage(tree, dest)
+                perfile.append(time.perf_counter() - started)
+                assert report.subtree_hits == 0 and report.files == count, report
+            started = time.perf_counter()
+            remove_tree(dest)
+            (rm_hit if kind == "hit" else rm_file).append(time.perf_counter() - started)
+    cache.evict(0)
+    ratio = statistics.median(hit) / statistics.median(perfile)
+    return (
+        f"{count:>5} {max(1, count // FILES_PER_DIR):>4} | {fmt(hit)} | {fmt(snap)}  | {fmt(perfile)}     | "
+        f"{ratio:>11.2f} | {statistics.median(rm_hit) * 1000:>10.2f} "
+        f"{statistics.median(rm_file) * 1000:>11.2f}"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1,4,16,64,256,1024,4096")
@@ -88,16 +128,18 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
         return 1
     try:
-        stack = open_stack(Root(base / "root"), isolation=ISOLATION_COW, dircache_min_files=None)
+        layout = Root(base / "root")
         rng = random.Random(10)
         blobs = []
-        for index in range(args.blobs):
-            size = rng.randint(10 << 10, 200 << 10)
-            executable = index % 97 == 0
-            blobs.append(FileNode(stack.cas.ingest_bytes(rng.randbytes(size), executable=executable), executable))
+        with open_store(layout) as store:
+            for index in range(args.blobs):
+                size = rng.randint(10 << 10, 200 << 10)
+                executable = index % 97 == 0
+                blobs.append(FileNode(store.cas.ingest_bytes(rng.randbytes(size), executable=executable), executable))
         outdir = base / "out"
         outdir.mkdir()
-        methods = stack.probe.methods_for(stack.cas.cas_dir, outdir)
+        with open_stack(layout, isolation=ISOLATION_COW, dircache_min_files=None) as stack:
+            methods = stack.probe.methods_for(stack.cas.cas_dir, outdir)
         print(
             f"btrfs loop image; per-file method the copy-on-write stack picks: {methods[0].value} "
             f"(order {[m.value for m in methods]}); {args.rounds} rounds, {'settled' if args.settle else 'no sync'}"
@@ -109,50 +151,9 @@ def main() -> int:
         for count in sizes:
             tree = make_tree(count, rng, blobs)
             cloner = TimedCloner()
-            cache = DirectoryCache(
-                stack.layout.dircache,
-                stack.materializer,
-                counters=stack.counters,
-                cloner=cloner,
-                min_files=count,
-                max_bytes=None,
-            )
-            warm = cache.stage(tree, outdir / "warm")  # builds the entry (a miss)
-            assert warm.subtree_misses == 1, warm
-            remove_tree(outdir / "warm")
-            hit: list[float] = []
-            snap: list[float] = []
-            perfile: list[float] = []
-            rm_hit: list[float] = []
-            rm_file: list[float] = []
-            for round_ in range(args.rounds):
-                order = ("hit", "perfile") if round_ % 2 == 0 else ("perfile", "hit")
-                for kind in order:
-                    dest = outdir / f"{kind}-{count}-{round_}"
-                    if args.settle:
-                        os.sync()
-                    started = time.perf_counter()
-                    if kind == "hit":
-                        report = cache.stage(tree, dest)
-                        hit.append(time.perf_counter() - started)
-                        snap.append(cloner.last)
-                        assert report.subtree_hits == 1, report
-                    else:
-                        report = stack.materializer.stage(tree, dest)
-                        perfile.append(time.perf_counter() - started)
-                        assert report.subtree_hits == 0 and report.files == count, report
-                    started = time.perf_counter()
-                    remove_tree(dest)
-                    (rm_hit if kind == "hit" else rm_file).append(time.perf_counter() - started)
-            ratio = statistics.median(hit) / statistics.median(perfile)
-            print(
-                f"{count:>5} {max(1, count // FILES_PER_DIR):>4} | {fmt(hit)} | {fmt(snap)}  | {fmt(perfile)}     | "
-                f"{ratio:>11.2f} | {statistics.median(rm_hit) * 1000:>10.2f} "
-                f"{statistics.median(rm_file) * 1000:>11.2f}"
-            )
+            with open_stack(layout, isolation=ISOLATION_COW, dircache_min_files=count, cloner=cloner) as stack:
+                print(measure_size(stack, cloner, tree, count, outdir, args))
             sys.stdout.flush()
-            cache.evict(0)
-        stack.close()
         return 0
     finally:
         subprocess.run(["umount", "-l", str(base)], check=False)

@@ -10,7 +10,7 @@ execroot: by default the p95 shape of issue #10, 1,978 files / 466 MB (skewed si
 in ~315 directories (the issue measured 323), about 1 in 97 executable. Then, side by side in one run,
 alternating which goes first:
 
-- treemat: a fresh ContentStore (a new root each round, so every file is unknown: cold) ingests every file
+- treemat: a fresh store (`open_store`: a new root each round, so every file is unknown: cold) ingests every file
   with its expected sha256, as the worker does (`ingest_file(path, executable=..., expected=hash)`): copy into
   an unnamed temp file, hash, verify against the digest, publish by linking it into place;
 - floor: a C program (OpenSSL libcrypto's SHA-256, the same implementation Python's hashlib uses here) doing a
@@ -44,10 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_backends import p95_sizes
 from bench_staging import build_c_program, min_median, mount_image, release
-from treemat.cas import ContentStore
-from treemat.counters import Counters
 from treemat.fsprims import remove_tree
 from treemat.layout import Root
+from treemat.stack import open_store
 
 C_FLOOR = r"""
 #define _GNU_SOURCE
@@ -135,11 +134,11 @@ def settle(inputs: list[tuple[str, str, bool]], *trees: Path) -> None:
 
 def treemat_ingest(root: Path, inputs: list[tuple[str, str, bool]], mode: str) -> float:
     started = time.perf_counter()
-    cas = ContentStore(Root(root), counters=Counters())
-    if mode != "auto":
-        cas.ingest_reflinks = mode == "reflink"
-    for path, hash_hex, executable in inputs:
-        cas.ingest_file(path, executable=executable, expected=hash_hex)
+    with open_store(Root(root)) as store:
+        if mode != "auto":
+            store.cas.ingest_reflinks = mode == "reflink"
+        for path, hash_hex, executable in inputs:
+            store.cas.ingest_file(path, executable=executable, expected=hash_hex)
     return time.perf_counter() - started
 
 

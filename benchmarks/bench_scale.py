@@ -21,13 +21,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
 
-from treemat.cas import ContentStore  # noqa: E402 - after the sys.path line
-from treemat.counters import Counters  # noqa: E402
-from treemat.layout import Root  # noqa: E402
+from treemat.layout import Root  # noqa: E402 - after the sys.path line
+from treemat.stack import open_store  # noqa: E402
+
+if TYPE_CHECKING:
+    from treemat.cas import ContentStore
 
 
 def timed(function: object, rounds: int) -> list[float]:
@@ -48,7 +51,11 @@ def line(name: str, ours: list[float], floor: list[float]) -> str:
 
 
 def cas_scale(base: Path, blobs: int, rounds: int) -> None:
-    store = ContentStore(Root(base / "root"), counters=Counters())
+    with open_store(Root(base / "root")) as opened:
+        _cas_scale(opened.cas, blobs, rounds)
+
+
+def _cas_scale(store: ContentStore, blobs: int, rounds: int) -> None:
     started = time.perf_counter()
     for index in range(blobs):
         store.ingest_bytes(f"blob {index}\n".encode(), executable=index % 50 == 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,6 +74,29 @@ def test_sandbox_dir_is_refused_naming_the_field(execroot: Path, worker: Worker)
     assert "--experimental_worker_multiplex_sandboxing" in reply["output"]
     assert not (execroot / "out/x").exists()
     worker.send(body)
+    assert worker.read()["exitCode"] == 0, "the worker keeps serving"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        (["sh", "-c", "echo a\0b > out/x"], [], "argument 2"),
+        (["s\0h", "-c", "echo hi > out/x"], [], "argument 0"),
+        (["sh", "-c", "echo $A > out/x"], ["--env=A=x\0y"], "environment variable 'A'"),
+    ],
+    ids=["argument", "program", "environment"],
+)
+def test_a_nul_byte_in_the_tools_command_is_a_one_line_refusal(
+    argv: list[str], env: list[str], named: str, execroot: Path, worker: Worker
+) -> None:
+    """exec takes no NUL byte: the sandbox's init died on it and the reply was exit 126 with no word."""
+    body = request(execroot, ["in/a.txt"], ["out/x"], argv, 7)
+    body["arguments"] = [*env, *body["arguments"]]
+    worker.send(body)
+    reply = worker.read()
+    assert reply["requestId"] == 7 and reply["exitCode"] == 1, reply
+    assert f"{named} contains a NUL byte" in reply["output"] and reply["output"].count("\n") == 1, reply
+    worker.send(request(execroot, ["in/a.txt"], ["out/x"], ["cp", "in/a.txt", "out/x"], 8))
     assert worker.read()["exitCode"] == 0, "the worker keeps serving"
 
 
@@ -215,3 +239,43 @@ def test_an_unreadable_directory_inside_an_output_dir_is_an_error_not_skipped(ex
         assert "'out/d/sub'" in result.output and result.output.count("\n") == 1, result.output
     executor.close()
     assert os.listdir(tmp_path / "root/exec") == [], "nothing left behind either way"
+
+
+def test_an_output_dir_nested_too_deep_is_a_clear_refusal_and_the_worker_goes_on(
+    execroot: Path, tmp_path: Path
+) -> None:
+    """A tool's output dir 1500 levels deep used to end in 'internal error: RecursionError' (the walk recursed,
+    holding two descriptors a level); now a refusal naming the limit."""
+    executor = _executor(tmp_path / "root")
+    script = (
+        "mkdir -p out/d && cd out/d && i=0; while [ $i -lt 1500 ]; do mkdir a && cd a; i=$((i+1)); done; echo x > f"
+    )
+    result = _outputs_run(executor, execroot, script, [], ["out/d"])
+    assert result.exit_code == 1 and "nested deeper than" in result.output, result.output
+    assert result.output.count("\n") == 1, result.output
+    after = _outputs_run(executor, execroot, "mkdir -p out/d/a && cat in/a.txt > out/d/a/f", [], ["out/d"])
+    assert after.exit_code == 0, after.output
+    assert (execroot / "out/d/a/f").read_bytes() == IN_BYTES and os.listdir(execroot / "out/d/a") == ["f"]
+    executor.close()
+
+
+def test_a_directory_input_nested_too_deep_is_a_clear_refusal(execroot: Path, tmp_path: Path) -> None:
+    """A tree artifact 1500 levels deep in the execroot raised RecursionError out of the executor (os.walk)."""
+    fd = os.open(execroot / "in", os.O_RDONLY | os.O_DIRECTORY)
+    for _level in range(1500):
+        os.mkdir("d", dir_fd=fd)
+        inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.close(fd)
+    executor = _executor(tmp_path / "root")
+    spec = ActionSpec(argv=["sh", "-c", "echo ran > out/x"], outputs=["out/x"])
+    try:
+        result = executor.execute(ActionRequest(spec, [RequestInput("in/d")], execroot))
+    finally:
+        subprocess.run(["rm", "-rf", str(execroot / "in/d")], check=True)  # (pytest's own removal recurses)
+    assert result.exit_code == 1 and "nested deeper than" in result.output, result.output
+    assert result.output.count("\n") == 1 and not (execroot / "out/x").exists(), result.output
+    assert _execute(executor, execroot, "cat in/a.txt > out/x", ["out/x"], "in/a.txt").exit_code == 0
+    assert (execroot / "out/x").read_bytes() == IN_BYTES
+    executor.close()

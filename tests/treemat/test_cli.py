@@ -307,3 +307,41 @@ def test_a_worker_asked_for_no_isolation_says_so_and_counts_it(tmp_path: Path) -
     assert b"WARNING: isolation none" in done.stderr
     records = [json.loads(p.read_text()) for p in (tmp_path / "root/stats").glob("*.json")]
     assert any(r.get("counters", {}).get("actions_isolation_none") == 1 for r in records), records
+
+
+_COUNT_HELPERS = """
+import sys
+started = []
+def spy(event, args):
+    if event == "subprocess.Popen" and any("sandboxd" in str(arg) for arg in args[1]):
+        started.append(args[1])
+sys.addaudithook(spy)
+from treemat.cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    print("HELPERS", len(started), file=sys.stderr)
+"""
+
+
+def _helpers_started(root: Path, *args: str) -> int:
+    """How many sandbox helpers `treemat --root ROOT ARGS...` spawns (seen by a Python audit hook)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _COUNT_HELPERS, "--root", str(root), *args],
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    counts = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("HELPERS ")]
+    assert counts, done.stderr
+    return int(counts[0])
+
+
+def test_cas_commands_start_no_sandbox_helper(tmp_path: Path) -> None:
+    data = tmp_path / "blob"
+    data.write_bytes(b"cas only\n")
+    root = tmp_path / "root"
+    assert _helpers_started(root, "probe") == 1, "the spy must see the helper a full stack starts"
+    for args in (["ingest", str(data)], ["stats"], ["verify"], ["gc", "--max-size", "1G"]):
+        assert _helpers_started(root, "cas", *args) == 0, args

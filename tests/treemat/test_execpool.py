@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from treemat import protos
-from treemat.execpool import NO_BLOB
+from treemat.blobstate import NO_BLOB
 from treemat.executor import ActionExecutor, ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
 from treemat.manifest import InputManifest

@@ -12,12 +12,10 @@ everything else that can reach the store: another program of the same user, a ba
   (IN_CLOSE_WRITE, which also covers writes through mmap), queues an event, whatever mtime and mode are restored
   afterwards. `poll` drains the queue: the blob is quarantined and its inode tainted, so every action that had
   it staged fails instead of returning success. Blobs this process ingested itself are only watched.
-- Fail closed. Every loss of that signal makes the blobs concerned untrusted, and an untrusted blob is hashed
-  on *every* use: no inotify instance (mode `none`), a watch that cannot be placed (ENOSPC: the kernel's watch
-  limit), a watch dropped by the budget (`max_watches`) or by the kernel (IN_IGNORED), and a queue overflow
-  (IN_Q_OVERFLOW: events were lost, so every blob is untrusted). Each loss bumps `trust_epoch`, which also
-  tells in-flight actions (executor.py) and pooled exec dirs (execpool.py) to hash what they staged again
-  (`recheck`, `confirm`). The mode (`inotify`, `degraded` with its reasons, `none`) is in `describe()`.
+- Fail closed. Every loss of that signal makes the blobs concerned untrusted (hashed on *every* use): no inotify
+  (mode `none`), a watch not placed (ENOSPC) or dropped (the `max_watches` budget, IN_IGNORED), a queue overflow
+  (every blob). Each loss bumps `trust_epoch`, which tells in-flight actions (executor.py) and pooled exec dirs
+  (execpool.py) to hash what they staged again (`recheck`, `confirm`). The mode is in `describe()`.
 """
 
 from __future__ import annotations
@@ -36,6 +34,7 @@ from treemat.blobstate import (
     BlobIdentity,
     BlobKey,
     GuardMark,
+    Recheck,
     StagedBlobs,
     hash_fd,
     hash_inode,
@@ -43,11 +42,13 @@ from treemat.blobstate import (
 )
 from treemat.cas import ContentStore
 from treemat.counters import Counters
+from treemat.digest import EMPTY_DIGEST, Digest
 from treemat.fsprims import BLOB_MTIME_NS
 from treemat.ledger import VerifiedLedger
 from treemat.writewatch import SignalLog, WriteWatch, errno_name, inotify_flags
 
 DEFAULT_MAX_WATCHES = 50_000
+_EMPTY_HASH = EMPTY_DIGEST.hash  # the empty file has no blob
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -113,15 +114,12 @@ class BlobGuard:
 
     def admit(self, hash_hex: str, executable: bool, size: int) -> BlobIdentity | None:
         """Check a blob right before it is staged; None if absent (or just quarantined: the caller re-ingests)."""
-        admitted = self.admit_sized(hash_hex, executable, size)
-        return admitted[0] if admitted is not None else None
+        return admitted[0] if (admitted := self.admit_sized(hash_hex, executable, size)) is not None else None
 
     def admit_sized(self, hash_hex: str, executable: bool, size: int | None = None) -> tuple[BlobIdentity, int] | None:
-        """`admit`, also for a blob whose size the caller does not know yet (None): (identity, size) or None.
-
-        An unknown size is taken from what this process verified before, else from the blob itself (which is then
-        hashed, or matched in the verified ledger under a live watch, as always).
-        """
+        """`admit`, also for a blob whose size the caller does not know yet (None): (identity, size) or None. An
+        unknown size is what this process verified before, else the blob's own (then hashed, or matched in the
+        verified ledger under a live watch, as always)."""
         key = (hash_hex, executable)
         path = self.cas.blob_path_str(hash_hex, executable)
         try:
@@ -153,11 +151,21 @@ class BlobGuard:
         identity = self._verify_and_watch(key, path, size, rehash=True)
         return (identity, size) if identity is not None else None
 
-    def admit_ingested(self, hash_hex: str, executable: bool, size: int) -> BlobIdentity | None:
-        """Register a blob this process has just hashed on ingest: watched, not hashed again (unless unwatched)."""
-        return self._verify_and_watch(
-            (hash_hex, executable), self.cas.blob_path_str(hash_hex, executable), size, rehash=False
-        )
+    def obtain(
+        self, source: str | os.PathLike[str], expected: str | None, executable: bool, size: int | None
+    ) -> tuple[Digest, BlobIdentity | None] | None:
+        """`source`'s admitted blob in one call: the store's (stamped), else `source` ingested and watched; or None."""
+        if expected == _EMPTY_HASH:
+            return EMPTY_DIGEST, None  # the empty file: no blob inode
+        if expected is not None and (admitted := self.admit_sized(expected, executable, size)) is not None:
+            self.cas.touch(expected, executable)  # LRU recency for `cas gc`, throttled to once an hour per blob
+            return Digest(expected, admitted[1]), admitted[0]
+        digest = self.cas.ingest_file(source, executable=executable, expected=expected)
+        if not digest.size:
+            return digest, None
+        key = (digest.hash, executable)  # just hashed by the ingest: watched, not hashed again
+        identity = self._verify_and_watch(key, self.cas.blob_path_str(*key), digest.size, rehash=False)
+        return (digest, identity) if identity is not None else None
 
     def _verify_and_watch(self, key: BlobKey, path: str, size: int, *, rehash: bool) -> BlobIdentity | None:
         hash_hex, executable = key
@@ -245,11 +253,8 @@ class BlobGuard:
     # ----------------------------------------------------------------------------------------- taint
 
     def poll(self) -> list[BlobKey]:
-        """Drain the write-watch queue: each written blob is tainted and quarantined (directory watchers are told).
-
-        Returns the blobs hit. If the kernel's queue overflowed, nothing verified can be trusted: every blob is
-        untrusted (hashed again on its next use).
-        """
+        """Drain the write-watch queue: each written blob is tainted and quarantined (directory watchers are told);
+        returns the blobs hit. After a queue overflow every blob is untrusted (hashed again on its next use)."""
         return self.watch.poll()
 
     def _on_events(self, events: list[Any]) -> list[BlobKey]:
@@ -286,11 +291,9 @@ class BlobGuard:
 
     def _reject(self, key: BlobKey, reason: str, *, written: bool = False, taint: BlobIdentity | None = None) -> None:
         """Quarantine a bad blob and stop watching it; its inode is tainted if it was written (`written`: the
-        watched one; `taint`: this one, whose bytes were found wrong).
-
-        Only a write taints an inode (and fails the actions that staged it). A blob that was merely replaced or
-        chmodded is taken out of service, but the inode an action staged kept its bytes. (A tainted inode stays
-        alive in the quarantine directory, so its number cannot be reused by another file.)
+        watched one; `taint`: this one, whose bytes were found wrong). Only a write taints an inode (and fails the
+        actions that staged it): a blob merely replaced or chmodded is taken out of service, but the inode an
+        action staged kept its bytes. (A tainted inode stays alive in the quarantine, so its number is not reused.)
         """
         hash_hex, executable = key
         with self._lock:
@@ -319,30 +322,29 @@ class BlobGuard:
 
     def trusted(self, key: BlobKey, identity: BlobIdentity) -> bool:
         """True while `identity` is the blob of `key` under a live watch with no event since."""
-        known = self._verified.get(key)
-        return known is not None and known[0] == identity
+        return (known := self._verified.get(key)) is not None and known[0] == identity
 
     def confirm(self, key: BlobKey, identity: BlobIdentity) -> bool:
         """True if `identity` is still the good blob of `key`: trusted, else admitted again (hashed if unwatched)."""
         if self.trusted(key, identity):
             return True
-        admitted = self.admit_sized(key[0], key[1])
-        return admitted is not None and admitted[0] == identity
+        return (admitted := self.admit_sized(*key)) is not None and admitted[0] == identity
 
-    def recheck(self, staged: StagedBlobs, exec_dir: str) -> list[str]:
-        """After an action: hash again every staged inode that is not trusted now (unwatched, or trust lost).
-
-        An inode whose bytes are wrong is tainted (the taint check then fails the action). Returns the paths of
-        inodes that could not be found to hash (neither at their CAS path nor at `exec_dir`/path).
-        """
-        self.poll()
+    def recheck(self, staged: StagedBlobs, exec_dir: str, *, rehash: bool) -> Recheck:
+        """After an action whose mark moved, in one call: when `rehash`, hash again every staged inode not trusted
+        now (a wrong one is tainted; one not found at its CAS path nor at `exec_dir`/path is `missing`) and drain
+        the queue (`hit`); then which staged inodes are tainted, with why, by path."""
         missing: list[str] = []
-        for identity, (path, key) in staged.items():
-            if self.trusted(key, identity):
-                continue
-            if not self._rehash_inode(identity, key, f"{exec_dir}/{path}"):
-                missing.append(path)
-        return missing
+        hit: list[BlobKey] = []
+        if rehash:
+            self.poll()
+            for identity, (path, key) in staged.items():
+                if not self.trusted(key, identity) and not self._rehash_inode(identity, key, f"{exec_dir}/{path}"):
+                    missing.append(path)
+            hit = self.poll()
+        with self._lock:
+            bad = [(path, self.taint_reasons[who]) for who, (path, _key) in staged.items() if who in self._tainted]
+        return Recheck(hit, missing, sorted(bad))
 
     def _rehash_inode(self, identity: BlobIdentity, key: BlobKey, staged_path: str) -> bool:
         """Hash the inode `identity` (found at the blob's CAS path or where it was staged); False if not found."""

@@ -42,6 +42,16 @@ class GuardMark:
 StagedBlobs = dict[BlobIdentity, tuple[str, BlobKey]]  # inode -> (a path it is staged at, its key)
 
 
+@dataclass(slots=True)
+class Recheck:
+    """What the guard found after an action: blobs written since (quarantined: the stager forgets them), staged
+    paths it could not hash again, and staged paths whose inode was written, with why (by path)."""
+
+    hit: list[BlobKey]
+    missing: list[str]
+    tainted: list[tuple[str, str]]
+
+
 def stat_problem(info: os.stat_result, executable: bool, size: int) -> str | None:
     if not stat.S_ISREG(info.st_mode):
         return "the blob is not a regular file"
@@ -77,3 +87,19 @@ def hash_inode(identity: BlobIdentity, candidates: tuple[str, ...]) -> tuple[str
         finally:
             os.close(fd)
     return None
+
+
+NO_BLOB = BlobIdentity(-1, -1)  # what a staged empty file links: no blob inode
+
+
+@dataclass(slots=True)
+class StagedFile:
+    """One input file in an exec dir: which blob it is a hardlink to."""
+
+    hash: str
+    executable: bool
+    identity: BlobIdentity
+
+    def key(self) -> BlobKey:
+        """What the file must be: (hash, executable)."""
+        return (self.hash, self.executable)

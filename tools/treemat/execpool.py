@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from treemat.blobguard import BlobGuard
-from treemat.blobstate import BlobIdentity, BlobKey, GuardMark
+from treemat.blobstate import NO_BLOB, BlobIdentity, BlobKey, GuardMark, StagedFile
 from treemat.cas import ContentStore
+from treemat.errors import ExecutionError
 from treemat.fsprims import blob_mode, remove_tree
 from treemat.manifest import InputManifest
 from treemat.writewatch import WriteWatch
@@ -39,19 +40,6 @@ from treemat.writewatch import WriteWatch
 DEFAULT_POOL_SIZE = 8
 
 DirSignature = tuple[int, int, int]  # (inode, mtime_ns, ctime_ns)
-
-
-@dataclass(slots=True)
-class StagedFile:
-    """One input file in a pooled exec dir: which blob it is a hardlink to."""
-
-    hash: str
-    executable: bool
-    identity: BlobIdentity
-
-    def key(self) -> tuple[str, bool]:
-        """What the file must be: (hash, executable)."""
-        return (self.hash, self.executable)
 
 
 @dataclass(slots=True)
@@ -247,16 +235,38 @@ class ExecDirPool:
     # ----------------------------------------------------------------------------------------- patching
 
     def patch(
-        self, entry: PooledDir, changes: dict[str, StagedFile], removed: Iterable[str], extra_dirs: Iterable[str]
+        self,
+        entry: PooledDir,
+        changes: dict[str, BlobKey],
+        removed: Iterable[str],
+        extra_dirs: Iterable[str],
+        *,
+        execroot: str,
+        manifest: InputManifest,
+        mark: GuardMark,
     ) -> PatchReport:
-        """Apply a delta: `removed` paths go, `changes` (admitted blobs; NO_BLOB: the empty file) are (re)linked.
+        """Turn `entry` into the dir of a request whose inputs are `manifest`, staged under the guard's `mark`.
 
-        Directories follow: a parent is made when a file needs it and removed once nothing (no file, no
-        subdirectory, no declared output dir in `extra_dirs`) is left in it. Raises OSError if the dir cannot
-        be patched; the caller then retires it. Cost: O(size of the delta).
+        `removed` paths go; `changes` ({path: blob key}) are admitted by the guard (ingested from `execroot`
+        when the CAS lacks them) and (re)linked. Directories follow: a parent is made when a file needs it and
+        removed once nothing (no file, no subdirectory, no declared output dir in `extra_dirs`) is left in it.
+        Raises OSError or TreematError if the dir cannot be patched; the caller then retires it. Cost: O(delta).
         """
+        admitted = {path: self._admit(entry, path, key, execroot) for path, key in changes.items()}
         with self._own_events(entry):
-            return self._apply(entry, changes, removed, extra_dirs)
+            report = self._apply(entry, admitted, removed, extra_dirs)
+        entry.manifest, entry.mark = manifest, mark  # anything the guard saw since is checked on the next reuse
+        return report
+
+    def _admit(self, entry: PooledDir, path: str, key: BlobKey, execroot: str) -> StagedFile:
+        """The changed input's blob: the one `entry` links there already, else the guard's (one call)."""
+        current = entry.files.get(path)
+        if current is not None and current.key() == key:
+            return current
+        obtained = self.guard.obtain(f"{execroot}/{path}", key[0], key[1], None)
+        if obtained is None:
+            raise ExecutionError(f"input {path!r}: its blob vanished or was rejected right after ingest")
+        return StagedFile(key[0], key[1], obtained[1] or NO_BLOB)
 
     @contextlib.contextmanager
     def _own_events(self, entry: PooledDir) -> Iterator[None]:
@@ -362,9 +372,6 @@ class ExecDirPool:
             if rel in entry.dirs or rel == "":
                 info = os.lstat(f"{base}/{rel}" if rel else base)
                 entry.dirs[rel] = (info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
-
-
-NO_BLOB = BlobIdentity(-1, -1)
 
 
 def _parent(path: str) -> str:

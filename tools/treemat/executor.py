@@ -193,29 +193,26 @@ class ActionExecutor:
             self.inputs.forget(hit)
         if self.guard.mark() == prepared.mark:
             return  # no taint, and every staged blob was under a live watch throughout
-        blobs = prepared.blobs()
-        if result.exit_code == 0 and not result.cancelled:
-            unverified = self.guard.recheck(blobs, str(prepared.path))
-            if unverified:
-                result.exit_code = 1
-                result.output += (
-                    f"treemat: error: input(s) {', '.join(repr(name) for name in sorted(unverified)[:5])} lost their "
-                    "write watch and could not be hashed again after the action ran; failing rather than return a "
-                    f"result built from unverified bytes (guard: {self.guard.describe()['write_watch_detail']})\n"
-                )
-            hit = self.guard.poll()
-            if hit:
-                self.inputs.forget(hit)
-        if not blobs or not self.guard.tainted(set(blobs)):
+        blobs, rehash = prepared.blobs(), result.exit_code == 0 and not result.cancelled
+        found = self.guard.recheck(blobs, str(prepared.path), rehash=rehash)
+        if found.hit:
+            self.inputs.forget(found.hit)
+        if found.missing:
+            result.exit_code = 1
+            result.output += (
+                f"treemat: error: input(s) {', '.join(repr(name) for name in sorted(found.missing)[:5])} lost their "
+                "write watch and could not be hashed again after the action ran; failing rather than return a "
+                f"result built from unverified bytes (guard: {self.guard.describe()['write_watch_detail']})\n"
+            )
+        if not found.tainted:
             return
-        hits = sorted((path, identity) for identity, (path, _key) in blobs.items() if self.guard.tainted({identity}))
-        names = [path for path, _identity in hits]
+        names = [path for path, _reason in found.tainted]
         result.quarantined.extend(names)
         result.exit_code = result.exit_code or 1
         result.output += (
             f"treemat: error: input(s) {', '.join(repr(name) for name in names[:5])} were modified in the CAS while "
             "the action ran; the blobs were quarantined and the action failed rather than return a result built "
-            f"from unknown bytes (rerun the build); {self.guard.taint_reasons.get(hits[0][1], '')}\n"
+            f"from unknown bytes (rerun the build); {found.tainted[0][1]}\n"
         )
 
     def _finish(self, prepared: PreparedDir | None, run_dir: RunDir | None) -> None:

@@ -263,6 +263,47 @@ def remove_tree(path: Path) -> None:
     if path.is_symlink() or not path.is_dir():
         path.unlink()
         return
+    try:
+        _remove_tree_recursively(path)
+    except RecursionError:  # a tree nested deeper than the walk recurses (a tool's, left in its exec dir)
+        remove_deep_tree(path)
+
+
+def remove_deep_tree(path: Path) -> None:
+    """rm -rf of a tree of any depth, without recursion: one descriptor at a time, a stack of names."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o700)
+    fd = os.open(path, flags)
+    names: list[str] = []
+    try:
+        while True:
+            child = None
+            for name in os.listdir(fd):
+                if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    child = name
+                    break
+                os.unlink(name, dir_fd=fd)
+            if child is not None:
+                with contextlib.suppress(OSError):
+                    os.chmod(child, 0o700, dir_fd=fd)  # a mode-000 dir of a tool's
+                inner = os.open(child, flags, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+                names.append(child)
+            elif names:
+                parent = os.open("..", flags, dir_fd=fd)
+                os.close(fd)
+                fd = parent
+                os.rmdir(names.pop(), dir_fd=fd)
+            else:
+                break
+    finally:
+        os.close(fd)
+    os.rmdir(path)
+
+
+def _remove_tree_recursively(path: Path) -> None:
     for dirpath, dirnames, _files in os.walk(path):
         with contextlib.suppress(OSError):
             os.chmod(dirpath, 0o755)

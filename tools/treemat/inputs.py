@@ -16,18 +16,20 @@ from pathlib import Path
 
 from treemat.action import ActionRequest, RequestInput
 from treemat.blobguard import BlobGuard
-from treemat.blobstate import BlobIdentity, BlobKey, GuardMark, StagedBlobs
+from treemat.blobstate import NO_BLOB, BlobIdentity, BlobKey, GuardMark, StagedBlobs, StagedFile
 from treemat.cas import ContentStore
 from treemat.counters import Counters
-from treemat.digest import EMPTY_DIGEST, Digest, check_hash
+from treemat.digest import Digest, check_hash
 from treemat.dircache import DirectoryCache
 from treemat.errors import ExecutionError, MissingBlobError, TreematError
-from treemat.execpool import NO_BLOB, Dispose, ExecDirPool, PooledDir, StagedFile
+from treemat.execpool import Dispose, ExecDirPool, PooledDir
 from treemat.flagfile import ActionSpec
 from treemat.fsprims import file_kind, remove_tree
 from treemat.inputmemo import InputMemo, KnownInput
 from treemat.staging import StageReport
 from treemat.tree import FileNode, InputTree, check_symlinks, normalize_path
+
+MAX_INPUT_DEPTH = 256  # directories nested in one directory input
 
 
 @dataclass(slots=True)
@@ -140,9 +142,10 @@ class InputStager:
         started = time.perf_counter()
         try:
             changes, removed = self._delta(request, entry)
-            admitted = self._admit_changes(request, entry, changes)
-            report = self.pool.patch(entry, admitted, removed, outputs)
-            entry.manifest = request.inputs
+            execroot = str(request.execroot)
+            report = self.pool.patch(
+                entry, changes, removed, outputs, execroot=execroot, manifest=request.inputs, mark=mark
+            )
         except (OSError, TreematError):
             self.counters.add("execpool_patch_failed")
             self.pool.retire(entry, intact=False)
@@ -150,7 +153,6 @@ class InputStager:
         except BaseException:
             self.pool.retire(entry, intact=False)  # leased and half patched: never back to the pool
             raise
-        entry.mark = mark  # anything that happened to the guard since is checked on its next reuse
         report.unchanged = len(request.inputs) - report.linked
         self.counters.add("execpool_reused")
         self.counters.add("hardlink", report.linked)
@@ -158,20 +160,6 @@ class InputStager:
         stage.hardlinked = report.relinked
         stage.seconds = time.perf_counter() - started
         return PreparedDir(entry.path, stage, mark, pooled=entry)
-
-    def _admit_changes(
-        self, request: ActionRequest, entry: PooledDir, changes: dict[str, BlobKey]
-    ) -> dict[str, StagedFile]:
-        """Each changed input's blob, admitted by the guard (ingested if the CAS lacks it) before the patch."""
-        admitted: dict[str, StagedFile] = {}
-        for path, key in changes.items():
-            current = entry.files.get(path)
-            if current is not None and current.key() == key:
-                admitted[path] = current  # already linked there
-                continue
-            identity = self._ensure_blob(f"{request.execroot}/{path}", key[0], key[1], path)[1]
-            admitted[path] = StagedFile(key[0], key[1], identity or NO_BLOB)
-        return admitted
 
     def _delta(self, request: ActionRequest, entry: PooledDir) -> tuple[dict[str, tuple[str, bool]], set[str]]:
         """What to (re)link ({path: (hash, executable)}) and what to remove to turn `entry` into this request.
@@ -291,6 +279,10 @@ class InputStager:
         top = os.path.join(execroot, path)
         for dirpath, dirnames, filenames in os.walk(top):
             rel_dir = os.path.relpath(dirpath, execroot)
+            if rel_dir.count("/") - path.count("/") >= MAX_INPUT_DEPTH:  # (os.walk recurses, a descriptor a level)
+                raise ExecutionError(
+                    f"directory input {path!r} is nested deeper than {MAX_INPUT_DEPTH} directories: refused"
+                )
             if not filenames and not dirnames:
                 tree.add_directory(rel_dir)
             for name in [*dirnames, *filenames]:
@@ -315,26 +307,16 @@ class InputStager:
     def _ensure_blob(
         self, full: str | Path, expected: str | None, executable: bool, path: str
     ) -> tuple[Digest, BlobIdentity | None]:
-        """The blob's digest and inode (None for the empty file), admitted by the guard; ingests (and
-        verifies) the execroot file if the CAS lacks it."""
-        if expected is not None:
-            if expected == EMPTY_DIGEST.hash:
-                return EMPTY_DIGEST, None
-            key = (expected, executable)
-            admitted = self.guard.admit_sized(expected, executable, self.memo.size(key))
-            if admitted is not None:
-                identity, size = admitted
-                self.cas.touch(expected, executable)  # LRU recency for `cas gc` (throttled to once an hour)
-                self.memo.learn_size(key, size)
-                return Digest(expected, size), identity
-        digest = self.cas.ingest_file(full, executable=executable, expected=expected)
-        self.memo.learn_size((digest.hash, executable), digest.size)
-        if not digest.size:
-            return digest, None
-        ingested = self.guard.admit_ingested(digest.hash, executable, digest.size)
-        if ingested is None:
+        """The blob's digest and inode (None for the empty file), from the guard in one call (which ingests, and
+        verifies, the execroot file if the CAS lacks it)."""
+        key = (expected, executable) if expected is not None else None
+        obtained = self.guard.obtain(full, expected, executable, self.memo.size(key) if key is not None else None)
+        if obtained is None:
             raise ExecutionError(f"input {path!r}: its blob vanished or was rejected right after ingest")
-        return digest, ingested
+        size = obtained[0].size
+        if size:
+            self.memo.learn_size(key or (obtained[0].hash, executable), size)
+        return obtained
 
 
 def pool_key(spec: ActionSpec) -> str:

@@ -10,7 +10,8 @@ replaced by a link into TREEMAT_ROOT, say) is a refusal, never a redirected writ
 - A relative symlink that stays inside the exec dir is kept; an absolute one into the exec dir is resolved to
   its content (inside the view, hop by hop); a link leaving the exec dir, or a device, FIFO or socket, is refused.
 - Inside an output directory every entry is checked the same way; an entry that cannot be read is an error, and
-  a link back into a directory being walked (a loop) is refused.
+  a link back into a directory being walked (a loop) is refused, and so is a tree nested deeper than
+  MAX_OUTPUT_DEPTH directories.
 
 One walker (`walk_entry`) applies these rules for every consumer; what becomes of an entry is its `OutputSink`'s
 business: the worker's copies it into Bazel's execroot, the bot's (bot/outputs.py) stores it and builds REAPI
@@ -31,6 +32,7 @@ from treemat.fsprims import file_kind
 from treemat.tree import normalize_path
 
 _SYMLINK_HOPS = 40
+MAX_OUTPUT_DEPTH = 128  # directories nested in one output dir: the walk recurses and holds two descriptors a level
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -232,6 +234,10 @@ def _walk_directory(
     try:
         here = os.fstat(src)
         key = (here.st_dev, here.st_ino)
+        if len(ancestors) >= MAX_OUTPUT_DEPTH:
+            raise ExecutionError(
+                f"output {rel[:200]!r}... is nested deeper than {MAX_OUTPUT_DEPTH} directories: refused"
+            )
         if key in ancestors:
             raise ExecutionError(f"output {rel!r} leads back into a directory that contains it (a loop): refused")
         directory = sink.directory(into, dst_name, rel)

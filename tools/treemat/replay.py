@@ -19,7 +19,6 @@ from treemat.errors import CorruptBlobError, MissingBlobError
 from treemat.execlog import Spawn, read_exec_log
 from treemat.fsprims import remove_tree
 from treemat.layout import Root
-from treemat.materializer import Materializer
 from treemat.stack import Stack, open_stack
 from treemat.tree import FileNode, InputTree
 
@@ -166,7 +165,8 @@ def _replay(
             if name.startswith("dircache"):
                 caches.stage(tree, dest)
             else:
-                Materializer(cas, BackendProbe(prefer=[Method(name)]), counters=stack.counters).build(tree.root, dest)
+                _probe, materializer = stack.store.materializer([Method(name)], measure=False)
+                materializer.build(tree.root, dest)
             row.staging_ms[name] = row.staging_ms.get(name, 0.0) + (time.perf_counter() - started) * 1000
             remove_tree(dest)
         report.spawns += 1

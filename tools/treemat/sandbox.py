@@ -1,8 +1,8 @@
 """Every tool runs sandboxed: the client of the sandbox helper (sandboxd.py), and the probe that picks the mode.
 
 One helper process per treemat process is started once (sandboxstart.py: a user namespace and a mount namespace,
-prepared); each tool then runs in fresh mount + pid namespaces, cloned ahead of it. What the tool sees (sandboxd.py
-has the details):
+prepared); each tool then runs in fresh mount + pid + IPC namespaces, cloned ahead of it. What the tool sees
+(sandboxd.py has the details):
 its exec dir at the fixed path EXEC_ROOT (an overlay over the staged hardlinks, or a bind of a copy-on-write
 tree), its tool cache at TOOL_CACHE, a private /tmp and /dev/shm, everything else read-only, TREEMAT_ROOT
 hidden. Nothing it starts outlives it.

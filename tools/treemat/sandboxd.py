@@ -1,4 +1,4 @@
-"""The sandbox helper: a small process that starts every tool in fresh mount and pid namespaces (Linux).
+"""The sandbox helper: a small process that starts every tool in fresh mount, pid and IPC namespaces (Linux).
 
 Run as its own program (`python3 -I -S sandboxd.py FD`, stdlib only: it imports sandboxview.py and nothing else
 of treemat) by sandbox.py. At start it enters a user namespace and a private mount namespace of its own, once,
@@ -6,10 +6,10 @@ and gives up for good every capability a later exec could gain (bounding set, se
 then runs in a namespace cloned ahead of its request (a *spare*: clone(NEWNS | NEWPID) and the view but the exec
 dir built once the previous tool ended, between actions), so a request costs two mounts and a spawn:
 
-    clone(NEWNS | NEWPID) ─▶ init, pid 1 of its namespace (sandboxview.py):
+    clone(NEWNS | NEWPID | NEWIPC) ─▶ init, pid 1 of its namespace (sandboxview.py):
         /tmp            = the host's /tmp under a private upper layer (overlay mode, if the kernel lets us
                           clone it: no foreign mounts below it), else an empty private dir
-        /dev/shm        = a private tmpfs
+        /dev/shm        = a private dir of the same tmpfs as every other layer the tool writes
         /               = every other mount read-only (nosuid), Bazel's execroot included
         masks           = an empty read-only tmpfs over TREEMAT_ROOT (and every other path that reaches it)
         /proc           = a fresh procfs of the new pid namespace (read-only)
@@ -59,6 +59,7 @@ except ImportError:  # run as a program (python3 -I -S): the package's parent is
 EXEC_ROOT = view.EXEC_ROOT
 TOOL_CACHE = view.TOOL_CACHE
 MAX_MESSAGE = 1 << 20
+NAMESPACES = view.CLONE_NEWNS | view.CLONE_NEWPID | view.CLONE_NEWIPC  # per tool (IPC: no SysV object outlives it)
 
 
 class Spare:
@@ -113,6 +114,7 @@ def _namespace_main(kernel: view.Kernel, key: dict[str, Any], channel_fd: int, *
     helper. Otherwise the request comes first and its directories are opened here, before anything is covered.
     """
     kernel.prctl(view.PR_SET_PDEATHSIG, signal.SIGKILL, "set the parent-death signal")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # pid 1 with no handler: the tool's `kill -INT 1` is lost
     os.closerange(3, channel_fd)  # nothing of the helper's but our channel: its death or a discard reads as EOF
     os.closerange(channel_fd + 1, 65536)
     channel = socket.socket(fileno=channel_fd)
@@ -240,7 +242,7 @@ class Helper:
             self.mount_events.poll(0)  # from here on, any mount change in our namespace discards this spare
         here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            pid = self.kernel.clone(view.CLONE_NEWNS | view.CLONE_NEWPID)
+            pid = self.kernel.clone(NAMESPACES)
             if pid == -1:  # unknown architecture: fork, unshare, fork
                 pid = self._fork_into_namespaces(key, there.fileno(), ahead=ahead)
             elif pid == 0:
@@ -260,7 +262,7 @@ class Helper:
         pid = os.fork()
         if pid == 0:
             try:
-                self.kernel.unshare(view.CLONE_NEWNS | view.CLONE_NEWPID, "unshare(mount, pid)")
+                self.kernel.unshare(NAMESPACES, "unshare(mount, pid, ipc)")
                 inner = os.fork()
                 if inner == 0:
                     os._exit(_namespace_main(self.kernel, key, channel_fd, ahead=ahead))

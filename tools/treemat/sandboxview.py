@@ -22,14 +22,13 @@ if TYPE_CHECKING:
 
 EXEC_ROOT = "/tmp/treemat/exec"
 TOOL_CACHE = "/tmp/treemat/cache"
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWPID = 0x20000000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID = 0x00020000, 0x08000000, 0x10000000, 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE, MS_SLAVE = 0x20, 0x1000, 0x4000, 0x40000, 0x80000
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 1, 24, 28, 38, 47
+PR_SET_DUMPABLE = 4
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 # NOROOT, NO_SETUID_FIXUP and NO_CAP_AMBIENT_RAISE, each locked; KEEP_CAPS off and locked
 SECUREBITS_NO_PRIVILEGE = 0xEF
@@ -225,9 +224,10 @@ def prepare_view(kernel: Kernel, key: dict[str, Any], masked: dict[str, int]) ->
     layers_root = os.open("/tmp", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     layers = "/tmp/layers"
     os.mkdir(layers, 0o700)
-    for name in ("upper", "work", "cache-upper", "cache-work", "tmp-upper", "tmp-work"):
+    for name in ("upper", "work", "cache-upper", "cache-work", "tmp-upper", "tmp-work", "shm"):
         os.mkdir(f"{layers}/{name}", 0o755)
     os.chmod(f"{layers}/tmp-upper", 0o1777)
+    os.chmod(f"{layers}/shm", 0o1777)
     # the mount points, made in the upper layer: whatever the host's /tmp has at these paths (a symlink, a dir
     # of another user) is shadowed by them, so no mount below follows a link someone planted
     for path in ("treemat", "treemat/exec", "treemat/cache"):
@@ -243,8 +243,8 @@ def prepare_view(kernel: Kernel, key: dict[str, Any], masked: dict[str, int]) ->
         kernel.mount(f"{layers}/tmp-upper", "/tmp", None, MS_BIND)  # (which the kernel refuses to clone): an
     os.close(host_tmp)  # empty private /tmp, as Bazel's hermetic tmp
     writable = ["/tmp"]
-    if os.path.isdir("/dev/shm"):
-        kernel.mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    if os.path.isdir("/dev/shm"):  # a dir of the layers' tmpfs: its size bounds all the tool writes, /dev/shm too
+        kernel.mount(f"{layers}/shm", "/dev/shm", None, MS_BIND)
         writable.append("/dev/shm")
     readonly = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID
     if kernel.set_mount_attrs("/", set_bits=readonly, recursive=True):
@@ -332,6 +332,8 @@ def run_init(kernel: Kernel, plan: dict[str, Any], fds: dict[str, int], layers_f
         os.closerange(status + 1, 65536)
         os.set_inheritable(status, False)
         kernel.drop_capabilities()
+        # undumpable: the tool (same uid) cannot ptrace init or pidfd_getfd its status socket (dumpable after exec)
+        kernel.prctl(PR_SET_DUMPABLE, 0, "make init undumpable")
     except BaseException as exc:
         report(status, {"error": str(exc) or type(exc).__name__})
         return 126

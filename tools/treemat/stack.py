@@ -18,7 +18,8 @@ kernel's reason.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from treemat.cas import ContentStore
@@ -43,11 +44,41 @@ if TYPE_CHECKING:  # imported by open_stack, after the sandbox has started
     from treemat.housekeeping import Housekeeper
     from treemat.materializer import Materializer
     from treemat.toolrun import ToolRunner
+    from treemat.treeclone import TreeCloner
     from treemat.writewatch import WriteWatch
 
 DEFAULT_DIRCACHE_MIN_FILES = 64  # = dircache.MIN_SUBTREE_FILES, measured there (not imported: start-up cost)
 ISOLATION_CHOICES = ("auto", ISOLATION_OVERLAY, ISOLATION_COW, ISOLATION_NONE)
-__all__ = ["ISOLATION_COW", "ISOLATION_NONE", "ISOLATION_OVERLAY", "Stack", "open_stack"]
+__all__ = ["ISOLATION_COW", "ISOLATION_NONE", "ISOLATION_OVERLAY", "Stack", "Store", "open_stack", "open_store"]
+
+
+class Store:
+    """The bottom of the stack: the root's CAS and its counters, with no sandbox helper, guard or watcher.
+
+    What `treemat cas ...` and the storage benchmarks need; `open_stack` builds its CAS and materializer here too,
+    so there is one wiring.
+    """
+
+    def __init__(self, layout: Root, *, counters: Counters | None = None) -> None:
+        self.layout = layout
+        self.counters = counters if counters is not None else Counters()
+        self.cas = ContentStore(layout, counters=self.counters)
+
+    def materializer(
+        self, prefer: Sequence[Method], *, measure: bool, concurrency: int | None = None
+    ) -> tuple[BackendProbe, Materializer]:
+        """A placement probe trying `prefer` in order (timing each method when `measure`) and its materializer."""
+        from treemat.backends import BackendProbe
+        from treemat.materializer import Materializer
+
+        probe = BackendProbe(prefer=prefer, measure=measure)
+        return probe, Materializer(self.cas, probe, counters=self.counters, concurrency=concurrency)
+
+
+@contextmanager
+def open_store(layout: Root, *, counters: Counters | None = None) -> Iterator[Store]:
+    """Open only the CAS of `layout` (no sandbox helper): for commands that stage nothing and run no tool."""
+    yield Store(layout, counters=counters)
 
 
 class Stack:
@@ -59,9 +90,7 @@ class Stack:
     def __init__(
         self,
         *,
-        layout: Root,
-        counters: Counters,
-        cas: ContentStore,
+        store: Store,
         watch: WriteWatch,
         guard: BlobGuard,
         budget: StoreBudget,
@@ -73,10 +102,11 @@ class Stack:
         housekeeper: Housekeeper,
         build_executor: Callable[[Stack], ActionExecutor],
     ) -> None:
-        self.layout = layout
-        self.root = layout.path
-        self.counters = counters
-        self.cas = cas
+        self.store = store
+        self.layout = store.layout
+        self.root = store.layout.path
+        self.counters = store.counters
+        self.cas = store.cas
         self.watch = watch
         self.guard = guard
         self.budget = budget
@@ -168,23 +198,24 @@ def open_stack(
     background_cleanup: bool = True,
     max_bytes: int | None = None,
     pool_size: int | None = None,
+    cloner: TreeCloner | None = None,
 ) -> Stack:
     """Wire every layer over the treemat root `layout`; close the stack (or use `with`).
 
     `isolation` is auto | overlay | copy-on-write | none: an explicit mode that does not work here is an error;
-    `auto` that finds no sandbox gives a stack whose actions all fail with the reason.
+    `auto` that finds no sandbox gives a stack whose actions all fail with the reason. `cloner` replaces the
+    directory cache's snapshot maker (a benchmark times it).
     """
-    counters = counters if counters is not None else Counters()
-    cas = ContentStore(layout, counters=counters)
+    store = Store(layout, counters=counters)
+    counters, cas = store.counters, store.cas
     sandbox = _sandbox_for(layout, isolation)
     try:
-        from treemat.backends import DEFAULT_ORDER, BackendProbe, Method
+        from treemat.backends import DEFAULT_ORDER, Method
         from treemat.blobguard import BlobGuard
         from treemat.budget import StoreBudget, default_budget
         from treemat.dircache import DirectoryCache
         from treemat.housekeeping import Housekeeper
         from treemat.ledger import VerifiedLedger
-        from treemat.materializer import Materializer
         from treemat.toolrun import ToolRunner
         from treemat.treeclone import KernelTreeCloner
         from treemat.writewatch import WriteWatch
@@ -209,10 +240,13 @@ def open_stack(
         # with the overlay, exec dirs are reused (O(changed)): the directory cache would only make first
         # stagings cheaper, at a snapshot per subtree, and its snapshots would keep dirs out of the pool
         dircache_min_files = None
-    probe = BackendProbe(prefer=order, measure=not prefer)
-    materializer = Materializer(cas, probe, counters=counters, concurrency=concurrency)
+    probe, materializer = store.materializer(order, measure=not prefer, concurrency=concurrency)
     dircache = DirectoryCache(
-        layout.dircache, materializer, counters=counters, cloner=KernelTreeCloner(), min_files=dircache_min_files
+        layout.dircache,
+        materializer,
+        counters=counters,
+        cloner=cloner or KernelTreeCloner(),
+        min_files=dircache_min_files,
     )
 
     def build_executor(stack: Stack) -> ActionExecutor:
@@ -244,9 +278,7 @@ def open_stack(
         )
 
     return Stack(
-        layout=layout,
-        counters=counters,
-        cas=cas,
+        store=store,
         watch=watch,
         guard=guard,
         budget=budget,

@@ -54,6 +54,9 @@ class ToolRunner:
             if request_id and request_id in self._cancelled:
                 self._cancelled.discard(request_id)
                 return ToolOutcome(1, "treemat: cancelled before start\n", cancelled=True)
+        refused = _nul_in(plan)
+        if refused:  # (exec would fail with no word in the sandbox, with a ValueError in place)
+            return ToolOutcome(1, f"treemat: error: {refused} contains a NUL byte: refused\n")
         if self.sandbox.in_place:
             return self._run_in_place(request_id, plan, started)
         try:
@@ -172,3 +175,14 @@ def _exit_status(returncode: int) -> int:
 
 
 __all__ = ["MAX_OUTPUT_BYTES", "SandboxProcess", "ToolOutcome", "ToolRunner", "read_bounded"]
+
+
+def _nul_in(plan: ToolPlan) -> str:
+    """What of the tool's argv, environment or working directory holds a NUL byte (no exec takes one); ''."""
+    for index, arg in enumerate(plan.argv):
+        if "\0" in arg:
+            return f"argument {index}"
+    for name, value in plan.env.items():
+        if "\0" in name or "\0" in value:
+            return f"environment variable {name.split(chr(0))[0]!r}"
+    return "the working directory" if "\0" in plan.cwd else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +13,7 @@ import click
 from treemat.commands._common import RootedContext, describe_report, emit_json, pass_rooted, progress_bar
 
 if TYPE_CHECKING:
-    from treemat.cas import ContentStore
+    from treemat.stack import Store
 
 
 def parse_size(text: str) -> int:
@@ -25,12 +26,11 @@ def parse_size(text: str) -> int:
         raise click.BadParameter(f"not a size: {text!r} (examples: 500M, 10G, 1048576)") from exc
 
 
-def _open_store(rooted: RootedContext) -> ContentStore:
-    """The root's CAS alone: these commands stage nothing and run no tool."""
-    from treemat.cas import ContentStore
-    from treemat.counters import Counters
+def _open_store(rooted: RootedContext) -> AbstractContextManager[Store]:
+    """The root's CAS alone (`stack.open_store`: no sandbox helper): these commands stage nothing and run no tool."""
+    from treemat.stack import open_store
 
-    return ContentStore(rooted.layout, counters=Counters())
+    return open_store(rooted.layout)
 
 
 @click.group()
@@ -49,11 +49,13 @@ def ingest(rooted: RootedContext, paths: tuple[Path, ...], as_json: bool) -> int
     """
     files = list(_walk_files(paths))
     result: dict[str, str] = {}
-    store = _open_store(rooted)
-    with progress_bar(len(files), "ingesting", enabled=not as_json and len(files) >= 200) as advance:
+    with (
+        _open_store(rooted) as store,
+        progress_bar(len(files), "ingesting", enabled=not as_json and len(files) >= 200) as advance,
+    ):
         for path in files:
             executable = os.access(path, os.X_OK)
-            result[str(path)] = str(store.ingest_file(path, executable=executable))
+            result[str(path)] = str(store.cas.ingest_file(path, executable=executable))
             advance(1)
     if as_json:
         emit_json(result)
@@ -83,10 +85,10 @@ def verify(rooted: RootedContext, as_json: bool) -> int:
 
     Exit status 1 if anything was corrupt.
     """
-    store = _open_store(rooted)
-    total = store.stats().blobs
-    with progress_bar(total, "verifying", enabled=not as_json and total >= 200) as advance:
-        report = store.verify_all(progress=advance)
+    with _open_store(rooted) as store:
+        total = store.cas.stats().blobs
+        with progress_bar(total, "verifying", enabled=not as_json and total >= 200) as advance:
+            report = store.cas.verify_all(progress=advance)
     if as_json:
         emit_json(report)
     else:
@@ -104,7 +106,9 @@ def gc(rooted: RootedContext, max_size: str, as_json: bool) -> int:
     Blobs in use (hardlinked into a live exec dir or the directory cache) are never deleted; GC waits
     for running stagers to release the CAS.
     """
-    report = _open_store(rooted).gc(parse_size(max_size))
+    limit = parse_size(max_size)
+    with _open_store(rooted) as store:
+        report = store.cas.gc(limit)
     if as_json:
         emit_json(report)
     else:
@@ -117,7 +121,8 @@ def gc(rooted: RootedContext, max_size: str, as_json: bool) -> int:
 @pass_rooted
 def stats(rooted: RootedContext, as_json: bool) -> int:
     """Blob count and bytes in the CAS."""
-    report = _open_store(rooted).stats()
+    with _open_store(rooted) as store:
+        report = store.cas.stats()
     if as_json:
         emit_json(report)
     else:
