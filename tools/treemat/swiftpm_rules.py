@@ -32,8 +32,11 @@ from treemat.swiftpm_settings import (
     swift_setting,
 )
 
-# Characters a Bazel 4.x label's target name may hold (no space, quote, backslash or colon).
-_LABEL_SAFE = re.compile(r"[A-Za-z0-9!%\-@^_#$&'()*+,;<=>?\[\]{|}~/.]+")
+# Characters a Bazel 4.x label's target name may hold (no quote, backslash or colon). A space is one of them
+# (swift-collections, swift-argument-parser and swift-atomics have sources like `Unmanaged extensions.swift`),
+# except at either end of a path segment; runfiles (resources) take none: Bazel 4's runfiles manifest is
+# split at spaces.
+_LABEL_SAFE = re.compile(r"[A-Za-z0-9!%\-@^_#$&'()*+,;<=>?\[\]{|}~/. ]+")
 RELEASE_SETTING = "swiftpm_release"  # config_setting: -c opt is SwiftPM's release, fastbuild and dbg its debug
 
 
@@ -124,11 +127,15 @@ class PackageInfo:
         return f"@{self.repo}//:{name}" if self.repo and not local else f":{name}"
 
 
-def label_safe(path: str) -> bool:
-    """Whether a package-relative file path can be written as a Bazel label (4.x rules)."""
+def label_safe(path: str, *, runfile: bool = False) -> bool:
+    """Whether a package-relative file path can be written as a Bazel label (4.x rules); `runfile`: and be in
+    a runfiles tree."""
     parts = path.split("/")
     return (
-        bool(_LABEL_SAFE.fullmatch(path)) and not path.startswith("@") and all(p not in ("", ".", "..") for p in parts)
+        bool(_LABEL_SAFE.fullmatch(path))
+        and not path.startswith("@")
+        and all(p not in ("", ".", "..") and p == p.strip(" ") for p in parts)
+        and not (runfile and " " in path)
     )
 
 
@@ -147,18 +154,18 @@ def layout_target(package_dir: Path, target: Target, report: list[str]) -> Targe
     if target.type not in ("regular", "executable", "test"):
         report.append(f"{target.type} target not translated")
         return None
-    if not label_safe(target.name) or "/" in target.name:
+    if not label_safe(target.name) or "/" in target.name or " " in target.name:  # no space in an output's name
         report.append(f"target name {target.name!r} is not a valid Bazel target name: not translated")
         return None
     sources, resources = target_files(package_dir, target)
     for path in sources + resources:
-        if not label_safe(path):
+        if not label_safe(path, runfile=path in resources):
             report.append(f"file {path!r}: not expressible as a Bazel label: left out")
         elif (nested := _in_bazel_package(path, package_dir)) is not None:
             report.append(f"{nested} has a BUILD file (a Bazel package of its own): target not translated")
             return None
     sources = [p for p in sources if label_safe(p)]
-    kept_resources = tuple(p for p in resources if label_safe(p))
+    kept_resources = tuple(p for p in resources if label_safe(p, runfile=True))
     suffix = {p: Path(p).suffix for p in sources}
     swift = [p for p in sources if suffix[p] in SWIFT_SUFFIXES]
     objc = [p for p in sources if suffix[p] in OBJC_SUFFIXES]
