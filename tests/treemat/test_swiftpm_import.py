@@ -366,7 +366,9 @@ def test_cli_help_json_and_one_line_errors(tmp_path: Path) -> None:
     assert "--dep NAME=PATH" in help_text and "--dump" in help_text and "--force" in help_text
     root = tree(tmp_path / "p", {"Package.swift": "", "Sources/A/a.swift": "", "Sources/B/b.swift": ""})
     dump_file = tmp_path / "dump.json"
-    dump_file.write_text(json.dumps(dump("P", [target("A"), target("B", settings=[setting("c", "define", "X")])])))
+    dump_file.write_text(
+        json.dumps(dump("P", [target("A"), target("B", settings=[setting("c", "headerSearchPath", "inc")])]))
+    )
     dry = runner.invoke(cli, ["import", "--dry-run", "--dump", str(dump_file), str(root)])
     assert dry.exit_code == 0 and f"would write: {root.resolve() / 'BUILD.bazel'}" in dry.stdout
     assert not (root / "BUILD.bazel").exists(), "--dry-run writes nothing"
@@ -375,7 +377,11 @@ def test_cli_help_json_and_one_line_errors(tmp_path: Path) -> None:
     report = json.loads(run.output)
     assert report["files"] == [{"path": str(root.resolve() / "BUILD.bazel"), "status": "written"}]
     assert report["untranslated"] == [
-        {"package": "p", "target": "B", "item": "cSettings define X: C settings of a Swift target are not translated"}
+        {
+            "package": "p",
+            "target": "B",
+            "item": "cSettings headerSearchPath inc: C settings of a Swift target are not translated",
+        }
     ]
     text = runner.invoke(cli, ["import", "--dump", str(dump_file), str(root)])
     assert text.exit_code == 0 and f"unchanged: {root.resolve() / 'BUILD.bazel'}" in text.stdout

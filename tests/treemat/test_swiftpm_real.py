@@ -8,7 +8,7 @@ from typing import Any
 
 from treemat.swiftpm_import import plan_import, starlark_string
 
-from ..support.swiftpm_dumps import build_text, dump, rule_of, target, tree
+from ..support.swiftpm_dumps import build_text, dump, rule_of, setting, target, tree
 
 
 def test_sources_with_spaces_are_kept_and_resources_with_spaces_reported(tmp_path: Path) -> None:
@@ -30,3 +30,36 @@ def test_sources_with_spaces_are_kept_and_resources_with_spaces_reported(tmp_pat
     assert starlark_string("Sources/A/Unmanaged extensions.swift") in rule
     assert "a b.txt" not in rule
     assert [u.item for u in result.untranslated if "a b.txt" in u.item]
+
+
+def test_c_targets_come_with_the_bazelrc_line_that_compiles_them_with_clang(tmp_path: Path) -> None:
+    # swift-nio's CNIOAtomics.h: `struct catmc_atomic_int * _Nonnull ...`: SwiftPM compiles it with clang, the
+    # auto-configured C toolchain (gcc) rejects it.
+    root = tree(tmp_path / "pkg", {"Package.swift": "", "Sources/C/include/c.h": "", "Sources/C/c.c": ""})
+    assert plan_import(root, root_data=dump("P", [target("C")])).bazelrc == "build --repo_env=CC=clang\n"
+    swift_only = tree(tmp_path / "swift", {"Package.swift": "", "Sources/S/s.swift": ""})
+    assert plan_import(swift_only, root_data=dump("P", [target("S")])).bazelrc == ""
+
+
+def test_c_settings_of_a_swift_target_reach_its_clang_importer_and_swift_settings_of_c_are_ignored(
+    tmp_path: Path,
+) -> None:
+    # SwiftPM passes a Swift target's cSettings defines and unsafe flags to swiftc as `-Xcc`; swift-nio sets
+    # swiftSettings (MemberImportVisibility) on its C targets, which SwiftPM ignores: nothing to report.
+    root = tree(tmp_path / "pkg", {"Package.swift": "", "Sources/C/include/c.h": "", "Sources/S/s.swift": ""})
+    data = dump(
+        "P",
+        [
+            target("C", settings=[setting("swift", "enableUpcomingFeature", "MemberImportVisibility")]),
+            target(
+                "S",
+                deps=[{"byName": ["C", None]}],
+                settings=[setting("c", "define", "FAST=1"), setting("cxx", "unsafeFlags", ["-fno-exceptions"])],
+            ),
+        ],
+    )
+    result = plan_import(root, root_data=data)
+    text = build_text(result, root)
+    assert '"-Xcc",\n        "-DFAST=1",\n        "-Xcc",\n        "-fno-exceptions",' in rule_of(text, "S")
+    assert "MemberImportVisibility" not in rule_of(text, "C")
+    assert result.untranslated == []
