@@ -14,10 +14,13 @@ load(":staged_action.bzl", "escape_tool_arg", "treemat_action", "treemat_args")
 # swift_test's compile runs the discovery script with the Python toolchain's interpreter.
 PYTHON_TOOLCHAIN_TYPE = "@bazel_tools//tools/python:toolchain_type"
 
+# -c opt|dbg|fastbuild -> swiftc optimisation and debug flags, and the conditions rules_swift (and SwiftPM's
+# debug/release) define: `#if DEBUG` code (swift-collections' and swift-argument-parser's checks) compiles in
+# outside `-c opt`.
 _MODE_FLAGS = {
-    "opt": ["-O"],
-    "dbg": ["-Onone", "-g"],
-    "fastbuild": ["-Onone"],
+    "opt": ["-O", "-DNDEBUG"],
+    "dbg": ["-Onone", "-g", "-DDEBUG"],
+    "fastbuild": ["-Onone", "-DDEBUG"],
 }
 
 def _package_name(ctx):
