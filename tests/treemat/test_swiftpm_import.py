@@ -119,14 +119,18 @@ def test_c_targets_swift_targets_and_settings(geometry: Path) -> None:
         text.count('config_setting(\n    name = "swiftpm_release",\n    values = {"compilation_mode": "opt"},\n)') == 1
     )
     assert (
-        'defines = ["GEOMETRY_LINUX"] + select({\n        ":swiftpm_release": [],\n'
+        'defines = [\n        "SWIFT_PACKAGE",\n        "SWIFT_MODULE_RESOURCE_BUNDLE_UNAVAILABLE",\n'
+        '        "GEOMETRY_LINUX",\n    ] + select({\n        ":swiftpm_release": [],\n'
         '        "//conditions:default": ["DEBUG_ONLY"],\n    }),'
     ) in geometry_rule
     assert (
         '    ] + select({\n        ":swiftpm_release": [\n            "-Ounchecked",\n            "-wmo",\n        ],\n'
         '        "//conditions:default": [],\n    }),'
     ) in geometry_rule
-    assert 'local_defines = [\n        "SCALE=2",\n        "LINUX_ONLY",\n    ] + select({' in shapes
+    assert (
+        'local_defines = [\n        "SWIFT_PACKAGE=1",\n        "SCALE=2",\n        "LINUX_ONLY",\n    ] + select({'
+        in shapes
+    )
     assert '"-enable-upcoming-feature",\n        "ExistentialAny",' in geometry_rule
     assert '"-enable-experimental-feature",\n        "Extern",' in geometry_rule
     assert '"-enforce-exclusivity=checked"' in geometry_rule and 'swift_version = "5"' in geometry_rule

@@ -63,3 +63,15 @@ def test_c_settings_of_a_swift_target_reach_its_clang_importer_and_swift_setting
     assert '"-Xcc",\n        "-DFAST=1",\n        "-Xcc",\n        "-fno-exceptions",' in rule_of(text, "S")
     assert "MemberImportVisibility" not in rule_of(text, "C")
     assert result.untranslated == []
+
+
+def test_swiftpm_s_own_conditions_are_defined(tmp_path: Path) -> None:
+    # `swift build -v`: swiftc gets -DSWIFT_PACKAGE (and, with no resource bundle, which treemat never makes,
+    # -DSWIFT_MODULE_RESOURCE_BUNDLE_UNAVAILABLE), clang -DSWIFT_PACKAGE=1; swift-nio and swift-system branch on
+    # `#if SWIFT_PACKAGE`. (DEBUG comes from the rules outside -c opt, as rules_swift defines it.)
+    root = tree(tmp_path / "pkg", {"Package.swift": "", "Sources/C/include/c.h": "", "Sources/S/s.swift": ""})
+    text = build_text(plan_import(root, root_data=dump("P", [target("C"), target("S")])), root)
+    assert 'defines = [\n        "SWIFT_PACKAGE",\n        "SWIFT_MODULE_RESOURCE_BUNDLE_UNAVAILABLE",\n    ]' in (
+        rule_of(text, "S")
+    )
+    assert 'local_defines = ["SWIFT_PACKAGE=1"]' in rule_of(text, "C")

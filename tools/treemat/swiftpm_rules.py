@@ -73,6 +73,11 @@ class _Attrs:
         return Selected(base, release, debug) if release or debug else base
 
 
+# What SwiftPM defines for every target (swift build -v, 6.3): `#if SWIFT_PACKAGE` code (swift-nio,
+# swift-system) takes SwiftPM's branch; no Bundle.module is generated, so resource-bundle code takes the
+# "unavailable" one. SwiftPM's DEBUG (outside release) comes from the rules (-DDEBUG, as rules_swift).
+SWIFTPM_SWIFT_DEFINES = ("SWIFT_PACKAGE", "SWIFT_MODULE_RESOURCE_BUNDLE_UNAVAILABLE")
+SWIFTPM_C_DEFINES = ("SWIFT_PACKAGE=1",)
 CC_SUFFIX = "_cc"  # the cc_library behind a swift_c_module
 
 
@@ -340,7 +345,7 @@ def _swift_rule(package: PackageInfo, manifest: Manifest, target: Target, layout
             ("module_name", c99name(target.name)),
             ("package_name", package.identity),
             ("deps", tuple(attrs["deps"])),
-            ("defines", attrs.value("defines")),
+            ("defines", attrs.value("defines", SWIFTPM_SWIFT_DEFINES)),
             ("copts", attrs.value("copts")),
             ("swift_version", swift_language_version(manifest, target)),
             ("linkopts", attrs.value("linkopts")),
@@ -360,7 +365,7 @@ def _c_rules(target: Target, layout: TargetLayout, attrs: _Attrs) -> list[Rule]:
             ("hdrs", layout.headers),
             ("includes", includes),
             ("deps", tuple(attrs["deps"])),
-            ("local_defines", attrs.value("local_defines")),
+            ("local_defines", attrs.value("local_defines", SWIFTPM_C_DEFINES)),
             ("copts", attrs.value("copts")),
             ("linkopts", attrs.value("linkopts")),
             ("tags", () if own_map else (f"swift_module={c99name(target.name)}",)),
