@@ -17,12 +17,10 @@ def _contains_run(argv, run):
 
 def _c_interop_test_impl(ctx):
     bin_dir = ctx.bin_dir.path
-    target = ctx.attr.target_under_test
-    target = target[0] if type(target) == type([]) else target  # a list behind a transition
-    label = target.label
+    label = ctx.attr.target_under_test.label
     actions = [
         a
-        for a in target.actions
+        for a in ctx.attr.target_under_test.actions
         if a.mnemonic == ctx.attr.mnemonic and
            (not ctx.attr.output_suffix or [o for o in a.outputs.to_list() if o.path.endswith(ctx.attr.output_suffix)])
     ]
@@ -53,34 +51,19 @@ def _c_interop_test_impl(ctx):
             errors.append("argv: {}".format(argv))
     return [AnalysisTestResultInfo(success = not errors, message = "\n".join(errors))]
 
-_C_INTEROP_TEST_ATTRS = {
-    "mnemonic": attr.string(mandatory = True, doc = "SwiftCompile or SwiftLink."),
-    "output_suffix": attr.string(doc = "Picks the one action with an output ending so (default: the only one)."),
-    "argv": attr.string_list(doc = "Runs of arguments (space-separated, `{bin}` = bazel-bin's exec path) " +
-                                   "that must appear, consecutively, in the action's argv."),
-    "absent_argv": attr.string_list(doc = "Runs of arguments that must not appear."),
-    "inputs": attr.string_list(doc = "Exec paths (`{bin}` = bazel-bin) that must be declared inputs."),
-}
-
 c_interop_test = rule(
     implementation = _c_interop_test_impl,
     analysis_test = True,
-    attrs = dict(_C_INTEROP_TEST_ATTRS, target_under_test = attr.label(
-        mandatory = True,
-        doc = "The swift_* target whose action is checked.",
-    )),
+    attrs = {
+        "target_under_test": attr.label(mandatory = True, doc = "The swift_* target whose action is checked."),
+        "mnemonic": attr.string(mandatory = True, doc = "SwiftCompile or SwiftLink."),
+        "output_suffix": attr.string(doc = "Picks the one action with an output ending so (default: the only one)."),
+        "argv": attr.string_list(doc = "Runs of arguments (space-separated, `{bin}` = bazel-bin's exec path) " +
+                                       "that must appear, consecutively, in the action's argv."),
+        "absent_argv": attr.string_list(doc = "Runs of arguments that must not appear."),
+        "inputs": attr.string_list(doc = "Exec paths (`{bin}` = bazel-bin) that must be declared inputs."),
+    },
     doc = "Fails when the action lacks one of the argument runs or declared inputs it must have.",
-)
-
-c_interop_opt_test = rule(
-    implementation = _c_interop_test_impl,
-    analysis_test = True,
-    attrs = dict(_C_INTEROP_TEST_ATTRS, target_under_test = attr.label(
-        mandatory = True,
-        cfg = analysis_test_transition(settings = {"//command_line_option:compilation_mode": "opt"}),
-        doc = "The swift_* target whose action is checked, analysed under `-c opt`.",
-    )),
-    doc = "c_interop_test with the target under test in `-c opt` (`{bin}` is then the opt bazel-bin).",
 )
 
 def _clang_module_name_test_impl(ctx):
