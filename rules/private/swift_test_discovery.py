@@ -107,20 +107,38 @@ import Glibc
 _MAIN = """\
 nonisolated(unsafe) private var swiftTestingStatus: CInt = 0
 
+/// Swift Testing's run, finished on the main queue (which the main run loop drains while it waits).
+private final class SwiftTestingRun: @unchecked Sendable {{
+    var status: CInt = 0
+    var done = false
+}}
+
 @main
 @available(*, deprecated, message: "Not actually deprecated: lets deprecated tests run without warnings")
 struct TreematTestRunner {{
-    static func main() async {{
+    // Synchronous, as SwiftPM's XCTest runner: XCTMain then owns the main thread and its run loop, so
+    // `@MainActor` async tests (swift-argument-parser's AsyncCommandEndToEndTests) get the main queue.
+    // From an async main they would wait for it forever.
+    static func main() {{
         let program = CommandLine.arguments.first ?? "test"
         // Bazel's --test_filter: "Class" or "Class/testMethod" for XCTest, a regex for Swift Testing.
         let filter = ProcessInfo.processInfo.environment["TESTBRIDGE_TEST_ONLY"] ?? ""
         if !filter.isEmpty {{
             CommandLine.arguments = [program, "--filter", filter]
         }}
-        swiftTestingStatus = await Testing.__swiftPMEntryPoint() as CInt
-        if swiftTestingStatus == 69 {{  // EX_UNAVAILABLE: no Swift Testing tests (or none matched the filter)
-            swiftTestingStatus = 0
+        let run = SwiftTestingRun()
+        Task.detached {{
+            let status = await Testing.__swiftPMEntryPoint() as CInt
+            DispatchQueue.main.async {{
+                run.status = status
+                run.done = true
+            }}
         }}
+        while !run.done {{
+            _ = RunLoop.main.run(mode: .default, before: .distantFuture)
+        }}
+        // EX_UNAVAILABLE (69): no Swift Testing tests (or none matched the filter)
+        swiftTestingStatus = run.status == 69 ? 0 : run.status
         fflush(nil)
         // XCTMain exits the process; keep Swift Testing's failure as the exit status.
         atexit {{

@@ -77,12 +77,15 @@ def test_generated_runner_runs_both_libraries_and_fails_when_either_fails(tmp_pa
     discovery = _load()
     source = tmp_path / "T.swift"
     source.write_text(
-        "import XCTest\nimport Testing\n"
+        "import Foundation\nimport XCTest\nimport Testing\n"
         "final class Cases: XCTestCase {\n"
         "    func testOne() { XCTAssertEqual(1, 1) }\n"
         f"    func testTwo() async {{ XCTAssertEqual(2, {3 if failing == 'xctest' else 2}) }}\n"
+        # swift-argument-parser's AsyncCommandEndToEndTests: waits for the main queue (hung under an async main)
+        "    @MainActor func testOnMain() async { await Task.yield(); XCTAssertTrue(Thread.isMainThread) }\n"
         "}\n"
         f"@Test func swiftTesting() {{ #expect(1 == {0 if failing == 'swift-testing' else 1}) }}\n"
+        "@Test @MainActor func swiftTestingOnMain() async { await Task.yield(); #expect(Thread.isMainThread) }\n"
     )
     graphs = tmp_path / "graphs"
     common = ["-parse-as-library", "-wmo", "-num-threads", "0", "-module-cache-path", str(tmp_path / "mc")]
@@ -100,9 +103,10 @@ def test_generated_runner_runs_both_libraries_and_fails_when_either_fails(tmp_pa
         check=True, cwd=tmp_path,
     )  # fmt: skip
     subprocess.run([SWIFTC, "-o", str(tmp_path / "t"), str(tmp_path / "T.o"), str(tmp_path / "R.o")], check=True)
-    run = subprocess.run([str(tmp_path / "t")], capture_output=True, text=True, cwd=tmp_path)
+    run = subprocess.run([str(tmp_path / "t")], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     output = run.stdout + run.stderr
-    assert "Test Case 'Cases.testOne' passed" in output
+    assert "Test Case 'Cases.testOne' passed" in output and "Test Case 'Cases.testOnMain' passed" in output
+    assert "Test swiftTestingOnMain() passed" in output
     assert ("Test Case 'Cases.testTwo' failed" in output) == (failing == "xctest")
     assert "Test swiftTesting()" in output, "Swift Testing ran"
     assert (run.returncode != 0) == (failing != "none"), output
