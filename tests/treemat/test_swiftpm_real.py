@@ -75,3 +75,23 @@ def test_swiftpm_s_own_conditions_are_defined(tmp_path: Path) -> None:
         rule_of(text, "S")
     )
     assert 'local_defines = ["SWIFT_PACKAGE=1"]' in rule_of(text, "C")
+
+
+def test_a_test_target_s_excluded_files_are_its_runfiles(tmp_path: Path) -> None:
+    # swift-argument-parser: `.testTarget(name: "ArgumentParserUnitTests", exclude: ["Snapshots"])`, its tests
+    # read `Snapshots/` beside `#filePath` (as `swift test` runs them, from the source tree).
+    root = tree(
+        tmp_path / "pkg",
+        {
+            "Package.swift": "",
+            "Sources/L/l.swift": "",
+            "Sources/L/notes.md": "",
+            "Tests/T/t.swift": "",
+            "Tests/T/Snapshots/testHelp().txt": "",
+            "Tests/T/Snapshots/.hidden": "",
+        },
+    )
+    data = dump("P", [target("L", exclude=["notes.md"]), target("T", "test", exclude=["Snapshots"])])
+    text = build_text(plan_import(root, root_data=data), root)
+    assert 'data = ["Tests/T/Snapshots/testHelp().txt"]' in rule_of(text, "T")
+    assert "notes.md" not in text, "a library's excluded files stay out"

@@ -20,6 +20,7 @@ from treemat.swiftpm import (
     Target,
     TargetDependency,
     c99name,
+    excluded_files,
     target_dir,
     target_files,
 )
@@ -113,6 +114,9 @@ class TargetLayout:
     include_dir: str | None = None  # C: the public headers directory, package-relative, if it exists
     module_map: str | None = None
     resources: tuple[str, ...] = ()
+    # A test's excluded files (swift-argument-parser's Snapshots/), which its tests read beside `#filePath`
+    # as under `swift test`: runfiles too (`#filePath` is execroot-relative, the test runs in its runfiles).
+    test_files: tuple[str, ...] = ()
 
 
 @dataclass
@@ -181,7 +185,11 @@ def layout_target(package_dir: Path, target: Target, report: list[str]) -> Targe
         report.append("mixed Swift and C sources in one target: not translated")
         return None
     if swift:
-        return TargetLayout("swift", tuple(swift), resources=kept_resources)
+        test_files = excluded_files(package_dir, target) if target.type == "test" else []
+        kept_test_files = tuple(
+            p for p in test_files if label_safe(p, runfile=True) and _in_bazel_package(p, package_dir) is None
+        )
+        return TargetLayout("swift", tuple(swift), resources=kept_resources, test_files=kept_test_files)
     if not c_family:
         report.append("no Swift or C sources: not translated")
         return None
@@ -349,7 +357,7 @@ def _swift_rule(package: PackageInfo, manifest: Manifest, target: Target, layout
             ("copts", attrs.value("copts")),
             ("swift_version", swift_language_version(manifest, target)),
             ("linkopts", attrs.value("linkopts")),
-            ("data", layout.resources),
+            ("data", layout.resources + layout.test_files),
         ),
     )
 
