@@ -31,7 +31,6 @@ SWIFT_TOOLCHAIN_TYPE = str(Label("//rules:swift_toolchain_type"))
 NO_SWIFTC = ("treemat: no swiftc found (set SWIFTC, put swiftc on PATH, or install Swift under /opt/swift, " +
               "then `bazel sync --configure` or restart Bazel); cannot build {}")
 
-# -c opt|dbg|fastbuild -> swiftc optimisation and debug flags.
 def _toolchain(ctx):
     swift = ctx.toolchains[SWIFT_TOOLCHAIN_TYPE].swift
     if not swift.swiftc:
@@ -228,9 +227,9 @@ swift_library = rule(
     toolchains = _TOOLCHAINS,
     doc = """A Swift module: one whole-module SwiftCompile action produces its .swiftmodule and one object.
 
-Sources are parsed as a library (no top-level code). `-c opt` compiles with `-O`, `-c dbg` with `-Onone -g`,
-fastbuild with `-Onone`; outside `-c opt` the module is built with `-enable-testing` so tests can
-`@testable import` it.""",
+Sources are parsed as a library (no top-level code). `-c opt` compiles with `-O -DNDEBUG`, `-c dbg` with
+`-Onone -g -DDEBUG`, fastbuild with `-Onone -DDEBUG` (rules_swift's flags); outside `-c opt` the module is
+built with `-enable-testing` so tests can `@testable import` it.""",
 )
 
 swift_binary = rule(

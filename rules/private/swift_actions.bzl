@@ -14,10 +14,13 @@ load(":staged_action.bzl", "escape_tool_arg", "treemat_action", "treemat_args")
 # swift_test's compile runs the discovery script with the Python toolchain's interpreter.
 PYTHON_TOOLCHAIN_TYPE = "@bazel_tools//tools/python:toolchain_type"
 
+# -c opt|dbg|fastbuild -> swiftc optimisation and debug flags, and the conditions rules_swift (and SwiftPM's
+# debug/release) define: `#if DEBUG` code (swift-collections' and swift-argument-parser's checks) compiles in
+# outside `-c opt`.
 _MODE_FLAGS = {
-    "opt": ["-O"],
-    "dbg": ["-Onone", "-g"],
-    "fastbuild": ["-Onone"],
+    "opt": ["-O", "-DNDEBUG"],
+    "dbg": ["-Onone", "-g", "-DDEBUG"],
+    "fastbuild": ["-Onone", "-DDEBUG"],
 }
 
 def _package_name(ctx):
@@ -170,22 +173,32 @@ def compile(
     )
     return object_file, swiftmodule, swiftdoc
 
+def _identifier(name):
+    """`name` as a Swift identifier: other characters become `_`, and a leading digit gets one in front."""
+    chars = [c if c.isalnum() or c == "_" else "_" for c in name.elems()]
+    identifier = "".join(chars)
+    return "_" + identifier if identifier[:1].isdigit() else identifier
+
 def link(ctx, *, swift, own_objects, context, executable):
     """Registers SwiftLink: this target's objects, those of its Swift deps, then the C/C++ libraries reached
     (dependents first), then the linkopts of the Swift modules and of the C libraries; every file it reads is
     an input, every file it writes an output.
 
-    swiftc writes the `swift-autolink-extract` list to `<directory of the first object>/<executable>.autolink`
+    swiftc writes the `swift-autolink-extract` list to `<directory of the first object>/<module name>.autolink`
     (a temporary file only when that directory is the working directory): this target's own object comes
-    first, so the file lands in this target's `_objs` directory, where it is declared.
+    first, so the file lands in this target's `_objs` directory, where it is declared. The link's module name
+    is given, not left to swiftc, which takes the executable's name, or `main` when that is no identifier
+    (swift-argument-parser's `generate-manual`).
     """
     c_libraries = link_inputs(context.interop)
     objects = depset(own_objects, transitive = [d.transitive_objects for d in context.deps], order = "preorder")
-    autolink = ctx.actions.declare_file("{}_objs/{}.autolink".format(ctx.label.name, executable.basename))
+    link_module = _identifier(executable.basename)
+    autolink = ctx.actions.declare_file("{}_objs/{}.autolink".format(ctx.label.name, link_module))
     if own_objects[0].dirname != autolink.dirname:
         fail("internal: {}'s first object {} is not in {}".format(ctx.label, own_objects[0].path, autolink.dirname))
     request = treemat_args(ctx, [executable, autolink])
     request.add(swift.swiftc)
+    request.add_all(["-module-name", link_module])
     if ctx.var["COMPILATION_MODE"] == "dbg":
         request.add("-g")
     request.add_all(["-file-prefix-map", "{EXEC_ROOT}=."])

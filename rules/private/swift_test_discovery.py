@@ -34,6 +34,10 @@ class TestClass:
 
     path: list[str]
     methods: list[tuple[str, bool]] = field(default_factory=list)  # (name, async)
+    # False: its superclass chain leaves the module through a class other than XCTestCase (swift-collections'
+    # `DequeTests: CollectionTestCase` from _CollectionsTestSupport), which the graph cannot tell apart from a
+    # non-XCTest base; the runner then lets overload resolution decide whether it is a test case.
+    certain: bool = True
 
 
 def _load(symbol_graph_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -58,19 +62,20 @@ def discover(symbol_graph_dir: Path) -> list[TestClass]:
                 target = "XCTestCase"
             parent[rel["source"]] = target
 
-    def is_test_case(symbol_id: str) -> bool:
+    def test_case_kind(symbol_id: str) -> bool | None:
+        """True: an XCTestCase subclass; None: its chain leaves the module elsewhere (may be one); False: not."""
         seen = set()
         while symbol_id in parent and symbol_id not in seen:
             seen.add(symbol_id)
             symbol_id = parent[symbol_id]
             if symbol_id == "XCTestCase":
                 return True
-        return False
+        return None if seen and symbol_id not in by_id else False
 
     classes: dict[str, TestClass] = {}
     for symbol_id, symbol in by_id.items():
-        if symbol["kind"]["identifier"] == "swift.class" and is_test_case(symbol_id):
-            classes[symbol_id] = TestClass(path=list(symbol["pathComponents"]))
+        if symbol["kind"]["identifier"] == "swift.class" and (kind := test_case_kind(symbol_id)) is not False:
+            classes[symbol_id] = TestClass(path=list(symbol["pathComponents"]), certain=kind is True)
     for rel in relationships:
         if rel.get("kind") != "memberOf" or rel["target"] not in classes:
             continue
@@ -102,20 +107,38 @@ import Glibc
 _MAIN = """\
 nonisolated(unsafe) private var swiftTestingStatus: CInt = 0
 
+/// Swift Testing's run, finished on the main queue (which the main run loop drains while it waits).
+private final class SwiftTestingRun: @unchecked Sendable {{
+    var status: CInt = 0
+    var done = false
+}}
+
 @main
 @available(*, deprecated, message: "Not actually deprecated: lets deprecated tests run without warnings")
 struct TreematTestRunner {{
-    static func main() async {{
+    // Synchronous, as SwiftPM's XCTest runner: XCTMain then owns the main thread and its run loop, so
+    // `@MainActor` async tests (swift-argument-parser's AsyncCommandEndToEndTests) get the main queue.
+    // From an async main they would wait for it forever.
+    static func main() {{
         let program = CommandLine.arguments.first ?? "test"
         // Bazel's --test_filter: "Class" or "Class/testMethod" for XCTest, a regex for Swift Testing.
         let filter = ProcessInfo.processInfo.environment["TESTBRIDGE_TEST_ONLY"] ?? ""
         if !filter.isEmpty {{
             CommandLine.arguments = [program, "--filter", filter]
         }}
-        swiftTestingStatus = await Testing.__swiftPMEntryPoint() as CInt
-        if swiftTestingStatus == 69 {{  // EX_UNAVAILABLE: no Swift Testing tests (or none matched the filter)
-            swiftTestingStatus = 0
+        let run = SwiftTestingRun()
+        Task.detached {{
+            let status = await Testing.__swiftPMEntryPoint() as CInt
+            DispatchQueue.main.async {{
+                run.status = status
+                run.done = true
+            }}
         }}
+        while !run.done {{
+            _ = RunLoop.main.run(mode: .default, before: .distantFuture)
+        }}
+        // EX_UNAVAILABLE (69): no Swift Testing tests (or none matched the filter)
+        swiftTestingStatus = run.status == 69 ? 0 : run.status
         fflush(nil)
         // XCTMain exits the process; keep Swift Testing's failure as the exit status.
         atexit {{
@@ -124,30 +147,57 @@ struct TreematTestRunner {{
                 _exit(swiftTestingStatus)
             }}
         }}
-        XCTMain([{entries}], arguments: filter.isEmpty ? [program] : [program, filter]) as Never
+        var entries: [XCTestCaseEntry] = [{entries}]
+{maybe}        XCTMain(entries, arguments: filter.isEmpty ? [program] : [program, filter]) as Never
     }}
 }}
+"""
+
+
+# For classes whose base class is another module's: the constrained overload wins when the class is an
+# XCTestCase, the unconstrained one (no tests) when it is not.
+_MAYBE = """\
+private func __treematTestCase<T: XCTestCase>(_ tests: [(String, (T) -> () throws -> Void)]) -> [XCTestCaseEntry] {
+    [testCase(tests)]
+}
+private func __treematTestCase<T>(_ tests: [(String, (T) -> () throws -> Void)]) -> [XCTestCaseEntry] { [] }
+private func __treematAsync<T: XCTestCase>(
+    _ test: @escaping (T) -> () async throws -> Void
+) -> (T) -> () throws -> Void {
+    asyncTest(test)
+}
+private func __treematAsync<T>(_ test: @escaping (T) -> () async throws -> Void) -> (T) -> () throws -> Void {
+    { _ in {} }
+}
 """
 
 
 def render(module: str, classes: list[TestClass]) -> str:
     """The runner's Swift source."""
     parts = [_HEADER.format(module=module)]
-    entries = []
+    if not all(c.certain for c in classes):
+        parts.append(_MAYBE)
+    entries: list[str] = []
+    maybe: list[str] = []
     for index, test_class in enumerate(classes):
         type_name = ".".join(test_class.path)
+        wrap = "asyncTest" if test_class.certain else "__treematAsync"
         tests = ",\n".join(
-            f'        ("{name}", {"asyncTest(" + name + ")" if is_async else name})'
+            f'        ("{name}", {wrap + "(" + name + ")" if is_async else name})'
             for name, is_async in test_class.methods
         )
+        annotation = "" if test_class.certain else f": [(String, ({type_name}) -> () throws -> Void)]"
         parts.append(
             f"fileprivate extension {type_name} {{\n"
             '    @available(*, deprecated, message: "Not actually deprecated")\n'
-            f"    static nonisolated(unsafe) let __treematAllTests{index} = [\n{tests}\n    ]\n"
+            f"    static nonisolated(unsafe) let __treematAllTests{index}{annotation} = [\n{tests}\n    ]\n"
             "}\n"
         )
-        entries.append(f"testCase({type_name}.__treematAllTests{index})")
-    parts.append(_MAIN.format(entries=", ".join(entries)))
+        if test_class.certain:
+            entries.append(f"testCase({type_name}.__treematAllTests{index})")
+        else:
+            maybe.append(f"        entries += __treematTestCase({type_name}.__treematAllTests{index})\n")
+    parts.append(_MAIN.format(entries=", ".join(entries), maybe="".join(maybe)))
     return "\n".join(parts)
 
 

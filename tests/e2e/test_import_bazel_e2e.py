@@ -94,9 +94,10 @@ def imported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         check=True,
     )
     workspace_snippet = run.stdout[run.stdout.index("# WORKSPACE") : run.stdout.index("# MODULE.bazel")]
-    module_fragment = run.stdout[run.stdout.index("# MODULE.bazel") :]
+    module_fragment = run.stdout[run.stdout.index("# MODULE.bazel") : run.stdout.index("# .bazelrc")]
+    import_bazelrc = run.stdout[run.stdout.index("# .bazelrc") :]  # C targets: CC=clang, as SwiftPM compiles C
     workspace = packages / "geometry"
-    bazelrc = "build --nosandbox_debug\n" + _doc_blocks(".bazelrc")[0]
+    bazelrc = "build --nosandbox_debug\n" + _doc_blocks(".bazelrc")[0] + import_bazelrc
     if flavor == "bazel7-bzlmod":
         module, bzlmod_rc = _doc_blocks("Bzlmod (Bazel 7)")
         treemat = module.replace("/path/to/treemat", str(REPO))

@@ -77,12 +77,15 @@ def test_generated_runner_runs_both_libraries_and_fails_when_either_fails(tmp_pa
     discovery = _load()
     source = tmp_path / "T.swift"
     source.write_text(
-        "import XCTest\nimport Testing\n"
+        "import Foundation\nimport XCTest\nimport Testing\n"
         "final class Cases: XCTestCase {\n"
         "    func testOne() { XCTAssertEqual(1, 1) }\n"
         f"    func testTwo() async {{ XCTAssertEqual(2, {3 if failing == 'xctest' else 2}) }}\n"
+        # swift-argument-parser's AsyncCommandEndToEndTests: waits for the main queue (hung under an async main)
+        "    @MainActor func testOnMain() async { await Task.yield(); XCTAssertTrue(Thread.isMainThread) }\n"
         "}\n"
         f"@Test func swiftTesting() {{ #expect(1 == {0 if failing == 'swift-testing' else 1}) }}\n"
+        "@Test @MainActor func swiftTestingOnMain() async { await Task.yield(); #expect(Thread.isMainThread) }\n"
     )
     graphs = tmp_path / "graphs"
     common = ["-parse-as-library", "-wmo", "-num-threads", "0", "-module-cache-path", str(tmp_path / "mc")]
@@ -100,9 +103,10 @@ def test_generated_runner_runs_both_libraries_and_fails_when_either_fails(tmp_pa
         check=True, cwd=tmp_path,
     )  # fmt: skip
     subprocess.run([SWIFTC, "-o", str(tmp_path / "t"), str(tmp_path / "T.o"), str(tmp_path / "R.o")], check=True)
-    run = subprocess.run([str(tmp_path / "t")], capture_output=True, text=True, cwd=tmp_path)
+    run = subprocess.run([str(tmp_path / "t")], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     output = run.stdout + run.stderr
-    assert "Test Case 'Cases.testOne' passed" in output
+    assert "Test Case 'Cases.testOne' passed" in output and "Test Case 'Cases.testOnMain' passed" in output
+    assert "Test swiftTestingOnMain() passed" in output
     assert ("Test Case 'Cases.testTwo' failed" in output) == (failing == "xctest")
     assert "Test swiftTesting()" in output, "Swift Testing ran"
     assert (run.returncode != 0) == (failing != "none"), output
@@ -147,3 +151,44 @@ def test_compile_mode_compiles_discovers_and_leaves_no_symbol_graph(tmp_path: Pa
     runner.unlink()
     assert discovery.main(["--module", "T", "--output", str(runner), "--", *compile_argv]) != 0
     assert not runner.exists()
+
+
+@pytest.mark.swift
+@pytest.mark.skipif(SWIFTC is None, reason=NO_SWIFTC)
+def test_cases_whose_base_class_is_in_another_module_run(tmp_path: Path) -> None:
+    """swift-collections: `final class DequeTests: CollectionTestCase`, the base an XCTestCase of the module
+    _CollectionsTestSupport; the test module's symbol graph does not say what the base derives from. A class
+    on a base of another module that is not an XCTestCase is left out (and the runner still compiles)."""
+    assert SWIFTC
+    discovery = _load()
+    common = ["-parse-as-library", "-wmo", "-num-threads", "0", "-module-cache-path", str(tmp_path / "mc")]
+    (tmp_path / "Support.swift").write_text(
+        "import XCTest\nopen class SupportCase: XCTestCase {}\nopen class NotACase { public init() {} }\n"
+    )
+    subprocess.run(
+        [SWIFTC, "-module-name", "Support", *common, "-emit-module", "-emit-module-path",
+         str(tmp_path / "Support.swiftmodule"), "-c", "-o", str(tmp_path / "S.o"), str(tmp_path / "Support.swift")],
+        check=True, cwd=tmp_path,
+    )  # fmt: skip
+    (tmp_path / "T.swift").write_text(
+        "import XCTest\nimport Support\n"
+        "final class Derived: SupportCase {\n    func testSync() {}\n    func testAsync() async {}\n}\n"
+        "final class Plain: NotACase {\n    func testNotXCTest() {}\n}\n"
+    )
+    runner = tmp_path / "runner" / "main.swift"
+    compile_argv = [SWIFTC, "-module-name", "T", *common, "-I", str(tmp_path), "-enable-testing", "-emit-module",
+                    "-emit-module-path", str(tmp_path / "T.swiftmodule"), "-c", "-o", str(tmp_path / "T.o"),
+                    str(tmp_path / "T.swift")]  # fmt: skip
+    assert discovery.main(["--module", "T", "--output", str(runner), "--", *compile_argv]) == 0
+    subprocess.run(
+        [SWIFTC, "-module-name", "Runner", *common, "-I", str(tmp_path), "-c", "-o", str(tmp_path / "R.o"),
+         str(runner)],
+        check=True, cwd=tmp_path,
+    )  # fmt: skip
+    objects = [str(tmp_path / n) for n in ("S.o", "T.o", "R.o")]
+    subprocess.run([SWIFTC, "-o", str(tmp_path / "t"), *objects], check=True)
+    run = subprocess.run([str(tmp_path / "t")], capture_output=True, text=True, cwd=tmp_path)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output
+    assert "Test Case 'Derived.testSync' passed" in output and "Test Case 'Derived.testAsync' passed" in output
+    assert "Executed 2 tests" in output and "testNotXCTest" not in output

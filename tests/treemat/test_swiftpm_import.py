@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import json
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,41 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from treemat.cli import cli
 from treemat.swiftpm import PackageImportError, parse_manifest
-from treemat.swiftpm_import import MARK, ImportResult, plan_import, repo_name, starlark_string, write_import
+from treemat.swiftpm_import import MARK, plan_import, repo_name, starlark_string, write_import
 from treemat.swiftpm_rules import label_safe
 
-
-def setting(tool: str, kind: str, value: Any, platforms: list[str] | None = None, config: str | None = None) -> Any:
-    entry: dict[str, Any] = {"tool": tool, "kind": {kind: {"_0": value}}}
-    if platforms is not None or config is not None:
-        entry["condition"] = {"platformNames": platforms or [], **({"config": config} if config else {})}
-    return entry
-
-
-def target(name: str, kind: str = "regular", deps: list[Any] | None = None, **extra: Any) -> dict[str, Any]:
-    return {"name": name, "type": kind, "dependencies": deps or [], "exclude": [], "resources": [], **extra}
-
-
-def dump(name: str, targets: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    return {"name": name, "toolsVersion": {"_version": "5.9.0"}, "targets": targets, "products": [], **extra}
-
-
-def tree(root: Path, files: Mapping[str, str]) -> Path:
-    for path, text in files.items():
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        (root / path).write_text(text)
-    return root
-
-
-def build_text(result: ImportResult, directory: Path) -> str:
-    return result.files[directory.resolve() / "BUILD.bazel"]
-
-
-def rule_of(text: str, name: str) -> str:
-    """The rule call named `name` in a rendered BUILD file."""
-    match = re.search(rf'^\w+\(\n    name = "{re.escape(name)}",\n.*?^\)\n', text, re.S | re.M)
-    assert match, f"no rule {name} in:\n{text}"
-    return match.group(0)
+from ..support.swiftpm_dumps import build_text, dump, rule_of, setting, target, tree
 
 
 @pytest.fixture()
@@ -151,14 +119,18 @@ def test_c_targets_swift_targets_and_settings(geometry: Path) -> None:
         text.count('config_setting(\n    name = "swiftpm_release",\n    values = {"compilation_mode": "opt"},\n)') == 1
     )
     assert (
-        'defines = ["GEOMETRY_LINUX"] + select({\n        ":swiftpm_release": [],\n'
+        'defines = [\n        "SWIFT_PACKAGE",\n        "SWIFT_MODULE_RESOURCE_BUNDLE_UNAVAILABLE",\n'
+        '        "GEOMETRY_LINUX",\n    ] + select({\n        ":swiftpm_release": [],\n'
         '        "//conditions:default": ["DEBUG_ONLY"],\n    }),'
     ) in geometry_rule
     assert (
         '    ] + select({\n        ":swiftpm_release": [\n            "-Ounchecked",\n            "-wmo",\n        ],\n'
         '        "//conditions:default": [],\n    }),'
     ) in geometry_rule
-    assert 'local_defines = [\n        "SCALE=2",\n        "LINUX_ONLY",\n    ] + select({' in shapes
+    assert (
+        'local_defines = [\n        "SWIFT_PACKAGE=1",\n        "SCALE=2",\n        "LINUX_ONLY",\n    ] + select({'
+        in shapes
+    )
     assert '"-enable-upcoming-feature",\n        "ExistentialAny",' in geometry_rule
     assert '"-enable-experimental-feature",\n        "Extern",' in geometry_rule
     assert '"-enforce-exclusivity=checked"' in geometry_rule and 'swift_version = "5"' in geometry_rule
@@ -398,7 +370,9 @@ def test_cli_help_json_and_one_line_errors(tmp_path: Path) -> None:
     assert "--dep NAME=PATH" in help_text and "--dump" in help_text and "--force" in help_text
     root = tree(tmp_path / "p", {"Package.swift": "", "Sources/A/a.swift": "", "Sources/B/b.swift": ""})
     dump_file = tmp_path / "dump.json"
-    dump_file.write_text(json.dumps(dump("P", [target("A"), target("B", settings=[setting("c", "define", "X")])])))
+    dump_file.write_text(
+        json.dumps(dump("P", [target("A"), target("B", settings=[setting("c", "headerSearchPath", "inc")])]))
+    )
     dry = runner.invoke(cli, ["import", "--dry-run", "--dump", str(dump_file), str(root)])
     assert dry.exit_code == 0 and f"would write: {root.resolve() / 'BUILD.bazel'}" in dry.stdout
     assert not (root / "BUILD.bazel").exists(), "--dry-run writes nothing"
@@ -407,7 +381,11 @@ def test_cli_help_json_and_one_line_errors(tmp_path: Path) -> None:
     report = json.loads(run.output)
     assert report["files"] == [{"path": str(root.resolve() / "BUILD.bazel"), "status": "written"}]
     assert report["untranslated"] == [
-        {"package": "p", "target": "B", "item": "cSettings define X: C settings of a Swift target are not translated"}
+        {
+            "package": "p",
+            "target": "B",
+            "item": "cSettings headerSearchPath inc: C settings of a Swift target are not translated",
+        }
     ]
     text = runner.invoke(cli, ["import", "--dump", str(dump_file), str(root)])
     assert text.exit_code == 0 and f"unchanged: {root.resolve() / 'BUILD.bazel'}" in text.stdout

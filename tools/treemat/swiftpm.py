@@ -266,3 +266,16 @@ def target_files(package_dir: Path, target: Target) -> tuple[list[str], list[str
             elif target.sources is None or _under(relative, target.sources):
                 sources.append(path.relative_to(package_dir).as_posix())
     return sorted(sources), sorted(resources)
+
+
+def excluded_files(package_dir: Path, target: Target) -> list[str]:
+    """The (non-hidden) files `exclude` takes out of the target's directory, package-relative, sorted."""
+    directory = target_dir(package_dir, target)
+    excluded = []
+    for walk_root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = Path(walk_root) / name
+            if not name.startswith(".") and _under(path.relative_to(directory).as_posix(), target.exclude):
+                excluded.append(path.relative_to(package_dir).as_posix())
+    return sorted(excluded)

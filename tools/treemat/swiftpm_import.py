@@ -35,6 +35,10 @@ REPO_PREFIX = "swiftpkg_"
 REPO_VERSION = "0.0.0"
 TREEMAT_MODULE = 'bazel_dep(name = "treemat", version = "0.1.0")'
 SWIFT_RULES = ("swift_binary", "swift_c_module", "swift_library", "swift_test")
+# SwiftPM compiles C targets with the Swift toolchain's clang (beside swiftc); Bazel's auto-configured C
+# toolchain is `cc` (gcc on most Linux hosts), which rejects the clang-only `_Nonnull`/`_Nullable` qualifiers
+# real C targets use (swift-nio's CNIOAtomics, CNIOLinux). rules_swift's Linux setup says the same: CC=clang.
+C_COMPILER_BAZELRC = "build --repo_env=CC=clang\n"
 Loader = Callable[[Path], Mapping[str, Any]]
 
 
@@ -46,6 +50,7 @@ class ImportResult:
     untranslated: list[Untranslated] = field(default_factory=list)
     workspace: str = ""
     module: str = ""
+    bazelrc: str = ""
     status: dict[Path, str] = field(default_factory=dict)  # written | unchanged
 
     def to_json(self) -> dict[str, Any]:
@@ -55,6 +60,7 @@ class ImportResult:
             "untranslated": [{"package": u.package, "target": u.target, "item": u.item} for u in self.untranslated],
             "workspace": self.workspace,
             "module": self.module,
+            "bazelrc": self.bazelrc,
         }
 
 
@@ -201,6 +207,8 @@ def plan_import(
         if info.repo:
             for name, text in _dependency_repo_files(info, [d for d in deps if d.directory]).items():
                 result.files[info.directory / name] = text
+    if any(layout.kind != "swift" for info in packages for layout in info.layouts.values()):
+        result.bazelrc = C_COMPILER_BAZELRC
     local = sorted((p for p in packages[1:] if p.directory is not None), key=lambda p: p.repo)
     result.workspace = "".join(_render_call("local_repository", name=p.repo, path=str(p.directory)) for p in local)
     result.module = "".join(

@@ -20,6 +20,7 @@ from treemat.swiftpm import (
     Target,
     TargetDependency,
     c99name,
+    excluded_files,
     target_dir,
     target_files,
 )
@@ -32,8 +33,11 @@ from treemat.swiftpm_settings import (
     swift_setting,
 )
 
-# Characters a Bazel 4.x label's target name may hold (no space, quote, backslash or colon).
-_LABEL_SAFE = re.compile(r"[A-Za-z0-9!%\-@^_#$&'()*+,;<=>?\[\]{|}~/.]+")
+# Characters a Bazel 4.x label's target name may hold (no quote, backslash or colon). A space is one of them
+# (swift-collections, swift-argument-parser and swift-atomics have sources like `Unmanaged extensions.swift`),
+# except at either end of a path segment; runfiles (resources) take none: Bazel 4's runfiles manifest is
+# split at spaces.
+_LABEL_SAFE = re.compile(r"[A-Za-z0-9!%\-@^_#$&'()*+,;<=>?\[\]{|}~/. ]+")
 RELEASE_SETTING = "swiftpm_release"  # config_setting: -c opt is SwiftPM's release, fastbuild and dbg its debug
 
 
@@ -70,6 +74,11 @@ class _Attrs:
         return Selected(base, release, debug) if release or debug else base
 
 
+# What SwiftPM defines for every target (swift build -v, 6.3): `#if SWIFT_PACKAGE` code (swift-nio,
+# swift-system) takes SwiftPM's branch; no Bundle.module is generated, so resource-bundle code takes the
+# "unavailable" one. SwiftPM's DEBUG (outside release) comes from the rules (-DDEBUG, as rules_swift).
+SWIFTPM_SWIFT_DEFINES = ("SWIFT_PACKAGE", "SWIFT_MODULE_RESOURCE_BUNDLE_UNAVAILABLE")
+SWIFTPM_C_DEFINES = ("SWIFT_PACKAGE=1",)
 CC_SUFFIX = "_cc"  # the cc_library behind a swift_c_module
 
 
@@ -105,6 +114,9 @@ class TargetLayout:
     include_dir: str | None = None  # C: the public headers directory, package-relative, if it exists
     module_map: str | None = None
     resources: tuple[str, ...] = ()
+    # A test's excluded files (swift-argument-parser's Snapshots/), which its tests read beside `#filePath`
+    # as under `swift test`: runfiles too (`#filePath` is execroot-relative, the test runs in its runfiles).
+    test_files: tuple[str, ...] = ()
 
 
 @dataclass
@@ -124,11 +136,15 @@ class PackageInfo:
         return f"@{self.repo}//:{name}" if self.repo and not local else f":{name}"
 
 
-def label_safe(path: str) -> bool:
-    """Whether a package-relative file path can be written as a Bazel label (4.x rules)."""
+def label_safe(path: str, *, runfile: bool = False) -> bool:
+    """Whether a package-relative file path can be written as a Bazel label (4.x rules); `runfile`: and be in
+    a runfiles tree."""
     parts = path.split("/")
     return (
-        bool(_LABEL_SAFE.fullmatch(path)) and not path.startswith("@") and all(p not in ("", ".", "..") for p in parts)
+        bool(_LABEL_SAFE.fullmatch(path))
+        and not path.startswith("@")
+        and all(p not in ("", ".", "..") and p == p.strip(" ") for p in parts)
+        and not (runfile and " " in path)
     )
 
 
@@ -147,18 +163,18 @@ def layout_target(package_dir: Path, target: Target, report: list[str]) -> Targe
     if target.type not in ("regular", "executable", "test"):
         report.append(f"{target.type} target not translated")
         return None
-    if not label_safe(target.name) or "/" in target.name:
+    if not label_safe(target.name) or "/" in target.name or " " in target.name:  # no space in an output's name
         report.append(f"target name {target.name!r} is not a valid Bazel target name: not translated")
         return None
     sources, resources = target_files(package_dir, target)
     for path in sources + resources:
-        if not label_safe(path):
+        if not label_safe(path, runfile=path in resources):
             report.append(f"file {path!r}: not expressible as a Bazel label: left out")
         elif (nested := _in_bazel_package(path, package_dir)) is not None:
             report.append(f"{nested} has a BUILD file (a Bazel package of its own): target not translated")
             return None
     sources = [p for p in sources if label_safe(p)]
-    kept_resources = tuple(p for p in resources if label_safe(p))
+    kept_resources = tuple(p for p in resources if label_safe(p, runfile=True))
     suffix = {p: Path(p).suffix for p in sources}
     swift = [p for p in sources if suffix[p] in SWIFT_SUFFIXES]
     objc = [p for p in sources if suffix[p] in OBJC_SUFFIXES]
@@ -169,7 +185,11 @@ def layout_target(package_dir: Path, target: Target, report: list[str]) -> Targe
         report.append("mixed Swift and C sources in one target: not translated")
         return None
     if swift:
-        return TargetLayout("swift", tuple(swift), resources=kept_resources)
+        test_files = excluded_files(package_dir, target) if target.type == "test" else []
+        kept_test_files = tuple(
+            p for p in test_files if label_safe(p, runfile=True) and _in_bazel_package(p, package_dir) is None
+        )
+        return TargetLayout("swift", tuple(swift), resources=kept_resources, test_files=kept_test_files)
     if not c_family:
         report.append("no Swift or C sources: not translated")
         return None
@@ -333,11 +353,11 @@ def _swift_rule(package: PackageInfo, manifest: Manifest, target: Target, layout
             ("module_name", c99name(target.name)),
             ("package_name", package.identity),
             ("deps", tuple(attrs["deps"])),
-            ("defines", attrs.value("defines")),
+            ("defines", attrs.value("defines", SWIFTPM_SWIFT_DEFINES)),
             ("copts", attrs.value("copts")),
             ("swift_version", swift_language_version(manifest, target)),
             ("linkopts", attrs.value("linkopts")),
-            ("data", layout.resources),
+            ("data", layout.resources + layout.test_files),
         ),
     )
 
@@ -353,7 +373,7 @@ def _c_rules(target: Target, layout: TargetLayout, attrs: _Attrs) -> list[Rule]:
             ("hdrs", layout.headers),
             ("includes", includes),
             ("deps", tuple(attrs["deps"])),
-            ("local_defines", attrs.value("local_defines")),
+            ("local_defines", attrs.value("local_defines", SWIFTPM_C_DEFINES)),
             ("copts", attrs.value("copts")),
             ("linkopts", attrs.value("linkopts")),
             ("tags", () if own_map else (f"swift_module={c99name(target.name)}",)),

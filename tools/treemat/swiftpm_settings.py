@@ -57,7 +57,11 @@ def swift_setting(setting: Setting, attrs: dict[str, list[str]]) -> str | None:
         else:
             return f"{setting.describe()}: not translated"
     elif setting.tool != "swift":
-        return f"{setting.describe()}: C settings of a Swift target are not translated"
+        # SwiftPM hands a Swift target's cSettings/cxxSettings to its clang importer (`-Xcc`)
+        if kind not in ("define", "unsafeFlags"):
+            return f"{setting.describe()}: C settings of a Swift target are not translated"
+        flags = [f"-D{v}" for v in values] if kind == "define" else values
+        attrs["copts"] += [arg for flag in flags for arg in ("-Xcc", flag)]
     elif kind == "define":
         attrs["defines"] += values
     elif kind == "unsafeFlags":
@@ -77,10 +81,14 @@ def swift_setting(setting: Setting, attrs: dict[str, list[str]]) -> str | None:
 def c_setting(setting: Setting, target_path: str, attrs: dict[str, list[str]]) -> str | None:
     """Translate one c/cxx/linker setting of a C target into attrs; returns why not, or None."""
     kind, values = setting.kind, list(setting.values)
-    if setting.tool == "linker" or setting.tool == "swift":
-        if setting.tool == "linker" and kind in ("linkedLibrary", "unsafeFlags"):
+    if setting.tool == "swift":
+        return None  # SwiftPM ignores swiftSettings of a C target too (swift-nio sets them on every target)
+    if setting.tool == "linker":
+        if kind in ("linkedLibrary", "unsafeFlags"):
             attrs["linkopts"] += [f"-l{v}" for v in values] if kind == "linkedLibrary" else values
             return None
+        if kind == "linkedFramework":
+            return f"{setting.describe()}: frameworks are Apple-only: dropped"
         return f"{setting.describe()}: not translated for a C target"
     if kind == "define":
         attrs["local_defines"] += [v.replace("$", "$$") for v in values]

@@ -82,4 +82,6 @@ def import_(
     if result.workspace:
         click.echo("\n# WORKSPACE, after treemat's block (docs/bazel.md):\n" + result.workspace, nl=False)
         click.echo("\n# MODULE.bazel (Bzlmod), after treemat's bazel_dep:\n" + result.module, nl=False)
+    if result.bazelrc:
+        click.echo("\n# .bazelrc (C targets: compiled by clang, as SwiftPM does):\n" + result.bazelrc, nl=False)
     return 0

@@ -8,3 +8,9 @@
 int cshapes_scaled_area(int width, int height) { return CSHAPES_MUL(width * height, CSHAPES_SCALE); }
 
 int cshapes_scale(void) { return CSHAPES_SCALE; }
+
+int cshapes_sum(const int *_Nonnull values, int count) {
+    int sum = 0;
+    for (int i = 0; i < count; i++) sum += values[i];
+    return sum;
+}
