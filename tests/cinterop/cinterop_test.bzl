@@ -7,6 +7,7 @@ load("//rules:defs.bzl", "SwiftClangModuleInfo", "derive_module_name")
 
 # The aspect the Swift rules put on `deps`, applied here to see which module a cc_library becomes.
 load("//rules/private:cc_interop.bzl", "clang_module_aspect")
+load("//tests:actions.bzl", "select_action")
 
 def _contains_run(argv, run):
     """True if the strings of `run` appear consecutively in argv."""
@@ -18,20 +19,7 @@ def _contains_run(argv, run):
 def _c_interop_test_impl(ctx):
     bin_dir = ctx.bin_dir.path
     label = ctx.attr.target_under_test.label
-    actions = [
-        a
-        for a in ctx.attr.target_under_test.actions
-        if a.mnemonic == ctx.attr.mnemonic and
-           (not ctx.attr.output_suffix or [o for o in a.outputs.to_list() if o.path.endswith(ctx.attr.output_suffix)])
-    ]
-    errors = []
-    if len(actions) != 1:
-        errors.append("{} has {} {} actions with an output ending in '{}', not 1".format(
-            label,
-            len(actions),
-            ctx.attr.mnemonic,
-            ctx.attr.output_suffix,
-        ))
+    actions, errors = select_action(ctx.attr.target_under_test, ctx.attr.mnemonic, ctx.attr.output_suffix)
     for action in actions:
         argv = action.argv
         for run in ctx.attr.argv:

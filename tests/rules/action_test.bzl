@@ -15,6 +15,7 @@ one argument (the exec-configuration path of a tool).
 """
 
 load("@treemat_swift//:defs.bzl", "SWIFTC")
+load("//tests:actions.bzl", "select_action")
 
 _COMPILATION_MODE = "//command_line_option:compilation_mode"
 
@@ -48,14 +49,6 @@ def _target(ctx):
     target = ctx.attr.target_under_test
     return target[0] if type(target) == "list" else target
 
-def _select_action(ctx):
-    return [
-        a
-        for a in _target(ctx).actions
-        if a.mnemonic == ctx.attr.mnemonic and
-           (not ctx.attr.output_suffix or [o for o in a.outputs.to_list() if o.path.endswith(ctx.attr.output_suffix)])
-    ]
-
 def _check_action(ctx, action):
     """The errors of one action against the test's expectations."""
     bin_dir = action.outputs.to_list()[0].root.path
@@ -86,16 +79,8 @@ def _check_action(ctx, action):
     return errors
 
 def _action_test_impl(ctx):
-    actions = _select_action(ctx)
     label = _target(ctx).label
-    errors = []
-    if len(actions) != 1:
-        errors.append("{} has {} {} actions with an output ending in '{}', not 1".format(
-            label,
-            len(actions),
-            ctx.attr.mnemonic,
-            ctx.attr.output_suffix,
-        ))
+    actions, errors = select_action(_target(ctx), ctx.attr.mnemonic, ctx.attr.output_suffix)
     for action in actions:
         errors.extend(_check_action(ctx, action))
         if errors:
