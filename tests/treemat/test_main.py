@@ -31,7 +31,7 @@ def test_the_workers_fast_flags_read_as_clicks_worker_command_reads_them(tmp_pat
     """__main__ reads Bazel's usual worker flags without click (20 ms of a worker's start); whatever it takes, it
     reads as `treemat worker` does, and it hands anything else to click."""
     from treemat import cli
-    from treemat.__main__ import ISOLATIONS, PROTOCOLS, worker_options
+    from treemat.__main__ import ISOLATIONS, PROTOCOLS, SERVICE_DEFAULT, worker_options
     from treemat.commands.worker import worker
 
     assert ISOLATIONS == cli.ISOLATION_CHOICES
@@ -64,4 +64,8 @@ def test_the_workers_fast_flags_read_as_clicks_worker_command_reads_them(tmp_pat
         "root": "",
         "max_workers": "",
         "isolation": "none",
+        "service": SERVICE_DEFAULT,
     }
+    assert worker_options(["--persistent_worker", "--no-service"], {"TREEMAT_SERVICE": "1"})["service"] == "0"  # type: ignore[index]
+    assert worker_options(["--persistent_worker"], {"TREEMAT_SERVICE": "0"})["service"] == "0"  # type: ignore[index]
+    assert worker_options(["--persistent_worker"], {"TREEMAT_SERVICE": "1"})["service"] == "1"  # type: ignore[index]

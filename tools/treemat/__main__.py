@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
+SERVICE_DEFAULT = "0"  # TREEMAT_SERVICE unset: relay to the stager service (1) or serve in-process (0)
 PROTOCOLS = ("json", "proto", "auto")  # = commands/worker.py's --protocol choices (a test checks)
 ISOLATIONS = ("auto", "overlay", "copy-on-write", "none")  # = cli.ISOLATION_CHOICES (a test checks)
 
@@ -20,9 +21,19 @@ ISOLATIONS = ("auto", "overlay", "copy-on-write", "none")  # = cli.ISOLATION_CHO
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to the one-shot runner, the worker or the CLI; returns the exit status."""
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--service"]:
+        from treemat.service import main as service_main
+
+        return service_main(args[1:])
     if "--persistent_worker" in args:
         options = worker_options(args, os.environ)
         if options is not None:
+            if options["service"] == "1" and options["protocol"] == "proto":
+                from treemat.relay import relay
+
+                status = relay(options, os.environ)
+                if status is not None:
+                    return status
             return serve_worker(options)
         from treemat.cli import main as cli_main
 
@@ -38,10 +49,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def worker_options(args: list[str], env: dict[str, str] | os._Environ[str]) -> dict[str, str] | None:
     """The worker's settings from Bazel's usual flags (`--name=value` only), or None: let click parse them."""
-    options = {"protocol": "auto", "root": "", "max_workers": "", "isolation": env.get("TREEMAT_ISOLATION", "auto")}
+    options = {
+        "protocol": "auto",
+        "root": "",
+        "max_workers": "",
+        "isolation": env.get("TREEMAT_ISOLATION", "auto"),
+        "service": "0" if env.get("TREEMAT_SERVICE", SERVICE_DEFAULT) == "0" else "1",
+    }
     for arg in args:
         name, _equals, value = arg.partition("=")
         if arg == "--persistent_worker" or arg.startswith("@"):
+            continue
+        if arg == "--no-service":
+            options["service"] = "0"
             continue
         if name == "--protocol" and value in PROTOCOLS:
             options["protocol"] = value

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,7 @@ class ActionRequest:
     inputs: InputManifest
     execroot: Path
     request_id: int
+    base_env: Mapping[str, str] | None  # the tool's environment before the action's own; None: this process's
 
     def __init__(
         self,
@@ -29,11 +30,13 @@ class ActionRequest:
         inputs: InputManifest | Iterable[RequestInput | tuple[str, str | None]],
         execroot: Path,
         request_id: int = 0,
+        base_env: Mapping[str, str] | None = None,
     ) -> None:
         self.spec = spec
         self.inputs = InputManifest.of(inputs)
         self.execroot = execroot
         self.request_id = request_id
+        self.base_env = base_env
 
 
 @dataclass(slots=True)

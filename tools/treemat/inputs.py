@@ -214,13 +214,14 @@ class InputStager:
         execroot = str(request.execroot)
         self.memo.use_execroot(execroot)
         known_input, admit, stat_now = self.memo.known, self.guard.admit, os.stat
+        base = execroot + "/"  # the service stages for several execroots at once: an entry of another is not ours
         for item in request.inputs:
             known = known_input(item)
             identity: BlobIdentity | None = NO_BLOB
             if known is not None:
                 path, node, size, full = known
                 try:
-                    mode = stat_now(full).st_mode
+                    mode = stat_now(full).st_mode if full.startswith(base) else 0
                 except OSError:
                     mode = 0  # gone: the slow path says so
                 if not stat.S_ISREG(mode) or bool(mode & 0o111) != node.executable:

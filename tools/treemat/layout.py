@@ -5,6 +5,7 @@
     <root>/dircache/             Merkle-keyed subtrees        <root>/exec/            exec dirs (executor, pool)
     <root>/tool-cache/           trusted tool-cache seeds     <root>/stats/           per-process counters
     <root>/gc.lock               shared while staging, exclusive for gc
+    <root>/service/              the stager service's sockets, locks, pid files and logs (service.py, relay.py)
 
 The root is created 0o700 (0o750 when shared with a group) whatever the umask; one owned by another user or
 writable by others is refused. Every subdirectory is made once, when the Root is constructed (at the entry
@@ -50,7 +51,7 @@ def default_root_path() -> Path:
 class Root:
     """A checked treemat root: its subpaths, made on demand; construct once at the entry point, pass it down."""
 
-    SUBDIRS = ("cas", "tmp", "quarantine", "exec", "verified", "stats", "dircache", "tool-cache")
+    SUBDIRS = ("cas", "tmp", "quarantine", "exec", "verified", "stats", "dircache", "tool-cache", "service")
 
     def __init__(self, path: Path | str | None = None, *, group_shared: bool = False) -> None:
         self.path = Path(path).expanduser().absolute() if path is not None else default_root_path()
@@ -117,6 +118,22 @@ class Root:
         return self.path / "tool-cache"
 
     @property
+    def service(self) -> Path:
+        """The stager service's `<name>.sock` (0600 in this 0700 dir), `.lock`, `.pid` and `.log` (service.py)."""
+        return self.path / "service"
+
+    def service_package(self, version: str) -> Path:
+        """`service/pkg-<version>/`: the copy of the treemat package a service runs from (`bazel clean` may delete
+        the runfiles of the relay that started it)."""
+        return self.service / f"pkg-{version}"
+
+    def service_file(self, name: str, kind: str) -> Path:
+        """`service/<name>.<kind>`: the service's `sock` (0600), `lock` (held to start or retire it), `pid`, `log`."""
+        if kind not in ("sock", "lock", "pid", "log"):
+            raise ValueError(f"no service file of kind {kind!r}")
+        return self.service / f"{name}.{kind}"
+
+    @property
     def replay(self) -> Path:
         """Scratch of `treemat replay` (removed when it ends)."""
         return self.path / "replay"
@@ -129,7 +146,7 @@ class Root:
     @property
     def hidden(self) -> list[Path]:
         """What no tool may see (the sandbox masks them): blobs, their ledger, caches built from blobs."""
-        return [self.cas, self.verified, self.dircache, self.quarantine, self.tool_cache]
+        return [self.cas, self.verified, self.dircache, self.quarantine, self.tool_cache, self.service]
 
     @property
     def gc_lock(self) -> Path:

@@ -13,7 +13,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -120,8 +120,12 @@ class WorkerServer:
             return WorkReply(item.request_id, 1, f"treemat: internal error: {type(exc).__name__}: {exc}\n")
 
 
-def make_handler(stack: Stack, execroot: Path) -> tuple[Handler, Canceller]:
-    """(handler, canceller) running requests on the stack's executor, relative to `execroot`."""
+def make_handler(
+    stack: Stack, execroot: Path, *, env: Mapping[str, str] | None = None, role: str = "worker"
+) -> tuple[Handler, Canceller]:
+    """(handler, canceller) running requests on the stack's executor, relative to `execroot`.
+
+    `env`: the tools' base environment (None: this process's; the service passes each relay's)."""
     # Imported here, not at the top: `open_stack` imports the layers below the stack while the sandbox probe
     # runs (the worker's start-up cost); by now they are loaded.
     from treemat.action import ActionRequest
@@ -143,10 +147,11 @@ def make_handler(stack: Stack, execroot: Path) -> tuple[Handler, Canceller]:
             inputs=item.inputs,
             execroot=execroot,
             request_id=item.request_id,
+            base_env=env,
         )
         result = executor.execute(request)
         with stats_lock, contextlib.suppress(OSError):
-            stats.publish(counters, role="worker", extra={"recent_actions": list(executor.recent), **stack.describe()})
+            stats.publish(counters, role=role, extra={"recent_actions": list(executor.recent), **stack.describe()})
         if verbose:
             print(
                 f"treemat worker: request {item.request_id} handled in {1000 * (time.perf_counter() - started):.1f} ms "

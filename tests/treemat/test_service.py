@@ -1,0 +1,364 @@
+"""The stager service and its relay (service.py, relay.py): real relay processes started as Bazel starts a worker
+(`python3 -m treemat --persistent_worker --protocol=proto`, cwd = the execroot), real services, real tools."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from treemat import protos
+from treemat.framing import encode_delimited, read_delimited
+from treemat.layout import Root
+from treemat.relay import connect, hello_payload, service_name, service_version
+
+from ..support.harness import TOOLS_DIR, worker_env
+from ..support.waiting import wait_for
+
+READ_TIMEOUT = 60.0
+
+
+def services(root: Path) -> list[int]:
+    """Pids of the live (not zombie) service processes of `root`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"--service" in cmdline and f"--root={root}".encode() in cmdline and state != b"Z":
+            found.append(int(entry))
+    return found
+
+
+def tool_running(marker: str) -> bool:
+    """True while a process whose argv holds `marker` runs (the tools run in the service's sandbox)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0"):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+class RelayProcess:
+    """`treemat --persistent_worker --protocol=proto` with the service on, driven with WorkRequest protos."""
+
+    def __init__(self, execroot: Path, root: Path, *, env: dict[str, str] | None = None, extra: tuple[str, ...] = ()):
+        command = [sys.executable, "-m", "treemat", "--persistent_worker", "--protocol=proto", f"--root={root}"]
+        environment = {**worker_env(), "TREEMAT_SERVICE": "1", **(env or {})}
+        self.execroot = execroot
+        self.proc = subprocess.Popen(
+            [*command, *extra],
+            cwd=execroot,
+            env=environment,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self._stderr: list[bytes] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._stderr.append(line)
+
+    @property
+    def stderr(self) -> str:
+        return b"".join(self._stderr).decode()
+
+    def send(self, argv: list[str], outputs: list[str], inputs: list[str], request_id: int = 0) -> None:
+        message = protos.WorkRequest()
+        message.arguments.extend([*(f"--output={o}" for o in outputs), "--", *argv])
+        message.request_id = request_id
+        for path in inputs:
+            entry = message.inputs.add()
+            entry.path = path
+            entry.digest = hashlib.sha256((self.execroot / path).read_bytes()).hexdigest().encode()
+        self.send_message(message)
+
+    def send_message(self, message: protos.WorkRequest) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(encode_delimited(message))
+        self.proc.stdin.flush()
+
+    def cancel(self, request_id: int) -> None:
+        self.send_message(protos.WorkRequest(request_id=request_id, cancel=True))
+
+    def read(self) -> protos.WorkResponse:
+        assert self.proc.stdout is not None
+        reply = read_delimited(self.proc.stdout, protos.WorkResponse)
+        assert reply is not None, f"the relay closed stdout; stderr: {self.stderr}"
+        return reply
+
+    def touch(self, output: str = "out/x", request_id: int = 0) -> protos.WorkResponse:
+        self.send(["touch", output], [output], ["in/a"], request_id)
+        return self.read()
+
+    def close(self) -> int:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        return self.proc.wait(timeout=READ_TIMEOUT)
+
+
+@pytest.fixture()
+def execroot(tmp_path: Path) -> Path:
+    directory = tmp_path / "execroot"
+    (directory / "in").mkdir(parents=True)
+    (directory / "out").mkdir()
+    (directory / "in/a").write_text("input a\n")
+    return directory
+
+
+@pytest.fixture()
+def root(tmp_path: Path) -> Iterator[Path]:
+    """A treemat root; every service started on it is ended after the test."""
+    path = tmp_path / "root"
+    yield path
+    for pid in services(path):
+        os.kill(pid, signal.SIGKILL)
+
+
+def the_service(root: Path) -> int:
+    """The one live service of `root` (asserts there is exactly one)."""
+    pids = services(root)
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+def test_relays_share_one_service_that_outlives_them_in_a_private_root(execroot: Path, root: Path) -> None:
+    first = RelayProcess(execroot, root)
+    assert first.touch("out/one", 1).exit_code == 0
+    assert first.close() == 0
+    service = the_service(root)
+    second = RelayProcess(execroot, root)
+    reply = second.touch("out/two", 7)
+    assert (reply.exit_code, reply.request_id) == (0, 7), reply.output
+    assert second.close() == 0
+    assert the_service(root) == service  # the second relay found the first one's service
+    assert (execroot / "out/one").exists() and (execroot / "out/two").exists()
+    assert "unavailable" not in first.stderr + second.stderr
+    layout = Root(root)
+    for directory in (root, layout.service):
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    (sock,) = layout.service.glob("*.sock")
+    assert stat.S_ISSOCK(os.stat(sock).st_mode) and stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+
+
+def test_two_racing_relays_start_exactly_one_service(execroot: Path, root: Path) -> None:
+    relays = [RelayProcess(execroot, root) for _ in range(2)]
+    for number, relay in enumerate(relays):
+        relay.send(["touch", f"out/{number}"], [f"out/{number}"], ["in/a"], number + 1)
+    assert [relay.read().exit_code for relay in relays] == [0, 0]
+    assert len(services(root)) == 1
+    assert [relay.close() for relay in relays] == [0, 0]
+
+
+def test_an_idle_service_exits_and_the_next_relay_starts_another(execroot: Path, root: Path) -> None:
+    quick = {"TREEMAT_SERVICE_IDLE_MINUTES": "0.005"}  # 0.3 s
+    relay = RelayProcess(execroot, root, env=quick)
+    assert relay.touch().exit_code == 0
+    service = the_service(root)
+    assert relay.close() == 0
+    wait_for(lambda: not services(root), what="the idle service to exit")
+    assert not list(Root(root).service.glob("*.sock"))
+    again = RelayProcess(execroot, root, env=quick)
+    assert again.touch().exit_code == 0
+    assert services(root) and services(root) != [service]
+    again.close()
+
+
+def test_the_services_death_fails_in_flight_requests_with_one_line_and_the_next_starts_it_again(
+    execroot: Path, root: Path
+) -> None:
+    relay = RelayProcess(execroot, root)
+    assert relay.touch().exit_code == 0
+    service = the_service(root)
+    relay.send(["sh", "-c", "exec sleep 41.25"], [], ["in/a"], 3)
+    wait_for(lambda: tool_running("41.25"), what="the tool to start")
+    os.kill(service, signal.SIGKILL)
+    reply = relay.read()
+    assert (reply.exit_code, reply.request_id) == (1, 3)
+    assert reply.output.count("\n") == 1 and "stager service ended" in reply.output, reply.output
+    assert relay.touch("out/after", 4).exit_code == 0
+    assert the_service(root) != service
+    assert relay.close() == 0
+
+
+def test_a_relays_death_cancels_its_requests_and_the_service_serves_others(execroot: Path, root: Path) -> None:
+    doomed = RelayProcess(execroot, root)
+    doomed.send(["sh", "-c", "exec sleep 42.25"], [], ["in/a"], 5)
+    wait_for(lambda: tool_running("42.25"), what="the tool to start")
+    service = the_service(root)
+    doomed.proc.kill()
+    doomed.proc.wait()
+    wait_for(lambda: not tool_running("42.25"), what="the dead relay's tool to be cancelled")
+    other = RelayProcess(execroot, root)
+    assert other.touch(request_id=5).exit_code == 0  # the same multiplex id: each relay's ids are its own
+    assert the_service(root) == service
+    other.close()
+
+
+def test_cancel_and_multiplex_ids_pass_through_and_relays_ids_never_meet(execroot: Path, root: Path) -> None:
+    first, second = RelayProcess(execroot, root), RelayProcess(execroot, root)
+    first.send(["sh", "-c", "exec sleep 43.25"], ["out/never"], ["in/a"], 9)
+    wait_for(lambda: tool_running("43.25"), what="the tool to start")
+    second.cancel(9)  # another relay's id 9: not this one's to cancel
+    assert second.touch("out/nine", 9).exit_code == 0
+    assert tool_running("43.25")
+    first.cancel(9)
+    reply = first.read()
+    assert reply.request_id == 9 and reply.was_cancelled
+    assert not (execroot / "out/never").exists()
+    assert first.close() == 0 and second.close() == 0
+
+
+def test_each_relay_is_served_in_its_own_execroot_and_environment(tmp_path: Path, root: Path) -> None:
+    relays = []
+    for name in ("base-a", "base-b"):
+        directory = tmp_path / name / "execroot"
+        (directory / "in").mkdir(parents=True)
+        (directory / "in/a").write_text(f"content of {name}\n")
+        relays.append(RelayProcess(directory, root, env={"RELAY_NAME": name}))
+    script = 'mkdir -p out; cat in/a > out/copy; echo "$RELAY_NAME" > out/env; ls "$ROOT" > out/root 2>&1 || true'
+    for number, relay in enumerate(relays):
+        relay.send(["env", f"ROOT={root}", "sh", "-c", script], ["out/copy", "out/env", "out/root"], ["in/a"], 1)
+        relay.send(["cat", "../secret"], [], ["in/a"], 2)  # outside its inputs: unreachable, as in-process
+        (relay.execroot.parent / "secret").write_text("secret\n")
+        assert number in (0, 1)
+    for relay, name in zip(relays, ("base-a", "base-b"), strict=True):
+        replies = {reply.request_id: reply for reply in (relay.read(), relay.read())}
+        assert replies[1].exit_code == 0, replies[1].output
+        assert replies[2].exit_code != 0 and "secret" not in replies[2].output.replace("../secret", "")
+        assert (relay.execroot / "out/copy").read_text() == f"content of {name}\n"
+        assert (relay.execroot / "out/env").read_text() == f"{name}\n"
+        assert "cas" not in (relay.execroot / "out/root").read_text()  # the root (and its socket) is hidden
+        relay.close()
+    assert len(services(root)) == 1
+
+
+def test_a_client_of_another_uid_is_refused(execroot: Path, root: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("acting as another uid needs root (the unprivileged leg maps one uid only)")
+    relay = RelayProcess(execroot, root)
+    assert relay.touch().exit_code == 0
+    layout = Root(root)
+    (sock,) = layout.service.glob("*.sock")
+    public = Path(tempfile.mkdtemp(dir=Path(tempfile.gettempdir())))  # traversable by anyone, like /tmp
+    try:
+        os.chmod(public, 0o755)
+        os.link(sock, public / "s")
+        os.chmod(sock, 0o666)  # past the 0700 dir and the 0600 socket (the outer fences): SO_PEERCRED still refuses
+        code = (
+            "import os, socket, sys\n"
+            "os.setuid(65534)\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "s.connect(sys.argv[1])\n"
+            "print(s.recv(4096)[1:].decode())\n"
+        )
+        result = subprocess.run([sys.executable, "-c", code, str(public / "s")], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("refused\0uid 65534 is not the service's"), result.stdout
+    finally:
+        shutil.rmtree(public)
+    assert relay.touch("out/still", 2).exit_code == 0
+    relay.close()
+
+
+def test_a_version_mismatch_is_detected_and_another_version_gets_its_own_service(
+    execroot: Path, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    relay = RelayProcess(execroot, root)
+    assert relay.touch().exit_code == 0
+    layout = Root(root)
+    name = service_name(service_version(), "auto")
+    monkeypatch.chdir(execroot)  # the hello passes the cwd
+    with pytest.raises(Exception, match="version 1-stale is not the service's"):
+        connect(layout.service_file(name, "sock"), hello_payload("1-stale", 1, {}))
+    changed = tmp_path / "changed-tools"
+    shutil.copytree(TOOLS_DIR / "treemat", changed / "treemat", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(changed / "treemat/relay.py", "a") as handle:
+        handle.write("# another version\n")
+    other = RelayProcess(execroot, root, env={"PYTHONPATH": str(changed)})
+    assert other.touch("out/other", 1).exit_code == 0
+    assert len(services(root)) == 2 and len(list(layout.service.glob("*.sock"))) == 2
+    assert relay.touch("out/old", 2).exit_code == 0  # the old version's relays keep their service
+    relay.close()
+    other.close()
+
+
+def test_treemat_stats_reads_the_services_counters(execroot: Path, root: Path) -> None:
+    relay = RelayProcess(execroot, root)
+    assert relay.touch().exit_code == 0
+    relay.close()
+    service = the_service(root)
+    result = subprocess.run(
+        [sys.executable, "-m", "treemat", f"--root={root}", "stats", "--json"],
+        capture_output=True,
+        text=True,
+        env=worker_env(),
+        check=True,
+    )
+    records = [r for r in json.loads(result.stdout)["processes"] if r["pid"] == service]
+    assert records and records[0]["role"] == "service" and records[0]["counters"]["actions"] >= 1, result.stdout
+
+
+def test_an_unreachable_service_falls_back_in_process_with_one_line(execroot: Path, root: Path) -> None:
+    Root(root)
+    os.rmdir(root / "service")
+    (root / "service").write_text("not a directory\n")
+    relay = RelayProcess(execroot, root)
+    assert relay.touch().exit_code == 0
+    assert relay.close() == 0
+    lines = relay.stderr.splitlines()
+    assert [line for line in lines if "stager service" in line] == [
+        next(line for line in lines if "unavailable" in line)
+    ]
+    assert "serving in this process" in relay.stderr
+    assert not services(root)
+
+
+@pytest.mark.parametrize("switch", ["env", "flag"])
+def test_the_service_can_be_turned_off(execroot: Path, root: Path, switch: str) -> None:
+    env, extra = ({"TREEMAT_SERVICE": "0"}, ()) if switch == "env" else ({}, ("--no-service",))
+    relay = RelayProcess(execroot, root, env=env, extra=extra)
+    assert relay.touch().exit_code == 0
+    assert relay.close() == 0
+    assert not services(root) and "stager service" not in relay.stderr
+
+
+def test_a_long_root_path_still_reaches_its_service(tmp_path: Path, execroot: Path) -> None:
+    root = tmp_path / ("r" * 120)
+    try:
+        relay = RelayProcess(execroot, root)
+        assert relay.touch().exit_code == 0
+        assert "unavailable" not in relay.stderr
+        relay.close()
+        assert len(services(root)) == 1
+    finally:
+        for pid in services(root):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_the_socket_name_depends_on_the_version_and_isolation() -> None:
+    version = service_version()
+    assert service_name(version, "auto") == service_name(version, "auto")
+    assert len({service_name(version, "auto"), service_name(version, "none"), service_name("0-x", "auto")}) == 3
+    assert socket.AF_UNIX  # (the platform has Unix sockets: the relay's only requirement)

@@ -1,0 +1,405 @@
+"""The thin worker: Bazel's `treemat --persistent_worker` process when the stager service is on (service.py).
+
+It imports no protobuf and no click. It frames the varint-delimited WorkRequests on stdin, reads each one's
+request id and cancel flag by hand, and forwards the bytes over a Unix socket in the 0700 root (layout.Root owns
+the path) to the root's long-lived service, which stages and runs the actions; responses come back as bytes and
+go to stdout untouched. The hello passes an O_DIRECTORY descriptor of the relay's cwd (Bazel's execroot,
+SCM_RIGHTS) and the relay's environment: the service reads inputs and writes outputs relative to that descriptor,
+as the in-process worker does relative to its cwd.
+
+The socket's name is a digest of everything that must match for a service to stand in for this process: the
+wire version, the treemat package's content hash, the isolation asked for, the uid and the mount, network and
+user namespaces and root directory (a relay never hands a tool to a service that sees more than it would). A
+relay that finds no service starts one under the root's service lock; two racing relays start exactly one.
+
+The service's death fails the requests in flight with a one-line error (the next request starts a new one);
+where no service can be reached or started, `relay` returns None and the caller serves in-process, after one
+line on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from treemat.layout import Root
+from treemat.locking import file_lock
+
+WIRE_VERSION = 1
+HELLO_MAGIC = b"treemat-relay"
+MAX_FRAME = 256 << 20
+SUN_PATH_MAX = 107
+DEFAULT_IDLE_MINUTES = 15.0
+DIED = "treemat: error: the stager service ended while this request ran ({}); the next request starts a new one\n"
+
+
+class ServiceUnavailable(Exception):
+    """No service could be reached or started: the caller serves in-process."""
+
+
+def package_hash() -> str:
+    """A content hash of every module of the treemat package (a changed file means another service)."""
+    try:
+        from _blake2 import blake2b  # 1 ms to import; hashlib's OpenSSL binding is 3 ms
+    except ImportError:  # pragma: no cover - CPython always has it
+        from hashlib import blake2b
+    digest = blake2b(digest_size=16)
+    package = os.path.dirname(os.path.abspath(__file__))
+    for folder in ("", "bot", "commands"):
+        base = os.path.join(package, folder)
+        try:
+            names = sorted(name for name in os.listdir(base) if name.endswith(".py"))
+        except OSError:
+            continue
+        for name in names:
+            with open(os.path.join(base, name), "rb") as handle:
+                digest.update(f"{folder}/{name}\0".encode())
+                digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def service_version() -> str:
+    """What relay and service must agree on: the wire version and the package's content hash."""
+    return f"{WIRE_VERSION}-{package_hash()}"
+
+
+def service_name(version: str, isolation: str) -> str:
+    """The socket's file name: a digest of the version, isolation, uid, namespaces and root directory."""
+    from _blake2 import blake2b
+
+    facts = [version, isolation, str(os.geteuid())]
+    for name in ("mnt", "net", "user"):
+        try:
+            facts.append(f"{name}:{os.stat(f'/proc/self/ns/{name}').st_ino}")
+        except OSError:
+            facts.append(f"{name}:?")
+    top = os.stat("/")
+    facts.append(f"root:{top.st_dev}:{top.st_ino}")
+    return blake2b("\0".join(facts).encode(), digest_size=8).hexdigest()
+
+
+def encode_varint(value: int) -> bytes:
+    """Protobuf base-128 varint (framing.encode_varint, without importing protobuf)."""
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if not value:
+            out.append(byte)
+            return bytes(out)
+        out.append(byte | 0x80)
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def scan_fields(payload: bytes, wanted: tuple[int, ...]) -> dict[int, int]:
+    """The varint fields `wanted` of a protobuf message (WorkRequest: 3 request_id, 4 cancel; WorkResponse: 3)."""
+    found: dict[int, int] = {}
+    pos, end = 0, len(payload)
+    try:
+        while pos < end:
+            key, pos = _varint(payload, pos)
+            field, kind = key >> 3, key & 7
+            if kind == 0:
+                value, pos = _varint(payload, pos)
+                if field in wanted:
+                    found[field] = value if value < 1 << 31 else 0
+            elif kind == 2:
+                size, pos = _varint(payload, pos)
+                pos += size
+            elif kind == 1:
+                pos += 8
+            elif kind == 5:
+                pos += 4
+            else:
+                break  # garbage: the service answers it as malformed
+    except IndexError:
+        pass
+    return found
+
+
+def failure_frame(request_id: int, text: str) -> bytes:
+    """A delimited WorkResponse with exit code 1 and `text` (hand-encoded, as protobuf would)."""
+    output = text.encode()
+    body = b"\x08\x01\x12" + encode_varint(len(output)) + output
+    if request_id:
+        body += b"\x18" + encode_varint(request_id)
+    return encode_varint(len(body)) + body
+
+
+def read_frame(fd_or_sock: int | socket.socket) -> bytes | None:
+    """One varint-delimited frame (prefix included) from a descriptor or socket; None at EOF."""
+    receive = (lambda n: os.read(fd_or_sock, n)) if isinstance(fd_or_sock, int) else fd_or_sock.recv
+    prefix = bytearray()
+    size = shift = 0
+    while True:
+        byte = receive(1)
+        if not byte:
+            if prefix:
+                raise EOFError("the stream ended inside a length prefix")
+            return None
+        prefix += byte
+        size |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            break
+        shift += 7
+        if shift > 63:
+            raise EOFError("a length prefix longer than 10 bytes")
+    if size > MAX_FRAME:
+        raise EOFError(f"a message of {size} bytes")
+    chunks = [bytes(prefix)]
+    while size:
+        chunk = receive(min(size, 1 << 20))
+        if not chunk:
+            raise EOFError("the stream ended inside a message")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def socket_address(path: Path) -> tuple[str, int]:
+    """(address, dir fd or -1): the path, or `/proc/self/fd/N/<name>` when it is too long for sun_path."""
+    if len(bytes(path)) <= SUN_PATH_MAX:
+        return str(path), -1
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    return f"/proc/self/fd/{fd}/{path.name}", fd
+
+
+def hello_payload(version: str, max_workers: int, env: Mapping[str, str]) -> bytes:
+    """The relay's hello: magic, version, its pool size and its environment (the tools' base environment)."""
+    fields = [HELLO_MAGIC, version.encode(), str(max_workers).encode()]
+    fields += [f"{key}={value}".encode() for key, value in env.items()]
+    body = b"\0".join(fields)
+    return encode_varint(len(body)) + body
+
+
+def connect(socket_path: Path, hello: bytes) -> tuple[socket.socket, str]:
+    """Connect, send the hello with the cwd's descriptor, read the answer; (socket, the service's pid)."""
+    address, dir_fd = socket_address(socket_path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        try:
+            sock.connect(address)
+        finally:
+            if dir_fd >= 0:
+                os.close(dir_fd)
+        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            sock.sendmsg([hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, cwd.to_bytes(4, sys.byteorder))])
+        finally:
+            os.close(cwd)
+        frame = read_frame(sock)
+        if frame is None:
+            raise ConnectionResetError("the service closed the connection")
+        answer = _payload_of(frame).split(b"\0", 1)
+        text = answer[-1].decode(errors="replace") if len(answer) > 1 else ""
+        if answer[0] != b"ok":
+            raise ServiceUnavailable(f"the service refused this relay: {text}")
+        return sock, text
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _payload_of(frame: bytes) -> bytes:
+    _size, pos = _varint(frame, 0)
+    return frame[pos:]
+
+
+def package_copy(layout: Root, version: str) -> str:
+    """The directory holding this version's copy of the treemat package (made once, atomically)."""
+    import shutil
+    import tempfile
+
+    target = layout.service_package(version)
+    if not target.is_dir():
+        temp = tempfile.mkdtemp(prefix=".pkg-", dir=layout.service)
+        package = os.path.dirname(os.path.abspath(__file__))
+        shutil.copytree(package, os.path.join(temp, "treemat"), ignore=shutil.ignore_patterns("__pycache__"))
+        try:
+            os.rename(temp, target)
+        except OSError:  # another relay's copy is there
+            shutil.rmtree(temp, ignore_errors=True)
+    return str(target)
+
+
+def start_service(layout: Root, name: str, isolation: str, idle_minutes: float) -> None:
+    """Start the service (detached: its own session, reparented) and wait until it listens or fails.
+
+    It runs from a copy of the package in the root: `bazel clean` deletes the runfiles this relay runs from."""
+    import subprocess
+
+    package_parent = package_copy(layout, service_version())
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH", "")]))
+    read_end, write_end = os.pipe()
+    log = layout.service_file(name, "log")
+    try:
+        with open(log, "ab") as log_file:
+            command = [sys.executable, "-m", "treemat", "--service", f"--root={layout.path}", f"--name={name}"]
+            command += [f"--isolation={isolation}", f"--idle-minutes={idle_minutes}", f"--ready-fd={write_end}"]
+            child = subprocess.Popen(
+                command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                pass_fds=(write_end,),
+                start_new_session=True,
+                cwd="/",
+            )
+        os.close(write_end)
+        write_end = -1
+        child.wait()  # the service forks itself away at once: this reaps the first process
+        ready = b""
+        while chunk := os.read(read_end, 4096):
+            ready += chunk
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    if not ready.startswith(b"ok"):
+        reason = ready.decode(errors="replace").strip() or f"it exited; see {log}"
+        raise ServiceUnavailable(f"the service did not start: {reason}")
+
+
+def reach_service(layout: Root, name: str, hello: bytes, isolation: str, idle_minutes: float) -> socket.socket:
+    """A connection to the root's service, starting it (under the service lock) if none answers."""
+    path = layout.service_file(name, "sock")
+    try:
+        return connect(path, hello)[0]
+    except (FileNotFoundError, ConnectionError):
+        pass
+    for _attempt in range(3):  # a service that exits while we connect is replaced on the next attempt
+        with file_lock(layout.service_file(name, "lock")):
+            try:
+                return connect(path, hello)[0]
+            except (FileNotFoundError, ConnectionError):
+                start_service(layout, name, isolation, idle_minutes)
+            try:
+                return connect(path, hello)[0]
+            except (FileNotFoundError, ConnectionError):
+                continue
+    raise ServiceUnavailable("the service kept closing its socket")
+
+
+class Relay:
+    """Forwards stdin's requests to the service and its responses to stdout; fails in-flight ones if it dies."""
+
+    def __init__(self, connect_service: Callable[[], socket.socket], stdout_fd: int = 1) -> None:
+        self._connect = connect_service
+        self._stdout = stdout_fd
+        self._lock = threading.Condition()
+        self._write_lock = threading.Lock()
+        self._inflight: dict[int, int] = {}  # request id -> how many (singleplex requests all have id 0)
+        self._sock: socket.socket | None = None
+
+    def run(self) -> int:
+        """Relay until stdin ends and every request is answered; the exit status."""
+        while True:
+            frame = read_frame(0)
+            if frame is None:
+                break
+            fields = scan_fields(_payload_of(frame), (3, 4))
+            request_id, cancel = fields.get(3, 0), bool(fields.get(4, 0))
+            if self._sock is None:
+                try:
+                    self._attach()
+                except (ServiceUnavailable, OSError) as exc:
+                    if not cancel:
+                        self._write(failure_frame(request_id, DIED.format(f"restarting it failed: {exc}")))
+                    continue
+            with self._lock:
+                sock = self._sock
+                if sock is not None and not cancel:
+                    self._inflight[request_id] = self._inflight.get(request_id, 0) + 1
+            if sock is None:  # it died between the check and now
+                if not cancel:
+                    self._write(failure_frame(request_id, DIED.format("the connection closed")))
+                continue
+            try:
+                sock.sendall(frame)
+            except OSError as exc:
+                self._fail_all(sock, f"sending failed: {exc.strerror or exc}")
+        with self._lock:
+            while self._inflight and self._sock is not None:
+                self._lock.wait()
+        if self._sock is not None:
+            self._sock.close()
+        return 0
+
+    def _attach(self) -> None:
+        sock = self._connect()
+        with self._lock:
+            self._sock = sock
+        threading.Thread(target=self._pump, args=(sock,), name="treemat-relay", daemon=True).start()
+
+    def _pump(self, sock: socket.socket) -> None:
+        """Responses from the service to stdout, until it closes the connection."""
+        reason = "the connection closed"
+        try:
+            while (frame := read_frame(sock)) is not None:
+                request_id = scan_fields(_payload_of(frame), (3,)).get(3, 0)
+                with self._lock:
+                    count = self._inflight.pop(request_id, 0)
+                    if count > 1:
+                        self._inflight[request_id] = count - 1
+                    self._lock.notify_all()
+                self._write(frame)
+        except (OSError, EOFError) as exc:
+            reason = str(exc)
+        self._fail_all(sock, reason)
+
+    def _fail_all(self, sock: socket.socket, reason: str) -> None:
+        """The service is gone: answer every request in flight with one line; the next request reconnects."""
+        with self._lock:
+            if self._sock is not sock:
+                return
+            failed, self._inflight = self._inflight, {}
+            self._sock = None
+            self._lock.notify_all()
+        sock.close()
+        for request_id, count in failed.items():
+            for _ in range(count):
+                self._write(failure_frame(request_id, DIED.format(reason)))
+
+    def _write(self, data: bytes) -> None:
+        with self._write_lock:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._stdout, view) :]
+
+
+def relay(options: Mapping[str, str], env: Mapping[str, str]) -> int | None:
+    """Serve Bazel through the root's service; None (after one line on stderr) where it cannot be used."""
+    try:
+        layout = Root(Path(options["root"]).expanduser().absolute() if options["root"] else None)
+        isolation = options["isolation"]
+        max_workers = int(options["max_workers"] or max(2, os.cpu_count() or 2))
+        idle = float(env.get("TREEMAT_SERVICE_IDLE_MINUTES") or DEFAULT_IDLE_MINUTES)
+        version = service_version()
+        name = service_name(version, isolation)
+        hello = hello_payload(version, max_workers, env)
+        first = reach_service(layout, name, hello, isolation, idle)
+    except Exception as exc:  # whatever it is, the in-process worker still serves (and says so)
+        print(f"treemat worker: the stager service is unavailable ({exc}): serving in this process", file=sys.stderr)
+        return None
+    pending = [first]
+
+    def connect_service() -> socket.socket:
+        return pending.pop() if pending else reach_service(layout, name, hello, isolation, idle)
+
+    return Relay(connect_service).run()

@@ -1,0 +1,311 @@
+"""The per-root stager service: one process holds the stack (guard watches, verified blobs, exec-dir pools, tool
+caches) for every relay (relay.py), across Bazel servers, `bazel clean`, mnemonics and output bases.
+
+    python3 -m treemat --service --root=R --name=N --isolation=I --idle-minutes=M --ready-fd=FD
+
+A relay starts it (under the root's service lock) and waits on FD for `ok <pid>` or the reason it failed. It
+forks itself away at once (the relay reaps the first process), listens on `<root>/service/N.sock` (0600 in the
+0700 dir), refuses a peer of another uid (SO_PEERCRED) or of another version, and serves each relay's requests
+relative to the directory descriptor the relay passed (its execroot), with the relay's environment as the tools'
+base environment. Request ids are mapped to ids unique in the service, so relays' multiplex ids never meet;
+a relay that goes away has its requests in flight cancelled. With no relay connected for M minutes the
+service removes its socket (under the lock, so a relay starting meanwhile starts a new one) and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import select
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+from treemat.errors import TreematError, describe_error
+from treemat.layout import Root
+from treemat.locking import file_lock
+from treemat.protocol import Malformed, WorkItem, WorkReply, encode_reply, read_requests
+from treemat.relay import HELLO_MAGIC, encode_varint, service_version, socket_address
+from treemat.stack import Stack, open_stack
+from treemat.worker import DUPLICATE_REFUSED, SANDBOX_DIR_REFUSED, Canceller, Handler, make_handler
+
+MAX_HELLO_FDS = 4
+
+
+def answer(text: str, *, ok: bool) -> bytes:
+    """The service's answer to a hello: `ok\\0<detail>` or `refused\\0<reason>`."""
+    body = (b"ok\0" if ok else b"refused\0") + text.encode()
+    return encode_varint(len(body)) + body
+
+
+class Session:
+    """One relay's connection: its requests (ids mapped to service-wide ones) and their responses."""
+
+    def __init__(
+        self, conn: socket.socket, handler: Handler, canceller: Canceller, ids: Iterator[int], max_workers: int
+    ) -> None:
+        self.conn = conn
+        self.handler = handler
+        self.canceller = canceller
+        self.ids = ids
+        self._pool = ThreadPoolExecutor(max_workers=max(1, max_workers), thread_name_prefix="treemat-service")
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._inflight: dict[int, int] = {}  # the relay's request id -> the service's (0: its singleplex one)
+
+    def run(self) -> None:
+        """Serve until the relay closes the connection (or dies); cancel whatever is then still in flight."""
+        reader = self.conn.makefile("rb")
+        try:
+            for request in read_requests(reader, "proto"):
+                if isinstance(request, Malformed):
+                    self.respond(
+                        WorkReply(request.request_id, 1, f"treemat: malformed work request: {request.error}\n")
+                    )
+                else:
+                    self.dispatch(request)
+        except (OSError, ValueError):
+            pass  # the relay went away mid-message
+        finally:
+            with self._lock:
+                orphans = list(self._inflight.values())
+            for service_id in orphans:
+                self.canceller(service_id)
+            self._pool.shutdown(wait=True)
+            reader.close()
+
+    def dispatch(self, item: WorkItem) -> None:
+        """Run or cancel one request."""
+        local = item.request_id
+        if item.cancel:
+            with self._lock:
+                service_id = self._inflight.get(local) if local else None
+            if service_id is not None:
+                self.canceller(service_id)
+            return
+        if item.sandbox_dir:
+            self.respond(WorkReply(local, 1, SANDBOX_DIR_REFUSED.format(item.sandbox_dir)))
+            return
+        service_id = next(self.ids)
+        with self._lock:
+            duplicate = local != 0 and local in self._inflight
+            if not duplicate:
+                self._inflight[local] = service_id
+        if duplicate:
+            self.respond(WorkReply(local, 1, DUPLICATE_REFUSED.format(local)))
+            return
+        self._pool.submit(self._run_and_respond, replace(item, request_id=service_id), local)
+
+    def _run_and_respond(self, item: WorkItem, local: int) -> None:
+        try:
+            reply = self.handler(item)
+        except (TreematError, OSError) as exc:
+            reply = WorkReply(item.request_id, 1, f"treemat: error: {describe_error(exc)}\n")
+        except Exception as exc:  # the service must keep serving whatever one request does
+            reply = WorkReply(item.request_id, 1, f"treemat: internal error: {type(exc).__name__}: {exc}\n")
+        with self._lock:
+            if self._inflight.get(local) == item.request_id:
+                del self._inflight[local]
+        self.respond(replace(reply, request_id=local))
+
+    def respond(self, reply: WorkReply) -> None:
+        """Send one response; a relay that went away is not an error (its session ends)."""
+        data = encode_reply(reply, "proto")
+        with self._write_lock, contextlib.suppress(OSError):
+            self.conn.sendall(data)
+
+
+class Service:
+    """Accepts relays until idle; one Session thread per relay."""
+
+    def __init__(self, stack: Stack, listener: socket.socket, name: str, idle_seconds: float) -> None:
+        self.stack = stack
+        self.listener = listener
+        self.name = name
+        self.idle_seconds = idle_seconds
+        self.version = service_version()
+        self.ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._clients = 0
+        self._last_active = time.monotonic()
+
+    def serve(self) -> None:
+        """Accept relays; return once idle for `idle_seconds` with the socket removed."""
+        while True:
+            with self._lock:
+                idle_for = time.monotonic() - self._last_active if not self._clients else 0.0
+            wait = self.idle_seconds - idle_for if not self._clients else self.idle_seconds
+            ready, _w, _x = select.select([self.listener], [], [], max(wait, 0.0))
+            if ready:
+                self._accept()
+                continue
+            with self._lock:
+                idle = not self._clients and time.monotonic() - self._last_active >= self.idle_seconds
+            if idle and self._retire():
+                return
+
+    def _accept(self) -> None:
+        try:
+            conn, _address = self.listener.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(True)
+        with self._lock:
+            self._clients += 1
+        threading.Thread(target=self._client, args=(conn,), name="treemat-session", daemon=True).start()
+
+    def _retire(self) -> bool:
+        """Remove the socket under the lock unless a relay connected meanwhile; True if retired."""
+        layout = self.stack.layout
+        with file_lock(layout.service_file(self.name, "lock")):
+            self.listener.setblocking(False)
+            try:
+                ready, _w, _x = select.select([self.listener], [], [], 0)
+                if ready:
+                    self._accept()
+                    return False
+            finally:
+                self.listener.setblocking(True)
+            with contextlib.suppress(OSError):
+                os.unlink(layout.service_file(self.name, "sock"))
+            with contextlib.suppress(OSError):
+                os.unlink(layout.service_file(self.name, "pid"))
+            self.listener.close()
+        print(f"treemat service {os.getpid()}: idle for {self.idle_seconds:.0f} s: exiting", file=sys.stderr)
+        return True
+
+    def _client(self, conn: socket.socket) -> None:
+        try:
+            self._session(conn)
+        except Exception as exc:  # one relay's trouble never ends the service
+            print(f"treemat service: a relay's session failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        finally:
+            conn.close()
+            with self._lock:
+                self._clients -= 1
+                self._last_active = time.monotonic()
+
+    def _session(self, conn: socket.socket) -> None:
+        _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if uid != os.geteuid():
+            conn.sendall(answer(f"uid {uid} is not the service's (uid {os.geteuid()}): refused", ok=False))
+            return
+        hello, fds = receive_hello(conn)
+        try:
+            fields = hello.split(b"\0")
+            if len(fields) < 3 or fields[0] != HELLO_MAGIC or fields[1].decode(errors="replace") != self.version:
+                seen = fields[1].decode(errors="replace") if len(fields) > 1 else "none"
+                conn.sendall(answer(f"version {seen} is not the service's {self.version}", ok=False))
+                return
+            if len(fds) != 1 or not stat.S_ISDIR(os.fstat(fds[0]).st_mode):
+                conn.sendall(answer("the hello carries no directory descriptor (the relay's execroot)", ok=False))
+                return
+            env = dict(entry.decode(errors="surrogateescape").split("=", 1) for entry in fields[3:] if b"=" in entry)
+            max_workers = int(fields[2]) if fields[2].isdigit() else 2
+            conn.sendall(answer(str(os.getpid()), ok=True))
+            self._serve_relay(conn, Path(f"/proc/self/fd/{fds[0]}"), env, max_workers)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _serve_relay(self, conn: socket.socket, execroot: Path, env: Mapping[str, str], max_workers: int) -> None:
+        handler, canceller = make_handler(self.stack, execroot, env=env, role="service")
+        Session(conn, handler, canceller, self.ids, max_workers).run()
+
+
+def receive_hello(conn: socket.socket) -> tuple[bytes, list[int]]:
+    """The hello's payload and the descriptors that came with it (close-on-exec: no tool inherits them)."""
+    space = socket.CMSG_SPACE(MAX_HELLO_FDS * 4)
+    data, ancillary, _flags, _address = conn.recvmsg(1 << 16, space, socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds += [int.from_bytes(payload[i : i + 4], sys.byteorder) for i in range(0, usable, 4)]
+    size = shift = pos = 0
+    while pos < len(data):
+        byte = data[pos]
+        pos += 1
+        size |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+    body = data[pos:]
+    while len(body) < size:
+        chunk = conn.recv(size - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return body, fds
+
+
+def listen(layout: Root, name: str) -> socket.socket:
+    """Bind `<root>/service/<name>.sock` (a stale one removed: the starter holds the lock) and listen."""
+    path = layout.service_file(name, "sock")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    address, dir_fd = socket_address(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(address)
+        os.chmod(path, 0o600)
+        listener.listen(64)
+    except BaseException:
+        listener.close()
+        raise
+    finally:
+        if dir_fd >= 0:
+            os.close(dir_fd)
+    return listener
+
+
+def parse_args(argv: list[str]) -> dict[str, str]:
+    """`--name=value` flags (the relay writes them)."""
+    options = {"root": "", "name": "", "isolation": "auto", "idle-minutes": "15", "ready-fd": "-1"}
+    for arg in argv:
+        key, _equals, value = arg.removeprefix("--").partition("=")
+        if key in options:
+            options[key] = value
+    return options
+
+
+def main(argv: list[str]) -> int:
+    """Run the service (see the module's docstring); the exit status."""
+    options = parse_args(argv)
+    ready_fd = int(options["ready-fd"])
+    if os.fork():
+        os._exit(0)  # the starting relay reaps this; the service is no child of any relay
+    os.umask(0o077)
+    try:
+        layout = Root(Path(options["root"]))
+        stack = open_stack(layout, isolation=options["isolation"])
+    except (TreematError, OSError, ValueError) as exc:
+        _ready(ready_fd, f"error: {describe_error(exc) if isinstance(exc, TreematError | OSError) else exc}")
+        return 1
+    with stack:
+        try:
+            listener = listen(layout, options["name"])
+            layout.service_file(options["name"], "pid").write_text(f"{os.getpid()}\n")
+        except OSError as exc:
+            _ready(ready_fd, f"error: cannot listen: {describe_error(exc)}")
+            return 1
+        _ready(ready_fd, f"ok {os.getpid()}")
+        print(f"treemat service {os.getpid()}: serving {layout.path} ({stack.isolation})", file=sys.stderr, flush=True)
+        Service(stack, listener, options["name"], float(options["idle-minutes"]) * 60).serve()
+    return 0
+
+
+def _ready(fd: int, text: str) -> None:
+    if fd < 0:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, text.encode() + b"\n")
+    os.close(fd)
