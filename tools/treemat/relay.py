@@ -12,9 +12,8 @@ wire version, the treemat package's content hash, the isolation asked for, the u
 user namespaces and root directory (a relay never hands a tool to a service that sees more than it would). A
 relay that finds no service starts one under the root's service lock; two racing relays start exactly one.
 
-The service's death fails the requests in flight with a one-line error (the next request starts a new one);
-where no service can be reached or started, `relay` returns None and the caller serves in-process, after one
-line on stderr.
+The service's death fails the requests in flight with one line (the next request starts a new one); where no
+service can be reached or started, `relay` returns None (after one line on stderr): the caller serves in-process.
 """
 
 from __future__ import annotations
@@ -127,7 +126,7 @@ def scan_fields(payload: bytes, wanted: tuple[int, ...]) -> dict[int, int]:
             else:
                 break  # garbage: the service answers it as malformed
     except IndexError:
-        pass
+        pass  # truncated: what was found so far
     return found
 
 
@@ -156,8 +155,6 @@ def read_frame(fd_or_sock: int | socket.socket) -> bytes | None:
         if not byte[0] & 0x80:
             break
         shift += 7
-        if shift > 63:
-            raise EOFError("a length prefix longer than 10 bytes")
     if size > MAX_FRAME:
         raise EOFError(f"a message of {size} bytes")
     chunks = [bytes(prefix)]
@@ -168,6 +165,10 @@ def read_frame(fd_or_sock: int | socket.socket) -> bytes | None:
         chunks.append(chunk)
         size -= len(chunk)
     return b"".join(chunks)
+
+
+def _payload_of(frame: bytes) -> bytes:
+    return frame[_varint(frame, 0)[1] :]
 
 
 def socket_address(path: Path) -> tuple[str, int]:
@@ -214,11 +215,6 @@ def connect(socket_path: Path, hello: bytes) -> tuple[socket.socket, str]:
         raise
 
 
-def _payload_of(frame: bytes) -> bytes:
-    _size, pos = _varint(frame, 0)
-    return frame[pos:]
-
-
 def package_copy(layout: Root, version: str) -> str:
     """The directory holding this version's copy of the treemat package (made once, atomically)."""
     import shutil
@@ -237,9 +233,8 @@ def package_copy(layout: Root, version: str) -> str:
 
 
 def start_service(layout: Root, name: str, isolation: str, idle_minutes: float) -> None:
-    """Start the service (detached: its own session, reparented) and wait until it listens or fails.
-
-    It runs from a copy of the package in the root: `bazel clean` deletes the runfiles this relay runs from."""
+    """Start the service (detached, from a copy of the package: `bazel clean` deletes the relay's runfiles) and
+    wait until it listens or fails."""
     import subprocess
 
     package_parent = package_copy(layout, service_version())
