@@ -69,3 +69,4 @@ def test_the_workers_fast_flags_read_as_clicks_worker_command_reads_them(tmp_pat
     assert worker_options(["--persistent_worker", "--no-service"], {"TREEMAT_SERVICE": "1"})["service"] == "0"  # type: ignore[index]
     assert worker_options(["--persistent_worker"], {"TREEMAT_SERVICE": "0"})["service"] == "0"  # type: ignore[index]
     assert worker_options(["--persistent_worker"], {"TREEMAT_SERVICE": "1"})["service"] == "1"  # type: ignore[index]
+    assert worker_options(["--persistent_worker", "--service"], {"TREEMAT_SERVICE": "0"})["service"] == "1"  # type: ignore[index]

@@ -162,6 +162,19 @@ def test_relays_share_one_service_that_outlives_them_in_a_private_root(execroot:
     assert stat.S_ISSOCK(os.stat(sock).st_mode) and stat.S_IMODE(os.stat(sock).st_mode) == 0o600
 
 
+def test_a_requests_flagfile_is_read_in_the_relays_execroot(execroot: Path, root: Path) -> None:
+    """Bazel sends treemat's arguments as one `@params` file, relative to the execroot (the service's cwd is /)."""
+    (execroot / "action.params").write_text("--output=out/from-params\n--\ntouch\nout/from-params\n")
+    relay = RelayProcess(execroot, root)
+    message = protos.WorkRequest(arguments=["@action.params"], request_id=1)
+    message.inputs.add(path="in/a", digest=hashlib.sha256((execroot / "in/a").read_bytes()).hexdigest().encode())
+    relay.send_message(message)
+    reply = relay.read()
+    assert reply.exit_code == 0, reply.output
+    assert (execroot / "out/from-params").exists()
+    relay.close()
+
+
 def test_two_racing_relays_start_exactly_one_service(execroot: Path, root: Path) -> None:
     relays = [RelayProcess(execroot, root) for _ in range(2)]
     for number, relay in enumerate(relays):

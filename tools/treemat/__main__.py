@@ -60,8 +60,8 @@ def worker_options(args: list[str], env: dict[str, str] | os._Environ[str]) -> d
         name, _equals, value = arg.partition("=")
         if arg == "--persistent_worker" or arg.startswith("@"):
             continue
-        if arg == "--no-service":
-            options["service"] = "0"
+        if arg in ("--service", "--no-service"):  # per mnemonic, through --worker_extra_flag
+            options["service"] = "1" if arg == "--service" else "0"
             continue
         if name == "--protocol" and value in PROTOCOLS:
             options["protocol"] = value

@@ -53,13 +53,14 @@ class ActionSpec:
         ]
 
 
-def request_arguments(arguments: list[str]) -> list[str]:
+def request_arguments(arguments: list[str], execroot: str = "") -> list[str]:
     """The request's treemat arguments: the lines of its one `@flagfile`, or the arguments as Bazel expanded them.
 
-    Only a request that is exactly one `@file` is read; any other `@...` argument is left alone.
+    Only a request that is exactly one `@file` is read (relative to `execroot`, else to the cwd); any other
+    `@...` argument is left alone.
     """
     if len(arguments) == 1 and arguments[0].startswith("@") and not arguments[0].startswith("@@"):
-        return read_flagfile(arguments[0][1:])
+        return read_flagfile(os.path.join(execroot, arguments[0][1:]))
     return list(arguments)
 
 

@@ -138,7 +138,7 @@ def make_handler(
     def handle(item: WorkItem) -> WorkReply:
         started = time.perf_counter()
         try:
-            spec = parse_action_args(request_arguments(item.arguments))
+            spec = parse_action_args(request_arguments(item.arguments, str(execroot)))
         except ProtocolError as exc:
             counters.add("requests_malformed")
             return WorkReply(item.request_id, 1, f"treemat: malformed work request: {exc}\n")
