@@ -16,6 +16,9 @@ Every timing starts from the WorkRequest's bytes, as the worker gets them: decod
 - fresh: a new worker process's first request: blobs whose state another process recorded in the verified
   ledger are trusted, the others hashed once; against the floor doing, per blob, the first-use syscalls the
   blob guard needs in a new process (open, fstat, inotify watch, fstat, close) before linking.
+- fresh relay: a new `treemat --persistent_worker --protocol=proto` process with the stager service on (the
+  root's service warm: started in a warm-up), once it waits on stdin: its first request's bytes in -> response
+  bytes out (the tool, `true`, included), against the same fresh floor.
 
 Prints min and median over rounds, and ratios to the floor. Needs root (loop mounts) and a C compiler.
 """
@@ -23,9 +26,11 @@ Prints min and median over rounds, and ratios to the floor. Needs root (loop mou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,10 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from treemat import protos
 from treemat.executor import ActionExecutor, ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
-from treemat.framing import parse_message
+from treemat.framing import encode_delimited, parse_message, read_delimited
 from treemat.layout import Root
 from treemat.manifest import InputManifest
 from treemat.stack import open_stack
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 C_FLOOR = r"""
 #define _GNU_SOURCE
@@ -186,6 +193,39 @@ def c_floor(
     return time.perf_counter() - started
 
 
+def relay_first_request(root: Path, execroot: Path, inputs: list[RequestInput], out: str) -> float:
+    """A fresh relay's first request, from its bytes in to the response's bytes out (seconds)."""
+    env = {**os.environ, "PYTHONPATH": str(TOOLS), "TREEMAT_SERVICE": "1"}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    command = [sys.executable, "-m", "treemat", "--persistent_worker", "--protocol=proto", f"--root={root}"]
+    proc = subprocess.Popen(command, cwd=execroot, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    request = protos.WorkRequest(arguments=[f"--output-dir={out}", "--", "true"], request_id=1)
+    for path, digest in sorted(inputs):
+        request.inputs.add(path=path, digest=(digest or "").encode())
+    payload = encode_delimited(request)
+    syscall = Path(f"/proc/{proc.pid}/syscall")
+    while not syscall.read_text().startswith("0 0x0 "):  # connected to the service, reading stdin
+        time.sleep(0.002)
+    started = time.perf_counter()
+    proc.stdin.write(payload)
+    proc.stdin.flush()
+    reply = read_delimited(proc.stdout, protos.WorkResponse)
+    elapsed = time.perf_counter() - started
+    proc.stdin.close()
+    proc.wait()
+    if reply is None or reply.exit_code != 0:
+        raise SystemExit(f"the relay's request failed: {reply}")
+    return elapsed
+
+
+def end_services(root: Path) -> None:
+    """Kill the stager services of `root` (the benchmark's scratch goes with it)."""
+    for pid_file in (root / "service").glob("*.pid"):
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
 def release(mounts: list[Path], work: Path) -> None:
     """Unmount the loop images (lazily: a busy one goes once idle) and remove the work directory."""
     for mountpoint in mounts:
@@ -228,8 +268,9 @@ def main() -> int:
     parser.add_argument("--shapes", default="635,1978,10000")
     parser.add_argument("--mb", type=int, default=64, help="total input bytes per shape (hashing cost scales)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--relay", action="store_true", help="also a fresh relay's first request (the service)")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="treemat-staging-"))
+    work = Path(tempfile.mkdtemp(prefix="treemat-staging-", dir="/var/tmp"))
     binary = build_c_program(work, C_FLOOR, "floor")
     if binary is None:
         print("no C compiler: cannot measure the floor", file=sys.stderr)
@@ -253,7 +294,9 @@ def main() -> int:
                 stack = open_stack(Root(root))
                 executor = stack.executor
                 request_minus_tool(executor, execroot, inputs, "out/warmup")
-                first, floor, incremental, patching, fresh, fresh_floor = [], [], [], [], [], []
+                if args.relay:
+                    relay_first_request(root, execroot, inputs, "out/relay-warmup")  # starts the service
+                first, floor, incremental, patching, fresh, fresh_floor, relayed = [], [], [], [], [], [], []
                 for round_ in range(args.rounds):
                     first.append(request_minus_tool(executor, execroot, inputs, f"out/first{round_}"))
                     stack.housekeeper.flush()  # the background removal finishes before the next timing
@@ -271,7 +314,10 @@ def main() -> int:
                     fresh_floor.append(
                         c_floor(binary, work, execroot, inputs, stack.cas.cas_dir, base / "floor-dest", fresh=True)
                     )
+                    if args.relay:
+                        relayed.append(relay_first_request(root, execroot, inputs, f"out/relay{round_}"))
                 stack.close()
+                end_services(root)
                 floor_med = statistics.median(floor)
                 print(
                     f"{fs:<6} {count:>6} {'first':<12} {min_median(first)} {min_median(floor)} "
@@ -289,6 +335,11 @@ def main() -> int:
                     f"{fs:<6} {count:>6} {'fresh worker':<12} {min_median(fresh)} {min_median(fresh_floor)} "
                     f"{statistics.median(fresh) / statistics.median(fresh_floor):>10.2f}"
                 )
+                if relayed:
+                    print(
+                        f"{fs:<6} {count:>6} {'fresh relay':<12} {min_median(relayed)} {min_median(fresh_floor)} "
+                        f"{statistics.median(relayed) / statistics.median(fresh_floor):>10.2f}"
+                    )
                 sys.stdout.flush()
         return 0
     finally:

@@ -7,13 +7,18 @@ Each round times, in alternating order (wall clock, from this process):
 
 - `python3 -c pass`: spawn -> exit of a bare interpreter (the floor the CI-speed issue's target is stated against);
 - `fork+exec touch`: the tool alone, as a plain child (the part of a first request no worker can avoid);
-- `worker`: spawn `python3 -m treemat --persistent_worker --root=R` (Bazel's command line), write one
-  varint-delimited WorkRequest proto on its stdin (real bytes: 1 input, `touch out/x`, as Bazel writes them),
-  read the delimited WorkResponse from its stdout; the worker is then closed and reaped outside the timing;
-- `NAME worker` (each `--baseline NAME=DIR`): the same through another checkout's package (a worktree of main).
+- `worker (in-process)`: spawn `python3 -m treemat --persistent_worker --root=R` (Bazel's command line) with
+  TREEMAT_SERVICE=0, write one varint-delimited WorkRequest proto on its stdin (real bytes: 1 input,
+  `touch out/x`, as Bazel writes them), read the delimited WorkResponse from its stdout; the worker is then
+  closed and reaped outside the timing;
+- `relay, warm service`: the same with TREEMAT_SERVICE=1: the relay forwards to the root's stager service,
+  which outlives it (started in the warm-up round);
+- `relay, cold service`: the same, but the service is killed (outside the timing) after every round: the relay
+  starts it (the first worker of a fresh machine, or after the service exited idle);
+- `NAME worker` (each `--baseline NAME=DIR`): in-process, through another checkout's package (a worktree of main).
 
-The root is kept across rounds (Bazel restarts workers on the same root: the blob is in its CAS and ledger). The
-worker runs without PYTHONDONTWRITEBYTECODE, as users run it (__main__ keeps compiled modules in
+Each row has its own root, kept across rounds (Bazel restarts workers on the same root: the blob is in its CAS
+and ledger). The worker runs without PYTHONDONTWRITEBYTECODE, as users run it (__main__ keeps compiled modules in
 ~/.cache/treemat/pycache); `--no-bytecode` keeps the variable: every treemat module compiled at each start.
 Prints min and median (ms); `x bare` is a row's median over the bare interpreter's, both of this run.
 """
@@ -21,8 +26,10 @@ Prints min and median (ms); `x bare` is a row's median over the bare interpreter
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -41,10 +48,15 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 class FreshWorker:
     """Starts a new worker per call and waits for its first reply; `reap` ends them (outside the timings)."""
 
-    def __init__(self, execroot: Path, root: Path, tools: Path, *, keep_no_bytecode: bool) -> None:
+    def __init__(
+        self, execroot: Path, root: Path, tools: Path, *, keep_no_bytecode: bool, service: str = "0", cold: bool = False
+    ) -> None:
         self.execroot = execroot
+        self.root = root
+        self.cold = cold
         self.command = [sys.executable, "-m", "treemat", "--persistent_worker", "--protocol=proto", f"--root={root}"]
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tools), os.environ.get("PYTHONPATH", "")])}
+        self.env["TREEMAT_SERVICE"] = service
         if not keep_no_bytecode:
             self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         self.payload = request_bytes(execroot)
@@ -67,6 +79,19 @@ class FreshWorker:
             proc.stdin.close()
             proc.wait()
         self.running.clear()
+        if self.cold:
+            end_services(self.root)
+
+
+def end_services(root: Path) -> None:
+    """Kill the stager services of `root` and wait until they are gone."""
+    for pid_file in (root / "service").glob("*.pid"):
+        pid = int(pid_file.read_text())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        while os.path.exists(f"/proc/{pid}") and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]:
+            time.sleep(0.005)
+        pid_file.unlink(missing_ok=True)
 
 
 def request_bytes(execroot: Path) -> bytes:
@@ -104,8 +129,14 @@ def main() -> int:
             "fork+exec touch": lambda: subprocess.run(["touch", "out/x"], cwd=execroot, check=True),
         }
         baselines = [(f"{name} worker", Path(tools)) for name, _, tools in (b.partition("=") for b in args.baseline)]
-        for name, tools in [("worker", TOOLS), *baselines]:
-            workers.append(FreshWorker(execroot, work / "root", tools, keep_no_bytecode=args.no_bytecode))
+        modes = [("worker (in-process)", TOOLS, "0", False), ("relay, warm service", TOOLS, "1", False)]
+        modes.append(("relay, cold service", TOOLS, "1", True))
+        modes += [(name, tools, "0", False) for name, tools in baselines]
+        for number, (name, tools, service, cold) in enumerate(modes):
+            root = work / f"root-{number}"
+            workers.append(
+                FreshWorker(execroot, root, tools, keep_no_bytecode=args.no_bytecode, service=service, cold=cold)
+            )
             rows[name] = workers[-1]
         times: dict[str, list[float]] = {name: [] for name in rows}
         for round_ in range(args.rounds + 1):  # round 0 warms up (the root's first use, compiled modules)
@@ -121,6 +152,7 @@ def main() -> int:
     finally:
         for worker in workers:
             worker.reap()
+            end_services(worker.root)
         remove_tree(work)
     return 0
 
@@ -132,7 +164,7 @@ def report(times: dict[str, list[float]], rounds: int) -> None:
     for name, values in times.items():
         median = statistics.median(values)
         print(f"{name:<34} {min(values):8.1f} {median:10.1f} {median / bare:8.2f}")
-    for name in (name for name in times if name.endswith("worker")):
+    for name in (name for name in times if name not in ("python3 -c pass", "fork+exec touch")):
         start_up = statistics.median(times[name]) - tool
         print(f"{name + ' minus the tool':<34} {'':8} {start_up:10.1f} {start_up / bare:8.2f}")
     print(f"({rounds} rounds, alternating order; python {sys.version.split()[0]}, {os.uname().release})")

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
@@ -32,6 +34,7 @@ from pathlib import Path
 
 from treemat.benchreport import BASELINES as BASELINES
 from treemat.benchreport import GOALS as GOALS
+from treemat.benchreport import ON_REQUEST, TREEMAT_MNEMONICS
 from treemat.benchreport import STRATEGY_FLAGS as STRATEGY_FLAGS
 from treemat.benchreport import BenchReport as BenchReport
 from treemat.benchreport import BenchSample as BenchSample
@@ -78,7 +81,9 @@ def bazel_version(workspace: Path) -> tuple[int, str]:
 
 def available_strategies(bazel_major: int) -> tuple[str, ...]:
     """The strategies this Bazel major version can run, in table order."""
-    return tuple(name for name in STRATEGY_FLAGS if bazel_major >= MIN_BAZEL_MAJOR.get(name, 0))
+    return tuple(
+        name for name in STRATEGY_FLAGS if bazel_major >= MIN_BAZEL_MAJOR.get(name, 0) and name not in ON_REQUEST
+    )
 
 
 def check_strategies(strategies: Sequence[str], bazel_major: int) -> None:
@@ -184,7 +189,7 @@ def run_bench(
             base,
             "build",
             # the worker's root as a startup flag: the compiles get no shell environment (no --action_env)
-            *[f"--worker_extra_flag={m}=--root={root}" for m in ("SwiftCompile", "SwiftLink", "TreematRun")],
+            *[f"--worker_extra_flag={m}=--root={root}" for m in TREEMAT_MNEMONICS],
             f"--profile={profile}",
             *extra,
             *strategy_flags(strategy, major),
@@ -239,9 +244,17 @@ def run_bench(
     finally:
         if not ci:
             _bazel(workspace, shared_base, "shutdown")
+        end_services(Root(root))  # the stager services outlive Bazel's workers; their root goes now
         with contextlib.suppress(OSError):
             remove_tree(scratch)  # output bases, profiles, the default treemat root: hundreds of MB per run
     return report
+
+
+def end_services(layout: Root) -> None:
+    """Stop the stager services of `layout` (their pid files name them)."""
+    for pid_file in layout.service.glob("*.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
 
 
 def _execution_span_ms(profile: Path) -> float:

@@ -10,6 +10,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+TREEMAT_MNEMONICS = ("SwiftCompile", "SwiftLink", "TreematRun")
 STRATEGY_FLAGS = {
     "local": ["--strategy=SwiftCompile=local", "--strategy=SwiftLink=local", "--spawn_strategy=local"],
     "sandboxed": ["--strategy=SwiftCompile=sandboxed", "--strategy=SwiftLink=sandboxed"],
@@ -20,7 +21,11 @@ STRATEGY_FLAGS = {
         "--experimental_inmemory_sandbox_stashes",
     ],
     "treemat": ["--config=treemat"],
+    # treemat's other worker mode (`--no-service` / `--service`, whichever is not the default): only when asked for
+    "treemat-inprocess": ["--config=treemat", *(f"--worker_extra_flag={m}=--no-service" for m in TREEMAT_MNEMONICS)],
+    "treemat-service": ["--config=treemat", *(f"--worker_extra_flag={m}=--service" for m in TREEMAT_MNEMONICS)],
 }
+ON_REQUEST = ("treemat-inprocess", "treemat-service")  # not among the default strategies
 # treemat's wall time is compared with each of these that was measured, in this order.
 BASELINES = ("sandboxed", "sandboxed-reuse", "local")
 GOALS = "goals: treemat <= 0.5x sandboxed, <= 1.05x local"

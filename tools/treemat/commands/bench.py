@@ -13,7 +13,14 @@ from treemat.errors import TreematError
 
 # tools/bazel7.sh of the checkout this package runs from (tools/treemat/commands/bench.py -> tools/).
 BAZEL7_SCRIPT = Path(__file__).resolve().parents[2] / "bazel7.sh"
-STRATEGIES = ("local", "sandboxed", "sandboxed-reuse", "treemat")  # treemat.bench.STRATEGY_FLAGS, import-free
+STRATEGIES = (
+    "local",
+    "sandboxed",
+    "sandboxed-reuse",
+    "treemat",
+    "treemat-inprocess",
+    "treemat-service",
+)  # = STRATEGY_FLAGS
 WORKLOADS = ("shapes", "chain")  # treemat.bench.WORKLOADS
 
 
