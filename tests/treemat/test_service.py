@@ -60,8 +60,17 @@ def tool_running(marker: str) -> bool:
 class RelayProcess:
     """`treemat --persistent_worker --protocol=proto` with the service on, driven with WorkRequest protos."""
 
-    def __init__(self, execroot: Path, root: Path, *, env: dict[str, str] | None = None, extra: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        execroot: Path,
+        root: Path,
+        *,
+        env: dict[str, str] | None = None,
+        extra: tuple[str, ...] = (),
+        wrapper: list[str] | None = None,
+    ):
         command = [sys.executable, "-m", "treemat", "--persistent_worker", "--protocol=proto", f"--root={root}"]
+        command = [*(wrapper or []), *command]
         environment = {**worker_env(), "TREEMAT_SERVICE": "1", **(env or {})}
         self.execroot = execroot
         self.proc = subprocess.Popen(
@@ -251,20 +260,46 @@ def test_each_relay_is_served_in_its_own_execroot_and_environment(tmp_path: Path
         (directory / "in/a").write_text(f"content of {name}\n")
         relays.append(RelayProcess(directory, root, env={"RELAY_NAME": name}))
     script = 'mkdir -p out; cat in/a > out/copy; echo "$RELAY_NAME" > out/env; ls "$ROOT" > out/root 2>&1 || true'
-    for number, relay in enumerate(relays):
+    for relay in relays:
         relay.send(["env", f"ROOT={root}", "sh", "-c", script], ["out/copy", "out/env", "out/root"], ["in/a"], 1)
-        relay.send(["cat", "../secret"], [], ["in/a"], 2)  # outside its inputs: unreachable, as in-process
-        (relay.execroot.parent / "secret").write_text("secret\n")
-        assert number in (0, 1)
     for relay, name in zip(relays, ("base-a", "base-b"), strict=True):
-        replies = {reply.request_id: reply for reply in (relay.read(), relay.read())}
-        assert replies[1].exit_code == 0, replies[1].output
-        assert replies[2].exit_code != 0 and "secret" not in replies[2].output.replace("../secret", "")
+        reply = relay.read()
+        assert reply.exit_code == 0, reply.output
         assert (relay.execroot / "out/copy").read_text() == f"content of {name}\n"
         assert (relay.execroot / "out/env").read_text() == f"{name}\n"
         assert "cas" not in (relay.execroot / "out/root").read_text()  # the root (and its socket) is hidden
         relay.close()
     assert len(services(root)) == 1
+
+
+def test_a_relay_in_another_mount_namespace_gets_a_service_of_its_own(execroot: Path, root: Path) -> None:
+    """A relay never hands its tool to a service that sees another filesystem: a mount only the relay's namespace
+    has is visible to its tool, and never to the tool of a relay outside it."""
+    private = Path(tempfile.mkdtemp(dir="/var/tmp"))  # not below /tmp: tools get a private /tmp
+    probe = ["sh", "-c", f"mkdir -p out; cat {private}/only-here > out/seen 2>/dev/null || echo unseen > out/seen"]
+    mounted = f'mount -t tmpfs none {private} && echo mounted > {private}/only-here && exec "$@"'
+    outside = RelayProcess(execroot, root)
+    outside.send(probe, ["out/seen"], ["in/a"], 1)
+    assert outside.read().exit_code == 0
+    assert (execroot / "out/seen").read_text() == "unseen\n"
+    unshare = ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"]
+    inside = RelayProcess(execroot, root, wrapper=[*unshare, "sh", "-c", mounted, "-"])
+    inside.send(probe, ["out/seen"], ["in/a"], 1)
+    try:
+        reply = inside.read()
+    except AssertionError:
+        if "unshare:" in inside.stderr or "mount:" in inside.stderr:
+            pytest.skip(f"cannot make a mount namespace here: {inside.stderr.strip()[:200]}")
+        raise
+    assert reply.exit_code == 0, reply.output
+    assert (execroot / "out/seen").read_text() == "mounted\n"
+    assert len(services(root)) == 2  # one per mount namespace
+    outside.send(probe, ["out/seen"], ["in/a"], 2)
+    assert outside.read().exit_code == 0
+    assert (execroot / "out/seen").read_text() == "unseen\n"
+    inside.close()
+    outside.close()
+    private.rmdir()
 
 
 def test_a_client_of_another_uid_is_refused(execroot: Path, root: Path) -> None:
