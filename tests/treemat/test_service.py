@@ -24,6 +24,7 @@ from treemat.layout import Root
 from treemat.relay import connect, hello_payload, service_name, service_version
 
 from ..support.harness import TOOLS_DIR, worker_env
+from ..support.services import services_of
 from ..support.waiting import wait_for
 
 READ_TIMEOUT = 60.0
@@ -31,18 +32,7 @@ READ_TIMEOUT = 60.0
 
 def services(root: Path) -> list[int]:
     """Pids of the live (not zombie) service processes of `root`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if b"--service" in cmdline and f"--root={root}".encode() in cmdline and state != b"Z":
-            found.append(int(entry))
-    return found
+    return services_of(root)
 
 
 def tool_running(marker: str) -> bool:
@@ -182,6 +172,17 @@ def test_a_requests_flagfile_is_read_in_the_relays_execroot(execroot: Path, root
     assert reply.exit_code == 0, reply.output
     assert (execroot / "out/from-params").exists()
     relay.close()
+
+
+def test_a_service_whose_socket_went_exits(execroot: Path, root: Path) -> None:
+    """`rm -rf` of the root (or a test's scratch) leaves no service behind for its idle time."""
+    relay = RelayProcess(execroot, root)
+    assert relay.touch().exit_code == 0
+    relay.close()
+    assert services(root)
+    for sock in Root(root).service.glob("*.sock"):
+        sock.unlink()
+    wait_for(lambda: not services(root), what="the orphaned service to exit")
 
 
 def test_two_racing_relays_start_exactly_one_service(execroot: Path, root: Path) -> None:

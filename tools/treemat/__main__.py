@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-SERVICE_DEFAULT = "0"  # TREEMAT_SERVICE unset: relay to the stager service (1) or serve in-process (0)
+SERVICE_DEFAULT = "1"  # TREEMAT_SERVICE unset: relay to the stager service (1) or serve in-process (0)
 PROTOCOLS = ("json", "proto", "auto")  # = commands/worker.py's --protocol choices (a test checks)
 ISOLATIONS = ("auto", "overlay", "copy-on-write", "none")  # = cli.ISOLATION_CHOICES (a test checks)
 

@@ -9,7 +9,8 @@ forks itself away at once (the relay reaps the first process), listens on `<root
 relative to the directory descriptor the relay passed (its execroot), with the relay's environment as the tools'
 base environment. Request ids are mapped to ids unique in the service, so relays' multiplex ids never meet;
 a relay that goes away has its requests in flight cancelled. With no relay connected for M minutes the
-service removes its socket (under the lock, so a relay starting meanwhile starts a new one) and exits.
+service removes its socket (under the lock, so a relay starting meanwhile starts a new one) and exits; one whose
+socket went (its root deleted) exits within ORPHAN_CHECK_SECONDS.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from treemat.stack import Stack, open_stack
 from treemat.worker import DUPLICATE_REFUSED, SANDBOX_DIR_REFUSED, Canceller, Handler, make_handler
 
 MAX_HELLO_FDS = 4
+ORPHAN_CHECK_SECONDS = 2.0  # how often an idle-waiting service checks its socket is still the one it bound
 
 
 def answer(text: str, *, ok: bool) -> bytes:
@@ -138,15 +140,26 @@ class Service:
         self._last_active = time.monotonic()
 
     def serve(self) -> None:
-        """Accept relays; return once idle for `idle_seconds` with the socket removed."""
+        """Accept relays; return once idle for `idle_seconds` with the socket removed, or once the socket is no
+        longer ours (the root was deleted, or the name taken over): no relay can reach this service then."""
+        socket_path = self.stack.layout.service_file(self.name, "sock")
+        ours = os.stat(socket_path).st_ino
         while True:
             with self._lock:
                 idle_for = time.monotonic() - self._last_active if not self._clients else 0.0
             wait = self.idle_seconds - idle_for if not self._clients else self.idle_seconds
-            ready, _w, _x = select.select([self.listener], [], [], max(wait, 0.0))
+            ready, _w, _x = select.select([self.listener], [], [], min(max(wait, 0.0), ORPHAN_CHECK_SECONDS))
             if ready:
                 self._accept()
                 continue
+            try:
+                orphaned = os.stat(socket_path).st_ino != ours
+            except OSError:
+                orphaned = True
+            if orphaned:
+                print(f"treemat service {os.getpid()}: {socket_path} is gone or not ours: exiting", file=sys.stderr)
+                self.listener.close()
+                return
             with self._lock:
                 idle = not self._clients and time.monotonic() - self._last_active >= self.idle_seconds
             if idle and self._retire():
