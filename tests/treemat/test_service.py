@@ -185,6 +185,18 @@ def test_a_service_whose_socket_went_exits(execroot: Path, root: Path) -> None:
     wait_for(lambda: not services(root), what="the orphaned service to exit")
 
 
+def test_stdin_closing_after_an_undecodable_request_ends_the_relay(execroot: Path, root: Path) -> None:
+    """The relay cannot read a request id out of garbage; it still exits once stdin ends (never a hang)."""
+    relay = RelayProcess(execroot, root)
+    assert relay.proc.stdin is not None
+    # request_id 5 by the wire, but no WorkRequest (an argument of invalid UTF-8): the service answers id 0
+    relay.proc.stdin.write(b"\x05\x18\x05\x0a\x01\xff")
+    relay.proc.stdin.flush()
+    reply = relay.read()
+    assert reply.exit_code == 1 and "malformed work request" in reply.output, reply
+    assert relay.close() == 0  # (it answers id 5 too, with the one-line failure, when the service closes)
+
+
 def test_two_racing_relays_start_exactly_one_service(execroot: Path, root: Path) -> None:
     relays = [RelayProcess(execroot, root) for _ in range(2)]
     for number, relay in enumerate(relays):

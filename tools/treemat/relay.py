@@ -1,23 +1,24 @@
 """The thin worker: Bazel's `treemat --persistent_worker` process when the stager service is on (service.py).
 
-It imports no protobuf and no click. It frames the varint-delimited WorkRequests on stdin, reads each one's
-request id and cancel flag by hand, and forwards the bytes over a Unix socket in the 0700 root (layout.Root owns
-the path) to the root's long-lived service, which stages and runs the actions; responses come back as bytes and
-go to stdout untouched. The hello passes an O_DIRECTORY descriptor of the relay's cwd (Bazel's execroot,
-SCM_RIGHTS) and the relay's environment: the service reads inputs and writes outputs relative to that descriptor,
-as the in-process worker does relative to its cwd.
+It imports no protobuf and no click: it frames the WorkRequests on stdin, reads each one's request id and cancel
+flag by hand, and forwards the bytes over a Unix socket in the 0700 root (layout.Root owns the path) to the
+root's long-lived service, which stages and runs the actions; responses go to stdout untouched. The hello passes
+an O_DIRECTORY descriptor of the relay's cwd (Bazel's execroot, SCM_RIGHTS) and the relay's environment: the
+service reads inputs and writes outputs relative to that descriptor, as in-process relative to the cwd.
 
 The socket's name is a digest of everything that must match for a service to stand in for this process: the
 wire version, the treemat package's content hash, the isolation asked for, the uid and the mount, network and
 user namespaces and root directory (a relay never hands a tool to a service that sees more than it would). A
 relay that finds no service starts one under the root's service lock; two racing relays start exactly one.
 
-The service's death fails the requests in flight with one line (the next request starts a new one); where no
-service can be reached or started, `relay` returns None (after one line on stderr): the caller serves in-process.
+At stdin's end it half-closes the socket: the service answers what it has, then closes. The service's death
+fails the requests in flight with one line (the next request starts a new one); where no service can be reached
+or started, `relay` returns None (after one line on stderr): the caller serves in-process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -42,10 +43,8 @@ class ServiceUnavailable(Exception):
 
 def package_hash() -> str:
     """A content hash of every module of the treemat package (a changed file means another service)."""
-    try:
-        from _blake2 import blake2b  # 1 ms to import; hashlib's OpenSSL binding is 3 ms
-    except ImportError:  # pragma: no cover - CPython always has it
-        from hashlib import blake2b
+    from _blake2 import blake2b  # CPython's builtin: 1 ms to import, hashlib's OpenSSL binding 3 ms
+
     digest = blake2b(digest_size=16)
     package = os.path.dirname(os.path.abspath(__file__))
     for folder in ("", "bot", "commands"):
@@ -329,11 +328,13 @@ class Relay:
                 sock.sendall(frame)
             except OSError as exc:
                 self._fail_all(sock, f"sending failed: {exc.strerror or exc}")
-        with self._lock:
-            while self._inflight and self._sock is not None:
-                self._lock.wait()
-        if self._sock is not None:
-            self._sock.close()
+        sock = self._sock
+        if sock is not None:  # no more requests: the service answers what it has, then closes
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+            with self._lock:
+                while self._sock is sock:
+                    self._lock.wait()
         return 0
 
     def _attach(self) -> None:

@@ -77,10 +77,11 @@ class Session:
         except (OSError, ValueError):
             pass  # the relay went away mid-message
         finally:
-            with self._lock:
-                orphans = list(self._inflight.values())
-            for service_id in orphans:
-                self.canceller(service_id)
+            if relay_gone(self.conn):  # died (not a half-close after its last request): cancel what it asked for
+                with self._lock:
+                    orphans = list(self._inflight.values())
+                for service_id in orphans:
+                    self.canceller(service_id)
             self._pool.shutdown(wait=True)
             reader.close()
 
@@ -123,6 +124,13 @@ class Session:
         data = encode_reply(reply, "proto")
         with self._write_lock, contextlib.suppress(OSError):
             self.conn.sendall(data)
+
+
+def relay_gone(conn: socket.socket) -> bool:
+    """True if the relay's end is closed both ways (it exited or died); False after its SHUT_WR (it waits)."""
+    poller = select.poll()
+    poller.register(conn, select.POLLHUP)
+    return any(events & (select.POLLHUP | select.POLLERR) for _fd, events in poller.poll(0))
 
 
 class Service:
