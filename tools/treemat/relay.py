@@ -383,8 +383,7 @@ def relay(options: Mapping[str, str], env: Mapping[str, str]) -> int | None:
     """Serve Bazel through the root's service; None (after one line on stderr) where it cannot be used."""
     try:
         layout = Root(Path(options["root"]).expanduser().absolute() if options["root"] else None)
-        isolation = options["isolation"]
-        max_workers = int(options["max_workers"] or max(2, os.cpu_count() or 2))
+        isolation, max_workers = options["isolation"], int(options["max_workers"] or max(2, os.cpu_count() or 2))
         idle = float(env.get("TREEMAT_SERVICE_IDLE_MINUTES") or DEFAULT_IDLE_MINUTES)
         version = service_version()
         name = service_name(version, isolation)
