@@ -3,9 +3,10 @@
 An `@flagfile` argument -> one-shot action (Bazel's local/sandboxed strategies; import-light: no click, no
 protobuf, no CAS); `--service` -> the root's stager service (service.py, started by a relay);
 `--persistent_worker` -> the worker: with `--protocol=proto` (what the rules pass) a relay to the stager service
-(relay.py; `--no-service` or TREEMAT_SERVICE=0: in-process, as where no service can be had); with the flags Bazel passes (`--protocol=`, `--root=`,
-`--max-workers=`, `@flagfile`s, all in `--name=value` form) it starts without click, the sandbox helper started
-first so that it boots while the worker imports; any other flag goes through click's `treemat worker` parser.
+(relay.py; `--no-service` or TREEMAT_SERVICE=0: in-process, as where no service can be had); with the flags
+Bazel passes (`--protocol=`, `--root=`, `--max-workers=`, `@flagfile`s, all in `--name=value` form) it starts
+without click, the sandbox helper started first so that it boots while the worker imports; any other flag goes
+through click's `treemat worker` parser.
 Anything else -> the `treemat` CLI. Run as a program, it keeps compiled modules in the user's cache (they
 survive `bazel clean`).
 """
