@@ -164,6 +164,8 @@ class Service:
                 orphaned = os.stat(socket_path).st_ino != ours
             except OSError:
                 orphaned = True
+            with self._lock:
+                orphaned = orphaned and not self._clients  # the relays still connected are served to their end
             if orphaned:
                 print(f"treemat service {os.getpid()}: {socket_path} is gone or not ours: exiting", file=sys.stderr)
                 self.listener.close()
