@@ -288,13 +288,17 @@ def test_each_relay_is_served_in_its_own_execroot_and_environment(tmp_path: Path
 def test_a_relay_in_another_mount_namespace_gets_a_service_of_its_own(execroot: Path, root: Path) -> None:
     """A relay never hands its tool to a service that sees another filesystem: a mount only the relay's namespace
     has is visible to its tool, and never to the tool of a relay outside it."""
-    private = Path(tempfile.mkdtemp(dir="/var/tmp"))  # not below /tmp: tools get a private /tmp
+    if not os.access("/var/tmp", os.W_OK):  # `bazel test`: read-only
+        pytest.skip("no scratch outside /tmp (a mount below /tmp gives tools an empty private /tmp)")
+    private = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    (private / "only-here").write_text("host\n")
     probe = ["sh", "-c", f"mkdir -p out; cat {private}/only-here > out/seen 2>/dev/null || echo unseen > out/seen"]
     mounted = f'mount -t tmpfs none {private} && echo mounted > {private}/only-here && exec "$@"'
     outside = RelayProcess(execroot, root)
     outside.send(probe, ["out/seen"], ["in/a"], 1)
     assert outside.read().exit_code == 0
-    assert (execroot / "out/seen").read_text() == "unseen\n"
+    if (execroot / "out/seen").read_text() != "host\n":
+        pytest.skip(f"tools do not see {private} here (a private mount over it)")
     unshare = ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"]
     inside = RelayProcess(execroot, root, wrapper=[*unshare, "sh", "-c", mounted, "-"])
     inside.send(probe, ["out/seen"], ["in/a"], 1)
@@ -309,15 +313,19 @@ def test_a_relay_in_another_mount_namespace_gets_a_service_of_its_own(execroot: 
     assert len(services(root)) == 2  # one per mount namespace
     outside.send(probe, ["out/seen"], ["in/a"], 2)
     assert outside.read().exit_code == 0
-    assert (execroot / "out/seen").read_text() == "unseen\n"
+    assert (execroot / "out/seen").read_text() == "host\n"
     inside.close()
     outside.close()
-    private.rmdir()
+    shutil.rmtree(private)
 
 
 def test_a_client_of_another_uid_is_refused(execroot: Path, root: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("acting as another uid needs root (the unprivileged leg maps one uid only)")
+    mapped = any(
+        int(inside) <= 65534 < int(inside) + int(count)
+        for inside, _outside, count in (line.split() for line in Path("/proc/self/uid_map").read_text().splitlines())
+    )
+    if os.geteuid() != 0 or not mapped:
+        pytest.skip("acting as another uid needs root and a uid 65534 (the unprivileged leg maps one uid only)")
     relay = RelayProcess(execroot, root)
     assert relay.touch().exit_code == 0
     layout = Root(root)
