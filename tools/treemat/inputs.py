@@ -9,6 +9,7 @@ exec dir with the same outputs is reused: only the delta between the two request
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 import time
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class InputStager:
         *,
         counters: Counters,
         dispose: Dispose,
+        overlay: bool,
     ) -> None:
         self.cas = cas
         self.guard = guard
@@ -77,56 +79,64 @@ class InputStager:
         self.pool = pool
         self.counters = counters
         self._dispose = dispose
+        self.overlay = overlay  # hardlinked inputs only behind an overlay (the tool's writes copy up)
         self.memo = InputMemo()
 
     def forget(self, blobs: list[BlobKey] | None = None) -> None:
         """Blobs that were just rejected (None: every blob): the memo's one invalidation rule."""
         self.memo.forget(blobs)
 
-    def prepare(self, request: ActionRequest, exec_dir: Path) -> PreparedDir:
-        """The exec dir for `request`: a pooled dir patched (O(changed inputs)), else `exec_dir` staged afresh
-        (and adopted by the pool where it can be reused); declared output directories made. On an error the
-        dir is removed (or retired from the pool) before it is raised."""
+    def prepare(self, request: ActionRequest) -> PreparedDir:
+        """The exec dir for `request`: a pooled dir patched (O(changed inputs)), else a new dir under the root's
+        `exec/` staged afresh (and adopted by the pool where it can be reused), declared output directories made.
+        Once more if a user deleted part of the root under us (`rm -rf .../cas`). On an error the dir is removed
+        (or retired from the pool) before it is raised."""
+        for attempt in range(2):
+            try:
+                return self._prepare_once(request)
+            except (TreematError, OSError):
+                if attempt or not self.cas.layout.repair():
+                    raise
+        raise AssertionError("unreachable")
+
+    def _prepare_once(self, request: ActionRequest) -> PreparedDir:
         started = time.perf_counter()
         key, outputs = pool_key(request.spec), output_dirs(request.spec)
+        exec_dir = self.cas.layout.exec / f"{os.getpid()}-{request.request_id}-{secrets.token_hex(4)}"
         self.guard.poll()
         mark = self.guard.mark()
-        files: dict[str, StagedFile] | None = None
         with self.cas.in_use():
             prepared = self._reuse(request, key, outputs, mark)
             if prepared is None:
-                prepared, files = self._stage_fresh(request, exec_dir, mark)
-        try:
-            for rel in outputs:
-                os.makedirs(f"{prepared.path}/{rel}", exist_ok=True)
-            if prepared.pooled is None and self.pool is not None and files and _poolable(prepared.report):
-                prepared.pooled = self.pool.adopt(prepared.path, key, files, outputs, request.inputs, mark)
-        except BaseException:
-            self.abandon(prepared)
-            raise
+                prepared, files = self._stage_fresh(request, exec_dir, outputs, mark)
+                if self.pool is not None and files and prepared.report.patchable():
+                    prepared.pooled = self.pool.adopt(prepared.path, key, files, outputs, request.inputs, mark)
         prepared.seconds = time.perf_counter() - started
         return prepared
 
-    def abandon(self, prepared: PreparedDir) -> None:
-        """A prepared dir that will not be used: out of the pool, removed."""
-        if prepared.pooled is not None and self.pool is not None:
-            self.pool.retire(prepared.pooled, intact=False)
-        else:
-            self._dispose(prepared.path, prepared.report.hardlinked)
-
     def _stage_fresh(
-        self, request: ActionRequest, exec_dir: Path, mark: GuardMark
+        self, request: ActionRequest, exec_dir: Path, outputs: list[str], mark: GuardMark
     ) -> tuple[PreparedDir, dict[str, StagedFile] | None]:
-        """Build the tree and stage it into `exec_dir` (retrying once if our memo was stale)."""
+        """Build the tree and stage it into `exec_dir` (once more if our memo was stale), output dirs made; on an
+        error the dir is removed before it is raised."""
         try:
-            try:
-                tree, staged, files = self.build_tree(request)
-                report = self.dircache.stage(tree, exec_dir)
-            except MissingBlobError:
-                self.forget()  # a blob was GC'd or quarantined elsewhere: forget what we knew, retry once
-                remove_tree(exec_dir)
-                tree, staged, files = self.build_tree(request)
-                report = self.dircache.stage(tree, exec_dir)
+            for attempt in range(2):
+                try:
+                    tree, staged, files = self.build_tree(request)
+                    report = self.dircache.stage(tree, exec_dir)
+                    break
+                except MissingBlobError:
+                    if attempt:
+                        raise
+                    self.forget()  # a blob was GC'd or quarantined elsewhere: forget what we knew, retry once
+                    remove_tree(exec_dir)
+            if report.hardlinked and not self.overlay:
+                raise ExecutionError(
+                    f"{len(report.hardlinked)} input(s) were hardlinked but the sandbox has no overlay: refusing "
+                    "to let the tool reach CAS inodes (this is a wiring bug: use treemat.stack.open_stack)"
+                )
+            for rel in outputs:
+                os.makedirs(f"{exec_dir}/{rel}", exist_ok=True)
         except BaseException:
             self._dispose(exec_dir, ())
             raise
@@ -146,13 +156,12 @@ class InputStager:
             report = self.pool.patch(
                 entry, changes, removed, outputs, execroot=execroot, manifest=request.inputs, mark=mark
             )
-        except (OSError, TreematError):
-            self.counters.add("execpool_patch_failed")
-            self.pool.retire(entry, intact=False)
-            return None
-        except BaseException:
+        except BaseException as exc:
             self.pool.retire(entry, intact=False)  # leased and half patched: never back to the pool
-            raise
+            if not isinstance(exc, (OSError, TreematError)):
+                raise
+            self.counters.add("execpool_patch_failed")
+            return None
         report.unchanged = len(request.inputs) - report.linked
         self.counters.add("execpool_reused")
         self.counters.add("hardlink", report.linked)
@@ -328,11 +337,6 @@ def output_dirs(spec: ActionSpec) -> list[str]:
     """Directories the exec dir holds for outputs: each output's parent and each declared output directory."""
     parents = [normalize_path(output).rpartition("/")[0] for output in spec.outputs]
     return [parent for parent in parents if parent] + [normalize_path(d) for d in spec.output_dirs]
-
-
-def _poolable(report: StageReport) -> bool:
-    """Only plain hardlink trees of hashed inputs can be patched later."""
-    return not report.subtree_hits and all(method in ("hardlink", "zero_byte") for method in report.methods)
 
 
 def _stat_input(full: str | Path, path: str) -> os.stat_result:
