@@ -54,6 +54,7 @@ class PooledDir:
     pinned: set[str] = field(default_factory=set)  # declared output dirs / output parents (kept even if empty)
     manifest: InputManifest | None = None  # the inputs of the request it was last staged for
     mark: GuardMark | None = None  # the guard's mark before the dir was last staged (None: check everything)
+    exec_bits_seen: int | None = None  # the execroot watch's generation when its inputs' exec bits were last read
     watches: dict[str, int] = field(default_factory=dict)  # dir -> inotify watch descriptor
     patching: bool = False  # events now are our own doing
     dirty: bool = False  # something changed a directory while we were not patching it

@@ -24,6 +24,7 @@ from treemat.digest import Digest, check_hash
 from treemat.dircache import DirectoryCache
 from treemat.errors import ExecutionError, MissingBlobError, TreematError
 from treemat.execpool import Dispose, ExecDirPool, PooledDir
+from treemat.execrootwatch import ExecrootWatch
 from treemat.flagfile import ActionSpec
 from treemat.fsprims import file_kind, remove_tree
 from treemat.inputmemo import InputMemo, KnownInput
@@ -81,6 +82,7 @@ class InputStager:
         self._dispose = dispose
         self.overlay = overlay  # hardlinked inputs only behind an overlay (the tool's writes copy up)
         self.memo = InputMemo()
+        self.execroot_watch = ExecrootWatch()
 
     def forget(self, blobs: list[BlobKey] | None = None) -> None:
         """Blobs that were just rejected (None: every blob): the memo's one invalidation rule."""
@@ -173,16 +175,21 @@ class InputStager:
     def _delta(self, request: ActionRequest, entry: PooledDir) -> tuple[dict[str, tuple[str, bool]], set[str]]:
         """What to (re)link ({path: (hash, executable)}) and what to remove to turn `entry` into this request.
 
-        Decoding costs O(changed inputs): the manifests find the run of inputs that differs (manifest.py). Every
-        input is `stat`ed once: an exec bit is what the execroot says now (`chmod +x` keeps the bytes and the
-        digest Bazel lists), so an unchanged input whose bit flipped is relinked to the other blob.
-        ExecutionError where this request cannot be patched in (fresh staging then gives the real answer).
+        Decoding costs O(changed inputs): the manifests find the run of inputs that differs (manifest.py). An exec
+        bit is what the execroot says now (`chmod +x` keeps the bytes and the digest Bazel lists), so an unchanged
+        input whose bit flipped is relinked to the other blob: the execroot watch (execrootwatch.py) says which
+        unchanged inputs may have changed since this dir's last request (all of them when it cannot tell), and
+        only those are `stat`ed. ExecutionError where this request cannot be patched in (fresh staging then gives
+        the real answer).
         """
         if entry.manifest is None:
             raise ExecutionError("the pooled dir has no manifest")
         delta = request.inputs.delta(entry.manifest)
         self.counters.add("execpool_delta_entries", len(delta.earlier) + len(delta.later))  # O(changed), in stats
-        normalize = self.memo.path
+        execroot = str(request.execroot)
+        plan = self.execroot_watch.plan(execroot, entry.exec_bits_seen)
+        self.counters.add("execbit_checks_all" if plan.everything else "execbit_checks_marked")
+        normalize, watch, base = self.memo.path, self.execroot_watch, f"{execroot}/"
         earlier = {normalize(raw) for raw, _hash in delta.earlier}
         changes: dict[str, tuple[str, bool]] = {}
         for raw, hash_text in delta.later:
@@ -192,19 +199,17 @@ class InputStager:
             if path in changes or (path in entry.files and path not in earlier):
                 raise ExecutionError(f"input {path!r} is listed twice")
             hash_hex = check_hash(hash_text)
-            changes[path] = (hash_hex, _executable(f"{request.execroot}/{path}", path))
-        base, files, stat_now, is_regular = f"{request.execroot}/", entry.files, os.stat, stat.S_ISREG
-        for path, staged in files.items():  # the O(inputs) part of a reuse: kept to one stat and no call per input
+            changes[path] = (hash_hex, _exec_bit(watch.check(execroot, path), base + path, path))
+        files = entry.files
+        suspects = files.keys() if plan.everything else [path for path in plan.paths if path in files]
+        for path in suspects:  # every input when the watch cannot tell: one check and no other call per input
             if path in changes or path in earlier:
                 continue
-            try:
-                mode = stat_now(base + path).st_mode
-            except OSError:
-                mode = 0
-            # not a regular file (or gone): _executable raises, naming what it is, unless it became one since
-            executable = bool(mode & 0o111) if is_regular(mode) else _executable(base + path, path)
-            if executable != staged.executable:
-                changes[path] = (staged.hash, executable)
+            mode = watch.check(execroot, path)
+            executable = bool(mode & 0o111) if stat.S_ISREG(mode) else _exec_bit(mode, base + path, path)
+            if executable != files[path].executable:
+                changes[path] = (files[path].hash, executable)
+        entry.exec_bits_seen = plan.generation
         return changes, earlier - changes.keys()
 
     def build_tree(self, request: ActionRequest) -> tuple[InputTree, StagedBlobs, dict[str, StagedFile] | None]:
@@ -346,6 +351,12 @@ def _stat_input(full: str | Path, path: str) -> os.stat_result:
         raise ExecutionError(f"input {path!r} does not exist in the execroot") from None
     except OSError as exc:
         raise ExecutionError(f"input {path!r}: {exc.strerror}") from None
+
+
+def _exec_bit(mode: int, full: str, path: str) -> bool:
+    """The exec bit of a regular file's `mode`; for anything else (0: could not be read) the execroot is asked
+    again: ExecutionError naming what it is, unless it became a regular file since."""
+    return bool(mode & 0o111) if stat.S_ISREG(mode) else _executable(full, path)
 
 
 def _executable(full: str, path: str) -> bool:

@@ -1,0 +1,243 @@
+"""Which execroot inputs may have changed type or exec bit since they were last `stat`ed: inotify, failing closed.
+
+Bazel's request carries each input's digest but not its exec bit, so a reused exec dir asks the execroot. Instead
+of one `stat` per unchanged input per request, the stager asks this watch what to check (`plan`):
+
+- an input is vouched for once it was `lstat`ed as a regular file after watches were in place on its inode
+  (IN_ATTRIB: a chmod through any of its names, a link count change; IN_DELETE_SELF, IN_MOVE_SELF) and on every
+  directory its path is resolved through: the execroot's ancestors from `/` and each directory between the
+  execroot and the file (entries created, removed, renamed or chmodded; the directory itself removed or moved);
+- an event on a file's inode, or on its name in its directory, marks that input; an event on a subdirectory's
+  name, on a watched directory itself or on the name of the execroot's path in an ancestor, a lost directory
+  watch (IN_IGNORED), a queue overflow or a change of the mount table (/proc/self/mountinfo) marks everything;
+- an input that is a symlink, or lies under one, or in a directory that is not on a local filesystem (NFS, FUSE:
+  another machine's change raises no event here), or whose watches could not be placed (out of watches) is
+  never vouched for: it is checked on every request; so is everything when there is no inotify instance or the
+  execroot's own path crosses a symlink.
+
+A caller keeps the generation `plan` returned and passes it back next time: what was marked since is checked
+(and watched) again; everything is when a blanket mark came since.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import select
+import stat
+import threading
+from dataclasses import dataclass, field
+
+from treemat.fsprims import filesystem_type
+from treemat.writewatch import INotify, inotify_flags, open_inotify
+
+# local filesystems whose every change goes through this kernel's inotify (ext2/3/4, xfs, btrfs, tmpfs, f2fs, zfs,
+# bcachefs): not NFS, FUSE or a network filesystem, where another machine's change raises no event
+LOCAL_FILESYSTEMS = {0xEF53, 0x58465342, 0x9123683E, 0x01021994, 0xF2F52010, 0x2FC12FC1, 0xCA451A4E}
+MAX_MARKS = 100_000  # more marked inputs than this: forget them and mark everything
+
+
+@dataclass(slots=True)
+class CheckPlan:
+    """What to `stat` now: every input (`everything`), else `paths` (marked since, or never vouched for)."""
+
+    generation: int
+    everything: bool
+    paths: set[str] = field(default_factory=set)
+
+
+class ExecrootWatch:
+    """Inotify on the inputs of one execroot at a time (another execroot starts afresh); thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inotify: INotify | None = None
+        self._mounts: io.BufferedReader | None = None
+        self._mounts_poll: select.poll | None = None
+        self._execroot: str | None = None
+        self._restart = False  # a lost event or directory watch: start afresh once the queue is read
+        self._usable = False  # the execroot resolves without symlinks and it and its ancestors are watched
+        self._generation = 1
+        self._blanket = 1  # the generation of the last "anything may have changed"
+        self._marks: dict[str, int] = {}  # input path -> the generation it was last marked in
+        self._unsure: set[str] = set()  # inputs checked but not vouched for: checked on every request
+        self._files: dict[int, set[str]] = {}  # file wd -> input paths (hardlinks share an inode, so a wd)
+        self._dirs: dict[int, str] = {}  # directory wd -> its path below the execroot ("" is the execroot)
+        self._dir_wds: dict[str, int] = {}
+        self._ancestors: dict[int, str] = {}  # ancestor wd -> the name of the execroot's path inside it
+
+    def plan(self, execroot: str, since: int | None) -> CheckPlan:
+        """Read the events so far: what a caller that last checked at generation `since` must check now."""
+        with self._lock:
+            if execroot != self._execroot:
+                self._start(execroot)
+            self._drain()
+            generation = self._generation
+            self._generation += 1  # what is read from here on is newer than what the caller now checks
+            if not self._usable or since is None or self._blanket > since:
+                return CheckPlan(generation, everything=True)
+            marked: set[str] = set()
+            for path in reversed(self._marks):  # newest first: only the marks since `since` are read
+                if self._marks[path] <= since:
+                    break
+                marked.add(path)
+            return CheckPlan(generation, everything=False, paths=marked | self._unsure)
+
+    def check(self, execroot: str, path: str) -> int:
+        """The input's `st_mode` now (0: gone or unreadable), read after its watches were placed (none while
+        another execroot is watched)."""
+        full = f"{execroot}/{path}"
+        watched = execroot == self._execroot and self._watch_input(path)
+        try:
+            mode = os.lstat(full).st_mode
+        except OSError:
+            mode = 0
+        sure = watched and stat.S_ISREG(mode)
+        if stat.S_ISLNK(mode):
+            try:
+                mode = os.stat(full).st_mode
+            except OSError:
+                mode = 0
+        with self._lock:
+            if sure:
+                self._unsure.discard(path)
+            elif execroot == self._execroot:
+                self._unsure.add(path)
+        return mode
+
+    def close(self) -> None:
+        """Drop every watch."""
+        with self._lock:
+            self._reset()
+            self._execroot = None
+
+    # ----------------------------------------------------------------------------------------------- inside
+
+    def _start(self, execroot: str) -> None:
+        self._reset()
+        self._execroot = execroot
+        self._inotify, _why_not = open_inotify()
+        if self._inotify is None or os.path.realpath(execroot) != execroot:
+            return  # no inotify, or the execroot's path crosses a symlink: everything is checked every time
+        try:
+            self._mounts = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 (kept open: poll tells a change)
+            self._mounts.read()
+            self._mounts_poll = select.poll()
+            self._mounts_poll.register(self._mounts, select.POLLPRI | select.POLLERR)
+        except OSError:
+            return
+        parts = [part for part in execroot.split("/") if part]
+        for depth, name in enumerate(parts):
+            wd = self._add_dir_watch("/" + "/".join(parts[:depth]))
+            if wd is None:
+                return
+            self._ancestors[wd] = name
+        wd = self._add_dir_watch(execroot, local=True)
+        if wd is not None:
+            self._dirs[wd], self._dir_wds[""] = "", wd
+            self._usable = True
+
+    def _reset(self) -> None:
+        if self._inotify is not None:
+            self._inotify.close()
+        if self._mounts is not None:
+            self._mounts.close()
+        self._inotify, self._mounts, self._mounts_poll, self._usable = None, None, None, False
+        for table in (self._marks, self._files, self._dirs, self._dir_wds, self._ancestors):
+            table.clear()
+        self._unsure.clear()
+        self._blanket = self._generation
+
+    def _add_dir_watch(self, path: str, *, local: bool = False) -> int | None:
+        """A directory watch; None if it cannot be placed (or, with `local`, the directory is not on a local
+        filesystem)."""
+        assert self._inotify is not None
+        if local and filesystem_type(path) not in LOCAL_FILESYSTEMS:
+            return None
+        mask = (
+            inotify_flags.CREATE
+            | inotify_flags.DELETE
+            | inotify_flags.MOVED_FROM
+            | inotify_flags.MOVED_TO
+            | inotify_flags.ATTRIB
+            | inotify_flags.DELETE_SELF
+            | inotify_flags.MOVE_SELF
+            | inotify_flags.ONLYDIR
+            | inotify_flags.DONT_FOLLOW  # a symlink is refused (ENOTDIR): what lies under it is never vouched for
+        )
+        try:
+            return int(self._inotify.add_watch(path, mask))
+        except OSError:
+            return None
+
+    def _watch_input(self, path: str) -> bool:
+        """Watch each directory from the execroot down to `path`, then its inode; False if any cannot be."""
+        with self._lock:
+            if not self._usable or self._inotify is None:
+                return False
+            parent = ""
+            for part in path.split("/")[:-1]:
+                parent = f"{parent}/{part}" if parent else part
+                if parent not in self._dir_wds:
+                    wd = self._add_dir_watch(f"{self._execroot}/{parent}", local=True)
+                    if wd is None:
+                        return False
+                    self._dirs[wd], self._dir_wds[parent] = parent, wd
+            # its inode: chmod (through any name), link count, utimes; removed; renamed (a symlink: never vouched for)
+            mask = (
+                inotify_flags.ATTRIB | inotify_flags.DELETE_SELF | inotify_flags.MOVE_SELF | inotify_flags.DONT_FOLLOW
+            )
+            try:
+                wd = int(self._inotify.add_watch(f"{self._execroot}/{path}", mask))
+            except OSError:
+                return False
+            self._files.setdefault(wd, set()).add(path)
+            return True
+
+    def _drain(self) -> None:
+        """Read the queued events (and whether the mount table changed) into marks."""
+        if self._inotify is None:
+            return
+        if self._mounts is not None and self._mounts_poll is not None and self._mounts_poll.poll(0):
+            self._mounts.seek(0)
+            self._mounts.read()
+            self._mark_everything()
+        try:
+            events = self._inotify.read(timeout=0)
+        except BlockingIOError:
+            events = []
+        self._restart = False
+        for event in events:
+            self._on_event(event.wd, event.mask, event.name)
+        if self._restart and self._execroot is not None:
+            self._start(self._execroot)  # marks everything
+        elif len(self._marks) > MAX_MARKS:
+            self._mark_everything()
+
+    def _on_event(self, wd: int, mask: int, name: str) -> None:
+        if mask & inotify_flags.Q_OVERFLOW:
+            self._restart = True  # events were lost: watch everything afresh
+            return
+        paths = self._files.pop(wd, None) if mask & inotify_flags.IGNORED else self._files.get(wd)
+        if paths is not None:
+            for path in paths:
+                self._mark(path)
+        elif wd in self._ancestors or wd in self._dirs:
+            if mask & inotify_flags.IGNORED:
+                self._restart = True  # a directory watch is gone: watch everything afresh
+            elif wd in self._ancestors:
+                if not name or name == self._ancestors[wd]:
+                    self._mark_everything()
+            elif not name or mask & inotify_flags.ISDIR:
+                self._mark_everything()  # a directory moved, removed, made or chmodded: its whole subtree
+            else:
+                rel = self._dirs[wd]
+                self._mark(f"{rel}/{name}" if rel else name)
+
+    def _mark(self, path: str) -> None:
+        self._marks.pop(path, None)  # kept in the order of their generations (see `plan`)
+        self._marks[path] = self._generation
+
+    def _mark_everything(self) -> None:
+        self._blanket = self._generation
+        self._marks.clear()
