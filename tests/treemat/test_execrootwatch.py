@@ -202,3 +202,18 @@ def test_a_check_in_another_execroot_reads_that_one(tmp_path: Path) -> None:
     os.chmod(Path(second) / "top", 0o755)
     assert watch.check(second, "top") & 0o111 and not watch.check(first, "top") & 0o111
     assert watch.plan(first, seen).paths == set()
+
+
+def test_an_execroot_made_again_is_watched_again(tmp_path: Path) -> None:
+    watch = ExecrootWatch()
+    execroot = _execroot(tmp_path, FILES)
+    seen = _checked(watch, execroot, FILES)
+    os.rename(execroot, tmp_path / "old")
+    assert watch.plan(execroot, seen).everything
+    _execroot(tmp_path, FILES)
+    seen = _checked(watch, execroot, FILES)
+    assert watch.plan(execroot, seen) == execrootwatch.CheckPlan(seen + 1, everything=False)
+    os.rename(Path(execroot) / "a/b", Path(execroot) / "a/moved")  # no event on the files: only on a/ and a/b
+    _execroot(tmp_path, ["a/b/one"])
+    os.chmod(Path(execroot) / "a/b/one", 0o755)
+    assert watch.plan(execroot, seen).everything, "the new directories are watched, not the old ones"

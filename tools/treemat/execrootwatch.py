@@ -8,15 +8,16 @@ of one `stat` per unchanged input per request, the stager asks this watch what t
   directory its path is resolved through: the execroot's ancestors from `/` and each directory between the
   execroot and the file (entries created, removed, renamed or chmodded; the directory itself removed or moved);
 - an event on a file's inode, or on its name in its directory, marks that input; an event on a subdirectory's
-  name, on a watched directory itself or on the name of the execroot's path in an ancestor, a lost directory
-  watch (IN_IGNORED), a queue overflow or a change of the mount table (/proc/self/mountinfo) marks everything;
+  name (but its creation), on a watched directory itself or on the name of the execroot's path in an ancestor,
+  a lost directory watch (IN_IGNORED), a queue overflow or a change of the mount table (/proc/self/mountinfo)
+  starts afresh: every watch dropped, everything marked, the watches placed again as inputs are checked;
 - an input that is a symlink, or lies under one, or in a directory that is not on a local filesystem (NFS, FUSE:
   another machine's change raises no event here), or whose watches could not be placed (out of watches) is
   never vouched for: it is checked on every request; so is everything when there is no inotify instance or the
   execroot's own path crosses a symlink.
 
 A caller keeps the generation `plan` returned and passes it back next time: what was marked since is checked
-(and watched) again; everything is when a blanket mark came since.
+(and watched) again; everything is when a fresh start (or a blanket mark) came since.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ class ExecrootWatch:
     def plan(self, execroot: str, since: int | None) -> CheckPlan:
         """Read the events so far: what a caller that last checked at generation `since` must check now."""
         with self._lock:
-            if execroot != self._execroot:
-                self._start(execroot)
+            if execroot != self._execroot or (self._inotify is not None and not self._usable):
+                self._start(execroot)  # another execroot, or this one could not be watched whole last time
             self._drain()
             generation = self._generation
             self._generation += 1  # what is read from here on is newer than what the caller now checks
@@ -115,6 +116,7 @@ class ExecrootWatch:
 
     def _start(self, execroot: str) -> None:
         self._reset()
+        self._restart = False
         self._execroot = execroot
         self._inotify, _why_not = open_inotify()
         if self._inotify is None or os.path.realpath(execroot) != execroot:
@@ -201,35 +203,35 @@ class ExecrootWatch:
         if self._mounts is not None and self._mounts_poll is not None and self._mounts_poll.poll(0):
             self._mounts.seek(0)
             self._mounts.read()
-            self._mark_everything()
+            self._restart = True  # a mount may cover a watched directory: watch everything afresh
         try:
             events = self._inotify.read(timeout=0)
         except BlockingIOError:
             events = []
-        self._restart = False
         for event in events:
             self._on_event(event.wd, event.mask, event.name)
         if self._restart and self._execroot is not None:
-            self._start(self._execroot)  # marks everything
+            self._start(self._execroot)  # marks everything, clears `_restart`
         elif len(self._marks) > MAX_MARKS:
             self._mark_everything()
 
     def _on_event(self, wd: int, mask: int, name: str) -> None:
-        if mask & inotify_flags.Q_OVERFLOW:
-            self._restart = True  # events were lost: watch everything afresh
-            return
-        paths = self._files.pop(wd, None) if mask & inotify_flags.IGNORED else self._files.get(wd)
+        """A file's event marks its inputs; what may have moved a watched directory starts afresh."""
+        flags = inotify_flags
+        paths = self._files.pop(wd, None) if mask & flags.IGNORED else self._files.get(wd)
         if paths is not None:
             for path in paths:
                 self._mark(path)
-        elif wd in self._ancestors or wd in self._dirs:
-            if mask & inotify_flags.IGNORED:
-                self._restart = True  # a directory watch is gone: watch everything afresh
-            elif wd in self._ancestors:
-                if not name or name == self._ancestors[wd]:
-                    self._mark_everything()
-            elif not name or mask & inotify_flags.ISDIR:
-                self._mark_everything()  # a directory moved, removed, made or chmodded: its whole subtree
+        elif mask & (flags.Q_OVERFLOW | flags.IGNORED):
+            self._restart = True  # events lost, or a directory watch gone: watch everything afresh
+        elif wd in self._ancestors:
+            if not name or name == self._ancestors[wd]:
+                self._restart = True  # the execroot's path changed (or its permissions)
+        elif wd in self._dirs:
+            if mask & flags.ISDIR and mask & flags.CREATE:
+                return  # a new directory: no input was found under a name that did not exist
+            if not name or mask & flags.ISDIR:
+                self._restart = True  # a watched directory moved, removed, replaced or chmodded
             else:
                 rel = self._dirs[wd]
                 self._mark(f"{rel}/{name}" if rel else name)
