@@ -136,7 +136,7 @@ class ExecDirPool:
             self.record(entry)
             self._watch(entry, entry.dirs)
         except BaseException:
-            self.retire(entry, intact=False)  # never adopted: unwatched and removed here
+            self.retire(entry)  # never adopted: unwatched and removed here (its blobs' ledger refreshed)
             raise
         return entry
 

@@ -121,11 +121,13 @@ class InputStager:
     ) -> tuple[PreparedDir, dict[str, StagedFile] | None]:
         """Build the tree and stage it into `exec_dir` (once more if our memo was stale), output dirs made; on an
         error the dir is removed before it is raised."""
+        relinked: list[BlobKey] = []  # blobs whose link count (and ctime) the staging changed: ledger refresh
         try:
             for attempt in range(2):
                 try:
                     tree, staged, files = self.build_tree(request)
                     report = self.dircache.stage(tree, exec_dir)
+                    relinked = report.hardlinked
                     break
                 except MissingBlobError:
                     if attempt:
@@ -140,7 +142,7 @@ class InputStager:
             for rel in outputs:
                 os.makedirs(f"{exec_dir}/{rel}", exist_ok=True)
         except BaseException:
-            self._dispose(exec_dir, ())
+            self._dispose(exec_dir, relinked)
             raise
         return PreparedDir(exec_dir, report, mark, staged), files
 
