@@ -107,6 +107,7 @@ class ActionExecutor:
         self.housekeeper.flush()  # before the guard closes: a removal refreshes the ledger through it
         if self.pool is not None:
             self.pool.close()
+        self.inputs.close()
 
     def cancel(self, request_id: int) -> bool:
         """Kill the running tool of `request_id` (or make it never start). True if it was in flight."""

@@ -84,6 +84,10 @@ class InputStager:
         self.memo = InputMemo()
         self.execroot_watch = ExecrootWatch()
 
+    def close(self) -> None:
+        """Drop the execroot watch (its inotify instance)."""
+        self.execroot_watch.close()
+
     def forget(self, blobs: list[BlobKey] | None = None) -> None:
         """Blobs that were just rejected (None: every blob): the memo's one invalidation rule."""
         self.memo.forget(blobs)
