@@ -121,18 +121,67 @@ def test_an_ancestor_of_the_execroot_renamed_means_everything(tmp_path: Path) ->
         os.rename(tmp_path.with_name(tmp_path.name + "-moved"), tmp_path)
 
 
-def test_an_input_under_a_symlink_is_checked_every_time(tmp_path: Path) -> None:
+def test_an_input_under_a_relative_or_file_symlink_is_checked_every_time(tmp_path: Path) -> None:
     watch = ExecrootWatch()
     execroot = _execroot(tmp_path, FILES)
     (tmp_path / "source").mkdir()
     (tmp_path / "source/file").write_bytes(b"s")
-    (Path(execroot) / "src").symlink_to(tmp_path / "source")
+    (Path(execroot) / "rel").symlink_to("../source")
     (Path(execroot) / "link").symlink_to(tmp_path / "source/file")
-    seen = _checked(watch, execroot, [*FILES, "src/file", "link"])
+    seen = _checked(watch, execroot, [*FILES, "rel/file", "link"])
     plan = watch.plan(execroot, seen)
-    assert not plan.everything and plan.paths == {"src/file", "link"}
+    assert not plan.everything and plan.paths == {"rel/file", "link"}
     os.chmod(tmp_path / "source/file", 0o755)
-    assert watch.check(execroot, "src/file") & 0o111 and watch.check(execroot, "link") & 0o111
+    assert watch.check(execroot, "rel/file") & 0o111 and watch.check(execroot, "link") & 0o111
+
+
+def _source_symlink(tmp_path: Path) -> tuple[ExecrootWatch, str, int]:
+    """An execroot whose `src` is an absolute symlink to a real directory elsewhere, as Bazel plants sources."""
+    watch = ExecrootWatch()
+    execroot = _execroot(tmp_path, FILES)
+    source = tmp_path / "workspace/source"
+    (source / "sub").mkdir(parents=True)
+    (source / "sub/file").write_bytes(b"s")
+    (source / "top").write_bytes(b"t")
+    (Path(execroot) / "src").symlink_to(source)
+    seen = _checked(watch, execroot, [*FILES, "src/sub/file", "src/top"])
+    return watch, execroot, seen
+
+
+def test_an_input_under_a_source_symlink_is_watched_through_it(tmp_path: Path) -> None:
+    watch, execroot, seen = _source_symlink(tmp_path)
+    plan = watch.plan(execroot, seen)
+    assert not plan.everything and plan.paths == set()
+    os.chmod(tmp_path / "workspace/source/sub/file", 0o755)
+    plan = watch.plan(execroot, plan.generation)
+    assert plan.paths == {"src/sub/file"}
+    new = tmp_path / "workspace/source/new"
+    new.write_bytes(b"n")
+    os.rename(new, tmp_path / "workspace/source/top")
+    assert "src/top" in watch.plan(execroot, plan.generation).paths
+
+
+@pytest.mark.parametrize("change", ["retarget the link", "rename the target", "rename above the target"])
+def test_a_changed_source_symlink_or_target_path_means_everything(tmp_path: Path, change: str) -> None:
+    watch, execroot, seen = _source_symlink(tmp_path)
+    other = tmp_path / "other"
+    (other / "sub").mkdir(parents=True)
+    (other / "sub/file").write_bytes(b"s")
+    os.chmod(other / "sub/file", 0o755)
+    if change == "retarget the link":
+        link = Path(execroot) / "src"
+        link.unlink()
+        link.symlink_to(other)
+    elif change == "rename the target":
+        os.rename(tmp_path / "workspace/source", tmp_path / "workspace/old")
+        os.rename(other, tmp_path / "workspace/source")
+    else:
+        os.rename(tmp_path / "workspace", tmp_path / "old")
+        (tmp_path / "workspace").mkdir()
+        os.rename(other, tmp_path / "workspace/source")
+    plan = watch.plan(execroot, seen)
+    assert plan.everything
+    assert watch.check(execroot, "src/sub/file") & 0o111
 
 
 def test_a_queue_overflow_means_everything(tmp_path: Path) -> None:

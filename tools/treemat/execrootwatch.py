@@ -6,12 +6,14 @@ of one `stat` per unchanged input per request, the stager asks this watch what t
 - an input is vouched for once it was `lstat`ed as a regular file after watches were in place on its inode
   (IN_ATTRIB: a chmod through any of its names, a link count change; IN_DELETE_SELF, IN_MOVE_SELF) and on every
   directory its path is resolved through: the execroot's ancestors from `/` and each directory between the
-  execroot and the file (entries created, removed, renamed or chmodded; the directory itself removed or moved);
+  execroot and the file (entries created, removed, renamed or chmodded; the directory itself removed or moved).
+  A directory on the way may be an absolute symlink to a directory whose path has no symlink in it (Bazel plants
+  sources so): its target and the target's ancestors are watched too, and a change of the link starts afresh;
 - an event on a file's inode, or on its name in its directory, marks that input; an event on a subdirectory's
   name (but its creation), on a watched directory itself or on the name of the execroot's path in an ancestor,
   a lost directory watch (IN_IGNORED), a queue overflow or a change of the mount table (/proc/self/mountinfo)
   starts afresh: every watch dropped, everything marked, the watches placed again as inputs are checked;
-- an input that is a symlink, or lies under one, or in a directory that is not on a local filesystem (NFS, FUSE:
+- an input that is a symlink, or lies under any other symlink, or in a directory not on a local filesystem (NFS, FUSE:
   another machine's change raises no event here), or whose watches could not be placed (out of watches) is
   never vouched for: it is checked on every request; so is everything when there is no inotify instance or the
   execroot's own path crosses a symlink.
@@ -63,9 +65,10 @@ class ExecrootWatch:
         self._marks: dict[str, int] = {}  # input path -> the generation it was last marked in
         self._unsure: set[str] = set()  # inputs checked but not vouched for: checked on every request
         self._files: dict[int, set[str]] = {}  # file wd -> input paths (hardlinks share an inode, so a wd)
-        self._dirs: dict[int, str] = {}  # directory wd -> its path below the execroot ("" is the execroot)
-        self._dir_wds: dict[str, int] = {}
-        self._ancestors: dict[int, str] = {}  # ancestor wd -> the name of the execroot's path inside it
+        self._dirs: dict[int, set[str]] = {}  # directory wd -> its paths below the execroot ("" is the execroot)
+        self._dir_wds: dict[str, int] = {}  # path below the execroot -> its directory wd (-1: cannot be watched)
+        self._ancestors: dict[int, set[str]] = {}  # wd of a directory above a watched one -> the names on the path
+        self._links: set[tuple[int, str]] = set()  # (directory wd, name) of a symlink that inputs are reached through
 
     def plan(self, execroot: str, since: int | None) -> CheckPlan:
         """Read the events so far: what a caller that last checked at generation `since` must check now."""
@@ -128,16 +131,22 @@ class ExecrootWatch:
             self._mounts_poll.register(self._mounts, select.POLLPRI | select.POLLERR)
         except OSError:
             return
-        parts = [part for part in execroot.split("/") if part]
+        wd = self._watch_real_dir(execroot)
+        if wd is not None:
+            self._dirs.setdefault(wd, set()).add("")
+            self._dir_wds[""] = wd
+            self._usable = True
+
+    def _watch_real_dir(self, real: str) -> int | None:
+        """Watch a directory whose path has no symlink in it, and the names of that path in each directory above
+        it (from `/`); None if any cannot be watched or it is not on a local filesystem."""
+        parts = [part for part in real.split("/") if part]
         for depth, name in enumerate(parts):
             wd = self._add_dir_watch("/" + "/".join(parts[:depth]))
             if wd is None:
-                return
-            self._ancestors[wd] = name
-        wd = self._add_dir_watch(execroot, local=True)
-        if wd is not None:
-            self._dirs[wd], self._dir_wds[""] = "", wd
-            self._usable = True
+                return None
+            self._ancestors.setdefault(wd, set()).add(name)
+        return self._add_dir_watch(real, local=True)
 
     def _reset(self) -> None:
         if self._inotify is not None:
@@ -148,6 +157,7 @@ class ExecrootWatch:
         for table in (self._marks, self._files, self._dirs, self._dir_wds, self._ancestors):
             table.clear()
         self._unsure.clear()
+        self._links.clear()
         self._blanket = self._generation
 
     def _add_dir_watch(self, path: str, *, local: bool = False) -> int | None:
@@ -179,12 +189,15 @@ class ExecrootWatch:
                 return False
             parent = ""
             for part in path.split("/")[:-1]:
-                parent = f"{parent}/{part}" if parent else part
-                if parent not in self._dir_wds:
-                    wd = self._add_dir_watch(f"{self._execroot}/{parent}", local=True)
-                    if wd is None:
-                        return False
-                    self._dirs[wd], self._dir_wds[parent] = parent, wd
+                above, parent = parent, f"{parent}/{part}" if parent else part
+                wd = self._dir_wds.get(parent)
+                if wd is None:
+                    wd = self._watch_dir(parent, part, self._dir_wds[above])
+                    self._dir_wds[parent] = -1 if wd is None else wd
+                    if wd is not None:
+                        self._dirs.setdefault(wd, set()).add(parent)
+                if wd == -1 or wd is None:
+                    return False
             # its inode: chmod (through any name), link count, utimes; removed; renamed (a symlink: never vouched for)
             mask = (
                 inotify_flags.ATTRIB | inotify_flags.DELETE_SELF | inotify_flags.MOVE_SELF | inotify_flags.DONT_FOLLOW
@@ -195,6 +208,24 @@ class ExecrootWatch:
                 return False
             self._files.setdefault(wd, set()).add(path)
             return True
+
+    def _watch_dir(self, rel: str, name: str, parent_wd: int) -> int | None:
+        """Watch the directory at `rel` (its parent, `parent_wd`, is watched): a directory, or an absolute symlink
+        to a directory whose path has no symlink in it (Bazel's source symlinks), watched with that path's
+        names above it, whose own name in the parent then starts afresh when it changes. None for anything else
+        (a relative or chained symlink, a non-local filesystem, out of watches): never vouched for below."""
+        full = f"{self._execroot}/{rel}"
+        wd = self._add_dir_watch(full, local=True)
+        if wd is not None:
+            return wd
+        try:
+            target = os.readlink(full)
+        except OSError:
+            return None  # not a symlink (or gone)
+        if target != os.path.realpath(full) or not os.path.isdir(target):
+            return None
+        self._links.add((parent_wd, name))  # from here on a change of the link starts afresh
+        return self._watch_real_dir(target)
 
     def _drain(self) -> None:
         """Read the queued events (and whether the mount table changed) into marks."""
@@ -224,17 +255,18 @@ class ExecrootWatch:
                 self._mark(path)
         elif mask & (flags.Q_OVERFLOW | flags.IGNORED):
             self._restart = True  # events lost, or a directory watch gone: watch everything afresh
-        elif wd in self._ancestors:
-            if not name or name == self._ancestors[wd]:
-                self._restart = True  # the execroot's path changed (or its permissions)
+        elif wd in self._ancestors and (not name or name in self._ancestors[wd]):
+            self._restart = True  # a watched directory's path changed above it (or its permissions)
         elif wd in self._dirs:
-            if mask & flags.ISDIR and mask & flags.CREATE:
+            if (wd, name) in self._links:
+                self._restart = True  # a symlink that inputs are reached through changed
+            elif mask & flags.ISDIR and mask & flags.CREATE:
                 return  # a new directory: no input was found under a name that did not exist
-            if not name or mask & flags.ISDIR:
+            elif not name or mask & flags.ISDIR:
                 self._restart = True  # a watched directory moved, removed, replaced or chmodded
             else:
-                rel = self._dirs[wd]
-                self._mark(f"{rel}/{name}" if rel else name)
+                for rel in self._dirs[wd]:
+                    self._mark(f"{rel}/{name}" if rel else name)
 
     def _mark(self, path: str) -> None:
         self._marks.pop(path, None)  # kept in the order of their generations (see `plan`)
