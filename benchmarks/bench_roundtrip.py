@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A real worker process driven as Bazel drives it: the incremental round trip, and its RSS over many requests.
 
-    python3 benchmarks/bench_roundtrip.py [--shapes 635,1978,10000] [--rounds 15] [--profile DIR]
+    python3 benchmarks/bench_roundtrip.py [--shapes 635,1978,10000] [--rounds 15] [--profile DIR] [--compare TOOLS]
     python3 benchmarks/bench_roundtrip.py --rss [--requests 10000] [--rss-inputs 64]
 
 Round trip (default): per shape, a fresh `python3 -m treemat --persistent_worker --protocol=proto --root=R`
@@ -16,7 +16,8 @@ stdout. After a warm-up (the N-input action twice, the 1-input action), each rou
 `incremental` is the first minus the second (minimum minus minimum, median minus median). The issue's goal:
 <= 5 ms, flat from 635 to 10,000 inputs. `--profile DIR` runs the worker under `py-spy record` (every thread;
 slower: read the profile for what grows, not the timings), writes DIR/worker-N.txt (folded stacks) and prints
-the functions with the most samples.
+the functions with the most samples. `--compare OTHER/tools` (repeatable) runs another tree's worker beside this
+one's, on its own copy of the execroot, rounds interleaved: before/after figures from one run.
 
 RSS (`--rss`): one worker, `--requests` requests of `--rss-inputs` inputs each with one input changed every
 time, between two recurring contents (`--fresh-blobs`: new content every time, as in a long build where new
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -47,9 +49,9 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 class WorkerProcess:
     """One `treemat --persistent_worker` child speaking the proto protocol; requests get increasing ids."""
 
-    def __init__(self, execroot: Path, root: Path) -> None:
+    def __init__(self, execroot: Path, root: Path, tools: Path = TOOLS) -> None:
         command = [sys.executable, "-m", "treemat", "--persistent_worker", "--protocol=proto", f"--root={root}"]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TOOLS), os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tools), os.environ.get("PYTHONPATH", "")])}
         self.proc = subprocess.Popen(command, cwd=execroot, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.next_id = 1
         self.profiler: subprocess.Popen[bytes] | None = None
@@ -158,41 +160,68 @@ def ms(values: list[float]) -> str:
     return f"{min(values) * 1000:8.2f} {statistics.median(values) * 1000:8.2f}"
 
 
-def measure_round_trip(work: Path, count: int, rounds: int, profile_dir: Path | None) -> None:
-    """One fresh worker per shape; prints the N-input, 1-input and incremental rows."""
-    execroot = work / f"execroot-{count}"
+@dataclass
+class Contender:
+    """One tree's worker on its own execroot (same files), with its timings."""
+
+    label: str
+    execroot: Path
+    inputs: list[tuple[str, str]]
+    worker: WorkerProcess
+    big: list[float] = field(default_factory=list)
+    small: list[float] = field(default_factory=list)
+
+
+SINGLE = [("one/a", hashlib.sha256(b"one input\n").hexdigest())]
+
+
+def start_contender(work: Path, count: int, label: str, tools: Path) -> Contender:
+    """An execroot of `count` inputs (plus the 1-input action's) and a warmed-up worker from `tools`."""
+    execroot = work / f"execroot-{count}-{label}"
     inputs = make_inputs(execroot, count)
     (execroot / "one").mkdir()
     (execroot / "one/a").write_bytes(b"one input\n")
     (execroot / "out").mkdir()
-    single = [("one/a", hashlib.sha256(b"one input\n").hexdigest())]
-    profile = profile_dir / f"worker-{count}.txt" if profile_dir else None
-    worker = WorkerProcess(execroot, work / f"root-{count}")
+    worker = WorkerProcess(execroot, work / f"root-{count}-{label}", tools)
+    for _ in range(2):
+        worker.round_trip(worker.encode(inputs))
+    worker.round_trip(worker.encode(SINGLE, "out/one"))
+    return Contender(label, execroot, inputs, worker)
+
+
+def measure_round_trip(work: Path, count: int, rounds: int, profile_dir: Path | None, trees: list[Path]) -> None:
+    """One fresh worker per shape and tree (`--compare`: rounds interleaved); prints the N-input, 1-input and
+    incremental rows of each."""
+    contenders: list[Contender] = []
     try:
-        for _ in range(2):
-            worker.round_trip(worker.encode(inputs))
-        worker.round_trip(worker.encode(single, "out/one"))
-        if profile is not None:
-            worker.start_profiler(profile)
-        big: list[float] = []
-        small: list[float] = []
+        for index, tools in enumerate(trees):
+            contenders.append(start_contender(work, count, "this" if index == 0 else f"compare{index}", tools))
+        if profile_dir is not None:
+            for contender in contenders:
+                contender.worker.start_profiler(profile_dir / f"worker-{count}-{contender.label}.txt")
         for round_ in range(rounds):
-            edit(execroot, inputs, (round_ * 7919) % count, round_)
-            rows = [(big, inputs, "out/x"), (small, single, "out/one")]
-            for times, request, output in rows if round_ % 2 else reversed(rows):
-                payload = worker.encode(request, output)
-                worker.settle()
-                times.append(worker.round_trip(payload))
+            for contender in contenders if round_ % 2 else reversed(contenders):
+                edit(contender.execroot, contender.inputs, (round_ * 7919) % count, round_)
+                rows = [(contender.big, contender.inputs, "out/x"), (contender.small, SINGLE, "out/one")]
+                for times, request, output in rows if round_ % 2 else reversed(rows):
+                    payload = contender.worker.encode(request, output)
+                    contender.worker.settle()
+                    times.append(contender.worker.round_trip(payload))
     finally:
-        worker.close()
-    incremental_min = min(big) - min(small)
-    incremental_median = statistics.median(big) - statistics.median(small)
-    print(f"{count:>6} {'N inputs, one changed':<24} {ms(big)}")
-    print(f"{count:>6} {'1 input':<24} {ms(small)}")
-    print(f"{count:>6} {'incremental':<24} {incremental_min * 1000:8.2f} {incremental_median * 1000:8.2f}")
+        for contender in contenders:
+            contender.worker.close()
+    for contender in contenders:
+        big, small, name = contender.big, contender.small, f"{count} {contender.label}"
+        print(f"{name:>16} {'N inputs, one changed':<24} {ms(big)}")
+        print(f"{name:>16} {'1 input':<24} {ms(small)}")
+        incremental_min = (min(big) - min(small)) * 1000
+        incremental_median = (statistics.median(big) - statistics.median(small)) * 1000
+        print(f"{name:>16} {'incremental':<24} {incremental_min:8.2f} {incremental_median:8.2f}")
     sys.stdout.flush()
-    if profile is not None:
-        print_hot_frames(profile)
+    if profile_dir is not None:
+        for contender in contenders:
+            print(f"== {count} inputs, {contender.label}")
+            print_hot_frames(profile_dir / f"worker-{count}-{contender.label}.txt")
 
 
 def print_hot_frames(profile: Path, top: int = 25) -> None:
@@ -256,6 +285,9 @@ def main() -> int:
     parser.add_argument("--rss-inputs", type=int, default=64)
     parser.add_argument("--fresh-blobs", action="store_true", help="--rss: a new blob per request")
     parser.add_argument("--scratch", type=Path, default=None, help="where the execroots and roots go")
+    parser.add_argument(
+        "--compare", type=Path, action="append", default=[], help="another tree's tools/ dir, run side by side"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-roundtrip-", dir=args.scratch))
     try:
@@ -264,9 +296,11 @@ def main() -> int:
             return 0
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
-        print(f"{'inputs':>6} {'row':<24} {'min ms':>8} {'med ms':>8}")
+        print(f"{'inputs tree':>16} {'row':<24} {'min ms':>8} {'med ms':>8}")
+        for index, tools in enumerate(args.compare, start=1):
+            print(f"compare{index} = {tools.resolve()}")
         for count in (int(n) for n in args.shapes.split(",")):
-            measure_round_trip(work, count, args.rounds, args.profile)
+            measure_round_trip(work, count, args.rounds, args.profile, [TOOLS, *args.compare])
         print(f"({args.rounds} rounds, alternating order; fresh worker per shape; python {sys.version.split()[0]})")
     finally:
         remove_tree(work)

@@ -329,3 +329,24 @@ def test_a_worker_out_of_inotify_hashes_every_use(
     assert f"write watch: {mode} (" in shown and why in shown, shown
     hashed = re.search(r"; (\d+) blobs \([^)]*\) hashed on use because they had no watch", shown)
     assert hashed and int(hashed.group(1)) >= 2, f"hashed on every use, not once per process:\n{shown}"
+
+
+@pytest.mark.parametrize("sysctl", ["max_inotify_instances", "max_inotify_watches"], ids=["no-instance", "no-watch"])
+def test_a_worker_out_of_inotify_reads_every_exec_bit(sysctl: str, execroot: Path, tmp_path: Path) -> None:
+    """Without the execroot watch (execrootwatch.py) a reused dir checks every input's exec bit on every request:
+    a `chmod +x` between two reuses reaches the tool."""
+    proc = _limited_worker(execroot, tmp_path / "root", sysctl, 0)
+    argv = ["sh", "-c", "if test -x in/a.txt; then echo x > out/x; else echo - > out/x; fi"]
+    try:
+        for expected in (b"-\n", b"-\n", b"x\n"):  # fresh, the first reuse, then a reuse after the chmod
+            if expected == b"x\n":
+                os.chmod(execroot / "in/a.txt", 0o755)
+            reply = _ask(proc, request(execroot, ["in/a.txt"], ["out/x"], argv))
+            if reply["exitCode"] != 0 and "sandbox" in reply.get("output", ""):
+                pytest.skip(f"no sandbox in a nested user namespace here: {reply['output']}")
+            assert reply["exitCode"] == 0, reply
+            assert (execroot / "out/x").read_bytes() == expected
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(TIMEOUT_S)

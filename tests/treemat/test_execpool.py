@@ -15,6 +15,7 @@ from treemat.blobstate import NO_BLOB
 from treemat.executor import ActionExecutor, ActionRequest, RequestInput
 from treemat.flagfile import ActionSpec
 from treemat.manifest import InputManifest
+from treemat.writewatch import open_inotify
 
 from ..support.stacks import make_executor
 
@@ -240,3 +241,26 @@ def test_reuse_reads_each_unchanged_inputs_exec_bit_and_kind(tmp_path: Path) -> 
     result = executor.execute(ActionRequest(spec, inputs, execroot))
     assert result.exit_code == 0, result.output  # what fresh staging makes of it: a directory input
     assert executor.counters.get("execpool_reused") == 1, "not patched in: the pooled dir holds a file there"
+
+
+def test_a_chmod_between_two_reuses_is_seen_by_the_tool(tmp_path: Path) -> None:
+    """After its first reuse a pooled dir's unchanged inputs are not `stat`ed again unless the execroot watch marked
+    them (execrootwatch.py): a `chmod +x` is marked, relinked, and seen by the tool; without inotify every input
+    is checked on every reuse."""
+    execroot = tmp_path / "execroot"
+    executor = _executor_with_pool(tmp_path / "root")
+    inputs = _write(execroot, {f"in/f{i}": f"file {i}\n".encode() for i in range(5)})
+    _run(executor, execroot, inputs)
+    _run(executor, execroot, inputs)  # the first reuse reads every exec bit, under watches
+    os.chmod(execroot / "in/f2", 0o755)
+    check = "test -x in/f2 && test ! -x in/f3 && touch out/listing out/cat"
+    spec = ActionSpec(argv=["sh", "-c", check], outputs=["out/listing", "out/cat"])
+    result = executor.execute(ActionRequest(spec, inputs, execroot))
+    assert result.exit_code == 0, result.output
+    assert executor.counters.get("execpool_reused") == 2
+    inotify, _why = open_inotify()
+    if inotify is not None:
+        inotify.close()
+        assert executor.counters.get("execbit_checks_marked") == 1, "the second reuse read only what was marked"
+    else:
+        assert executor.counters.get("execbit_checks_all") == 2

@@ -54,6 +54,7 @@ class PooledDir:
     pinned: set[str] = field(default_factory=set)  # declared output dirs / output parents (kept even if empty)
     manifest: InputManifest | None = None  # the inputs of the request it was last staged for
     mark: GuardMark | None = None  # the guard's mark before the dir was last staged (None: check everything)
+    exec_bits_seen: int | None = None  # the execroot watch's generation when its inputs' exec bits were last read
     watches: dict[str, int] = field(default_factory=dict)  # dir -> inotify watch descriptor
     patching: bool = False  # events now are our own doing
     dirty: bool = False  # something changed a directory while we were not patching it
@@ -125,13 +126,18 @@ class ExecDirPool:
         manifest: InputManifest,
         mark: GuardMark,
     ) -> PooledDir:
-        """A freshly staged exec dir becomes a pool entry: every directory's signature taken and watched."""
+        """A freshly staged exec dir becomes a pool entry: every directory's signature taken and watched (on an
+        error the dir is removed before it is raised)."""
         entry = PooledDir(path=path, key=key, files=files, pinned=set(pinned), manifest=manifest, mark=mark)
         for rel in directories_for(entry.files.keys(), entry.pinned):
             entry.dirs[rel] = (0, 0, 0)
         entry.count_children()
-        self.record(entry)
-        self._watch(entry, entry.dirs)
+        try:
+            self.record(entry)
+            self._watch(entry, entry.dirs)
+        except BaseException:
+            self.retire(entry)  # never adopted: unwatched and removed here (its blobs' ledger refreshed)
+            raise
         return entry
 
     def acquire(self, key: str) -> PooledDir | None:
@@ -189,8 +195,9 @@ class ExecDirPool:
     def retire(self, entry: PooledDir, *, intact: bool = True) -> None:
         """A dir leaves the pool (evicted, dirty, or failed half patched): unwatched and removed; the ledger is
         refreshed for its blobs when it is `intact` (holds what `files` says)."""
+        keys = entry.keys() if intact else []
         self._forget(entry)
-        self._dispose(entry.path, entry.keys() if intact else ())
+        self._dispose(entry.path, keys)
 
     def _discard(self, entry: PooledDir) -> None:
         """Drop a dir that cannot be trusted."""

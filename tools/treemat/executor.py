@@ -24,7 +24,7 @@ from treemat.blobguard import BlobGuard
 from treemat.budget import StoreBudget
 from treemat.cas import ContentStore
 from treemat.counters import Counters
-from treemat.errors import ExecutionError, TreematError
+from treemat.errors import TreematError
 from treemat.execpool import ExecDirPool
 from treemat.housekeeping import Housekeeper
 from treemat.inputs import InputStager, PreparedDir
@@ -84,7 +84,7 @@ class ActionExecutor:
         run_dir: RunDir | None = None
         result: ActionResult
         try:
-            prepared = self._prepare(request)
+            prepared = self.inputs.prepare(request)
             run_dir = self._run_dir(prepared.path)
             result = self._run_and_collect(request, prepared.path, run_dir)
             result.stage, result.stage_seconds = prepared.report, prepared.seconds
@@ -107,31 +107,13 @@ class ActionExecutor:
         self.housekeeper.flush()  # before the guard closes: a removal refreshes the ledger through it
         if self.pool is not None:
             self.pool.close()
+        self.inputs.close()
 
     def cancel(self, request_id: int) -> bool:
         """Kill the running tool of `request_id` (or make it never start). True if it was in flight."""
         return self.runner.cancel(request_id)
 
     # ----------------------------------------------------------------------------- the steps
-
-    def _prepare(self, request: ActionRequest) -> PreparedDir:
-        """The exec dir, staged; once more if a user deleted part of the root under us (`rm -rf .../cas`)."""
-        try:
-            prepared = self.inputs.prepare(request, self._new_exec_dir(request))
-        except (TreematError, OSError):
-            if not self.layout.repair():
-                raise
-            prepared = self.inputs.prepare(request, self._new_exec_dir(request))
-        if prepared.report.hardlinked and not self.sandbox.overlay:
-            self.inputs.abandon(prepared)
-            raise ExecutionError(
-                f"{len(prepared.report.hardlinked)} input(s) were hardlinked but the sandbox has no overlay: refusing "
-                "to let the tool reach CAS inodes (this is a wiring bug: use treemat.stack.open_stack)"
-            )
-        return prepared
-
-    def _new_exec_dir(self, request: ActionRequest) -> Path:
-        return self.exec_base / f"{os.getpid()}-{request.request_id}-{secrets.token_hex(4)}"
 
     def _run_dir(self, exec_dir: Path) -> RunDir | None:
         """Without a mount namespace the tool's /tmp and cache are dirs on disk, beside its exec dir."""

@@ -9,6 +9,7 @@ exec dir with the same outputs is reused: only the delta between the two request
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from treemat.digest import Digest, check_hash
 from treemat.dircache import DirectoryCache
 from treemat.errors import ExecutionError, MissingBlobError, TreematError
 from treemat.execpool import Dispose, ExecDirPool, PooledDir
+from treemat.execrootwatch import ExecrootWatch
 from treemat.flagfile import ActionSpec
 from treemat.fsprims import file_kind, remove_tree
 from treemat.inputmemo import InputMemo, KnownInput
@@ -70,6 +72,7 @@ class InputStager:
         *,
         counters: Counters,
         dispose: Dispose,
+        overlay: bool,
     ) -> None:
         self.cas = cas
         self.guard = guard
@@ -77,58 +80,73 @@ class InputStager:
         self.pool = pool
         self.counters = counters
         self._dispose = dispose
+        self.overlay = overlay  # hardlinked inputs only behind an overlay (the tool's writes copy up)
         self.memo = InputMemo()
+        self.execroot_watch = ExecrootWatch()
+
+    def close(self) -> None:
+        """Drop the execroot watch (its inotify instance)."""
+        self.execroot_watch.close()
 
     def forget(self, blobs: list[BlobKey] | None = None) -> None:
         """Blobs that were just rejected (None: every blob): the memo's one invalidation rule."""
         self.memo.forget(blobs)
 
-    def prepare(self, request: ActionRequest, exec_dir: Path) -> PreparedDir:
-        """The exec dir for `request`: a pooled dir patched (O(changed inputs)), else `exec_dir` staged afresh
-        (and adopted by the pool where it can be reused); declared output directories made. On an error the
-        dir is removed (or retired from the pool) before it is raised."""
+    def prepare(self, request: ActionRequest) -> PreparedDir:
+        """The exec dir for `request`: a pooled dir patched (O(changed inputs)), else a new dir under the root's
+        `exec/` staged afresh (and adopted by the pool where it can be reused), declared output directories made.
+        Once more if a user deleted part of the root under us (`rm -rf .../cas`). On an error the dir is removed
+        (or retired from the pool) before it is raised."""
+        for attempt in range(2):
+            try:
+                return self._prepare_once(request)
+            except (TreematError, OSError):
+                if attempt or not self.cas.layout.repair():
+                    raise
+        raise AssertionError("unreachable")
+
+    def _prepare_once(self, request: ActionRequest) -> PreparedDir:
         started = time.perf_counter()
         key, outputs = pool_key(request.spec), output_dirs(request.spec)
+        exec_dir = self.cas.layout.exec / f"{os.getpid()}-{request.request_id}-{secrets.token_hex(4)}"
         self.guard.poll()
         mark = self.guard.mark()
-        files: dict[str, StagedFile] | None = None
         with self.cas.in_use():
             prepared = self._reuse(request, key, outputs, mark)
             if prepared is None:
-                prepared, files = self._stage_fresh(request, exec_dir, mark)
-        try:
-            for rel in outputs:
-                os.makedirs(f"{prepared.path}/{rel}", exist_ok=True)
-            if prepared.pooled is None and self.pool is not None and files and _poolable(prepared.report):
-                prepared.pooled = self.pool.adopt(prepared.path, key, files, outputs, request.inputs, mark)
-        except BaseException:
-            self.abandon(prepared)
-            raise
+                prepared, files = self._stage_fresh(request, exec_dir, outputs, mark)
+                if self.pool is not None and files and prepared.report.patchable():
+                    prepared.pooled = self.pool.adopt(prepared.path, key, files, outputs, request.inputs, mark)
         prepared.seconds = time.perf_counter() - started
         return prepared
 
-    def abandon(self, prepared: PreparedDir) -> None:
-        """A prepared dir that will not be used: out of the pool, removed."""
-        if prepared.pooled is not None and self.pool is not None:
-            self.pool.retire(prepared.pooled, intact=False)
-        else:
-            self._dispose(prepared.path, prepared.report.hardlinked)
-
     def _stage_fresh(
-        self, request: ActionRequest, exec_dir: Path, mark: GuardMark
+        self, request: ActionRequest, exec_dir: Path, outputs: list[str], mark: GuardMark
     ) -> tuple[PreparedDir, dict[str, StagedFile] | None]:
-        """Build the tree and stage it into `exec_dir` (retrying once if our memo was stale)."""
+        """Build the tree and stage it into `exec_dir` (once more if our memo was stale), output dirs made; on an
+        error the dir is removed before it is raised."""
+        relinked: list[BlobKey] = []  # blobs whose link count (and ctime) the staging changed: ledger refresh
         try:
-            try:
-                tree, staged, files = self.build_tree(request)
-                report = self.dircache.stage(tree, exec_dir)
-            except MissingBlobError:
-                self.forget()  # a blob was GC'd or quarantined elsewhere: forget what we knew, retry once
-                remove_tree(exec_dir)
-                tree, staged, files = self.build_tree(request)
-                report = self.dircache.stage(tree, exec_dir)
+            for attempt in range(2):
+                try:
+                    tree, staged, files = self.build_tree(request)
+                    report = self.dircache.stage(tree, exec_dir)
+                    relinked = report.hardlinked
+                    break
+                except MissingBlobError:
+                    if attempt:
+                        raise
+                    self.forget()  # a blob was GC'd or quarantined elsewhere: forget what we knew, retry once
+                    remove_tree(exec_dir)
+            if report.hardlinked and not self.overlay:
+                raise ExecutionError(
+                    f"{len(report.hardlinked)} input(s) were hardlinked but the sandbox has no overlay: refusing "
+                    "to let the tool reach CAS inodes (this is a wiring bug: use treemat.stack.open_stack)"
+                )
+            for rel in outputs:
+                os.makedirs(f"{exec_dir}/{rel}", exist_ok=True)
         except BaseException:
-            self._dispose(exec_dir, ())
+            self._dispose(exec_dir, relinked)
             raise
         return PreparedDir(exec_dir, report, mark, staged), files
 
@@ -146,13 +164,12 @@ class InputStager:
             report = self.pool.patch(
                 entry, changes, removed, outputs, execroot=execroot, manifest=request.inputs, mark=mark
             )
-        except (OSError, TreematError):
-            self.counters.add("execpool_patch_failed")
-            self.pool.retire(entry, intact=False)
-            return None
-        except BaseException:
+        except BaseException as exc:
             self.pool.retire(entry, intact=False)  # leased and half patched: never back to the pool
-            raise
+            if not isinstance(exc, (OSError, TreematError)):
+                raise
+            self.counters.add("execpool_patch_failed")
+            return None
         report.unchanged = len(request.inputs) - report.linked
         self.counters.add("execpool_reused")
         self.counters.add("hardlink", report.linked)
@@ -164,16 +181,21 @@ class InputStager:
     def _delta(self, request: ActionRequest, entry: PooledDir) -> tuple[dict[str, tuple[str, bool]], set[str]]:
         """What to (re)link ({path: (hash, executable)}) and what to remove to turn `entry` into this request.
 
-        Decoding costs O(changed inputs): the manifests find the run of inputs that differs (manifest.py). Every
-        input is `stat`ed once: an exec bit is what the execroot says now (`chmod +x` keeps the bytes and the
-        digest Bazel lists), so an unchanged input whose bit flipped is relinked to the other blob.
-        ExecutionError where this request cannot be patched in (fresh staging then gives the real answer).
+        Decoding costs O(changed inputs): the manifests find the run of inputs that differs (manifest.py). An exec
+        bit is what the execroot says now (`chmod +x` keeps the bytes and the digest Bazel lists), so an unchanged
+        input whose bit flipped is relinked to the other blob: the execroot watch (execrootwatch.py) says which
+        unchanged inputs may have changed since this dir's last request (all of them when it cannot tell), and
+        only those are `stat`ed. ExecutionError where this request cannot be patched in (fresh staging then gives
+        the real answer).
         """
         if entry.manifest is None:
             raise ExecutionError("the pooled dir has no manifest")
         delta = request.inputs.delta(entry.manifest)
         self.counters.add("execpool_delta_entries", len(delta.earlier) + len(delta.later))  # O(changed), in stats
-        normalize = self.memo.path
+        execroot = str(request.execroot)
+        plan = self.execroot_watch.plan(execroot, entry.exec_bits_seen)
+        self.counters.add("execbit_checks_all" if plan.everything else "execbit_checks_marked")
+        normalize, watch, base = self.memo.path, self.execroot_watch, f"{execroot}/"
         earlier = {normalize(raw) for raw, _hash in delta.earlier}
         changes: dict[str, tuple[str, bool]] = {}
         for raw, hash_text in delta.later:
@@ -183,19 +205,17 @@ class InputStager:
             if path in changes or (path in entry.files and path not in earlier):
                 raise ExecutionError(f"input {path!r} is listed twice")
             hash_hex = check_hash(hash_text)
-            changes[path] = (hash_hex, _executable(f"{request.execroot}/{path}", path))
-        base, files, stat_now, is_regular = f"{request.execroot}/", entry.files, os.stat, stat.S_ISREG
-        for path, staged in files.items():  # the O(inputs) part of a reuse: kept to one stat and no call per input
+            changes[path] = (hash_hex, _exec_bit(watch.check(execroot, path), base + path, path))
+        files = entry.files
+        suspects = files.keys() if plan.everything else [path for path in plan.paths if path in files]
+        for path in suspects:  # every input when the watch cannot tell: one check and no other call per input
             if path in changes or path in earlier:
                 continue
-            try:
-                mode = stat_now(base + path).st_mode
-            except OSError:
-                mode = 0
-            # not a regular file (or gone): _executable raises, naming what it is, unless it became one since
-            executable = bool(mode & 0o111) if is_regular(mode) else _executable(base + path, path)
-            if executable != staged.executable:
-                changes[path] = (staged.hash, executable)
+            mode = watch.check(execroot, path)
+            executable = bool(mode & 0o111) if stat.S_ISREG(mode) else _exec_bit(mode, base + path, path)
+            if executable != files[path].executable:
+                changes[path] = (files[path].hash, executable)
+        entry.exec_bits_seen = plan.generation
         return changes, earlier - changes.keys()
 
     def build_tree(self, request: ActionRequest) -> tuple[InputTree, StagedBlobs, dict[str, StagedFile] | None]:
@@ -331,11 +351,6 @@ def output_dirs(spec: ActionSpec) -> list[str]:
     return [parent for parent in parents if parent] + [normalize_path(d) for d in spec.output_dirs]
 
 
-def _poolable(report: StageReport) -> bool:
-    """Only plain hardlink trees of hashed inputs can be patched later."""
-    return not report.subtree_hits and all(method in ("hardlink", "zero_byte") for method in report.methods)
-
-
 def _stat_input(full: str | Path, path: str) -> os.stat_result:
     try:
         return os.stat(full)
@@ -343,6 +358,12 @@ def _stat_input(full: str | Path, path: str) -> os.stat_result:
         raise ExecutionError(f"input {path!r} does not exist in the execroot") from None
     except OSError as exc:
         raise ExecutionError(f"input {path!r}: {exc.strerror}") from None
+
+
+def _exec_bit(mode: int, full: str, path: str) -> bool:
+    """The exec bit of a regular file's `mode`; for anything else (0: could not be read) the execroot is asked
+    again: ExecutionError naming what it is, unless it became a regular file since."""
+    return bool(mode & 0o111) if stat.S_ISREG(mode) else _executable(full, path)
 
 
 def _executable(full: str, path: str) -> bool:

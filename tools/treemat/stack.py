@@ -261,7 +261,13 @@ def open_stack(
         if stack.sandbox.overlay and size > 0:
             pool = ExecDirPool(stack.cas, stack.guard, stack.watch, dispose=stack.housekeeper.dispose, size=size)
         inputs = InputStager(
-            stack.cas, stack.guard, stack.dircache, pool, counters=counters, dispose=stack.housekeeper.dispose
+            stack.cas,
+            stack.guard,
+            stack.dircache,
+            pool,
+            counters=counters,
+            dispose=stack.housekeeper.dispose,
+            overlay=stack.sandbox.overlay,
         )
         return ActionExecutor(
             layout=layout,
