@@ -431,3 +431,27 @@ def test_the_socket_name_depends_on_the_version_and_isolation() -> None:
     assert service_name(version, "auto") == service_name(version, "auto")
     assert len({service_name(version, "auto"), service_name(version, "none"), service_name("0-x", "auto")}) == 3
     assert socket.AF_UNIX  # (the platform has Unix sockets: the relay's only requirement)
+
+
+def test_the_service_stages_in_the_relays_execroot_by_its_path_so_the_execroot_watch_serves_it(
+    execroot: Path, root: Path
+) -> None:
+    relay = RelayProcess(execroot, root)
+    for request_id in (1, 2, 3):  # one action again and again: its pooled exec dir is reused
+        reply = relay.touch("out/x", request_id)
+        assert reply.exit_code == 0, reply.output
+    (execroot / "in/a").chmod(0o755)
+    relay.send(["sh", "-c", "test -x in/a && touch out/x"], ["out/x"], ["in/a"], 4)
+    reply = relay.read()
+    assert reply.exit_code == 0, reply.output  # the chmod is seen through the watch
+    relay.close()
+    result = subprocess.run(
+        [sys.executable, "-m", "treemat", f"--root={root}", "stats", "--json"],
+        capture_output=True,
+        text=True,
+        env=worker_env(),
+        check=True,
+    )
+    (record,) = [r for r in json.loads(result.stdout)["processes"] if r["pid"] == the_service(root)]
+    # a /proc/self/fd/N execroot crosses a link: the watch could vouch for nothing and every reuse read every bit
+    assert record["counters"].get("execbit_checks_marked", 0) >= 1, record["counters"]

@@ -234,7 +234,7 @@ class Service:
             env = dict(entry.decode(errors="surrogateescape").split("=", 1) for entry in fields[3:] if b"=" in entry)
             max_workers = int(fields[2]) if fields[2].isdigit() else 2
             conn.sendall(answer(str(os.getpid()), ok=True))
-            self._serve_relay(conn, Path(f"/proc/self/fd/{fds[0]}"), env, max_workers)
+            self._serve_relay(conn, execroot_path(fds[0]), env, max_workers)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -242,6 +242,25 @@ class Service:
     def _serve_relay(self, conn: socket.socket, execroot: Path, env: Mapping[str, str], max_workers: int) -> None:
         handler, canceller = make_handler(self.stack, execroot, env=env, role="service")
         Session(conn, handler, canceller, self.ids, max_workers).run()
+
+
+def execroot_path(fd: int) -> Path:
+    """The relay's execroot as a path: the one its descriptor names where that path still is that directory.
+
+    The in-process worker stages relative to its cwd's path; the same path here keeps the execroot watch and the
+    input memo working across relays (a `/proc/self/fd/N` path crosses a link, so the watch would check every
+    input, and the number is reused by the next relay). A directory moved or removed since the relay sent it is
+    served through the descriptor itself.
+    """
+    by_descriptor = Path(f"/proc/self/fd/{fd}")
+    try:
+        path = os.readlink(by_descriptor)
+        named, held = os.stat(path), os.fstat(fd)
+    except OSError:
+        return by_descriptor
+    if path.startswith("/") and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+        return Path(path)
+    return by_descriptor
 
 
 def receive_hello(conn: socket.socket) -> tuple[bytes, list[int]]:
