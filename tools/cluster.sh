@@ -15,4 +15,4 @@ while [ $# -gt 0 ]; do
   esac
 done
 export PYTHONPATH="$PWD/tools${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python3}" tests/support/cluster.py up --dir "$dir" "${args[@]}"
+exec "${PYTHON:-python3}" -m tests.support.cluster up --dir "$dir" "${args[@]}"
