@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -137,6 +139,28 @@ def test_bazel_in_its_own_namespace_builds_through_the_bridge(cluster: Cluster, 
         subprocess.run([*bazel, "shutdown"], cwd=WORKSPACE, capture_output=True, check=False, timeout=120)
     assert remote[1] == local[1], "remote outputs differ from the local build"
     assert re.search(r"processes: .*\d+ remote", remote[0]), remote[0][-2000:]
+    # each bot's `treemat stats`: its isolation and files per method; on ext4 the overlay sandbox hardlinks
+    bots = [entry for bot in cluster.running_bots for entry in _stats(bot.root)["bots"]]
+    assert {entry["bot_id"] for entry in bots} >= {"treemat-bot-0", "treemat-bot-1"}, bots
+    ran = [entry for entry in bots if entry["actions"]]
+    assert ran, bots
+    for entry in ran:
+        assert entry["isolation"] in ("overlay", "copy-on-write"), entry
+        if entry["isolation"] == "overlay":  # ext4 has no reflinks: without overlayfs the bot must copy
+            assert entry["methods"]["hardlink"] > 0 and entry["methods"]["copy"] == 0, entry
+
+
+def _stats(root: Path) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "treemat", "--root", str(root), "stats", "--json"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(WORKSPACE / "tools")),
+        check=True,
+        timeout=60,
+    )
+    stats: dict[str, Any] = json.loads(done.stdout)
+    return stats
 
 
 def _in_bot(pid: int, *argv: str) -> str:
