@@ -122,6 +122,8 @@ class Cluster:
     instance: str = ""
     port: int = 0
     bot_env: dict[str, str] = field(default_factory=dict)
+    config: Path = CONFIG  # BuildGrid's YAML (benchmarks/bench_bot.py measures variants of it)
+    bot_python: list[str] | None = None  # argv standing for the bots' python3 (default: this interpreter)
     network: NetnsNetwork | None = None  # set: server + PostgreSQL, each bot and the client in own namespaces
     _pg_dir: Path | None = None
     _pg_port: int = 0
@@ -268,7 +270,7 @@ class Cluster:
         bgd = str(Path(sys.executable).with_name("bgd"))
         with open(log, "ab") as out:
             self._server = subprocess.Popen(
-                self.on(SERVER_HOST, [bgd, "server", "start", str(CONFIG)]),
+                self.on(SERVER_HOST, [bgd, "server", "start", str(self.config)]),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -284,7 +286,7 @@ class Cluster:
         env = dict(os.environ, **self.bot_env)
         env["PYTHONPATH"] = os.pathsep.join([tools_dir, *filter(None, [env.get("PYTHONPATH")])])
         argv = [
-            sys.executable,
+            *(self.bot_python or [sys.executable]),
             "-m",
             "treemat",
             "bot",
