@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: stop.set())
     with contextlib.ExitStack() as cleanup:
-        network = cleanup.enter_context(NetnsNetwork()) if options.netns else None
+        network = cleanup.enter_context(NetnsNetwork.from_env()) if options.netns else None
         cluster = Cluster(
             options.dir.absolute(),
             bots=options.bots,

@@ -82,6 +82,16 @@ class NetnsNetwork:
     _namespaces: list[str] = field(default_factory=list)
     _mounts: list[Path] = field(default_factory=list)
 
+    @classmethod
+    def from_env(cls) -> NetnsNetwork:
+        """Tag and directory from TREEMAT_NETNS_TAG / TREEMAT_NETNS_DIR when set: tools/cluster.sh picks them, so
+        its trap can remove what is left even after this process was SIGKILLed."""
+        tag, workdir = os.environ.get("TREEMAT_NETNS_TAG"), os.environ.get("TREEMAT_NETNS_DIR")
+        network = cls(workdir=Path(workdir)) if workdir else cls()
+        if tag:
+            network.tag = tag
+        return network
+
     @property
     def hub(self) -> str:
         """The hub namespace's name (holds the bridge)."""
