@@ -5,6 +5,8 @@
 #   tools/bazel7.sh run [--bind DIR]... -- CMD..  run CMD in the chroot (creating it first if needed)
 #   tools/bazel7.sh test [PYTEST ARGS]..          setup, then the adoption e2e test on Bazel 7 (both modes)
 #   tools/bazel7.sh root                          print where the chroot lives
+#   tools/bazel7.sh bot-extra                     print where the bot extra (buildgrid, grpc) is installed, after
+#                                                 installing it if needed (for `treemat bot` in the chroot)
 #
 # The chroot lives in $TREEMAT_BAZEL7_ROOT (default ~/.cache/treemat/bazel7-sid; never inside the repository).
 # It is created with `debootstrap --variant=minbase sid` from the Debian mirror this machine's apt uses, then
@@ -199,6 +201,30 @@ EOF
   log "chroot ready: $ROOT (Bazel $label), setup took $((SECONDS - start)) s"
 }
 
+# The bot extra (`treemat bot`'s buildgrid + grpc, pinned in pyproject.toml), installed with pip --target into
+# BOT_EXTRA inside the chroot, apart from the system site-packages the other legs use (it brings its own protobuf):
+# put it first on PYTHONPATH for a bot only. Its own marker, not the RECIPE: a checkout without this step never
+# sees it and never rebuilds because of it.
+BOT_EXTRA=/opt/treemat-bot-extra
+bot_extra() {
+  setup
+  local wanted marker="$ROOT$BOT_EXTRA/.treemat-bot-extra"
+  wanted="$(grep -E '^bot = ' "$REPO/pyproject.toml")"
+  if [ -f "$marker" ] && [ "$(cat "$marker")" = "$wanted" ]; then
+    return 0
+  fi
+  log "pip install --target $BOT_EXTRA: $wanted"
+  cp "$REPO/pyproject.toml" "$ROOT/tmp/treemat-pyproject.toml"
+  rm -rf "$ROOT$BOT_EXTRA"
+  in_chroot python3 -c '
+import subprocess, sys, tomllib
+bot = tomllib.load(open("/tmp/treemat-pyproject.toml", "rb"))["project"]["optional-dependencies"]["bot"]
+subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                "--root-user-action=ignore", "--target", sys.argv[1], *bot], check=True)
+' "$BOT_EXTRA"
+  echo "$wanted" >"$marker"
+}
+
 run() {
   local binds=("$REPO")
   while [ $# -gt 0 ]; do
@@ -229,6 +255,7 @@ main() {
   case "$command" in
     root) echo "$ROOT" ;;
     setup) setup; echo "$ROOT" ;;
+    bot-extra) need_root; bot_extra >&2; echo "$BOT_EXTRA" ;;
     run) need_root; run "$@" ;;
     test)
       # Both Bazel 7 flavors of the adoption e2e test, run by pytest inside the chroot (one session, so each

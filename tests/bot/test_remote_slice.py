@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -228,6 +229,33 @@ def test_stats_show_bot_work_per_root(cluster: Cluster, client: Client) -> None:
     placed = sum(t.get(k, 0) for t in totals.values() for k in ("hardlink", "reflink", "clonefile", "snapshot", "copy"))
     assert placed >= 40, totals
     assert sum(t.get("remote_blobs_read", 0) for t in totals.values()) > 0
+
+
+def test_stats_show_each_bots_staging_methods_and_isolation(cluster: Cluster, client: Client) -> None:
+    done = client.execute(_action(client, salt=b"per-bot" + str(time.time_ns()).encode()), skip_cache=True)
+    assert done.status_code == code_pb2.OK, done.status_message
+    worker = done.result.execution_metadata.worker
+    bot = next(b for b in cluster.running_bots if f"treemat-{b.name}" == worker)
+    command = [sys.executable, "-m", "treemat", "--root", str(bot.root), "stats"]
+    env = dict(os.environ, PYTHONPATH=str(TOOLS))
+    # the bot publishes after each action: the record it wrote after this one has it
+    wait_for(lambda: _bot_entry(command, env, worker)["actions"] >= 1, 30, f"{worker} to publish its stats")
+    entry = _bot_entry(command, env, worker)
+    assert entry["isolation"] in ("overlay", "copy-on-write"), entry
+    methods = entry["methods"]
+    assert set(methods) >= {"hardlink", "reflink", "copy"}
+    assert sum(methods.values()) >= 40, entry  # the 40-file sdk subtree at least
+    text = subprocess.run(command, capture_output=True, text=True, env=env, check=True, timeout=60).stdout
+    line = next(line for line in text.splitlines() if line.strip().startswith(worker))
+    assert f"hardlink {methods['hardlink']}" in line and entry["isolation"] in line, line
+
+
+def _bot_entry(command: list[str], env: dict[str, str], bot_id: str) -> dict[str, Any]:
+    done = subprocess.run([*command, "--json"], capture_output=True, text=True, env=env, check=True, timeout=60)
+    entries = [e for e in json.loads(done.stdout)["bots"] if e["bot_id"] == bot_id]
+    assert entries, done.stdout[-2000:]
+    entry: dict[str, Any] = max(entries, key=lambda e: int(e["actions"]))
+    return entry
 
 
 @pytest.mark.slow

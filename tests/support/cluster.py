@@ -1,7 +1,7 @@
 """A real remote-execution cluster on loopback: PostgreSQL, a BuildGrid server, and N treemat bots.
 
 Test and dev tooling, not shipped: used by the tests, benchmarks/bench_bot.py and `tools/cluster.sh`
-(`python3 tests/support/cluster.py up`). Every process is started in
+(`python3 -m tests.support.cluster up`). Every process is started in
 its own session and stopped (process group killed) on exit, with bounded waits; PostgreSQL runs as the
 `postgres` user when started by root (it refuses to run as root) from a private data directory.
 """
@@ -25,6 +25,8 @@ from pathlib import Path
 from types import TracebackType
 
 import treemat
+
+from .netns import CLIENT_HOST, SERVER_HOST, NetnsNetwork
 
 CONFIG = Path(__file__).with_name("buildgrid.yml")
 PG_BIN_CANDIDATES = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/17/bin")
@@ -54,17 +56,30 @@ def pg_bin() -> Path:
     raise ClusterError("PostgreSQL server binaries not found (apt-get install postgresql)")
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes] | None, log: Path, timeout: float) -> None:
+def _listening(address: str, port: int, network: NetnsNetwork | None) -> bool:
+    if network is not None:  # from the client's namespace: across the bridge, as Bazel will connect
+        return network.can_connect(CLIENT_HOST, address, port)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((address, port)) == 0
+
+
+def _wait_port(
+    address: str,
+    port: int,
+    proc: subprocess.Popen[bytes] | None,
+    log: Path,
+    timeout: float,
+    network: NetnsNetwork | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise ClusterError(f"process exited with {proc.returncode}; see {log}:\n{_tail(log)}")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if _listening(address, port, network):
+            return
         time.sleep(0.1)
-    raise ClusterError(f"nothing listened on 127.0.0.1:{port} within {timeout:.0f} s; see {log}:\n{_tail(log)}")
+    raise ClusterError(f"nothing listened on {address}:{port} within {timeout:.0f} s; see {log}:\n{_tail(log)}")
 
 
 def _tail(log: Path, lines: int = 30) -> str:
@@ -107,16 +122,37 @@ class Cluster:
     instance: str = ""
     port: int = 0
     bot_env: dict[str, str] = field(default_factory=dict)
+    config: Path = CONFIG  # BuildGrid's YAML (benchmarks/bench_bot.py measures variants of it)
+    bot_python: list[str] | None = None  # argv standing for the bots' python3 (default: this interpreter)
+    network: NetnsNetwork | None = None  # set: server + PostgreSQL, each bot and the client in own namespaces
     _pg_dir: Path | None = None
     _pg_port: int = 0
     _pg_user: str | None = None
+    _sql: str = ""
     _server: subprocess.Popen[bytes] | None = None
     _bots: list[BotProcess] = field(default_factory=list)
 
     @property
+    def server_address(self) -> str:
+        """Where BuildGrid listens: loopback, or the server namespace's bridge address."""
+        return self.network.hosts[SERVER_HOST].address if self.network is not None else "127.0.0.1"
+
+    @property
     def endpoint(self) -> str:
-        """grpc://127.0.0.1:PORT for Bazel's --remote_executor and the bots' --server."""
-        return f"grpc://127.0.0.1:{self.port}"
+        """grpc://ADDRESS:PORT for Bazel's --remote_executor and the bots' --server."""
+        return f"grpc://{self.server_address}:{self.port}"
+
+    @property
+    def _server_cas(self) -> Path:
+        """BuildGrid's disk CAS (with a network: on /var/tmp, which bots hide; a mount below /tmp would give
+        their sandboxed commands an empty /tmp)."""
+        return (self.network.workdir if self.network is not None else self.workdir) / "server-cas"
+
+    def on(self, label: str, argv: list[str]) -> list[str]:
+        """`argv` run on host `label` (its network namespace) when the cluster has a network, else as is."""
+        if self.network is None:
+            return argv
+        return [*self.network.hosts[label].exec_prefix(), *argv]
 
     @property
     def running_bots(self) -> list[BotProcess]:
@@ -142,8 +178,13 @@ class Cluster:
         """Start PostgreSQL, migrate, start BuildGrid, then the bots."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "logs").mkdir(exist_ok=True)
+        if self.network is not None:
+            self.network.add_host(SERVER_HOST)
+            self.network.add_host(CLIENT_HOST)
         sql = self._start_postgres()
         self._start_server(sql)
+        if self.network is not None and self.bot_roots is None:
+            self.bot_roots = [self.network.bot_filesystem(f"bot-{index}") for index in range(self.bots)]
         roots = self.bot_roots or [self.workdir / f"bot-{index}" for index in range(self.bots)]
         for index, root in enumerate(roots):
             self.start_bot(f"bot-{index}", root)
@@ -151,7 +192,8 @@ class Cluster:
     def _start_postgres(self) -> str:
         binaries = pg_bin()
         # a private directory every user can reach (pytest's tmp dirs are 0700 root): PostgreSQL runs as postgres
-        self._pg_dir = Path(tempfile.mkdtemp(prefix="treemat-pg-"))
+        scratch = self.network.workdir if self.network is not None else None  # bots hide it: not below /tmp
+        self._pg_dir = Path(tempfile.mkdtemp(prefix="treemat-pg-", dir=scratch))
         os.chmod(self._pg_dir, 0o755)
         user = None
         if os.geteuid() == 0:
@@ -164,22 +206,7 @@ class Cluster:
         data = self._pg_dir / "data"
         self._as_pg([str(binaries / "initdb"), "-A", "trust", "-U", "bgd", "-D", str(data)], log)
         options = f"-p {self._pg_port} -c listen_addresses=127.0.0.1 -k {self._pg_dir} -c fsync=off"
-        self._as_pg(
-            [
-                str(binaries / "pg_ctl"),
-                "-D",
-                str(data),
-                "-l",
-                str(self._pg_dir / "server.log"),
-                "-o",
-                options,
-                "-w",
-                "-t",
-                str(int(START_TIMEOUT)),
-                "start",
-            ],
-            log,
-        )
+        self._pg_ctl("-l", str(self._pg_dir / "server.log"), "-o", options, "start")
         self._as_pg(
             [
                 str(binaries / "psql"),
@@ -198,13 +225,30 @@ class Cluster:
             log,
         )
         sql = f"postgresql+psycopg2://bgd@127.0.0.1:{self._pg_port}/bgd"
-        self._run([str(Path(sys.executable).with_name("bgd")), "migrate", "apply", sql], log)
+        self._run(self.on(SERVER_HOST, [str(Path(sys.executable).with_name("bgd")), "migrate", "apply", sql]), log)
+        self._sql = sql
         return sql
+
+    def _pg_ctl(self, *args: str) -> None:
+        assert self._pg_dir is not None
+        data = str(self._pg_dir / "data")
+        log = self.workdir / "logs" / "postgres.log"
+        self._as_pg([str(pg_bin() / "pg_ctl"), "-D", data, "-w", "-t", str(int(START_TIMEOUT)), *args], log)
+
+    def restart_postgres(self) -> None:
+        """`pg_ctl restart -m fast`: every connection BuildGrid holds (pool, LISTEN) is dropped."""
+        self._pg_ctl("-m", "fast", "restart")
+
+    def restart_server(self) -> None:
+        """Stop BuildGrid (SIGTERM, then SIGKILL) and start it again on the same port and database."""
+        if self._server is not None:
+            _stop(self._server)
+        self._start_server(self._sql)
 
     def _as_pg(self, argv: list[str], log: Path) -> None:
         if self._pg_user is not None:
             argv = ["runuser", "-u", self._pg_user, "--", *argv]
-        self._run(argv, log)
+        self._run(self.on(SERVER_HOST, argv), log)
 
     def _run(self, argv: list[str], log: Path) -> None:
         with open(log, "ab") as out:
@@ -214,11 +258,11 @@ class Cluster:
 
     def _start_server(self, sql: str) -> None:
         self.port = self.port or free_port()
-        cas = self.workdir / "server-cas"
+        cas = self._server_cas
         cas.mkdir(exist_ok=True)
         env = dict(
             os.environ,
-            TREEMAT_BG_ADDRESS=f"127.0.0.1:{self.port}",
+            TREEMAT_BG_ADDRESS=f"{self.server_address}:{self.port}",
             TREEMAT_BG_SQL=sql,
             TREEMAT_BG_CAS=str(cas),
         )
@@ -226,14 +270,14 @@ class Cluster:
         bgd = str(Path(sys.executable).with_name("bgd"))
         with open(log, "ab") as out:
             self._server = subprocess.Popen(
-                [bgd, "server", "start", str(CONFIG)],
+                self.on(SERVER_HOST, [bgd, "server", "start", str(self.config)]),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
             )
-        _wait_port(self.port, self._server, log, START_TIMEOUT)
+        _wait_port(self.server_address, self.port, self._server, log, START_TIMEOUT, self.network)
 
     def start_bot(self, name: str, root: Path) -> BotProcess:
         """Start one `treemat bot` with its own root."""
@@ -242,7 +286,7 @@ class Cluster:
         env = dict(os.environ, **self.bot_env)
         env["PYTHONPATH"] = os.pathsep.join([tools_dir, *filter(None, [env.get("PYTHONPATH")])])
         argv = [
-            sys.executable,
+            *(self.bot_python or [sys.executable]),
             "-m",
             "treemat",
             "bot",
@@ -257,6 +301,8 @@ class Cluster:
             "--bot-id",
             f"treemat-{name}",
         ]
+        if self.network is not None:
+            argv = self._bot_host(name, root, argv)
         with open(log, "ab") as out:
             proc = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
@@ -264,6 +310,28 @@ class Cluster:
         bot = BotProcess(name, root, log, proc)
         self._bots.append(bot)
         return bot
+
+    def _bot_host(self, name: str, root: Path, argv: list[str]) -> list[str]:
+        """In the bot's own network namespace and a private mount namespace that hides the server's disk
+        (its CAS, PostgreSQL's data) and the other bots' roots behind empty tmpfs mounts."""
+        assert self.network is not None
+        host = self.network.hosts.get(name) or self.network.add_host(name)
+        hidden = [self._server_cas, *(p for p in [self._pg_dir] if p is not None)]
+        hidden += [other for other in self.bot_roots or [] if other != root]
+        mounts = "".join(f"mount -t tmpfs -o size=1m,mode=0 treemat-hidden '{path}' && " for path in hidden)
+        return [
+            *host.exec_prefix(),
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            f'{mounts}exec "$@"',
+            "sh",
+            *argv,
+        ]
 
     # --------------------------------------------------------------------------- stop
 
@@ -280,36 +348,43 @@ class Cluster:
         if self._server is not None:
             _stop(self._server)
         if self._pg_dir is not None:
-            data = self._pg_dir / "data"
-            if (data / "postmaster.pid").exists():
+            if (self._pg_dir / "data" / "postmaster.pid").exists():
                 with contextlib.suppress(ClusterError, subprocess.TimeoutExpired, OSError):
-                    self._as_pg(
-                        [str(pg_bin() / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "-t", "10", "stop"],
-                        self.workdir / "logs" / "postgres.log",
-                    )
+                    self._pg_ctl("-m", "immediate", "stop")
             shutil.rmtree(self._pg_dir, ignore_errors=True)
             self._pg_dir = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python3 tests/support/cluster.py up --dir DIR [--bots N] [--concurrency N] [--port P]`."""
+    """`python3 -m tests.support.cluster up --dir DIR [--bots N] [--concurrency N] [--port P] [--netns]`."""
     parser = argparse.ArgumentParser(prog="treemat-cluster", description=__doc__)
     parser.add_argument("command", choices=["up"])
     parser.add_argument("--dir", type=Path, required=True, help="work dir: logs, server CAS, bot roots")
     parser.add_argument("--bots", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--port", type=int, default=0, help="BuildGrid port (default: a free one)")
+    parser.add_argument("--netns", action="store_true", help="server, each bot, the client: own network namespaces")
     options = parser.parse_args(argv)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    cluster = Cluster(options.dir.absolute(), bots=options.bots, concurrency=options.concurrency, port=options.port)
-    with cluster:
+    signal.signal(signal.SIGHUP, lambda *_: stop.set())
+    with contextlib.ExitStack() as cleanup:
+        network = cleanup.enter_context(NetnsNetwork.from_env()) if options.netns else None
+        cluster = Cluster(
+            options.dir.absolute(),
+            bots=options.bots,
+            concurrency=options.concurrency,
+            port=options.port,
+            network=network,
+        )
+        cleanup.enter_context(cluster)
         print(f"BuildGrid: {cluster.endpoint} (instance '{cluster.instance}'), logs in {options.dir}/logs", flush=True)
         for bot in cluster.running_bots:
             print(f"{bot.name}: pid {bot.proc.pid}, root {bot.root}", flush=True)
+        bazel = " ".join(cluster.on(CLIENT_HOST, ["bazel"]))
         print(
-            f"bazel build --remote_executor={cluster.endpoint} --config=remote //examples/...   (Ctrl-C stops)",
+            f"{bazel} build --remote_executor={cluster.endpoint} --config=remote //examples/...   (Ctrl-C stops)",
             flush=True,
         )
         stop.wait()

@@ -320,7 +320,7 @@ class LocalStager:
     def publish_stats(self, *, role: str, extra: Mapping[str, object] | None = None) -> None:
         """Write this process's counters where `treemat stats` sums them."""
         with self._stats_lock, contextlib.suppress(OSError):
-            self._stats.publish(self.counters, role=role, extra={**self.dircache.describe(), **(extra or {})})
+            self._stats.publish(self.counters, role=role, extra={**self.stack.describe(), **(extra or {})})
 
 
 def _read_all(fd: int) -> bytes:

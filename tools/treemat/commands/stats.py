@@ -95,7 +95,14 @@ def show_stats(store: StatsStore, layout: Root, *, as_json: bool) -> None:
     if as_json:
         click.echo(
             json.dumps(
-                {"root": str(layout.path), "totals": totals, "dircache": dircache, "processes": records}, sort_keys=True
+                {
+                    "root": str(layout.path),
+                    "totals": totals,
+                    "dircache": dircache,
+                    "bots": bot_staging(records),
+                    "processes": records,
+                },
+                sort_keys=True,
             )
         )
         return
@@ -106,11 +113,37 @@ def show_stats(store: StatsStore, layout: Root, *, as_json: bool) -> None:
     click.echo(format_write_watch(records, totals))
     click.echo(format_dircache(dircache))
     click.echo(format_counters(totals))
+    bots = bot_staging(records)
+    if bots:
+        click.echo("bots (files staged per method, isolation):")
+        for bot in bots:
+            methods = ", ".join(f"{name} {count}" for name, count in _as_dict(bot["methods"]).items())
+            click.echo(f"  {bot['bot_id']} (pid {bot['pid']}): {bot['actions']} actions, {methods}; {bot['isolation']}")
     recent = [a for r in records for a in _as_list(r.get("recent_actions"))]
     if recent:
         click.echo("recent actions:")
         for action in recent[-10:]:
             click.echo(f"  {json.dumps(action, sort_keys=True)}")
+
+
+def bot_staging(records: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Per bot process: its id, isolation mode, actions and files staged per method (hardlink/reflink/copy/...)."""
+    bots = []
+    for record in records:
+        if record.get("role") != "bot":
+            continue
+        counters = _as_dict(record.get("counters"))
+        methods = {name: _as_int(counters.get(name)) or 0 for name in FILE_METHOD_COUNTERS}
+        bots.append(
+            {
+                "bot_id": str(record.get("bot_id", "?")),
+                "pid": record.get("pid"),
+                "isolation": str(record.get("isolation", "unknown")),
+                "actions": _as_int(counters.get("actions")) or 0,
+                "methods": methods,
+            }
+        )
+    return sorted(bots, key=lambda bot: (bot["bot_id"], str(bot["pid"])))
 
 
 def format_write_watch(records: list[dict[str, object]], totals: Mapping[str, int]) -> str:
@@ -211,6 +244,10 @@ def watch_stats(store: StatsStore, layout: Root, *, as_json: bool, max_updates: 
     finally:
         observer.stop()
         observer.join()
+
+
+def _as_dict(value: object) -> dict[str, object]:
+    return {str(k): v for k, v in value.items()} if isinstance(value, dict) else {}
 
 
 def _as_list(value: object) -> list[object]:
