@@ -14,7 +14,7 @@ wrapper around it. Turning it off is that one line back to `local_repository(...
 
 load("//rules/private:rules_swift_repo.bzl", "treemat_rules_swift_repository")
 
-def treemat_rules_swift(name = "build_bazel_rules_swift", path = None, root_file = None):
+def treemat_rules_swift(name = "build_bazel_rules_swift", path = None, root_file = None, root = ""):
     """Declare rules_swift as `name`, its `//tools/worker` replaced by treemat's wrapper around the real worker.
 
     Args:
@@ -22,5 +22,7 @@ def treemat_rules_swift(name = "build_bazel_rules_swift", path = None, root_file
       path: the rules_swift source tree (absolute, or relative to the main workspace).
       root_file: instead of `path`: a file at the root of rules_swift declared under another name, e.g.
         `@rules_swift_upstream//:BUILD` for an `http_archive(name = "rules_swift_upstream", ...)`.
+      root: the treemat root the worker uses (CAS, exec dirs); default: $TREEMAT_ROOT when it reaches the
+        worker, else $XDG_CACHE_HOME/treemat or ~/.cache/treemat.
     """
-    treemat_rules_swift_repository(name = name, path = path, root_file = root_file)
+    treemat_rules_swift_repository(name = name, path = path, root_file = root_file, root = root)

@@ -11,10 +11,18 @@ _WRAPPER_MAIN = """\
 import os
 import sys
 
-from treemat.rswift_worker import main
+REAL_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker_real")
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], real_worker=os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker_real")))
+    if "--persistent_worker" not in sys.argv[1:]:
+        # one-shot (sandboxed/local strategies, SwiftModuleWrap, SwiftAutolinkExtract): the real worker, before
+        # any treemat import
+        os.execv(REAL_WORKER, [REAL_WORKER, *sys.argv[1:]])
+    if {root!r}:
+        os.environ.setdefault("TREEMAT_ROOT", {root!r})
+    from treemat.rswift_worker import main
+
+    sys.exit(main(sys.argv[1:], real_worker=REAL_WORKER))
 """
 
 _WRAPPER_BUILD = """
@@ -75,7 +83,7 @@ def _treemat_rules_swift_impl(rctx):
         _WRAPPER_BUILD.format(treemat_lib = treemat_lib),
         executable = False,
     )
-    rctx.file("tools/worker/treemat_worker.py", _WRAPPER_MAIN, executable = False)
+    rctx.file("tools/worker/treemat_worker.py", _WRAPPER_MAIN.replace("{root!r}", repr(rctx.attr.root)), executable = False)
 
 treemat_rules_swift_repository = repository_rule(
     implementation = _treemat_rules_swift_impl,
@@ -83,6 +91,10 @@ treemat_rules_swift_repository = repository_rule(
     attrs = {
         "path": attr.string(
             doc = "The rules_swift source tree: absolute, or relative to the main workspace.",
+        ),
+        "root": attr.string(
+            doc = "The treemat root (CAS, exec dirs) the wrapper uses when $TREEMAT_ROOT does not reach it. " +
+                  "Default: $XDG_CACHE_HOME/treemat, else ~/.cache/treemat.",
         ),
         "root_file": attr.label(
             allow_single_file = True,

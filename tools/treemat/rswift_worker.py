@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def make_rswift_handler(stack: Stack, execroot: Path, real_worker: str, startup:
     from treemat.action import ActionRequest
 
     executor = stack.executor
+    verbose = bool(os.environ.get("TREEMAT_VERBOSE"))
 
     def handle(item: WorkItem) -> WorkReply:
         tool = tool_path(real_worker, execroot, {entry.path for entry in item.inputs})
@@ -45,7 +47,16 @@ def make_rswift_handler(stack: Stack, execroot: Path, real_worker: str, startup:
             spec = action_spec(tool, startup, item.arguments, execroot)
         except ProtocolError as exc:
             return WorkReply(item.request_id, 1, f"treemat: cannot read this rules_swift request: {exc}\n")
+        started = time.perf_counter()
         result = executor.execute(ActionRequest(spec=spec, inputs=item.inputs, execroot=execroot))
+        if verbose:
+            print(
+                f"treemat rules_swift worker: {len(item.inputs)} inputs, {len(spec.outputs)} outputs, "
+                f"{1000 * (time.perf_counter() - started):.1f} ms (stage {1000 * result.stage_seconds:.1f}, tool "
+                f"{1000 * result.tool_seconds:.1f})",
+                file=sys.stderr,
+                flush=True,
+            )
         return WorkReply(item.request_id, result.exit_code, result.output, result.cancelled)
 
     return handle
