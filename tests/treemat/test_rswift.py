@@ -189,6 +189,8 @@ def test_a_recorded_shape_request_compiles_in_a_private_exec_dir(tmp_path: Path)
         WorkerServer(out, handler, protocol="json", max_workers=1).serve(read_requests(stream, "json"))
     reply = json.loads(out.getvalue())
     assert reply["exitCode"] == 0, reply["output"]
+    published = [json.loads(path.read_text()) for path in (tmp_path / "root" / "stats").glob("*.json")]
+    assert [record["role"] for record in published] == ["rules_swift worker"], "what `treemat stats` shows"
     assert "requestId" not in reply
     for path in find_outputs(args, execroot).files:
         assert (execroot / path).is_file(), f"{path} was not returned"

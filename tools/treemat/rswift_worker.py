@@ -10,12 +10,14 @@ as a worker: SwiftModuleWrap, SwiftAutolinkExtract), it becomes the real worker 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from treemat.counters import StatsStore
 from treemat.errors import ProtocolError, TreematError, describe_error
 from treemat.layout import Root, default_root_path
 from treemat.protocol import WorkItem, WorkReply, read_requests
@@ -40,6 +42,7 @@ def make_rswift_handler(stack: Stack, execroot: Path, real_worker: str, startup:
 
     executor = stack.executor
     verbose = bool(os.environ.get("TREEMAT_VERBOSE"))
+    stats = StatsStore(stack.layout.stats)
 
     def handle(item: WorkItem) -> WorkReply:
         tool = tool_path(real_worker, execroot, {entry.path for entry in item.inputs})
@@ -49,6 +52,9 @@ def make_rswift_handler(stack: Stack, execroot: Path, real_worker: str, startup:
             return WorkReply(item.request_id, 1, f"treemat: cannot read this rules_swift request: {exc}\n")
         started = time.perf_counter()
         result = executor.execute(ActionRequest(spec=spec, inputs=item.inputs, execroot=execroot))
+        with contextlib.suppress(OSError):  # what `treemat stats` shows (singleplex: no other request runs)
+            extra = {"recent_actions": list(executor.recent), **stack.describe()}
+            stats.publish(stack.counters, role="rules_swift worker", extra=extra)
         if verbose:
             print(
                 f"treemat rules_swift worker: {len(item.inputs)} inputs, {len(spec.outputs)} outputs, "
