@@ -185,7 +185,7 @@ def _bench_rules_swift(
         try:
             report = run_rules_swift_bench(workspace, rounds=rounds, progress=lambda _msg: advance(1))
         finally:
-            bazel(workspace, "shutdown")
+            bazel(workspace, "clean", "--expunge")  # the output base is the chroot's, not OUT's
     written = save_report(report, out / "rules_swift.json", chart.absolute() if chart else out / "rules_swift.png")
     if as_json:
         emit_json(report.to_json())
