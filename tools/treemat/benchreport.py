@@ -52,11 +52,14 @@ class BenchReport:
     metric: str = "SwiftCompile wall time per action"  # what walltime_ms measures
     unit: str = "inputs"  # what `shape` counts
     mode: str = "warm"  # "warm": `bazel clean`, one server; "ci": a new output base and server per build
+    order: list[str] = field(default_factory=lambda: list(STRATEGY_FLAGS))  # the strategies, in table order
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))  # what treemat is compared with
+    goals: str = GOALS
 
     def strategies(self) -> list[str]:
         """The strategies measured (clean builds or edit rebuilds), in table order."""
         measured = {s.strategy.removesuffix("+edit") for s in self.samples}
-        return [name for name in STRATEGY_FLAGS if name in measured]
+        return [name for name in self.order if name in measured]
 
     def values(self, strategy: str, shape: int, attr: str = "walltime_ms") -> list[float]:
         """Every round's `attr` for one strategy (e.g. "treemat" or "treemat+edit") and shape."""
@@ -110,7 +113,7 @@ class BenchReport:
         ours = self.median("treemat" + suffix, shape)
         measured = self.strategies()
         out: dict[str, float | None] = {}
-        for other in (name for name in BASELINES if name in measured):
+        for other in (name for name in self.baselines if name in measured):
             theirs = self.median(other + suffix, shape)
             out[f"treemat_vs_{other}"] = round(ours / theirs, 2) if ours and theirs else None
         return out
@@ -122,7 +125,7 @@ class BenchReport:
             return f"{value:>{width}.{places}f}" if value is not None else f"{'-':>{width}}"
 
         strategies = self.strategies()
-        others = [name for name in BASELINES if name in strategies]
+        others = [name for name in self.baselines if name in strategies]
         lines: list[str] = []
         if self.bazel:
             lines.append(
@@ -147,7 +150,7 @@ class BenchReport:
                 lines.append(f"{shape:>7}{cells} {stage}{ratio_cells}")
         if self.runners:
             lines.append("spawn runners: " + ", ".join(f"{k}={v or '?'}" for k, v in self.runners.items()))
-        lines.append(GOALS)
+        lines.append(self.goals)
         return "\n".join(lines)
 
     def write_chart(self, path: Path) -> bool:

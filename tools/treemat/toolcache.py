@@ -187,9 +187,12 @@ def swift_seed_recipe(argv: Sequence[str]) -> tuple[str, list[str]] | None:
 
 
 def _swift_command(argv: Sequence[str]) -> Sequence[str]:
-    """The swiftc command line of `argv`: itself, or what follows a wrapper's `--`; empty if neither."""
+    """The swiftc command line of `argv`: itself, what follows a wrapper's `--`, or what follows a wrapper
+    named first (rules_swift's worker: `worker swiftc ARGS`); empty if none."""
     if argv and os.path.basename(argv[0]) in _SWIFT_DRIVERS:
         return argv
+    if len(argv) > 1 and os.path.basename(argv[1]) in _SWIFT_DRIVERS:
+        return argv[1:]
     if "--" in argv:
         rest = argv[list(argv).index("--") + 1 :]
         if rest and os.path.basename(rest[0]) in _SWIFT_DRIVERS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -68,6 +69,19 @@ WORKLOADS = ("shapes", "chain")  # treemat.bench.WORKLOADS
     default=None,
     help="Where the PNG chart goes (needs matplotlib: the [chart] extra). Default: OUT/bench.png.",
 )
+@click.option(
+    "--rules-swift",
+    is_flag=True,
+    help="A generated rules_swift 3.6.1 workspace on Bazel 7.7.1 (the chroot of tools/bazel7.sh): rules_swift's own "
+    "worker, treemat (treemat_rules_swift) and --strategy=SwiftCompile=sandboxed, clean and after editing one source.",
+)
+@click.option(
+    "--fixtures",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="--rules-swift: the rules_swift 3.6.1 fixture tarballs. Default: ../shared/third_party/rules_swift-3.6.1 "
+    "beside the checkout.",
+)
 @click.option("--json", "as_json", is_flag=True)
 def bench(
     workspace: Path,
@@ -80,6 +94,8 @@ def bench(
     workload: str,
     out: Path,
     chart: Path | None,
+    rules_swift: bool,
+    fixtures: Path | None,
     as_json: bool,
 ) -> int:
     """Compare treemat with Bazel's local and sandboxed strategies on SwiftCompile-shaped actions.
@@ -94,6 +110,8 @@ def bench(
     from treemat.bench import available_strategies, bazel_version, check_strategies, run_bench, save_report
 
     workspace, out = workspace.absolute(), out.absolute()
+    if rules_swift:
+        return _bench_rules_swift(fixtures, out, chart, rounds=1 if quick else rounds, quick=quick, as_json=as_json)
     if workload == "chain" and shapes:
         raise click.UsageError("--shape applies to --workload shapes only")
     if bazel7 and not os.environ.get("TREEMAT_BAZEL7_CHROOT"):
@@ -145,3 +163,40 @@ def _run_in_bazel7_chroot(argv: list[str], workspace: Path, out: Path, chart_dir
     binds = [path for path in (workspace, out, chart_dir) if not path.resolve().is_relative_to(checkout)]
     binds = [path for index, path in enumerate(binds) if path not in binds[:index]]
     return subprocess.run(bazel7_command(BAZEL7_SCRIPT, argv, binds), check=False).returncode
+
+
+def _bench_rules_swift(
+    fixtures: Path | None, out: Path, chart: Path | None, *, rounds: int, quick: bool, as_json: bool
+) -> int:
+    """`treemat bench --rules-swift`: on the host, extract the fixtures and enter the chroot; there, the bench."""
+    from treemat.bench import save_report
+    from treemat.benchrswift import Shape, bazel, extract_fixtures, run_rules_swift_bench, write_workspace
+
+    checkout = BAZEL7_SCRIPT.parents[1]
+    tarballs = fixtures or checkout.parent / "shared" / "third_party" / "rules_swift-3.6.1"
+    if not os.environ.get("TREEMAT_BAZEL7_CHROOT"):
+        extracted = extract_fixtures(tarballs.absolute(), out / "rules_swift-fixtures")
+        argv = ["bench", "--rules-swift", f"--fixtures={extracted}", f"--rounds={rounds}", f"--out={out}"]
+        argv += [f"--chart={chart.absolute()}"] if chart else []
+        argv += ["--quick"] * quick + ["--json"] * as_json
+        code = _run_in_bazel7_chroot(argv, out, out, chart.absolute().parent if chart else out)
+        chart_path = chart.absolute() if chart else out / "rules_swift.png"
+        if code == 0 and not chart_path.exists():  # no matplotlib in the chroot: drawn here if it is installed
+            from treemat.benchrswift import report_from_json
+
+            report_from_json(json.loads((out / "rules_swift.json").read_text())).write_chart(chart_path)
+        return code
+    workspace = out / "rules_swift-workspace"
+    write_workspace(workspace, tarballs.absolute(), checkout, "native", Shape(8, 40) if quick else Shape())
+    with progress_bar(rounds * 3, "benchmarking rules_swift", enabled=not as_json) as advance:
+        try:
+            report = run_rules_swift_bench(workspace, rounds=rounds, progress=lambda _msg: advance(1))
+        finally:
+            bazel(workspace, "clean", "--expunge")  # the output base is the chroot's, not OUT's
+    written = save_report(report, out / "rules_swift.json", chart.absolute() if chart else out / "rules_swift.png")
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        click.echo(report.to_table())
+        click.echo("wrote " + ", ".join(str(p) for p in written))
+    return 0
