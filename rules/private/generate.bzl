@@ -50,8 +50,9 @@ def _swift_chain_sources_impl(ctx):
     level, index = ctx.attr.level, ctx.attr.index
     edited = level == ctx.attr.edit_level and index == 0
     lines = ["// edit {}".format(ctx.var.get("treemat_bench_edit", "")) if edited else "//"]
-    lines += ["import {}".format(dep) for dep in ctx.attr.imports]
-    total = " + ".join(["{}.{}Value().id".format(dep, dep) for dep in ctx.attr.imports]) or "0"
+    lines += ["import {}".format(dep) for dep in ctx.attr.imports + ctx.attr.c_imports]
+    terms = ["{}.{}Value().id".format(dep, dep) for dep in ctx.attr.imports] + ctx.attr.c_terms
+    total = " + ".join(terms) or "0"
     sources = []
     for file_index in range(ctx.attr.num_sources):
         src = ctx.actions.declare_file("{}_srcs/{}{}.swift".format(ctx.label.name, ctx.attr.module, file_index))
@@ -79,6 +80,8 @@ def _swift_chain_sources_impl(ctx):
 _swift_chain_sources = rule(
     implementation = _swift_chain_sources_impl,
     attrs = {
+        "c_imports": attr.string_list(doc = "C modules imported too (level 0 of a chain with a C base)."),
+        "c_terms": attr.string_list(doc = "Swift Int expressions calling into `c_imports`, added to the id."),
         "edit_level": attr.int(doc = "The level whose first module `--define=treemat_bench_edit=N` edits."),
         "imports": attr.string_list(doc = "The modules of the level below, imported and used."),
         "index": attr.int(),
@@ -89,14 +92,25 @@ _swift_chain_sources = rule(
     doc = "The Swift sources of one module of swift_module_chain.",
 )
 
-def swift_module_chain(name, swift_library, depth = 32, width = 3, num_sources = 4, tags = []):
+def swift_module_chain(
+        name,
+        swift_library,
+        depth = 32,
+        width = 3,
+        num_sources = 4,
+        tags = [],
+        c_deps = [],
+        c_imports = [],
+        c_terms = []):
     """`depth` levels of `width` Swift modules, each importing every module of the level below.
 
     A module at level L sees the .swiftmodule and .swiftdoc of every module below it as inputs (2 * width * L
     of them: 186 at the top of 32 x 3), as the compiles of an iOS app's upper modules do. `name` is a module
     importing the top level. `--define=treemat_bench_edit=N` edits the first module of the middle level (an
     edit-one-source rebuild for `treemat bench --workload chain`). `swift_library` is the rule (a macro
-    argument: this file is loaded by rules that must not load defs.bzl).
+    argument: this file is loaded by rules that must not load defs.bzl). `c_deps` (cc_library targets, their
+    clang modules named `c_imports`) are deps of level 0, whose sources import them and add `c_terms` (Swift Int
+    expressions calling C) to their ids: C interop at the bottom of the chain.
     """
     below = []
     for level in range(depth + 1):
@@ -109,6 +123,8 @@ def swift_module_chain(name, swift_library, depth = 32, width = 3, num_sources =
                 level = level,
                 index = index,
                 imports = below,
+                c_imports = c_imports if level == 0 else [],
+                c_terms = c_terms if level == 0 else [],
                 edit_level = depth // 2,
                 num_sources = num_sources,
                 tags = tags,
@@ -116,7 +132,7 @@ def swift_module_chain(name, swift_library, depth = 32, width = 3, num_sources =
             swift_library(
                 name = module,
                 srcs = [":" + module + "_sources"],
-                deps = [":" + dep for dep in below],
+                deps = [":" + dep for dep in below] + (c_deps if level == 0 else []),
                 tags = tags,
             )
         below = modules

@@ -1,12 +1,13 @@
-"""Bazel 7.7.1 (tools/bazel7.sh's Debian sid chroot, WORKSPACE mode) builds //examples/... on BuildGrid + three
-treemat bots: outputs byte-identical to a local Bazel 7 build, and a clean rebuild served from the action cache.
+"""Bazel 7.7.1 (tools/bazel7.sh's Debian sid chroot, WORKSPACE mode) builds //examples/... and a multi-module
+package (//tests/bot/chain: 31 Swift modules in 16 levels on a C library) on BuildGrid + three treemat bots:
+outputs byte-identical to a local Bazel 7 build, and a clean rebuild served from the action cache.
 
 The bots run in the same chroot as Bazel (`tools/bazel7.sh run`): an execution platform must be the client's
 image, since C actions name the toolchain's absolute include paths (sid's gcc 14 here; a bookworm bot would
 compile against gcc 12's headers and Bazel rejects the action). Their buildgrid/grpc come from
 `tools/bazel7.sh bot-extra` (pip --target, apart from the chroot's site-packages). The chroot shares the host's
 network namespace, so Bazel and the bots reach BuildGrid on loopback.
-Skipped unless the chroot exists (`sudo tools/bazel7.sh setup`); slow (three Bazel 7 builds)."""
+Skipped unless the chroot exists (`sudo tools/bazel7.sh setup`); slow (three Bazel 7 builds per test)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ from ..support.cluster import Cluster, ClusterError, pg_bin
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_STRATEGIES = ["--strategy=SwiftCompile=local", "--strategy=SwiftLink=local", "--strategy=TreematRun=local"]
+EXAMPLES = ("//examples/...",)
+CHAIN = ("//tests/bot/chain:RemoteChain", "//tests/bot/chain:CChainBase")  # manual targets: named
+CHAIN_SWIFT_MODULES = 31
+PACKAGE = "tests/bot/chain"
 try:
     pg_bin()
     HAVE_PG = True
@@ -76,13 +81,16 @@ def _bazel(scratch: Path, output_base: str, *args: str) -> subprocess.CompletedP
     )
 
 
-def _build(scratch: Path, output_base: str, *flags: str) -> tuple[str, dict[str, str]]:
-    for command in (["clean"], ["build", "--noenable_bzlmod", *flags, "//examples/..."]):
+def _build(
+    scratch: Path, output_base: str, *flags: str, targets: tuple[str, ...] = EXAMPLES, package: str = "examples"
+) -> tuple[str, dict[str, str]]:
+    """Clean, build `targets`; Bazel's stderr and the sha256 of every .o/.swiftmodule/.a/app under `package`."""
+    for command in (["clean"], ["build", "--noenable_bzlmod", *flags, *targets]):
         done = _bazel(scratch, output_base, *command)
         assert done.returncode == 0, done.stderr[-5000:]
     info = _bazel(scratch, output_base, "info", "--noenable_bzlmod", "bazel-bin")
     assert info.returncode == 0, info.stderr[-2000:]
-    bin_dir = Path(info.stdout.strip().splitlines()[-1]) / "examples"
+    bin_dir = Path(info.stdout.strip().splitlines()[-1]) / package
     outputs = {
         str(path.relative_to(bin_dir)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(bin_dir.rglob("*"))
@@ -133,3 +141,36 @@ def test_bazel7_remote_on_three_bots_matches_local_and_rebuilds_from_the_cache(c
     assert hits.get("remote cache hit", 0) >= ran and hits.get("remote", 0) == 0, hits
     assert after_second == after_first, "no bot may have run anything on the clean rebuild"
     print(json.dumps({"local": _processes(local_log), "remote": _processes(first_log), "bots": after_first}))
+
+
+def test_bazel7_builds_a_31_module_chain_on_c_remotely_byte_identical_and_rebuilds_from_the_cache(
+    cluster: Cluster, scratch: Path
+) -> None:
+    """Item 4's multi-module package: every Swift module and the C library compiled on the bots, spread over them."""
+    remote = ["--config=remote", f"--remote_executor={cluster.endpoint}", "--remote_download_outputs=all"]
+    before = _bot_actions(cluster)
+    try:
+        local_log, local = _build(
+            scratch, "chain-local", "--spawn_strategy=local", *LOCAL_STRATEGIES, targets=CHAIN, package=PACKAGE
+        )
+        first_log, first = _build(scratch, "chain-remote", *remote, targets=CHAIN, package=PACKAGE)
+        after_first = _bot_actions(cluster)
+        second_log, second = _build(scratch, "chain-remote", *remote, targets=CHAIN, package=PACKAGE)
+        after_second = _bot_actions(cluster)
+    finally:
+        for base in ("chain-local", "chain-remote"):
+            _bazel(scratch, base, "shutdown")
+    modules = [name for name in local if name.endswith(".swiftmodule")]
+    assert len(modules) == CHAIN_SWIFT_MODULES, sorted(local)
+    assert any(name.endswith(".a") for name in local), "the C library was built"
+    assert first == local, "remote outputs differ from the local Bazel 7 build"
+    assert second == local
+    ran = _processes(first_log).get("remote", 0)
+    assert ran >= CHAIN_SWIFT_MODULES + 1, _processes(first_log)  # every Swift compile and the C compile
+    spread = {name: after_first[name] - before.get(name, 0) for name in after_first}
+    assert sum(spread.values()) >= ran, spread
+    assert sum(1 for count in spread.values() if count) >= 2, f"the work spread over the bots: {spread}"
+    hits = _processes(second_log)
+    assert hits.get("remote cache hit", 0) >= ran and hits.get("remote", 0) == 0, hits
+    assert after_second == after_first, "no bot may have run anything on the clean rebuild"
+    print(json.dumps({"local": _processes(local_log), "remote": _processes(first_log), "bots": spread}))
