@@ -2,6 +2,8 @@
 
 Small blobs travel in BatchReadBlobs/BatchUpdateBlobs requests; big ones stream through ByteStream. Every
 blob read is verified against its digest before it is stored locally; only blobs the local CAS lacks are read.
+Every local file uploaded is hashed as it is sent: a blob changed in the local CAS since it was ingested (a
+write, or a damaged blob the ingest found already in place) raises LocalBlobChanged, never reaches the server.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ STREAM_CHUNK = 1 << 20
 
 class RemoteCasError(TreematError):
     """The server's CAS lacks a blob, or sent one that does not match its digest."""
+
+
+class LocalBlobChanged(RemoteCasError):
+    """A local CAS file about to be uploaded no longer holds the bytes of its digest."""
+
+    def __init__(self, digest: Digest, path: Path) -> None:
+        super().__init__(f"local blob {digest} at {path} changed since it was stored (not uploaded)")
+        self.digest = digest
+        self.path = path
 
 
 @dataclass(slots=True)
@@ -157,7 +168,7 @@ class RemoteCas:
         small = [d for d in missing if d.size <= BATCH_BYTES // 2]
         for batch in _batches(small):
             requests = [
-                re_pb2.BatchUpdateBlobsRequest.Request(digest=to_proto(d), data=_content(blobs[d.hash][1]))
+                re_pb2.BatchUpdateBlobsRequest.Request(digest=to_proto(d), data=_content(d, blobs[d.hash][1]))
                 for d in batch
             ]
             response = self._cas.BatchUpdateBlobs(
@@ -176,22 +187,34 @@ class RemoteCas:
 
     def _stream_write(self, digest: Digest, source: Path | bytes) -> None:
         resource = f"{self.instance}/uploads/{uuid.uuid4()}/blobs/{digest.hash}/{digest.size}".lstrip("/")
+        changed: list[bool] = []
 
         def chunks() -> Iterator[Any]:
-            offset = 0
+            hasher, offset = hashlib.sha256(), 0
             for data in _iter_chunks(source):
+                hasher.update(data)
+                last = offset + len(data) >= digest.size
+                if last and (offset + len(data) != digest.size or hasher.hexdigest() != digest.hash):
+                    changed.append(True)  # end the stream unfinished: the server commits nothing
+                    return
                 yield bs_pb2.WriteRequest(
                     resource_name=resource if offset == 0 else "",
                     write_offset=offset,
                     data=data,
-                    finish_write=offset + len(data) >= digest.size,
+                    finish_write=last,
                 )
                 offset += len(data)
+            if offset != digest.size:
+                changed.append(True)
 
         try:
             response = self._bytestream.Write(chunks(), timeout=self.timeout)
         except grpc.RpcError as exc:
+            if changed and isinstance(source, Path):
+                raise LocalBlobChanged(digest, source) from None
             raise RemoteCasError(f"ByteStream write of {digest} failed: {exc.code()} {exc.details()}") from None
+        if changed and isinstance(source, Path):
+            raise LocalBlobChanged(digest, source)
         if response.committed_size != digest.size:
             raise RemoteCasError(f"ByteStream write of {digest} committed {response.committed_size} bytes")
 
@@ -201,8 +224,14 @@ def _verify(digest: Digest, data: bytes) -> None:
         raise RemoteCasError(f"server CAS sent bytes that do not match {digest}")
 
 
-def _content(source: Path | bytes) -> bytes:
-    return source if isinstance(source, bytes) else source.read_bytes()
+def _content(digest: Digest, source: Path | bytes) -> bytes:
+    """The bytes to upload for `digest`; a local file is read and checked against the digest first."""
+    if isinstance(source, bytes):
+        return source
+    data = source.read_bytes()
+    if len(data) != digest.size or hashlib.sha256(data).hexdigest() != digest.hash:
+        raise LocalBlobChanged(digest, source)
+    return data
 
 
 def _iter_chunks(source: Path | bytes) -> Iterator[bytes]:

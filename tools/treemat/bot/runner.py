@@ -17,7 +17,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from treemat.bot.outputs import Blobs, collect
-from treemat.bot.remote_cas import RemoteCas, RemoteCasError, TransferStats, to_digest, to_proto
+from treemat.bot.remote_cas import LocalBlobChanged, RemoteCas, RemoteCasError, TransferStats, to_digest, to_proto
 from treemat.bot.rpc import code_pb2, re_pb2
 from treemat.bot.stager import (
     Digest,
@@ -25,6 +25,7 @@ from treemat.bot.stager import (
     FileNode,
     InputTree,
     LocalStager,
+    StagedAction,
     TreematError,
     check_symlinks,
     digest_bytes,
@@ -109,24 +110,7 @@ class ActionRunner:
             if run.cancelled:
                 return Outcome(code=code_pb2.CANCELLED, message="lease cancelled", cancelled=True)
             _stamp(meta.output_upload_start_timestamp)
-            result = re_pb2.ActionResult(exit_code=run.exit_code)
-            blobs: Blobs = {}
-            stderr = run.stderr
-            try:
-                collect(staged, command, result, blobs)
-            except ExecutionError as exc:  # refused outputs: none is reported, the action fails (as on the worker)
-                for name in ("output_files", "output_directories", "output_symlinks"):
-                    del getattr(result, name)[:]
-                del result.output_file_symlinks[:]
-                del result.output_directory_symlinks[:]
-                result.exit_code = result.exit_code or 1
-                stderr += f"treemat: error: {exc}\n".encode()
-                self.stager.counters.add("bot_refused_outputs")
-            for name, data in (("stdout", run.stdout), ("stderr", stderr)):
-                digest = digest_bytes(data)
-                blobs[digest.hash] = (digest, data)
-                getattr(result, f"{name}_digest").CopyFrom(to_proto(digest))
-            self.remote.upload(blobs, transfer)
+            result = self._collect_and_upload(staged, command, run.exit_code, run.stdout, run.stderr, transfer)
             _stamp(meta.output_upload_completed_timestamp)
         _stamp(meta.worker_completed_timestamp)
         result.execution_metadata.CopyFrom(meta)
@@ -153,6 +137,44 @@ class ActionRunner:
         counters.add("stage_us", int(1e6 * staged.stage_seconds))
         message = f"action timed out after {timeout} s" if run.timed_out else ""
         return Outcome(code=code, message=message, result=result, record=record)
+
+    def _collect_and_upload(
+        self, staged: StagedAction, command: Any, exit_code: int, stdout: bytes, stderr: bytes, transfer: TransferStats
+    ) -> Any:
+        """The ActionResult of the outputs walked out of the command's view, its blobs uploaded.
+
+        An output blob found changed in the local CAS at upload (LocalBlobChanged: written since it was ingested,
+        or a damaged copy the ingest found in place) is quarantined and the outputs are walked and ingested once
+        more from the command's view; a second change fails the lease (INTERNAL: BuildGrid runs it again).
+        """
+        for attempt in range(2):
+            result = re_pb2.ActionResult(exit_code=exit_code)
+            blobs: Blobs = {}
+            errors = stderr
+            try:
+                collect(staged, command, result, blobs)
+            except ExecutionError as exc:  # refused outputs: none is reported, the action fails (as on the worker)
+                for name in ("output_files", "output_directories", "output_symlinks"):
+                    del getattr(result, name)[:]
+                del result.output_file_symlinks[:]
+                del result.output_directory_symlinks[:]
+                result.exit_code = result.exit_code or 1
+                errors += f"treemat: error: {exc}\n".encode()
+                self.stager.counters.add("bot_refused_outputs")
+            for name, data in (("stdout", stdout), ("stderr", errors)):
+                digest = digest_bytes(data)
+                blobs[digest.hash] = (digest, data)
+                getattr(result, f"{name}_digest").CopyFrom(to_proto(digest))
+            try:
+                self.remote.upload(blobs, transfer)
+            except LocalBlobChanged as exc:
+                self.stager.discard_blob(exc.digest, exc.path, str(exc))
+                self.stager.counters.add("bot_changed_output_blobs")
+                if attempt:
+                    raise ActionFailed(code_pb2.INTERNAL, f"treemat bot: {exc}, again after a re-ingest") from None
+                continue
+            return result
+        raise AssertionError("unreachable")
 
     def _next_tag(self) -> str:
         with self._counter_lock:

@@ -206,6 +206,11 @@ class LocalStager:
         """Copy the regular file open at `fd` into the CAS; returns its digest."""
         return self.cas.ingest_fd(fd, executable=executable, what=what)
 
+    def discard_blob(self, digest: Digest, path: Path, reason: str) -> None:
+        """Quarantine the local blob at `path` (found not to hold `digest`'s bytes): the next ingest replaces it."""
+        executable = path == self.cas.blob_path(digest.hash, True)
+        self.cas.quarantine(digest.hash, executable, reason)
+
     def read_blob(self, digest: Digest) -> bytes | None:
         """A small blob's bytes, either exec bit, or None if absent."""
         if digest.is_empty:
