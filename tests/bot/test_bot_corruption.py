@@ -7,6 +7,8 @@ a clear error), and the action cache never holds a wrong output.
   ("Data does not match hash") and the lease failed and was re-queued again and again. Now every local file is
   hashed as it is uploaded: the damaged blob is quarantined and the outputs ingested again from the command's
   view, by BatchUpdateBlobs (small) and ByteStream (big) alike.
+- A process the command left behind, waiting for it to end and then rewriting its output (a change after the tool
+  ended, before the bot read the output): the command's pid namespace dies with it, so nothing is left to write.
 - An input blob written in a bot's CAS while the command runs (after it was staged: under the overlay sandbox
   the command reads that very inode): the bot's guard sees the write (inotify on the blob), fails the lease
   INTERNAL and quarantines the blob; BuildGrid re-queues, the blob is fetched again, the result is right.
@@ -107,6 +109,22 @@ def test_a_damaged_copy_of_an_output_in_a_bots_cas_is_never_uploaded(cluster: Cl
     assert _blob(ran.root, small).read_bytes() == small
     assert _blob(ran.root, big + big).read_bytes() == big + big
     assert len(list((ran.root / "quarantine").glob("*.reason"))) >= 2
+
+
+def test_a_process_left_by_the_command_cannot_rewrite_its_output_before_upload(client: Client) -> None:
+    salt = str(time.time_ns())
+    script = (  # the daemon spins until the command's shell is gone, then rewrites the output
+        f"printf 'good {salt}\\n' > out.txt\n"
+        "setsid sh -c 'while kill -0 '\"$$\"' 2>/dev/null; do :; done; echo corrupted > out.txt' &\n"
+    )
+    action = client.build_action(
+        {"run.sh": (script.encode(), True)}, ["/bin/sh", "run.sh"], env={"PATH": "/usr/bin:/bin"}, outputs=["out.txt"]
+    )
+    done = client.execute(action, skip_cache=True, timeout=90)
+    assert done.status_code == code_pb2.OK, done.status_message
+    (out,) = done.result.output_files
+    assert client.read(out.digest) == f"good {salt}\n".encode()
+    assert client.read(client.cached(action).output_files[0].digest) == f"good {salt}\n".encode()
 
 
 def test_an_input_blob_written_while_the_command_runs_fails_the_lease_and_is_fetched_again(
