@@ -8,9 +8,12 @@
    thread (without either, a job reaches a bot only when a bot completes a lease or opens a session).
 2. The chosen settings with 1, 2 and 3 bots: actions/s, and each bot's staging and fetch time per action.
 3. Bazel 4.2.3 `//examples/...` (several Swift modules, C modules, a generated package) clean builds: wall time
-   local vs remote on 3 bots, alternated run by run (`--bazel-runs`, 0 to skip).
+   local vs remote on 3 bots, alternated run by run (`--bazel-runs`, 0 to skip). `--chain` builds the
+   multi-module package //tests/bot/chain instead (31 Swift modules in 16 levels on a C library);
+   `--bazel-only` skips 1 and 2.
 
     PYTHONPATH=tools python3 benchmarks/bench_bot.py --actions 20 --rounds 3 --bazel-runs 3
+    PYTHONPATH=tools python3 benchmarks/bench_bot.py --bazel-only --chain --bazel-runs 3
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from tests.support.client import Client, Entry
 from tests.support.cluster import CONFIG, Cluster
 
 REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = ["//examples/..."]
+CHAIN = ["//tests/bot/chain:RemoteChain", "//tests/bot/chain:CChainBase"]  # manual targets: named
 
 ASSIGNER = """    assigners:
       - !priority-age-assigner
@@ -121,8 +126,8 @@ def bot_times(cluster: Cluster) -> dict[str, dict[str, float]]:
     return times
 
 
-def bazel_wall_times(work: Path, config: Path, runs: int) -> dict[str, object]:
-    """Clean `//examples/...` builds, local and remote (3 bots) alternated: wall seconds each."""
+def bazel_wall_times(work: Path, config: Path, runs: int, targets: list[str]) -> dict[str, object]:
+    """Clean builds of `targets`, local and remote (3 bots) alternated: wall seconds each."""
     local, remote = work / "bazel-local", work / "bazel-remote"
     flags = {
         "local": [f"--output_base={local}", "build", "--spawn_strategy=local"]
@@ -138,7 +143,7 @@ def bazel_wall_times(work: Path, config: Path, runs: int) -> dict[str, object]:
                     base = flags[mode][0]
                     subprocess.run(["bazel", base, "clean"], cwd=REPO, capture_output=True, check=True)
                     started = time.perf_counter()
-                    subprocess.run(["bazel", *flags[mode], "//examples/..."], cwd=REPO, capture_output=True, check=True)
+                    subprocess.run(["bazel", *flags[mode], *targets], cwd=REPO, capture_output=True, check=True)
                     times[mode].append(time.perf_counter() - started)
         finally:
             for output_base in (local, remote):
@@ -157,6 +162,8 @@ def main() -> None:
     parser.add_argument("--latency-actions", type=int, default=5, help="sequential single actions per variant")
     parser.add_argument("--variants", default="all", help="'all', or 'none' to measure only the chosen settings")
     parser.add_argument("--choose", default="", help="the variant for the 1/2/3-bot figures (default: the fastest)")
+    parser.add_argument("--chain", action="store_true", help="Bazel builds //tests/bot/chain, not //examples/...")
+    parser.add_argument("--bazel-only", action="store_true", help="only the Bazel wall times (3)")
     options = parser.parse_args()
     files: dict[str, Entry] = {
         f"sdk/m{i // 100}/f{i:04d}.swift": f"// file {i}\n".encode() * 20 for i in range(options.files)
@@ -167,7 +174,7 @@ def main() -> None:
         work = Path(scratch)
         configs = {name: variant_config(work, name, settings) for name, settings in VARIANTS.items()}
         medians = {}
-        if options.variants == "all":
+        if options.variants == "all" and not options.bazel_only:
             by_variant = {}
             for index, (name, config) in enumerate(configs.items()):
                 with Cluster(work / f"variant-{index}", bots=2, config=config) as cluster:
@@ -181,14 +188,16 @@ def main() -> None:
         chosen = options.choose or (max(medians, key=lambda n: medians[n]) if medians else list(VARIANTS)[-1])
         report["chosen"] = chosen
         by_bots = {}
-        for bots in (1, 2, 3):
+        for bots in () if options.bazel_only else (1, 2, 3):
             with Cluster(work / f"bots-{bots}", bots=bots, config=configs[chosen]) as cluster:
                 rates = action_rates(cluster, files, options.actions, options.rounds, options.clients)
                 by_bots[str(bots)] = {"actions_per_s": summary(rates), "per_bot": bot_times(cluster)}
             print(f"{bots} bot(s): {by_bots[str(bots)]['actions_per_s']}", file=sys.stderr, flush=True)
         report["bots_actions_per_s"] = by_bots
         if options.bazel_runs and shutil.which("bazel"):
-            report["bazel_examples_clean_build"] = bazel_wall_times(work, configs[chosen], options.bazel_runs)
+            targets = CHAIN if options.chain else EXAMPLES
+            key = "bazel_chain_clean_build" if options.chain else "bazel_examples_clean_build"
+            report[key] = bazel_wall_times(work, configs[chosen], options.bazel_runs, targets)
     print(json.dumps(report, indent=2))
 
 
