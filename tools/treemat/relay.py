@@ -19,6 +19,7 @@ or started, `relay` returns None (after one line on stderr): the caller serves i
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import sys
@@ -59,8 +60,9 @@ def package_hash() -> str:
     return digest.hexdigest()
 
 
+@functools.cache
 def service_version() -> str:
-    """What relay and service must agree on: the wire version and the package's content hash."""
+    """What relay and service must agree on: the wire version and the package's content hash (read once)."""
     return f"{WIRE_VERSION}-{package_hash()}"
 
 
