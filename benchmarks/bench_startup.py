@@ -22,7 +22,8 @@ Each round times, in alternating order (wall clock, from this process):
 Each row has its own root, kept across rounds (Bazel restarts workers on the same root: the blob is in its CAS
 and ledger). The worker runs without PYTHONDONTWRITEBYTECODE, as users run it (__main__ keeps compiled modules in
 ~/.cache/treemat/pycache); `--no-bytecode` keeps the variable: every treemat module compiled at each start.
-Prints min and median (ms); `x bare` is a row's median over the bare interpreter's, both of this run.
+Prints min and median (ms); `x bare` is a row's median over the bare interpreter's, both of this run; `min x
+bare min` the same of the minimums (steadier when other work loads the machine).
 """
 
 from __future__ import annotations
@@ -184,15 +185,18 @@ def main() -> int:
 
 
 def report(times: dict[str, list[float]], rounds: int) -> None:
-    bare = statistics.median(times["python3 -c pass"])
-    tool = statistics.median(times["fork+exec touch"])
-    print(f"{'spawn -> first reply':<34} {'min ms':>8} {'median ms':>10} {'x bare':>8}")
+    bare, bare_min = statistics.median(times["python3 -c pass"]), min(times["python3 -c pass"])
+    tool, tool_min = statistics.median(times["fork+exec touch"]), min(times["fork+exec touch"])
+    print(f"{'spawn -> first reply':<40} {'min ms':>8} {'median ms':>10} {'x bare':>8} {'min x bare min':>15}")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:<34} {min(values):8.1f} {median:10.1f} {median / bare:8.2f}")
+        print(f"{name:<40} {min(values):8.1f} {median:10.1f} {median / bare:8.2f} {min(values) / bare_min:15.2f}")
     for name in (name for name in times if name not in ("python3 -c pass", "fork+exec touch")):
-        start_up = statistics.median(times[name]) - tool
-        print(f"{name + ' minus the tool':<34} {'':8} {start_up:10.1f} {start_up / bare:8.2f}")
+        start_up, start_min = statistics.median(times[name]) - tool, min(times[name]) - tool_min
+        print(
+            f"{name + ' minus the tool':<40} {'':8} {start_up:10.1f} {start_up / bare:8.2f}",
+            f"{start_min / bare_min:15.2f}",
+        )
     print(f"({rounds} rounds, alternating order; python {sys.version.split()[0]}, {os.uname().release})")
 
 
