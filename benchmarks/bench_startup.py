@@ -14,13 +14,16 @@ Each round times, in alternating order (wall clock, from this process):
 - `relay, warm service`: the same with TREEMAT_SERVICE=1: the relay forwards to the root's stager service,
   which outlives it (started in the warm-up round);
 - `relay, cold service`: the same, but the service is killed (outside the timing) after every round: the relay
-  starts it (the first worker of a fresh machine, or after the service exited idle);
-- `NAME worker` (each `--baseline NAME=DIR`): in-process, through another checkout's package (a worktree of main).
+  starts it (after the service exited idle: the sandbox probe's verdict kept in the root applies);
+- `relay, cold service, no verdict`: the same, with the kept verdict removed too (a fresh machine, a reboot);
+- `NAME worker (in-process)`, `NAME relay, cold service` (each `--baseline NAME=DIR`): the same through another
+  checkout's package (a worktree of main), side by side with this one's.
 
 Each row has its own root, kept across rounds (Bazel restarts workers on the same root: the blob is in its CAS
 and ledger). The worker runs without PYTHONDONTWRITEBYTECODE, as users run it (__main__ keeps compiled modules in
 ~/.cache/treemat/pycache); `--no-bytecode` keeps the variable: every treemat module compiled at each start.
-Prints min and median (ms); `x bare` is a row's median over the bare interpreter's, both of this run.
+Prints min and median (ms); `x bare` is a row's median over the bare interpreter's, both of this run; `min x
+bare min` the same of the minimums (steadier when other work loads the machine).
 """
 
 from __future__ import annotations
@@ -49,11 +52,20 @@ class FreshWorker:
     """Starts a new worker per call and waits for its first reply; `reap` ends them (outside the timings)."""
 
     def __init__(
-        self, execroot: Path, root: Path, tools: Path, *, keep_no_bytecode: bool, service: str = "0", cold: bool = False
+        self,
+        execroot: Path,
+        root: Path,
+        tools: Path,
+        *,
+        keep_no_bytecode: bool,
+        service: str = "0",
+        cold: bool = False,
+        forget_verdict: bool = False,
     ) -> None:
         self.execroot = execroot
         self.root = root
         self.cold = cold
+        self.forget_verdict = forget_verdict
         self.command = [sys.executable, "-m", "treemat", "--persistent_worker", "--protocol=proto", f"--root={root}"]
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tools), os.environ.get("PYTHONPATH", "")])}
         self.env["TREEMAT_SERVICE"] = service
@@ -81,6 +93,8 @@ class FreshWorker:
         self.running.clear()
         if self.cold:
             end_services(self.root)
+        if self.forget_verdict:  # a fresh machine or a reboot: the sandbox probe's kept verdict does not apply
+            (self.root / "sandbox.verdict").unlink(missing_ok=True)
 
 
 def end_services(root: Path) -> None:
@@ -128,15 +142,28 @@ def main() -> int:
             "python3 -c pass": lambda: subprocess.run([sys.executable, "-c", "pass"], check=True),
             "fork+exec touch": lambda: subprocess.run(["touch", "out/x"], cwd=execroot, check=True),
         }
-        baselines = [(f"{name} worker", Path(tools)) for name, _, tools in (b.partition("=") for b in args.baseline)]
+        baselines = [(name, Path(tools)) for name, _, tools in (b.partition("=") for b in args.baseline)]
         modes = [("worker (in-process)", TOOLS, "0", False), ("relay, warm service", TOOLS, "1", False)]
         modes.append(("relay, cold service", TOOLS, "1", True))
-        modes += [(name, tools, "0", False) for name, tools in baselines]
+        modes.append(("relay, cold service, no verdict", TOOLS, "1", True))
+        for name, tools in baselines:  # another checkout's in-process worker and its relay starting the service
+            modes += [
+                (f"{name} worker (in-process)", tools, "0", False),
+                (f"{name} relay, cold service", tools, "1", True),
+            ]
         for number, (name, tools, service, cold) in enumerate(modes):
             root = work / f"root-{number}"
-            workers.append(
-                FreshWorker(execroot, root, tools, keep_no_bytecode=args.no_bytecode, service=service, cold=cold)
+            fresh = name.endswith("no verdict")
+            worker = FreshWorker(
+                execroot,
+                root,
+                tools,
+                keep_no_bytecode=args.no_bytecode,
+                service=service,
+                cold=cold,
+                forget_verdict=fresh,
             )
+            workers.append(worker)
             rows[name] = workers[-1]
         times: dict[str, list[float]] = {name: [] for name in rows}
         for round_ in range(args.rounds + 1):  # round 0 warms up (the root's first use, compiled modules)
@@ -158,15 +185,18 @@ def main() -> int:
 
 
 def report(times: dict[str, list[float]], rounds: int) -> None:
-    bare = statistics.median(times["python3 -c pass"])
-    tool = statistics.median(times["fork+exec touch"])
-    print(f"{'spawn -> first reply':<34} {'min ms':>8} {'median ms':>10} {'x bare':>8}")
+    bare, bare_min = statistics.median(times["python3 -c pass"]), min(times["python3 -c pass"])
+    tool, tool_min = statistics.median(times["fork+exec touch"]), min(times["fork+exec touch"])
+    print(f"{'spawn -> first reply':<40} {'min ms':>8} {'median ms':>10} {'x bare':>8} {'min x bare min':>15}")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:<34} {min(values):8.1f} {median:10.1f} {median / bare:8.2f}")
+        print(f"{name:<40} {min(values):8.1f} {median:10.1f} {median / bare:8.2f} {min(values) / bare_min:15.2f}")
     for name in (name for name in times if name not in ("python3 -c pass", "fork+exec touch")):
-        start_up = statistics.median(times[name]) - tool
-        print(f"{name + ' minus the tool':<34} {'':8} {start_up:10.1f} {start_up / bare:8.2f}")
+        start_up, start_min = statistics.median(times[name]) - tool, min(times[name]) - tool_min
+        print(
+            f"{name + ' minus the tool':<40} {'':8} {start_up:10.1f} {start_up / bare:8.2f}",
+            f"{start_min / bare_min:15.2f}",
+        )
     print(f"({rounds} rounds, alternating order; python {sys.version.split()[0]}, {os.uname().release})")
 
 

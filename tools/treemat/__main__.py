@@ -25,9 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     """Dispatch to the one-shot runner, the worker or the CLI; returns the exit status."""
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["--service"]:
-        from treemat.service import main as service_main
-
-        return service_main(args[1:])
+        return start_service(args[1:])
     if "--persistent_worker" in args:
         options = worker_options(args, os.environ)
         if options is not None:
@@ -105,6 +103,28 @@ def serve_worker(options: dict[str, str]) -> int:
     except KeyboardInterrupt:
         print("treemat: interrupted", file=sys.stderr)
         return 130
+
+
+def start_service(args: list[str]) -> int:
+    """The stager service (service.py): detached at once, the sandbox helper spawned and the sandbox opened (its
+    probe, or its kept verdict) in a thread before the stack's modules are imported, so that both overlap."""
+    if os.fork():
+        os._exit(0)  # the starting relay reaps this; the service is no child of any relay
+    os.umask(0o077)
+    flags = dict(arg.removeprefix("--").partition("=")[::2] for arg in args)
+    root, isolation = flags.get("root", ""), flags.get("isolation", "auto")
+    if root and isolation in ISOLATIONS and isolation != "none":
+        from treemat.sandboxstart import prestart_helper
+
+        prestart_helper()
+        from pathlib import Path
+
+        from treemat.sandbox import open_early
+
+        open_early(Path(root), isolation)
+    from treemat.service import main as service_main
+
+    return service_main(args, forked=True)
 
 
 def keep_bytecode_across_bazel_clean() -> None:

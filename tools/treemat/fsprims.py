@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -150,6 +149,8 @@ def is_btrfs(path: StrPath) -> bool:
 
 
 def _libc() -> ctypes.CDLL | None:
+    import ctypes.util  # macOS only: it imports subprocess, tempfile and shutil (2-4 ms of every start)
+
     name = ctypes.util.find_library("c")
     return ctypes.CDLL(name, use_errno=True) if name else None
 

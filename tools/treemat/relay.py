@@ -19,6 +19,7 @@ or started, `relay` returns None (after one line on stderr): the caller serves i
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import sys
@@ -55,13 +56,13 @@ def package_hash() -> str:
             continue
         for name in names:
             with open(os.path.join(base, name), "rb") as handle:
-                digest.update(f"{folder}/{name}\0".encode())
-                digest.update(handle.read())
+                digest.update(f"{folder}/{name}\0".encode() + handle.read())
     return digest.hexdigest()
 
 
+@functools.cache
 def service_version() -> str:
-    """What relay and service must agree on: the wire version and the package's content hash."""
+    """What relay and service must agree on: the wire version and the package's content hash (read once)."""
     return f"{WIRE_VERSION}-{package_hash()}"
 
 
@@ -71,10 +72,9 @@ def service_name(version: str, isolation: str) -> str:
 
     facts = [version, isolation, str(os.geteuid())]
     for name in ("mnt", "net", "user"):
-        try:
+        with contextlib.suppress(OSError):
             facts.append(f"{name}:{os.stat(f'/proc/self/ns/{name}').st_ino}")
-        except OSError:
-            facts.append(f"{name}:?")
+        facts.append(name)  # a namespace that cannot be read leaves its name alone
     top = os.stat("/")
     facts.append(f"root:{top.st_dev}:{top.st_ino}")
     return blake2b("\0".join(facts).encode(), digest_size=8).hexdigest()
@@ -237,13 +237,15 @@ def start_service(layout: Root, name: str, isolation: str, idle_minutes: float) 
     import subprocess
 
     package_parent = package_copy(layout, service_version())
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH", "")]))
+    # its path: the package's copy, then this relay's path as `site` made it (the service runs with -S: no .pth
+    # file runs again, 10-25 ms), the directories that exist, never the cwd (Bazel's execroot, first with -m)
+    path = [package_parent] + [entry for entry in sys.path if entry != os.getcwd() and os.path.isdir(entry)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(path))}
     read_end, write_end = os.pipe()
     log = layout.service_file(name, "log")
     try:
         with open(log, "ab") as log_file:
-            command = [sys.executable, "-m", "treemat", "--service", f"--root={layout.path}", f"--name={name}"]
+            command = [sys.executable, "-S", "-m", "treemat", "--service", f"--root={layout.path}", f"--name={name}"]
             command += [f"--isolation={isolation}", f"--idle-minutes={idle_minutes}", f"--ready-fd={write_end}"]
             child = subprocess.Popen(
                 command,
@@ -258,9 +260,7 @@ def start_service(layout: Root, name: str, isolation: str, idle_minutes: float) 
         os.close(write_end)
         write_end = -1
         child.wait()  # the service forks itself away at once: this reaps the first process
-        ready = b""
-        while chunk := os.read(read_end, 4096):
-            ready += chunk
+        ready = b"".join(iter(lambda: os.read(read_end, 4096), b""))
     finally:
         os.close(read_end)
         if write_end >= 0:

@@ -319,16 +319,18 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     return options
 
 
-def main(argv: list[str]) -> int:
-    """Run the service (see the module's docstring); the exit status."""
+def main(argv: list[str], *, forked: bool = False) -> int:
+    """Run the service (see the module's docstring); the exit status. `forked`: __main__ has detached already."""
     options = parse_args(argv)
     ready_fd = int(options["ready-fd"])
-    if os.fork():
+    if not forked and os.fork():
         os._exit(0)  # the starting relay reaps this; the service is no child of any relay
     os.umask(0o077)
     try:
         layout = Root(Path(options["root"]))
+        import_first_request()  # while the sandbox opens in its thread (__main__.start_service)
         stack = open_stack(layout, isolation=options["isolation"])
+        stack.executor  # noqa: B018 - built now, not on the first request
     except (TreematError, OSError, ValueError) as exc:
         _ready(ready_fd, f"error: {describe_error(exc) if isinstance(exc, TreematError | OSError) else exc}")
         return 1
@@ -343,6 +345,15 @@ def main(argv: list[str]) -> int:
         print(f"treemat service {os.getpid()}: serving {layout.path} ({stack.isolation})", file=sys.stderr, flush=True)
         Service(stack, listener, options["name"], float(options["idle-minutes"]) * 60).serve()
     return 0
+
+
+def import_first_request() -> None:
+    """Import what the stack builds its executor from and what a first request runs through (else imported on the
+    first request, after the service said it is ready)."""
+    import treemat.execpool
+    import treemat.executor
+    import treemat.inputs
+    import treemat.toolcache  # noqa: F401
 
 
 def _ready(fd: int, text: str) -> None:
