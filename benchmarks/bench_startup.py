@@ -14,8 +14,7 @@ Each round times, in alternating order (wall clock, from this process):
 - `relay, warm service`: the same with TREEMAT_SERVICE=1: the relay forwards to the root's stager service,
   which outlives it (started in the warm-up round);
 - `relay, cold service`: the same, but the service is killed (outside the timing) after every round: the relay
-  starts it (after the service exited idle: the sandbox probe's verdict kept in the root applies);
-- `relay, cold service, no verdict`: the same, with the kept verdict removed too (a fresh machine, a reboot);
+  starts it (a fresh machine, a reboot, or after the service exited idle);
 - `NAME worker (in-process)`, `NAME relay, cold service` (each `--baseline NAME=DIR`): the same through another
   checkout's package (a worktree of main), side by side with this one's.
 
@@ -60,12 +59,10 @@ class FreshWorker:
         keep_no_bytecode: bool,
         service: str = "0",
         cold: bool = False,
-        forget_verdict: bool = False,
     ) -> None:
         self.execroot = execroot
         self.root = root
         self.cold = cold
-        self.forget_verdict = forget_verdict
         self.command = [sys.executable, "-m", "treemat", "--persistent_worker", "--protocol=proto", f"--root={root}"]
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tools), os.environ.get("PYTHONPATH", "")])}
         self.env["TREEMAT_SERVICE"] = service
@@ -93,8 +90,6 @@ class FreshWorker:
         self.running.clear()
         if self.cold:
             end_services(self.root)
-        if self.forget_verdict:  # a fresh machine or a reboot: the sandbox probe's kept verdict does not apply
-            (self.root / "sandbox.verdict").unlink(missing_ok=True)
 
 
 def end_services(root: Path) -> None:
@@ -145,7 +140,6 @@ def main() -> int:
         baselines = [(name, Path(tools)) for name, _, tools in (b.partition("=") for b in args.baseline)]
         modes = [("worker (in-process)", TOOLS, "0", False), ("relay, warm service", TOOLS, "1", False)]
         modes.append(("relay, cold service", TOOLS, "1", True))
-        modes.append(("relay, cold service, no verdict", TOOLS, "1", True))
         for name, tools in baselines:  # another checkout's in-process worker and its relay starting the service
             modes += [
                 (f"{name} worker (in-process)", tools, "0", False),
@@ -153,7 +147,6 @@ def main() -> int:
             ]
         for number, (name, tools, service, cold) in enumerate(modes):
             root = work / f"root-{number}"
-            fresh = name.endswith("no verdict")
             worker = FreshWorker(
                 execroot,
                 root,
@@ -161,7 +154,6 @@ def main() -> int:
                 keep_no_bytecode=args.no_bytecode,
                 service=service,
                 cold=cold,
-                forget_verdict=fresh,
             )
             workers.append(worker)
             rows[name] = workers[-1]

@@ -107,7 +107,7 @@ def serve_worker(options: dict[str, str]) -> int:
 
 def start_service(args: list[str]) -> int:
     """The stager service (service.py): detached at once, the sandbox helper spawned and the sandbox opened (its
-    probe, or its kept verdict) in a thread before the stack's modules are imported, so that both overlap."""
+    probe) in a thread before the stack's modules are imported, so that both overlap."""
     if os.fork():
         os._exit(0)  # the starting relay reaps this; the service is no child of any relay
     os.umask(0o077)

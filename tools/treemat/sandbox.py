@@ -33,7 +33,6 @@ from treemat.fsprims import remove_tree
 from treemat.layout import Root
 from treemat.sandboxstart import SandboxUnavailable as SandboxUnavailable
 from treemat.sandboxstart import hidden_paths, start_helper
-from treemat.sandboxverdict import forget_verdict, keep_verdict, kept_verdict, machine_key, usable_modes
 
 EXEC_ROOT = "/tmp/treemat/exec"  # = sandboxd.EXEC_ROOT (not imported: sandboxd is a program of its own)
 TOOL_CACHE = "/tmp/treemat/cache"
@@ -143,7 +142,6 @@ class Sandbox:
         self._control = control
         self._lock = threading.Lock()
         self._next_id = 0
-        self.kept_in: Path | None = None  # the root whose kept verdict chose `mode` (no probe ran)
 
     @property
     def overlay(self) -> bool:
@@ -213,8 +211,6 @@ class Sandbox:
             with contextlib.suppress(OSError):
                 status_here.recv(4096)  # the helper's exit report of the failed setup
             status_here.close()
-            if self.kept_in is not None:  # the kept verdict may be wrong: the next process probes again
-                forget_verdict(self.kept_in)
             raise ExecutionError(f"cannot set up the tool's sandbox: {reply.get('error', 'no view')}")
         return SandboxProcess(status_here, read_end, received[0], lambda: self._kill(request_id))
 
@@ -338,15 +334,8 @@ def _open_sandbox(layout: Root, want: str) -> Sandbox:
         return Sandbox(ISOLATION_DARWIN, None, None, hidden)
     if sys.platform != "linux":
         raise SandboxUnavailable(f"no sandbox for {sys.platform} in this process (see docs/hermeticity.md)")
-    key = machine_key(layout.path, want)
     helper, control = start_helper()
     sandbox = Sandbox(ISOLATION_COW, helper, control, hidden_paths(layout.path))
-    kept = kept_verdict(layout.path, key)
-    if kept in usable_modes(
-        want
-    ):  # probed before, on this machine, kernel, boot, namespaces and mount (sandboxverdict.py)
-        sandbox.mode, sandbox.kept_in = kept, layout.path
-        return sandbox
     scratch = layout.tmp / f".sandbox-probe-{os.getpid()}-{threading.get_ident()}"
     try:
         scratch.mkdir(parents=True)
@@ -372,7 +361,6 @@ def _open_sandbox(layout: Root, want: str) -> Sandbox:
         raise
     finally:
         remove_tree(scratch)
-    keep_verdict(layout.path, key, sandbox.mode)
     return sandbox
 
 
