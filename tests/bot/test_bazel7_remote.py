@@ -26,7 +26,8 @@ pytest.importorskip("grpc", reason="needs the bot extra: pip install -e '.[bot]'
 pytest.importorskip("buildgrid", reason="needs the bot extra: pip install -e '.[bot]'")
 
 from ..e2e.test_adoption_bazel7 import SCRIPT, SKIP
-from ..support.cluster import Cluster, ClusterError, pg_bin
+from ..support.cluster import Cluster
+from ..support.markers import requires_postgresql
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_STRATEGIES = ["--strategy=SwiftCompile=local", "--strategy=SwiftLink=local", "--strategy=TreematRun=local"]
@@ -34,12 +35,6 @@ EXAMPLES = ("//examples/...",)
 CHAIN = ("//tests/bot/chain:RemoteChain", "//tests/bot/chain:CChainBase")  # manual targets: named
 CHAIN_SWIFT_MODULES = 31
 PACKAGE = "tests/bot/chain"
-try:
-    pg_bin()
-    HAVE_PG = True
-except ClusterError:
-    HAVE_PG = False
-
 pytestmark = [
     pytest.mark.bazel,
     pytest.mark.bazel7,
@@ -47,7 +42,7 @@ pytestmark = [
     pytest.mark.remote,
     pytest.mark.swift,
     pytest.mark.skipif(SKIP is not None, reason=SKIP or ""),
-    pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL server binaries missing (apt-get install postgresql)"),
+    requires_postgresql,
 ]
 
 

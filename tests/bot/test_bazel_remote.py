@@ -24,7 +24,8 @@ pytest.importorskip("buildgrid", reason="needs the bot extra: pip install -e '.[
 
 from treemat.fsprims import is_btrfs
 
-from ..support.cluster import Cluster, ClusterError, pg_bin
+from ..support.cluster import Cluster
+from ..support.markers import requires_postgresql
 from ..support.swift import NO_SWIFTC
 from ..support.swift import SWIFTC as SWIFT
 
@@ -37,12 +38,6 @@ LOCAL = [
     "--strategy=TreematRun=local",
 ]
 
-try:
-    pg_bin()
-    HAVE_PG = True
-except ClusterError:
-    HAVE_PG = False
-
 pytestmark = [
     pytest.mark.bazel,
     pytest.mark.remote,
@@ -50,7 +45,7 @@ pytestmark = [
     pytest.mark.swift,
     pytest.mark.skipif(shutil.which("bazel") is None, reason="bazel is not installed (tools/setup.sh installs it)"),
     pytest.mark.skipif(SWIFT is None, reason=NO_SWIFTC),
-    pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL server binaries missing (apt-get install postgresql)"),
+    requires_postgresql,
 ]
 
 

@@ -32,19 +32,14 @@ from treemat.bot.rpc import code_pb2  # noqa: E402
 from treemat.fsprims import BLOB_MTIME_NS, blob_mode  # noqa: E402
 
 from ..support.client import Client, digest_of  # noqa: E402
-from ..support.cluster import Cluster, ClusterError, pg_bin  # noqa: E402
+from ..support.cluster import Cluster  # noqa: E402
+from ..support.markers import requires_postgresql  # noqa: E402
 from ..support.waiting import wait_for  # noqa: E402
 from .test_remote_slice import _processes_with, _token  # noqa: E402
 
-try:
-    pg_bin()
-    HAVE_PG = True
-except ClusterError:
-    HAVE_PG = False
-
 pytestmark = [
     pytest.mark.remote,
-    pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL server binaries missing (apt-get install postgresql)"),
+    requires_postgresql,
 ]
 
 

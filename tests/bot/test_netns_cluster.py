@@ -23,7 +23,8 @@ import pytest
 pytest.importorskip("grpc", reason="needs the bot extra: pip install -e '.[bot]'")
 pytest.importorskip("buildgrid", reason="needs the bot extra: pip install -e '.[bot]'")
 
-from ..support.cluster import Cluster, ClusterError, pg_bin
+from ..support.cluster import Cluster
+from ..support.markers import requires_postgresql
 from ..support.netns import CLIENT_HOST, NetnsNetwork, netns_unavailable_reason
 from ..support.swift import NO_SWIFTC
 from ..support.swift import SWIFTC as SWIFT
@@ -32,17 +33,11 @@ from .test_remote_slice import _ancestors, _processes_with, _token
 
 WORKSPACE = Path(__file__).resolve().parents[2]
 NO_NETNS = netns_unavailable_reason()
-try:
-    pg_bin()
-    HAVE_PG = True
-except ClusterError:
-    HAVE_PG = False
-
 pytestmark = [
     pytest.mark.remote,
     pytest.mark.root,
     pytest.mark.skipif(NO_NETNS is not None, reason=f"netns cluster: {NO_NETNS}"),
-    pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL server binaries missing (apt-get install postgresql)"),
+    requires_postgresql,
 ]
 
 

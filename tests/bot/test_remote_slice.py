@@ -23,21 +23,16 @@ pytest.importorskip("buildgrid", reason="needs the bot extra: pip install -e '.[
 from treemat.bot.rpc import code_pb2, re_pb2  # noqa: E402
 
 from ..support.client import Client, digest_of  # noqa: E402
-from ..support.cluster import Cluster, ClusterError, pg_bin  # noqa: E402
+from ..support.cluster import Cluster  # noqa: E402
+from ..support.markers import requires_postgresql  # noqa: E402
 from ..support.waiting import wait_for  # noqa: E402
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 LEAK = "TREEMAT_BOT_ONLY_VARIABLE"
 
-try:
-    pg_bin()
-    HAVE_PG = True
-except ClusterError:
-    HAVE_PG = False
-
 pytestmark = [
     pytest.mark.remote,
-    pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL server binaries missing (apt-get install postgresql)"),
+    requires_postgresql,
 ]
 
 

@@ -19,20 +19,15 @@ import pytest
 pytest.importorskip("grpc", reason="needs the bot extra: pip install -e '.[bot]'")
 pytest.importorskip("buildgrid", reason="needs the bot extra: pip install -e '.[bot]'")
 
-from ..support.cluster import Cluster, ClusterError, pg_bin
+from ..support.cluster import Cluster
+from ..support.markers import requires_postgresql
 from ..support.waiting import wait_for
 from .test_remote_slice import _processes_with, _token
 
 WORKSPACE = Path(__file__).resolve().parents[2]
-try:
-    pg_bin()
-    HAVE_PG = True
-except ClusterError:
-    HAVE_PG = False
-
 pytestmark = [
     pytest.mark.remote,
-    pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL server binaries missing (apt-get install postgresql)"),
+    requires_postgresql,
 ]
 
 
