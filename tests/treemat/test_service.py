@@ -455,3 +455,30 @@ def test_the_service_stages_in_the_relays_execroot_by_its_path_so_the_execroot_w
     (record,) = [r for r in json.loads(result.stdout)["processes"] if r["pid"] == the_service(root)]
     # a /proc/self/fd/N execroot crosses a link: the watch could vouch for nothing and every reuse read every bit
     assert record["counters"].get("execbit_checks_marked", 0) >= 1, record["counters"]
+
+
+@pytest.mark.parametrize("swap", ["symlink", "directory"])
+def test_outputs_never_land_outside_the_relays_execroot_when_its_path_is_swapped(
+    tmp_path: Path, execroot: Path, root: Path, swap: str
+) -> None:
+    """The relay's execroot renamed and its path replaced between requests (a symlink to a directory elsewhere,
+    or another directory): the outputs still land in the relay's own directory (its descriptor), never at the
+    path's new target."""
+    relay = RelayProcess(execroot, root)
+    assert relay.touch("out/x", 1).exit_code == 0
+    moved = tmp_path / "moved"
+    execroot.rename(moved)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(moved, elsewhere)
+    (elsewhere / "out/x").unlink()
+    if swap == "symlink":
+        execroot.symlink_to(elsewhere)
+    else:
+        elsewhere.rename(execroot)
+        elsewhere = execroot
+    relay.execroot = moved  # the digests of its inputs: the relay's own files
+    reply = relay.touch("out/y", 2)
+    assert reply.exit_code == 0, reply.output
+    assert (moved / "out/y").is_file()
+    assert not (elsewhere / "out/y").exists()
+    assert relay.close() == 0

@@ -234,13 +234,14 @@ class Service:
             env = dict(entry.decode(errors="surrogateescape").split("=", 1) for entry in fields[3:] if b"=" in entry)
             max_workers = int(fields[2]) if fields[2].isdigit() else 2
             conn.sendall(answer(str(os.getpid()), ok=True))
-            self._serve_relay(conn, execroot_path(fds[0]), env, max_workers)
+            self._serve_relay(conn, fds[0], env, max_workers)
         finally:
             for fd in fds:
                 os.close(fd)
 
-    def _serve_relay(self, conn: socket.socket, execroot: Path, env: Mapping[str, str], max_workers: int) -> None:
-        handler, canceller = make_handler(self.stack, execroot, env=env, role="service")
+    def _serve_relay(self, conn: socket.socket, execroot_fd: int, env: Mapping[str, str], max_workers: int) -> None:
+        execroot = execroot_path(execroot_fd)
+        handler, canceller = make_handler(self.stack, execroot, env=env, role="service", execroot_fd=execroot_fd)
         Session(conn, handler, canceller, self.ids, max_workers).run()
 
 
