@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -21,7 +22,7 @@ import pytest
 from treemat import protos
 from treemat.framing import encode_delimited, read_delimited
 from treemat.layout import Root
-from treemat.relay import connect, hello_payload, service_name, service_version
+from treemat.relay import ServiceUnavailable, connect, hello_payload, service_name, service_version
 
 from ..support.harness import TOOLS_DIR, worker_env
 from ..support.services import services_of
@@ -481,4 +482,31 @@ def test_outputs_never_land_outside_the_relays_execroot_when_its_path_is_swapped
     assert reply.exit_code == 0, reply.output
     assert (moved / "out/y").is_file()
     assert not (elsewhere / "out/y").exists()
+    assert relay.close() == 0
+
+
+def test_a_service_out_of_descriptors_refuses_the_next_relay_with_one_line_and_keeps_serving(
+    execroot: Path, root: Path
+) -> None:
+    """RLIMIT_NOFILE reached in the service (idle connections hold its descriptors): a relay that connects then is
+    refused with the reason, the service lives on and serves again once descriptors are free."""
+    relay = RelayProcess(execroot, root)
+    assert relay.touch("out/x", 1).exit_code == 0
+    pid = the_service(root)
+    path = Root(root).service_file(service_name(service_version(), "auto"), "sock")
+    in_use = len(os.listdir(f"/proc/{pid}/fd"))
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 4, hard))
+    idle = []
+    for _ in range(8):  # each accepted one holds a descriptor, waiting for its hello
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(path))
+        idle.append(sock)
+    with pytest.raises(ServiceUnavailable, match="file descriptors"):
+        connect(path, hello_payload(service_version(), 1, {}))
+    for sock in idle:
+        sock.close()
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert relay.touch("out/y", 2).exit_code == 0
+    assert the_service(root) == pid
     assert relay.close() == 0

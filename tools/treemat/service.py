@@ -16,6 +16,7 @@ socket went (its root deleted) exits within ORPHAN_CHECK_SECONDS.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import select
@@ -146,6 +147,8 @@ class Service:
         self._lock = threading.Lock()
         self._clients = 0
         self._last_active = time.monotonic()
+        self._spare = _spare_descriptor()  # given up to accept-and-refuse a relay when RLIMIT_NOFILE is reached
+        self._freed = threading.Event()  # a session ended (its descriptors are free)
 
     def serve(self) -> None:
         """Accept relays; return once idle for `idle_seconds` with the socket removed, or once the socket is no
@@ -180,10 +183,35 @@ class Service:
             conn, _address = self.listener.accept()
         except BlockingIOError:
             return
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self._refuse_one(exc)
+            return
         conn.setblocking(True)
         with self._lock:
             self._clients += 1
         threading.Thread(target=self._client, args=(conn,), name="treemat-session", daemon=True).start()
+
+    def _refuse_one(self, exc: OSError) -> None:
+        """Out of descriptors: accept the next relay on the spare one and refuse it with the reason (it serves
+        in-process); with no spare, wait for a session to end rather than spin on the ready listener."""
+        if self._spare < 0:
+            self._spare = _spare_descriptor()
+        if self._spare < 0:
+            self._freed.wait(0.1)
+            self._freed.clear()
+            return
+        os.close(self._spare)
+        self._spare = -1
+        try:
+            conn, _address = self.listener.accept()
+        except OSError:
+            return
+        with conn, contextlib.suppress(OSError):
+            conn.sendall(answer(f"the service is out of file descriptors ({exc.strerror})", ok=False))
+        self._spare = _spare_descriptor()
+        print(f"treemat service {os.getpid()}: refused a relay: {exc.strerror}", file=sys.stderr)
 
     def _retire(self) -> bool:
         """Remove the socket under the lock unless a relay connected meanwhile; True if retired."""
@@ -215,6 +243,7 @@ class Service:
             with self._lock:
                 self._clients -= 1
                 self._last_active = time.monotonic()
+            self._freed.set()
 
     def _session(self, conn: socket.socket) -> None:
         _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
@@ -243,6 +272,14 @@ class Service:
         execroot = execroot_path(execroot_fd)
         handler, canceller = make_handler(self.stack, execroot, env=env, role="service", execroot_fd=execroot_fd)
         Session(conn, handler, canceller, self.ids, max_workers).run()
+
+
+def _spare_descriptor() -> int:
+    """A descriptor held in reserve (-1 if none can be had now)."""
+    try:
+        return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 
 def execroot_path(fd: int) -> Path:
