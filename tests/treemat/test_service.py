@@ -510,3 +510,46 @@ def test_a_service_out_of_descriptors_refuses_the_next_relay_with_one_line_and_k
     assert relay.touch("out/y", 2).exit_code == 0
     assert the_service(root) == pid
     assert relay.close() == 0
+
+
+def test_a_tool_cannot_use_another_roots_service(tmp_path: Path) -> None:
+    """A tool sees the host read-only, with its own root masked but not another root of the same uid: it can
+    connect to that root's service socket. Its hello is refused (the peer is not in the service's mount
+    namespace), so it cannot have that service read or write past its own sandbox."""
+    if not os.access("/var/tmp", os.W_OK):  # `bazel test`: read-only
+        pytest.skip("no scratch outside /tmp (below /tmp, a tool's view is a private /tmp)")
+    scratch = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    execroot, root, other_root = scratch / "execroot", scratch / "root", scratch / "other-root"
+    (execroot / "in").mkdir(parents=True)
+    (execroot / "out").mkdir()
+    (execroot / "in/a").write_text("input a\n")
+    relay = RelayProcess(execroot, root)
+    assert relay.touch().exit_code == 0
+    (sock,) = Root(root).service.glob("*.sock")
+    other = RelayProcess(execroot, other_root)
+    code = (
+        "import sys\n"
+        "from pathlib import Path\nfrom treemat.relay import connect, hello_payload\n"
+        "try:\n"
+        "    connect(Path(sys.argv[1]), hello_payload(sys.argv[2], 1, {}))\n"
+        "    print('accepted')\n"
+        "except Exception as exc:\n"
+        "    print(exc)\n"
+    )
+    try:
+        other.send(
+            ["sh", "-c", f'{sys.executable} -c "$0" "$@" > out/said', code, str(sock), service_version()],
+            ["out/said"],
+            ["in/a"],
+        )
+        reply = other.read()
+        assert reply.exit_code == 0, reply.output
+        said = (execroot / "out/said").read_text()
+        assert "accepted" not in said and "mount namespace" in said, said
+        assert other.close() == 0
+        assert relay.touch("out/still", 2).exit_code == 0
+        assert relay.close() == 0
+    finally:
+        for pid in services(other_root) + services(root):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -246,12 +246,15 @@ class Service:
             self._freed.set()
 
     def _session(self, conn: socket.socket) -> None:
-        _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         if uid != os.geteuid():
             conn.sendall(answer(f"uid {uid} is not the service's (uid {os.geteuid()}): refused", ok=False))
             return
         hello, fds = receive_hello(conn)
         try:
+            if (stranger := foreign_namespace(pid)) is not None:  # after the hello: the peer reads the reason
+                conn.sendall(answer(f"the peer (pid {pid}) is not in the service's {stranger}: refused", ok=False))
+                return
             fields = hello.split(b"\0")
             if len(fields) < 3 or fields[0] != HELLO_MAGIC or fields[1].decode(errors="replace") != self.version:
                 seen = fields[1].decode(errors="replace") if len(fields) > 1 else "none"
@@ -272,6 +275,22 @@ class Service:
         execroot = execroot_path(execroot_fd)
         handler, canceller = make_handler(self.stack, execroot, env=env, role="service", execroot_fd=execroot_fd)
         Session(conn, handler, canceller, self.ids, max_workers).run()
+
+
+def foreign_namespace(pid: int) -> str | None:
+    """The first namespace the peer `pid` does not share with the service ("mount namespace", ...), or None.
+
+    A relay shares them all (they are in the socket's name). A sandboxed tool of another root of the same uid
+    can reach this socket (only its own root is masked in its view); its namespaces are the sandbox's.
+    """
+    for kind in ("mnt", "user", "net"):
+        try:
+            theirs, ours = os.stat(f"/proc/{pid}/ns/{kind}"), os.stat(f"/proc/self/ns/{kind}")
+        except OSError:
+            return f"{kind} namespace (unreadable)"
+        if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
+            return {"mnt": "mount", "user": "user", "net": "network"}[kind] + " namespace"
+    return None
 
 
 def _spare_descriptor() -> int:
