@@ -553,3 +553,19 @@ def test_a_tool_cannot_use_another_roots_service(tmp_path: Path) -> None:
         for pid in services(other_root) + services(root):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_a_peer_that_never_says_hello_does_not_keep_an_idle_service_alive(execroot: Path, root: Path) -> None:
+    """A connection that sends nothing (or half a hello) is dropped after a while: the service still retires."""
+    relay = RelayProcess(execroot, root, env={"TREEMAT_SERVICE_IDLE_MINUTES": "0.005"})  # 0.3 s
+    assert relay.touch().exit_code == 0
+    assert relay.close() == 0
+    path = Root(root).service_file(service_name(service_version(), "auto"), "sock")
+    silent, partial = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    silent.connect(str(path))
+    partial.connect(str(path))
+    partial.sendall(b"\xff\xff\xff\x7f" + b"x" * 100)  # a hello announcing 256 MiB, then silence
+    wait_for(lambda: not services(root), what="the idle service to exit")
+    assert silent.recv(1) == b"" and partial.recv(1) == b""
+    silent.close()
+    partial.close()

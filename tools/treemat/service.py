@@ -40,6 +40,8 @@ from treemat.stack import Stack, open_stack
 from treemat.worker import DUPLICATE_REFUSED, SANDBOX_DIR_REFUSED, Canceller, Handler, make_handler
 
 MAX_HELLO_FDS = 4
+MAX_HELLO_BYTES = 16 << 20  # magic, version, pool size and the relay's environment
+HELLO_SECONDS = 10.0  # a peer that has not said hello by then is dropped (it would pin the service)
 ORPHAN_CHECK_SECONDS = 2.0  # how often an idle-waiting service checks its socket is still the one it bound
 
 
@@ -250,7 +252,13 @@ class Service:
         if uid != os.geteuid():
             conn.sendall(answer(f"uid {uid} is not the service's (uid {os.geteuid()}): refused", ok=False))
             return
-        hello, fds = receive_hello(conn)
+        conn.settimeout(min(HELLO_SECONDS, self.idle_seconds))
+        try:
+            hello, fds = receive_hello(conn)
+        except (TimeoutError, ValueError) as exc:
+            print(f"treemat service: dropped a peer (pid {pid}): {exc or 'no hello in time'}", file=sys.stderr)
+            return
+        conn.settimeout(None)
         try:
             if (stranger := foreign_namespace(pid)) is not None:  # after the hello: the peer reads the reason
                 conn.sendall(answer(f"the peer (pid {pid}) is not in the service's {stranger}: refused", ok=False))
@@ -338,11 +346,18 @@ def receive_hello(conn: socket.socket) -> tuple[bytes, list[int]]:
             break
         shift += 7
     body = data[pos:]
-    while len(body) < size:
-        chunk = conn.recv(size - len(body))
-        if not chunk:
-            break
-        body += chunk
+    try:
+        if size > MAX_HELLO_BYTES:
+            raise ValueError(f"a hello of {size} bytes (at most {MAX_HELLO_BYTES})")
+        while len(body) < size:
+            chunk = conn.recv(size - len(body))
+            if not chunk:
+                break
+            body += chunk
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
     return body, fds
 
 
