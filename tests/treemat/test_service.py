@@ -569,3 +569,26 @@ def test_a_peer_that_never_says_hello_does_not_keep_an_idle_service_alive(execro
     assert silent.recv(1) == b"" and partial.recv(1) == b""
     silent.close()
     partial.close()
+
+
+@pytest.mark.parametrize("change", ["symlink", "group-writable", "other-writable"])
+def test_a_service_dir_replaced_by_a_symlink_or_opened_to_others_is_not_used(
+    tmp_path: Path, execroot: Path, root: Path, change: str
+) -> None:
+    """Someone who could plant a socket there would get the relay's hello (its environment, a descriptor of its
+    execroot) and answer for the service: the relay says why in one line and serves in-process instead."""
+    relay = RelayProcess(execroot, root)
+    assert relay.touch().exit_code == 0
+    assert relay.close() == 0
+    service_dir = Root(root).service
+    if change == "symlink":
+        elsewhere = tmp_path / "elsewhere"
+        service_dir.rename(elsewhere)
+        service_dir.symlink_to(elsewhere)
+    else:
+        service_dir.chmod(0o770 if change == "group-writable" else 0o707)
+    again = RelayProcess(execroot, root)
+    assert again.touch("out/y", 1).exit_code == 0
+    assert again.close() == 0
+    said = wait_for(lambda: again.stderr, what="the relay's line on stderr")
+    assert "the stager service is unavailable" in said and str(service_dir) in said, said
