@@ -592,3 +592,36 @@ def test_a_service_dir_replaced_by_a_symlink_or_opened_to_others_is_not_used(
     assert again.close() == 0
     said = wait_for(lambda: again.stderr, what="the relay's line on stderr")
     assert "the stager service is unavailable" in said and str(service_dir) in said, said
+
+
+def test_a_relay_sends_no_hello_to_a_socket_served_by_another_uid(
+    tmp_path: Path, execroot: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay's side of SO_PEERCRED: a listener of another uid (a planted socket) gets no hello."""
+    mapped = any(
+        int(inside) <= 65534 < int(inside) + int(count)
+        for inside, _outside, count in (line.split() for line in Path("/proc/self/uid_map").read_text().splitlines())
+    )
+    if os.geteuid() != 0 or not mapped:
+        pytest.skip("listening as another uid needs root and a uid 65534 (the unprivileged leg maps one uid only)")
+    path = tmp_path / "planted.sock"
+    code = (
+        "import os, socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "s.bind(sys.argv[1])\n"
+        "os.setuid(65534)\n"
+        "s.listen(1)\n"
+        "print('listening', flush=True)\n"
+        "conn, _ = s.accept()\n"
+        "print('got', len(conn.recv(1 << 16)), flush=True)\n"
+    )
+    planted = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert planted.stdout is not None and planted.stdout.readline() == "listening\n"
+        monkeypatch.chdir(execroot)  # the hello passes the cwd
+        with pytest.raises(ServiceUnavailable, match="served by uid 65534"):
+            connect(path, hello_payload(service_version(), 1, {"SECRET": "x"}))
+        assert planted.stdout.readline() == "got 0\n"  # the connection closed, no byte of the hello sent
+    finally:
+        planted.kill()
+        planted.wait()
