@@ -625,3 +625,39 @@ def test_a_relay_sends_no_hello_to_a_socket_served_by_another_uid(
     finally:
         planted.kill()
         planted.wait()
+
+
+@pytest.mark.parametrize("attack", ["garbage", "no-fd", "file-fd", "five-fds", "forged-version", "huge-workers"])
+def test_a_malformed_hello_is_refused_with_its_reason_and_the_service_keeps_serving(
+    execroot: Path, root: Path, attack: str
+) -> None:
+    relay = RelayProcess(execroot, root)
+    assert relay.touch().exit_code == 0
+    pid = the_service(root)
+    path = Root(root).service_file(service_name(service_version(), "auto"), "sock")
+    version = service_version()
+    hello = hello_payload("1-forged" if attack == "forged-version" else version, 1, {})
+    if attack == "garbage":
+        hello = b"\x20" + os.urandom(32)
+    if attack == "huge-workers":
+        hello = hello_payload(version, 10**12, {})
+    directory = os.open(execroot, os.O_RDONLY | os.O_DIRECTORY)
+    file = os.open(execroot / "in/a", os.O_RDONLY)
+    fds = {"no-fd": [], "file-fd": [file], "five-fds": [directory] * 5}.get(attack, [directory])
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))]
+        sock.sendmsg([hello], rights if fds else [])
+        said = sock.recv(1 << 16)[1:].decode(errors="replace")
+    finally:
+        sock.close()
+        os.close(directory)
+        os.close(file)
+    if attack == "huge-workers":
+        assert said.startswith("ok\0"), said  # the pool is bounded by the requests it gets, not by the number
+    else:
+        assert said.startswith("refused\0"), said
+    assert relay.touch("out/y", 2).exit_code == 0
+    assert the_service(root) == pid
+    assert relay.close() == 0
