@@ -661,3 +661,33 @@ def test_a_malformed_hello_is_refused_with_its_reason_and_the_service_keeps_serv
     assert relay.touch("out/y", 2).exit_code == 0
     assert the_service(root) == pid
     assert relay.close() == 0
+
+
+def test_outputs_land_in_the_relays_execroot_when_its_path_is_swapped_while_the_tool_runs(tmp_path: Path) -> None:
+    """The swap between staging and the copy-out: the outputs follow the relay's descriptor, not the path."""
+    if not os.access("/var/tmp", os.W_OK):  # `bazel test`: read-only
+        pytest.skip("no scratch outside /tmp (below /tmp, a tool's view is a private /tmp)")
+    scratch = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    execroot, root, go = scratch / "execroot", scratch / "root", scratch / "go"
+    (execroot / "in").mkdir(parents=True)
+    (execroot / "out").mkdir()
+    (execroot / "in/a").write_text("input a\n")
+    try:
+        relay = RelayProcess(execroot, root)
+        marker = f"swap-marker-{os.getpid()}"
+        relay.send(["sh", "-c", f"while [ ! -e {go} ]; do :; done; touch out/y", marker], ["out/y"], ["in/a"], 1)
+        wait_for(lambda: tool_running(marker), what="the tool to start")
+        moved, elsewhere = scratch / "moved", scratch / "elsewhere"
+        execroot.rename(moved)
+        (elsewhere / "out").mkdir(parents=True)
+        execroot.symlink_to(elsewhere)
+        go.touch()
+        reply = relay.read()
+        assert reply.exit_code == 0, reply.output
+        assert (moved / "out/y").is_file()
+        assert not (elsewhere / "out/y").exists()
+        assert relay.close() == 0
+    finally:
+        for pid in services(root):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(scratch, ignore_errors=True)
