@@ -9,8 +9,7 @@ must match for a service to stand in for this process: the wire version, the pac
 isolation, the uid, the mount, network and user namespaces and the root directory. A relay that finds no
 service starts one under the root's service lock; two racing relays start exactly one. At stdin's end it
 half-closes the socket: the service answers what it has, then closes. The service's death fails the requests
-in flight with one line (the next request starts a new one); where no service can be reached or started,
-`relay` returns None (after one line on stderr): the caller serves in-process.
+in flight with one line; where no service can be had, `relay` returns None (after one line on stderr).
 """
 
 from __future__ import annotations
@@ -177,10 +176,8 @@ def socket_address(path: Path) -> tuple[str, int]:
 
 def hello_payload(version: str, max_workers: int, env: Mapping[str, str]) -> bytes:
     """The relay's hello: magic, version, its pool size and its environment (the tools' base environment)."""
-    fields = [HELLO_MAGIC, version.encode(), str(max_workers).encode()]
-    fields += [f"{key}={value}".encode() for key, value in env.items()]
-    body = b"\0".join(fields)
-    return encode_varint(len(body)) + body
+    fields = [HELLO_MAGIC, version.encode(), str(max_workers).encode(), *(f"{k}={v}".encode() for k, v in env.items())]
+    return encode_varint(len(body := b"\0".join(fields))) + body
 
 
 def connect(socket_path: Path, hello: bytes) -> tuple[socket.socket, str]:
@@ -199,6 +196,8 @@ def connect(socket_path: Path, hello: bytes) -> tuple[socket.socket, str]:
         cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             sock.sendmsg([hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, cwd.to_bytes(4, sys.byteorder))])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before the hello was read (out of descriptors): its answer says why
         finally:
             os.close(cwd)
         frame = read_frame(sock)
