@@ -266,3 +266,34 @@ def test_an_execroot_made_again_is_watched_again(tmp_path: Path) -> None:
     _execroot(tmp_path, ["a/b/one"])
     os.chmod(Path(execroot) / "a/b/one", 0o755)
     assert watch.plan(execroot, seen).everything, "the new directories are watched, not the old ones"
+
+
+def test_a_chmod_through_a_descriptor_is_seen(tmp_path: Path) -> None:
+    """fchmod on a descriptor opened before the watch, and chmod through /proc/self/fd: the inode's watch."""
+    watch = ExecrootWatch()
+    execroot = _execroot(tmp_path, FILES)
+    held = os.open(Path(execroot) / "a/three", os.O_RDONLY)
+    try:
+        seen = _checked(watch, execroot, FILES)
+        os.fchmod(held, 0o755)
+        plan = watch.plan(execroot, seen)
+        assert plan.everything or "a/three" in plan.paths
+        os.chmod(f"/proc/self/fd/{held}", 0o644)
+        assert "a/three" in watch.plan(execroot, plan.generation).paths
+    finally:
+        os.close(held)
+
+
+def test_a_chmod_through_a_bind_mount_in_another_mount_namespace_is_seen(tmp_path: Path) -> None:
+    """The bind mount is not in this process's mount table (no mountinfo change): the inode's watch tells."""
+    watch = ExecrootWatch()
+    execroot = _execroot(tmp_path, FILES)
+    seen = _checked(watch, execroot, FILES)
+    mountpoint = tmp_path / "bind"
+    mountpoint.mkdir()
+    as_root = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    script = f"mount --bind {execroot}/a/b {mountpoint} && chmod 755 {mountpoint}/one"
+    subprocess.run(["unshare", *as_root, "--mount", "--propagation", "private", "sh", "-c", script], check=True)
+    assert (Path(execroot) / "a/b/one").stat().st_mode & 0o100, "the chmod went through"
+    plan = watch.plan(execroot, seen)
+    assert plan.everything or "a/b/one" in plan.paths

@@ -18,9 +18,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
+from treemat.errors import ProtocolError
 from treemat.protocol import read_requests
 from treemat.rswift import MODULE_CACHE, action_spec, find_outputs
 from treemat.rswift_worker import make_rswift_handler, tool_path
@@ -213,3 +215,72 @@ def test_without_persistent_worker_it_becomes_the_real_worker(tmp_path: Path) ->
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ), check=True)
     assert run.stdout == "real:swiftc @x.params\n"
+
+
+@pytest.mark.parametrize("where", ["absolute", "parent", "stdin"])
+def test_an_output_file_map_outside_the_execroot_is_refused(tmp_path: Path, where: str) -> None:
+    """The map is read by the worker, relative to the execroot: never an absolute path or `..` (which could name
+    the worker's own stdin, Bazel's protocol stream, or another tree's file)."""
+    execroot = tmp_path / "execroot"
+    args = write_module(execroot, "Lib", {"a.swift": "public func a() -> Int { 1 }\n"})
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps(output_file_map("Lib", ["a.swift"])))
+    named = {"absolute": str(outside), "parent": "../outside.json", "stdin": "/proc/self/fd/0"}[where]
+    args[args.index("-output-file-map") + 1] = named
+    with pytest.raises(ProtocolError, match="inside the execroot"):
+        action_spec("worker", ["swiftc"], args, execroot)
+
+
+def test_an_output_file_map_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    execroot = tmp_path / "execroot"
+    args = write_module(execroot, "Lib", {"a.swift": "public func a() -> Int { 1 }\n"})
+    fifo = execroot / BIN / "Lib" / "Lib.output_file_map.json"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            action_spec("worker", ["swiftc"], args, execroot)
+            outcome.append(None)
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    if reader.is_alive():  # the old code blocks in open(): unblock it, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("reading the output file map waited on a FIFO")
+    assert isinstance(outcome[0], ProtocolError) and "not a regular file" in str(outcome[0]), outcome
+
+
+def test_a_request_whose_outputs_name_its_inputs_is_refused_and_the_inputs_stay(tmp_path: Path) -> None:
+    """Arguments that send an output onto one of the request's inputs (here the module path onto a source): the
+    request fails with one line before anything runs; the input is untouched; the worker keeps serving."""
+    execroot = tmp_path / "execroot"
+    real = tmp_path / "worker_real"
+    real.write_text(  # writes every -emit-*-path it is given
+        "#!/usr/bin/env python3\nimport contextlib, os, sys\nargs = sys.argv[1:]\n"
+        "for flag, value in zip(args, args[1:]):\n"
+        "    if flag.startswith('-emit-') and flag.endswith('-path'):\n"
+        "        with contextlib.suppress(FileNotFoundError):\n"
+        "            os.unlink(value)\n"
+        "        open(value, 'w').write('overwritten')\n"
+        "        open(value.replace('.swift', '.swiftdoc'), 'w').write('doc')\n"
+    )
+    real.chmod(0o755)
+    args = write_module(execroot, "Lib", {"a.swift": "public func a() -> Int { 1 }\n"})
+    args[args.index("-emit-module-path") + 1] = "Lib/a.swift"
+    del args[args.index("-output-file-map") : args.index("-output-file-map") + 2]
+    inputs = ["Lib/a.swift", PROTOCOLS]
+    stream = io.BytesIO(request_json(execroot, args, inputs) + b"\n" + b"{not json\n")
+    out = io.BytesIO()
+    with make_stack(tmp_path / "root") as stack:
+        handler = make_rswift_handler(stack, execroot, str(real), ["swiftc"])
+        WorkerServer(out, handler, protocol="json", max_workers=1).serve(read_requests(stream, "json"))
+    replies = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert replies[0]["exitCode"] == 1 and "Lib/a.swift" in replies[0]["output"], replies
+    assert replies[0]["output"].count("\n") == 1, replies[0]["output"]
+    assert (execroot / "Lib/a.swift").read_text() == "public func a() -> Int { 1 }\n"
+    assert replies[1]["exitCode"] == 1 and "malformed" in replies[1]["output"], replies

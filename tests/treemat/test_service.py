@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -21,7 +22,7 @@ import pytest
 from treemat import protos
 from treemat.framing import encode_delimited, read_delimited
 from treemat.layout import Root
-from treemat.relay import connect, hello_payload, service_name, service_version
+from treemat.relay import ServiceUnavailable, connect, hello_payload, service_name, service_version
 
 from ..support.harness import TOOLS_DIR, worker_env
 from ..support.services import services_of
@@ -455,3 +456,238 @@ def test_the_service_stages_in_the_relays_execroot_by_its_path_so_the_execroot_w
     (record,) = [r for r in json.loads(result.stdout)["processes"] if r["pid"] == the_service(root)]
     # a /proc/self/fd/N execroot crosses a link: the watch could vouch for nothing and every reuse read every bit
     assert record["counters"].get("execbit_checks_marked", 0) >= 1, record["counters"]
+
+
+@pytest.mark.parametrize("swap", ["symlink", "directory"])
+def test_outputs_never_land_outside_the_relays_execroot_when_its_path_is_swapped(
+    tmp_path: Path, execroot: Path, root: Path, swap: str
+) -> None:
+    """The relay's execroot renamed and its path replaced between requests (a symlink to a directory elsewhere,
+    or another directory): the outputs still land in the relay's own directory (its descriptor), never at the
+    path's new target."""
+    relay = RelayProcess(execroot, root)
+    assert relay.touch("out/x", 1).exit_code == 0
+    moved = tmp_path / "moved"
+    execroot.rename(moved)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(moved, elsewhere)
+    (elsewhere / "out/x").unlink()
+    if swap == "symlink":
+        execroot.symlink_to(elsewhere)
+    else:
+        elsewhere.rename(execroot)
+        elsewhere = execroot
+    relay.execroot = moved  # the digests of its inputs: the relay's own files
+    reply = relay.touch("out/y", 2)
+    assert reply.exit_code == 0, reply.output
+    assert (moved / "out/y").is_file()
+    assert not (elsewhere / "out/y").exists()
+    assert relay.close() == 0
+
+
+def test_a_service_out_of_descriptors_refuses_the_next_relay_with_one_line_and_keeps_serving(
+    execroot: Path, root: Path
+) -> None:
+    """RLIMIT_NOFILE reached in the service (idle connections hold its descriptors): a relay that connects then is
+    refused with the reason, the service lives on and serves again once descriptors are free."""
+    relay = RelayProcess(execroot, root)
+    assert relay.touch("out/x", 1).exit_code == 0
+    pid = the_service(root)
+    path = Root(root).service_file(service_name(service_version(), "auto"), "sock")
+    in_use = len(os.listdir(f"/proc/{pid}/fd"))
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 4, hard))
+    idle = []
+    for _ in range(8):  # each accepted one holds a descriptor, waiting for its hello
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(path))
+        idle.append(sock)
+    with pytest.raises(ServiceUnavailable, match="file descriptors"):
+        connect(path, hello_payload(service_version(), 1, {}))
+    for sock in idle:
+        sock.close()
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert relay.touch("out/y", 2).exit_code == 0
+    assert the_service(root) == pid
+    assert relay.close() == 0
+
+
+def test_a_tool_cannot_use_another_roots_service(tmp_path: Path) -> None:
+    """A tool sees the host read-only, with its own root masked but not another root of the same uid: it can
+    connect to that root's service socket. Its hello is refused (the peer is not in the service's mount
+    namespace), so it cannot have that service read or write past its own sandbox."""
+    if not os.access("/var/tmp", os.W_OK):  # `bazel test`: read-only
+        pytest.skip("no scratch outside /tmp (below /tmp, a tool's view is a private /tmp)")
+    scratch = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    execroot, root, other_root = scratch / "execroot", scratch / "root", scratch / "other-root"
+    (execroot / "in").mkdir(parents=True)
+    (execroot / "out").mkdir()
+    (execroot / "in/a").write_text("input a\n")
+    relay = RelayProcess(execroot, root)
+    assert relay.touch().exit_code == 0
+    (sock,) = Root(root).service.glob("*.sock")
+    other = RelayProcess(execroot, other_root)
+    code = (
+        "import sys\n"
+        "from pathlib import Path\nfrom treemat.relay import connect, hello_payload\n"
+        "try:\n"
+        "    connect(Path(sys.argv[1]), hello_payload(sys.argv[2], 1, {}))\n"
+        "    print('accepted')\n"
+        "except Exception as exc:\n"
+        "    print(exc)\n"
+    )
+    try:
+        other.send(
+            ["sh", "-c", f'{sys.executable} -c "$0" "$@" > out/said', code, str(sock), service_version()],
+            ["out/said"],
+            ["in/a"],
+        )
+        reply = other.read()
+        assert reply.exit_code == 0, reply.output
+        said = (execroot / "out/said").read_text()
+        assert "accepted" not in said and "mount namespace" in said, said
+        assert other.close() == 0
+        assert relay.touch("out/still", 2).exit_code == 0
+        assert relay.close() == 0
+    finally:
+        for pid in services(other_root) + services(root):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_a_peer_that_never_says_hello_does_not_keep_an_idle_service_alive(execroot: Path, root: Path) -> None:
+    """A connection that sends nothing (or half a hello) is dropped after a while: the service still retires."""
+    relay = RelayProcess(execroot, root, env={"TREEMAT_SERVICE_IDLE_MINUTES": "0.005"})  # 0.3 s
+    assert relay.touch().exit_code == 0
+    assert relay.close() == 0
+    path = Root(root).service_file(service_name(service_version(), "auto"), "sock")
+    silent, partial = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    silent.connect(str(path))
+    partial.connect(str(path))
+    partial.sendall(b"\xff\xff\xff\x7f" + b"x" * 100)  # a hello announcing 256 MiB, then silence
+    wait_for(lambda: not services(root), what="the idle service to exit")
+    assert silent.recv(1) == b"" and partial.recv(1) == b""
+    silent.close()
+    partial.close()
+
+
+@pytest.mark.parametrize("change", ["symlink", "group-writable", "other-writable"])
+def test_a_service_dir_replaced_by_a_symlink_or_opened_to_others_is_not_used(
+    tmp_path: Path, execroot: Path, root: Path, change: str
+) -> None:
+    """Someone who could plant a socket there would get the relay's hello (its environment, a descriptor of its
+    execroot) and answer for the service: the relay says why in one line and serves in-process instead."""
+    relay = RelayProcess(execroot, root)
+    assert relay.touch().exit_code == 0
+    assert relay.close() == 0
+    service_dir = Root(root).service
+    if change == "symlink":
+        elsewhere = tmp_path / "elsewhere"
+        service_dir.rename(elsewhere)
+        service_dir.symlink_to(elsewhere)
+    else:
+        service_dir.chmod(0o770 if change == "group-writable" else 0o707)
+    again = RelayProcess(execroot, root)
+    assert again.touch("out/y", 1).exit_code == 0
+    assert again.close() == 0
+    said = wait_for(lambda: again.stderr, what="the relay's line on stderr")
+    assert "the stager service is unavailable" in said and str(service_dir) in said, said
+
+
+def test_a_relay_sends_no_hello_to_a_socket_served_by_another_uid(
+    tmp_path: Path, execroot: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay's side of SO_PEERCRED: a listener of another uid (a planted socket) gets no hello."""
+    mapped = any(
+        int(inside) <= 65534 < int(inside) + int(count)
+        for inside, _outside, count in (line.split() for line in Path("/proc/self/uid_map").read_text().splitlines())
+    )
+    if os.geteuid() != 0 or not mapped:
+        pytest.skip("listening as another uid needs root and a uid 65534 (the unprivileged leg maps one uid only)")
+    path = tmp_path / "planted.sock"
+    code = (
+        "import os, socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "s.bind(sys.argv[1])\n"
+        "os.setuid(65534)\n"
+        "s.listen(1)\n"
+        "print('listening', flush=True)\n"
+        "conn, _ = s.accept()\n"
+        "print('got', len(conn.recv(1 << 16)), flush=True)\n"
+    )
+    planted = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert planted.stdout is not None and planted.stdout.readline() == "listening\n"
+        monkeypatch.chdir(execroot)  # the hello passes the cwd
+        with pytest.raises(ServiceUnavailable, match="served by uid 65534"):
+            connect(path, hello_payload(service_version(), 1, {"SECRET": "x"}))
+        assert planted.stdout.readline() == "got 0\n"  # the connection closed, no byte of the hello sent
+    finally:
+        planted.kill()
+        planted.wait()
+
+
+@pytest.mark.parametrize("attack", ["garbage", "no-fd", "file-fd", "five-fds", "forged-version", "huge-workers"])
+def test_a_malformed_hello_is_refused_with_its_reason_and_the_service_keeps_serving(
+    execroot: Path, root: Path, attack: str
+) -> None:
+    relay = RelayProcess(execroot, root)
+    assert relay.touch().exit_code == 0
+    pid = the_service(root)
+    path = Root(root).service_file(service_name(service_version(), "auto"), "sock")
+    version = service_version()
+    hello = hello_payload("1-forged" if attack == "forged-version" else version, 1, {})
+    if attack == "garbage":
+        hello = b"\x20" + os.urandom(32)
+    if attack == "huge-workers":
+        hello = hello_payload(version, 10**12, {})
+    directory = os.open(execroot, os.O_RDONLY | os.O_DIRECTORY)
+    file = os.open(execroot / "in/a", os.O_RDONLY)
+    fds = {"no-fd": [], "file-fd": [file], "five-fds": [directory] * 5}.get(attack, [directory])
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))]
+        sock.sendmsg([hello], rights if fds else [])
+        said = sock.recv(1 << 16)[1:].decode(errors="replace")
+    finally:
+        sock.close()
+        os.close(directory)
+        os.close(file)
+    if attack == "huge-workers":
+        assert said.startswith("ok\0"), said  # the pool is bounded by the requests it gets, not by the number
+    else:
+        assert said.startswith("refused\0"), said
+    assert relay.touch("out/y", 2).exit_code == 0
+    assert the_service(root) == pid
+    assert relay.close() == 0
+
+
+def test_outputs_land_in_the_relays_execroot_when_its_path_is_swapped_while_the_tool_runs(tmp_path: Path) -> None:
+    """The swap between staging and the copy-out: the outputs follow the relay's descriptor, not the path."""
+    if not os.access("/var/tmp", os.W_OK):  # `bazel test`: read-only
+        pytest.skip("no scratch outside /tmp (below /tmp, a tool's view is a private /tmp)")
+    scratch = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    execroot, root, go = scratch / "execroot", scratch / "root", scratch / "go"
+    (execroot / "in").mkdir(parents=True)
+    (execroot / "out").mkdir()
+    (execroot / "in/a").write_text("input a\n")
+    try:
+        relay = RelayProcess(execroot, root)
+        marker = f"swap-marker-{os.getpid()}"
+        relay.send(["sh", "-c", f"while [ ! -e {go} ]; do :; done; touch out/y", marker], ["out/y"], ["in/a"], 1)
+        wait_for(lambda: tool_running(marker), what="the tool to start")
+        moved, elsewhere = scratch / "moved", scratch / "elsewhere"
+        execroot.rename(moved)
+        (elsewhere / "out").mkdir(parents=True)
+        execroot.symlink_to(elsewhere)
+        go.touch()
+        reply = relay.read()
+        assert reply.exit_code == 0, reply.output
+        assert (moved / "out/y").is_file()
+        assert not (elsewhere / "out/y").exists()
+        assert relay.close() == 0
+    finally:
+        for pid in services(root):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -23,6 +23,7 @@ class ActionRequest:
     execroot: Path
     request_id: int
     base_env: Mapping[str, str] | None  # the tool's environment before the action's own; None: this process's
+    output_root: Path | None  # where outputs are copied to, if not `execroot` (the service: the relay's descriptor)
 
     def __init__(
         self,
@@ -31,12 +32,14 @@ class ActionRequest:
         execroot: Path,
         request_id: int = 0,
         base_env: Mapping[str, str] | None = None,
+        output_root: Path | None = None,
     ) -> None:
         self.spec = spec
         self.inputs = InputManifest.of(inputs)
         self.execroot = execroot
         self.request_id = request_id
         self.base_env = base_env
+        self.output_root = output_root
 
 
 @dataclass(slots=True)

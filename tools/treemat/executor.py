@@ -155,7 +155,7 @@ class ActionExecutor:
 
     def _collect_outputs(self, request: ActionRequest, view: OutputView, result: ActionResult) -> None:
         outputs = [*request.spec.outputs, *request.spec.output_dirs]
-        execroot_fd = os.open(request.execroot, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        execroot_fd = os.open(request.output_root or request.execroot, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             missing = collect_outputs(outputs, view, execroot_fd)
         finally:

@@ -122,6 +122,21 @@ class Root:
         """The stager service's `<name>.sock` (0600 in this 0700 dir), `.lock`, `.pid` and `.log` (service.py)."""
         return self.path / "service"
 
+    def check_service(self) -> None:
+        """CasError unless `service/` is a directory of ours (not a symlink) that neither group nor others can
+        write: whoever could plant a socket there would get a relay's hello (its environment, its execroot)."""
+        try:
+            info = os.lstat(self.service)
+        except OSError as exc:
+            raise CasError(f"cannot use {self.service}: {exc.strerror}") from None
+        if not stat.S_ISDIR(info.st_mode):
+            raise CasError(f"{self.service} is not a directory (a symlink?): refused")
+        if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise CasError(
+                f"{self.service} is uid {info.st_uid}'s, mode {stat.S_IMODE(info.st_mode):o}: refused (it must be "
+                f"yours and writable by you alone)"
+            )
+
     def service_package(self, version: str) -> Path:
         """`service/pkg-<version>/`: the copy of the treemat package a service runs from (`bazel clean` may delete
         the runfiles of the relay that started it)."""

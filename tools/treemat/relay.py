@@ -1,19 +1,15 @@
 """The thin worker: Bazel's `treemat --persistent_worker` process when the stager service is on (service.py).
 
 It imports no protobuf and no click: it frames the WorkRequests on stdin, reads each one's request id and cancel
-flag by hand, and forwards the bytes over a Unix socket in the 0700 root (layout.Root owns the path) to the
-root's long-lived service, which stages and runs the actions; responses go to stdout untouched. The hello passes
-an O_DIRECTORY descriptor of the relay's cwd (Bazel's execroot, SCM_RIGHTS) and the relay's environment: the
-service reads inputs and writes outputs relative to that descriptor, as in-process relative to the cwd.
-
-The socket's name is a digest of everything that must match for a service to stand in for this process: the
-wire version, the treemat package's content hash, the isolation asked for, the uid and the mount, network and
-user namespaces and root directory (a relay never hands a tool to a service that sees more than it would). A
-relay that finds no service starts one under the root's service lock; two racing relays start exactly one.
-
-At stdin's end it half-closes the socket: the service answers what it has, then closes. The service's death
-fails the requests in flight with one line (the next request starts a new one); where no service can be reached
-or started, `relay` returns None (after one line on stderr): the caller serves in-process.
+flag by hand, and forwards the bytes over a Unix socket in the root's `service/` dir (ours alone, no symlink;
+served by our uid, SO_PEERCRED) to the root's long-lived service, which stages and runs the actions; responses
+go to stdout untouched. The hello passes an O_DIRECTORY descriptor of the relay's cwd (Bazel's execroot) and
+the relay's environment: the service copies outputs into that descriptor. The socket's name digests all that
+must match for a service to stand in for this process: the wire version, the package's content hash, the
+isolation, the uid, the mount, network and user namespaces and the root directory. A relay that finds no
+service starts one under the root's service lock; two racing relays start exactly one. At stdin's end it
+half-closes the socket: the service answers what it has, then closes. The service's death fails the requests
+in flight with one line; where no service can be had, `relay` returns None (after one line on stderr).
 """
 
 from __future__ import annotations
@@ -180,10 +176,8 @@ def socket_address(path: Path) -> tuple[str, int]:
 
 def hello_payload(version: str, max_workers: int, env: Mapping[str, str]) -> bytes:
     """The relay's hello: magic, version, its pool size and its environment (the tools' base environment)."""
-    fields = [HELLO_MAGIC, version.encode(), str(max_workers).encode()]
-    fields += [f"{key}={value}".encode() for key, value in env.items()]
-    body = b"\0".join(fields)
-    return encode_varint(len(body)) + body
+    fields = [HELLO_MAGIC, version.encode(), str(max_workers).encode(), *(f"{k}={v}".encode() for k, v in env.items())]
+    return encode_varint(len(body := b"\0".join(fields))) + body
 
 
 def connect(socket_path: Path, hello: bytes) -> tuple[socket.socket, str]:
@@ -196,9 +190,14 @@ def connect(socket_path: Path, hello: bytes) -> tuple[socket.socket, str]:
         finally:
             if dir_fd >= 0:
                 os.close(dir_fd)
+        uid = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)[4:8], sys.byteorder)
+        if uid != os.geteuid():  # the hello carries the environment and the execroot: only to our own service
+            raise ServiceUnavailable(f"the socket {socket_path} is served by uid {uid}, not by this relay's")
         cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             sock.sendmsg([hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, cwd.to_bytes(4, sys.byteorder))])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before the hello was read (out of descriptors): its answer says why
         finally:
             os.close(cwd)
         frame = read_frame(sock)
@@ -272,6 +271,7 @@ def start_service(layout: Root, name: str, isolation: str, idle_minutes: float) 
 
 def reach_service(layout: Root, name: str, hello: bytes, isolation: str, idle_minutes: float) -> socket.socket:
     """A connection to the root's service, starting it (under the service lock) if none answers."""
+    layout.check_service()
     path = layout.service_file(name, "sock")
     try:
         return connect(path, hello)[0]

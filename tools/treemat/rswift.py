@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,17 +122,29 @@ def find_outputs(arguments: Sequence[str], execroot: Path) -> SwiftOutputs:
         if source_info:
             files.append(stem + ".swiftsourceinfo")
     if output_file_map is not None:
-        files += map_outputs(read_output_file_map(execroot / output_file_map, output_file_map), flags)
+        files += map_outputs(read_output_file_map(execroot, output_file_map), flags)
     return SwiftOutputs(files=_unique(files), dirs=_unique(dirs))
 
 
-def read_output_file_map(path: Path, name: str) -> dict[str, dict[str, str]]:
-    """The output file map: {source: {kind: path}}; ProtocolError if unreadable or not that shape."""
+def read_output_file_map(execroot: Path, name: str) -> dict[str, dict[str, str]]:
+    """The output file map `name` (a regular file inside `execroot`): {source: {kind: path}}; ProtocolError if
+    it is outside (absolute, `..`: the worker's own stdin, another tree), not a regular file (a FIFO would
+    block the worker), unreadable or not that shape."""
+    if name.startswith("/") or ".." in name.split("/"):
+        raise ProtocolError(f"the output file map {name} is not a path inside the execroot")
     try:
-        with path.open("rb") as handle:
+        fd = os.open(execroot / name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ProtocolError(f"cannot read the output file map {name}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ProtocolError(f"the output file map {name} is not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as handle:
             data = handle.read(MAX_OUTPUT_FILE_MAP_BYTES + 1)
     except OSError as exc:
         raise ProtocolError(f"cannot read the output file map {name}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_OUTPUT_FILE_MAP_BYTES:
         raise ProtocolError(f"the output file map {name} is over {MAX_OUTPUT_FILE_MAP_BYTES} bytes")
     try:
@@ -149,6 +162,14 @@ def map_outputs(output_file_map: dict[str, dict[str, str]], flags: set[str]) -> 
     """The paths of the map whose kind this command line makes swiftc write."""
     wanted = {kind for kind, makers in _MAP_KINDS.items() if flags.intersection(makers)}
     return [path for entry in output_file_map.values() for kind, path in entry.items() if kind in wanted]
+
+
+def outputs_over_inputs(spec: ActionSpec, inputs: set[str]) -> list[str]:
+    """The request's outputs that would land on one of its `inputs` (a file, or a directory holding one)."""
+    clashes = [path for path in spec.outputs if os.path.normpath(path) in inputs]
+    for directory in map(os.path.normpath, spec.output_dirs):
+        clashes += [path for path in inputs if path == directory or path.startswith(directory + "/")][:1]
+    return clashes
 
 
 def _unique(paths: list[str]) -> list[str]:

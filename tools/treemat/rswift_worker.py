@@ -21,7 +21,7 @@ from treemat.counters import StatsStore
 from treemat.errors import ProtocolError, TreematError, describe_error
 from treemat.layout import Root, default_root_path
 from treemat.protocol import WorkItem, WorkReply, read_requests
-from treemat.rswift import PERSISTENT_FLAG, action_spec
+from treemat.rswift import PERSISTENT_FLAG, action_spec, outputs_over_inputs
 from treemat.stack import Stack, open_stack
 from treemat.worker import Handler, WorkerServer
 
@@ -45,9 +45,12 @@ def make_rswift_handler(stack: Stack, execroot: Path, real_worker: str, startup:
     stats = StatsStore(stack.layout.stats)
 
     def handle(item: WorkItem) -> WorkReply:
-        tool = tool_path(real_worker, execroot, {entry.path for entry in item.inputs})
+        staged = {entry.path for entry in item.inputs}
+        tool = tool_path(real_worker, execroot, staged)
         try:
             spec = action_spec(tool, startup, item.arguments, execroot)
+            if clashes := outputs_over_inputs(spec, staged):
+                raise ProtocolError(f"its outputs would overwrite its inputs: {', '.join(clashes[:5])}")
         except ProtocolError as exc:
             return WorkReply(item.request_id, 1, f"treemat: cannot read this rules_swift request: {exc}\n")
         started = time.perf_counter()

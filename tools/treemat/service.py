@@ -16,6 +16,7 @@ socket went (its root deleted) exits within ORPHAN_CHECK_SECONDS.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import select
@@ -34,18 +35,13 @@ from treemat.errors import TreematError, describe_error
 from treemat.layout import Root
 from treemat.locking import file_lock
 from treemat.protocol import Malformed, WorkItem, WorkReply, encode_reply, read_requests
-from treemat.relay import HELLO_MAGIC, encode_varint, service_version, socket_address
+from treemat.relay import HELLO_MAGIC, service_version, socket_address
+from treemat.servicepeer import answer, execroot_path, foreign_namespace, receive_hello, spare_descriptor
 from treemat.stack import Stack, open_stack
 from treemat.worker import DUPLICATE_REFUSED, SANDBOX_DIR_REFUSED, Canceller, Handler, make_handler
 
-MAX_HELLO_FDS = 4
+HELLO_SECONDS = 10.0  # a peer that has not said hello by then is dropped (it would pin the service)
 ORPHAN_CHECK_SECONDS = 2.0  # how often an idle-waiting service checks its socket is still the one it bound
-
-
-def answer(text: str, *, ok: bool) -> bytes:
-    """The service's answer to a hello: `ok\\0<detail>` or `refused\\0<reason>`."""
-    body = (b"ok\0" if ok else b"refused\0") + text.encode()
-    return encode_varint(len(body)) + body
 
 
 class Session:
@@ -146,6 +142,8 @@ class Service:
         self._lock = threading.Lock()
         self._clients = 0
         self._last_active = time.monotonic()
+        self._spare = spare_descriptor()  # given up to accept-and-refuse a relay when RLIMIT_NOFILE is reached
+        self._freed = threading.Event()  # a session ended (its descriptors are free)
 
     def serve(self) -> None:
         """Accept relays; return once idle for `idle_seconds` with the socket removed, or once the socket is no
@@ -180,10 +178,35 @@ class Service:
             conn, _address = self.listener.accept()
         except BlockingIOError:
             return
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self._refuse_one(exc)
+            return
         conn.setblocking(True)
         with self._lock:
             self._clients += 1
         threading.Thread(target=self._client, args=(conn,), name="treemat-session", daemon=True).start()
+
+    def _refuse_one(self, exc: OSError) -> None:
+        """Out of descriptors: accept the next relay on the spare one and refuse it with the reason (it serves
+        in-process); with no spare, wait for a session to end rather than spin on the ready listener."""
+        if self._spare < 0:
+            self._spare = spare_descriptor()
+        if self._spare < 0:
+            self._freed.wait(0.1)
+            self._freed.clear()
+            return
+        os.close(self._spare)
+        self._spare = -1
+        try:
+            conn, _address = self.listener.accept()
+        except OSError:
+            return
+        with conn, contextlib.suppress(OSError):
+            conn.sendall(answer(f"the service is out of file descriptors ({exc.strerror})", ok=False))
+        self._spare = spare_descriptor()
+        print(f"treemat service {os.getpid()}: refused a relay: {exc.strerror}", file=sys.stderr)
 
     def _retire(self) -> bool:
         """Remove the socket under the lock unless a relay connected meanwhile; True if retired."""
@@ -215,14 +238,24 @@ class Service:
             with self._lock:
                 self._clients -= 1
                 self._last_active = time.monotonic()
+            self._freed.set()
 
     def _session(self, conn: socket.socket) -> None:
-        _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         if uid != os.geteuid():
             conn.sendall(answer(f"uid {uid} is not the service's (uid {os.geteuid()}): refused", ok=False))
             return
-        hello, fds = receive_hello(conn)
+        conn.settimeout(min(HELLO_SECONDS, max(self.idle_seconds, 2.0)))
         try:
+            hello, fds = receive_hello(conn)
+        except (TimeoutError, ValueError) as exc:
+            print(f"treemat service: dropped a peer (pid {pid}): {exc or 'no hello in time'}", file=sys.stderr)
+            return
+        conn.settimeout(None)
+        try:
+            if (stranger := foreign_namespace(pid)) is not None:  # after the hello: the peer reads the reason
+                conn.sendall(answer(f"the peer (pid {pid}) is not in the service's {stranger}: refused", ok=False))
+                return
             fields = hello.split(b"\0")
             if len(fields) < 3 or fields[0] != HELLO_MAGIC or fields[1].decode(errors="replace") != self.version:
                 seen = fields[1].decode(errors="replace") if len(fields) > 1 else "none"
@@ -234,59 +267,15 @@ class Service:
             env = dict(entry.decode(errors="surrogateescape").split("=", 1) for entry in fields[3:] if b"=" in entry)
             max_workers = int(fields[2]) if fields[2].isdigit() else 2
             conn.sendall(answer(str(os.getpid()), ok=True))
-            self._serve_relay(conn, execroot_path(fds[0]), env, max_workers)
+            self._serve_relay(conn, fds[0], env, max_workers)
         finally:
             for fd in fds:
                 os.close(fd)
 
-    def _serve_relay(self, conn: socket.socket, execroot: Path, env: Mapping[str, str], max_workers: int) -> None:
-        handler, canceller = make_handler(self.stack, execroot, env=env, role="service")
+    def _serve_relay(self, conn: socket.socket, execroot_fd: int, env: Mapping[str, str], max_workers: int) -> None:
+        execroot = execroot_path(execroot_fd)
+        handler, canceller = make_handler(self.stack, execroot, env=env, role="service", execroot_fd=execroot_fd)
         Session(conn, handler, canceller, self.ids, max_workers).run()
-
-
-def execroot_path(fd: int) -> Path:
-    """The relay's execroot as a path: the one its descriptor names where that path still is that directory.
-
-    The in-process worker stages relative to its cwd's path; the same path here keeps the execroot watch and the
-    input memo working across relays (a `/proc/self/fd/N` path crosses a link, so the watch would check every
-    input, and the number is reused by the next relay). A directory moved or removed since the relay sent it is
-    served through the descriptor itself.
-    """
-    by_descriptor = Path(f"/proc/self/fd/{fd}")
-    try:
-        path = os.readlink(by_descriptor)
-        named, held = os.stat(path), os.fstat(fd)
-    except OSError:
-        return by_descriptor
-    if path.startswith("/") and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
-        return Path(path)
-    return by_descriptor
-
-
-def receive_hello(conn: socket.socket) -> tuple[bytes, list[int]]:
-    """The hello's payload and the descriptors that came with it (close-on-exec: no tool inherits them)."""
-    space = socket.CMSG_SPACE(MAX_HELLO_FDS * 4)
-    data, ancillary, _flags, _address = conn.recvmsg(1 << 16, space, socket.MSG_CMSG_CLOEXEC)
-    fds: list[int] = []
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % 4
-            fds += [int.from_bytes(payload[i : i + 4], sys.byteorder) for i in range(0, usable, 4)]
-    size = shift = pos = 0
-    while pos < len(data):
-        byte = data[pos]
-        pos += 1
-        size |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            break
-        shift += 7
-    body = data[pos:]
-    while len(body) < size:
-        chunk = conn.recv(size - len(body))
-        if not chunk:
-            break
-        body += chunk
-    return body, fds
 
 
 def listen(layout: Root, name: str) -> socket.socket:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import sys
 import threading
 import time
@@ -121,11 +122,19 @@ class WorkerServer:
 
 
 def make_handler(
-    stack: Stack, execroot: Path, *, env: Mapping[str, str] | None = None, role: str = "worker"
+    stack: Stack,
+    execroot: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    role: str = "worker",
+    execroot_fd: int | None = None,
 ) -> tuple[Handler, Canceller]:
     """(handler, canceller) running requests on the stack's executor, relative to `execroot`.
 
-    `env`: the tools' base environment (None: this process's; the service passes each relay's)."""
+    `env`: the tools' base environment (None: this process's; the service passes each relay's). `execroot_fd`:
+    the directory `execroot` named when the relay sent it (the service): outputs are copied into it by its
+    descriptor, and a request whose `execroot` path no longer names it (renamed, a symlink swapped in) is
+    staged through the descriptor too, so nothing lands outside it."""
     # Imported here, not at the top: `open_stack` imports the layers below the stack while the sandbox probe
     # runs (the worker's start-up cost); by now they are loaded.
     from treemat.action import ActionRequest
@@ -137,17 +146,22 @@ def make_handler(
 
     def handle(item: WorkItem) -> WorkReply:
         started = time.perf_counter()
+        here, output_root = execroot, None
+        if execroot_fd is not None:
+            output_root = Path(f"/proc/self/fd/{execroot_fd}")
+            here = execroot if names_directory(execroot, execroot_fd) else output_root
         try:
-            spec = parse_action_args(request_arguments(item.arguments, str(execroot)))
+            spec = parse_action_args(request_arguments(item.arguments, str(here)))
         except ProtocolError as exc:
             counters.add("requests_malformed")
             return WorkReply(item.request_id, 1, f"treemat: malformed work request: {exc}\n")
         request = ActionRequest(
             spec=spec,
             inputs=item.inputs,
-            execroot=execroot,
+            execroot=here,
             request_id=item.request_id,
             base_env=env,
+            output_root=output_root,
         )
         result = executor.execute(request)
         with stats_lock, contextlib.suppress(OSError):
@@ -161,6 +175,15 @@ def make_handler(
         return WorkReply(item.request_id, result.exit_code, result.output, result.cancelled)
 
     return handle, executor.cancel
+
+
+def names_directory(path: Path, fd: int) -> bool:
+    """True if `path` (no symlink followed at its end) is the directory open as `fd`."""
+    try:
+        named, held = os.lstat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return stat.S_ISDIR(named.st_mode) and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def serve_stdio(root: Path, *, protocol: Wire | None, max_workers: int, isolation: str = "auto") -> int:

@@ -1,0 +1,96 @@
+"""The service's side of a relay's hello (service.py): reading it and its descriptor, checking the peer, and
+naming the execroot the descriptor is."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+from treemat.relay import encode_varint
+
+MAX_HELLO_FDS = 4
+MAX_HELLO_BYTES = 16 << 20  # magic, version, pool size and the relay's environment
+
+
+def answer(text: str, *, ok: bool) -> bytes:
+    """The service's answer to a hello: `ok\\0<detail>` or `refused\\0<reason>`."""
+    body = (b"ok\0" if ok else b"refused\0") + text.encode()
+    return encode_varint(len(body)) + body
+
+
+def foreign_namespace(pid: int) -> str | None:
+    """The first namespace the peer `pid` does not share with the service ("mount namespace", ...), or None.
+
+    A relay shares them all (they are in the socket's name). A sandboxed tool of another root of the same uid
+    can reach this socket (only its own root is masked in its view); its namespaces are the sandbox's.
+    """
+    for kind in ("mnt", "user", "net"):
+        try:
+            theirs, ours = os.stat(f"/proc/{pid}/ns/{kind}"), os.stat(f"/proc/self/ns/{kind}")
+        except OSError:
+            return f"{kind} namespace (unreadable)"
+        if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
+            return {"mnt": "mount", "user": "user", "net": "network"}[kind] + " namespace"
+    return None
+
+
+def spare_descriptor() -> int:
+    """A descriptor held in reserve (-1 if none can be had now)."""
+    try:
+        return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
+def execroot_path(fd: int) -> Path:
+    """The relay's execroot as a path: the one its descriptor names where that path still is that directory.
+
+    The in-process worker stages relative to its cwd's path; the same path here keeps the execroot watch and the
+    input memo working across relays (a `/proc/self/fd/N` path crosses a link, so the watch would check every
+    input, and the number is reused by the next relay). A directory moved or removed since the relay sent it is
+    served through the descriptor itself.
+    """
+    by_descriptor = Path(f"/proc/self/fd/{fd}")
+    try:
+        path = os.readlink(by_descriptor)
+        named, held = os.stat(path), os.fstat(fd)
+    except OSError:
+        return by_descriptor
+    if path.startswith("/") and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+        return Path(path)
+    return by_descriptor
+
+
+def receive_hello(conn: socket.socket) -> tuple[bytes, list[int]]:
+    """The hello's payload and the descriptors that came with it (close-on-exec: no tool inherits them)."""
+    space = socket.CMSG_SPACE(MAX_HELLO_FDS * 4)
+    data, ancillary, _flags, _address = conn.recvmsg(1 << 16, space, socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds += [int.from_bytes(payload[i : i + 4], sys.byteorder) for i in range(0, usable, 4)]
+    size = shift = pos = 0
+    while pos < len(data):
+        byte = data[pos]
+        pos += 1
+        size |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+    body = data[pos:]
+    try:
+        if size > MAX_HELLO_BYTES:
+            raise ValueError(f"a hello of {size} bytes (at most {MAX_HELLO_BYTES})")
+        while len(body) < size:
+            chunk = conn.recv(size - len(body))
+            if not chunk:
+                break
+            body += chunk
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return body, fds
