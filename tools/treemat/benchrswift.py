@@ -3,9 +3,10 @@
 `treemat bench --rules-swift` and the e2e test (tests/e2e/test_rules_swift_e2e.py) generate the same
 workspace: rules_swift 3.6.1 and its five offline fixtures (../shared/third_party/rules_swift-3.6.1/, extracted
 under the workspace), a library, a chain of modules each importing the one below, a wide module with many
-sources on top of the chain (hundreds of inputs per compile) and a binary. It runs on Bazel 7.7.1 in WORKSPACE
-mode (tools/bazel7.sh's chroot). One line of the WORKSPACE picks the mode: `local_repository` (rules_swift as
-it is) or `treemat_rules_swift` (rules/rules_swift.bzl).
+sources on top of the chain (hundreds of inputs per compile), a binary and a swift_test (without test
+discovery: the discoverer's two dependencies are `#error` placeholders, see test_discoverer_placeholders). It
+runs on Bazel 7.7.1 in WORKSPACE mode (tools/bazel7.sh's chroot). One line of the WORKSPACE picks the mode:
+`local_repository` (rules_swift as it is) or `treemat_rules_swift` (rules/rules_swift.bzl).
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ class Shape:
 
     @property
     def modules(self) -> int:
-        """Swift modules in the workspace (Lib, the chain, Wide, App)."""
-        return self.chain + 3
+        """Swift modules in the workspace (Lib, the chain, Wide, App, LibTests)."""
+        return self.chain + 4
 
 
 def extract_fixtures(tarballs: Path, into: Path) -> Path:
