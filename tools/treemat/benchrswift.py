@@ -3,9 +3,10 @@
 `treemat bench --rules-swift` and the e2e test (tests/e2e/test_rules_swift_e2e.py) generate the same
 workspace: rules_swift 3.6.1 and its five offline fixtures (../shared/third_party/rules_swift-3.6.1/, extracted
 under the workspace), a library, a chain of modules each importing the one below, a wide module with many
-sources on top of the chain (hundreds of inputs per compile) and a binary. It runs on Bazel 7.7.1 in WORKSPACE
-mode (tools/bazel7.sh's chroot). One line of the WORKSPACE picks the mode: `local_repository` (rules_swift as
-it is) or `treemat_rules_swift` (rules/rules_swift.bzl).
+sources on top of the chain (hundreds of inputs per compile), a binary and a swift_test (without test
+discovery: the discoverer's two dependencies are `#error` placeholders, see test_discoverer_placeholders). It
+runs on Bazel 7.7.1 in WORKSPACE mode (tools/bazel7.sh's chroot). One line of the WORKSPACE picks the mode:
+`local_repository` (rules_swift as it is) or `treemat_rules_swift` (rules/rules_swift.bzl).
 """
 
 from __future__ import annotations
@@ -69,6 +70,30 @@ _globals_repo = repository_rule(_globals_impl)
 def bazel7_features():
     _version_repo(name = "bazel_features_version")
     _globals_repo(name = "bazel_features_globals")
+
+# rules_swift's swift_test names //tools/test_discoverer (a private exec attribute), a swift_binary depending on
+# these two: analysis needs the repositories, a build with `discover_tests = False` never builds them. Their one
+# module fails to compile, loudly, if the discoverer is ever built by mistake.
+_PLACEHOLDER_BUILD = """\\
+load("@build_bazel_rules_swift//swift:swift_library.bzl", "swift_library")
+
+swift_library(
+    name = "{module}",
+    srcs = ["Placeholder.swift"],
+    module_name = "{module}",
+    visibility = ["//visibility:public"],
+)
+"""
+
+def _placeholder_impl(rctx):
+    rctx.file("BUILD.bazel", _PLACEHOLDER_BUILD.format(module = rctx.attr.module))
+    rctx.file("Placeholder.swift", '#error("placeholder: the test discoverer of rules_swift is not built offline")\\n')
+
+_placeholder_repo = repository_rule(_placeholder_impl, attrs = {"module": attr.string()})
+
+def test_discoverer_placeholders():
+    _placeholder_repo(name = "com_github_apple_swift_argument_parser", module = "ArgumentParser")
+    _placeholder_repo(name = "com_github_apple_swift_docc_symbolkit", module = "SymbolKit")
 '''
 
 _BAZELRC = """\
@@ -88,8 +113,8 @@ class Shape:
 
     @property
     def modules(self) -> int:
-        """Swift modules in the workspace (Lib, the chain, Wide, App)."""
-        return self.chain + 3
+        """Swift modules in the workspace (Lib, the chain, Wide, App, LibTests)."""
+        return self.chain + 4
 
 
 def extract_fixtures(tarballs: Path, into: Path) -> Path:
@@ -134,8 +159,9 @@ def write_workspace(workspace: Path, fixtures: Path, treemat: Path, mode: str, s
         "# rules_swift: the one line below",
         mode_line(mode, str(paths["rules_swift-3.6.1"])),
         "",
-        'load("//:features.bzl", "bazel7_features")',
+        'load("//:features.bzl", "bazel7_features", "test_discoverer_placeholders")',
         "bazel7_features()",
+        "test_discoverer_placeholders()  # before swift_rules_dependencies(), which then keeps them",
         'load("@bazel_features//:deps.bzl", "bazel_features_deps")',
         "bazel_features_deps()",
         'load("@build_bazel_rules_swift//swift:repositories.bzl", "swift_rules_dependencies")',
@@ -177,6 +203,38 @@ def _library(name: str, srcs: list[str], deps: list[str]) -> str:
     ).replace("'", '"')
 
 
+_SWIFT_TEST_BUILD = """\
+load("@build_bazel_rules_swift//swift:swift.bzl", "swift_test")
+
+# Offline on Linux: no test discovery (it needs rules_swift's //tools/test_discoverer, which needs
+# swift-argument-parser and swift-docc-symbolkit); main.swift runs the XCTest cases itself.
+swift_test(
+    name = "LibTests",
+    srcs = ["main.swift"],
+    discover_tests = False,
+    deps = ["//Lib"],
+)
+"""
+_SWIFT_TEST_MAIN = """\
+import Lib
+import XCTest
+
+final class LibTests: XCTestCase {
+    static let allTests = [("testGreeting", testGreeting), ("testCounter", testCounter)]
+
+    func testGreeting() { XCTAssertEqual(greeting("test"), "hello, test") }
+
+    func testCounter() {
+        var counter = Counter()
+        XCTAssertEqual(counter.bump(), 1)
+        XCTAssertEqual(counter.bump(), 2)
+    }
+}
+
+XCTMain([testCase(LibTests.allTests)])
+"""
+
+
 def _write_sources(workspace: Path, shape: Shape) -> None:
     load = 'load("@build_bazel_rules_swift//swift:swift.bzl", "swift_binary", "swift_library")\n\n'
     files: dict[str, str] = {
@@ -202,6 +260,8 @@ def _write_sources(workspace: Path, shape: Shape) -> None:
     files["App/BUILD.bazel"] = load + 'swift_binary(\n    name = "App",\n    srcs = ["main.swift"],\n'
     files["App/BUILD.bazel"] += '    deps = ["//Lib", "//Wide"],\n)\n'
     files["App/main.swift"] = 'import Lib\nimport Wide\nvar c = Counter()\nprint(greeting("app"), wide0(c.bump()))\n'
+    files["LibTests/BUILD.bazel"] = _SWIFT_TEST_BUILD
+    files["LibTests/main.swift"] = _SWIFT_TEST_MAIN
     for rel, text in files.items():
         path = workspace / rel
         path.parent.mkdir(parents=True, exist_ok=True)
