@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -569,6 +570,32 @@ def test_a_peer_that_never_says_hello_does_not_keep_an_idle_service_alive(execro
     assert silent.recv(1) == b"" and partial.recv(1) == b""
     silent.close()
     partial.close()
+
+
+def test_a_peer_trickling_its_hello_is_dropped_once_the_whole_hello_is_late(execroot: Path, root: Path) -> None:
+    """A byte every half second never trips a per-read timeout: the deadline is for the whole hello."""
+    relay = RelayProcess(execroot, root, env={"TREEMAT_SERVICE_IDLE_MINUTES": "0.005"})  # hello within 2 s
+    assert relay.touch().exit_code == 0
+    assert relay.close() == 0
+    path = Root(root).service_file(service_name(service_version(), "auto"), "sock")
+    peer = socket.socket(socket.AF_UNIX)
+    peer.connect(str(path))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        with contextlib.suppress(OSError):
+            peer.sendall(b"\xe8\x07")  # a hello of 1,000 bytes, then one byte at a time
+            while not stop.wait(0.5):  # the pace of the trickle, not a wait for anything
+                peer.sendall(b"x")
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    try:
+        wait_for(lambda: not services(root), what="the idle service to drop the trickling peer and exit")
+    finally:
+        stop.set()
+        sender.join()
+        peer.close()
 
 
 @pytest.mark.parametrize("change", ["symlink", "group-writable", "other-writable"])

@@ -245,9 +245,8 @@ class Service:
         if uid != os.geteuid():
             conn.sendall(answer(f"uid {uid} is not the service's (uid {os.geteuid()}): refused", ok=False))
             return
-        conn.settimeout(min(HELLO_SECONDS, max(self.idle_seconds, 2.0)))
         try:
-            hello, fds = receive_hello(conn)
+            hello, fds = receive_hello(conn, min(HELLO_SECONDS, max(self.idle_seconds, 2.0)))
         except (TimeoutError, ValueError) as exc:
             print(f"treemat service: dropped a peer (pid {pid}): {exc or 'no hello in time'}", file=sys.stderr)
             return

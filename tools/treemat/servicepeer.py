@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 from treemat.relay import encode_varint
@@ -63,8 +64,14 @@ def execroot_path(fd: int) -> Path:
     return by_descriptor
 
 
-def receive_hello(conn: socket.socket) -> tuple[bytes, list[int]]:
-    """The hello's payload and the descriptors that came with it (close-on-exec: no tool inherits them)."""
+def receive_hello(conn: socket.socket, seconds: float) -> tuple[bytes, list[int]]:
+    """The hello's payload and the descriptors that came with it (close-on-exec: no tool inherits them).
+
+    The whole hello must arrive within `seconds` (TimeoutError), however it is cut: a peer trickling it a byte at a
+    time would otherwise hold the session (and keep an idle service alive) for as long as it likes.
+    """
+    deadline = time.monotonic() + seconds
+    conn.settimeout(seconds)
     space = socket.CMSG_SPACE(MAX_HELLO_FDS * 4)
     data, ancillary, _flags, _address = conn.recvmsg(1 << 16, space, socket.MSG_CMSG_CLOEXEC)
     fds: list[int] = []
@@ -85,6 +92,10 @@ def receive_hello(conn: socket.socket) -> tuple[bytes, list[int]]:
         if size > MAX_HELLO_BYTES:
             raise ValueError(f"a hello of {size} bytes (at most {MAX_HELLO_BYTES})")
         while len(body) < size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no whole hello within {seconds:.0f} s")
+            conn.settimeout(left)
             chunk = conn.recv(size - len(body))
             if not chunk:
                 break
