@@ -215,3 +215,26 @@ def test_declared_output_directories_come_back_exactly(execroot: Path, tmp_path:
         assert result.exit_code == 0, result.output
         listing = sorted(path.name for path in (execroot / "out/tree").iterdir())
         assert listing == (["copy.txt"] if writes == "a file" else [])
+
+
+@pytest.mark.parametrize("output", ["pkg/data.txt", "pkg/data.txt/inner", "pkg"])
+def test_an_output_that_is_holds_or_lies_below_an_input_is_refused(execroot: Path, tmp_path: Path, output: str) -> None:
+    """Collecting it would write over the input in the execroot: refused before the tool runs, staged afresh and
+    patched into a pooled exec dir of the same outputs."""
+    elsewhere = tmp_path / "elsewhere"  # a first action with the same outputs, in an execroot of its own
+    (elsewhere / "lib").mkdir(parents=True)
+    (elsewhere / "lib/b").write_text("b\n")
+    executor = make_executor(tmp_path / "root")
+    data = RequestInput("pkg/data.txt", _sha(execroot / "pkg/data.txt"))
+    clobber = ["sh", "-c", f"mkdir -p {output}; echo clobbered > {output}/x; touch ran"]
+    first = ActionSpec(argv=["sh", "-c", f"mkdir -p {output}"], outputs=[], output_dirs=[output])
+    assert (
+        executor.execute(ActionRequest(first, [RequestInput("lib/b", _sha(elsewhere / "lib/b"))], elsewhere)).exit_code
+        == 0
+    )
+    for attempt in ("pooled", "fresh"):
+        spec = ActionSpec(argv=clobber, outputs=[], output_dirs=[output])
+        result = executor.execute(ActionRequest(spec, [data], execroot))
+        assert result.exit_code != 0 and "refused" in result.output, (attempt, result.output)
+        assert (execroot / "pkg/data.txt").read_text() == "data\n" and not (execroot / "ran").exists()
+    assert executor.counters.snapshot().get("execpool_patch_failed", 0) >= 1  # the pooled path refused it too

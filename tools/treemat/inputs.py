@@ -12,6 +12,7 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,6 +131,7 @@ class InputStager:
             for attempt in range(2):
                 try:
                     tree, staged, files = self.build_tree(request)
+                    refuse_outputs_among_inputs(request.spec, tree.holds)
                     report = self.dircache.stage(tree, exec_dir)
                     relinked = report.hardlinked
                     break
@@ -198,12 +200,16 @@ class InputStager:
         normalize, watch, base = self.memo.path, self.execroot_watch, f"{execroot}/"
         earlier = {normalize(raw) for raw, _hash in delta.earlier}
         changes: dict[str, tuple[str, bool]] = {}
+        declared = [normalize_path(output) for output in [*request.spec.outputs, *request.spec.output_dirs]]
         for raw, hash_text in delta.later:
             if not hash_text:
                 raise ExecutionError("a directory input: its contents are not in the request")
             path = normalize(raw)
             if path in changes or (path in entry.files and path not in earlier):
                 raise ExecutionError(f"input {path!r} is listed twice")
+            for out in declared:  # what refuse_outputs_among_inputs checks on fresh staging, for the new inputs
+                if out == path or out.startswith(f"{path}/") or path.startswith(f"{out}/"):
+                    raise ExecutionError(f"output {out!r} overlaps the input {path!r}: refused")
             hash_hex = check_hash(hash_text)
             changes[path] = (hash_hex, _exec_bit(watch.check(execroot, path), base + path, path))
         files = entry.files
@@ -343,6 +349,14 @@ class InputStager:
 def pool_key(spec: ActionSpec) -> str:
     """Actions with the same declared outputs (the same target, rebuilt) share a pooled exec dir."""
     return "\0".join([*spec.outputs, "\1", *spec.output_dirs])
+
+
+def refuse_outputs_among_inputs(spec: ActionSpec, is_input: Callable[[str], bool]) -> None:
+    """ExecutionError where a declared output is, holds or lies below an input (collecting it would overwrite it)."""
+    for output in [*spec.outputs, *spec.output_dirs]:
+        path = normalize_path(output)
+        if is_input(path):
+            raise ExecutionError(f"output {path!r} is also an input (or lies below one): refused")
 
 
 def output_dirs(spec: ActionSpec) -> list[str]:

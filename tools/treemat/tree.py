@@ -163,6 +163,19 @@ class InputTree:
             raise ManifestError(f"{path!r} is listed both as a directory and as a file or symlink")
         parent.dirs.setdefault(leaf, DirectoryNode())
 
+    def holds(self, path: str) -> bool:
+        """Whether the normalized `path` is in the tree (a file, symlink or directory, or below a file)."""
+        node = self.root
+        *parents, leaf = path.split("/")
+        for name in parents:
+            if name in node.files or name in node.symlinks:
+                return True
+            child = node.dirs.get(name)
+            if child is None:
+                return False
+            node = child
+        return leaf in node.files or leaf in node.symlinks or leaf in node.dirs
+
     def iter_files(self) -> Iterator[tuple[str, FileNode]]:
         """Every `(path, FileNode)` in the tree, sorted by directory then name."""
         return self.root.iter_files()
