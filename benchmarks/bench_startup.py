@@ -59,11 +59,13 @@ class FreshWorker:
         keep_no_bytecode: bool,
         service: str = "0",
         cold: bool = False,
+        fresh_root: bool = False,
     ) -> None:
         self.execroot = execroot
-        self.root = root
+        self.base_root = self.root = root
         self.cold = cold
-        self.command = [sys.executable, "-m", "treemat", "--persistent_worker", "--protocol=proto", f"--root={root}"]
+        self.fresh_root = fresh_root
+        self.starts = 0
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tools), os.environ.get("PYTHONPATH", "")])}
         self.env["TREEMAT_SERVICE"] = service
         if not keep_no_bytecode:
@@ -72,9 +74,11 @@ class FreshWorker:
         self.running: list[subprocess.Popen[bytes]] = []
 
     def __call__(self) -> None:
-        proc = subprocess.Popen(
-            self.command, cwd=self.execroot, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
+        if self.fresh_root:  # a new root for every start, as a test harness's temp dir or a fresh CI machine
+            self.starts += 1
+            self.root = self.base_root / f"start-{self.starts}"
+        command = [sys.executable, "-m", "treemat", "--persistent_worker", "--protocol=proto", f"--root={self.root}"]
+        proc = subprocess.Popen(command, cwd=self.execroot, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.running.append(proc)
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(self.payload)
@@ -88,8 +92,10 @@ class FreshWorker:
             proc.stdin.close()
             proc.wait()
         self.running.clear()
-        if self.cold:
+        if self.cold or self.fresh_root:
             end_services(self.root)
+        if self.fresh_root and self.root.exists():
+            remove_tree(self.root)
 
 
 def end_services(root: Path) -> None:
@@ -124,6 +130,9 @@ def main() -> int:
         metavar="NAME=DIR",
         help="another checkout's tools/ dir, timed alongside as `NAME worker` (repeatable)",
     )
+    parser.add_argument(
+        "--fresh-root", action="store_true", help="also time starts on a new root each (nothing in its CAS or service/)"
+    )
     parser.add_argument("--no-bytecode", action="store_true", help="keep PYTHONDONTWRITEBYTECODE if it is set")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-startup-", dir=args.root))
@@ -140,6 +149,8 @@ def main() -> int:
         baselines = [(name, Path(tools)) for name, _, tools in (b.partition("=") for b in args.baseline)]
         modes = [("worker (in-process)", TOOLS, "0", False), ("relay, warm service", TOOLS, "1", False)]
         modes.append(("relay, cold service", TOOLS, "1", True))
+        if args.fresh_root:
+            modes += [("worker (in-process), new root", TOOLS, "0", False), ("relay, new root", TOOLS, "1", True)]
         for name, tools in baselines:  # another checkout's in-process worker and its relay starting the service
             modes += [
                 (f"{name} worker (in-process)", tools, "0", False),
@@ -154,6 +165,7 @@ def main() -> int:
                 keep_no_bytecode=args.no_bytecode,
                 service=service,
                 cold=cold,
+                fresh_root=name.endswith("new root"),
             )
             workers.append(worker)
             rows[name] = workers[-1]

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             if options["service"] == "1" and options["protocol"] == "proto":
                 from treemat.relay import relay
 
-                status = relay(options, os.environ)
+                status = relay(options, os.environ, serve_here=run_service)
                 if status is not None:
                     return status
             return serve_worker(options)
@@ -106,10 +106,16 @@ def serve_worker(options: dict[str, str]) -> int:
 
 
 def start_service(args: list[str]) -> int:
-    """The stager service (service.py): detached at once, the sandbox helper spawned and the sandbox opened (its
-    probe) in a thread before the stack's modules are imported, so that both overlap."""
+    """`--service`: the stager service (service.py), detached at once (the spawning relay reaps this process)."""
     if os.fork():
-        os._exit(0)  # the starting relay reaps this; the service is no child of any relay
+        os._exit(0)
+    return run_service(args)
+
+
+def run_service(args: list[str]) -> int:
+    """The service in this (detached) process: the sandbox helper spawned and the sandbox opened (its probe) in a
+    thread before the stack's modules are imported, so that both overlap. A relay that starts a service forks into
+    this (servicespawn.py)."""
     os.umask(0o077)
     flags = dict(arg.removeprefix("--").partition("=")[::2] for arg in args)
     root, isolation = flags.get("root", ""), flags.get("isolation", "auto")

@@ -137,10 +137,12 @@ class Root:
                 f"yours and writable by you alone)"
             )
 
-    def service_package(self, version: str) -> Path:
-        """`service/pkg-<version>/`: the copy of the treemat package a service runs from (`bazel clean` may delete
-        the runfiles of the relay that started it)."""
-        return self.service / f"pkg-{version}"
+    def service_package_parents(self) -> list[Path]:
+        """Where a service's copy of the treemat package (`pkg-<version>/`) goes, in order of preference: the
+        user's `<cache>/treemat/service-packages/` (one copy, and one set of compiled modules, for every root of
+        the user), else this root's `service/` (`bazel clean` may delete the runfiles of the relay that started
+        the service, so it never runs from them)."""
+        return [user_cache_dir().absolute() / "treemat" / "service-packages", self.service]
 
     def service_file(self, name: str, kind: str) -> Path:
         """`service/<name>.<kind>`: the service's `sock` (0600), `lock` (held to start or retire it), `pid`, `log`."""

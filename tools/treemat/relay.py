@@ -25,6 +25,7 @@ from pathlib import Path
 
 from treemat.layout import Root
 from treemat.locking import file_lock
+from treemat.servicespawn import ServeHere, ServiceUnavailable, start_service
 
 WIRE_VERSION = 1
 HELLO_MAGIC = b"treemat-relay"
@@ -32,10 +33,6 @@ MAX_FRAME = 256 << 20
 SUN_PATH_MAX = 107
 DEFAULT_IDLE_MINUTES = 15.0
 DIED = "treemat: error: the stager service ended while this request ran ({}); the next request starts a new one\n"
-
-
-class ServiceUnavailable(Exception):
-    """No service could be reached or started: the caller serves in-process."""
 
 
 def package_hash() -> str:
@@ -213,63 +210,9 @@ def connect(socket_path: Path, hello: bytes) -> tuple[socket.socket, str]:
         raise
 
 
-def package_copy(layout: Root, version: str) -> str:
-    """The directory holding this version's copy of the treemat package (made once, atomically)."""
-    import shutil
-    import tempfile
-
-    target = layout.service_package(version)
-    if not target.is_dir():
-        temp = tempfile.mkdtemp(prefix=".pkg-", dir=layout.service)
-        package = os.path.dirname(os.path.abspath(__file__))
-        shutil.copytree(package, os.path.join(temp, "treemat"), ignore=shutil.ignore_patterns("__pycache__"))
-        try:
-            os.rename(temp, target)
-        except OSError:  # another relay's copy is there
-            shutil.rmtree(temp, ignore_errors=True)
-    return str(target)
-
-
-def start_service(layout: Root, name: str, isolation: str, idle_minutes: float) -> None:
-    """Start the service (detached, from a copy of the package: `bazel clean` deletes the relay's runfiles) and
-    wait until it listens or fails."""
-    import subprocess
-
-    package_parent = package_copy(layout, service_version())
-    # its path: the package's copy, then this relay's path as `site` made it (the service runs with -S: no .pth
-    # file runs again, 10-25 ms), the directories that exist, never the cwd (Bazel's execroot, first with -m)
-    path = [package_parent] + [entry for entry in sys.path if entry != os.getcwd() and os.path.isdir(entry)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(path))}
-    read_end, write_end = os.pipe()
-    log = layout.service_file(name, "log")
-    try:
-        with open(log, "ab") as log_file:
-            command = [sys.executable, "-S", "-m", "treemat", "--service", f"--root={layout.path}", f"--name={name}"]
-            command += [f"--isolation={isolation}", f"--idle-minutes={idle_minutes}", f"--ready-fd={write_end}"]
-            child = subprocess.Popen(
-                command,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-                pass_fds=(write_end,),
-                start_new_session=True,
-                cwd="/",
-            )
-        os.close(write_end)
-        write_end = -1
-        child.wait()  # the service forks itself away at once: this reaps the first process
-        ready = b"".join(iter(lambda: os.read(read_end, 4096), b""))
-    finally:
-        os.close(read_end)
-        if write_end >= 0:
-            os.close(write_end)
-    if not ready.startswith(b"ok"):
-        reason = ready.decode(errors="replace").strip() or f"it exited; see {log}"
-        raise ServiceUnavailable(f"the service did not start: {reason}")
-
-
-def reach_service(layout: Root, name: str, hello: bytes, isolation: str, idle_minutes: float) -> socket.socket:
+def reach_service(
+    layout: Root, name: str, hello: bytes, isolation: str, idle_minutes: float, serve_here: ServeHere | None = None
+) -> socket.socket:
     """A connection to the root's service, starting it (under the service lock) if none answers."""
     layout.check_service()
     path = layout.service_file(name, "sock")
@@ -282,7 +225,7 @@ def reach_service(layout: Root, name: str, hello: bytes, isolation: str, idle_mi
             try:
                 return connect(path, hello)[0]
             except (FileNotFoundError, ConnectionError):
-                start_service(layout, name, isolation, idle_minutes)
+                start_service(layout, name, service_version(), isolation, idle_minutes, serve_here)
             try:
                 return connect(path, hello)[0]
             except (FileNotFoundError, ConnectionError):
@@ -379,8 +322,9 @@ class Relay:
                 view = view[os.write(self._stdout, view) :]
 
 
-def relay(options: Mapping[str, str], env: Mapping[str, str]) -> int | None:
-    """Serve Bazel through the root's service; None (after one line on stderr) where it cannot be used."""
+def relay(options: Mapping[str, str], env: Mapping[str, str], serve_here: ServeHere | None = None) -> int | None:
+    """Serve Bazel through the root's service; None (after one line on stderr) where it cannot be used.
+    `serve_here` runs a service in this process: a relay that must start one forks into it (servicespawn.py)."""
     try:
         layout = Root(Path(options["root"]).expanduser().absolute() if options["root"] else None)
         isolation, max_workers = options["isolation"], int(options["max_workers"] or max(2, os.cpu_count() or 2))
@@ -388,7 +332,7 @@ def relay(options: Mapping[str, str], env: Mapping[str, str]) -> int | None:
         version = service_version()
         name = service_name(version, isolation)
         hello = hello_payload(version, max_workers, env)
-        first = reach_service(layout, name, hello, isolation, idle)
+        first = reach_service(layout, name, hello, isolation, idle, serve_here)
     except Exception as exc:  # whatever it is, the in-process worker still serves (and says so)
         print(f"treemat worker: the stager service is unavailable ({exc}): serving in this process", file=sys.stderr)
         return None

@@ -42,6 +42,7 @@ from treemat.worker import DUPLICATE_REFUSED, SANDBOX_DIR_REFUSED, Canceller, Ha
 
 HELLO_SECONDS = 10.0  # a peer that has not said hello by then is dropped (it would pin the service)
 ORPHAN_CHECK_SECONDS = 2.0  # how often an idle-waiting service checks its socket is still the one it bound
+PROCESS_NAME = "treemat-service"  # /proc/PID/comm of every service (at most 15 bytes)
 
 
 class Session:
@@ -314,6 +315,7 @@ def main(argv: list[str], *, forked: bool = False) -> int:
     if not forked and os.fork():
         os._exit(0)  # the starting relay reaps this; the service is no child of any relay
     os.umask(0o077)
+    name_process(PROCESS_NAME)
     try:
         layout = Root(Path(options["root"]))
         import_first_request()  # while the sandbox opens in its thread (__main__.start_service)
@@ -333,6 +335,12 @@ def main(argv: list[str], *, forked: bool = False) -> int:
         print(f"treemat service {os.getpid()}: serving {layout.path} ({stack.isolation})", file=sys.stderr, flush=True)
         Service(stack, listener, options["name"], float(options["idle-minutes"]) * 60).serve()
     return 0
+
+
+def name_process(name: str) -> None:
+    """What `ps`, `top` and /proc/PID/comm show (a service forked from a relay keeps the relay's command line)."""
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+        comm.write(name)
 
 
 def import_first_request() -> None:

@@ -1,0 +1,117 @@
+"""Starting the stager service (servicespawn.py): a relay that finds none forks into it, hands it none of its
+descriptors, and the service imports from a package copy shared by the user's roots (the root's own where the
+user's cache is not ours alone). Real relay processes, real services."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from treemat.service import PROCESS_NAME
+from treemat.servicespawn import STALE_COPY_DAYS
+
+from ..support import services as support_services
+from ..support.harness import TOOLS_DIR
+from .test_service import READ_TIMEOUT, RelayProcess, execroot, root, the_service
+
+__all__ = ["execroot", "root"]
+
+
+def _pipe_inodes(pid: int) -> set[str]:
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return found
+
+
+def test_support_names_the_service_as_it_names_itself() -> None:
+    assert support_services.PROCESS_NAME.decode() == PROCESS_NAME and len(PROCESS_NAME) <= 15
+
+
+def test_a_relay_forks_into_the_service_which_holds_none_of_its_descriptors(execroot: Path, root: Path) -> None:
+    relay = RelayProcess(execroot, root)
+    assert relay.touch().exit_code == 0, relay.stderr
+    service = the_service(root)
+    assert Path(f"/proc/{service}/comm").read_text().strip() == "treemat-service"
+    argv = Path(f"/proc/{service}/cmdline").read_bytes().split(b"\0")
+    assert b"--persistent_worker" in argv and b"--service" not in argv  # forked from the relay, no new interpreter
+    status = Path(f"/proc/{service}/status").read_text()
+    assert f"PPid:\t{relay.proc.pid}\n" not in status  # detached: no child of the relay
+    assert relay.proc.stdin is not None and relay.proc.stdout is not None
+    relay_pipes = {f"pipe:[{os.fstat(end.fileno()).st_ino}]" for end in (relay.proc.stdin, relay.proc.stdout)}
+    assert not relay_pipes & _pipe_inodes(service)  # Bazel's pipes end with the relay
+    assert os.readlink(f"/proc/{service}/cwd") == "/"
+    relay.proc.stdin.close()
+    assert relay.proc.stdout.read() == b""  # EOF: nothing else holds the relay's stdout
+    assert relay.proc.wait(timeout=READ_TIMEOUT) == 0
+    assert the_service(root) == service  # and it outlives the relay
+    second = RelayProcess(execroot, root)  # the service lock was released (no descriptor of it inherited)
+    assert second.touch("out/y").exit_code == 0
+    assert second.close() == 0 and the_service(root) == service
+
+
+def test_roots_share_the_users_package_copy(execroot: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    roots = [tmp_path / "root-a", tmp_path / "root-b"]
+    try:
+        for number, path in enumerate(roots):
+            relay = RelayProcess(execroot, path, env={"XDG_CACHE_HOME": str(cache)})
+            assert relay.touch(f"out/{number}").exit_code == 0, relay.stderr
+            assert relay.close() == 0
+        (copy,) = (cache / "treemat/service-packages").glob("pkg-*")
+        assert (copy / "treemat/relay.py").read_bytes() == (TOOLS_DIR / "treemat/relay.py").read_bytes()
+        assert not [copy for path in roots for copy in (path / "service").glob("pkg-*")]
+        assert stat.S_IMODE(os.stat(cache / "treemat/service-packages").st_mode) == 0o700
+    finally:
+        for path in roots:
+            support_services.end_services_under(path)
+
+
+def test_a_package_dir_others_can_write_is_not_used_the_roots_own_is(
+    execroot: Path, root: Path, tmp_path: Path
+) -> None:
+    shared = tmp_path / "cache/treemat/service-packages"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)  # anyone could plant modules there: the service must not import from it
+    relay = RelayProcess(execroot, root, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert relay.touch().exit_code == 0, relay.stderr
+    assert relay.close() == 0
+    assert not list(shared.iterdir())
+    assert len(list((root / "service").glob("pkg-*"))) == 1
+
+
+def test_a_copy_unused_for_weeks_goes_when_another_is_made(execroot: Path, root: Path, tmp_path: Path) -> None:
+    shared = tmp_path / "cache/treemat/service-packages"
+    stale, recent = shared / "pkg-1-stale", shared / "pkg-1-recent"
+    for old in (stale, recent):
+        (old / "treemat").mkdir(parents=True)
+    weeks_ago = os.stat(stale).st_mtime - (STALE_COPY_DAYS + 1) * 86400
+    os.utime(stale, (weeks_ago, weeks_ago))
+    relay = RelayProcess(execroot, root, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert relay.touch().exit_code == 0, relay.stderr
+    assert relay.close() == 0
+    assert not stale.exists() and recent.exists()
+    assert len(list(shared.glob("pkg-*"))) == 2
+
+
+def test_the_service_keeps_serving_after_the_relays_package_is_deleted(
+    execroot: Path, root: Path, tmp_path: Path
+) -> None:
+    """`bazel clean` deletes the runfiles the first relay ran from; the service imports from its copy."""
+    runfiles = [tmp_path / "runfiles-1", tmp_path / "runfiles-2"]
+    for path in runfiles:
+        shutil.copytree(TOOLS_DIR / "treemat", path / "treemat", ignore=shutil.ignore_patterns("__pycache__"))
+    first = RelayProcess(execroot, root, env={"PYTHONPATH": str(runfiles[0])})
+    assert first.touch("out/one").exit_code == 0, first.stderr
+    assert first.close() == 0
+    service = the_service(root)
+    shutil.rmtree(runfiles[0])
+    second = RelayProcess(execroot, root, env={"PYTHONPATH": str(runfiles[1])})
+    reply = second.touch("out/two")
+    assert reply.exit_code == 0, reply.output
+    assert second.close() == 0 and the_service(root) == service

@@ -1,0 +1,174 @@
+"""Starting the root's stager service (service.py) for a relay (relay.py) that found none.
+
+Two ways, the first where it can be had:
+
+- **forked**: the relay forks itself; the child detaches (new session, a second fork, fds 0-2 to /dev/null and
+  the service's log, every other descriptor closed) and becomes the service in place, through the `serve_here`
+  callable that the composition root (`__main__`) hands down. No second interpreter starts and nothing the relay
+  imported is imported again. Only while the relay runs a single thread (its first connect): a fork of a
+  process with threads could inherit a lock held by one of them.
+- **spawned**: `python -S -m treemat --service ...` (a relay whose service died while it relayed).
+
+Either way the service imports its modules from a copy of the package keyed by its content hash, made once per
+user in the user's cache (so its compiled modules are shared by every root of the user; the root's `service/`
+when that cache cannot be used): `bazel clean` deletes the runfiles of the relay that started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from treemat.layout import Root
+
+ServeHere = Callable[[list[str]], int]  # runs the service in this process (__main__.run_service); its status
+STALE_COPY_DAYS = 14  # a package copy no service started from for this long is removed when another is made
+
+
+class ServiceUnavailable(Exception):
+    """No service could be reached or started: the caller serves in-process."""
+
+
+def package_copy(layout: Root, version: str) -> str:
+    """The directory holding this version's copy of the treemat package (made once, atomically)."""
+    for parent in layout.service_package_parents():
+        with contextlib.suppress(OSError):
+            if _ours_alone(parent, create=True):
+                return _copy_into(parent, f"pkg-{version}")
+    raise ServiceUnavailable("no directory of ours to copy the treemat package into")
+
+
+def _ours_alone(directory: Path, *, create: bool) -> bool:
+    """True if `directory` is a directory (no symlink) of this uid that neither group nor others can write."""
+    if create:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(directory)
+    return (
+        stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    )
+
+
+def _copy_into(parent: Path, name: str) -> str:
+    import shutil
+    import tempfile
+
+    target = parent / name
+    if target.is_dir():
+        with contextlib.suppress(OSError):
+            os.utime(target)  # in use: not stale
+        return str(target)
+    temp = tempfile.mkdtemp(prefix=".pkg-", dir=parent)
+    package = os.path.dirname(os.path.abspath(__file__))
+    shutil.copytree(package, os.path.join(temp, "treemat"), ignore=shutil.ignore_patterns("__pycache__"))
+    try:
+        os.rename(temp, target)
+    except OSError:  # another relay's copy is there
+        shutil.rmtree(temp, ignore_errors=True)
+    cutoff = time.time() - STALE_COPY_DAYS * 86400
+    for old in parent.glob("pkg-*"):
+        with contextlib.suppress(OSError):
+            if old != target and old.lstat().st_mtime < cutoff:
+                shutil.rmtree(old)
+    return str(target)
+
+
+def start_service(
+    layout: Root, name: str, version: str, isolation: str, idle_minutes: float, serve_here: ServeHere | None
+) -> None:
+    """Start the service (detached) and wait until it listens or fails; ServiceUnavailable with its reason."""
+    package_parent = package_copy(layout, version)
+    args = [f"--root={layout.path}", f"--name={name}", f"--isolation={isolation}", f"--idle-minutes={idle_minutes}"]
+    log = layout.service_file(name, "log")
+    read_end, write_end = os.pipe()
+    try:
+        if serve_here is not None and threading.active_count() == 1:
+            _fork(package_parent, args, log, read_end, write_end, serve_here)
+        else:
+            _spawn(package_parent, args, log, write_end)
+        os.close(write_end)
+        write_end = -1
+        ready = b"".join(iter(lambda: os.read(read_end, 4096), b""))
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    if not ready.startswith(b"ok"):
+        reason = ready.decode(errors="replace").strip() or f"it exited; see {log}"
+        raise ServiceUnavailable(f"the service did not start: {reason}")
+
+
+def _spawn(package_parent: str, args: list[str], log: Path, write_end: int) -> None:
+    """`python -S -m treemat --service`: its path the package's copy, then this relay's path as `site` made it
+    (no .pth file runs again), the directories that exist, never the cwd (Bazel's execroot, first with -m)."""
+    import subprocess
+
+    path = [package_parent] + [entry for entry in sys.path if entry != os.getcwd() and os.path.isdir(entry)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(path))}
+    with open(log, "ab") as log_file:
+        child = subprocess.Popen(
+            [sys.executable, "-S", "-m", "treemat", "--service", *args, f"--ready-fd={write_end}"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            pass_fds=(write_end,),
+            start_new_session=True,
+            cwd="/",
+        )
+    child.wait()  # the service forks itself away at once: this reaps the first process
+
+
+def _fork(
+    package_parent: str, args: list[str], log: Path, read_end: int, write_end: int, serve_here: ServeHere
+) -> None:
+    """Fork; the grandchild becomes the service and never returns here (os._exit)."""
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)  # the child exits as soon as it forked the service: no child of any relay
+        return
+    status = 1
+    try:
+        os.close(read_end)
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        relay_cwd = os.getcwd()
+        _detach(log, keep=write_end)
+        _import_from_copy(package_parent, relay_cwd)
+        status = serve_here([*args, f"--ready-fd={write_end}"])
+    except BaseException as exc:  # a line in the log; the relay reads no "ok" and says so
+        with contextlib.suppress(Exception):
+            print(f"treemat service: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    finally:
+        os._exit(status)
+
+
+def _detach(log: Path, *, keep: int) -> None:
+    """stdin from /dev/null, stdout and stderr to the log, the cwd /, and no other inherited descriptor (the
+    relay's pipes to Bazel and the service lock's flock above all)."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.closerange(3, keep)
+    os.closerange(keep + 1, 1 << 20)
+    os.chdir("/")
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - the relay's buffers stay unflushed
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+
+
+def _import_from_copy(package_parent: str, relay_cwd: str) -> None:
+    """Every treemat module imported from now on comes from the package's copy (what the relay imported stays);
+    nothing from the relay's cwd (Bazel's execroot, first on the path with -m)."""
+    import treemat
+
+    treemat.__path__[:] = [os.path.join(package_parent, "treemat")]
+    kept = [entry for entry in sys.path if entry not in ("", relay_cwd) and os.path.isdir(entry)]
+    sys.path[:] = [package_parent, *kept]
