@@ -9,6 +9,7 @@ import shutil
 import stat
 from pathlib import Path
 
+import pytest
 from treemat.service import PROCESS_NAME
 from treemat.servicespawn import STALE_COPY_DAYS
 
@@ -115,3 +116,26 @@ def test_the_service_keeps_serving_after_the_relays_package_is_deleted(
     reply = second.touch("out/two")
     assert reply.exit_code == 0, reply.output
     assert second.close() == 0 and the_service(root) == service
+
+
+def test_a_copy_that_cannot_be_made_leaves_no_temp_dir_and_the_next_place_is_tried(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from treemat import servicespawn
+    from treemat.layout import Root
+
+    shared = tmp_path / "cache/treemat/service-packages"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real_copytree = shutil.copytree
+    calls: list[str] = []
+
+    def copytree_full_disk_once(source: str, target: str, *args: object, **kwargs: object) -> object:
+        calls.append(target)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real_copytree(source, target, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(shutil, "copytree", copytree_full_disk_once)
+    made = Path(servicespawn.package_copy(Root(root), "1-test"))
+    assert made.parent == root / "service" and (made / "treemat/relay.py").is_file()
+    assert shared.is_dir() and not list(shared.iterdir())  # the failed copy's temp dir went

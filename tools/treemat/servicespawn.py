@@ -65,11 +65,13 @@ def _copy_into(parent: Path, name: str) -> str:
         return str(target)
     temp = tempfile.mkdtemp(prefix=".pkg-", dir=parent)
     package = os.path.dirname(os.path.abspath(__file__))
-    shutil.copytree(package, os.path.join(temp, "treemat"), ignore=shutil.ignore_patterns("__pycache__"))
     try:
+        shutil.copytree(package, os.path.join(temp, "treemat"), ignore=shutil.ignore_patterns("__pycache__"))
         os.rename(temp, target)
-    except OSError:  # another relay's copy is there
+    except OSError:
         shutil.rmtree(temp, ignore_errors=True)
+        if not target.is_dir():  # a full disk, say (else another relay's copy is there)
+            raise
     cutoff = time.time() - STALE_COPY_DAYS * 86400
     for old in parent.glob("pkg-*"):
         with contextlib.suppress(OSError):
