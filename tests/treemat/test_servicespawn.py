@@ -139,3 +139,21 @@ def test_a_copy_that_cannot_be_made_leaves_no_temp_dir_and_the_next_place_is_tri
     made = Path(servicespawn.package_copy(Root(root), "1-test"))
     assert made.parent == root / "service" and (made / "treemat/relay.py").is_file()
     assert shared.is_dir() and not list(shared.iterdir())  # the failed copy's temp dir went
+
+
+def test_a_service_that_never_says_ready_is_given_up_on(tmp_path: Path) -> None:
+    from treemat import servicespawn
+
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"o")  # half an answer, then nothing: a stopped or stuck service
+        with pytest.raises(servicespawn.ServiceUnavailable, match=r"did not start within 0 s; see .*svc\.log"):
+            servicespawn.read_until_closed(read_end, 0.2, tmp_path / "svc.log")
+        os.write(write_end, b"k\n")
+        os.close(write_end)
+        write_end = -1
+        assert servicespawn.read_until_closed(read_end, 5.0, tmp_path / "svc.log") == b"k\n"
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)

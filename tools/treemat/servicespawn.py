@@ -29,6 +29,7 @@ from treemat.layout import Root
 
 ServeHere = Callable[[list[str]], int]  # runs the service in this process (__main__.run_service); its status
 STALE_COPY_DAYS = 14  # a package copy no service started from for this long is removed when another is made
+READY_SECONDS = 60.0  # a service not ready by then (stopped, stuck on a hung filesystem) is given up on
 
 
 class ServiceUnavailable(Exception):
@@ -95,7 +96,7 @@ def start_service(
             _spawn(package_parent, args, log, write_end)
         os.close(write_end)
         write_end = -1
-        ready = b"".join(iter(lambda: os.read(read_end, 4096), b""))
+        ready = read_until_closed(read_end, READY_SECONDS, log)
     finally:
         os.close(read_end)
         if write_end >= 0:
@@ -103,6 +104,24 @@ def start_service(
     if not ready.startswith(b"ok"):
         reason = ready.decode(errors="replace").strip() or f"it exited; see {log}"
         raise ServiceUnavailable(f"the service did not start: {reason}")
+
+
+def read_until_closed(fd: int, seconds: float, log: Path) -> bytes:
+    """What the service writes on its start-up pipe until it closes it; ServiceUnavailable past `seconds` (the
+    relay then serves in-process instead of waiting on a service that never comes)."""
+    import select
+
+    deadline = time.monotonic() + seconds
+    chunks: list[bytes] = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ServiceUnavailable(f"the service did not start within {seconds:.0f} s; see {log}")
+        if select.select([fd], [], [], remaining)[0]:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
 
 
 def _spawn(package_parent: str, args: list[str], log: Path, write_end: int) -> None:
