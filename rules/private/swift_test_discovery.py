@@ -147,7 +147,7 @@ struct TreematTestRunner {{
                 _exit(swiftTestingStatus)
             }}
         }}
-        var entries: [XCTestCaseEntry] = [{entries}]
+        {binding} entries: [XCTestCaseEntry] = [{entries}]
 {maybe}        XCTMain(entries, arguments: filter.isEmpty ? [program] : [program, filter]) as Never
     }}
 }}
@@ -197,7 +197,8 @@ def render(module: str, classes: list[TestClass]) -> str:
             entries.append(f"testCase({type_name}.__treematAllTests{index})")
         else:
             maybe.append(f"        entries += __treematTestCase({type_name}.__treematAllTests{index})\n")
-    parts.append(_MAIN.format(entries=", ".join(entries), maybe="".join(maybe)))
+    binding = "var" if maybe else "let"  # `var` never mutated is a warning in every test build
+    parts.append(_MAIN.format(binding=binding, entries=", ".join(entries), maybe="".join(maybe)))
     return "\n".join(parts)
 
 
