@@ -157,3 +157,37 @@ def test_a_service_that_never_says_ready_is_given_up_on(tmp_path: Path) -> None:
         os.close(read_end)
         if write_end >= 0:
             os.close(write_end)
+
+
+def test_a_relay_without_a_home_serves_through_its_roots_service_and_writes_nothing_in_the_execroot(
+    execroot: Path, tmp_path: Path
+) -> None:
+    """No $HOME and no passwd entry (an unmapped uid in a user namespace, a worker with a scrubbed environment):
+    no user cache, so no shared copy and no compiled-module cache; never a relative `~/.cache` in the cwd."""
+    tmp_path.chmod(0o777)
+    for directory in (execroot, execroot / "in", execroot / "out"):
+        directory.chmod(0o777)
+    root = tmp_path / "homeless-root"
+    unmapped = ["unshare", "--user", "--map-user=12345", "--map-group=12345"]
+    wrapper = [*unmapped, "env", "-u", "HOME", "-u", "XDG_CACHE_HOME"]
+    relay = RelayProcess(execroot, root, wrapper=wrapper)
+    try:
+        reply = relay.touch()
+        assert reply.exit_code == 0, reply.output + relay.stderr
+        assert "unavailable" not in relay.stderr  # the service, not the in-process fallback
+        assert relay.close() == 0
+        assert len(list((root / "service").glob("pkg-*"))) == 1
+        assert not (execroot / "~").exists()
+    finally:
+        support_services.end_services_under(root)
+
+
+def test_the_default_root_without_a_home_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from treemat.errors import CasError
+    from treemat.layout import default_root_path
+
+    for name in ("HOME", "XDG_CACHE_HOME", "TREEMAT_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # what it does without a passwd entry
+    with pytest.raises(CasError, match="set TREEMAT_ROOT or pass --root"):
+        default_root_path()

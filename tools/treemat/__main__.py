@@ -143,7 +143,8 @@ def keep_bytecode_across_bazel_clean() -> None:
     if sys.pycache_prefix is None and not sys.flags.dont_write_bytecode:
         # layout.user_cache_dir's rule, spelled here: importing any treemat module first would compile it in place
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        sys.pycache_prefix = os.path.join(cache, "treemat", "pycache")
+        if os.path.isabs(cache):  # no home ("~" unexpanded): never a relative prefix, under Bazel's execroot
+            sys.pycache_prefix = os.path.join(cache, "treemat", "pycache")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,12 @@ def user_cache_dir() -> Path:
     (__main__ spells the same rule for its bytecode cache: it runs before any treemat module may be imported.)
     """
     cache = os.environ.get("XDG_CACHE_HOME")
-    return Path(cache) if cache else Path.home() / ".cache"
+    if cache:
+        return Path(cache)
+    home = os.path.expanduser("~")
+    if not os.path.isabs(home):  # no $HOME and no passwd entry (an unmapped uid in a user namespace)
+        raise CasError("no home directory for treemat's default root: set TREEMAT_ROOT or pass --root")
+    return Path(home) / ".cache"
 
 
 def default_root_path() -> Path:
@@ -142,7 +147,10 @@ class Root:
         user's `<cache>/treemat/service-packages/` (one copy, and one set of compiled modules, for every root of
         the user), else this root's `service/` (`bazel clean` may delete the runfiles of the relay that started
         the service, so it never runs from them)."""
-        return [user_cache_dir().absolute() / "treemat" / "service-packages", self.service]
+        try:
+            return [user_cache_dir().absolute() / "treemat" / "service-packages", self.service]
+        except CasError:  # no home: this root's own
+            return [self.service]
 
     def service_file(self, name: str, kind: str) -> Path:
         """`service/<name>.<kind>`: the service's `sock` (0600), `lock` (held to start or retire it), `pid`, `log`."""
