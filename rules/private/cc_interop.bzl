@@ -109,6 +109,7 @@ def _clang_module_aspect_impl(target, ctx):
         module_map = module_map,
         deps_module_maps = depset(transitive = [module_maps_of(d) for d in deps]),
         links_cxx = links_cxx or any([d.links_cxx for d in deps]),
+        superseded_module_maps = depset(transitive = [d.superseded_module_maps for d in deps]),
     )]
 
 clang_module_aspect = aspect(
@@ -126,29 +127,42 @@ def c_interop(deps):
       deps: the targets of the `deps` attribute (swift_library, cc_library, swift_c_module, ...).
 
     Returns:
-      A struct: `cc_info` (CcInfo merged over everything reached), `module_maps` (depset of module map Files),
-      `links_cxx` (bool).
+      A struct: `cc_info` (CcInfo merged over everything reached), `module_maps` (depset of module map Files,
+      the superseded ones left out), `superseded_module_maps` (depset), `links_cxx` (bool).
     """
     cc_infos = []
     module_maps = []
+    superseded = []
     links_cxx = False
     for dep in deps:
         if SwiftModuleInfo in dep:
             info = dep[SwiftModuleInfo]
             cc_infos.append(info.cc_info)
             module_maps.append(info.transitive_module_maps)
+            superseded.append(info.superseded_module_maps)
             links_cxx = links_cxx or info.links_cxx
         elif CcInfo in dep:
             cc_infos.append(dep[CcInfo])
             if SwiftClangModuleInfo in dep:
                 clang = dep[SwiftClangModuleInfo]
                 module_maps.append(module_maps_of(clang))
+                superseded.append(clang.superseded_module_maps)
                 links_cxx = links_cxx or clang.links_cxx
+    superseded_module_maps = depset(transitive = superseded)
     return struct(
         cc_info = cc_common.merge_cc_infos(cc_infos = cc_infos),
-        module_maps = depset(transitive = module_maps),
+        module_maps = _without(depset(transitive = module_maps), superseded_module_maps),
+        superseded_module_maps = superseded_module_maps,
         links_cxx = links_cxx,
     )
+
+def _without(module_maps, superseded):
+    """`module_maps` less the superseded ones: a cc_library wrapped by a swift_c_module and also reached through
+    another C library gets a generated module map there, which would declare its headers a second time."""
+    dropped = {f: True for f in superseded.to_list()}
+    if not dropped:
+        return module_maps
+    return depset([f for f in module_maps.to_list() if f not in dropped])
 
 def add_clang_importer_args(args, interop):
     """Adds `-Xcc` flags for the transitive C compilation context and every module map to a swiftc argv."""

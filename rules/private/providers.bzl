@@ -29,6 +29,9 @@ SwiftModuleInfo = provider(
         "transitive_module_maps": "depset of the clang module map Files of those C modules (generated for a " +
                                   "plain cc_library, a swift_c_module's own): `-Xcc -fmodule-map-file=` each.",
         "links_cxx": "True when one of those libraries has C++ sources (links add -lstdc++).",
+        "superseded_module_maps": "depset of generated module maps that a swift_c_module's own module map " +
+                                  "replaces (those of the libraries it wraps): left out of every compile " +
+                                  "that both reach (one header in two modules is an error).",
     },
 )
 
@@ -43,5 +46,7 @@ its headers, include paths, defines and libraries.""",
         "deps_module_maps": "depset of the module maps of the C modules it depends on (transitively), " +
                             "its own excluded.",
         "links_cxx": "True when this library or one it depends on has C++ sources.",
+        "superseded_module_maps": "depset of the generated module maps that swift_c_modules it reaches " +
+                                  "replace with their own (see SwiftModuleInfo).",
     },
 )

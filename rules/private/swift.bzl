@@ -85,6 +85,7 @@ def _swift_library_impl(ctx):
             transitive_link_inputs = transitive_link_inputs(ctx, deps),
             cc_info = context.interop.cc_info,
             transitive_module_maps = context.interop.module_maps,
+            superseded_module_maps = context.interop.superseded_module_maps,
             links_cxx = context.interop.links_cxx,
         ),
     ]

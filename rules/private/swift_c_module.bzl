@@ -18,6 +18,12 @@ def _swift_c_module_impl(ctx):
             module_map = ctx.file.module_map,
             deps_module_maps = deps_module_maps,
             links_cxx = any([info.links_cxx for info in infos]),
+            # ...and wherever else those libraries are reached (through another C library), their generated
+            # module maps give way to this one
+            superseded_module_maps = depset(
+                [info.module_map for info in infos if info.module_map],
+                transitive = [info.superseded_module_maps for info in infos],
+            ),
         ),
     ]
 

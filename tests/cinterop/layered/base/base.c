@@ -1,0 +1,2 @@
+#include "base.h"
+int layered_base(void) { return LAYERED_SOME; }
