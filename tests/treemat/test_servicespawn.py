@@ -15,7 +15,7 @@ from treemat.servicespawn import STALE_COPY_DAYS
 
 from ..support import services as support_services
 from ..support.harness import TOOLS_DIR
-from .test_service import READ_TIMEOUT, RelayProcess, execroot, root, the_service
+from ..support.relays import READ_TIMEOUT, RelayProcess, execroot, root, the_service
 
 __all__ = ["execroot", "root"]
 
