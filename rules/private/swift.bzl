@@ -14,6 +14,7 @@ compilation context reaches every compile, their libraries every link.
 
 load(":cc_interop.bzl", "clang_module_aspect")
 load(":providers.bzl", "SwiftModuleInfo")
+load(":resources.bzl", "RESOURCE_ATTRS", "resource_bundle")
 load(":staged_action.bzl", "TREEMAT_ATTRS")
 load(
     ":swift_actions.bzl",
@@ -58,23 +59,27 @@ def _enable_testing(ctx):
     # As SwiftPM and rules_swift do: `@testable import` works in debug builds, not in optimised ones.
     return ctx.var["COMPILATION_MODE"] != "opt"
 
+def _sources(ctx, bundle):
+    return ctx.files.srcs + ([bundle.accessor] if bundle.accessor else [])
+
 def _swift_library_impl(ctx):
     swift = _toolchain(ctx)
     module_name = _module_name(ctx)
     context = compile_context(ctx)
+    bundle = resource_bundle(ctx, module_name)
     object_file, swiftmodule, swiftdoc = compile(
         ctx,
         swift = swift,
         context = context,
         module_name = module_name,
-        srcs = ctx.files.srcs,
+        srcs = _sources(ctx, bundle),
         parse_as_library = True,
         enable_testing = _enable_testing(ctx),
         emit_module = True,
     )
     deps = context.deps
     return [
-        DefaultInfo(files = depset([swiftmodule, object_file]), runfiles = _runfiles(ctx)),
+        DefaultInfo(files = depset([swiftmodule, object_file]), runfiles = _runfiles(ctx, bundle.files)),
         SwiftModuleInfo(
             module_name = module_name,
             swiftmodule = swiftmodule,
@@ -90,14 +95,15 @@ def _swift_library_impl(ctx):
         ),
     ]
 
-def _executable_runfiles(ctx, c_libraries):
+def _executable_runfiles(ctx, c_libraries, bundle):
     # Shared C libraries are loaded at run time.
-    return _runfiles(ctx, extra_files = c_libraries.shared_libraries)
+    return _runfiles(ctx, extra_files = c_libraries.shared_libraries + bundle.files)
 
 def _swift_binary_impl(ctx):
     swift = _toolchain(ctx)
     module_name = _module_name(ctx)
     context = compile_context(ctx)
+    bundle = resource_bundle(ctx, module_name)
 
     # A module with main.swift has top-level code there; any other module is parsed as a library, so `@main`
     # works (swiftc: "'main' attribute cannot be used in a module that contains top-level code").
@@ -106,7 +112,7 @@ def _swift_binary_impl(ctx):
         swift = swift,
         context = context,
         module_name = module_name,
-        srcs = ctx.files.srcs,
+        srcs = _sources(ctx, bundle),
         parse_as_library = not _has_main_swift(ctx),
         enable_testing = False,
         emit_module = False,
@@ -116,7 +122,7 @@ def _swift_binary_impl(ctx):
     return [DefaultInfo(
         executable = executable,
         files = depset([executable]),
-        runfiles = _executable_runfiles(ctx, c_libraries),
+        runfiles = _executable_runfiles(ctx, c_libraries, bundle),
     )]
 
 def _swift_test_impl(ctx):
@@ -128,12 +134,13 @@ def _swift_test_impl(ctx):
     # temporary directory of the action, never an output) and swift_test_discovery.py writes an `@main` runner
     # from the XCTestCase subclasses and test methods it lists; the runner runs Swift Testing, then XCTest.
     runner_source = ctx.actions.declare_file("{}_runner/main.swift".format(ctx.label.name))
+    bundle = resource_bundle(ctx, module_name)
     test_object, test_module, test_doc = compile(
         ctx,
         swift = swift,
         context = context,
         module_name = module_name,
-        srcs = ctx.files.srcs,
+        srcs = _sources(ctx, bundle),
         parse_as_library = True,
         enable_testing = True,  # the generated runner `@testable import`s the test module
         emit_module = True,
@@ -167,12 +174,13 @@ def _swift_test_impl(ctx):
         DefaultInfo(
             executable = executable,
             files = depset([executable]),
-            runfiles = _executable_runfiles(ctx, c_libraries),
+            runfiles = _executable_runfiles(ctx, c_libraries, bundle),
         ),
         testing.TestEnvironment(ctx.attr.env),
     ]
 
-_COMMON_ATTRS = dict(TREEMAT_ATTRS, **{
+_COMMON_ATTRS = dict(TREEMAT_ATTRS, **RESOURCE_ATTRS)
+_COMMON_ATTRS.update({
     "srcs": attr.label_list(allow_files = [".swift"], doc = "Swift sources of this module."),
     "deps": attr.label_list(
         providers = [[SwiftModuleInfo], [CcInfo]],

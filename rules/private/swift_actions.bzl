@@ -97,6 +97,8 @@ def _add_compile_args(
     if parse_as_library:
         request.add("-parse-as-library")
     request.add_all(ctx.attr.defines, format_each = "-D%s")
+    if getattr(ctx.attr, "resources", None):  # as SwiftPM: the module has Bundle.module (resources.bzl)
+        request.add("-DSWIFT_MODULE_RESOURCE_BUNDLE_AVAILABLE")
     request.add_all(["-file-prefix-map", "{EXEC_ROOT}=.", "-module-cache-path", "{TOOL_CACHE}/swift-module-cache"])
     request.add_all(
         depset(transitive = [extra_modules, context.swiftmodules]),

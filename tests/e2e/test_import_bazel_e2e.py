@@ -35,6 +35,7 @@ SWIFT = shutil.which("swift") or ("/opt/swift/usr/bin/swift" if Path("/opt/swift
 # `swift build && .build/debug/shapes` on the same fixture (its URL dependency made a path) prints exactly this.
 EXPECTED_APP_OUTPUT = (
     "distance: 5.0\nscaled area: 30\nratio: 2:3\ntotal area: 7.0\nabsolute: 7\nplatform: linux\nconfiguration: debug\n"
+    "unit: unit square: 1\n"  # its resource, through Bundle.module
 )
 TESTS = ("//:GeometryTests", "@swiftpkg_fastmath//:FastMathTests")
 IN_BAZEL7_CHROOT = bool(os.environ.get("TREEMAT_BAZEL7_CHROOT"))

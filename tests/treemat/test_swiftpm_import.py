@@ -119,7 +119,7 @@ def test_c_targets_swift_targets_and_settings(geometry: Path) -> None:
         text.count('config_setting(\n    name = "swiftpm_release",\n    values = {"compilation_mode": "opt"},\n)') == 1
     )
     assert (
-        'defines = [\n        "SWIFT_PACKAGE",\n        "SWIFT_MODULE_RESOURCE_BUNDLE_UNAVAILABLE",\n'
+        'defines = [\n        "SWIFT_PACKAGE",\n'  # it has a bundle: the rules define ..._AVAILABLE
         '        "GEOMETRY_LINUX",\n    ] + select({\n        ":swiftpm_release": [],\n'
         '        "//conditions:default": ["DEBUG_ONLY"],\n    }),'
     ) in geometry_rule
@@ -146,12 +146,14 @@ def test_c_targets_swift_targets_and_settings(geometry: Path) -> None:
     sized = build_text(plan_import(geometry, root_data=GEOMETRY, test_size="large"), geometry)
     assert rule_of(sized, "GeometryTests").endswith('    size = "large",\n)\n') and sized.count("size =") == 1
     assert text.startswith(MARK) and 'load("@treemat//rules:defs.bzl", "swift_binary", "swift_c_module",' in text
+    # its resource in its bundle (Bundle.module, rules/private/resources.bzl), and in the runfiles as before
+    assert 'resources = {\n        "Sources/Geometry/Resources/unit.txt": "unit.txt",\n    },' in geometry_rule
+    assert 'data = ["Sources/Geometry/Resources/unit.txt"]' in geometry_rule
     lines = {u.line() for u in result.untranslated}
     assert lines == {
         "geometry/CShapes: cSettings define APPLE_ONLY: only for macos, ios (not linux): dropped",
         "geometry/Geometry: swiftSettings define GEOMETRY_APPLE: only for macos (not linux): dropped",
         "geometry/Geometry: linkerSettings linkedFramework Foundation: frameworks are Apple-only: dropped",
-        "geometry/Geometry: resources (1 files) are runfiles (`data`); Bundle.module is not generated",
         "geometry/GeometryTests: dependency on executable target shapes-cli: not translated",
         "geometry/Plugin: plugin target not translated",
     }
@@ -399,3 +401,22 @@ def test_cli_help_json_and_one_line_errors(tmp_path: Path) -> None:
         assert failed.exit_code in (1, 2), failed.output
         errors = [line for line in failed.output.splitlines() if "rror" in line]
         assert len(errors) == 1 and message in errors[0], failed.output
+
+
+def test_resources_land_in_the_bundle_as_swiftpm_puts_them(tmp_path: Path) -> None:
+    from treemat.swiftpm import Target, bundle_path
+
+    package = tmp_path / "p"
+    for name in ("Data/a.json", "Data/deep/b.txt", "Assets/x/y.png", "one.txt", "inline.bin"):
+        (package / "Sources/M" / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / "Sources/M" / name).write_text(name)
+    target = Target(
+        name="M",
+        type="regular",
+        resources=(("process", "Data"), ("copy", "Assets/x"), ("copy", "one.txt"), ("embedInCode", "inline.bin")),
+    )
+    placed = {f: bundle_path(package, target, f"Sources/M/{f}") for f in ("Data/a.json", "Data/deep/b.txt")}
+    assert placed == {"Data/a.json": "a.json", "Data/deep/b.txt": "b.txt"}  # .process flattens
+    assert bundle_path(package, target, "Sources/M/Assets/x/y.png") == "x/y.png"  # .copy keeps the directory
+    assert bundle_path(package, target, "Sources/M/one.txt") == "one.txt"
+    assert bundle_path(package, target, "Sources/M/inline.bin") is None  # no bundle: code

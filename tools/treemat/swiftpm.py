@@ -236,6 +236,22 @@ def target_dir(package_dir: Path, target: Target) -> Path:
     return package_dir / roots[0] / target.name
 
 
+def bundle_path(package_dir: Path, target: Target, resource: str) -> str | None:
+    """Where a resource file (package-relative) lands in the target's bundle, as SwiftPM puts it: `.process`
+    flattens (the file's name at the top), `.copy(path)` keeps `path`'s last component and what is under it;
+    None for another rule (`.embedInCode`: no bundle)."""
+    relative = (package_dir / resource).relative_to(target_dir(package_dir, target)).as_posix()
+    for rule, declared in target.resources:
+        declared = declared.rstrip("/")
+        if _under(relative, [declared]):
+            if rule == "process":
+                return relative.rsplit("/", 1)[-1]
+            if rule == "copy":
+                return "/".join([declared.rsplit("/", 1)[-1], *relative[len(declared) :].split("/")[1:]])
+            return None
+    return None
+
+
 def _under(relative: str, prefixes: Sequence[str]) -> bool:
     return any(relative == p or relative.startswith(p.rstrip("/") + "/") for p in prefixes)
 

@@ -19,12 +19,16 @@ from treemat.swiftpm import (
     PackageImportError,
     Target,
     TargetDependency,
+    bundle_path,
     c99name,
     excluded_files,
     target_dir,
     target_files,
 )
 from treemat.swiftpm_settings import (
+    AttrValue,
+    Keyed,
+    Selected,
     applies_on_linux,
     c_setting,
     dropped,
@@ -41,16 +45,6 @@ _LABEL_SAFE = re.compile(r"[A-Za-z0-9!%\-@^_#$&'()*+,;<=>?\[\]{|}~/. ]+")
 RELEASE_SETTING = "swiftpm_release"  # config_setting: -c opt is SwiftPM's release, fastbuild and dbg its debug
 
 
-@dataclass(frozen=True)
-class Selected:
-    """A list attribute with parts for SwiftPM's configurations: `base + select({release, default: debug})`."""
-
-    base: tuple[str, ...]
-    release: tuple[str, ...]
-    debug: tuple[str, ...]
-
-
-AttrValue = str | tuple[str, ...] | Selected
 _LISTS = ("deps", "defines", "local_defines", "includes", "copts", "linkopts")
 
 
@@ -77,7 +71,8 @@ class _Attrs:
 # What SwiftPM defines for every target (swift build -v, 6.3): `#if SWIFT_PACKAGE` code (swift-nio,
 # swift-system) takes SwiftPM's branch; no Bundle.module is generated, so resource-bundle code takes the
 # "unavailable" one. SwiftPM's DEBUG (outside release) comes from the rules (-DDEBUG, as rules_swift).
-SWIFTPM_SWIFT_DEFINES = ("SWIFT_PACKAGE", "SWIFT_MODULE_RESOURCE_BUNDLE_UNAVAILABLE")
+SWIFTPM_SWIFT_DEFINES = ("SWIFT_PACKAGE",)
+NO_BUNDLE_DEFINE = "SWIFT_MODULE_RESOURCE_BUNDLE_UNAVAILABLE"  # with a bundle the rules define ..._AVAILABLE
 SWIFTPM_C_DEFINES = ("SWIFT_PACKAGE=1",)
 CC_SUFFIX = "_cc"  # the cc_library behind a swift_c_module
 
@@ -114,6 +109,7 @@ class TargetLayout:
     include_dir: str | None = None  # C: the public headers directory, package-relative, if it exists
     module_map: str | None = None
     resources: tuple[str, ...] = ()
+    bundle: tuple[tuple[str, str], ...] = ()  # (resource, its path in the bundle): Bundle.module (resources.bzl)
     # A test's excluded files (swift-argument-parser's Snapshots/), which its tests read beside `#filePath`
     # as under `swift test`: runfiles too (`#filePath` is execroot-relative, the test runs in its runfiles).
     test_files: tuple[str, ...] = ()
@@ -189,7 +185,8 @@ def layout_target(package_dir: Path, target: Target, report: list[str]) -> Targe
         kept_test_files = tuple(
             p for p in test_files if label_safe(p, runfile=True) and _in_bazel_package(p, package_dir) is None
         )
-        return TargetLayout("swift", tuple(swift), resources=kept_resources, test_files=kept_test_files)
+        bundle = tuple((p, b) for p in kept_resources if (b := bundle_path(package_dir, target, p)) is not None)
+        return TargetLayout("swift", tuple(swift), resources=kept_resources, bundle=bundle, test_files=kept_test_files)
     if not c_family:
         report.append("no Swift or C sources: not translated")
         return None
@@ -313,11 +310,12 @@ def translate(package: PackageInfo, deps: Mapping[str, PackageInfo], report: lis
             attrs["deps"] += [label for label in labels if label not in attrs["deps"]]
             if why:
                 reasons.append(why)
-        if layout.resources and not is_c:
+        if len(layout.bundle) < len(layout.resources) and not is_c:
             reasons.append(
-                f"resources ({len(layout.resources)} files) are runfiles (`data`); Bundle.module is not generated"
+                f"resources ({len(layout.resources) - len(layout.bundle)} files) not in a bundle "
+                "(.embedInCode): runfiles (`data`) only"
             )
-        elif layout.resources:
+        elif layout.resources and is_c:
             reasons.append(f"resources ({len(layout.resources)} files) of a C target: not translated")
         report.extend(Untranslated(package.identity, target.name, reason) for reason in dict.fromkeys(reasons))
         rules += _c_rules(target, layout, attrs) if is_c else [_swift_rule(package, manifest, target, layout, attrs)]
@@ -353,10 +351,12 @@ def _swift_rule(package: PackageInfo, manifest: Manifest, target: Target, layout
             ("module_name", c99name(target.name)),
             ("package_name", package.identity),
             ("deps", tuple(attrs["deps"])),
-            ("defines", attrs.value("defines", SWIFTPM_SWIFT_DEFINES)),
+            ("defines", attrs.value("defines", SWIFTPM_SWIFT_DEFINES + (() if layout.bundle else (NO_BUNDLE_DEFINE,)))),
             ("copts", attrs.value("copts")),
             ("swift_version", swift_language_version(manifest, target)),
             ("linkopts", attrs.value("linkopts")),
+            ("resources", Keyed(layout.bundle)),
+            # the resources in the runfiles too: tests read them beside `#filePath` (Yams) as well
             ("data", layout.resources + layout.test_files),
         ),
     )

@@ -4,9 +4,32 @@ language mode and language standards, and which platform/configuration condition
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from treemat.swiftpm import Manifest, Setting, Target
+
+
+@dataclass(frozen=True)
+class Selected:
+    """A list attribute with parts for SwiftPM's configurations: `base + select({release, default: debug})`."""
+
+    base: tuple[str, ...]
+    release: tuple[str, ...]
+    debug: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Keyed:
+    """A dict attribute keyed by labels (`resources`: file -> its path in the bundle)."""
+
+    items: tuple[tuple[str, str], ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+AttrValue = str | tuple[str, ...] | Selected | Keyed
 
 LINUX = "linux"
 SWIFT_VERSIONS = ("4", "4.2", "5", "6")  # what swiftc's -swift-version takes

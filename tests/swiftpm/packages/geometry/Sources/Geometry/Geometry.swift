@@ -1,5 +1,6 @@
 import CShapes
 import FastMath
+import Foundation
 
 public struct Point: Equatable, Sendable {
     public var x: Double
@@ -52,3 +53,11 @@ public var buildConfiguration: String {
 func cAbs(_ value: Int32) -> Int32
 
 public func absolute(_ value: Int) -> Int { Int(cAbs(Int32(value))) }
+
+/// The copied resource, through SwiftPM's `Bundle.module` (under Bazel: the one treemat's rules generate).
+public var unitName: String {
+    guard let url = Bundle.module.url(forResource: "unit", withExtension: "txt"),
+          let text = try? String(contentsOf: url, encoding: .utf8)
+    else { return "missing" }
+    return text.trimmingCharacters(in: .whitespacesAndNewlines)
+}

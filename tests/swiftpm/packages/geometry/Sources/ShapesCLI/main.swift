@@ -8,3 +8,4 @@ print("total area: \(totalArea([Rectangle(width: 2, height: 3), Rectangle(width:
 print("absolute: \(absolute(-7))")
 print("platform: \(platformName)")
 print("configuration: \(buildConfiguration)")
+print("unit: \(unitName)")
