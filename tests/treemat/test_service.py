@@ -718,3 +718,30 @@ def test_outputs_land_in_the_relays_execroot_when_its_path_is_swapped_while_the_
         for pid in services(root):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [b"\x20\x0a\x05abc", b"\xff\xff\xff\xff\xff\xff\x01", b"\x80" * 40],
+    ids=["cut-message", "giant-size", "endless-varint"],
+)
+def test_stdin_ending_inside_a_frame_is_answered_and_the_request_in_flight_still_is(
+    execroot: Path, root: Path, tail: bytes
+) -> None:
+    """The relay frames stdin by hand: a frame it cannot read (cut short, a size past the limit, a length prefix
+    that never ends) is answered with one line, as the in-process worker answers it, and the request in flight
+    is still answered; the relay ends with status 0 (it once died with a traceback and lost the request)."""
+    relay = RelayProcess(execroot, root)
+    assert relay.touch().exit_code == 0
+    relay.send(["touch", "out/late"], ["out/late"], ["in/a"], 5)
+    assert relay.proc.stdin is not None and relay.proc.stdout is not None
+    relay.proc.stdin.write(tail)
+    relay.proc.stdin.close()
+    replies = []
+    while (reply := read_delimited(relay.proc.stdout, protos.WorkResponse)) is not None:
+        replies.append((reply.request_id, reply.exit_code, reply.output))
+    assert relay.proc.wait(timeout=READ_TIMEOUT) == 0, relay.stderr
+    assert (5, 0, "") in replies, replies
+    (malformed,) = [reply for reply in replies if reply[0] == 0]
+    assert malformed[1] == 1 and malformed[2].startswith("treemat: malformed work request: "), malformed
+    assert malformed[2].count("\n") == 1 and (execroot / "out/late").exists()

@@ -114,10 +114,8 @@ def scan_fields(payload: bytes, wanted: tuple[int, ...]) -> dict[int, int]:
             elif kind == 2:
                 size, pos = _varint(payload, pos)
                 pos += size
-            elif kind == 1:
-                pos += 8
-            elif kind == 5:
-                pos += 4
+            elif kind in (1, 5):
+                pos += 8 if kind == 1 else 4
             else:
                 break  # garbage: the service answers it as malformed
     except IndexError:
@@ -149,6 +147,8 @@ def read_frame(fd_or_sock: int | socket.socket) -> bytes | None:
         size |= (byte[0] & 0x7F) << shift
         if not byte[0] & 0x80:
             break
+        if len(prefix) == 10:  # what a varint can be (else a stream of 0x80 grows the prefix until EOF)
+            raise EOFError("a length prefix longer than 10 bytes")
         shift += 7
     if size > MAX_FRAME:
         raise EOFError(f"a message of {size} bytes")
@@ -273,20 +273,16 @@ def reach_service(layout: Root, name: str, hello: bytes, isolation: str, idle_mi
     """A connection to the root's service, starting it (under the service lock) if none answers."""
     layout.check_service()
     path = layout.service_file(name, "sock")
-    try:
+    with contextlib.suppress(FileNotFoundError, ConnectionError):
         return connect(path, hello)[0]
-    except (FileNotFoundError, ConnectionError):
-        pass
     for _attempt in range(3):  # a service that exits while we connect is replaced on the next attempt
         with file_lock(layout.service_file(name, "lock")):
             try:
                 return connect(path, hello)[0]
             except (FileNotFoundError, ConnectionError):
                 start_service(layout, name, isolation, idle_minutes)
-            try:
+            with contextlib.suppress(FileNotFoundError, ConnectionError):
                 return connect(path, hello)[0]
-            except (FileNotFoundError, ConnectionError):
-                continue
     raise ServiceUnavailable("the service kept closing its socket")
 
 
@@ -304,7 +300,11 @@ class Relay:
     def run(self) -> int:
         """Relay until stdin ends and every request is answered; the exit status."""
         while True:
-            frame = read_frame(0)
+            try:
+                frame = read_frame(0)
+            except EOFError as exc:  # cut or garbled framing: no later request can be framed; answer, then end
+                self._write(failure_frame(0, f"treemat: malformed work request: {exc}\n"))
+                break
             if frame is None:
                 break
             fields = scan_fields(_payload_of(frame), (3, 4))
