@@ -745,3 +745,52 @@ def test_stdin_ending_inside_a_frame_is_answered_and_the_request_in_flight_still
     (malformed,) = [reply for reply in replies if reply[0] == 0]
     assert malformed[1] == 1 and malformed[2].startswith("treemat: malformed work request: "), malformed
     assert malformed[2].count("\n") == 1 and (execroot / "out/late").exists()
+
+
+def syscall_of(pid: int, tid: int) -> list[int]:
+    """The syscall thread `tid` of `pid` waits in and its arguments (/proc/<pid>/task/<tid>/syscall), or []."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
+    except OSError:
+        return []
+    return [int(fields[0])] + [int(field, 16) for field in fields[1:7]] if fields[0].isdigit() else []
+
+
+def parked(call: list[int]) -> bool:
+    """True for a wait with no timeout (x86-64): a futex wait (a join, a lock) or a poll, not the GIL's 5 ms."""
+    forever = {2**32 - 1, 2**64 - 1}
+    return bool(call) and ((call[0] == 202 and call[4] == 0) or (call[0] == 7 and call[3] in forever))
+
+
+def test_a_relay_killed_while_it_waits_for_its_last_answers_has_its_requests_cancelled(
+    execroot: Path, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay whose stdin ended half-closes its connection and waits for what is in flight; killed then, its tool
+    is cancelled (it was once left to run to its end, however long, its session holding the service)."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("reads x86-64 syscall numbers from /proc/<pid>/task/<tid>/syscall")
+    relay = RelayProcess(execroot, root)
+    assert relay.touch().exit_code == 0
+    assert relay.close() == 0
+    pid = the_service(root)
+    before = set(os.listdir(f"/proc/{pid}/fd"))
+    monkeypatch.chdir(execroot)  # the hello passes the cwd
+    path = Root(root).service_file(service_name(service_version(), "auto"), "sock")
+    sock, _pid = connect(path, hello_payload(service_version(), 2, dict(os.environ)))
+    fds = [int(fd) for fd in set(os.listdir(f"/proc/{pid}/fd")) - before]
+    (conn,) = [fd for fd in fds if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")]
+    message = protos.WorkRequest(arguments=["--", "sh", "-c", "exec sleep 45.25"], request_id=5)
+    message.inputs.add(path="in/a", digest=hashlib.sha256((execroot / "in/a").read_bytes()).hexdigest().encode())
+    sock.sendall(encode_delimited(message))
+    wait_for(lambda: tool_running("45.25"), what="the tool to start")
+    tids = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    reading = wait_for(
+        lambda: [tid for tid in tids if syscall_of(pid, tid)[:2] == [45, conn]], what="the session to read requests"
+    )
+    sock.shutdown(socket.SHUT_WR)  # what the relay does at stdin's end
+    wait_for(lambda: parked(syscall_of(pid, reading[0])), what="the session to read the half-close and wait")
+    sock.close()  # the relay killed
+    wait_for(lambda: not tool_running("45.25"), timeout=20, what="the dead relay's tool to be cancelled")
+    again = RelayProcess(execroot, root)
+    assert again.touch("out/y", 1).exit_code == 0 and the_service(root) == pid
+    assert again.close() == 0

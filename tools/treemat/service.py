@@ -58,6 +58,7 @@ class Session:
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # the relay's request id -> the service's (0: its singleplex one)
+        self._wake = -1  # a pipe's write end while the session waits for its last requests (_finish_or_cancel)
 
     def run(self) -> None:
         """Serve until the relay closes the connection (or dies); cancel whatever is then still in flight."""
@@ -73,13 +74,44 @@ class Session:
         except (OSError, ValueError):
             pass  # the relay went away mid-message
         finally:
-            if relay_gone(self.conn):  # died (not a half-close after its last request): cancel what it asked for
-                with self._lock:
-                    orphans = list(self._inflight.values())
-                for service_id in orphans:
-                    self.canceller(service_id)
+            self._finish_or_cancel()
             self._pool.shutdown(wait=True)
             reader.close()
+
+    def _finish_or_cancel(self) -> None:
+        """No more requests (the relay's half-close, or its end): wait for those in flight, and cancel them all the
+        moment the relay is gone, also after a half-close (else a relay killed while it waited for its last
+        answers left its tools running to their end, however long, and its session holding the service)."""
+        try:
+            wake_read, wake = os.pipe()  # written as each request ends (_run_and_respond)
+            os.set_blocking(wake, False)
+        except OSError:  # out of descriptors: look again every tenth of a second
+            wake_read = wake = -1
+        with self._lock:
+            self._wake = wake
+        poller = select.poll()
+        poller.register(self.conn, select.POLLHUP)  # a close both ways (its exit or death), never its SHUT_WR
+        if wake_read >= 0:
+            poller.register(wake_read, select.POLLIN)
+        try:
+            while True:
+                with self._lock:
+                    orphans = list(self._inflight.values())
+                if not orphans:
+                    return
+                events = poller.poll(-1 if wake_read >= 0 else 100)
+                if any(fd == self.conn.fileno() for fd, _events in events):
+                    for service_id in orphans:
+                        self.canceller(service_id)
+                    return
+                if wake_read >= 0:
+                    os.read(wake_read, 4096)
+        finally:
+            with self._lock:
+                self._wake = -1
+            for fd in (wake_read, wake):
+                if fd >= 0:
+                    os.close(fd)
 
     def dispatch(self, item: WorkItem) -> None:
         """Run or cancel one request."""
@@ -113,6 +145,9 @@ class Session:
         with self._lock:
             if self._inflight.get(local) == item.request_id:
                 del self._inflight[local]
+            if self._wake >= 0:
+                with contextlib.suppress(OSError):
+                    os.write(self._wake, b".")
         self.respond(replace(reply, request_id=local))
 
     def respond(self, reply: WorkReply) -> None:
@@ -120,13 +155,6 @@ class Session:
         data = encode_reply(reply, "proto")
         with self._write_lock, contextlib.suppress(OSError):
             self.conn.sendall(data)
-
-
-def relay_gone(conn: socket.socket) -> bool:
-    """True if the relay's end is closed both ways (it exited or died); False after its SHUT_WR (it waits)."""
-    poller = select.poll()
-    poller.register(conn, select.POLLHUP)
-    return any(events & (select.POLLHUP | select.POLLERR) for _fd, events in poller.poll(0))
 
 
 class Service:
