@@ -17,13 +17,19 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
+from itertools import count
 from pathlib import Path
+from typing import cast
 
 import pytest
 from treemat import protos
 from treemat.framing import encode_delimited, read_delimited
 from treemat.layout import Root
+from treemat.manifest import InputManifest
+from treemat.protocol import WorkItem, WorkReply
 from treemat.relay import ServiceUnavailable, connect, hello_payload, service_name, service_version
+from treemat.service import Service, Session
+from treemat.stack import Stack
 
 from ..support.harness import TOOLS_DIR, worker_env
 from ..support.services import services_of
@@ -794,3 +800,89 @@ def test_a_relay_killed_while_it_waits_for_its_last_answers_has_its_requests_can
     again = RelayProcess(execroot, root)
     assert again.touch("out/y", 1).exit_code == 0 and the_service(root) == pid
     assert again.close() == 0
+
+
+def refuse_threads(monkeypatch: pytest.MonkeyPatch, prefix: str) -> None:
+    """`threading.Thread.start` fails for threads named `prefix...`, as every start does at RLIMIT_NPROC (a thread
+    counts as a process) or a cgroup's pids limit."""
+    start = threading.Thread.start
+
+    def refuse(thread: threading.Thread) -> None:
+        if thread.name.startswith(prefix):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+
+
+def test_a_relay_that_cannot_start_a_thread_answers_each_request_with_one_line(execroot: Path, root: Path) -> None:
+    """The relay reads the service's answers in a thread of its own: with none to be had, each request fails with
+    one line and the relay serves on to stdin's end (it once died with a traceback, no request answered)."""
+    code = (
+        "import sys, threading\n"
+        "start = threading.Thread.start\n"
+        "def refuse(thread):\n"
+        "    if thread.name.startswith('treemat-relay'):\n"
+        '        raise RuntimeError("can\'t start new thread")\n'
+        "    start(thread)\n"
+        "threading.Thread.start = refuse\n"
+        "from treemat.__main__ import main\n"
+        "sys.exit(main(sys.argv[4:]))\n"
+    )
+    relay = RelayProcess(execroot, root, wrapper=[sys.executable, "-c", code])
+    for request_id in (1, 2):
+        reply = relay.touch(f"out/{request_id}", request_id)
+        assert (reply.request_id, reply.exit_code) == (request_id, 1), reply
+        assert reply.output.count("\n") == 1 and "can't start new thread" in reply.output, reply.output
+    assert relay.close() == 0, relay.stderr
+    assert "Traceback" not in relay.stderr, relay.stderr
+
+
+def test_a_service_that_cannot_start_a_thread_refuses_the_relay_with_its_reason_and_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session's thread refused: that relay is told why (it serves in-process); the service did not die with
+    every other relay's requests in flight."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "s"))
+    listener.listen(1)
+    service = Service(cast(Stack, None), listener, "name", 60.0)  # accepting needs no stack
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    peer.connect(str(tmp_path / "s"))
+    refuse_threads(monkeypatch, "treemat-session")
+    service._accept()
+    said = peer.recv(1 << 16)[1:].decode()
+    assert said.startswith("refused\0the service cannot start a thread (can't start new thread)"), said
+    assert service._clients == 0
+    peer.close()
+    listener.close()
+
+
+def test_a_request_no_thread_can_be_started_for_is_answered_once_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool's thread refused: the request is answered at once, and never run (nor answered again) by a thread
+    started for a later request, which picks it from the pool's queue."""
+    ours, theirs = socket.socketpair()
+    ran: list[int] = []
+
+    def handler(item: WorkItem) -> WorkReply:
+        ran.append(item.request_id)
+        return WorkReply(item.request_id, 0, "")
+
+    session = Session(ours, handler, lambda _service_id: True, count(1), 1)
+    refuse_threads(monkeypatch, "treemat-service")
+    session.dispatch(WorkItem(7, ["--", "true"], InputManifest.of([])))
+    replies = theirs.makefile("rb")
+    reply = read_delimited(replies, protos.WorkResponse)
+    assert reply is not None and (reply.request_id, reply.exit_code) == (7, 1), reply
+    assert reply.output.count("\n") == 1 and "cannot start a thread" in reply.output, reply.output
+    monkeypatch.undo()
+    session.dispatch(WorkItem(8, ["--", "true"], InputManifest.of([])))
+    reply = read_delimited(replies, protos.WorkResponse)
+    assert reply is not None and (reply.request_id, reply.exit_code) == (8, 0), reply
+    theirs.shutdown(socket.SHUT_WR)
+    session.run()  # reads the end at once, waits for the pool
+    ours.close()
+    assert ran == [2]  # request 8's service id; 7 (service id 1) never ran
+    assert read_delimited(replies, protos.WorkResponse) is None  # nor was it answered twice
+    replies.close()
+    theirs.close()

@@ -194,10 +194,9 @@ def connect(socket_path: Path, hello: bytes) -> tuple[socket.socket, str]:
         if uid != os.geteuid():  # the hello carries the environment and the execroot: only to our own service
             raise ServiceUnavailable(f"the socket {socket_path} is served by uid {uid}, not by this relay's")
         cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            sock.sendmsg([hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, cwd.to_bytes(4, sys.byteorder))])
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused before the hello was read (out of descriptors): its answer says why
+        try:  # refused before the hello was read (out of descriptors or threads): its answer says why
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendmsg([hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, cwd.to_bytes(4, sys.byteorder))])
         finally:
             os.close(cwd)
         frame = read_frame(sock)
@@ -277,10 +276,9 @@ def reach_service(layout: Root, name: str, hello: bytes, isolation: str, idle_mi
         return connect(path, hello)[0]
     for _attempt in range(3):  # a service that exits while we connect is replaced on the next attempt
         with file_lock(layout.service_file(name, "lock")):
-            try:
+            with contextlib.suppress(FileNotFoundError, ConnectionError):
                 return connect(path, hello)[0]
-            except (FileNotFoundError, ConnectionError):
-                start_service(layout, name, isolation, idle_minutes)
+            start_service(layout, name, isolation, idle_minutes)
             with contextlib.suppress(FileNotFoundError, ConnectionError):
                 return connect(path, hello)[0]
     raise ServiceUnavailable("the service kept closing its socket")
@@ -301,11 +299,10 @@ class Relay:
         """Relay until stdin ends and every request is answered; the exit status."""
         while True:
             try:
-                frame = read_frame(0)
+                if (frame := read_frame(0)) is None:
+                    break
             except EOFError as exc:  # cut or garbled framing: no later request can be framed; answer, then end
                 self._write(failure_frame(0, f"treemat: malformed work request: {exc}\n"))
-                break
-            if frame is None:
                 break
             fields = scan_fields(_payload_of(frame), (3, 4))
             request_id, cancel = fields.get(3, 0), bool(fields.get(4, 0))
@@ -341,7 +338,11 @@ class Relay:
         sock = self._connect()
         with self._lock:
             self._sock = sock
-        threading.Thread(target=self._pump, args=(sock,), name="treemat-relay", daemon=True).start()
+        try:
+            threading.Thread(target=self._pump, args=(sock,), name="treemat-relay", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had (RLIMIT_NPROC): this request fails, the next tries again
+            self._fail_all(sock, str(exc))
+            raise ServiceUnavailable(f"no thread to read its answers: {exc}") from None
 
     def _pump(self, sock: socket.socket) -> None:
         """Responses from the service to stdout, until it closes the connection."""
@@ -368,9 +369,8 @@ class Relay:
             self._sock = None
             self._lock.notify_all()
         sock.close()
-        for request_id, count in failed.items():
-            for _ in range(count):
-                self._write(failure_frame(request_id, DIED.format(reason)))
+        for request_id in [request_id for request_id, count in failed.items() for _ in range(count)]:
+            self._write(failure_frame(request_id, DIED.format(reason)))
 
     def _write(self, data: bytes) -> None:
         with self._write_lock:

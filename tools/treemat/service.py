@@ -59,6 +59,7 @@ class Session:
         self._write_lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # the relay's request id -> the service's (0: its singleplex one)
         self._wake = -1  # a pipe's write end while the session waits for its last requests (_finish_or_cancel)
+        self._refused: set[int] = set()  # service ids answered when no thread could be started to run them
 
     def run(self) -> None:
         """Serve until the relay closes the connection (or dies); cancel whatever is then still in flight."""
@@ -133,9 +134,19 @@ class Session:
         if duplicate:
             self.respond(WorkReply(local, 1, DUPLICATE_REFUSED.format(local)))
             return
-        self._pool.submit(self._run_and_respond, replace(item, request_id=service_id), local)
+        try:
+            self._pool.submit(self._run_and_respond, replace(item, request_id=service_id), local)
+        except RuntimeError as exc:  # no thread to be had (RLIMIT_NPROC): answered now, never run by a later one
+            with self._lock:
+                self._refused.add(service_id)
+                if self._inflight.get(local) == service_id:
+                    del self._inflight[local]
+            self.respond(WorkReply(local, 1, f"treemat: error: the service cannot start a thread to run it ({exc})\n"))
 
     def _run_and_respond(self, item: WorkItem, local: int) -> None:
+        with self._lock:
+            if item.request_id in self._refused:  # queued by the submit that failed (above): already answered
+                return
         try:
             reply = self.handler(item)
         except (TreematError, OSError) as exc:
@@ -214,7 +225,13 @@ class Service:
         conn.setblocking(True)
         with self._lock:
             self._clients += 1
-        threading.Thread(target=self._client, args=(conn,), name="treemat-session", daemon=True).start()
+        try:
+            threading.Thread(target=self._client, args=(conn,), name="treemat-session", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had (RLIMIT_NPROC): refuse this relay and serve on
+            with self._lock:
+                self._clients -= 1
+            with conn, contextlib.suppress(OSError):
+                conn.sendall(answer(f"the service cannot start a thread ({exc})", ok=False))
 
     def _refuse_one(self, exc: OSError) -> None:
         """Out of descriptors: accept the next relay on the spare one and refuse it with the reason (it serves
