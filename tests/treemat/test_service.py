@@ -886,3 +886,58 @@ def test_a_request_no_thread_can_be_started_for_is_answered_once_with_one_line(m
     assert read_delimited(replies, protos.WorkResponse) is None  # nor was it answered twice
     replies.close()
     theirs.close()
+
+
+def test_a_peer_whose_pid_another_process_took_after_it_connected_is_refused(
+    execroot: Path, root: Path, tmp_path: Path
+) -> None:
+    """SO_PEERCRED's pid names the process that connected only while it lives. A peer outside the service's mount
+    namespace (a tool of another root) connects, hands the connection to a child, exits; once a process of the
+    service's namespaces holds its pid, the child sends the rest of the hello: the peer is still refused (it was
+    served, as if it were a relay of the service's namespaces)."""
+    if os.geteuid() != 0 or not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK):
+        pytest.skip("choosing the next pid (ns_last_pid) needs root")
+    relay = RelayProcess(execroot, root)
+    assert relay.touch().exit_code == 0
+    path = Root(root).service_file(service_name(service_version(), "auto"), "sock")
+    code = (
+        "import os, socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "s.connect(sys.argv[1])\n"
+        "hello, top = bytes.fromhex(sys.argv[2]), os.open('/', os.O_RDONLY | os.O_DIRECTORY)\n"
+        "s.sendmsg([hello[:4]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, top.to_bytes(4, sys.byteorder))])\n"
+        "if os.fork() == 0:\n"
+        "    sys.stdin.readline()\n"
+        "    s.sendall(hello[4:])\n"
+        "    said = s.recv(1 << 16)\n"
+        "    print(said[next(n for n, byte in enumerate(said) if byte < 128) + 1 :].decode(), flush=True)\n"
+        "os._exit(0)\n"
+    )
+    hello = hello_payload(service_version(), 1, {"PATH": "/usr/bin:/bin"}).hex()
+    peer = subprocess.Popen(
+        ["unshare", "--mount", sys.executable, "-c", code, str(path), hello],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert peer.wait(timeout=READ_TIMEOUT) == 0  # the process that connected is gone: its pid is free
+    taker = None
+    try:
+        Path("/proc/sys/kernel/ns_last_pid").write_text(f"{peer.pid - 1}\n")
+        taker = subprocess.Popen(["sleep", "60"])  # in the service's namespaces
+        if taker.pid != peer.pid:
+            pytest.skip(f"another process took pid {peer.pid} first")
+        assert peer.stdin is not None and peer.stdout is not None
+        peer.stdin.write("go\n")
+        peer.stdin.flush()
+        said = peer.stdout.readline()
+        assert said.startswith("refused\0"), said
+    finally:
+        if taker is not None:
+            taker.kill()
+            taker.wait()
+        for pipe in (peer.stdin, peer.stdout):
+            if pipe is not None:
+                pipe.close()
+    assert relay.touch("out/y", 2).exit_code == 0
+    assert relay.close() == 0

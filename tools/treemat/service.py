@@ -290,6 +290,7 @@ class Service:
         if uid != os.geteuid():
             conn.sendall(answer(f"uid {uid} is not the service's (uid {os.geteuid()}): refused", ok=False))
             return
+        early = foreign_namespace(pid)  # now, while the process that connected most surely holds `pid`
         try:
             hello, fds = receive_hello(conn, min(HELLO_SECONDS, max(self.idle_seconds, 2.0)))
         except (TimeoutError, ValueError) as exc:
@@ -297,7 +298,7 @@ class Service:
             return
         conn.settimeout(None)
         try:
-            if (stranger := foreign_namespace(pid)) is not None:  # after the hello: the peer reads the reason
+            if (stranger := early or foreign_namespace(pid, conn)) is not None:  # after the hello: it reads why
                 conn.sendall(answer(f"the peer (pid {pid}) is not in the service's {stranger}: refused", ok=False))
                 return
             fields = hello.split(b"\0")
