@@ -941,3 +941,44 @@ def test_a_peer_whose_pid_another_process_took_after_it_connected_is_refused(
                 pipe.close()
     assert relay.touch("out/y", 2).exit_code == 0
     assert relay.close() == 0
+
+
+def test_a_relay_with_fewer_groups_gets_no_service_that_has_more(tmp_path: Path) -> None:
+    """The tools run with the service's credentials: a relay of the same uid without one of the groups of the relay
+    that started the service gets a service of its own, whose tools cannot read what only that group can (they
+    once could: the socket's name told uids apart, not groups)."""
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not os.access("/var/tmp", os.W_OK):
+        pytest.skip("acting as another uid with chosen groups needs root, setpriv(1) and /var/tmp")
+    scratch = Path(tempfile.mkdtemp(dir="/var/tmp"))  # below /tmp, a tool's view is a private /tmp
+    execroot, root, secret = scratch / "execroot", scratch / "root", scratch / "secret"
+    (execroot / "in").mkdir(parents=True)
+    (execroot / "out").mkdir()
+    (execroot / "in/a").write_text("input a\n")
+    secret.write_text("for group 4242 only\n")
+    os.chown(secret, 0, 4242)
+    secret.chmod(0o640)
+    for path in (scratch, execroot, execroot / "in", execroot / "out", execroot / "in/a"):
+        os.chown(path, 1000, 1000)
+    scratch.chmod(0o755)
+    as_user = ["setpriv", "--reuid=1000", "--regid=1000", "--inh-caps=+dac_read_search"]
+    as_user += ["--ambient-caps=+dac_read_search"]  # only to reach this interpreter (tools get no capability)
+    env = {"HOME": str(scratch), "PATH": "/usr/bin:/bin"}
+    probe = ["sh", "-c", f"cat {secret} > out/seen 2>/dev/null || echo denied > out/seen"]
+    try:
+        member = RelayProcess(execroot, root, env=env, wrapper=[*as_user, "--groups=1000,4242"])
+        member.send(probe, ["out/seen"], ["in/a"], 1)
+        reply = member.read()
+        if reply.exit_code != 0:
+            pytest.skip(f"no sandbox as uid 1000 here: {reply.output.strip()[:200]}")
+        assert (execroot / "out/seen").read_text() == "for group 4242 only\n"
+        other = RelayProcess(execroot, root, env=env, wrapper=[*as_user, "--groups=1000"])
+        other.send(probe, ["out/seen"], ["in/a"], 1)
+        reply = other.read()
+        assert reply.exit_code == 0, reply.output
+        assert (execroot / "out/seen").read_text() == "denied\n"
+        assert other.close() == 0 and member.close() == 0
+        assert len(services(root)) == 2
+    finally:
+        for pid in services(root):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(scratch, ignore_errors=True)

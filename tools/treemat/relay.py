@@ -6,7 +6,7 @@ served by our uid, SO_PEERCRED) to the root's long-lived service, which stages a
 go to stdout untouched. The hello passes an O_DIRECTORY descriptor of the relay's cwd (Bazel's execroot) and
 the relay's environment: the service copies outputs into that descriptor. The socket's name digests all that
 must match for a service to stand in for this process: the wire version, the package's content hash, the
-isolation, the uid, the mount, network and user namespaces and the root directory. A relay that finds no
+isolation, the credentials its tools inherit, the namespaces and the root directory. A relay that finds no
 service starts one under the root's service lock; two racing relays start exactly one. At stdin's end it
 half-closes the socket: the service answers what it has, then closes. The service's death fails the requests
 in flight with one line; where no service can be had, `relay` returns None (after one line on stderr).
@@ -30,6 +30,7 @@ WIRE_VERSION = 1
 HELLO_MAGIC = b"treemat-relay"
 MAX_FRAME = 256 << 20
 SUN_PATH_MAX = 107
+INHERITED = ("Uid:", "Gid:", "Groups:", "Cap", "NoNewPrivs:", "Seccomp")  # /proc/self/status lines a tool inherits
 DEFAULT_IDLE_MINUTES = 15.0
 DIED = "treemat: error: the stager service ended while this request ran ({}); the next request starts a new one\n"
 
@@ -63,10 +64,14 @@ def service_version() -> str:
 
 
 def service_name(version: str, isolation: str) -> str:
-    """The socket's file name: a digest of the version, isolation, uid, namespaces and root directory."""
+    """The socket's file name: a digest of the version, isolation, namespaces, root directory and the credentials
+    the service's tools inherit (uid, gid, groups, capabilities, no_new_privs, seccomp, the LSM's label)."""
     from _blake2 import blake2b
 
-    facts = [version, isolation, str(os.geteuid())]
+    facts = [version, isolation, str(os.geteuid()), str(os.getegid()), *map(str, sorted(os.getgroups()))]
+    with contextlib.suppress(OSError):  # a relay lacking a group or confined otherwise never shares its tools' rights
+        facts += [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(INHERITED)]
+        facts.append(Path("/proc/self/attr/current").read_text())
     for name in ("mnt", "net", "user"):
         with contextlib.suppress(OSError):
             facts.append(f"{name}:{os.stat(f'/proc/self/ns/{name}').st_ino}")
@@ -162,10 +167,6 @@ def read_frame(fd_or_sock: int | socket.socket) -> bytes | None:
     return b"".join(chunks)
 
 
-def _payload_of(frame: bytes) -> bytes:
-    return frame[_varint(frame, 0)[1] :]
-
-
 def socket_address(path: Path) -> tuple[str, int]:
     """(address, dir fd or -1): the path, or `/proc/self/fd/N/<name>` when it is too long for sun_path."""
     if len(bytes(path)) <= SUN_PATH_MAX:
@@ -199,10 +200,9 @@ def connect(socket_path: Path, hello: bytes) -> tuple[socket.socket, str]:
                 sock.sendmsg([hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, cwd.to_bytes(4, sys.byteorder))])
         finally:
             os.close(cwd)
-        frame = read_frame(sock)
-        if frame is None:
+        if (frame := read_frame(sock)) is None:
             raise ConnectionResetError("the service closed the connection")
-        answer = _payload_of(frame).split(b"\0", 1)
+        answer = frame[_varint(frame, 0)[1] :].split(b"\0", 1)
         text = answer[-1].decode(errors="replace") if len(answer) > 1 else ""
         if answer[0] != b"ok":
             raise ServiceUnavailable(f"the service refused this relay: {text}")
@@ -304,7 +304,7 @@ class Relay:
             except EOFError as exc:  # cut or garbled framing: no later request can be framed; answer, then end
                 self._write(failure_frame(0, f"treemat: malformed work request: {exc}\n"))
                 break
-            fields = scan_fields(_payload_of(frame), (3, 4))
+            fields = scan_fields(frame[_varint(frame, 0)[1] :], (3, 4))
             request_id, cancel = fields.get(3, 0), bool(fields.get(4, 0))
             if self._sock is None:
                 try:
@@ -349,7 +349,7 @@ class Relay:
         reason = "the connection closed"
         try:
             while (frame := read_frame(sock)) is not None:
-                request_id = scan_fields(_payload_of(frame), (3,)).get(3, 0)
+                request_id = scan_fields(frame[_varint(frame, 0)[1] :], (3,)).get(3, 0)
                 with self._lock:
                     count = self._inflight.pop(request_id, 0)
                     if count > 1:
