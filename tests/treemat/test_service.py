@@ -982,3 +982,19 @@ def test_a_relay_with_fewer_groups_gets_no_service_that_has_more(tmp_path: Path)
         for pid in services(root):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_a_relay_under_lower_resource_limits_gets_no_service_without_them(execroot: Path, root: Path) -> None:
+    """A tool inherits the service's resource limits: a relay whose file-size limit is lower than the relay's that
+    started the service gets a service of its own, under which its tool meets that limit as it would in-process
+    (it once wrote past it)."""
+    if not shutil.which("prlimit"):
+        pytest.skip("needs prlimit(1)")
+    first = RelayProcess(execroot, root)
+    assert first.touch().exit_code == 0
+    limited = RelayProcess(execroot, root, wrapper=["prlimit", f"--fsize={1 << 20}"])
+    limited.send(["sh", "-c", "head -c 2000000 /dev/zero > out/big"], ["out/big"], ["in/a"], 1)
+    reply = limited.read()
+    assert reply.exit_code != 0, "a 2 MB output written under a 1 MiB file-size limit"
+    assert limited.close() == 0 and first.close() == 0
+    assert len(services(root)) == 2

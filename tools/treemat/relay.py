@@ -64,20 +64,20 @@ def service_version() -> str:
 
 
 def service_name(version: str, isolation: str) -> str:
-    """The socket's file name: a digest of the version, isolation, namespaces, root directory and the credentials
-    the service's tools inherit (uid, gid, groups, capabilities, no_new_privs, seccomp, the LSM's label)."""
+    """The socket's file name: a digest of the version, isolation, namespaces, root directory and what the service's
+    tools inherit (uid, gid, groups, capabilities, no_new_privs, seccomp, resource limits, the LSM's label)."""
     from _blake2 import blake2b
 
     facts = [version, isolation, str(os.geteuid()), str(os.getegid()), *map(str, sorted(os.getgroups()))]
     with contextlib.suppress(OSError):  # a relay lacking a group or confined otherwise never shares its tools' rights
         facts += [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(INHERITED)]
+        facts.append(Path("/proc/self/limits").read_text())  # file size, memory, processes, descriptors...
         facts.append(Path("/proc/self/attr/current").read_text())
     for name in ("mnt", "net", "user"):
         with contextlib.suppress(OSError):
             facts.append(f"{name}:{os.stat(f'/proc/self/ns/{name}').st_ino}")
         facts.append(name)  # a namespace that cannot be read leaves its name alone
-    top = os.stat("/")
-    facts.append(f"root:{top.st_dev}:{top.st_ino}")
+    facts.append("root:{0.st_dev}:{0.st_ino}".format(os.stat("/")))
     return blake2b("\0".join(facts).encode(), digest_size=8).hexdigest()
 
 
