@@ -25,10 +25,10 @@ from pathlib import Path
 
 from treemat.layout import Root
 from treemat.locking import file_lock
+from treemat.relaywire import encode_varint, failure_frame, payload_of, read_frame, scan_fields
 
 WIRE_VERSION = 1
 HELLO_MAGIC = b"treemat-relay"
-MAX_FRAME = 256 << 20
 SUN_PATH_MAX = 107
 INHERITED = ("Uid:", "Gid:", "Groups:", "Cap", "NoNewPrivs:", "Seccomp")  # /proc/self/status lines a tool inherits
 DEFAULT_IDLE_MINUTES = 15.0
@@ -81,92 +81,6 @@ def service_name(version: str, isolation: str) -> str:
     return blake2b("\0".join(facts).encode(), digest_size=8).hexdigest()
 
 
-def encode_varint(value: int) -> bytes:
-    """Protobuf base-128 varint (framing.encode_varint, without importing protobuf)."""
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if not value:
-            out.append(byte)
-            return bytes(out)
-        out.append(byte | 0x80)
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-
-
-def scan_fields(payload: bytes, wanted: tuple[int, ...]) -> dict[int, int]:
-    """The varint fields `wanted` of a protobuf message (WorkRequest: 3 request_id, 4 cancel; WorkResponse: 3)."""
-    found: dict[int, int] = {}
-    pos, end = 0, len(payload)
-    try:
-        while pos < end:
-            key, pos = _varint(payload, pos)
-            field, kind = key >> 3, key & 7
-            if kind == 0:
-                value, pos = _varint(payload, pos)
-                if field in wanted:
-                    found[field] = value if value < 1 << 31 else 0
-            elif kind == 2:
-                size, pos = _varint(payload, pos)
-                pos += size
-            elif kind in (1, 5):
-                pos += 8 if kind == 1 else 4
-            else:
-                break  # garbage: the service answers it as malformed
-    except IndexError:
-        pass  # truncated: what was found so far
-    return found
-
-
-def failure_frame(request_id: int, text: str) -> bytes:
-    """A delimited WorkResponse with exit code 1 and `text` (hand-encoded, as protobuf would)."""
-    output = text.encode()
-    body = b"\x08\x01\x12" + encode_varint(len(output)) + output
-    if request_id:
-        body += b"\x18" + encode_varint(request_id)
-    return encode_varint(len(body)) + body
-
-
-def read_frame(fd_or_sock: int | socket.socket) -> bytes | None:
-    """One varint-delimited frame (prefix included) from a descriptor or socket; None at EOF."""
-    receive = (lambda n: os.read(fd_or_sock, n)) if isinstance(fd_or_sock, int) else fd_or_sock.recv
-    prefix = bytearray()
-    size = shift = 0
-    while True:
-        byte = receive(1)
-        if not byte:
-            if prefix:
-                raise EOFError("the stream ended inside a length prefix")
-            return None
-        prefix += byte
-        size |= (byte[0] & 0x7F) << shift
-        if not byte[0] & 0x80:
-            break
-        if len(prefix) == 10:  # what a varint can be (else a stream of 0x80 grows the prefix until EOF)
-            raise EOFError("a length prefix longer than 10 bytes")
-        shift += 7
-    if size > MAX_FRAME:
-        raise EOFError(f"a message of {size} bytes")
-    chunks = [bytes(prefix)]
-    while size:
-        chunk = receive(min(size, 1 << 20))
-        if not chunk:
-            raise EOFError("the stream ended inside a message")
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
-
-
 def socket_address(path: Path) -> tuple[str, int]:
     """(address, dir fd or -1): the path, or `/proc/self/fd/N/<name>` when it is too long for sun_path."""
     if len(bytes(path)) <= SUN_PATH_MAX:
@@ -202,7 +116,7 @@ def connect(socket_path: Path, hello: bytes) -> tuple[socket.socket, str]:
             os.close(cwd)
         if (frame := read_frame(sock)) is None:
             raise ConnectionResetError("the service closed the connection")
-        answer = frame[_varint(frame, 0)[1] :].split(b"\0", 1)
+        answer = payload_of(frame).split(b"\0", 1)
         text = answer[-1].decode(errors="replace") if len(answer) > 1 else ""
         if answer[0] != b"ok":
             raise ServiceUnavailable(f"the service refused this relay: {text}")
@@ -304,7 +218,7 @@ class Relay:
             except EOFError as exc:  # cut or garbled framing: no later request can be framed; answer, then end
                 self._write(failure_frame(0, f"treemat: malformed work request: {exc}\n"))
                 break
-            fields = scan_fields(frame[_varint(frame, 0)[1] :], (3, 4))
+            fields = scan_fields(payload_of(frame), (3, 4))
             request_id, cancel = fields.get(3, 0), bool(fields.get(4, 0))
             if self._sock is None:
                 try:
@@ -349,7 +263,7 @@ class Relay:
         reason = "the connection closed"
         try:
             while (frame := read_frame(sock)) is not None:
-                request_id = scan_fields(frame[_varint(frame, 0)[1] :], (3,)).get(3, 0)
+                request_id = scan_fields(payload_of(frame), (3,)).get(3, 0)
                 with self._lock:
                     count = self._inflight.pop(request_id, 0)
                     if count > 1:

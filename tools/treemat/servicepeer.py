@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from treemat.relay import encode_varint
+from treemat.relaywire import encode_varint
 
 MAX_HELLO_FDS = 4
 MAX_HELLO_BYTES = 16 << 20  # magic, version, pool size and the relay's environment
