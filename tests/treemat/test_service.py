@@ -998,3 +998,33 @@ def test_a_relay_under_lower_resource_limits_gets_no_service_without_them(execro
     assert reply.exit_code != 0, "a 2 MB output written under a 1 MiB file-size limit"
     assert limited.close() == 0 and first.close() == 0
     assert len(services(root)) == 2
+
+
+def answered_within(relay: RelayProcess, seconds: float) -> protos.WorkResponse:
+    """The relay's next reply, which must come within `seconds` (read in a thread: a hung relay fails the test)."""
+    replies: list[protos.WorkResponse] = []
+    threading.Thread(target=lambda: replies.append(relay.read()), daemon=True).start()
+    return wait_for(lambda: replies[0] if replies else None, timeout=seconds, what="the relay's answer")
+
+
+@pytest.mark.parametrize("when", ["starting", "serving"])
+def test_a_stopped_service_never_hangs_a_relay(execroot: Path, root: Path, when: str) -> None:
+    """A service stopped (SIGSTOP, a debugger, a hang) while it starts or while it serves: a relay waits for its
+    readiness or its answer to the hello a bounded time, says why in one line and serves in-process (it waited for
+    good, and every relay of the root queued on the service lock behind it)."""
+    quick = {"TREEMAT_SERVICE_WAIT_SECONDS": "1"}
+    if when == "serving":
+        first = RelayProcess(execroot, root)
+        assert first.touch().exit_code == 0
+        assert first.close() == 0
+        os.kill(the_service(root), signal.SIGSTOP)
+        relay = RelayProcess(execroot, root, env=quick)
+    else:
+        relay = RelayProcess(execroot, root, env=quick)
+        os.kill(wait_for(lambda: services(root), what="the service to be started")[0], signal.SIGSTOP)
+    relay.send(["touch", "out/x"], ["out/x"], ["in/a"], 1)
+    reply = answered_within(relay, 30)
+    assert reply.exit_code == 0, reply.output
+    said = [line for line in relay.stderr.splitlines() if "stager service" in line]
+    assert len(said) == 1 and "serving in this process" in said[0], relay.stderr
+    assert relay.close() == 0

@@ -17,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import select
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -32,6 +34,7 @@ HELLO_MAGIC = b"treemat-relay"
 SUN_PATH_MAX = 107
 INHERITED = ("Uid:", "Gid:", "Groups:", "Cap", "NoNewPrivs:", "Seccomp")  # /proc/self/status lines a tool inherits
 DEFAULT_IDLE_MINUTES = 15.0
+WAIT_SECONDS = 60.0  # for a service to start, or to answer a hello (TREEMAT_SERVICE_WAIT_SECONDS)
 DIED = "treemat: error: the stager service ended while this request ran ({}); the next request starts a new one\n"
 
 
@@ -99,6 +102,7 @@ def connect(socket_path: Path, hello: bytes) -> tuple[socket.socket, str]:
     """Connect, send the hello with the cwd's descriptor, read the answer; (socket, the service's pid)."""
     address, dir_fd = socket_address(socket_path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(wait_seconds())  # a service stopped or hung never holds the relay: TimeoutError, then in-process
     try:
         try:
             sock.connect(address)
@@ -120,6 +124,7 @@ def connect(socket_path: Path, hello: bytes) -> tuple[socket.socket, str]:
         text = answer[-1].decode(errors="replace") if len(answer) > 1 else ""
         if answer[0] != b"ok":
             raise ServiceUnavailable(f"the service refused this relay: {text}")
+        sock.settimeout(None)
         return sock, text
     except BaseException:
         sock.close()
@@ -141,6 +146,22 @@ def package_copy(layout: Root, version: str) -> str:
         except OSError:  # another relay's copy is there
             shutil.rmtree(temp, ignore_errors=True)
     return str(target)
+
+
+def wait_seconds() -> float:
+    """How long a relay waits for a service to start or to answer its hello."""
+    return float(os.environ.get("TREEMAT_SERVICE_WAIT_SECONDS") or WAIT_SECONDS)
+
+
+def read_to_end(fd: int, seconds: float) -> bytes:
+    """What `fd` gives until its end; ServiceUnavailable once `seconds` have passed (a service stopped or hung while
+    it started held this relay, and every relay of the root queued on the service lock behind it, for good)."""
+    deadline, chunks = time.monotonic() + seconds, list[bytes]()
+    while select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        if not (chunk := os.read(fd, 4096)):
+            return b"".join(chunks)
+        chunks.append(chunk)
+    raise ServiceUnavailable(f"the service did not say it was ready within {wait_seconds():g} s")
 
 
 def start_service(layout: Root, name: str, isolation: str, idle_minutes: float) -> None:
@@ -171,8 +192,12 @@ def start_service(layout: Root, name: str, isolation: str, idle_minutes: float) 
             )
         os.close(write_end)
         write_end = -1
-        child.wait()  # the service forks itself away at once: this reaps the first process
-        ready = b"".join(iter(lambda: os.read(read_end, 4096), b""))
+        deadline = time.monotonic() + wait_seconds()
+        try:
+            child.wait(wait_seconds())  # the service forks itself away at once: this reaps the first process
+        except subprocess.TimeoutExpired:
+            raise ServiceUnavailable(f"the service did not start within {wait_seconds():g} s") from None
+        ready = read_to_end(read_end, deadline - time.monotonic())
     finally:
         os.close(read_end)
         if write_end >= 0:
