@@ -12,7 +12,7 @@ import os
 import signal
 from pathlib import Path
 
-PROCESS_NAME = b"treemat-service"  # = treemat.service.PROCESS_NAME (a test checks)
+PROCESS_NAME = b"treemat-service"  # = treemat.servicespawn.PROCESS_NAME (a test checks)
 
 
 def stager_services() -> dict[int, str]:

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from treemat import fsprims
 
+from ..support.waiting import wait_for
+
 PAYLOAD = os.urandom(3 << 20) + b"tail"
 
 
@@ -115,6 +117,22 @@ def test_sweep_dead_owners_removes_only_entries_of_dead_processes(tmp_path: Path
         os.chmod(tmp_path / name, 0o555)  # read-only trees are removed too
     assert fsprims.sweep_dead_owners(tmp_path) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{os.getpid()}-mine", "1-init", "notapid"])
+
+
+def test_sweep_dead_owners_takes_the_entries_of_a_zombie(tmp_path: Path) -> None:
+    """A dead process its parent has not reaped (a stager service killed and left to an init that reaps late) owns
+    nothing: its exec dirs are swept (they once stayed until the zombie was reaped, pinning their blobs)."""
+    zombie = subprocess.Popen(["true"])  # not waited for until the end: a zombie meanwhile
+    try:
+        state = Path(f"/proc/{zombie.pid}/stat")
+        if not state.exists():
+            pytest.skip("no procfs")
+        wait_for(lambda: state.read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z", what="the child to be a zombie")
+        (tmp_path / f"{zombie.pid}-1-abc").mkdir()
+        assert fsprims.sweep_dead_owners(tmp_path) == 1
+        assert not any(tmp_path.iterdir())
+    finally:
+        zombie.wait()
 
 
 def test_remove_tree_takes_files_symlinks_and_missing_paths(tmp_path: Path) -> None:

@@ -16,15 +16,22 @@ import subprocess
 import sys
 import tempfile
 import threading
+from itertools import count
 from pathlib import Path
+from typing import cast
 
 import pytest
 from treemat import protos
+from treemat.framing import encode_delimited, read_delimited
 from treemat.layout import Root
+from treemat.manifest import InputManifest
+from treemat.protocol import WorkItem, WorkReply
 from treemat.relay import ServiceUnavailable, connect, hello_payload, service_name, service_version
+from treemat.service import Service, Session
+from treemat.stack import Stack
 
 from ..support.harness import TOOLS_DIR, worker_env
-from ..support.relays import RelayProcess, execroot, root, services, the_service, tool_running
+from ..support.relays import READ_TIMEOUT, RelayProcess, execroot, root, services, the_service, tool_running
 from ..support.waiting import wait_for
 
 __all__ = ["execroot", "root"]  # fixtures
@@ -604,3 +611,307 @@ def test_outputs_land_in_the_relays_execroot_when_its_path_is_swapped_while_the_
         for pid in services(root):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [b"\x20\x0a\x05abc", b"\xff\xff\xff\xff\xff\xff\x01", b"\x80" * 40],
+    ids=["cut-message", "giant-size", "endless-varint"],
+)
+def test_stdin_ending_inside_a_frame_is_answered_and_the_request_in_flight_still_is(
+    execroot: Path, root: Path, tail: bytes
+) -> None:
+    """The relay frames stdin by hand: a frame it cannot read (cut short, a size past the limit, a length prefix
+    that never ends) is answered with one line, as the in-process worker answers it, and the request in flight
+    is still answered; the relay ends with status 0 (it once died with a traceback and lost the request)."""
+    relay = RelayProcess(execroot, root)
+    assert relay.touch().exit_code == 0
+    relay.send(["touch", "out/late"], ["out/late"], ["in/a"], 5)
+    assert relay.proc.stdin is not None and relay.proc.stdout is not None
+    relay.proc.stdin.write(tail)
+    relay.proc.stdin.close()
+    replies = []
+    while (reply := read_delimited(relay.proc.stdout, protos.WorkResponse)) is not None:
+        replies.append((reply.request_id, reply.exit_code, reply.output))
+    assert relay.proc.wait(timeout=READ_TIMEOUT) == 0, relay.stderr
+    assert (5, 0, "") in replies, replies
+    (malformed,) = [reply for reply in replies if reply[0] == 0]
+    assert malformed[1] == 1 and malformed[2].startswith("treemat: malformed work request: "), malformed
+    assert malformed[2].count("\n") == 1 and (execroot / "out/late").exists()
+
+
+def syscall_of(pid: int, tid: int) -> list[int]:
+    """The syscall thread `tid` of `pid` waits in and its arguments (/proc/<pid>/task/<tid>/syscall), or []."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
+    except OSError:
+        return []
+    return [int(fields[0])] + [int(field, 16) for field in fields[1:7]] if fields[0].isdigit() else []
+
+
+def parked(call: list[int]) -> bool:
+    """True for a wait with no timeout (x86-64): a futex wait (a join, a lock) or a poll, not the GIL's 5 ms."""
+    forever = {2**32 - 1, 2**64 - 1}
+    return bool(call) and ((call[0] == 202 and call[4] == 0) or (call[0] == 7 and call[3] in forever))
+
+
+def test_a_relay_killed_while_it_waits_for_its_last_answers_has_its_requests_cancelled(
+    execroot: Path, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay whose stdin ended half-closes its connection and waits for what is in flight; killed then, its tool
+    is cancelled (it was once left to run to its end, however long, its session holding the service)."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("reads x86-64 syscall numbers from /proc/<pid>/task/<tid>/syscall")
+    relay = RelayProcess(execroot, root)
+    assert relay.touch().exit_code == 0
+    assert relay.close() == 0
+    pid = the_service(root)
+    before = set(os.listdir(f"/proc/{pid}/fd"))
+    monkeypatch.chdir(execroot)  # the hello passes the cwd
+    path = Root(root).service_file(service_name(service_version(), "auto"), "sock")
+    sock, _pid = connect(path, hello_payload(service_version(), 2, dict(os.environ)))
+    fds = [int(fd) for fd in set(os.listdir(f"/proc/{pid}/fd")) - before]
+    (conn,) = [fd for fd in fds if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")]
+    message = protos.WorkRequest(arguments=["--", "sh", "-c", "exec sleep 45.25"], request_id=5)
+    message.inputs.add(path="in/a", digest=hashlib.sha256((execroot / "in/a").read_bytes()).hexdigest().encode())
+    sock.sendall(encode_delimited(message))
+    wait_for(lambda: tool_running("45.25"), what="the tool to start")
+    tids = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    reading = wait_for(
+        lambda: [tid for tid in tids if syscall_of(pid, tid)[:2] == [45, conn]], what="the session to read requests"
+    )
+    sock.shutdown(socket.SHUT_WR)  # what the relay does at stdin's end
+    wait_for(lambda: parked(syscall_of(pid, reading[0])), what="the session to read the half-close and wait")
+    sock.close()  # the relay killed
+    wait_for(lambda: not tool_running("45.25"), timeout=20, what="the dead relay's tool to be cancelled")
+    again = RelayProcess(execroot, root)
+    assert again.touch("out/y", 1).exit_code == 0 and the_service(root) == pid
+    assert again.close() == 0
+
+
+def refuse_threads(monkeypatch: pytest.MonkeyPatch, prefix: str) -> None:
+    """`threading.Thread.start` fails for threads named `prefix...`, as every start does at RLIMIT_NPROC (a thread
+    counts as a process) or a cgroup's pids limit."""
+    start = threading.Thread.start
+
+    def refuse(thread: threading.Thread) -> None:
+        if thread.name.startswith(prefix):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+
+
+def test_a_relay_that_cannot_start_a_thread_answers_each_request_with_one_line(execroot: Path, root: Path) -> None:
+    """The relay reads the service's answers in a thread of its own: with none to be had, each request fails with
+    one line and the relay serves on to stdin's end (it once died with a traceback, no request answered)."""
+    code = (
+        "import sys, threading\n"
+        "start = threading.Thread.start\n"
+        "def refuse(thread):\n"
+        "    if thread.name.startswith('treemat-relay'):\n"
+        '        raise RuntimeError("can\'t start new thread")\n'
+        "    start(thread)\n"
+        "threading.Thread.start = refuse\n"
+        "from treemat.__main__ import main\n"
+        "sys.exit(main(sys.argv[4:]))\n"
+    )
+    relay = RelayProcess(execroot, root, wrapper=[sys.executable, "-c", code])
+    for request_id in (1, 2):
+        reply = relay.touch(f"out/{request_id}", request_id)
+        assert (reply.request_id, reply.exit_code) == (request_id, 1), reply
+        assert reply.output.count("\n") == 1 and "can't start new thread" in reply.output, reply.output
+    assert relay.close() == 0, relay.stderr
+    assert "Traceback" not in relay.stderr, relay.stderr
+
+
+def test_a_service_that_cannot_start_a_thread_refuses_the_relay_with_its_reason_and_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session's thread refused: that relay is told why (it serves in-process); the service did not die with
+    every other relay's requests in flight."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "s"))
+    listener.listen(1)
+    service = Service(cast(Stack, None), listener, "name", 60.0)  # accepting needs no stack
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    peer.connect(str(tmp_path / "s"))
+    refuse_threads(monkeypatch, "treemat-session")
+    service._accept()
+    said = peer.recv(1 << 16)[1:].decode()
+    assert said.startswith("refused\0the service cannot start a thread (can't start new thread)"), said
+    assert service._clients == 0
+    peer.close()
+    listener.close()
+
+
+def test_a_request_no_thread_can_be_started_for_is_answered_once_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool's thread refused: the request is answered at once, and never run (nor answered again) by a thread
+    started for a later request, which picks it from the pool's queue."""
+    ours, theirs = socket.socketpair()
+    ran: list[int] = []
+
+    def handler(item: WorkItem) -> WorkReply:
+        ran.append(item.request_id)
+        return WorkReply(item.request_id, 0, "")
+
+    session = Session(ours, handler, lambda _service_id: True, count(1), 1)
+    refuse_threads(monkeypatch, "treemat-service")
+    session.dispatch(WorkItem(7, ["--", "true"], InputManifest.of([])))
+    replies = theirs.makefile("rb")
+    reply = read_delimited(replies, protos.WorkResponse)
+    assert reply is not None and (reply.request_id, reply.exit_code) == (7, 1), reply
+    assert reply.output.count("\n") == 1 and "cannot start a thread" in reply.output, reply.output
+    monkeypatch.undo()
+    session.dispatch(WorkItem(8, ["--", "true"], InputManifest.of([])))
+    reply = read_delimited(replies, protos.WorkResponse)
+    assert reply is not None and (reply.request_id, reply.exit_code) == (8, 0), reply
+    theirs.shutdown(socket.SHUT_WR)
+    session.run()  # reads the end at once, waits for the pool
+    ours.close()
+    assert ran == [2]  # request 8's service id; 7 (service id 1) never ran
+    assert read_delimited(replies, protos.WorkResponse) is None  # nor was it answered twice
+    replies.close()
+    theirs.close()
+
+
+def test_a_peer_whose_pid_another_process_took_after_it_connected_is_refused(
+    execroot: Path, root: Path, tmp_path: Path
+) -> None:
+    """SO_PEERCRED's pid names the process that connected only while it lives. A peer outside the service's mount
+    namespace (a tool of another root) connects, hands the connection to a child, exits; once a process of the
+    service's namespaces holds its pid, the child sends the rest of the hello: the peer is still refused (it was
+    served, as if it were a relay of the service's namespaces)."""
+    if os.geteuid() != 0 or not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK):
+        pytest.skip("choosing the next pid (ns_last_pid) needs root")
+    relay = RelayProcess(execroot, root)
+    assert relay.touch().exit_code == 0
+    path = Root(root).service_file(service_name(service_version(), "auto"), "sock")
+    code = (
+        "import os, socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "s.connect(sys.argv[1])\n"
+        "hello, top = bytes.fromhex(sys.argv[2]), os.open('/', os.O_RDONLY | os.O_DIRECTORY)\n"
+        "s.sendmsg([hello[:4]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, top.to_bytes(4, sys.byteorder))])\n"
+        "if os.fork() == 0:\n"
+        "    sys.stdin.readline()\n"
+        "    s.sendall(hello[4:])\n"
+        "    said = s.recv(1 << 16)\n"
+        "    print(said[next(n for n, byte in enumerate(said) if byte < 128) + 1 :].decode(), flush=True)\n"
+        "os._exit(0)\n"
+    )
+    hello = hello_payload(service_version(), 1, {"PATH": "/usr/bin:/bin"}).hex()
+    peer = subprocess.Popen(
+        ["unshare", "--mount", sys.executable, "-c", code, str(path), hello],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert peer.wait(timeout=READ_TIMEOUT) == 0  # the process that connected is gone: its pid is free
+    taker = None
+    try:
+        Path("/proc/sys/kernel/ns_last_pid").write_text(f"{peer.pid - 1}\n")
+        taker = subprocess.Popen(["sleep", "60"])  # in the service's namespaces
+        if taker.pid != peer.pid:
+            pytest.skip(f"another process took pid {peer.pid} first")
+        assert peer.stdin is not None and peer.stdout is not None
+        peer.stdin.write("go\n")
+        peer.stdin.flush()
+        said = peer.stdout.readline()
+        assert said.startswith("refused\0"), said
+    finally:
+        if taker is not None:
+            taker.kill()
+            taker.wait()
+        for pipe in (peer.stdin, peer.stdout):
+            if pipe is not None:
+                pipe.close()
+    assert relay.touch("out/y", 2).exit_code == 0
+    assert relay.close() == 0
+
+
+def test_a_relay_with_fewer_groups_gets_no_service_that_has_more(tmp_path: Path) -> None:
+    """The tools run with the service's credentials: a relay of the same uid without one of the groups of the relay
+    that started the service gets a service of its own, whose tools cannot read what only that group can (they
+    once could: the socket's name told uids apart, not groups)."""
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not os.access("/var/tmp", os.W_OK):
+        pytest.skip("acting as another uid with chosen groups needs root, setpriv(1) and /var/tmp")
+    scratch = Path(tempfile.mkdtemp(dir="/var/tmp"))  # below /tmp, a tool's view is a private /tmp
+    execroot, root, secret = scratch / "execroot", scratch / "root", scratch / "secret"
+    (execroot / "in").mkdir(parents=True)
+    (execroot / "out").mkdir()
+    (execroot / "in/a").write_text("input a\n")
+    secret.write_text("for group 4242 only\n")
+    os.chown(secret, 0, 4242)
+    secret.chmod(0o640)
+    for path in (scratch, execroot, execroot / "in", execroot / "out", execroot / "in/a"):
+        os.chown(path, 1000, 1000)
+    scratch.chmod(0o755)
+    as_user = ["setpriv", "--reuid=1000", "--regid=1000", "--inh-caps=+dac_read_search"]
+    as_user += ["--ambient-caps=+dac_read_search"]  # only to reach this interpreter (tools get no capability)
+    env = {"HOME": str(scratch), "PATH": "/usr/bin:/bin"}
+    probe = ["sh", "-c", f"cat {secret} > out/seen 2>/dev/null || echo denied > out/seen"]
+    try:
+        member = RelayProcess(execroot, root, env=env, wrapper=[*as_user, "--groups=1000,4242"])
+        member.send(probe, ["out/seen"], ["in/a"], 1)
+        reply = member.read()
+        if reply.exit_code != 0:
+            pytest.skip(f"no sandbox as uid 1000 here: {reply.output.strip()[:200]}")
+        assert (execroot / "out/seen").read_text() == "for group 4242 only\n"
+        other = RelayProcess(execroot, root, env=env, wrapper=[*as_user, "--groups=1000"])
+        other.send(probe, ["out/seen"], ["in/a"], 1)
+        reply = other.read()
+        assert reply.exit_code == 0, reply.output
+        assert (execroot / "out/seen").read_text() == "denied\n"
+        assert other.close() == 0 and member.close() == 0
+        assert len(services(root)) == 2
+    finally:
+        for pid in services(root):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_a_relay_under_lower_resource_limits_gets_no_service_without_them(execroot: Path, root: Path) -> None:
+    """A tool inherits the service's resource limits: a relay whose file-size limit is lower than the relay's that
+    started the service gets a service of its own, under which its tool meets that limit as it would in-process
+    (it once wrote past it)."""
+    if not shutil.which("prlimit"):
+        pytest.skip("needs prlimit(1)")
+    first = RelayProcess(execroot, root)
+    assert first.touch().exit_code == 0
+    limited = RelayProcess(execroot, root, wrapper=["prlimit", f"--fsize={1 << 20}"])
+    limited.send(["sh", "-c", "head -c 2000000 /dev/zero > out/big"], ["out/big"], ["in/a"], 1)
+    reply = limited.read()
+    assert reply.exit_code != 0, "a 2 MB output written under a 1 MiB file-size limit"
+    assert limited.close() == 0 and first.close() == 0
+    assert len(services(root)) == 2
+
+
+def answered_within(relay: RelayProcess, seconds: float) -> protos.WorkResponse:
+    """The relay's next reply, which must come within `seconds` (read in a thread: a hung relay fails the test)."""
+    replies: list[protos.WorkResponse] = []
+    threading.Thread(target=lambda: replies.append(relay.read()), daemon=True).start()
+    return wait_for(lambda: replies[0] if replies else None, timeout=seconds, what="the relay's answer")
+
+
+@pytest.mark.parametrize("when", ["starting", "serving"])
+def test_a_stopped_service_never_hangs_a_relay(execroot: Path, root: Path, when: str) -> None:
+    """A service stopped (SIGSTOP, a debugger, a hang) while it starts or while it serves: a relay waits for its
+    readiness or its answer to the hello a bounded time, says why in one line and serves in-process (it waited for
+    good, and every relay of the root queued on the service lock behind it)."""
+    quick = {"TREEMAT_SERVICE_WAIT_SECONDS": "1"}
+    if when == "serving":
+        first = RelayProcess(execroot, root)
+        assert first.touch().exit_code == 0
+        assert first.close() == 0
+        os.kill(the_service(root), signal.SIGSTOP)
+        relay = RelayProcess(execroot, root, env=quick)
+    else:
+        relay = RelayProcess(execroot, root, env=quick)
+        os.kill(wait_for(lambda: services(root), what="the service to be started")[0], signal.SIGSTOP)
+    relay.send(["touch", "out/x"], ["out/x"], ["in/a"], 1)
+    reply = answered_within(relay, 30)
+    assert reply.exit_code == 0, reply.output
+    said = [line for line in relay.stderr.splitlines() if "stager service" in line]
+    assert len(said) == 1 and "serving in this process" in said[0], relay.stderr
+    assert relay.close() == 0

@@ -10,8 +10,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from treemat.service import PROCESS_NAME
-from treemat.servicespawn import STALE_COPY_DAYS
+from treemat.servicespawn import PROCESS_NAME, STALE_COPY_DAYS
 
 from ..support import services as support_services
 from ..support.harness import TOOLS_DIR
@@ -147,7 +146,7 @@ def test_a_service_that_never_says_ready_is_given_up_on(tmp_path: Path) -> None:
     read_end, write_end = os.pipe()
     try:
         os.write(write_end, b"o")  # half an answer, then nothing: a stopped or stuck service
-        with pytest.raises(servicespawn.ServiceUnavailable, match=r"did not start within 0 s; see .*svc\.log"):
+        with pytest.raises(servicespawn.ServiceUnavailable, match=r"did not start within 0.2 s; see .*svc\.log"):
             servicespawn.read_until_closed(read_end, 0.2, tmp_path / "svc.log")
         os.write(write_end, b"k\n")
         os.close(write_end)

@@ -332,7 +332,12 @@ def _remove_tree_recursively(path: Path) -> None:
 
 
 def pid_alive(pid: int) -> bool:
-    """True if a process `pid` exists (even one we may not signal)."""
+    """True if a process `pid` exists (even one we may not signal) and is no zombie: a killed stager service left
+    to an init that reaps late (or never) is dead, and its exec dirs are swept by the service that replaces it."""
+    # no procfs (macOS): the kernel's answer alone
+    with contextlib.suppress(OSError, IndexError), open(f"/proc/{pid}/stat", "rb") as handle:
+        if handle.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X"):
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

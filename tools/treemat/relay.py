@@ -6,7 +6,7 @@ served by our uid, SO_PEERCRED) to the root's long-lived service, which stages a
 go to stdout untouched. The hello passes an O_DIRECTORY descriptor of the relay's cwd (Bazel's execroot) and
 the relay's environment: the service copies outputs into that descriptor. The socket's name digests all that
 must match for a service to stand in for this process: the wire version, the package's content hash, the
-isolation, the uid, the mount, network and user namespaces and the root directory. A relay that finds no
+isolation, the credentials its tools inherit, the namespaces and the root directory. A relay that finds no
 service starts one under the root's service lock; two racing relays start exactly one. At stdin's end it
 half-closes the socket: the service answers what it has, then closes. The service's death fails the requests
 in flight with one line; where no service can be had, `relay` returns None (after one line on stderr).
@@ -25,12 +25,13 @@ from pathlib import Path
 
 from treemat.layout import Root
 from treemat.locking import file_lock
-from treemat.servicespawn import ServeHere, ServiceUnavailable, start_service
+from treemat.relaywire import encode_varint, failure_frame, payload_of, read_frame, scan_fields
+from treemat.servicespawn import ServeHere, ServiceUnavailable, start_service, wait_seconds
 
 WIRE_VERSION = 1
 HELLO_MAGIC = b"treemat-relay"
-MAX_FRAME = 256 << 20
 SUN_PATH_MAX = 107
+INHERITED = ("Uid:", "Gid:", "Groups:", "Cap", "NoNewPrivs:", "Seccomp")  # /proc/self/status lines a tool inherits
 DEFAULT_IDLE_MINUTES = 15.0
 DIED = "treemat: error: the stager service ended while this request ran ({}); the next request starts a new one\n"
 
@@ -60,107 +61,21 @@ def service_version() -> str:
 
 
 def service_name(version: str, isolation: str) -> str:
-    """The socket's file name: a digest of the version, isolation, uid, namespaces and root directory."""
+    """The socket's file name: a digest of the version, isolation, namespaces, root directory and what the service's
+    tools inherit (uid, gid, groups, capabilities, no_new_privs, seccomp, resource limits, the LSM's label)."""
     from _blake2 import blake2b
 
-    facts = [version, isolation, str(os.geteuid())]
+    facts = [version, isolation, str(os.geteuid()), str(os.getegid()), *map(str, sorted(os.getgroups()))]
+    with contextlib.suppress(OSError):  # a relay lacking a group or confined otherwise never shares its tools' rights
+        facts += [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(INHERITED)]
+        facts.append(Path("/proc/self/limits").read_text())  # file size, memory, processes, descriptors...
+        facts.append(Path("/proc/self/attr/current").read_text())
     for name in ("mnt", "net", "user"):
         with contextlib.suppress(OSError):
             facts.append(f"{name}:{os.stat(f'/proc/self/ns/{name}').st_ino}")
         facts.append(name)  # a namespace that cannot be read leaves its name alone
-    top = os.stat("/")
-    facts.append(f"root:{top.st_dev}:{top.st_ino}")
+    facts.append("root:{0.st_dev}:{0.st_ino}".format(os.stat("/")))
     return blake2b("\0".join(facts).encode(), digest_size=8).hexdigest()
-
-
-def encode_varint(value: int) -> bytes:
-    """Protobuf base-128 varint (framing.encode_varint, without importing protobuf)."""
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if not value:
-            out.append(byte)
-            return bytes(out)
-        out.append(byte | 0x80)
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-
-
-def scan_fields(payload: bytes, wanted: tuple[int, ...]) -> dict[int, int]:
-    """The varint fields `wanted` of a protobuf message (WorkRequest: 3 request_id, 4 cancel; WorkResponse: 3)."""
-    found: dict[int, int] = {}
-    pos, end = 0, len(payload)
-    try:
-        while pos < end:
-            key, pos = _varint(payload, pos)
-            field, kind = key >> 3, key & 7
-            if kind == 0:
-                value, pos = _varint(payload, pos)
-                if field in wanted:
-                    found[field] = value if value < 1 << 31 else 0
-            elif kind == 2:
-                size, pos = _varint(payload, pos)
-                pos += size
-            elif kind == 1:
-                pos += 8
-            elif kind == 5:
-                pos += 4
-            else:
-                break  # garbage: the service answers it as malformed
-    except IndexError:
-        pass  # truncated: what was found so far
-    return found
-
-
-def failure_frame(request_id: int, text: str) -> bytes:
-    """A delimited WorkResponse with exit code 1 and `text` (hand-encoded, as protobuf would)."""
-    output = text.encode()
-    body = b"\x08\x01\x12" + encode_varint(len(output)) + output
-    if request_id:
-        body += b"\x18" + encode_varint(request_id)
-    return encode_varint(len(body)) + body
-
-
-def read_frame(fd_or_sock: int | socket.socket) -> bytes | None:
-    """One varint-delimited frame (prefix included) from a descriptor or socket; None at EOF."""
-    receive = (lambda n: os.read(fd_or_sock, n)) if isinstance(fd_or_sock, int) else fd_or_sock.recv
-    prefix = bytearray()
-    size = shift = 0
-    while True:
-        byte = receive(1)
-        if not byte:
-            if prefix:
-                raise EOFError("the stream ended inside a length prefix")
-            return None
-        prefix += byte
-        size |= (byte[0] & 0x7F) << shift
-        if not byte[0] & 0x80:
-            break
-        shift += 7
-    if size > MAX_FRAME:
-        raise EOFError(f"a message of {size} bytes")
-    chunks = [bytes(prefix)]
-    while size:
-        chunk = receive(min(size, 1 << 20))
-        if not chunk:
-            raise EOFError("the stream ended inside a message")
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
-
-
-def _payload_of(frame: bytes) -> bytes:
-    return frame[_varint(frame, 0)[1] :]
 
 
 def socket_address(path: Path) -> tuple[str, int]:
@@ -181,6 +96,7 @@ def connect(socket_path: Path, hello: bytes) -> tuple[socket.socket, str]:
     """Connect, send the hello with the cwd's descriptor, read the answer; (socket, the service's pid)."""
     address, dir_fd = socket_address(socket_path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(wait_seconds())  # a service stopped or hung never holds the relay: TimeoutError, then in-process
     try:
         try:
             sock.connect(address)
@@ -191,19 +107,18 @@ def connect(socket_path: Path, hello: bytes) -> tuple[socket.socket, str]:
         if uid != os.geteuid():  # the hello carries the environment and the execroot: only to our own service
             raise ServiceUnavailable(f"the socket {socket_path} is served by uid {uid}, not by this relay's")
         cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            sock.sendmsg([hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, cwd.to_bytes(4, sys.byteorder))])
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused before the hello was read (out of descriptors): its answer says why
+        try:  # refused before the hello was read (out of descriptors or threads): its answer says why
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendmsg([hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, cwd.to_bytes(4, sys.byteorder))])
         finally:
             os.close(cwd)
-        frame = read_frame(sock)
-        if frame is None:
+        if (frame := read_frame(sock)) is None:
             raise ConnectionResetError("the service closed the connection")
-        answer = _payload_of(frame).split(b"\0", 1)
+        answer = payload_of(frame).split(b"\0", 1)
         text = answer[-1].decode(errors="replace") if len(answer) > 1 else ""
         if answer[0] != b"ok":
             raise ServiceUnavailable(f"the service refused this relay: {text}")
+        sock.settimeout(None)
         return sock, text
     except BaseException:
         sock.close()
@@ -216,20 +131,15 @@ def reach_service(
     """A connection to the root's service, starting it (under the service lock) if none answers."""
     layout.check_service()
     path = layout.service_file(name, "sock")
-    try:
+    with contextlib.suppress(FileNotFoundError, ConnectionError):
         return connect(path, hello)[0]
-    except (FileNotFoundError, ConnectionError):
-        pass
     for _attempt in range(3):  # a service that exits while we connect is replaced on the next attempt
         with file_lock(layout.service_file(name, "lock")):
-            try:
+            with contextlib.suppress(FileNotFoundError, ConnectionError):
                 return connect(path, hello)[0]
-            except (FileNotFoundError, ConnectionError):
-                start_service(layout, name, service_version(), isolation, idle_minutes, serve_here)
-            try:
+            start_service(layout, name, service_version(), isolation, idle_minutes, serve_here)
+            with contextlib.suppress(FileNotFoundError, ConnectionError):
                 return connect(path, hello)[0]
-            except (FileNotFoundError, ConnectionError):
-                continue
     raise ServiceUnavailable("the service kept closing its socket")
 
 
@@ -247,10 +157,13 @@ class Relay:
     def run(self) -> int:
         """Relay until stdin ends and every request is answered; the exit status."""
         while True:
-            frame = read_frame(0)
-            if frame is None:
+            try:
+                if (frame := read_frame(0)) is None:
+                    break
+            except EOFError as exc:  # cut or garbled framing: no later request can be framed; answer, then end
+                self._write(failure_frame(0, f"treemat: malformed work request: {exc}\n"))
                 break
-            fields = scan_fields(_payload_of(frame), (3, 4))
+            fields = scan_fields(payload_of(frame), (3, 4))
             request_id, cancel = fields.get(3, 0), bool(fields.get(4, 0))
             if self._sock is None:
                 try:
@@ -284,14 +197,18 @@ class Relay:
         sock = self._connect()
         with self._lock:
             self._sock = sock
-        threading.Thread(target=self._pump, args=(sock,), name="treemat-relay", daemon=True).start()
+        try:
+            threading.Thread(target=self._pump, args=(sock,), name="treemat-relay", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had (RLIMIT_NPROC): this request fails, the next tries again
+            self._fail_all(sock, str(exc))
+            raise ServiceUnavailable(f"no thread to read its answers: {exc}") from None
 
     def _pump(self, sock: socket.socket) -> None:
         """Responses from the service to stdout, until it closes the connection."""
         reason = "the connection closed"
         try:
             while (frame := read_frame(sock)) is not None:
-                request_id = scan_fields(_payload_of(frame), (3,)).get(3, 0)
+                request_id = scan_fields(payload_of(frame), (3,)).get(3, 0)
                 with self._lock:
                     count = self._inflight.pop(request_id, 0)
                     if count > 1:
@@ -311,9 +228,8 @@ class Relay:
             self._sock = None
             self._lock.notify_all()
         sock.close()
-        for request_id, count in failed.items():
-            for _ in range(count):
-                self._write(failure_frame(request_id, DIED.format(reason)))
+        for request_id in [request_id for request_id, count in failed.items() for _ in range(count)]:
+            self._write(failure_frame(request_id, DIED.format(reason)))
 
     def _write(self, data: bytes) -> None:
         with self._write_lock:

@@ -37,12 +37,12 @@ from treemat.locking import file_lock
 from treemat.protocol import Malformed, WorkItem, WorkReply, encode_reply, read_requests
 from treemat.relay import HELLO_MAGIC, service_version, socket_address
 from treemat.servicepeer import answer, execroot_path, foreign_namespace, receive_hello, spare_descriptor
+from treemat.servicespawn import PROCESS_NAME, name_process
 from treemat.stack import Stack, open_stack
 from treemat.worker import DUPLICATE_REFUSED, SANDBOX_DIR_REFUSED, Canceller, Handler, make_handler
 
 HELLO_SECONDS = 10.0  # a peer that has not said hello by then is dropped (it would pin the service)
 ORPHAN_CHECK_SECONDS = 2.0  # how often an idle-waiting service checks its socket is still the one it bound
-PROCESS_NAME = "treemat-service"  # /proc/PID/comm of every service (at most 15 bytes)
 
 
 class Session:
@@ -59,6 +59,8 @@ class Session:
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # the relay's request id -> the service's (0: its singleplex one)
+        self._wake = -1  # a pipe's write end while the session waits for its last requests (_finish_or_cancel)
+        self._refused: set[int] = set()  # service ids answered when no thread could be started to run them
 
     def run(self) -> None:
         """Serve until the relay closes the connection (or dies); cancel whatever is then still in flight."""
@@ -74,13 +76,44 @@ class Session:
         except (OSError, ValueError):
             pass  # the relay went away mid-message
         finally:
-            if relay_gone(self.conn):  # died (not a half-close after its last request): cancel what it asked for
-                with self._lock:
-                    orphans = list(self._inflight.values())
-                for service_id in orphans:
-                    self.canceller(service_id)
+            self._finish_or_cancel()
             self._pool.shutdown(wait=True)
             reader.close()
+
+    def _finish_or_cancel(self) -> None:
+        """No more requests (the relay's half-close, or its end): wait for those in flight, and cancel them all the
+        moment the relay is gone, also after a half-close (else a relay killed while it waited for its last
+        answers left its tools running to their end, however long, and its session holding the service)."""
+        try:
+            wake_read, wake = os.pipe()  # written as each request ends (_run_and_respond)
+            os.set_blocking(wake, False)
+        except OSError:  # out of descriptors: look again every tenth of a second
+            wake_read = wake = -1
+        with self._lock:
+            self._wake = wake
+        poller = select.poll()
+        poller.register(self.conn, select.POLLHUP)  # a close both ways (its exit or death), never its SHUT_WR
+        if wake_read >= 0:
+            poller.register(wake_read, select.POLLIN)
+        try:
+            while True:
+                with self._lock:
+                    orphans = list(self._inflight.values())
+                if not orphans:
+                    return
+                events = poller.poll(-1 if wake_read >= 0 else 100)
+                if any(fd == self.conn.fileno() for fd, _events in events):
+                    for service_id in orphans:
+                        self.canceller(service_id)
+                    return
+                if wake_read >= 0:
+                    os.read(wake_read, 4096)
+        finally:
+            with self._lock:
+                self._wake = -1
+            for fd in (wake_read, wake):
+                if fd >= 0:
+                    os.close(fd)
 
     def dispatch(self, item: WorkItem) -> None:
         """Run or cancel one request."""
@@ -102,9 +135,19 @@ class Session:
         if duplicate:
             self.respond(WorkReply(local, 1, DUPLICATE_REFUSED.format(local)))
             return
-        self._pool.submit(self._run_and_respond, replace(item, request_id=service_id), local)
+        try:
+            self._pool.submit(self._run_and_respond, replace(item, request_id=service_id), local)
+        except RuntimeError as exc:  # no thread to be had (RLIMIT_NPROC): answered now, never run by a later one
+            with self._lock:
+                self._refused.add(service_id)
+                if self._inflight.get(local) == service_id:
+                    del self._inflight[local]
+            self.respond(WorkReply(local, 1, f"treemat: error: the service cannot start a thread to run it ({exc})\n"))
 
     def _run_and_respond(self, item: WorkItem, local: int) -> None:
+        with self._lock:
+            if item.request_id in self._refused:  # queued by the submit that failed (above): already answered
+                return
         try:
             reply = self.handler(item)
         except (TreematError, OSError) as exc:
@@ -114,6 +157,9 @@ class Session:
         with self._lock:
             if self._inflight.get(local) == item.request_id:
                 del self._inflight[local]
+            if self._wake >= 0:
+                with contextlib.suppress(OSError):
+                    os.write(self._wake, b".")
         self.respond(replace(reply, request_id=local))
 
     def respond(self, reply: WorkReply) -> None:
@@ -121,13 +167,6 @@ class Session:
         data = encode_reply(reply, "proto")
         with self._write_lock, contextlib.suppress(OSError):
             self.conn.sendall(data)
-
-
-def relay_gone(conn: socket.socket) -> bool:
-    """True if the relay's end is closed both ways (it exited or died); False after its SHUT_WR (it waits)."""
-    poller = select.poll()
-    poller.register(conn, select.POLLHUP)
-    return any(events & (select.POLLHUP | select.POLLERR) for _fd, events in poller.poll(0))
 
 
 class Service:
@@ -187,7 +226,13 @@ class Service:
         conn.setblocking(True)
         with self._lock:
             self._clients += 1
-        threading.Thread(target=self._client, args=(conn,), name="treemat-session", daemon=True).start()
+        try:
+            threading.Thread(target=self._client, args=(conn,), name="treemat-session", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had (RLIMIT_NPROC): refuse this relay and serve on
+            with self._lock:
+                self._clients -= 1
+            with conn, contextlib.suppress(OSError):
+                conn.sendall(answer(f"the service cannot start a thread ({exc})", ok=False))
 
     def _refuse_one(self, exc: OSError) -> None:
         """Out of descriptors: accept the next relay on the spare one and refuse it with the reason (it serves
@@ -246,6 +291,7 @@ class Service:
         if uid != os.geteuid():
             conn.sendall(answer(f"uid {uid} is not the service's (uid {os.geteuid()}): refused", ok=False))
             return
+        early = foreign_namespace(pid)  # now, while the process that connected most surely holds `pid`
         try:
             hello, fds = receive_hello(conn, min(HELLO_SECONDS, max(self.idle_seconds, 2.0)))
         except (TimeoutError, ValueError) as exc:
@@ -253,7 +299,7 @@ class Service:
             return
         conn.settimeout(None)
         try:
-            if (stranger := foreign_namespace(pid)) is not None:  # after the hello: the peer reads the reason
+            if (stranger := early or foreign_namespace(pid, conn)) is not None:  # after the hello: it reads why
                 conn.sendall(answer(f"the peer (pid {pid}) is not in the service's {stranger}: refused", ok=False))
                 return
             fields = hello.split(b"\0")
@@ -335,12 +381,6 @@ def main(argv: list[str], *, forked: bool = False) -> int:
         print(f"treemat service {os.getpid()}: serving {layout.path} ({stack.isolation})", file=sys.stderr, flush=True)
         Service(stack, listener, options["name"], float(options["idle-minutes"]) * 60).serve()
     return 0
-
-
-def name_process(name: str) -> None:
-    """What `ps`, `top` and /proc/PID/comm show (a service forked from a relay keeps the relay's command line)."""
-    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
-        comm.write(name)
 
 
 def import_first_request() -> None:

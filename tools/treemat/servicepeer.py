@@ -3,16 +3,19 @@ naming the execroot the descriptor is."""
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import socket
 import sys
 import time
 from pathlib import Path
 
-from treemat.relay import encode_varint
+from treemat.relaywire import encode_varint
 
 MAX_HELLO_FDS = 4
 MAX_HELLO_BYTES = 16 << 20  # magic, version, pool size and the relay's environment
+SO_PEERPIDFD = 77  # Linux 6.5: a pidfd of the process that connected (socket.SO_PEERPIDFD from Python 3.13)
 
 
 def answer(text: str, *, ok: bool) -> bytes:
@@ -21,11 +24,13 @@ def answer(text: str, *, ok: bool) -> bytes:
     return encode_varint(len(body)) + body
 
 
-def foreign_namespace(pid: int) -> str | None:
+def foreign_namespace(pid: int, conn: socket.socket | None = None) -> str | None:
     """The first namespace the peer `pid` does not share with the service ("mount namespace", ...), or None.
 
     A relay shares them all (they are in the socket's name). A sandboxed tool of another root of the same uid
-    can reach this socket (only its own root is masked in its view); its namespaces are the sandbox's.
+    can reach this socket (only its own root is masked in its view); its namespaces are the sandbox's. `pid` is
+    SO_PEERCRED's: once the process that connected exits, another may hold it (a peer hands its connection to a
+    child and exits): with `conn`, a peer that exited is refused, where the kernel can tell (Linux 6.5).
     """
     for kind in ("mnt", "user", "net"):
         try:
@@ -34,7 +39,27 @@ def foreign_namespace(pid: int) -> str | None:
             return f"{kind} namespace (unreadable)"
         if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
             return {"mnt": "mount", "user": "user", "net": "network"}[kind] + " namespace"
+    if conn is not None and peer_exited(conn):  # read after that: the namespaces read were its own
+        return "namespaces (it exited after it connected: its pid may be another process's)"
     return None
+
+
+def peer_exited(conn: socket.socket) -> bool:
+    """True if the process that connected to `conn` has exited; False where the kernel cannot tell."""
+    try:
+        raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4)
+    except OSError as exc:  # ENOPROTOOPT before Linux 6.5; ESRCH or EINVAL: no such process any more
+        return exc.errno in (errno.ESRCH, errno.EINVAL)
+    pidfd = int.from_bytes(raw, sys.byteorder, signed=True)
+    try:
+        signal.pidfd_send_signal(pidfd, 0)  # a pidfd holds its process, never a later one of the same pid
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(pidfd)
+    return False
 
 
 def spare_descriptor() -> int:

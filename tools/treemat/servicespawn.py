@@ -29,7 +29,20 @@ from treemat.layout import Root
 
 ServeHere = Callable[[list[str]], int]  # runs the service in this process (__main__.run_service); its status
 STALE_COPY_DAYS = 14  # a package copy no service started from for this long is removed when another is made
-READY_SECONDS = 60.0  # a service not ready by then (stopped, stuck on a hung filesystem) is given up on
+PROCESS_NAME = "treemat-service"  # /proc/PID/comm of every service (at most 15 bytes)
+WAIT_SECONDS = 60.0  # for a service to start, or to answer a hello (TREEMAT_SERVICE_WAIT_SECONDS)
+
+
+def wait_seconds() -> float:
+    """How long a relay waits for a service to start or to answer its hello: one stopped or hung (a hung
+    filesystem) must not hold the relay, and every relay of the root queued on the service lock behind it."""
+    return float(os.environ.get("TREEMAT_SERVICE_WAIT_SECONDS") or WAIT_SECONDS)
+
+
+def name_process(name: str) -> None:
+    """What `ps`, `top` and /proc/PID/comm show (a service forked from a relay keeps the relay's command line)."""
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+        comm.write(name)
 
 
 class ServiceUnavailable(Exception):
@@ -96,7 +109,7 @@ def start_service(
             _spawn(package_parent, args, log, write_end)
         os.close(write_end)
         write_end = -1
-        ready = read_until_closed(read_end, READY_SECONDS, log)
+        ready = read_until_closed(read_end, wait_seconds(), log)
     finally:
         os.close(read_end)
         if write_end >= 0:
@@ -116,7 +129,7 @@ def read_until_closed(fd: int, seconds: float, log: Path) -> bytes:
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise ServiceUnavailable(f"the service did not start within {seconds:.0f} s; see {log}")
+            raise ServiceUnavailable(f"the service did not start within {seconds:g} s; see {log}")
         if select.select([fd], [], [], remaining)[0]:
             chunk = os.read(fd, 4096)
             if not chunk:
@@ -142,7 +155,10 @@ def _spawn(package_parent: str, args: list[str], log: Path, write_end: int) -> N
             start_new_session=True,
             cwd="/",
         )
-    child.wait()  # the service forks itself away at once: this reaps the first process
+    try:
+        child.wait(wait_seconds())  # the service forks itself away at once: this reaps the first process
+    except subprocess.TimeoutExpired:
+        raise ServiceUnavailable(f"the service did not start within {wait_seconds():g} s") from None
 
 
 def _fork(
