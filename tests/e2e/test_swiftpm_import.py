@@ -21,8 +21,6 @@ EXPECTED_STDERR = [
     "(not linux): dropped",
     "treemat import: not translated: geometry/Geometry: swiftSettings define GEOMETRY_APPLE: only for macos "
     "(not linux): dropped",
-    "treemat import: not translated: geometry/Geometry: resources (1 files) are runfiles (`data`); Bundle.module "
-    "is not generated",
 ]
 
 pytestmark = [pytest.mark.swift, pytest.mark.skipif(SWIFT is None, reason="no swift on PATH or under /opt/swift")]
