@@ -30,6 +30,7 @@ def geometry(tmp_path: Path) -> Path:
             "Sources/CShapes/include/CShapes.h": "",
             "Sources/CShapes/shapes.c": "",
             "Sources/CShapes/internal/inner.h": "",
+            "Sources/CShapes/shapes.macros": "",
             "Sources/CShapes/broken.c": "",
             "Sources/CMapped/include/module.modulemap": "",
             "Sources/CMapped/include/mapped.h": "",
@@ -100,6 +101,8 @@ def test_c_targets_swift_targets_and_settings(geometry: Path) -> None:
     assert '"Sources/CShapes/shapes.c"' in shapes and "broken.c" not in shapes, "exclude is honoured"
     assert '"Sources/CShapes/internal/inner.h"' in shapes, "private headers are srcs"
     assert 'hdrs = ["Sources/CShapes/include/CShapes.h"]' in shapes
+    assert 'textual_hdrs = ["Sources/CShapes/shapes.macros"]' in shapes  # #include'd, neither source nor header
+    assert "textual_hdrs" not in rule_of(text, "CMapped_cc"), "its module map is the swift_c_module's"
     assert '"Sources/CShapes/include",\n        "Sources/CShapes/internal",' in shapes, "public dir + headerSearchPath"
     assert '"SCALE=2"' in shapes and '"LINUX_ONLY"' in shapes and "APPLE_ONLY" not in shapes
     assert 'linkopts = ["-lm"]' in shapes and 'tags = ["swift_module=CShapes"]' in shapes

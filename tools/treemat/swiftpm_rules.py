@@ -110,6 +110,7 @@ class TargetLayout:
     module_map: str | None = None
     resources: tuple[str, ...] = ()
     bundle: tuple[tuple[str, str], ...] = ()  # (resource, its path in the bundle): Bundle.module (resources.bzl)
+    textual: tuple[str, ...] = ()  # C: the target's other files (`textual_hdrs`: included, never compiled)
     # A test's excluded files (swift-argument-parser's Snapshots/), which its tests read beside `#filePath`
     # as under `swift test`: runfiles too (`#filePath` is execroot-relative, the test runs in its runfiles).
     test_files: tuple[str, ...] = ()
@@ -198,14 +199,12 @@ def layout_target(package_dir: Path, target: Target, report: list[str]) -> Targe
     headers = tuple(p for p in c_family if suffix[p] in HEADER_SUFFIXES and p.startswith(public_rel + "/"))
     private = tuple(p for p in c_family if p not in headers)
     module_map = f"{public_rel}/{MODULE_MAP}" if (public / MODULE_MAP).is_file() else None
-    return TargetLayout(
-        "c_module_map" if module_map else "c",
-        private,
-        headers,
-        public_rel if public.is_dir() else None,
-        module_map,
-        kept_resources,
-    )
+    known = C_SUFFIXES | HEADER_SUFFIXES | OBJC_SUFFIXES | SWIFT_SUFFIXES
+    # anything else of the target's (`#include "x.macros"`): on disk under SwiftPM, declared here
+    textual = tuple(p for p in sources if suffix[p] not in known and Path(p).name != MODULE_MAP)
+    include_dir = public_rel if public.is_dir() else None
+    kind = "c_module_map" if module_map else "c"
+    return TargetLayout(kind, private, headers, include_dir, module_map, kept_resources, textual=textual)
 
 
 def layout_package(info: PackageInfo, report: list[Untranslated]) -> None:
@@ -371,6 +370,7 @@ def _c_rules(target: Target, layout: TargetLayout, attrs: _Attrs) -> list[Rule]:
         (
             ("srcs", layout.sources),
             ("hdrs", layout.headers),
+            ("textual_hdrs", layout.textual),
             ("includes", includes),
             ("deps", tuple(attrs["deps"])),
             ("local_defines", attrs.value("local_defines", SWIFTPM_C_DEFINES)),
