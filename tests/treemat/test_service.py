@@ -915,3 +915,29 @@ def test_a_stopped_service_never_hangs_a_relay(execroot: Path, root: Path, when:
     said = [line for line in relay.stderr.splitlines() if "stager service" in line]
     assert len(said) == 1 and "serving in this process" in said[0], relay.stderr
     assert relay.close() == 0
+
+
+def test_a_request_no_service_can_be_reached_for_fails_with_one_line_and_the_relay_serves_on(
+    execroot: Path, root: Path
+) -> None:
+    """The service died and its dir became unusable (opened to others, say): that request fails with one line
+    saying it did not run (the relay raised out of its loop: a traceback, every later request lost)."""
+    relay = RelayProcess(execroot, root)
+    assert relay.touch().exit_code == 0
+    os.kill(the_service(root), signal.SIGKILL)
+
+    def relay_sockets() -> list[str]:
+        links = (os.readlink(f"/proc/{relay.proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{relay.proc.pid}/fd"))
+        return [link for link in links if link.startswith("socket:")]
+
+    wait_for(lambda: not relay_sockets(), what="the relay to see its service gone")
+    service_dir = root / "service"
+    service_dir.chmod(0o777)
+    reply = relay.touch("out/unreached", 9)
+    assert (reply.exit_code, reply.request_id) == (1, 9), reply
+    assert reply.output.count("\n") == 1 and "could not be reached" in reply.output, reply.output
+    assert "did not run" in reply.output and "writable by you alone" in reply.output, reply.output
+    assert not (execroot / "out/unreached").exists()
+    service_dir.chmod(0o700)
+    assert relay.touch("out/after", 10).exit_code == 0  # the next request gets a new service
+    assert relay.close() == 0

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from treemat.errors import TreematError
 from treemat.layout import Root
 from treemat.locking import file_lock
 from treemat.relaywire import encode_varint, failure_frame, payload_of, read_frame, scan_fields
@@ -34,6 +35,9 @@ SUN_PATH_MAX = 107
 INHERITED = ("Uid:", "Gid:", "Groups:", "Cap", "NoNewPrivs:", "Seccomp")  # /proc/self/status lines a tool inherits
 DEFAULT_IDLE_MINUTES = 15.0
 DIED = "treemat: error: the stager service ended while this request ran ({}); the next request starts a new one\n"
+UNREACHED = (
+    "treemat: error: the stager service could not be reached ({}): this request did not run; the next tries again\n"
+)
 
 
 def package_hash() -> str:
@@ -168,9 +172,9 @@ class Relay:
             if self._sock is None:
                 try:
                     self._attach()
-                except (ServiceUnavailable, OSError) as exc:
+                except (ServiceUnavailable, TreematError, OSError) as exc:  # its dir made unusable, say
                     if not cancel:
-                        self._write(failure_frame(request_id, DIED.format(f"restarting it failed: {exc}")))
+                        self._write(failure_frame(request_id, UNREACHED.format(exc)))
                     continue
             with self._lock:
                 sock = self._sock
