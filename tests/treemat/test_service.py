@@ -927,7 +927,10 @@ def test_a_request_no_service_can_be_reached_for_fails_with_one_line_and_the_rel
     os.kill(the_service(root), signal.SIGKILL)
 
     def relay_sockets() -> list[str]:
-        links = (os.readlink(f"/proc/{relay.proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{relay.proc.pid}/fd"))
+        links = []
+        for fd in os.listdir(f"/proc/{relay.proc.pid}/fd"):
+            with contextlib.suppress(FileNotFoundError):  # closed since the listing
+                links.append(os.readlink(f"/proc/{relay.proc.pid}/fd/{fd}"))
         return [link for link in links if link.startswith("socket:")]
 
     wait_for(lambda: not relay_sockets(), what="the relay to see its service gone")
