@@ -45,6 +45,21 @@ def user_cache_dir() -> Path:
     return Path(home) / ".cache"
 
 
+def check_private_dir(path: Path) -> None:
+    """CasError unless `path` is a directory of ours (not a symlink) that neither group nor others can write."""
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        raise CasError(f"cannot use {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise CasError(f"{path} is not a directory (a symlink?): refused")
+    if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise CasError(
+            f"{path} is uid {info.st_uid}'s, mode {stat.S_IMODE(info.st_mode):o}: refused (it must be yours and "
+            f"writable by you alone)"
+        )
+
+
 def default_root_path() -> Path:
     """`$TREEMAT_ROOT`, else `<user cache dir>/treemat`, absolute."""
     explicit = os.environ.get("TREEMAT_ROOT")
@@ -128,19 +143,9 @@ class Root:
         return self.path / "service"
 
     def check_service(self) -> None:
-        """CasError unless `service/` is a directory of ours (not a symlink) that neither group nor others can
-        write: whoever could plant a socket there would get a relay's hello (its environment, its execroot)."""
-        try:
-            info = os.lstat(self.service)
-        except OSError as exc:
-            raise CasError(f"cannot use {self.service}: {exc.strerror}") from None
-        if not stat.S_ISDIR(info.st_mode):
-            raise CasError(f"{self.service} is not a directory (a symlink?): refused")
-        if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise CasError(
-                f"{self.service} is uid {info.st_uid}'s, mode {stat.S_IMODE(info.st_mode):o}: refused (it must be "
-                f"yours and writable by you alone)"
-            )
+        """CasError unless `service/` is ours alone (check_private_dir): whoever could plant a socket there would
+        get a relay's hello (its environment, its execroot)."""
+        check_private_dir(self.service)
 
     def service_package_parents(self) -> list[Path]:
         """Where a service's copy of the treemat package (`pkg-<version>/`) goes, in order of preference: the

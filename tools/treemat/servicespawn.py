@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from treemat.layout import Root
+from treemat.errors import CasError
+from treemat.layout import Root, check_private_dir
 
 ServeHere = Callable[[list[str]], int]  # runs the service in this process (__main__.run_service); its status
 STALE_COPY_DAYS = 14  # a package copy no service started from for this long is removed when another is made
@@ -52,20 +52,11 @@ class ServiceUnavailable(Exception):
 def package_copy(layout: Root, version: str) -> str:
     """The directory holding this version's copy of the treemat package (made once, atomically)."""
     for parent in layout.service_package_parents():
-        with contextlib.suppress(OSError):
-            if _ours_alone(parent, create=True):
-                return _copy_into(parent, f"pkg-{version}")
+        with contextlib.suppress(OSError, CasError):  # not ours alone (the modules there would run): the next
+            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            check_private_dir(parent)
+            return _copy_into(parent, f"pkg-{version}")
     raise ServiceUnavailable("no directory of ours to copy the treemat package into")
-
-
-def _ours_alone(directory: Path, *, create: bool) -> bool:
-    """True if `directory` is a directory (no symlink) of this uid that neither group nor others can write."""
-    if create:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = os.lstat(directory)
-    return (
-        stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    )
 
 
 def _copy_into(parent: Path, name: str) -> str:
