@@ -10,8 +10,9 @@ from typing import IO, Protocol, TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from treemat.errors import ProtocolError
+from treemat.relaywire import MAX_FRAME, encode_varint
 
-MAX_MESSAGE_BYTES = 256 << 20
+MAX_MESSAGE_BYTES = MAX_FRAME  # one limit for the relay's frames and the worker's messages
 
 
 M = TypeVar("M", bound=Message)
@@ -27,18 +28,6 @@ class Readable(Protocol):
 
 class TruncatedStream(ProtocolError):
     """The stream ended inside a message: nothing more can be read from it."""
-
-
-def encode_varint(value: int) -> bytes:
-    """Protobuf base-128 varint."""
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if not value:
-            out.append(byte)
-            return bytes(out)
-        out.append(byte | 0x80)
 
 
 def encode_delimited(message: Message) -> bytes:

@@ -10,7 +10,7 @@ MAX_FRAME = 256 << 20
 
 
 def encode_varint(value: int) -> bytes:
-    """Protobuf base-128 varint (framing.encode_varint, without importing protobuf)."""
+    """Protobuf base-128 varint (framing's too: this module imports no protobuf)."""
     out = bytearray()
     while True:
         byte = value & 0x7F
