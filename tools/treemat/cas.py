@@ -16,7 +16,6 @@ import errno
 import fcntl
 import hashlib
 import os
-import secrets
 import stat
 import threading
 import time
@@ -224,7 +223,7 @@ class ContentStore(StoreMaintenance):
 
     def _named_temp(self) -> tuple[int, str]:
         """Fallback temp file: held under an exclusive flock for its whole life, so sweeps can tell it is live."""
-        path = f"{self.tmp_dir}/{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(6)}"
+        path = f"{self.tmp_dir}/{os.getpid()}-{threading.get_ident()}-{os.urandom(6).hex()}"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
@@ -270,7 +269,7 @@ class ContentStore(StoreMaintenance):
     def quarantine(self, hash_hex: str, executable: bool, reason: str) -> None:
         """Move a blob out of service (kept under `<root>/quarantine` for inspection)."""
         path = self.blob_path(hash_hex, executable)
-        target = self.quarantine_dir / f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
+        target = self.quarantine_dir / f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}"
         try:
             os.rename(path, target)
         except FileNotFoundError:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -175,7 +174,7 @@ class DirectoryCache:
         The caller pins `entry` (shared lock), so the eviction a new entry may trigger never removes it.
         """
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        temp = self.cache_dir / f".tmp-{os.getpid()}-{secrets.token_hex(6)}"
+        temp = self.cache_dir / f".tmp-{os.getpid()}-{os.urandom(6).hex()}"
         size = node.total_bytes()
         usage = (0, 0)
         try:
@@ -226,7 +225,7 @@ class DirectoryCache:
                 for _stamp, size, key in sorted(items):
                     if total <= goal:
                         break
-                    graveyard = self.cache_dir / f".evict-{os.getpid()}-{secrets.token_hex(6)}"
+                    graveyard = self.cache_dir / f".evict-{os.getpid()}-{os.urandom(6).hex()}"
                     try:
                         with file_lock(self.cache_dir / f"{key}.lock", blocking=False):
                             os.rename(self.cache_dir / key, graveyard)
@@ -318,7 +317,7 @@ class DirectoryCache:
 
 def _write_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` (temp file + rename: readers see the old or the new content, whole)."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
+    temp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}")
     try:
         temp.write_text(text)
         os.replace(temp, path)

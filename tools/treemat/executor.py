@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import functools
 import os
-import secrets
 from pathlib import Path
 
 from treemat.action import ActionRequest, ActionResult, RequestInput
@@ -120,7 +119,7 @@ class ActionExecutor:
         self.counters.add(f"actions_isolation_{self.sandbox.mode}")
         if not self.sandbox.in_place:
             return None
-        run_dir = RunDir(self.exec_base / f"{exec_dir.name}.run-{secrets.token_hex(3)}")
+        run_dir = RunDir(self.exec_base / f"{exec_dir.name}.run-{os.urandom(3).hex()}")
         run_dir.create()
         return run_dir
 

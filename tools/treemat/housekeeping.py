@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import secrets
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -45,7 +44,7 @@ class Housekeeper:
         if not (path.exists() or path.is_symlink()):
             return
         keys = list(blobs)
-        graveyard = self.exec_base / f".trash-{path.name}-{secrets.token_hex(3)}"
+        graveyard = self.exec_base / f".trash-{path.name}-{os.urandom(3).hex()}"
         try:
             os.rename(path, graveyard)
         except OSError:

@@ -9,7 +9,6 @@ exec dir with the same outputs is reused: only the delta between the two request
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 import time
 from collections.abc import Callable
@@ -109,7 +108,7 @@ class InputStager:
     def _prepare_once(self, request: ActionRequest) -> PreparedDir:
         started = time.perf_counter()
         key, outputs = pool_key(request.spec), output_dirs(request.spec)
-        exec_dir = self.cas.layout.exec / f"{os.getpid()}-{request.request_id}-{secrets.token_hex(4)}"
+        exec_dir = self.cas.layout.exec / f"{os.getpid()}-{request.request_id}-{os.urandom(4).hex()}"
         self.guard.poll()
         mark = self.guard.mark()
         with self.cas.in_use():

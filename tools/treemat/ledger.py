@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import secrets
 import threading
 from pathlib import Path
 
@@ -38,7 +37,7 @@ class VerifiedLedger:
         self._lock = threading.Lock()
         self._records = self._load()
         self._pending: list[str] = []
-        path = self.directory / f"{os.getpid()}-{secrets.token_hex(4)}.log"
+        path = self.directory / f"{os.getpid()}-{os.urandom(4).hex()}.log"
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX)  # held for our whole life: compaction never removes a live log
 
@@ -99,11 +98,11 @@ class VerifiedLedger:
     def _compact(self, records: dict[tuple[str, bool], tuple[int, int, int]], logs: list[Path]) -> None:
         """Write the merged records to one log, then remove the logs no live process holds."""
         lines = [f"{h}{'+x' if x else ''} {ino} {ctime} {size}\n" for (h, x), (ino, ctime, size) in records.items()]
-        temp = self.directory / f".compact-{os.getpid()}-{secrets.token_hex(4)}"
+        temp = self.directory / f".compact-{os.getpid()}-{os.urandom(4).hex()}"
         with contextlib.suppress(OSError):
             temp.write_text("".join(lines))
             os.chmod(temp, 0o600)
-            os.replace(temp, self.directory / f"0-compact-{secrets.token_hex(4)}.log")
+            os.replace(temp, self.directory / f"0-compact-{os.urandom(4).hex()}.log")
             for log in logs:
                 with contextlib.suppress(OSError):
                     fd = os.open(log, os.O_RDONLY | os.O_CLOEXEC)

@@ -11,7 +11,6 @@ import errno
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,6 +176,8 @@ class Materializer:
         if workers <= 1:
             results = [self._place_batch(batch, methods, progress) for batch in batches]
         else:
+            from concurrent.futures import ThreadPoolExecutor  # here: logging comes with it (3 ms of a start)
+
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 results = list(pool.map(lambda b: self._place_batch(b, methods, progress), batches))
         for partial in results:

@@ -18,7 +18,6 @@ import fcntl
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import threading
 from collections.abc import Sequence
@@ -105,7 +104,7 @@ class ToolCaches:
             if (seed / COMPLETE_MARKER).exists():
                 return seed
             remove_tree(seed)  # a half-built seed of a builder that died
-            work = self.directory / f".build-{os.getpid()}-{secrets.token_hex(4)}"
+            work = self.directory / f".build-{os.getpid()}-{os.urandom(4).hex()}"
             try:
                 self._run_seed(work, seed_argv, sandbox)
                 (work / "cache" / COMPLETE_MARKER).write_text(json.dumps({"argv": seed_argv}) + "\n")
