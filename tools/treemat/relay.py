@@ -26,7 +26,7 @@ from pathlib import Path
 from treemat.errors import TreematError
 from treemat.layout import Root
 from treemat.locking import file_lock
-from treemat.relaywire import encode_varint, failure_frame, payload_of, read_frame, scan_fields
+from treemat.relaywire import as_int32, encode_varint, failure_frame, payload_of, read_frame, scan_fields
 from treemat.servicespawn import ServeHere, ServiceUnavailable, start_service, wait_seconds
 
 WIRE_VERSION = 1
@@ -168,7 +168,7 @@ class Relay:
                 self._write(failure_frame(0, f"treemat: malformed work request: {exc}\n"))
                 break
             fields = scan_fields(payload_of(frame), (3, 4))
-            request_id, cancel = fields.get(3, 0), bool(fields.get(4, 0))
+            request_id, cancel = as_int32(fields.get(3, 0)), bool(fields.get(4, 0))
             if self._sock is None:
                 try:
                     self._attach()
@@ -212,7 +212,7 @@ class Relay:
         reason = "the connection closed"
         try:
             while (frame := read_frame(sock)) is not None:
-                request_id = scan_fields(payload_of(frame), (3,)).get(3, 0)
+                request_id = as_int32(scan_fields(payload_of(frame), (3,)).get(3, 0))
                 with self._lock:
                     count = self._inflight.pop(request_id, 0)
                     if count > 1:

@@ -10,7 +10,10 @@ MAX_FRAME = 256 << 20
 
 
 def encode_varint(value: int) -> bytes:
-    """Protobuf base-128 varint (framing's too: this module imports no protobuf)."""
+    """Protobuf base-128 varint (framing's too: this module imports no protobuf); a negative int32 as protobuf
+    writes it, in ten bytes (its 64-bit two's complement)."""
+    if value < 0:
+        value &= (1 << 64) - 1
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -33,8 +36,15 @@ def read_varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+def as_int32(value: int) -> int:
+    """A varint read as an int32 field, as protobuf reads it: its low 32 bits, signed."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
 def scan_fields(payload: bytes, wanted: tuple[int, ...]) -> dict[int, int]:
-    """The varint fields `wanted` of a protobuf message (WorkRequest: 3 request_id, 4 cancel; WorkResponse: 3)."""
+    """The varint fields `wanted` of a protobuf message, as sent (WorkRequest: 3 request_id, read it with
+    `as_int32`; 4 cancel, true if not 0; WorkResponse: 3), the last of each as protobuf keeps it."""
     found: dict[int, int] = {}
     pos, end = 0, len(payload)
     try:
@@ -44,7 +54,7 @@ def scan_fields(payload: bytes, wanted: tuple[int, ...]) -> dict[int, int]:
             if kind == 0:
                 value, pos = read_varint(payload, pos)
                 if field in wanted:
-                    found[field] = value if value < 1 << 31 else 0
+                    found[field] = value
             elif kind == 2:
                 size, pos = read_varint(payload, pos)
                 pos += size

@@ -1,0 +1,33 @@
+"""The relay's hand framing reads and writes request ids exactly as protobuf does (relaywire.py)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from treemat import protos
+from treemat.protocol import parse_message
+from treemat.relaywire import as_int32, encode_varint, failure_frame, payload_of, scan_fields
+
+UINT64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
+
+
+def request_with(raw_id: int, raw_cancel: int) -> bytes:
+    """A WorkRequest whose request_id and cancel are the varints given, as any sender may write them (Bazel
+    never sends an id past 2^31 or a cancel other than 1, a hostile or buggy client may)."""
+    return b"\x0a\x05touch" + b"\x18" + encode_varint(raw_id) + b"\x20" + encode_varint(raw_cancel)
+
+
+@given(UINT64, UINT64)
+def test_the_relay_reads_a_request_id_and_cancel_as_protobuf_does(raw_id: int, raw_cancel: int) -> None:
+    payload = request_with(raw_id, raw_cancel)
+    expected = parse_message(payload, protos.WorkRequest)
+    fields = scan_fields(payload, (3, 4))
+    assert (as_int32(fields[3]), bool(fields[4])) == (expected.request_id, expected.cancel)
+
+
+@given(st.integers(min_value=-(1 << 31), max_value=(1 << 31) - 1))
+def test_a_failure_answer_carries_the_id_protobuf_would(request_id: int) -> None:
+    frame = failure_frame(request_id, "treemat: error: gone\n")
+    reply = parse_message(payload_of(frame), protos.WorkResponse)
+    assert (reply.request_id, reply.exit_code, reply.output) == (request_id, 1, "treemat: error: gone\n")
+    assert as_int32(scan_fields(payload_of(frame), (3,)).get(3, 0)) == request_id
