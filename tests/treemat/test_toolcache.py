@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from treemat.toolcache import swift_seed_recipe
@@ -46,3 +47,17 @@ def test_a_wrapper_running_swiftc_after_double_dash_gets_the_same_seed() -> None
 )
 def test_other_command_lines_are_not_seeded(argv: list[str]) -> None:
     assert swift_seed_recipe(argv) is None
+
+
+def test_a_bare_compiler_name_is_the_one_on_the_tools_path_not_the_workers(tmp_path: Path) -> None:
+    # a service serves relays with other PATHs: the seed must be keyed (and built) by the tool's own swiftc
+    first, second = tmp_path / "toolchain-a", tmp_path / "toolchain-b"
+    for directory in (first, second):  # two compilers of one name (their identity: path, size, mtime, inode)
+        directory.mkdir()
+        (directory / "swiftc").write_text(f'#!/bin/sh\nexec {SWIFTC} "$@"\n')
+        (directory / "swiftc").chmod(0o755)
+    bare = ["swiftc", *COMPILE[1:]]
+    found_first, found_second = swift_seed_recipe(bare, str(first)), swift_seed_recipe(bare, str(second))
+    assert found_first is not None and found_second is not None
+    assert found_first[0] != found_second[0]
+    assert swift_seed_recipe(bare, str(tmp_path / "nowhere")) is None

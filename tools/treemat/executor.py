@@ -126,7 +126,6 @@ class ActionExecutor:
     def _run_and_collect(self, request: ActionRequest, exec_dir: Path, run_dir: RunDir | None) -> ActionResult:
         """Run the tool in the sandbox, then (if it succeeded) copy its outputs out of its view."""
         spec = request.spec
-        cache = self.tool_caches.for_argv(spec.argv, self.sandbox)
         base_env = os.environ if request.base_env is None else request.base_env
         if run_dir is not None:
             argv = spec.argv_in(str(exec_dir), str(run_dir.cache))
@@ -134,6 +133,7 @@ class ActionExecutor:
         else:
             argv = spec.argv_in(EXEC_ROOT, TOOL_CACHE)
             env = environment(base_env, spec.env)
+        cache = self.tool_caches.for_argv(spec.argv, self.sandbox, env.get("PATH", os.defpath))
         plan = ToolPlan(argv, env, exec_dir, run_dir, overlay=self.sandbox.overlay, cache=cache)
         outcome = self.runner.run(request.request_id, plan)
         result = ActionResult(
