@@ -1,8 +1,8 @@
 """An action's inputs, read from its request: the input tree to stage afresh, or the delta to patch a pooled dir.
 
 Bazel's digests are trusted for lookups; every blob is admitted by the guard right before it is staged (and
-ingested, verified against Bazel's digest, when the CAS lacks it). A directory input is walked: regular files
-are ingested, in-tree relative symlinks kept, anything else refused by name. Under overlay isolation a finished
+ingested, verified against Bazel's digest, when the CAS lacks it). An input the memo cannot vouch for is read
+from the execroot by inputfiles.py (a directory input walked entry by entry). Under overlay isolation a finished
 exec dir with the same outputs is reused: only the delta between the two requests is linked and unlinked. The
 executor decides which of the two it asks for, stages the tree, and has the pool patch or adopt its dirs.
 """
@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
 
 from treemat.action import ActionRequest, RequestInput
 from treemat.blobguard import BlobGuard
 from treemat.blobstate import NO_BLOB, BlobIdentity, BlobKey, StagedBlobs, StagedFile
 from treemat.cas import ContentStore
 from treemat.counters import Counters
-from treemat.digest import Digest, check_hash
+from treemat.digest import check_hash
 from treemat.errors import ExecutionError
 from treemat.execpool import PooledDir
 from treemat.execrootwatch import ExecrootWatch
 from treemat.fsprims import file_kind
+from treemat.inputfiles import InputFiles, stat_input
 from treemat.inputmemo import InputMemo, KnownInput
 from treemat.tree import FileNode, InputTree, check_symlinks, normalize_path
-
-MAX_INPUT_DEPTH = 256  # directories nested in one directory input
 
 
 class InputStager:
@@ -38,6 +36,7 @@ class InputStager:
         self.counters = counters
         self.pooled = pooled  # an exec-dir pool may adopt fresh dirs: build_tree says what each path links
         self.memo = InputMemo()
+        self.files = InputFiles(guard, self.memo)
         self.execroot_watch = ExecrootWatch()
 
     def close(self) -> None:
@@ -150,82 +149,17 @@ class InputStager:
     def _admit_input(
         self, tree: InputTree, request: ActionRequest, item: RequestInput, staged: StagedBlobs
     ) -> tuple[str, FileNode, BlobIdentity | None] | None:
-        """The slow path of one input: validate, stat, admit or ingest; None for a directory input (added)."""
+        """The slow path of one input: validate, then stat, admit or ingest (inputfiles.py); None for a directory
+        input (added)."""
         path = self.memo.path(item.path)
         expected = check_hash(item.hash) if item.hash else None
-        full = f"{request.execroot}/{path}"
-        info = _stat_input(full, path)
-        if stat.S_ISDIR(info.st_mode):
-            self._add_directory(tree, request.execroot, path, staged)
+        placed = self.files.read_input(tree, request.execroot, path, expected, staged)
+        if placed is None:
             return None
-        if not stat.S_ISREG(info.st_mode):
-            raise ExecutionError(f"input {path!r} is a {file_kind(info.st_mode)}: refused (not a regular file)")
-        executable = bool(info.st_mode & 0o111)
-        digest, identity = self._ensure_blob(full, expected, executable, path)
-        if identity is not None:
-            staged.setdefault(identity, (path, (digest.hash, executable)))
-        node = FileNode(digest, executable, source=full)
+        node, identity = placed
         if expected:
-            self.memo.learn(item, KnownInput(path, node, digest.size, full))
+            self.memo.learn(item, KnownInput(path, node, node.digest.size, f"{request.execroot}/{path}"))
         return path, node, identity
-
-    def _add_directory(self, tree: InputTree, execroot: Path, path: str, staged: StagedBlobs) -> None:
-        """A directory input (source directory / tree artifact): files, empty dirs and in-tree symlinks.
-
-        Every entry has a defined answer: regular files are ingested (hashed), symlinks that stay inside the
-        directory are kept as symlinks, and anything else (a symlink leaving it, a FIFO, socket or device) is
-        refused with an error naming it. Nothing is silently dropped.
-        """
-        top = os.path.join(execroot, path)
-        for dirpath, dirnames, filenames in os.walk(top):
-            rel_dir = os.path.relpath(dirpath, execroot)
-            if rel_dir.count("/") - path.count("/") >= MAX_INPUT_DEPTH:  # (os.walk recurses, a descriptor a level)
-                raise ExecutionError(
-                    f"directory input {path!r} is nested deeper than {MAX_INPUT_DEPTH} directories: refused"
-                )
-            if not filenames and not dirnames:
-                tree.add_directory(rel_dir)
-            for name in [*dirnames, *filenames]:
-                full = os.path.join(dirpath, name)
-                rel = f"{rel_dir}/{name}"
-                info = os.lstat(full)
-                if stat.S_ISDIR(info.st_mode):
-                    continue  # walked into
-                if stat.S_ISLNK(info.st_mode):
-                    tree.add_symlink(rel, _inner_symlink_target(full, rel, path))
-                elif stat.S_ISREG(info.st_mode):
-                    executable = bool(info.st_mode & 0o111)
-                    digest, identity = self._ensure_blob(full, None, executable, rel)
-                    if identity is not None:
-                        staged.setdefault(identity, (rel, (digest.hash, executable)))
-                    tree.add_file(rel, FileNode(digest, executable, source=full))
-                else:
-                    raise ExecutionError(
-                        f"input {rel!r} (inside directory input {path!r}) is a {file_kind(info.st_mode)}: refused"
-                    )
-
-    def _ensure_blob(
-        self, full: str | Path, expected: str | None, executable: bool, path: str
-    ) -> tuple[Digest, BlobIdentity | None]:
-        """The blob's digest and inode (None for the empty file), from the guard in one call (which ingests, and
-        verifies, the execroot file if the CAS lacks it)."""
-        key = (expected, executable) if expected is not None else None
-        obtained = self.guard.obtain(full, expected, executable, self.memo.size(key) if key is not None else None)
-        if obtained is None:
-            raise ExecutionError(f"input {path!r}: its blob vanished or was rejected right after ingest")
-        size = obtained[0].size
-        if size:
-            self.memo.learn_size(key or (obtained[0].hash, executable), size)
-        return obtained
-
-
-def _stat_input(full: str | Path, path: str) -> os.stat_result:
-    try:
-        return os.stat(full)
-    except FileNotFoundError:
-        raise ExecutionError(f"input {path!r} does not exist in the execroot") from None
-    except OSError as exc:
-        raise ExecutionError(f"input {path!r}: {exc.strerror}") from None
 
 
 def _exec_bit(mode: int, full: str, path: str) -> bool:
@@ -236,19 +170,7 @@ def _exec_bit(mode: int, full: str, path: str) -> bool:
 
 def _executable(full: str, path: str) -> bool:
     """The exec bit a regular-file input has in the execroot now; ExecutionError for anything else."""
-    mode = _stat_input(full, path).st_mode
+    mode = stat_input(full, path).st_mode
     if not stat.S_ISREG(mode):
         raise ExecutionError(f"input {path!r} is a {file_kind(mode)}: refused")
     return bool(mode & 0o111)
-
-
-def _inner_symlink_target(full: str, rel: str, top: str) -> str:
-    """A symlink inside a directory input is kept only if it is relative and stays inside that directory."""
-    target = os.readlink(full)
-    resolved = os.path.normpath(os.path.join(os.path.dirname(rel), target))
-    if os.path.isabs(target) or not (resolved == top or resolved.startswith(top.rstrip("/") + "/")):
-        raise ExecutionError(
-            f"input {rel!r} is a symlink to {target!r}, outside directory input {top!r}: refused "
-            "(only relative symlinks that stay inside a directory input are staged)"
-        )
-    return target
