@@ -17,9 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from treemat.executor import ActionRequest, RequestInput
+from treemat.executor import ActionRequest, RequestInput, pool_key
 from treemat.flagfile import ActionSpec
-from treemat.inputs import pool_key
 from treemat.layout import Root
 from treemat.stack import open_stack
 
@@ -58,10 +57,10 @@ def main(count: int) -> None:
             print("bare os.stat loop:          ", per_input(lambda: [os.stat(p) for p in paths], count))
             assert executor.execute(request).exit_code == 0
             if executor.pool is not None:
-                entry = executor.pool.acquire(pool_key(spec))
+                entry = executor.pool.acquire(pool_key(request))
                 assert entry is not None
                 again = ActionRequest(spec, list(inputs), execroot)
-                print("reuse diff, nothing changed:", per_input(lambda: executor.inputs._delta(again, entry), count))
+                print("reuse diff, nothing changed:", per_input(lambda: executor.inputs.delta(again, entry), count))
                 executor.pool.release(entry)
             executor.close()
     finally:

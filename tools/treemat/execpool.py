@@ -35,6 +35,7 @@ from treemat.cas import ContentStore
 from treemat.errors import ExecutionError
 from treemat.fsprims import blob_mode, remove_tree
 from treemat.manifest import InputManifest
+from treemat.staging import StageReport
 from treemat.writewatch import WriteWatch
 
 DEFAULT_POOL_SIZE = 8
@@ -93,7 +94,6 @@ class PatchReport:
     """What a patch did; `relinked` are the blobs whose link count (and so ctime) it changed."""
 
     relinked: list[tuple[str, bool]] = field(default_factory=list)
-    unchanged: int = 0
     linked: int = 0
     unlinked: int = 0
     made_dirs: int = 0
@@ -121,13 +121,17 @@ class ExecDirPool:
         self,
         path: Path,
         key: str,
-        files: dict[str, StagedFile],
+        files: dict[str, StagedFile] | None,
+        report: StageReport,
         pinned: Iterable[str],
         manifest: InputManifest,
         mark: GuardMark,
-    ) -> PooledDir:
-        """A freshly staged exec dir becomes a pool entry: every directory's signature taken and watched (on an
-        error the dir is removed before it is raised)."""
+    ) -> PooledDir | None:
+        """A freshly staged exec dir becomes a pool entry if the pool can patch it later: a plain hardlink tree of
+        hashed inputs (`files`: None where an input had no digest; no cloned subtree, no copies in `report`), else
+        None. Every directory's signature taken and watched (on an error the dir is removed before it is raised)."""
+        if not files or report.subtree_hits or any(m not in ("hardlink", "zero_byte") for m in report.methods):
+            return None
         entry = PooledDir(path=path, key=key, files=files, pinned=set(pinned), manifest=manifest, mark=mark)
         for rel in directories_for(entry.files.keys(), entry.pinned):
             entry.dirs[rel] = (0, 0, 0)

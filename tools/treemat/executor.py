@@ -1,4 +1,5 @@
-"""One action end to end: inputs (inputs.py) -> run (toolrun.py, in sandbox.py) -> outputs (outputs.py).
+"""One action end to end: its exec dir prepared (pooled and patched, or staged afresh from inputs.py's tree) ->
+run (toolrun.py, in sandbox.py) -> outputs (outputs.py).
 
 Every tool runs in the sandbox (unless `--isolation=none` was asked for): its exec dir at EXEC_ROOT, read-only
 everywhere else but its private /tmp and its per-action tool cache (toolcache.py), TREEMAT_ROOT hidden, and no
@@ -16,24 +17,57 @@ from __future__ import annotations
 import collections
 import functools
 import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from treemat.action import ActionRequest, ActionResult, RequestInput
 from treemat.blobguard import BlobGuard
+from treemat.blobstate import NO_BLOB, BlobKey, GuardMark, StagedBlobs, StagedFile
 from treemat.budget import StoreBudget
 from treemat.cas import ContentStore
 from treemat.counters import Counters
-from treemat.errors import TreematError
-from treemat.execpool import ExecDirPool
+from treemat.dircache import DirectoryCache
+from treemat.errors import ExecutionError, MissingBlobError, TreematError
+from treemat.execpool import ExecDirPool, PooledDir
+from treemat.fsprims import remove_tree
 from treemat.housekeeping import Housekeeper
-from treemat.inputs import InputStager, PreparedDir
+from treemat.inputs import InputStager
 from treemat.layout import Root
 from treemat.outputs import OutputView, collect_outputs
 from treemat.sandbox import EXEC_ROOT, TOOL_CACHE, RunDir, Sandbox, ToolPlan, environment
+from treemat.staging import StageReport
 from treemat.toolcache import ToolCaches
 from treemat.toolrun import ToolRunner
+from treemat.tree import normalize_path
 
-__all__ = ["ActionExecutor", "ActionRequest", "ActionResult", "RequestInput"]
+__all__ = ["ActionExecutor", "ActionRequest", "ActionResult", "PreparedDir", "RequestInput"]
+
+
+@dataclass(slots=True)
+class PreparedDir:
+    """An exec dir ready for the tool: where it is, what it links, how it was staged.
+
+    `staged` are the blob inodes staged afresh (identity -> (a path, its key)); `pooled` is its pool entry
+    (reused, or adopted after a fresh staging), whose files are blob inodes too; `mark` is the guard's mark
+    from before staging (a different mark later: check what it links).
+    """
+
+    path: Path
+    report: StageReport
+    mark: GuardMark
+    staged: StagedBlobs = field(default_factory=dict)
+    pooled: PooledDir | None = None
+    seconds: float = 0.0
+
+    def blobs(self) -> StagedBlobs:
+        """Every blob inode the dir links."""
+        blobs = dict(self.staged)
+        if self.pooled is not None:
+            blobs.update(
+                (f.identity, (path, f.key())) for path, f in self.pooled.files.items() if f.identity != NO_BLOB
+            )
+        return blobs
 
 
 class ActionExecutor:
@@ -49,6 +83,8 @@ class ActionExecutor:
         cas: ContentStore,
         guard: BlobGuard,
         inputs: InputStager,
+        dircache: DirectoryCache,
+        pool: ExecDirPool | None,
         sandbox: Sandbox,
         runner: ToolRunner,
         tool_caches: ToolCaches,
@@ -61,7 +97,8 @@ class ActionExecutor:
         self.cas = cas
         self.guard = guard
         self.inputs = inputs
-        self.pool: ExecDirPool | None = inputs.pool
+        self.dircache = dircache
+        self.pool = pool  # exec-dir reuse: only under the overlay, where the tool's writes leave the dir as staged
         self.sandbox = sandbox
         self.runner = runner
         self.tool_caches = tool_caches
@@ -83,7 +120,7 @@ class ActionExecutor:
         run_dir: RunDir | None = None
         result: ActionResult
         try:
-            prepared = self.inputs.prepare(request)
+            prepared = self._prepare(request)
             run_dir = self._run_dir(prepared.path)
             result = self._run_and_collect(request, prepared.path, run_dir)
             result.stage, result.stage_seconds = prepared.report, prepared.seconds
@@ -112,7 +149,110 @@ class ActionExecutor:
         """Kill the running tool of `request_id` (or make it never start). True if it was in flight."""
         return self.runner.cancel(request_id)
 
-    # ----------------------------------------------------------------------------- the steps
+    # ----------------------------------------------------------------------------- prepare
+
+    def _prepare(self, request: ActionRequest) -> PreparedDir:
+        """The exec dir for `request`: a pooled dir patched (O(changed inputs)), else a new dir under the root's
+        `exec/` staged afresh (and adopted by the pool where it can be reused), declared output directories made.
+        Once more if a user deleted part of the root under us (`rm -rf .../cas`). On an error the dir is removed
+        (or retired from the pool) before it is raised."""
+        for attempt in range(2):
+            try:
+                return self._prepare_once(request)
+            except (TreematError, OSError):
+                if attempt or not self.cas.layout.repair():
+                    raise
+        raise AssertionError("unreachable")
+
+    def _prepare_once(self, request: ActionRequest) -> PreparedDir:
+        """Reuse a pooled dir, else stage a fresh one and offer it to the pool; timed."""
+        started = time.perf_counter()
+        key, outputs = pool_key(request), output_dirs(request)
+        self.guard.poll()
+        mark = self.guard.mark()
+        with self.cas.in_use():
+            prepared = self._reuse(request, key, outputs, mark)
+            if prepared is None:
+                prepared, files = self._stage_fresh(request, outputs, mark)
+                prepared.pooled = self._adopt(request, prepared, key, files, outputs)
+        prepared.seconds = time.perf_counter() - started
+        return prepared
+
+    def _reuse(self, request: ActionRequest, key: str, outputs: list[str], mark: GuardMark) -> PreparedDir | None:
+        """Patch the pooled exec dir of a similar earlier action (same `key`) into this one's inputs, if any: the
+        delta read from the request (inputs.py), applied by the pool. A dir that cannot be patched is retired
+        (never back to the pool) and None returned: fresh staging follows."""
+        if self.pool is None or not request.inputs:
+            return None
+        entry = self.pool.acquire(key)
+        if entry is None:
+            return None
+        started = time.perf_counter()
+        try:
+            changes, removed = self.inputs.delta(request, entry)
+            execroot = str(request.execroot)
+            report = self.pool.patch(
+                entry, changes, removed, outputs, execroot=execroot, manifest=request.inputs, mark=mark
+            )
+        except BaseException as exc:
+            self.pool.retire(entry, intact=False)  # leased and half patched: never back to the pool
+            if not isinstance(exc, (OSError, TreematError)):
+                raise
+            self.counters.add("execpool_patch_failed")
+            return None
+        unchanged = len(request.inputs) - report.linked
+        self.counters.add("execpool_reused")
+        self.counters.add("hardlink", report.linked)
+        stage = StageReport(files=len(request.inputs), methods={"reused": unchanged, "hardlink": report.linked})
+        stage.hardlinked = report.relinked
+        stage.seconds = time.perf_counter() - started
+        return PreparedDir(entry.path, stage, mark, pooled=entry)
+
+    def _stage_fresh(
+        self, request: ActionRequest, outputs: list[str], mark: GuardMark
+    ) -> tuple[PreparedDir, dict[str, StagedFile] | None]:
+        """Build the input tree and stage it into a new dir under `exec/` (once more if the stager's memo was
+        stale), output dirs made; on an error the dir is removed before it is raised."""
+        exec_dir = self.exec_base / f"{os.getpid()}-{request.request_id}-{os.urandom(4).hex()}"
+        relinked: list[BlobKey] = []  # blobs whose link count (and ctime) the staging changed: ledger refresh
+        try:
+            for attempt in range(2):
+                try:
+                    tree, staged, files = self.inputs.build_tree(request)
+                    report = self.dircache.stage(tree, exec_dir)
+                    relinked = report.hardlinked
+                    break
+                except MissingBlobError:
+                    if attempt:
+                        raise
+                    self.inputs.forget()  # a blob was GC'd or quarantined elsewhere: forget what we knew, retry once
+                    remove_tree(exec_dir)
+            if report.hardlinked and not self.sandbox.overlay:
+                raise ExecutionError(
+                    f"{len(report.hardlinked)} input(s) were hardlinked but the sandbox has no overlay: refusing "
+                    "to let the tool reach CAS inodes (this is a wiring bug: use treemat.stack.open_stack)"
+                )
+            for rel in outputs:
+                os.makedirs(f"{exec_dir}/{rel}", exist_ok=True)
+        except BaseException:
+            self.housekeeper.dispose(exec_dir, relinked)
+            raise
+        return PreparedDir(exec_dir, report, mark, staged), files
+
+    def _adopt(
+        self,
+        request: ActionRequest,
+        prepared: PreparedDir,
+        key: str,
+        files: dict[str, StagedFile] | None,
+        outputs: list[str],
+    ) -> PooledDir | None:
+        """Offer a freshly staged dir to the pool, which adopts what it can patch later."""
+        if self.pool is None:
+            return None
+        return self.pool.adopt(prepared.path, key, files, prepared.report, outputs, request.inputs, prepared.mark)
+
+    # ----------------------------------------------------------------------------- run, collect, check, finish
 
     def _run_dir(self, exec_dir: Path) -> RunDir | None:
         """Without a mount namespace the tool's /tmp and cache are dirs on disk, beside its exec dir."""
@@ -226,3 +366,16 @@ class ActionExecutor:
         """LRU atimes and the size budget."""
         self.cas.flush_touches()
         self.budget.maybe_collect()
+
+
+def output_dirs(request: ActionRequest) -> list[str]:
+    """Directories the exec dir holds for outputs: each output's parent and each declared output directory."""
+    spec = request.spec
+    parents = [normalize_path(output).rpartition("/")[0] for output in spec.outputs]
+    return [parent for parent in parents if parent] + [normalize_path(d) for d in spec.output_dirs]
+
+
+def pool_key(request: ActionRequest) -> str:
+    """Actions with the same declared outputs (the same target, rebuilt) share a pooled exec dir."""
+    spec = request.spec
+    return "\0".join([*spec.outputs, "\1", *spec.output_dirs])

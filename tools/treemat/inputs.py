@@ -1,87 +1,42 @@
-"""An action's inputs into an exec dir: admitted blobs, staged afresh or patched into a reused exec dir.
+"""An action's inputs, read from its request: the input tree to stage afresh, or the delta to patch a pooled dir.
 
 Bazel's digests are trusted for lookups; every blob is admitted by the guard right before it is staged (and
-ingested, verified against Bazel's digest, when the CAS lacks it). A directory input is walked: regular files
-are ingested, in-tree relative symlinks kept, anything else refused by name. Under overlay isolation a finished
-exec dir with the same outputs is reused: only the delta between the two requests is linked and unlinked.
+ingested, verified against Bazel's digest, when the CAS lacks it). An input the memo cannot vouch for is read
+from the execroot by inputfiles.py (a directory input walked entry by entry). Under overlay isolation a finished
+exec dir with the same outputs is reused: only the delta between the two requests is linked and unlinked. The
+executor decides which of the two it asks for, stages the tree, and has the pool patch or adopt its dirs.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from treemat.action import ActionRequest, RequestInput
 from treemat.blobguard import BlobGuard
-from treemat.blobstate import NO_BLOB, BlobIdentity, BlobKey, GuardMark, StagedBlobs, StagedFile
+from treemat.blobstate import NO_BLOB, BlobIdentity, BlobKey, StagedBlobs, StagedFile
 from treemat.cas import ContentStore
 from treemat.counters import Counters
-from treemat.digest import Digest, check_hash
-from treemat.dircache import DirectoryCache
-from treemat.errors import ExecutionError, MissingBlobError, TreematError
-from treemat.execpool import Dispose, ExecDirPool, PooledDir
+from treemat.digest import check_hash
+from treemat.errors import ExecutionError
+from treemat.execpool import PooledDir
 from treemat.execrootwatch import ExecrootWatch
-from treemat.flagfile import ActionSpec
-from treemat.fsprims import file_kind, remove_tree
+from treemat.fsprims import file_kind
+from treemat.inputfiles import InputFiles, stat_input
 from treemat.inputmemo import InputMemo, KnownInput
-from treemat.staging import StageReport
 from treemat.tree import FileNode, InputTree, check_symlinks, normalize_path
-
-MAX_INPUT_DEPTH = 256  # directories nested in one directory input
-
-
-@dataclass(slots=True)
-class PreparedDir:
-    """An exec dir ready for the tool: where it is, what it links, how it was staged.
-
-    `staged` are the blob inodes staged afresh (identity -> (a path, its key)); `pooled` is its pool entry
-    (reused, or adopted after a fresh staging), whose files are blob inodes too; `mark` is the guard's mark
-    from before staging (a different mark later: check what it links).
-    """
-
-    path: Path
-    report: StageReport
-    mark: GuardMark
-    staged: StagedBlobs = field(default_factory=dict)
-    pooled: PooledDir | None = None
-    seconds: float = 0.0
-
-    def blobs(self) -> StagedBlobs:
-        """Every blob inode the dir links."""
-        blobs = dict(self.staged)
-        if self.pooled is not None:
-            blobs.update(
-                (f.identity, (path, f.key())) for path, f in self.pooled.files.items() if f.identity != NO_BLOB
-            )
-        return blobs
 
 
 class InputStager:
-    """Prepares exec dirs: a pooled one patched to this request's inputs, else one staged afresh."""
+    """Reads requests' inputs: the tree of one to stage afresh, or its delta from a pooled dir's last request."""
 
-    def __init__(
-        self,
-        cas: ContentStore,
-        guard: BlobGuard,
-        dircache: DirectoryCache,
-        pool: ExecDirPool | None,
-        *,
-        counters: Counters,
-        dispose: Dispose,
-        overlay: bool,
-    ) -> None:
+    def __init__(self, cas: ContentStore, guard: BlobGuard, *, counters: Counters, pooled: bool) -> None:
         self.cas = cas
         self.guard = guard
-        self.dircache = dircache
-        self.pool = pool
         self.counters = counters
-        self._dispose = dispose
-        self.overlay = overlay  # hardlinked inputs only behind an overlay (the tool's writes copy up)
+        self.pooled = pooled  # an exec-dir pool may adopt fresh dirs: build_tree says what each path links
         self.memo = InputMemo()
+        self.files = InputFiles(guard, self.memo)
         self.execroot_watch = ExecrootWatch()
 
     def close(self) -> None:
@@ -92,94 +47,7 @@ class InputStager:
         """Blobs that were just rejected (None: every blob): the memo's one invalidation rule."""
         self.memo.forget(blobs)
 
-    def prepare(self, request: ActionRequest) -> PreparedDir:
-        """The exec dir for `request`: a pooled dir patched (O(changed inputs)), else a new dir under the root's
-        `exec/` staged afresh (and adopted by the pool where it can be reused), declared output directories made.
-        Once more if a user deleted part of the root under us (`rm -rf .../cas`). On an error the dir is removed
-        (or retired from the pool) before it is raised."""
-        for attempt in range(2):
-            try:
-                return self._prepare_once(request)
-            except (TreematError, OSError):
-                if attempt or not self.cas.layout.repair():
-                    raise
-        raise AssertionError("unreachable")
-
-    def _prepare_once(self, request: ActionRequest) -> PreparedDir:
-        started = time.perf_counter()
-        key, outputs = pool_key(request.spec), output_dirs(request.spec)
-        exec_dir = self.cas.layout.exec / f"{os.getpid()}-{request.request_id}-{os.urandom(4).hex()}"
-        self.guard.poll()
-        mark = self.guard.mark()
-        with self.cas.in_use():
-            prepared = self._reuse(request, key, outputs, mark)
-            if prepared is None:
-                prepared, files = self._stage_fresh(request, exec_dir, outputs, mark)
-                if self.pool is not None and files and prepared.report.patchable():
-                    prepared.pooled = self.pool.adopt(prepared.path, key, files, outputs, request.inputs, mark)
-        prepared.seconds = time.perf_counter() - started
-        return prepared
-
-    def _stage_fresh(
-        self, request: ActionRequest, exec_dir: Path, outputs: list[str], mark: GuardMark
-    ) -> tuple[PreparedDir, dict[str, StagedFile] | None]:
-        """Build the tree and stage it into `exec_dir` (once more if our memo was stale), output dirs made; on an
-        error the dir is removed before it is raised."""
-        relinked: list[BlobKey] = []  # blobs whose link count (and ctime) the staging changed: ledger refresh
-        try:
-            for attempt in range(2):
-                try:
-                    tree, staged, files = self.build_tree(request)
-                    refuse_outputs_among_inputs(request.spec, tree.holds)
-                    report = self.dircache.stage(tree, exec_dir)
-                    relinked = report.hardlinked
-                    break
-                except MissingBlobError:
-                    if attempt:
-                        raise
-                    self.forget()  # a blob was GC'd or quarantined elsewhere: forget what we knew, retry once
-                    remove_tree(exec_dir)
-            if report.hardlinked and not self.overlay:
-                raise ExecutionError(
-                    f"{len(report.hardlinked)} input(s) were hardlinked but the sandbox has no overlay: refusing "
-                    "to let the tool reach CAS inodes (this is a wiring bug: use treemat.stack.open_stack)"
-                )
-            for rel in outputs:
-                os.makedirs(f"{exec_dir}/{rel}", exist_ok=True)
-        except BaseException:
-            self._dispose(exec_dir, relinked)
-            raise
-        return PreparedDir(exec_dir, report, mark, staged), files
-
-    def _reuse(self, request: ActionRequest, key: str, outputs: list[str], mark: GuardMark) -> PreparedDir | None:
-        """Patch the pooled exec dir of a similar earlier action (same `key`) into this one's inputs, if any."""
-        if self.pool is None or not request.inputs:
-            return None
-        entry = self.pool.acquire(key)
-        if entry is None:
-            return None
-        started = time.perf_counter()
-        try:
-            changes, removed = self._delta(request, entry)
-            execroot = str(request.execroot)
-            report = self.pool.patch(
-                entry, changes, removed, outputs, execroot=execroot, manifest=request.inputs, mark=mark
-            )
-        except BaseException as exc:
-            self.pool.retire(entry, intact=False)  # leased and half patched: never back to the pool
-            if not isinstance(exc, (OSError, TreematError)):
-                raise
-            self.counters.add("execpool_patch_failed")
-            return None
-        report.unchanged = len(request.inputs) - report.linked
-        self.counters.add("execpool_reused")
-        self.counters.add("hardlink", report.linked)
-        stage = StageReport(files=len(request.inputs), methods={"reused": report.unchanged, "hardlink": report.linked})
-        stage.hardlinked = report.relinked
-        stage.seconds = time.perf_counter() - started
-        return PreparedDir(entry.path, stage, mark, pooled=entry)
-
-    def _delta(self, request: ActionRequest, entry: PooledDir) -> tuple[dict[str, tuple[str, bool]], set[str]]:
+    def delta(self, request: ActionRequest, entry: PooledDir) -> tuple[dict[str, tuple[str, bool]], set[str]]:
         """What to (re)link ({path: (hash, executable)}) and what to remove to turn `entry` into this request.
 
         Decoding costs O(changed inputs): the manifests find the run of inputs that differs (manifest.py). An exec
@@ -206,7 +74,7 @@ class InputStager:
             path = normalize(raw)
             if path in changes or (path in entry.files and path not in earlier):
                 raise ExecutionError(f"input {path!r} is listed twice")
-            for out in declared:  # what refuse_outputs_among_inputs checks on fresh staging, for the new inputs
+            for out in declared:  # what build_tree refuses on fresh staging, for the new inputs
                 if out == path or out.startswith(f"{path}/") or path.startswith(f"{out}/"):
                     raise ExecutionError(f"output {out!r} overlaps the input {path!r}: refused")
             hash_hex = check_hash(hash_text)
@@ -224,7 +92,8 @@ class InputStager:
         return changes, earlier - changes.keys()
 
     def build_tree(self, request: ActionRequest) -> tuple[InputTree, StagedBlobs, dict[str, StagedFile] | None]:
-        """Validate input paths, admit every blob (ingesting what the CAS lacks).
+        """Validate input paths, admit every blob (ingesting what the CAS lacks), refuse an output that is, holds or
+        lies below an input (ExecutionError).
 
         Returns the tree, its blob inodes (identity -> (a path, its key)) and, for the exec-dir pool, what each path
         is a hardlink to (None when an input has no digest, e.g. a directory input). A warm worker spends one
@@ -234,7 +103,7 @@ class InputStager:
         tree = InputTree()
         add_file = tree.add_file
         staged: StagedBlobs = {}
-        files: dict[str, StagedFile] | None = {} if self.pool is not None else None
+        files: dict[str, StagedFile] | None = {} if self.pooled else None
         used: list[tuple[str, bool]] = []
         execroot = str(request.execroot)
         self.memo.use_execroot(execroot)
@@ -271,106 +140,26 @@ class InputStager:
                 files[path] = StagedFile(node.digest.hash, node.executable, identity or NO_BLOB)
         self.cas.touch_all(used)  # LRU recency for `cas gc` (throttled to once an hour per blob)
         check_symlinks(tree)
+        for output in [*request.spec.outputs, *request.spec.output_dirs]:  # collecting it would overwrite an input
+            path = normalize_path(output)
+            if tree.holds(path):
+                raise ExecutionError(f"output {path!r} is also an input (or lies below one): refused")
         return tree, staged, files
 
     def _admit_input(
         self, tree: InputTree, request: ActionRequest, item: RequestInput, staged: StagedBlobs
     ) -> tuple[str, FileNode, BlobIdentity | None] | None:
-        """The slow path of one input: validate, stat, admit or ingest; None for a directory input (added)."""
+        """The slow path of one input: validate, then stat, admit or ingest (inputfiles.py); None for a directory
+        input (added)."""
         path = self.memo.path(item.path)
         expected = check_hash(item.hash) if item.hash else None
-        full = f"{request.execroot}/{path}"
-        info = _stat_input(full, path)
-        if stat.S_ISDIR(info.st_mode):
-            self._add_directory(tree, request.execroot, path, staged)
+        placed = self.files.read_input(tree, request.execroot, path, expected, staged)
+        if placed is None:
             return None
-        if not stat.S_ISREG(info.st_mode):
-            raise ExecutionError(f"input {path!r} is a {file_kind(info.st_mode)}: refused (not a regular file)")
-        executable = bool(info.st_mode & 0o111)
-        digest, identity = self._ensure_blob(full, expected, executable, path)
-        if identity is not None:
-            staged.setdefault(identity, (path, (digest.hash, executable)))
-        node = FileNode(digest, executable, source=full)
+        node, identity = placed
         if expected:
-            self.memo.learn(item, KnownInput(path, node, digest.size, full))
+            self.memo.learn(item, KnownInput(path, node, node.digest.size, f"{request.execroot}/{path}"))
         return path, node, identity
-
-    def _add_directory(self, tree: InputTree, execroot: Path, path: str, staged: StagedBlobs) -> None:
-        """A directory input (source directory / tree artifact): files, empty dirs and in-tree symlinks.
-
-        Every entry has a defined answer: regular files are ingested (hashed), symlinks that stay inside the
-        directory are kept as symlinks, and anything else (a symlink leaving it, a FIFO, socket or device) is
-        refused with an error naming it. Nothing is silently dropped.
-        """
-        top = os.path.join(execroot, path)
-        for dirpath, dirnames, filenames in os.walk(top):
-            rel_dir = os.path.relpath(dirpath, execroot)
-            if rel_dir.count("/") - path.count("/") >= MAX_INPUT_DEPTH:  # (os.walk recurses, a descriptor a level)
-                raise ExecutionError(
-                    f"directory input {path!r} is nested deeper than {MAX_INPUT_DEPTH} directories: refused"
-                )
-            if not filenames and not dirnames:
-                tree.add_directory(rel_dir)
-            for name in [*dirnames, *filenames]:
-                full = os.path.join(dirpath, name)
-                rel = f"{rel_dir}/{name}"
-                info = os.lstat(full)
-                if stat.S_ISDIR(info.st_mode):
-                    continue  # walked into
-                if stat.S_ISLNK(info.st_mode):
-                    tree.add_symlink(rel, _inner_symlink_target(full, rel, path))
-                elif stat.S_ISREG(info.st_mode):
-                    executable = bool(info.st_mode & 0o111)
-                    digest, identity = self._ensure_blob(full, None, executable, rel)
-                    if identity is not None:
-                        staged.setdefault(identity, (rel, (digest.hash, executable)))
-                    tree.add_file(rel, FileNode(digest, executable, source=full))
-                else:
-                    raise ExecutionError(
-                        f"input {rel!r} (inside directory input {path!r}) is a {file_kind(info.st_mode)}: refused"
-                    )
-
-    def _ensure_blob(
-        self, full: str | Path, expected: str | None, executable: bool, path: str
-    ) -> tuple[Digest, BlobIdentity | None]:
-        """The blob's digest and inode (None for the empty file), from the guard in one call (which ingests, and
-        verifies, the execroot file if the CAS lacks it)."""
-        key = (expected, executable) if expected is not None else None
-        obtained = self.guard.obtain(full, expected, executable, self.memo.size(key) if key is not None else None)
-        if obtained is None:
-            raise ExecutionError(f"input {path!r}: its blob vanished or was rejected right after ingest")
-        size = obtained[0].size
-        if size:
-            self.memo.learn_size(key or (obtained[0].hash, executable), size)
-        return obtained
-
-
-def pool_key(spec: ActionSpec) -> str:
-    """Actions with the same declared outputs (the same target, rebuilt) share a pooled exec dir."""
-    return "\0".join([*spec.outputs, "\1", *spec.output_dirs])
-
-
-def refuse_outputs_among_inputs(spec: ActionSpec, is_input: Callable[[str], bool]) -> None:
-    """ExecutionError where a declared output is, holds or lies below an input (collecting it would overwrite it)."""
-    for output in [*spec.outputs, *spec.output_dirs]:
-        path = normalize_path(output)
-        if is_input(path):
-            raise ExecutionError(f"output {path!r} is also an input (or lies below one): refused")
-
-
-def output_dirs(spec: ActionSpec) -> list[str]:
-    """Directories the exec dir holds for outputs: each output's parent and each declared output directory."""
-    parents = [normalize_path(output).rpartition("/")[0] for output in spec.outputs]
-    return [parent for parent in parents if parent] + [normalize_path(d) for d in spec.output_dirs]
-
-
-def _stat_input(full: str | Path, path: str) -> os.stat_result:
-    try:
-        return os.stat(full)
-    except FileNotFoundError:
-        raise ExecutionError(f"input {path!r} does not exist in the execroot") from None
-    except OSError as exc:
-        raise ExecutionError(f"input {path!r}: {exc.strerror}") from None
 
 
 def _exec_bit(mode: int, full: str, path: str) -> bool:
@@ -381,19 +170,7 @@ def _exec_bit(mode: int, full: str, path: str) -> bool:
 
 def _executable(full: str, path: str) -> bool:
     """The exec bit a regular-file input has in the execroot now; ExecutionError for anything else."""
-    mode = _stat_input(full, path).st_mode
+    mode = stat_input(full, path).st_mode
     if not stat.S_ISREG(mode):
         raise ExecutionError(f"input {path!r} is a {file_kind(mode)}: refused")
     return bool(mode & 0o111)
-
-
-def _inner_symlink_target(full: str, rel: str, top: str) -> str:
-    """A symlink inside a directory input is kept only if it is relative and stays inside that directory."""
-    target = os.readlink(full)
-    resolved = os.path.normpath(os.path.join(os.path.dirname(rel), target))
-    if os.path.isabs(target) or not (resolved == top or resolved.startswith(top.rstrip("/") + "/")):
-        raise ExecutionError(
-            f"input {rel!r} is a symlink to {target!r}, outside directory input {top!r}: refused "
-            "(only relative symlinks that stay inside a directory input are staged)"
-        )
-    return target

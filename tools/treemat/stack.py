@@ -260,20 +260,13 @@ def open_stack(
         pool = None
         if stack.sandbox.overlay and size > 0:
             pool = ExecDirPool(stack.cas, stack.guard, stack.watch, dispose=stack.housekeeper.dispose, size=size)
-        inputs = InputStager(
-            stack.cas,
-            stack.guard,
-            stack.dircache,
-            pool,
-            counters=counters,
-            dispose=stack.housekeeper.dispose,
-            overlay=stack.sandbox.overlay,
-        )
         return ActionExecutor(
             layout=layout,
             cas=stack.cas,
             guard=stack.guard,
-            inputs=inputs,
+            inputs=InputStager(stack.cas, stack.guard, counters=counters, pooled=pool is not None),
+            dircache=stack.dircache,
+            pool=pool,
             sandbox=stack.sandbox,
             runner=stack.runner,
             tool_caches=ToolCaches(layout.tool_cache, stack.sandbox),

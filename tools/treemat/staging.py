@@ -33,10 +33,6 @@ class StageReport:
         """Record `amount` files placed with `method`."""
         self.methods[method] = self.methods.get(method, 0) + amount
 
-    def patchable(self) -> bool:
-        """A plain hardlink tree of hashed inputs (no cloned subtree, no copies): the pool can patch it later."""
-        return not self.subtree_hits and all(method in ("hardlink", "zero_byte") for method in self.methods)
-
     def merge(self, other: StageReport) -> None:
         """Add another report's figures into this one (time excluded)."""
         self.files += other.files
