@@ -2,6 +2,7 @@
 """A fresh worker's start-up, black-box: spawn -> first reply of a 1-input request, against a bare interpreter.
 
     python3 benchmarks/bench_startup.py [--rounds 10] [--baseline NAME=OTHER/tools ...] [--no-bytecode]
+        [--fresh-root] [--bazel-bin bazel-bin]
 
 Each round times, in alternating order (wall clock, from this process):
 
@@ -15,6 +16,9 @@ Each round times, in alternating order (wall clock, from this process):
   which outlives it (started in the warm-up round);
 - `relay, cold service`: the same, but the service is killed (outside the timing) after every round: the relay
   starts it (a fresh machine, a reboot, or after the service exited idle);
+- `py_binary stub, ...` and `shell launcher, ...` (`--bazel-bin`): a warm-service relay started as Bazel starts the
+  worker, through the py_binary's Python stub (one more interpreter start) or the rules' shell launcher
+  (rules/private/launcher.bzl, what the rules run);
 - `NAME worker (in-process)`, `NAME relay, cold service` (each `--baseline NAME=DIR`): the same through another
   checkout's package (a worktree of main), side by side with this one's.
 
@@ -60,6 +64,7 @@ class FreshWorker:
         service: str = "0",
         cold: bool = False,
         fresh_root: bool = False,
+        program: list[str] | None = None,
     ) -> None:
         self.execroot = execroot
         self.base_root = self.root = root
@@ -72,12 +77,13 @@ class FreshWorker:
             self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         self.payload = request_bytes(execroot)
         self.running: list[subprocess.Popen[bytes]] = []
+        self.program = program or [sys.executable, "-m", "treemat"]
 
     def __call__(self) -> None:
         if self.fresh_root:  # a new root for every start, as a test harness's temp dir or a fresh CI machine
             self.starts += 1
             self.root = self.base_root / f"start-{self.starts}"
-        command = [sys.executable, "-m", "treemat", "--persistent_worker", "--protocol=proto", f"--root={self.root}"]
+        command = [*self.program, "--persistent_worker", "--protocol=proto", f"--root={self.root}"]
         proc = subprocess.Popen(command, cwd=self.execroot, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.running.append(proc)
         assert proc.stdin is not None and proc.stdout is not None
@@ -133,6 +139,13 @@ def main() -> int:
     parser.add_argument(
         "--fresh-root", action="store_true", help="also time starts on a new root each (nothing in its CAS or service/)"
     )
+    parser.add_argument(
+        "--bazel-bin",
+        type=Path,
+        default=None,
+        help="also start the worker as Bazel does, through DIR/tools/treemat/treemat (the py_binary's stub) and "
+        "DIR/tools/treemat/launcher (the rules' shell launcher); first: bazel build //tools/treemat:launcher",
+    )
     parser.add_argument("--no-bytecode", action="store_true", help="keep PYTHONDONTWRITEBYTECODE if it is set")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-startup-", dir=args.root))
@@ -156,6 +169,11 @@ def main() -> int:
                 (f"{name} worker (in-process)", tools, "0", False),
                 (f"{name} relay, cold service", tools, "1", True),
             ]
+        programs: dict[str, list[str]] = {}
+        if args.bazel_bin:  # what Bazel starts: the py_binary's Python stub, or the rules' shell launcher
+            for label, name in (("py_binary stub", "treemat"), ("shell launcher", "launcher")):
+                programs[f"{label}, relay, warm service"] = [str(args.bazel_bin.resolve() / "tools/treemat" / name)]
+                modes.append((f"{label}, relay, warm service", TOOLS, "1", False))
         for number, (name, tools, service, cold) in enumerate(modes):
             root = work / f"root-{number}"
             worker = FreshWorker(
@@ -166,6 +184,7 @@ def main() -> int:
                 service=service,
                 cold=cold,
                 fresh_root=name.endswith("new root"),
+                program=programs.get(name),
             )
             workers.append(worker)
             rows[name] = workers[-1]

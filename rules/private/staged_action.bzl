@@ -2,7 +2,7 @@
 
 TREEMAT_ATTRS = {
     "_treemat": attr.label(
-        default = Label("//tools/treemat"),
+        default = Label("//tools/treemat:launcher"),
         executable = True,
         cfg = "exec",
         doc = "The treemat binary: persistent worker on the worker strategy, in-place runner otherwise.",

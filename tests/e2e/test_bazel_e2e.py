@@ -146,8 +146,9 @@ def test_replay_real_execution_logs(builds: dict[str, tuple[dict[str, str], Path
 def test_workers_start_on_the_interpreter_itself_not_a_shim(
     builds: dict[str, tuple[dict[str, str], Path]],
 ) -> None:
-    """The treemat py_binary's stub and runtime name the binary `python3` runs (sys.executable): a version
-    manager's shim (pyenv, asdf) would add ~0.1 s twice to every new worker's start."""
+    """The worker Bazel starts is the shell launcher (no Python stub in front) and it, like the py_binary's stub,
+    names the binary `python3` runs (sys.executable): a version manager's shim (pyenv, asdf) would add ~0.1 s
+    to every new worker's start."""
     base = next(iter(builds.values()))[1]
     real = subprocess.run(
         ["python3", "-c", "import sys; print(sys.executable)"], capture_output=True, text=True, check=True
@@ -156,11 +157,15 @@ def test_workers_start_on_the_interpreter_itself_not_a_shim(
         info = _bazel(base / "output_base", "info", "output_path")
         assert info.returncode == 0, info.stderr
         stubs = list(Path(info.stdout.strip()).glob("*/bin/tools/treemat/treemat"))
+        launchers = list(Path(info.stdout.strip()).glob("*/bin/tools/treemat/launcher"))
     finally:
         _bazel(base / "output_base", "shutdown")
-    assert stubs, "the worker binary was built for the treemat build"
+    assert stubs and launchers, "the worker and its py_binary were built for the treemat build"
     for stub in stubs:
         assert stub.read_text().splitlines()[0] == f"#!{real}", stub
+    for launcher in launchers:
+        lines = launcher.read_text().splitlines()
+        assert lines[0] == "#!/bin/sh" and lines[-1].startswith(f"exec '{real}' "), launcher
 
 
 def test_an_edit_rebuild_patches_the_pooled_exec_dir_decoding_only_what_changed(tmp_path: Path) -> None:

@@ -103,7 +103,7 @@ def test_every_treemat_action_writes_a_request_the_worker_parses(actions: list[d
     assert {"SwiftCompile", "SwiftLink", "TreematRun"} <= mnemonics, mnemonics
     for action in actions:
         binary, startup, *request = action["arguments"]
-        assert binary.endswith("tools/treemat/treemat") and startup == "--protocol=proto", action
+        assert binary.endswith("tools/treemat/launcher") and startup == "--protocol=proto", action
         assert not any("\n" in arg for arg in request), "a multiline flagfile cannot carry a newline"
         spec = parse_action_args(request)
         assert sorted(spec.outputs + spec.output_dirs) == action["outputs"], action["label"]

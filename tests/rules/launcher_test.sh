@@ -1,0 +1,15 @@
+#!/bin/sh
+# The worker's launcher (//tools/treemat:launcher, rules/private/launcher.bzl) starts treemat with no Python stub in
+# front: a shell script that execs the toolchain's interpreter on the main file, found through RUNFILES_DIR here
+# (a test's runfiles), through its own .runfiles tree when Bazel runs it as a worker (every e2e build).
+set -eu
+launcher="$1"
+first_line=$(head -n 1 "$launcher")
+[ "$first_line" = "#!/bin/sh" ] || { echo "launcher is not a shell script: $first_line"; exit 1; }
+grep -q '^exec .*/treemat/__main__.py" "\$@"$' "$launcher" || { echo "launcher does not exec the main file"; cat "$launcher"; exit 1; }
+help=$("$launcher" --help)
+case "$help" in *"Usage: treemat"*) ;; *) echo "treemat --help through the launcher printed: $help"; exit 1 ;; esac
+# the interpreter it runs is the one treemat's package is imported from, with the import root first on the path
+where=$(RUNFILES_DIR="$RUNFILES_DIR" "$launcher" --help >/dev/null && "$launcher" stats --help >/dev/null && echo ok)
+[ "$where" = ok ] || exit 1
+echo "launcher ok"
