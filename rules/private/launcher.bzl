@@ -3,8 +3,8 @@
 Bazel's py_binary launcher is a Python script: every fresh worker (every CI build, every `bazel clean`) pays one
 interpreter start for the stub before the real one (~50 ms, as long as the worker's own start). This rule writes
 what the stub would do as a POSIX shell script (as rules_python's `bootstrap_impl=script` does): the same
-interpreter (the registered Python toolchain's), the same main file and import root, PYTHONPATH and RUNFILES_DIR
-set as the stub sets them. Where no runfiles directory is found it runs the py_binary itself.
+interpreter (the registered Python toolchain's), the same main file, the binary's import roots (PyInfo.imports)
+first on PYTHONPATH, then the runfiles root, and RUNFILES_DIR, as the stub sets them. Where no runfiles directory is found it runs the py_binary itself.
 """
 
 _PY_TOOLCHAIN = "@bazel_tools//tools/python:toolchain_type"
@@ -20,7 +20,7 @@ else
   exec "${{self%/*}}/{binary_name}" "$@"  # no runfiles tree here: the py_binary's own stub finds its files
 fi
 export RUNFILES_DIR="$runfiles"
-export PYTHONPATH="$runfiles/{import_root}:$runfiles${{PYTHONPATH:+:$PYTHONPATH}}"
+export PYTHONPATH="{python_path}$runfiles${{PYTHONPATH:+:$PYTHONPATH}}"
 exec {interpreter} "$runfiles/{main}" "$@"
 """
 
@@ -29,6 +29,13 @@ def _rlocation(ctx, file):
     if file.short_path.startswith("../"):
         return file.short_path[3:]
     return ctx.workspace_name + "/" + file.short_path
+
+def _inside_double_quotes(text):
+    """`text` as it may stand inside a double-quoted shell word (runfiles paths never need more)."""
+    for special in ['"', "$", "`", "\\"]:
+        if special in text:
+            fail("treemat_launcher: cannot write the path {} into the launcher".format(text))
+    return text
 
 def _shell_quote(text):
     return "'" + text.replace("'", "'\\''") + "'"
@@ -43,11 +50,12 @@ def _treemat_launcher_impl(ctx):
         runfiles = runfiles.merge(ctx.runfiles(transitive_files = runtime.files))
     main = _rlocation(ctx, ctx.file.main)
     main_dir = main.rpartition("/")[0]
+    imports = ctx.attr.binary[PyInfo].imports.to_list()  # runfiles-relative, as the stub's python_imports
     script = ctx.actions.declare_file(ctx.label.name)
     ctx.actions.write(script, _SCRIPT.format(
         main = main,
         main_dir = main_dir,
-        import_root = main_dir.rpartition("/")[0],
+        python_path = "".join(["$runfiles/{}:".format(_inside_double_quotes(path)) for path in imports]),
         binary = str(ctx.attr.binary.label),
         binary_name = ctx.executable.binary.basename,
         interpreter = interpreter,
@@ -67,7 +75,7 @@ treemat_launcher = rule(
         "main": attr.label(
             mandatory = True,
             allow_single_file = [".py"],
-            doc = "The py_binary's main file, in a package directory whose parent is the import root.",
+            doc = "The py_binary's main file (its `main`); the import roots come from the binary's PyInfo.",
         ),
     },
     toolchains = [_PY_TOOLCHAIN],
