@@ -2,8 +2,8 @@
 
 The generated repository is the user's rules_swift tree, every entry a symlink to the original, except
 `tools/worker/BUILD`: there the C++ `worker` binary is renamed `worker_real`, and `worker` (what the Swift
-toolchain's private `_worker` attribute defaults to) becomes a py_binary running treemat's
-`rswift_worker.main` with `worker_real` as the real worker. Nothing else of rules_swift changes.
+toolchain's private `_worker` attribute defaults to) becomes treemat's shell launcher (launcher.bzl) of a py_binary
+running `rswift_worker.main` with `worker_real` as the real worker. Nothing else of rules_swift changes.
 """
 
 _WRAPPER_MAIN = """\
@@ -27,17 +27,28 @@ if __name__ == "__main__":
 
 _WRAPPER_BUILD = """
 
-# --- Added by treemat_rules_swift: `worker` is treemat's wrapper around the real worker above. ---
+# --- Added by treemat_rules_swift: `worker` is treemat's wrapper around the real worker above, started by a shell
+# launcher (no Python stub in front: one interpreter start per worker or one-shot action, not two). ---
 py_binary(
-    name = "worker",
+    name = "worker_py",
     srcs = ["treemat_worker.py"],
     main = "treemat_worker.py",
     data = [":worker_real"],
     legacy_create_init = False,
     python_version = "PY3",
-    visibility = ["//visibility:public"],
     deps = ["{treemat_lib}"],
 )
+
+treemat_launcher(
+    name = "worker",
+    binary = ":worker_py",
+    main = "treemat_worker.py",
+    visibility = ["//visibility:public"],
+)
+"""
+
+_LAUNCHER_LOAD = """# Added by treemat_rules_swift (its launcher, below; a BUILD file loads before any rule)
+load("{launcher_bzl}", "treemat_launcher")
 """
 
 _REAL_BINARY = """cc_binary(
@@ -79,6 +90,7 @@ def _treemat_rules_swift_impl(rctx):
     treemat_lib = _label_string(Label("//tools/treemat:treemat_lib"))
     rctx.file(
         "tools/worker/BUILD",
+        _LAUNCHER_LOAD.format(launcher_bzl = _label_string(Label("//rules/private:launcher.bzl"))) +
         build.replace(_REAL_BINARY, 'cc_binary(\n    name = "worker_real",\n') +
         _WRAPPER_BUILD.format(treemat_lib = treemat_lib),
         executable = False,
