@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,29 @@ def test_the_default_root_without_a_home_is_one_clear_error(monkeypatch: pytest.
     monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # what it does without a passwd entry
     with pytest.raises(CasError, match="set TREEMAT_ROOT or pass --root"):
         default_root_path()
+
+
+def test_a_relative_xdg_cache_home_is_ignored_never_resolved_in_the_execroot(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The XDG spec: a relative path in XDG_CACHE_HOME is invalid and ignored. Resolved against the relay's cwd
+    (Bazel's execroot) it put the service's package copy, the default root and the compiled modules there:
+    `bazel clean` deleted the modules a running service imports from, and Bazel saw treemat's files."""
+    from treemat import servicespawn
+    from treemat.__main__ import keep_bytecode_across_bazel_clean
+    from treemat.layout import Root, default_root_path
+
+    execroot, home = tmp_path / "execroot", tmp_path / "home"
+    execroot.mkdir()
+    home.mkdir(mode=0o700)
+    monkeypatch.chdir(execroot)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative-cache")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("TREEMAT_ROOT", raising=False)
+    made = Path(servicespawn.package_copy(Root(root), "1-test"))
+    assert made.parent == home / ".cache/treemat/service-packages"
+    assert default_root_path() == home / ".cache/treemat"
+    monkeypatch.setattr("sys.pycache_prefix", None)
+    keep_bytecode_across_bazel_clean()
+    assert sys.pycache_prefix in (None, str(home / ".cache/treemat/pycache"))  # None under -B
+    assert not list(execroot.iterdir())

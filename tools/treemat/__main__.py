@@ -142,7 +142,9 @@ def keep_bytecode_across_bazel_clean() -> None:
     """
     if sys.pycache_prefix is None and not sys.flags.dont_write_bytecode:
         # layout.user_cache_dir's rule, spelled here: importing any treemat module first would compile it in place
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        cache = os.environ.get("XDG_CACHE_HOME") or ""
+        if not os.path.isabs(cache):  # unset or relative (the XDG spec: ignored)
+            cache = os.path.join(os.path.expanduser("~"), ".cache")
         if os.path.isabs(cache):  # no home ("~" unexpanded): never a relative prefix, under Bazel's execroot
             sys.pycache_prefix = os.path.join(cache, "treemat", "pycache")
 

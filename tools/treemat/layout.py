@@ -32,12 +32,14 @@ Everything here can be deleted while no build runs; a running treemat makes what
 
 
 def user_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME`, else `~/.cache` (where treemat keeps its root and compiled modules by default).
+    """`$XDG_CACHE_HOME`, else `~/.cache` (where treemat keeps its root and compiled modules by default). A relative
+    `$XDG_CACHE_HOME` is ignored, as the XDG spec says: resolved against the cwd (Bazel's execroot) it would put
+    the root and the service's package copy where `bazel clean` deletes them.
 
     (__main__ spells the same rule for its bytecode cache: it runs before any treemat module may be imported.)
     """
     cache = os.environ.get("XDG_CACHE_HOME")
-    if cache:
+    if cache and os.path.isabs(cache):
         return Path(cache)
     home = os.path.expanduser("~")
     if not os.path.isabs(home):  # no $HOME and no passwd entry (an unmapped uid in a user namespace)
