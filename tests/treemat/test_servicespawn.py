@@ -138,7 +138,7 @@ def test_a_copy_that_cannot_be_made_leaves_no_temp_dir_and_the_next_place_is_tri
     monkeypatch.setattr(shutil, "copytree", copytree_full_disk_once)
     made = Path(servicespawn.package_copy(Root(root), "1-test"))
     assert made.parent == root / "service" and (made / "treemat/relay.py").is_file()
-    assert shared.is_dir() and not list(shared.iterdir())  # the failed copy's temp dir went
+    assert shared.is_dir() and not list(shared.glob("*pkg-*"))  # the failed copy's temp dir went
 
 
 def test_a_service_that_never_says_ready_is_given_up_on(tmp_path: Path) -> None:
@@ -217,3 +217,38 @@ def test_a_relative_xdg_cache_home_is_ignored_never_resolved_in_the_execroot(
     keep_bytecode_across_bazel_clean()
     assert sys.pycache_prefix in (None, str(home / ".cache/treemat/pycache"))  # None under -B
     assert not list(execroot.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["a module missing", "a module cut short", "an empty dir", "a symlink"])
+def test_a_damaged_copy_of_this_version_is_replaced_not_imported(
+    execroot: Path, root: Path, tmp_path: Path, damage: str
+) -> None:
+    """`pkg-<version>` whose files are not the version's (a removal or a cache cleaner interrupted, a disk that
+    filled under an older copier, an edit): the service must not import from it (it failed to start, and
+    every later relay of the user fell back in-process, or it failed requests as it imported lazily)."""
+    from treemat.relay import service_version
+
+    copy = tmp_path / "cache/treemat/service-packages" / f"pkg-{service_version()}"
+    shutil.copytree(TOOLS_DIR / "treemat", copy / "treemat", ignore=shutil.ignore_patterns("__pycache__"))
+    if damage == "a module missing":
+        (copy / "treemat/service.py").unlink()
+    elif damage == "a module cut short":
+        (copy / "treemat/servicepeer.py").write_text("raise SystemExit('cut short')\n")
+    elif damage == "an empty dir":
+        shutil.rmtree(copy / "treemat")
+    else:  # to modules no check covers (the copy's dir is checked, not where a symlink leads)
+        copy.rename(tmp_path / "elsewhere")
+        copy.symlink_to(tmp_path / "elsewhere")
+    leftover = copy.with_name(".pkg-killed")  # the temp dir of a relay killed while it copied
+    leftover.mkdir()
+    relay = RelayProcess(execroot, root, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    try:
+        reply = relay.touch()
+        assert reply.exit_code == 0, reply.output + relay.stderr
+        assert "unavailable" not in relay.stderr  # served by the service, not in-process
+        assert relay.close() == 0
+        assert not copy.is_symlink() and not leftover.exists()
+        for name in ("service.py", "servicepeer.py"):
+            assert (copy / "treemat" / name).read_bytes() == (TOOLS_DIR / "treemat" / name).read_bytes()
+    finally:
+        support_services.end_services_under(root)

@@ -27,7 +27,7 @@ from treemat.errors import TreematError
 from treemat.layout import Root
 from treemat.locking import file_lock
 from treemat.relaywire import encode_varint, failure_frame, payload_of, read_frame, scan_fields
-from treemat.servicespawn import ServeHere, ServiceUnavailable, start_service, wait_seconds
+from treemat.servicespawn import ServeHere, ServiceUnavailable, package_hash, start_service, wait_seconds
 
 WIRE_VERSION = 1
 HELLO_MAGIC = b"treemat-relay"
@@ -38,24 +38,6 @@ DIED = "treemat: error: the stager service ended while this request ran ({}); th
 UNREACHED = (
     "treemat: error: the stager service could not be reached ({}): this request did not run; the next tries again\n"
 )
-
-
-def package_hash() -> str:
-    """A content hash of every module of the treemat package (a changed file means another service)."""
-    from _blake2 import blake2b  # CPython's builtin: 1 ms to import, hashlib's OpenSSL binding 3 ms
-
-    digest = blake2b(digest_size=16)
-    package = os.path.dirname(os.path.abspath(__file__))
-    for folder in ("", "bot", "commands"):
-        base = os.path.join(package, folder)
-        try:
-            names = sorted(name for name in os.listdir(base) if name.endswith(".py"))
-        except OSError:
-            continue
-        for name in names:
-            with open(os.path.join(base, name), "rb") as handle:
-                digest.update(f"{folder}/{name}\0".encode() + handle.read())
-    return digest.hexdigest()
 
 
 @functools.cache

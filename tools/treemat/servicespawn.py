@@ -17,6 +17,7 @@ when that cache cannot be used): `bazel clean` deletes the runfiles of the relay
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from treemat.errors import CasError
 from treemat.layout import Root, check_private_dir
+from treemat.locking import file_lock
 
 ServeHere = Callable[[list[str]], int]  # runs the service in this process (__main__.run_service); its status
 STALE_COPY_DAYS = 14  # a package copy no service started from for this long is removed when another is made
@@ -49,13 +51,33 @@ class ServiceUnavailable(Exception):
     """No service could be reached or started: the caller serves in-process."""
 
 
+def package_hash(package: str | None = None) -> str:
+    """A content hash of every module of a treemat package (this one by default): a changed file means another
+    service, and a copy whose hash is not its version's is not imported from."""
+    from _blake2 import blake2b  # CPython's builtin: 1 ms to import, hashlib's OpenSSL binding 3 ms
+
+    digest = blake2b(digest_size=16)
+    package = package or os.path.dirname(os.path.abspath(__file__))
+    for folder in ("", "bot", "commands"):
+        base = os.path.join(package, folder)
+        try:
+            names = sorted(name for name in os.listdir(base) if name.endswith(".py"))
+        except OSError:
+            continue
+        for name in names:
+            with open(os.path.join(base, name), "rb") as handle:
+                digest.update(f"{folder}/{name}\0".encode() + handle.read())
+    return digest.hexdigest()
+
+
 def package_copy(layout: Root, version: str) -> str:
     """The directory holding this version's copy of the treemat package (made once, atomically)."""
     for parent in layout.service_package_parents():
         with contextlib.suppress(OSError, CasError):  # not ours alone (the modules there would run): the next
             parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             check_private_dir(parent)
-            return _copy_into(parent, f"pkg-{version}")
+            with file_lock(parent / ".lock"):  # one relay checks, replaces or removes copies at a time
+                return _copy_into(parent, f"pkg-{version}")
     raise ServiceUnavailable("no directory of ours to copy the treemat package into")
 
 
@@ -64,10 +86,14 @@ def _copy_into(parent: Path, name: str) -> str:
     import tempfile
 
     target = parent / name
-    if target.is_dir():
-        with contextlib.suppress(OSError):
-            os.utime(target)  # in use: not stale
-        return str(target)
+    for leftover in [*parent.glob(".pkg-*"), *parent.glob(".old-*")]:  # of a relay killed while it held the lock
+        _remove(leftover)
+    if os.path.lexists(target):
+        if not target.is_symlink() and target.is_dir() and _same_modules(str(target / "treemat")):
+            with contextlib.suppress(OSError):
+                os.utime(target)  # in use: not stale
+            return str(target)
+        _remove(target)  # a copy cut short, emptied or edited, a symlink: its modules are not this version's
     temp = tempfile.mkdtemp(prefix=".pkg-", dir=parent)
     package = os.path.dirname(os.path.abspath(__file__))
     try:
@@ -75,14 +101,37 @@ def _copy_into(parent: Path, name: str) -> str:
         os.rename(temp, target)
     except OSError:
         shutil.rmtree(temp, ignore_errors=True)
-        if not target.is_dir():  # a full disk, say (else another relay's copy is there)
-            raise
+        raise  # a full disk, say: the next place is tried
     cutoff = time.time() - STALE_COPY_DAYS * 86400
     for old in parent.glob("pkg-*"):
         with contextlib.suppress(OSError):
             if old != target and old.lstat().st_mtime < cutoff:
-                shutil.rmtree(old)
+                _remove(old)
     return str(target)
+
+
+def _same_modules(copy: str) -> bool:
+    try:
+        return package_hash(copy) == _own_hash()
+    except OSError:
+        return False
+
+
+@functools.cache
+def _own_hash() -> str:
+    return package_hash()
+
+
+def _remove(entry: Path) -> None:
+    """Renamed aside first, then deleted: a removal cut short never leaves part of a copy under a `pkg-` name."""
+    import shutil
+
+    aside = entry if entry.name.startswith(".") else entry.with_name(f".old-{entry.name}")
+    os.rename(entry, aside)
+    if aside.is_symlink() or not aside.is_dir():
+        aside.unlink()
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def start_service(
