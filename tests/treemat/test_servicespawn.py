@@ -164,7 +164,7 @@ def test_a_relay_without_a_home_serves_through_its_roots_service_and_writes_noth
 ) -> None:
     """No $HOME and no passwd entry (an unmapped uid in a user namespace, a worker with a scrubbed environment):
     no user cache, so no shared copy and no compiled-module cache; never a relative `~/.cache` in the cwd."""
-    tmp_path.chmod(0o777)
+    tmp_path.chmod(0o1777)  # sticky: a dir anyone may rename in is refused above a package copy
     for directory in (execroot, execroot / "in", execroot / "out"):
         directory.chmod(0o777)
     root = tmp_path / "homeless-root"
@@ -252,3 +252,54 @@ def test_a_damaged_copy_of_this_version_is_replaced_not_imported(
             assert (copy / "treemat" / name).read_bytes() == (TOOLS_DIR / "treemat" / name).read_bytes()
     finally:
         support_services.end_services_under(root)
+
+
+@pytest.mark.parametrize(
+    "hostile", ["others can write it", "another user owns it", "it leads into a dir others can write"]
+)
+def test_no_package_copy_under_a_cache_dir_another_user_could_swap(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hostile: str
+) -> None:
+    """XDG_CACHE_HOME pointing at a hostile dir: `service-packages` itself is ours alone, but whoever can rename an
+    entry above it can swap in a tree of theirs between the check and the service's imports (their code, run as
+    us). The copy goes to the root's own `service/` instead."""
+    from treemat import servicespawn
+    from treemat.layout import Root
+
+    cache = tmp_path / "cache"
+    if hostile == "it leads into a dir others can write":
+        (tmp_path / "open").mkdir(mode=0o777)
+        (tmp_path / "open").chmod(0o777)
+        (tmp_path / "open/cache").mkdir(mode=0o700)
+        cache.symlink_to(tmp_path / "open/cache")
+    else:
+        cache.mkdir(mode=0o700)
+        if hostile == "others can write it":
+            cache.chmod(0o777)
+        elif os.geteuid() != 0:
+            pytest.skip("needs root to give a dir to another user")
+        else:
+            os.chown(cache, 1000, 1000)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    made = Path(servicespawn.package_copy(Root(root), "1-test"))
+    assert made.parent == (root / "service").resolve()
+    assert not list(cache.rglob("pkg-*"))
+
+
+def test_the_dirs_above_the_package_copy_are_made_ours_alone_whatever_the_umask(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Path.mkdir(parents=True) made `<cache>/treemat` with the umask's mode (0775 under 002): the group could
+    swap `service-packages` under it."""
+    from treemat import servicespawn
+    from treemat.layout import Root
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    old_umask = os.umask(0o002)
+    try:
+        made = Path(servicespawn.package_copy(Root(root), "1-test"))
+    finally:
+        os.umask(old_umask)
+    assert made.parent == tmp_path / "cache/treemat/service-packages"
+    for directory in (tmp_path / "cache", tmp_path / "cache/treemat", made.parent):
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700, directory

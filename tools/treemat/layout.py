@@ -21,6 +21,7 @@ import stat
 from pathlib import Path
 
 from treemat.errors import CasError
+from treemat.trustpath import trusted_path
 
 PRIVATE_DIR_MODE = 0o700
 SHARED_DIR_MODE = 0o750
@@ -60,6 +61,15 @@ def check_private_dir(path: Path) -> None:
             f"{path} is uid {info.st_uid}'s, mode {stat.S_IMODE(info.st_mode):o}: refused (it must be yours and "
             f"writable by you alone)"
         )
+
+
+def check_trusted_path(path: Path) -> Path:
+    """`path`'s real path; CasError unless it and every directory above it is owned by us or root and writable by
+    no one else (trustpath.py)."""
+    real, reason = trusted_path(path)
+    if reason:
+        raise CasError(reason)
+    return Path(real)
 
 
 def default_root_path() -> Path:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from treemat.errors import CasError
-from treemat.layout import Root, check_private_dir
+from treemat.layout import Root, check_private_dir, check_trusted_path
 from treemat.locking import file_lock
 
 ServeHere = Callable[[list[str]], int]  # runs the service in this process (__main__.run_service); its status
@@ -72,13 +72,25 @@ def package_hash(package: str | None = None) -> str:
 
 def package_copy(layout: Root, version: str) -> str:
     """The directory holding this version's copy of the treemat package (made once, atomically)."""
-    for parent in layout.service_package_parents():
+    for wanted in layout.service_package_parents():
         with contextlib.suppress(OSError, CasError):  # not ours alone (the modules there would run): the next
-            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _make_private(wanted)
+            parent = check_trusted_path(wanted)  # by its real path from now on: no symlink above it is followed again
             check_private_dir(parent)
             with file_lock(parent / ".lock"):  # one relay checks, replaces or removes copies at a time
                 return _copy_into(parent, f"pkg-{version}")
     raise ServiceUnavailable("no directory of ours to copy the treemat package into")
+
+
+def _make_private(directory: Path) -> None:
+    """mkdir -p, each directory made 0700 (Path.mkdir makes the parents with the umask's mode: 0775 under 002)."""
+    missing: list[Path] = []
+    while not os.path.lexists(directory) and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
 
 
 def _copy_into(parent: Path, name: str) -> str:
