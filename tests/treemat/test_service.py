@@ -31,7 +31,16 @@ from treemat.service import Service, Session
 from treemat.stack import Stack
 
 from ..support.harness import TOOLS_DIR, worker_env
-from ..support.relays import READ_TIMEOUT, RelayProcess, execroot, root, services, the_service, tool_running
+from ..support.relays import (
+    READ_TIMEOUT,
+    RelayProcess,
+    answered_within,
+    execroot,
+    root,
+    services,
+    the_service,
+    tool_running,
+)
 from ..support.waiting import wait_for
 
 __all__ = ["execroot", "root"]  # fixtures
@@ -885,13 +894,6 @@ def test_a_relay_under_lower_resource_limits_gets_no_service_without_them(execro
     assert reply.exit_code != 0, "a 2 MB output written under a 1 MiB file-size limit"
     assert limited.close() == 0 and first.close() == 0
     assert len(services(root)) == 2
-
-
-def answered_within(relay: RelayProcess, seconds: float) -> protos.WorkResponse:
-    """The relay's next reply, which must come within `seconds` (read in a thread: a hung relay fails the test)."""
-    replies: list[protos.WorkResponse] = []
-    threading.Thread(target=lambda: replies.append(relay.read()), daemon=True).start()
-    return wait_for(lambda: replies[0] if replies else None, timeout=seconds, what="the relay's answer")
 
 
 @pytest.mark.parametrize("when", ["starting", "serving"])

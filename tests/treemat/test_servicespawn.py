@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from treemat.servicespawn import PROCESS_NAME, STALE_COPY_DAYS
 
 from ..support import services as support_services
 from ..support.harness import TOOLS_DIR
-from ..support.relays import READ_TIMEOUT, RelayProcess, execroot, root, the_service
+from ..support.relays import READ_TIMEOUT, RelayProcess, answered_within, execroot, root, the_service
 
 __all__ = ["execroot", "root"]
 
@@ -303,3 +304,38 @@ def test_the_dirs_above_the_package_copy_are_made_ours_alone_whatever_the_umask(
     assert made.parent == tmp_path / "cache/treemat/service-packages"
     for directory in (tmp_path / "cache", tmp_path / "cache/treemat", made.parent):
         assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700, directory
+
+
+@pytest.mark.parametrize("lock", ["the root's service lock", "the user's package lock"])
+def test_a_relay_stuck_holding_a_start_lock_never_hangs_the_next_relay(
+    execroot: Path, root: Path, tmp_path: Path, lock: str
+) -> None:
+    """A relay that hangs while it starts the service (its package copy on a hung NFS home, SIGSTOP) holds the
+    root's service lock, and the user's package lock: every relay queued behind it waited for good (and Bazel with
+    them). The next relay waits a bounded time, says why in one line and serves in-process."""
+    import fcntl
+
+    cache = tmp_path / "cache"
+    first = RelayProcess(execroot, root, env={"XDG_CACHE_HOME": str(cache)})
+    assert first.touch().exit_code == 0, first.stderr
+    assert first.close() == 0
+    os.kill(the_service(root), signal.SIGKILL)
+    locks = list((root / "service").glob("*.lock")) if lock.startswith("the root") else []
+    locks += [cache / "treemat/service-packages/.lock"]
+    held = [os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600) for path in locks]
+    try:
+        for fd in held:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        relay = RelayProcess(execroot, root, env={"XDG_CACHE_HOME": str(cache), "TREEMAT_SERVICE_WAIT_SECONDS": "1"})
+        relay.send(["touch", "out/y"], ["out/y"], ["in/a"], 1)
+        reply = answered_within(relay, 30)
+        assert reply.exit_code == 0, reply.output
+        said = [line for line in relay.stderr.splitlines() if "stager service" in line]
+        if lock.startswith("the root"):
+            assert len(said) == 1 and "serving in this process" in said[0], relay.stderr
+        else:  # the root's own copy serves
+            assert not said, relay.stderr
+        assert relay.close() == 0
+    finally:
+        for fd in held:
+            os.close(fd)

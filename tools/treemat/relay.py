@@ -25,7 +25,7 @@ from pathlib import Path
 
 from treemat.errors import TreematError
 from treemat.layout import Root
-from treemat.locking import file_lock
+from treemat.locking import LockBusy, file_lock
 from treemat.relaywire import encode_varint, failure_frame, payload_of, read_frame, scan_fields
 from treemat.servicespawn import ServeHere, ServiceUnavailable, package_hash, start_service, wait_seconds
 
@@ -120,12 +120,15 @@ def reach_service(
     with contextlib.suppress(FileNotFoundError, ConnectionError):
         return connect(path, hello)[0]
     for _attempt in range(3):  # a service that exits while we connect is replaced on the next attempt
-        with file_lock(layout.service_file(name, "lock")):
-            with contextlib.suppress(FileNotFoundError, ConnectionError):
-                return connect(path, hello)[0]
-            start_service(layout, name, service_version(), isolation, idle_minutes, serve_here)
-            with contextlib.suppress(FileNotFoundError, ConnectionError):
-                return connect(path, hello)[0]
+        try:
+            with file_lock(layout.service_file(name, "lock"), timeout=wait_seconds()):  # its holder may hang
+                with contextlib.suppress(FileNotFoundError, ConnectionError):
+                    return connect(path, hello)[0]
+                start_service(layout, name, service_version(), isolation, idle_minutes, serve_here)
+                with contextlib.suppress(FileNotFoundError, ConnectionError):
+                    return connect(path, hello)[0]
+        except LockBusy:
+            raise ServiceUnavailable(f"another relay held the service lock for {wait_seconds():g} s") from None
     raise ServiceUnavailable("the service kept closing its socket")
 
 

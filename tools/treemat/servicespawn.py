@@ -27,7 +27,7 @@ from pathlib import Path
 
 from treemat.errors import CasError
 from treemat.layout import Root, check_private_dir, check_trusted_path
-from treemat.locking import file_lock
+from treemat.locking import LockBusy, file_lock
 
 ServeHere = Callable[[list[str]], int]  # runs the service in this process (__main__.run_service); its status
 STALE_COPY_DAYS = 14  # a package copy no service started from for this long is removed when another is made
@@ -73,11 +73,11 @@ def package_hash(package: str | None = None) -> str:
 def package_copy(layout: Root, version: str) -> str:
     """The directory holding this version's copy of the treemat package (made once, atomically)."""
     for wanted in layout.service_package_parents():
-        with contextlib.suppress(OSError, CasError):  # not ours alone (the modules there would run): the next
+        with contextlib.suppress(OSError, CasError, LockBusy):  # not ours alone (its modules would run), held: the next
             _make_private(wanted)
             parent = check_trusted_path(wanted)  # by its real path from now on: no symlink above it is followed again
             check_private_dir(parent)
-            with file_lock(parent / ".lock"):  # one relay checks, replaces or removes copies at a time
+            with file_lock(parent / ".lock", timeout=wait_seconds()):  # one relay checks, replaces, removes at a time
                 return _copy_into(parent, f"pkg-{version}")
     raise ServiceUnavailable("no directory of ours to copy the treemat package into")
 
