@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -339,3 +340,56 @@ def test_a_relay_stuck_holding_a_start_lock_never_hangs_the_next_relay(
     finally:
         for fd in held:
             os.close(fd)
+
+
+@pytest.mark.parametrize("planted", ["a module hard-linked from outside", "a module symlinked", "a module not ours"])
+def test_a_copy_with_the_right_bytes_but_a_module_another_could_change_is_replaced(
+    execroot: Path, root: Path, tmp_path: Path, planted: str
+) -> None:
+    """The bytes check out, but a module's inode can be changed from outside the 0700 dir (a hard link to it
+    elsewhere, a symlink to a file elsewhere, another user's file moved in): whoever holds it edits the module
+    after the check, and a service imports it later (lazily, on a request), as us."""
+    from treemat.relay import service_version
+
+    copy = tmp_path / "cache/treemat/service-packages" / f"pkg-{service_version()}"
+    shutil.copytree(TOOLS_DIR / "treemat", copy / "treemat", ignore=shutil.ignore_patterns("__pycache__"))
+    module, outside = copy / "treemat/servicepeer.py", tmp_path / "outside.py"
+    outside.write_bytes(module.read_bytes())
+    module.unlink()
+    if planted == "a module hard-linked from outside":
+        os.link(outside, module)
+    elif planted == "a module symlinked":
+        module.symlink_to(outside)
+    elif os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another user")
+    else:
+        os.link(outside, module)
+        outside.unlink()
+        os.chown(module, 1000, 1000)
+    relay = RelayProcess(execroot, root, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    try:
+        assert relay.touch().exit_code == 0, relay.stderr
+        assert relay.close() == 0
+        info = os.lstat(module)
+        assert stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and info.st_uid == os.geteuid()
+        assert module.read_bytes() == (TOOLS_DIR / "treemat/servicepeer.py").read_bytes()
+    finally:
+        support_services.end_services_under(root)
+
+
+def test_a_copy_of_a_group_writable_package_is_ours_alone_and_kept(tmp_path: Path) -> None:
+    """The runfiles checked out under umask 002 (modules 0664): the copy must not keep their modes, else every
+    relay would find it writable by the group and make it again, under a service importing from it."""
+    runfiles = tmp_path / "runfiles"
+    shutil.copytree(TOOLS_DIR / "treemat", runfiles / "treemat", ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [runfiles / "treemat", *(runfiles / "treemat").rglob("*")]:
+        path.chmod(path.stat().st_mode | 0o020)
+    probe = "import sys; from treemat.layout import Root; from treemat.servicespawn import package_copy; "
+    probe += "print(package_copy(Root(sys.argv[1]), '1-test'))"
+    env = {**os.environ, "PYTHONPATH": str(runfiles), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    command = [sys.executable, "-c", probe, str(tmp_path / "root")]
+    copy = Path(subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.strip())
+    (copy / "mark").touch(mode=0o600)
+    assert Path(subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.strip()) == copy
+    assert (copy / "mark").exists()  # the same copy, not made again
+    assert not [path for path in [copy, *copy.rglob("*")] if path.stat().st_mode & 0o022]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import stat
 import sys
 import threading
 import time
@@ -110,6 +111,9 @@ def _copy_into(parent: Path, name: str) -> str:
     package = os.path.dirname(os.path.abspath(__file__))
     try:
         shutil.copytree(package, os.path.join(temp, "treemat"), ignore=shutil.ignore_patterns("__pycache__"))
+        for folder, _dirs, files in os.walk(temp):  # the package's modes (0664 under umask 002): ours alone
+            for path in (folder, *(os.path.join(folder, name) for name in files)):
+                os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) & ~0o022)
         os.rename(temp, target)
     except OSError:
         shutil.rmtree(temp, ignore_errors=True)
@@ -123,7 +127,16 @@ def _copy_into(parent: Path, name: str) -> str:
 
 
 def _same_modules(copy: str) -> bool:
+    """The copy holds this version's modules, in files and dirs only we can change: ours, written by no one else,
+    no symlink and no file with another link (whoever holds a link to a module could edit it after this check)."""
     try:
+        for folder, dirs, files in os.walk(copy):
+            for name in (folder, *(os.path.join(folder, entry) for entry in (*dirs, *files))):
+                info = os.lstat(name)
+                if not (stat.S_ISDIR(info.st_mode) or (stat.S_ISREG(info.st_mode) and info.st_nlink == 1)):
+                    return False
+                if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                    return False
         return package_hash(copy) == _own_hash()
     except OSError:
         return False
