@@ -393,3 +393,16 @@ def test_a_copy_of_a_group_writable_package_is_ours_alone_and_kept(tmp_path: Pat
     assert Path(subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.strip()) == copy
     assert (copy / "mark").exists()  # the same copy, not made again
     assert not [path for path in [copy, *copy.rglob("*")] if path.stat().st_mode & 0o022]
+
+
+def test_a_service_that_fails_before_it_is_ready_gives_the_relay_its_reason(execroot: Path, root: Path) -> None:
+    """No /dev/null (a bare container, a mount namespace with an empty /dev): the forked service failed before
+    its log was open, so the relay's line said `it exited; see <log>` of a log that did not say why."""
+    empty_dev = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", 'mount -t tmpfs none /dev && exec "$@"']
+    relay = RelayProcess(execroot, root, wrapper=[*empty_dev, "sh"])
+    relay.send(["touch", "out/x"], ["out/x"], ["in/a"], 1)
+    reply = answered_within(relay, READ_TIMEOUT)  # in-process: one line, whatever it is (the sandbox needs /dev)
+    assert reply.output.count("\n") <= 1, reply.output
+    assert relay.close() == 0
+    said = [line for line in relay.stderr.splitlines() if "stager service is unavailable" in line]
+    assert len(said) == 1 and "/dev/null" in said[0], relay.stderr

@@ -234,7 +234,7 @@ def _fork(
     if pid:
         os.waitpid(pid, 0)  # the child exits as soon as it forked the service: no child of any relay
         return
-    status = 1
+    status, pipe = 1, os.fstat(write_end).st_ino
     try:
         os.close(read_end)
         os.setsid()
@@ -244,9 +244,12 @@ def _fork(
         _detach(log, keep=write_end)
         _import_from_copy(package_parent, relay_cwd)
         status = serve_here([*args, f"--ready-fd={write_end}"])
-    except BaseException as exc:  # a line in the log; the relay reads no "ok" and says so
+    except BaseException as exc:  # a line in the log, and the reason the relay gives (it reads no "ok")
         with contextlib.suppress(Exception):
             print(f"treemat service: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        with contextlib.suppress(Exception):
+            if os.fstat(write_end).st_ino == pipe:  # not yet closed by the service's ready (nor the number reused)
+                os.write(write_end, f"{type(exc).__name__}: {exc}".encode(errors="replace"))
     finally:
         os._exit(status)
 
