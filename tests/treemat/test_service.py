@@ -946,3 +946,37 @@ def test_a_request_no_service_can_be_reached_for_fails_with_one_line_and_the_rel
     service_dir.chmod(0o700)
     assert relay.touch("out/after", 10).exit_code == 0  # the next request gets a new service
     assert relay.close() == 0
+
+
+def test_a_relays_tools_are_seeded_by_the_compiler_on_its_own_path_not_the_first_relays(
+    tmp_path: Path, root: Path
+) -> None:
+    """The service's environment is the relay's that started it; each relay's tools run with its own (the hello).
+    The tool-cache seed of a bare `swiftc` was keyed and built by the `swiftc` on the service's PATH: a second
+    relay whose PATH finds another compiler got a module cache seeded by the first one's."""
+    fake = (
+        '#!/bin/sh\ncache=""; prev=""\n'
+        'for a in "$@"; do [ "$prev" = -module-cache-path ] && cache="$a"; prev="$a"; done\n'
+        'case " $* " in *" -typecheck "*) mkdir -p "$cache"; echo {who} > "$cache/seeded-by"; exit 0;; esac\n'
+        'cat "$cache/seeded-by" > out/who 2>/dev/null || echo unseeded > out/who\n'
+    )
+    execroot = tmp_path / "execroot"
+    (execroot / "in").mkdir(parents=True)
+    (execroot / "out").mkdir()
+    (execroot / "in/a").write_text("input a\n")
+    seen = []
+    for who in ("first", "second"):
+        compilers = tmp_path / who
+        compilers.mkdir()
+        (compilers / "swiftc").write_text(fake.format(who=who))
+        (compilers / "swiftc").chmod(0o755)
+        relay = RelayProcess(execroot, root, env={"PATH": f"{compilers}:{os.environ['PATH']}"})
+        argv = ["swiftc", "-module-cache-path", "{TOOL_CACHE}/swift-module-cache", "-Onone", "in/a"]
+        relay.send(argv, ["out/who"], ["in/a"])
+        reply = relay.read()
+        assert reply.exit_code == 0, reply.output + relay.stderr
+        seen.append((execroot / "out/who").read_text().strip())
+        (execroot / "out/who").unlink()
+        assert relay.close() == 0
+    assert len(services(root)) == 1  # both served by the one service
+    assert seen[1] in ("second", "unseeded"), seen

@@ -127,8 +127,9 @@ class ActionExecutor:
     def _run_and_collect(self, request: ActionRequest, exec_dir: Path, run_dir: RunDir | None) -> ActionResult:
         """Run the tool in the sandbox, then (if it succeeded) copy its outputs out of its view."""
         spec = request.spec
-        cache = self.tool_caches.for_argv(spec.argv, self.sandbox)
         base_env = os.environ if request.base_env is None else request.base_env
+        path = spec.env.get("PATH", base_env.get("PATH"))  # the tool's (a service's own is its first relay's)
+        cache = self.tool_caches.for_argv(spec.argv, self.sandbox, path)
         if run_dir is not None:
             argv = spec.argv_in(str(exec_dir), str(run_dir.cache))
             env = environment(base_env, spec.env, exec_root=str(exec_dir), tmp=str(run_dir.tmp))

@@ -78,9 +78,11 @@ class ToolCaches:
         self._lock = threading.Lock()
         self._failed: set[str] = set()  # seeds that could not be built in this process: not retried per action
 
-    def for_argv(self, argv: Sequence[str], sandbox: Sandbox) -> CacheView | None:
-        """The seed for this command line (built now if missing), or None: the tool starts with an empty cache."""
-        recipe = swift_seed_recipe(argv)
+    def for_argv(self, argv: Sequence[str], sandbox: Sandbox, path: str | None = None) -> CacheView | None:
+        """The seed for this command line (built now if missing), or None: the tool starts with an empty cache.
+        `path`: the tool's PATH (its compiler is found there, and the seed built by that compiler)."""
+        path = os.environ.get("PATH", "/usr/bin:/bin") if path is None else path
+        recipe = swift_seed_recipe(argv, path)
         if recipe is None or sandbox.mode == "none" or not sandbox.overlay:
             return None
         key, seed_argv = recipe
@@ -91,12 +93,12 @@ class ToolCaches:
             return None
         with self._lock:  # one builder per process; the file lock below covers other processes
             try:
-                return CacheView(self._build(key, seed_argv, sandbox))
+                return CacheView(self._build(key, seed_argv, sandbox, path))
             except (ExecutionError, OSError):
                 self._failed.add(key)
                 return None
 
-    def _build(self, key: str, seed_argv: list[str], sandbox: Sandbox) -> Path:
+    def _build(self, key: str, seed_argv: list[str], sandbox: Sandbox, path: str) -> Path:
         seed = self.directory / key
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock_fd = os.open(self.directory / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -107,7 +109,7 @@ class ToolCaches:
             remove_tree(seed)  # a half-built seed of a builder that died
             work = self.directory / f".build-{os.getpid()}-{secrets.token_hex(4)}"
             try:
-                self._run_seed(work, seed_argv, sandbox)
+                self._run_seed(work, seed_argv, sandbox, path)
                 (work / "cache" / COMPLETE_MARKER).write_text(json.dumps({"argv": seed_argv}) + "\n")
                 os.rename(work / "cache", seed)
             finally:
@@ -116,12 +118,12 @@ class ToolCaches:
         finally:
             os.close(lock_fd)
 
-    def _run_seed(self, work: Path, seed_argv: list[str], sandbox: Sandbox) -> None:
+    def _run_seed(self, work: Path, seed_argv: list[str], sandbox: Sandbox, path: str) -> None:
         exec_dir, cache = work / "exec", work / "cache"
         exec_dir.mkdir(parents=True)
         cache.mkdir()
         (exec_dir / "seed.swift").write_text(SEED_SOURCE)
-        env = environment({"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/tmp"}, {})
+        env = environment({"PATH": path, "HOME": "/tmp"}, {})
         plan = ToolPlan(seed_argv, env, exec_dir, None, overlay=True, cache=CacheView(cache, writable=True))
         process = sandbox.start(plan)
         try:
@@ -134,7 +136,7 @@ class ToolCaches:
             raise ExecutionError(f"building the tool-cache seed failed ({code}): {output.strip()[-300:]}")
 
 
-def swift_seed_recipe(argv: Sequence[str]) -> tuple[str, list[str]] | None:
+def swift_seed_recipe(argv: Sequence[str], path: str | None = None) -> tuple[str, list[str]] | None:
     """(seed key, the seed's command line) for a swiftc command line whose module cache is under {TOOL_CACHE}.
 
     A wrapper that runs swiftc after `--` (swift_test's compile, which discovers the tests from the symbol
@@ -167,7 +169,7 @@ def swift_seed_recipe(argv: Sequence[str]) -> tuple[str, list[str]] | None:
         index += 1
     if module_cache is None or not module_cache.startswith("{TOOL_CACHE}"):
         return None
-    compiler = _identity(argv[0])
+    compiler = _identity(argv[0], path)
     if compiler is None:
         return None
     key_text = json.dumps({"compiler": compiler, "flags": kept, "cache": module_cache}, sort_keys=True)
@@ -200,9 +202,9 @@ def _swift_command(argv: Sequence[str]) -> Sequence[str]:
     return []
 
 
-def _identity(tool: str) -> list[object] | None:
+def _identity(tool: str, path: str | None) -> list[object] | None:
     """(real path, size, mtime, inode) of the compiler: a new toolchain gets new seeds."""
-    found = shutil.which(tool) if "/" not in tool else tool
+    found = shutil.which(tool, path=path) if "/" not in tool else tool
     if found is None:
         return None
     with contextlib.suppress(OSError):
