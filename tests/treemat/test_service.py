@@ -337,6 +337,22 @@ def test_the_socket_name_depends_on_the_version_and_isolation() -> None:
     assert socket.AF_UNIX  # (the platform has Unix sockets: the relay's only requirement)
 
 
+def test_a_relay_in_another_cgroup_gets_a_service_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tool runs in the service's cgroup, which is the first relay's: a relay Bazel put in a cgroup of its own
+    (a per-worker memory limit) had its tools escape that limit in a service outside it, as a lower rlimit did."""
+    version = service_version()
+    ours = service_name(version, "auto")
+    real_read_text = Path.read_text
+
+    def in_another_cgroup(path: Path, *args: object, **kwargs: object) -> str:
+        if str(path) == "/proc/self/cgroup":
+            return "0::/bazel-worker-7\n"
+        return real_read_text(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", in_another_cgroup)
+    assert service_name(version, "auto") != ours
+
+
 def test_the_service_stages_in_the_relays_execroot_by_its_path_so_the_execroot_watch_serves_it(
     execroot: Path, root: Path
 ) -> None:
