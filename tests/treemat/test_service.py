@@ -353,6 +353,22 @@ def test_a_relay_in_another_cgroup_gets_a_service_of_its_own(monkeypatch: pytest
     assert service_name(version, "auto") != ours
 
 
+def test_a_relay_under_another_personality_gets_a_service_of_its_own(execroot: Path, root: Path) -> None:
+    """A tool inherits the personality of the service (`setarch i686`: uname says i686, a 32-bit build's
+    configure sees it; `setarch -R`: no address randomization): a relay under another one got its tools run under
+    the first relay's."""
+    if not shutil.which("setarch"):
+        pytest.skip("needs setarch(8)")
+    first = RelayProcess(execroot, root)
+    assert first.touch().exit_code == 0
+    narrow = RelayProcess(execroot, root, wrapper=["setarch", "i686"])
+    narrow.send(["sh", "-c", "uname -m > out/arch"], ["out/arch"], ["in/a"], 1)
+    reply = narrow.read()
+    assert reply.exit_code == 0, reply.output
+    assert (execroot / "out/arch").read_text() == "i686\n"
+    assert narrow.close() == 0 and first.close() == 0
+
+
 def test_the_service_stages_in_the_relays_execroot_by_its_path_so_the_execroot_watch_serves_it(
     execroot: Path, root: Path
 ) -> None:

@@ -48,8 +48,8 @@ def service_version() -> str:
 
 def service_name(version: str, isolation: str) -> str:
     """The socket's file name: a digest of the version, isolation, namespaces, root directory and what the service's
-    tools inherit (uid, gid, groups, capabilities, no_new_privs, seccomp, resource limits, cgroups, the LSM's
-    label)."""
+    tools inherit (uid, gid, groups, capabilities, no_new_privs, seccomp, resource limits, cgroups, the
+    personality, the LSM's label)."""
     from _blake2 import blake2b
 
     facts = [version, isolation, str(os.geteuid()), str(os.getegid()), *map(str, sorted(os.getgroups()))]
@@ -57,6 +57,7 @@ def service_name(version: str, isolation: str) -> str:
         facts += [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(INHERITED)]
         facts.append(Path("/proc/self/limits").read_text())  # file size, memory, processes, descriptors...
         facts.append(Path("/proc/self/cgroup").read_text())  # the cgroups' limits (Bazel's per-worker memory limit)
+        facts.append(Path("/proc/self/personality").read_text())  # `setarch i686`: what uname says, ASLR
         facts.append(Path("/proc/self/attr/current").read_text())
     for name in ("mnt", "net", "user"):
         with contextlib.suppress(OSError):
