@@ -369,6 +369,23 @@ def test_a_relay_under_another_personality_gets_a_service_of_its_own(execroot: P
     assert narrow.close() == 0 and first.close() == 0
 
 
+def test_a_relay_pinned_to_fewer_cpus_gets_a_service_of_its_own(execroot: Path, root: Path) -> None:
+    """A tool inherits the service's CPU affinity: `taskset -c 0 bazel build` (to leave the other cores free) had
+    its tools run on every core of the relay that started the service."""
+    if not shutil.which("taskset") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs taskset(1) and two CPUs")
+    first = RelayProcess(execroot, root)
+    assert first.touch().exit_code == 0
+    cpu = min(os.sched_getaffinity(0))
+    pinned = RelayProcess(execroot, root, wrapper=["taskset", "-c", str(cpu)])
+    probe = "grep Cpus_allowed_list /proc/self/status | cut -f2 > out/cpus"
+    pinned.send(["sh", "-c", probe], ["out/cpus"], ["in/a"], 1)
+    reply = pinned.read()
+    assert reply.exit_code == 0, reply.output
+    assert (execroot / "out/cpus").read_text() == f"{cpu}\n"
+    assert pinned.close() == 0 and first.close() == 0
+
+
 def test_the_service_stages_in_the_relays_execroot_by_its_path_so_the_execroot_watch_serves_it(
     execroot: Path, root: Path
 ) -> None:

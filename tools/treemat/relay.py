@@ -32,7 +32,8 @@ from treemat.servicespawn import ServeHere, ServiceUnavailable, package_hash, st
 WIRE_VERSION = 1
 HELLO_MAGIC = b"treemat-relay"
 SUN_PATH_MAX = 107
-INHERITED = ("Uid:", "Gid:", "Groups:", "Cap", "NoNewPrivs:", "Seccomp")  # /proc/self/status lines a tool inherits
+# /proc/self/status lines a tool inherits: its rights, its mitigations, its CPUs and memory nodes (taskset)
+INHERITED = ("Uid:", "Gid:", "Groups:", "Cap", "NoNewPrivs:", "Seccomp", "Speculation", "Cpus_allowed:", "Mems_allowed")
 DEFAULT_IDLE_MINUTES = 15.0
 DIED = "treemat: error: the stager service ended while this request ran ({}); the next request starts a new one\n"
 UNREACHED = (
