@@ -386,6 +386,31 @@ def test_a_relay_pinned_to_fewer_cpus_gets_a_service_of_its_own(execroot: Path, 
     assert pinned.close() == 0 and first.close() == 0
 
 
+@pytest.mark.parametrize(
+    ("wrapper", "probe", "expected"),
+    [
+        (["nice", "-n", "7"], "nice", "7"),
+        (["choom", "-n", "900", "--"], "cat /proc/self/oom_score_adj", "900"),
+    ],
+    ids=["nice", "oom_score_adj"],
+)
+def test_a_relay_of_lower_priority_gets_a_service_of_its_own(
+    execroot: Path, root: Path, wrapper: list[str], probe: str, expected: str
+) -> None:
+    """A tool inherits the service's CPU priority and OOM score: `nice bazel build` (to keep the machine
+    responsive) had its tools run at the priority of the relay that started the service."""
+    if not shutil.which(wrapper[0]):
+        pytest.skip(f"needs {wrapper[0]}(1)")
+    first = RelayProcess(execroot, root)
+    assert first.touch().exit_code == 0
+    lowered = RelayProcess(execroot, root, wrapper=wrapper)
+    lowered.send(["sh", "-c", f"{probe} > out/seen"], ["out/seen"], ["in/a"], 1)
+    reply = lowered.read()
+    assert reply.exit_code == 0, reply.output
+    assert (execroot / "out/seen").read_text().strip() == expected
+    assert lowered.close() == 0 and first.close() == 0
+
+
 def test_the_service_stages_in_the_relays_execroot_by_its_path_so_the_execroot_watch_serves_it(
     execroot: Path, root: Path
 ) -> None:

@@ -49,8 +49,8 @@ def service_version() -> str:
 
 def service_name(version: str, isolation: str) -> str:
     """The socket's file name: a digest of the version, isolation, namespaces, root directory and what the service's
-    tools inherit (uid, gid, groups, capabilities, no_new_privs, seccomp, resource limits, cgroups, the
-    personality, the LSM's label)."""
+    tools inherit (uid, gid, groups, capabilities, no_new_privs, seccomp, resource limits, cgroups, CPUs,
+    priority, OOM score, personality, the LSM's label; not the I/O priority: reading it takes ctypes)."""
     from _blake2 import blake2b
 
     facts = [version, isolation, str(os.geteuid()), str(os.getegid()), *map(str, sorted(os.getgroups()))]
@@ -59,6 +59,8 @@ def service_name(version: str, isolation: str) -> str:
         facts.append(Path("/proc/self/limits").read_text())  # file size, memory, processes, descriptors...
         facts.append(Path("/proc/self/cgroup").read_text())  # the cgroups' limits (Bazel's per-worker memory limit)
         facts.append(Path("/proc/self/personality").read_text())  # `setarch i686`: what uname says, ASLR
+        facts.append(Path("/proc/self/oom_score_adj").read_text())  # `choom`: whose tools the OOM killer takes first
+        facts.append(f"nice:{os.getpriority(os.PRIO_PROCESS, 0)}:{os.sched_getscheduler(0)}")  # `nice bazel build`
         facts.append(Path("/proc/self/attr/current").read_text())
     for name in ("mnt", "net", "user"):
         with contextlib.suppress(OSError):
