@@ -411,6 +411,22 @@ def test_a_relay_of_lower_priority_gets_a_service_of_its_own(
     assert lowered.close() == 0 and first.close() == 0
 
 
+def test_a_relay_in_another_uts_namespace_gets_a_service_of_its_own(execroot: Path, root: Path) -> None:
+    """A tool is in the service's UTS (and IPC, time, cgroup) namespace: a relay in a UTS namespace of its own
+    (a container's hostname) had its tools see the hostname of the relay that started the service."""
+    if subprocess.run(["unshare", "--uts", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs the right to make a UTS namespace")
+    first = RelayProcess(execroot, root)
+    assert first.touch().exit_code == 0
+    renamed = ["unshare", "--uts", "sh", "-c", 'hostname treemat-elsewhere && exec "$@"', "sh"]
+    other = RelayProcess(execroot, root, wrapper=renamed)
+    other.send(["sh", "-c", "hostname > out/host"], ["out/host"], ["in/a"], 1)
+    reply = other.read()
+    assert reply.exit_code == 0, reply.output
+    assert (execroot / "out/host").read_text() == "treemat-elsewhere\n"
+    assert other.close() == 0 and first.close() == 0
+
+
 def test_the_service_stages_in_the_relays_execroot_by_its_path_so_the_execroot_watch_serves_it(
     execroot: Path, root: Path
 ) -> None:

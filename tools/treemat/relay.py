@@ -62,7 +62,7 @@ def service_name(version: str, isolation: str) -> str:
         facts.append(Path("/proc/self/oom_score_adj").read_text())  # `choom`: whose tools the OOM killer takes first
         facts.append(f"nice:{os.getpriority(os.PRIO_PROCESS, 0)}:{os.sched_getscheduler(0)}")  # `nice bazel build`
         facts.append(Path("/proc/self/attr/current").read_text())
-    for name in ("mnt", "net", "user"):
+    for name in ("mnt", "net", "user", "uts", "ipc", "pid", "cgroup", "time"):  # a tool is in the service's
         with contextlib.suppress(OSError):
             facts.append(f"{name}:{os.stat(f'/proc/self/ns/{name}').st_ino}")
         facts.append(name)  # a namespace that cannot be read leaves its name alone
