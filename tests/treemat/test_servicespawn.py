@@ -243,6 +243,7 @@ def test_a_damaged_copy_of_this_version_is_replaced_not_imported(
         copy.symlink_to(tmp_path / "elsewhere")
     leftover = copy.with_name(".pkg-killed")  # the temp dir of a relay killed while it copied
     leftover.mkdir()
+    os.utime(leftover, (0, 0))
     relay = RelayProcess(execroot, root, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     try:
         reply = relay.touch()

@@ -32,6 +32,7 @@ from treemat.locking import LockBusy, file_lock
 
 ServeHere = Callable[[list[str]], int]  # runs the service in this process (__main__.run_service); its status
 STALE_COPY_DAYS = 14  # a package copy no service started from for this long is removed when another is made
+LEFTOVER_SECONDS = 600.0  # a temp dir of a copy this old is a killed relay's (an older version copies unlocked)
 PROCESS_NAME = "treemat-service"  # /proc/PID/comm of every service (at most 15 bytes)
 WAIT_SECONDS = 60.0  # for a service to start, or to answer a hello (TREEMAT_SERVICE_WAIT_SECONDS)
 
@@ -99,8 +100,10 @@ def _copy_into(parent: Path, name: str) -> str:
     import tempfile
 
     target = parent / name
-    for leftover in [*parent.glob(".pkg-*"), *parent.glob(".old-*")]:  # of a relay killed while it held the lock
-        _remove(leftover)
+    for leftover in [*parent.glob(".pkg-*"), *parent.glob(".old-*")]:  # of a relay killed while it copied
+        with contextlib.suppress(OSError):
+            if leftover.lstat().st_mtime < time.time() - LEFTOVER_SECONDS:  # (not one an older version copies now)
+                _remove(leftover)
     if os.path.lexists(target):
         if not target.is_symlink() and target.is_dir() and _same_modules(str(target / "treemat")):
             with contextlib.suppress(OSError):
