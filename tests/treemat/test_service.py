@@ -427,6 +427,47 @@ def test_a_relay_in_another_uts_namespace_gets_a_service_of_its_own(execroot: Pa
     assert other.close() == 0 and first.close() == 0
 
 
+def test_a_request_too_big_for_the_relays_memory_fails_with_one_line_and_the_relay_serves_on(
+    execroot: Path, root: Path
+) -> None:
+    """A relay under an address-space limit (Bazel's worker memory limit, a ulimit -v) given a request it cannot
+    hold (a huge argument list): it died with a MemoryError traceback, and every request in flight with it."""
+    if not shutil.which("prlimit"):
+        pytest.skip("needs prlimit(1)")
+    relay = RelayProcess(execroot, root, wrapper=["prlimit", f"--as={300 << 20}", "--"])
+    assert relay.touch().exit_code == 0, relay.stderr
+    message = protos.WorkRequest(request_id=0)
+    message.arguments.extend(["--output=out/big", "--", "true", "x" * (250 << 20)])
+    relay.send_message(message)
+    del message
+    reply = answered_within(relay, READ_TIMEOUT)
+    assert reply.exit_code == 1 and reply.output.count("\n") == 1, reply.output[:300]
+    assert "memory" in reply.output and "did not run" in reply.output, reply.output
+    assert relay.touch("out/after").exit_code == 0, relay.stderr[-2000:]
+    assert relay.close() == 0
+
+
+@pytest.mark.parametrize("held", [0, 1, 5, 1000])
+def test_a_frame_too_big_to_hold_is_read_through_for_its_id_and_cancel_flag(held: int) -> None:
+    """relaywire's MemoryError path: the fields are found and every byte of the frame consumed (the next one is
+    framed), however much of it was held when memory ran out, even past garbage."""
+    import io
+
+    from treemat.relaywire import _skim
+
+    for message, fields in [
+        (protos.WorkRequest(arguments=["a" * 70000, "b"], request_id=7), {3: 7}),
+        (protos.WorkRequest(request_id=9, cancel=True), {3: 9, 4: 1}),
+        (protos.WorkRequest(arguments=["x"]).SerializeToString() + b"\x1f\xff" * 40, {}),
+    ]:
+        body = message if isinstance(message, bytes) else message.SerializeToString()
+        cut = min(held, len(body))
+        stream = io.BytesIO(body[cut:] + b"NEXT")
+        chunks = [body[i : min(i + 3, cut)] for i in range(0, cut, 3)]
+        assert _skim(chunks, stream.read, len(body) - cut) == fields
+        assert stream.read() == b"NEXT"
+
+
 def test_the_service_stages_in_the_relays_execroot_by_its_path_so_the_execroot_watch_serves_it(
     execroot: Path, root: Path
 ) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from treemat.errors import TreematError
 from treemat.layout import Root
 from treemat.locking import LockBusy, file_lock
-from treemat.relaywire import encode_varint, failure_frame, payload_of, read_frame, scan_fields
+from treemat.relaywire import FrameTooBig, encode_varint, failure_frame, frame_fields, payload_of, read_frame
 from treemat.servicespawn import ServeHere, ServiceUnavailable, package_hash, start_service, wait_seconds
 
 WIRE_VERSION = 1
@@ -36,6 +36,7 @@ SUN_PATH_MAX = 107
 INHERITED = ("Uid:", "Gid:", "Groups:", "Cap", "NoNewPrivs:", "Seccomp", "Speculation", "Cpus_allowed:", "Mems_allowed")
 DEFAULT_IDLE_MINUTES = 15.0
 DIED = "treemat: error: the stager service ended while this request ran ({}); the next request starts a new one\n"
+TOO_BIG = "treemat: error: this work request did not run: {} (the worker's address space is limited)\n"
 UNREACHED = (
     "treemat: error: the stager service could not be reached ({}): this request did not run; the next tries again\n"
 )
@@ -155,15 +156,25 @@ class Relay:
             try:
                 if (frame := read_frame(0)) is None:
                     break
+            except FrameTooBig as exc:  # read through: the next request is framed
+                if not exc.fields.get(4):
+                    self._write(failure_frame(exc.fields.get(3, 0), TOO_BIG.format(exc)))
+                continue
             except EOFError as exc:  # cut or garbled framing: no later request can be framed; answer, then end
                 self._write(failure_frame(0, f"treemat: malformed work request: {exc}\n"))
                 break
-            fields = scan_fields(payload_of(frame), (3, 4))
+            fields = frame_fields(frame, (3, 4))
             request_id, cancel = fields.get(3, 0), bool(fields.get(4, 0))
             if self._sock is None:
                 try:
                     self._attach()
-                except (ServiceUnavailable, TreematError, OSError) as exc:  # its dir made unusable, say
+                except (
+                    ServiceUnavailable,
+                    TreematError,
+                    OSError,
+                    EOFError,
+                    FrameTooBig,
+                ) as exc:  # its dir unusable, say
                     if not cancel:
                         self._write(failure_frame(request_id, UNREACHED.format(exc)))
                     continue
@@ -202,8 +213,14 @@ class Relay:
         """Responses from the service to stdout, until it closes the connection."""
         reason = "the connection closed"
         try:
-            while (frame := read_frame(sock)) is not None:
-                request_id = scan_fields(payload_of(frame), (3,)).get(3, 0)
+            while True:
+                try:
+                    frame = read_frame(sock)
+                except FrameTooBig as exc:  # an answer this relay cannot hold: that request fails, the others go on
+                    frame = failure_frame(exc.fields.get(3, 0), TOO_BIG.format(f"its answer: {exc}"))
+                if frame is None:
+                    break
+                request_id = frame_fields(frame, (3,)).get(3, 0)
                 with self._lock:
                     count = self._inflight.pop(request_id, 0)
                     if count > 1:
