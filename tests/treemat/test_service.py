@@ -453,7 +453,7 @@ def test_a_frame_too_big_to_hold_is_read_through_for_its_id_and_cancel_flag(held
     framed), however much of it was held when memory ran out, even past garbage."""
     import io
 
-    from treemat.relaywire import _skim
+    from treemat.relaywire import skim
 
     for message, fields in [
         (protos.WorkRequest(arguments=["a" * 70000, "b"], request_id=7), {3: 7}),
@@ -464,7 +464,7 @@ def test_a_frame_too_big_to_hold_is_read_through_for_its_id_and_cancel_flag(held
         cut = min(held, len(body))
         stream = io.BytesIO(body[cut:] + b"NEXT")
         chunks = [body[i : min(i + 3, cut)] for i in range(0, cut, 3)]
-        assert _skim(chunks, stream.read, len(body) - cut) == fields
+        assert skim(chunks, stream.read, len(body) - cut) == fields
         assert stream.read() == b"NEXT"
 
 

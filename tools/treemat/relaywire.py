@@ -98,7 +98,7 @@ def read_frame(fd_or_sock: int | socket.socket) -> bytes | None:
         return b"".join(chunks)
     except MemoryError:  # out of address space: read the rest once, holding none of it; the stream stays framed
         del chunks[0]
-        raise FrameTooBig(size, _skim(chunks, receive, left)) from None
+        raise FrameTooBig(size, skim(chunks, receive, left)) from None
 
 
 class FrameTooBig(Exception):
@@ -109,7 +109,7 @@ class FrameTooBig(Exception):
         self.size, self.fields = size, fields
 
 
-def _skim(held: list[bytes], receive: Callable[[int], bytes], left: int) -> dict[int, int]:
+def skim(held: list[bytes], receive: Callable[[int], bytes], left: int) -> dict[int, int]:
     """The varint fields 3 and 4 of a message whose first bytes are `held` (dropped as read) and whose other
     `left` bytes are still to be received; every byte is consumed, none kept."""
     buffer, pos, found = b"", 0, {}
