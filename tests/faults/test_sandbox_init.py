@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import threading
@@ -21,6 +22,8 @@ from treemat.executor import ActionRequest, ActionResult
 from treemat.flagfile import ActionSpec
 from treemat.layout import Root
 from treemat.stack import ISOLATION_COW, ISOLATION_OVERLAY, Stack, open_stack
+
+from ..support.harness import worker_env
 
 ACTION_TIMEOUT_S = 120
 
@@ -187,3 +190,16 @@ def test_signals_a_tool_sends_its_init_are_lost(stack: Stack, tmp_path: Path) ->
     result = _execute(stack, execroot, ["sh", "-c", script], ["out/x"])
     assert result.exit_code == 0, result.output
     assert (execroot / "out/x").read_text() == "ok\n"
+
+
+def test_the_sandbox_knows_its_syscalls_under_another_personality(tmp_path: Path) -> None:
+    """`setarch i686 bazel build` on x86_64: uname says i686, and the syscall numbers were looked up by it, so none
+    was known: the helper sent a descriptor of -1, closed it, died with a traceback, and every action failed."""
+    if not shutil.which("setarch") or os.uname().machine != "x86_64":
+        pytest.skip("needs setarch(8) on x86_64")
+    probe = "from treemat.sandboxview import Kernel; print(Kernel().numbers)"
+    done = subprocess.run(
+        ["setarch", "i686", sys.executable, "-c", probe], env=worker_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(56, 442, 126, 428)"

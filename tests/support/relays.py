@@ -18,6 +18,7 @@ from treemat.framing import encode_delimited, read_delimited
 
 from .harness import worker_env
 from .services import services_of
+from .waiting import wait_for
 
 READ_TIMEOUT = 60.0
 
@@ -125,6 +126,13 @@ def root(tmp_path: Path) -> Iterator[Path]:
     yield path
     for pid in services(path):
         os.kill(pid, signal.SIGKILL)
+
+
+def answered_within(relay: RelayProcess, seconds: float) -> protos.WorkResponse:
+    """The relay's next reply, which must come within `seconds` (read in a thread: a hung relay fails the test)."""
+    replies: list[protos.WorkResponse] = []
+    threading.Thread(target=lambda: replies.append(relay.read()), daemon=True).start()
+    return wait_for(lambda: replies[0] if replies else None, timeout=seconds, what="the relay's answer")
 
 
 def the_service(root: Path) -> int:

@@ -70,3 +70,20 @@ def test_the_workers_fast_flags_read_as_clicks_worker_command_reads_them(tmp_pat
     assert worker_options(["--persistent_worker"], {"TREEMAT_SERVICE": "0"})["service"] == "0"  # type: ignore[index]
     assert worker_options(["--persistent_worker"], {"TREEMAT_SERVICE": "1"})["service"] == "1"  # type: ignore[index]
     assert worker_options(["--persistent_worker", "--service"], {"TREEMAT_SERVICE": "0"})["service"] == "1"  # type: ignore[index]
+
+
+def test_no_compiled_modules_are_read_from_a_cache_dir_another_user_could_swap(tmp_path: Path) -> None:
+    """XDG_CACHE_HOME pointing at a dir others can write: whoever can rename `treemat` in it can plant compiled
+    modules (their code) that every later worker runs; the prefix is not used there."""
+    copy = tmp_path / "runfiles"
+    shutil.copytree(TOOLS / "treemat", copy / "treemat", ignore=shutil.ignore_patterns("__pycache__"))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o777)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE")}
+    env.update(XDG_CACHE_HOME=str(cache), PYTHONPATH=str(copy))
+    done = subprocess.run(
+        [sys.executable, str(copy / "treemat" / "__main__.py"), "--help"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert not list(cache.rglob("*.pyc"))

@@ -141,3 +141,29 @@ def test_json_reply_omits_zero_request_id() -> None:
     assert json.loads(encode_reply(WorkReply(0, 1, "x"), "json")) == {"exitCode": 1, "output": "x"}
     cancelled = json.loads(encode_reply(WorkReply(4, 0, "", was_cancelled=True), "json"))
     assert cancelled == {"exitCode": 0, "output": "", "requestId": 4, "wasCancelled": True}
+
+
+def test_a_request_too_big_for_memory_fails_alone_and_the_next_is_read() -> None:
+    """A worker or service under an address-space limit given a request it cannot hold: MemoryError ended the
+    session (the service's relay: every request in flight failed, said to be the service's end) or the worker."""
+    from treemat import protos
+    from treemat.framing import encode_delimited
+    from treemat.protocol import Malformed, WorkItem, read_requests
+
+    big = protos.WorkRequest(arguments=["--", "echo", "x" * (3 << 20)], request_id=5)
+    data = encode_delimited(big) + encode_delimited(protos.WorkRequest(arguments=["--", "true"], request_id=6))
+
+    class OutOfMemoryOnce(io.BytesIO):
+        chunks = 0
+
+        def read(self, size: int | None = -1, /) -> bytes:
+            if size is not None and size > 1000:
+                self.chunks += 1
+                if self.chunks == 2:  # inside the big message, once
+                    raise MemoryError
+            return super().read(size)
+
+    items = list(read_requests(OutOfMemoryOnce(data), "proto"))
+    assert [type(item) for item in items] == [Malformed, WorkItem], items
+    assert items[0].request_id == 5 and "does not fit in this process's memory" in str(items[0].error)
+    assert items[1].request_id == 6

@@ -31,7 +31,16 @@ from treemat.service import Service, Session
 from treemat.stack import Stack
 
 from ..support.harness import TOOLS_DIR, worker_env
-from ..support.relays import READ_TIMEOUT, RelayProcess, execroot, root, services, the_service, tool_running
+from ..support.relays import (
+    READ_TIMEOUT,
+    RelayProcess,
+    answered_within,
+    execroot,
+    root,
+    services,
+    the_service,
+    tool_running,
+)
 from ..support.waiting import wait_for
 
 __all__ = ["execroot", "root"]  # fixtures
@@ -326,6 +335,137 @@ def test_the_socket_name_depends_on_the_version_and_isolation() -> None:
     assert service_name(version, "auto") == service_name(version, "auto")
     assert len({service_name(version, "auto"), service_name(version, "none"), service_name("0-x", "auto")}) == 3
     assert socket.AF_UNIX  # (the platform has Unix sockets: the relay's only requirement)
+
+
+def test_a_relay_in_another_cgroup_gets_a_service_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tool runs in the service's cgroup, which is the first relay's: a relay Bazel put in a cgroup of its own
+    (a per-worker memory limit) had its tools escape that limit in a service outside it, as a lower rlimit did."""
+    version = service_version()
+    ours = service_name(version, "auto")
+    real_read_text = Path.read_text
+
+    def in_another_cgroup(path: Path, *args: object, **kwargs: object) -> str:
+        if str(path) == "/proc/self/cgroup":
+            return "0::/bazel-worker-7\n"
+        return real_read_text(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", in_another_cgroup)
+    assert service_name(version, "auto") != ours
+
+
+def test_a_relay_under_another_personality_gets_a_service_of_its_own(execroot: Path, root: Path) -> None:
+    """A tool inherits the personality of the service (`setarch i686`: uname says i686, a 32-bit build's
+    configure sees it; `setarch -R`: no address randomization): a relay under another one got its tools run under
+    the first relay's."""
+    if not shutil.which("setarch"):
+        pytest.skip("needs setarch(8)")
+    first = RelayProcess(execroot, root)
+    assert first.touch().exit_code == 0
+    narrow = RelayProcess(execroot, root, wrapper=["setarch", "i686"])
+    narrow.send(["sh", "-c", "uname -m > out/arch"], ["out/arch"], ["in/a"], 1)
+    reply = narrow.read()
+    assert reply.exit_code == 0, reply.output
+    assert (execroot / "out/arch").read_text() == "i686\n"
+    assert narrow.close() == 0 and first.close() == 0
+
+
+def test_a_relay_pinned_to_fewer_cpus_gets_a_service_of_its_own(execroot: Path, root: Path) -> None:
+    """A tool inherits the service's CPU affinity: `taskset -c 0 bazel build` (to leave the other cores free) had
+    its tools run on every core of the relay that started the service."""
+    if not shutil.which("taskset") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs taskset(1) and two CPUs")
+    first = RelayProcess(execroot, root)
+    assert first.touch().exit_code == 0
+    cpu = min(os.sched_getaffinity(0))
+    pinned = RelayProcess(execroot, root, wrapper=["taskset", "-c", str(cpu)])
+    probe = "grep Cpus_allowed_list /proc/self/status | cut -f2 > out/cpus"
+    pinned.send(["sh", "-c", probe], ["out/cpus"], ["in/a"], 1)
+    reply = pinned.read()
+    assert reply.exit_code == 0, reply.output
+    assert (execroot / "out/cpus").read_text() == f"{cpu}\n"
+    assert pinned.close() == 0 and first.close() == 0
+
+
+@pytest.mark.parametrize(
+    ("wrapper", "probe", "expected"),
+    [
+        (["nice", "-n", "7"], "nice", "7"),
+        (["choom", "-n", "900", "--"], "cat /proc/self/oom_score_adj", "900"),
+    ],
+    ids=["nice", "oom_score_adj"],
+)
+def test_a_relay_of_lower_priority_gets_a_service_of_its_own(
+    execroot: Path, root: Path, wrapper: list[str], probe: str, expected: str
+) -> None:
+    """A tool inherits the service's CPU priority and OOM score: `nice bazel build` (to keep the machine
+    responsive) had its tools run at the priority of the relay that started the service."""
+    if not shutil.which(wrapper[0]):
+        pytest.skip(f"needs {wrapper[0]}(1)")
+    first = RelayProcess(execroot, root)
+    assert first.touch().exit_code == 0
+    lowered = RelayProcess(execroot, root, wrapper=wrapper)
+    lowered.send(["sh", "-c", f"{probe} > out/seen"], ["out/seen"], ["in/a"], 1)
+    reply = lowered.read()
+    assert reply.exit_code == 0, reply.output
+    assert (execroot / "out/seen").read_text().strip() == expected
+    assert lowered.close() == 0 and first.close() == 0
+
+
+def test_a_relay_in_another_uts_namespace_gets_a_service_of_its_own(execroot: Path, root: Path) -> None:
+    """A tool is in the service's UTS (and IPC, time, cgroup) namespace: a relay in a UTS namespace of its own
+    (a container's hostname) had its tools see the hostname of the relay that started the service."""
+    if subprocess.run(["unshare", "--uts", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs the right to make a UTS namespace")
+    first = RelayProcess(execroot, root)
+    assert first.touch().exit_code == 0
+    renamed = ["unshare", "--uts", "sh", "-c", 'hostname treemat-elsewhere && exec "$@"', "sh"]
+    other = RelayProcess(execroot, root, wrapper=renamed)
+    other.send(["sh", "-c", "hostname > out/host"], ["out/host"], ["in/a"], 1)
+    reply = other.read()
+    assert reply.exit_code == 0, reply.output
+    assert (execroot / "out/host").read_text() == "treemat-elsewhere\n"
+    assert other.close() == 0 and first.close() == 0
+
+
+def test_a_request_too_big_for_the_relays_memory_fails_with_one_line_and_the_relay_serves_on(
+    execroot: Path, root: Path
+) -> None:
+    """A relay under an address-space limit (Bazel's worker memory limit, a ulimit -v) given a request it cannot
+    hold (a huge argument list): it died with a MemoryError traceback, and every request in flight with it."""
+    if not shutil.which("prlimit"):
+        pytest.skip("needs prlimit(1)")
+    relay = RelayProcess(execroot, root, wrapper=["prlimit", f"--as={300 << 20}", "--"])
+    assert relay.touch().exit_code == 0, relay.stderr
+    message = protos.WorkRequest(request_id=0)
+    message.arguments.extend(["--output=out/big", "--", "true", "x" * (250 << 20)])
+    relay.send_message(message)
+    del message
+    reply = answered_within(relay, READ_TIMEOUT)
+    assert reply.exit_code == 1 and reply.output.count("\n") == 1, reply.output[:300]
+    assert "memory" in reply.output and "did not run" in reply.output, reply.output
+    assert relay.touch("out/after").exit_code == 0, relay.stderr[-2000:]
+    assert relay.close() == 0
+
+
+@pytest.mark.parametrize("held", [0, 1, 5, 1000])
+def test_a_frame_too_big_to_hold_is_read_through_for_its_id_and_cancel_flag(held: int) -> None:
+    """relaywire's MemoryError path: the fields are found and every byte of the frame consumed (the next one is
+    framed), however much of it was held when memory ran out, even past garbage."""
+    import io
+
+    from treemat.relaywire import skim
+
+    for message, fields in [
+        (protos.WorkRequest(arguments=["a" * 70000, "b"], request_id=7), {3: 7}),
+        (protos.WorkRequest(request_id=9, cancel=True), {3: 9, 4: 1}),
+        (protos.WorkRequest(arguments=["x"]).SerializeToString() + b"\x1f\xff" * 40, {}),
+    ]:
+        body = message if isinstance(message, bytes) else message.SerializeToString()
+        cut = min(held, len(body))
+        stream = io.BytesIO(body[cut:] + b"NEXT")
+        chunks = [body[i : min(i + 3, cut)] for i in range(0, cut, 3)]
+        assert skim(chunks, stream.read, len(body) - cut) == fields
+        assert stream.read() == b"NEXT"
 
 
 def test_the_service_stages_in_the_relays_execroot_by_its_path_so_the_execroot_watch_serves_it(
@@ -887,13 +1027,6 @@ def test_a_relay_under_lower_resource_limits_gets_no_service_without_them(execro
     assert len(services(root)) == 2
 
 
-def answered_within(relay: RelayProcess, seconds: float) -> protos.WorkResponse:
-    """The relay's next reply, which must come within `seconds` (read in a thread: a hung relay fails the test)."""
-    replies: list[protos.WorkResponse] = []
-    threading.Thread(target=lambda: replies.append(relay.read()), daemon=True).start()
-    return wait_for(lambda: replies[0] if replies else None, timeout=seconds, what="the relay's answer")
-
-
 @pytest.mark.parametrize("when", ["starting", "serving"])
 def test_a_stopped_service_never_hangs_a_relay(execroot: Path, root: Path, when: str) -> None:
     """A service stopped (SIGSTOP, a debugger, a hang) while it starts or while it serves: a relay waits for its
@@ -944,3 +1077,37 @@ def test_a_request_no_service_can_be_reached_for_fails_with_one_line_and_the_rel
     service_dir.chmod(0o700)
     assert relay.touch("out/after", 10).exit_code == 0  # the next request gets a new service
     assert relay.close() == 0
+
+
+def test_a_relays_tools_are_seeded_by_the_compiler_on_its_own_path_not_the_first_relays(
+    tmp_path: Path, root: Path
+) -> None:
+    """The service's environment is the relay's that started it; each relay's tools run with its own (the hello).
+    The tool-cache seed of a bare `swiftc` was keyed and built by the `swiftc` on the service's PATH: a second
+    relay whose PATH finds another compiler got a module cache seeded by the first one's."""
+    fake = (
+        '#!/bin/sh\ncache=""; prev=""\n'
+        'for a in "$@"; do [ "$prev" = -module-cache-path ] && cache="$a"; prev="$a"; done\n'
+        'case " $* " in *" -typecheck "*) mkdir -p "$cache"; echo {who} > "$cache/seeded-by"; exit 0;; esac\n'
+        'cat "$cache/seeded-by" > out/who 2>/dev/null || echo unseeded > out/who\n'
+    )
+    execroot = tmp_path / "execroot"
+    (execroot / "in").mkdir(parents=True)
+    (execroot / "out").mkdir()
+    (execroot / "in/a").write_text("input a\n")
+    seen = []
+    for who in ("first", "second"):
+        compilers = tmp_path / who
+        compilers.mkdir()
+        (compilers / "swiftc").write_text(fake.format(who=who))
+        (compilers / "swiftc").chmod(0o755)
+        relay = RelayProcess(execroot, root, env={"PATH": f"{compilers}:{os.environ['PATH']}"})
+        argv = ["swiftc", "-module-cache-path", "{TOOL_CACHE}/swift-module-cache", "-Onone", "in/a"]
+        relay.send(argv, ["out/who"], ["in/a"])
+        reply = relay.read()
+        assert reply.exit_code == 0, reply.output + relay.stderr
+        seen.append((execroot / "out/who").read_text().strip())
+        (execroot / "out/who").unlink()
+        assert relay.close() == 0
+    assert len(services(root)) == 1  # both served by the one service
+    assert seen[1] in ("second", "unseeded"), seen

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from treemat.servicespawn import PROCESS_NAME, STALE_COPY_DAYS
 
 from ..support import services as support_services
 from ..support.harness import TOOLS_DIR
-from ..support.relays import READ_TIMEOUT, RelayProcess, execroot, root, the_service
+from ..support.relays import READ_TIMEOUT, RelayProcess, answered_within, execroot, root, the_service
 
 __all__ = ["execroot", "root"]
 
@@ -137,7 +140,7 @@ def test_a_copy_that_cannot_be_made_leaves_no_temp_dir_and_the_next_place_is_tri
     monkeypatch.setattr(shutil, "copytree", copytree_full_disk_once)
     made = Path(servicespawn.package_copy(Root(root), "1-test"))
     assert made.parent == root / "service" and (made / "treemat/relay.py").is_file()
-    assert shared.is_dir() and not list(shared.iterdir())  # the failed copy's temp dir went
+    assert shared.is_dir() and not list(shared.glob("*pkg-*"))  # the failed copy's temp dir went
 
 
 def test_a_service_that_never_says_ready_is_given_up_on(tmp_path: Path) -> None:
@@ -163,7 +166,7 @@ def test_a_relay_without_a_home_serves_through_its_roots_service_and_writes_noth
 ) -> None:
     """No $HOME and no passwd entry (an unmapped uid in a user namespace, a worker with a scrubbed environment):
     no user cache, so no shared copy and no compiled-module cache; never a relative `~/.cache` in the cwd."""
-    tmp_path.chmod(0o777)
+    tmp_path.chmod(0o1777)  # sticky: a dir anyone may rename in is refused above a package copy
     for directory in (execroot, execroot / "in", execroot / "out"):
         directory.chmod(0o777)
     root = tmp_path / "homeless-root"
@@ -190,3 +193,217 @@ def test_the_default_root_without_a_home_is_one_clear_error(monkeypatch: pytest.
     monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # what it does without a passwd entry
     with pytest.raises(CasError, match="set TREEMAT_ROOT or pass --root"):
         default_root_path()
+
+
+def test_a_relative_xdg_cache_home_is_ignored_never_resolved_in_the_execroot(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The XDG spec: a relative path in XDG_CACHE_HOME is invalid and ignored. Resolved against the relay's cwd
+    (Bazel's execroot) it put the service's package copy, the default root and the compiled modules there:
+    `bazel clean` deleted the modules a running service imports from, and Bazel saw treemat's files."""
+    from treemat import servicespawn
+    from treemat.__main__ import keep_bytecode_across_bazel_clean
+    from treemat.layout import Root, default_root_path
+
+    execroot, home = tmp_path / "execroot", tmp_path / "home"
+    execroot.mkdir()
+    home.mkdir(mode=0o700)
+    monkeypatch.chdir(execroot)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative-cache")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("TREEMAT_ROOT", raising=False)
+    made = Path(servicespawn.package_copy(Root(root), "1-test"))
+    assert made.parent == home / ".cache/treemat/service-packages"
+    assert default_root_path() == home / ".cache/treemat"
+    monkeypatch.setattr("sys.pycache_prefix", None)
+    keep_bytecode_across_bazel_clean()
+    assert sys.pycache_prefix in (None, str(home / ".cache/treemat/pycache"))  # None under -B
+    assert not list(execroot.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["a module missing", "a module cut short", "an empty dir", "a symlink"])
+def test_a_damaged_copy_of_this_version_is_replaced_not_imported(
+    execroot: Path, root: Path, tmp_path: Path, damage: str
+) -> None:
+    """`pkg-<version>` whose files are not the version's (a removal or a cache cleaner interrupted, a disk that
+    filled under an older copier, an edit): the service must not import from it (it failed to start, and
+    every later relay of the user fell back in-process, or it failed requests as it imported lazily)."""
+    from treemat.relay import service_version
+
+    copy = tmp_path / "cache/treemat/service-packages" / f"pkg-{service_version()}"
+    shutil.copytree(TOOLS_DIR / "treemat", copy / "treemat", ignore=shutil.ignore_patterns("__pycache__"))
+    if damage == "a module missing":
+        (copy / "treemat/service.py").unlink()
+    elif damage == "a module cut short":
+        (copy / "treemat/servicepeer.py").write_text("raise SystemExit('cut short')\n")
+    elif damage == "an empty dir":
+        shutil.rmtree(copy / "treemat")
+    else:  # to modules no check covers (the copy's dir is checked, not where a symlink leads)
+        copy.rename(tmp_path / "elsewhere")
+        copy.symlink_to(tmp_path / "elsewhere")
+    leftover = copy.with_name(".pkg-killed")  # the temp dir of a relay killed while it copied
+    leftover.mkdir()
+    os.utime(leftover, (0, 0))
+    relay = RelayProcess(execroot, root, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    try:
+        reply = relay.touch()
+        assert reply.exit_code == 0, reply.output + relay.stderr
+        assert "unavailable" not in relay.stderr  # served by the service, not in-process
+        assert relay.close() == 0
+        assert not copy.is_symlink() and not leftover.exists()
+        for name in ("service.py", "servicepeer.py"):
+            assert (copy / "treemat" / name).read_bytes() == (TOOLS_DIR / "treemat" / name).read_bytes()
+    finally:
+        support_services.end_services_under(root)
+
+
+@pytest.mark.parametrize(
+    "hostile", ["others can write it", "another user owns it", "it leads into a dir others can write"]
+)
+def test_no_package_copy_under_a_cache_dir_another_user_could_swap(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hostile: str
+) -> None:
+    """XDG_CACHE_HOME pointing at a hostile dir: `service-packages` itself is ours alone, but whoever can rename an
+    entry above it can swap in a tree of theirs between the check and the service's imports (their code, run as
+    us). The copy goes to the root's own `service/` instead."""
+    from treemat import servicespawn
+    from treemat.layout import Root
+
+    cache = tmp_path / "cache"
+    if hostile == "it leads into a dir others can write":
+        (tmp_path / "open").mkdir(mode=0o777)
+        (tmp_path / "open").chmod(0o777)
+        (tmp_path / "open/cache").mkdir(mode=0o700)
+        cache.symlink_to(tmp_path / "open/cache")
+    else:
+        cache.mkdir(mode=0o700)
+        if hostile == "others can write it":
+            cache.chmod(0o777)
+        elif os.geteuid() != 0:
+            pytest.skip("needs root to give a dir to another user")
+        else:
+            os.chown(cache, 1000, 1000)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    made = Path(servicespawn.package_copy(Root(root), "1-test"))
+    assert made.parent == (root / "service").resolve()
+    assert not list(cache.rglob("pkg-*"))
+
+
+def test_the_dirs_above_the_package_copy_are_made_ours_alone_whatever_the_umask(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Path.mkdir(parents=True) made `<cache>/treemat` with the umask's mode (0775 under 002): the group could
+    swap `service-packages` under it."""
+    from treemat import servicespawn
+    from treemat.layout import Root
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    old_umask = os.umask(0o002)
+    try:
+        made = Path(servicespawn.package_copy(Root(root), "1-test"))
+    finally:
+        os.umask(old_umask)
+    assert made.parent == tmp_path / "cache/treemat/service-packages"
+    for directory in (tmp_path / "cache", tmp_path / "cache/treemat", made.parent):
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700, directory
+
+
+@pytest.mark.parametrize("lock", ["the root's service lock", "the user's package lock"])
+def test_a_relay_stuck_holding_a_start_lock_never_hangs_the_next_relay(
+    execroot: Path, root: Path, tmp_path: Path, lock: str
+) -> None:
+    """A relay that hangs while it starts the service (its package copy on a hung NFS home, SIGSTOP) holds the
+    root's service lock, and the user's package lock: every relay queued behind it waited for good (and Bazel with
+    them). The next relay waits a bounded time, says why in one line and serves in-process."""
+    import fcntl
+
+    cache = tmp_path / "cache"
+    first = RelayProcess(execroot, root, env={"XDG_CACHE_HOME": str(cache)})
+    assert first.touch().exit_code == 0, first.stderr
+    assert first.close() == 0
+    os.kill(the_service(root), signal.SIGKILL)
+    locks = list((root / "service").glob("*.lock")) if lock.startswith("the root") else []
+    locks += [cache / "treemat/service-packages/.lock"]
+    held = [os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600) for path in locks]
+    try:
+        for fd in held:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        relay = RelayProcess(execroot, root, env={"XDG_CACHE_HOME": str(cache), "TREEMAT_SERVICE_WAIT_SECONDS": "1"})
+        relay.send(["touch", "out/y"], ["out/y"], ["in/a"], 1)
+        reply = answered_within(relay, 30)
+        assert reply.exit_code == 0, reply.output
+        said = [line for line in relay.stderr.splitlines() if "stager service" in line]
+        if lock.startswith("the root"):
+            assert len(said) == 1 and "serving in this process" in said[0], relay.stderr
+        else:  # the root's own copy serves
+            assert not said, relay.stderr
+        assert relay.close() == 0
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("planted", ["a module hard-linked from outside", "a module symlinked", "a module not ours"])
+def test_a_copy_with_the_right_bytes_but_a_module_another_could_change_is_replaced(
+    execroot: Path, root: Path, tmp_path: Path, planted: str
+) -> None:
+    """The bytes check out, but a module's inode can be changed from outside the 0700 dir (a hard link to it
+    elsewhere, a symlink to a file elsewhere, another user's file moved in): whoever holds it edits the module
+    after the check, and a service imports it later (lazily, on a request), as us."""
+    from treemat.relay import service_version
+
+    copy = tmp_path / "cache/treemat/service-packages" / f"pkg-{service_version()}"
+    shutil.copytree(TOOLS_DIR / "treemat", copy / "treemat", ignore=shutil.ignore_patterns("__pycache__"))
+    module, outside = copy / "treemat/servicepeer.py", tmp_path / "outside.py"
+    outside.write_bytes(module.read_bytes())
+    module.unlink()
+    if planted == "a module hard-linked from outside":
+        os.link(outside, module)
+    elif planted == "a module symlinked":
+        module.symlink_to(outside)
+    elif os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another user")
+    else:
+        os.link(outside, module)
+        outside.unlink()
+        os.chown(module, 1000, 1000)
+    relay = RelayProcess(execroot, root, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    try:
+        assert relay.touch().exit_code == 0, relay.stderr
+        assert relay.close() == 0
+        info = os.lstat(module)
+        assert stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and info.st_uid == os.geteuid()
+        assert module.read_bytes() == (TOOLS_DIR / "treemat/servicepeer.py").read_bytes()
+    finally:
+        support_services.end_services_under(root)
+
+
+def test_a_copy_of_a_group_writable_package_is_ours_alone_and_kept(tmp_path: Path) -> None:
+    """The runfiles checked out under umask 002 (modules 0664): the copy must not keep their modes, else every
+    relay would find it writable by the group and make it again, under a service importing from it."""
+    runfiles = tmp_path / "runfiles"
+    shutil.copytree(TOOLS_DIR / "treemat", runfiles / "treemat", ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [runfiles / "treemat", *(runfiles / "treemat").rglob("*")]:
+        path.chmod(path.stat().st_mode | 0o020)
+    probe = "import sys; from treemat.layout import Root; from treemat.servicespawn import package_copy; "
+    probe += "print(package_copy(Root(sys.argv[1]), '1-test'))"
+    env = {**os.environ, "PYTHONPATH": str(runfiles), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    command = [sys.executable, "-c", probe, str(tmp_path / "root")]
+    copy = Path(subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.strip())
+    (copy / "mark").touch(mode=0o600)
+    assert Path(subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.strip()) == copy
+    assert (copy / "mark").exists()  # the same copy, not made again
+    assert not [path for path in [copy, *copy.rglob("*")] if path.stat().st_mode & 0o022]
+
+
+def test_a_service_that_fails_before_it_is_ready_gives_the_relay_its_reason(execroot: Path, root: Path) -> None:
+    """No /dev/null (a bare container, a mount namespace with an empty /dev): the forked service failed before
+    its log was open, so the relay's line said `it exited; see <log>` of a log that did not say why."""
+    empty_dev = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", 'mount -t tmpfs none /dev && exec "$@"']
+    relay = RelayProcess(execroot, root, wrapper=[*empty_dev, "sh"])
+    relay.send(["touch", "out/x"], ["out/x"], ["in/a"], 1)
+    reply = answered_within(relay, READ_TIMEOUT)  # in-process: one line, whatever it is (the sandbox needs /dev)
+    assert reply.output.count("\n") <= 1, reply.output
+    assert relay.close() == 0
+    said = [line for line in relay.stderr.splitlines() if "stager service is unavailable" in line]
+    assert len(said) == 1 and "/dev/null" in said[0], relay.stderr

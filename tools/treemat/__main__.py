@@ -13,6 +13,7 @@ survive `bazel clean`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -142,9 +143,22 @@ def keep_bytecode_across_bazel_clean() -> None:
     """
     if sys.pycache_prefix is None and not sys.flags.dont_write_bytecode:
         # layout.user_cache_dir's rule, spelled here: importing any treemat module first would compile it in place
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        cache = os.environ.get("XDG_CACHE_HOME") or ""
+        if not os.path.isabs(cache):  # unset or relative (the XDG spec: ignored)
+            cache = os.path.join(os.path.expanduser("~"), ".cache")
         if os.path.isabs(cache):  # no home ("~" unexpanded): never a relative prefix, under Bazel's execroot
-            sys.pycache_prefix = os.path.join(cache, "treemat", "pycache")
+            ours = os.path.join(cache, "treemat")
+            with contextlib.suppress(OSError):
+                os.makedirs(cache, 0o700, exist_ok=True)
+                os.mkdir(ours, 0o700)  # (importlib would make it with the umask's mode: 0775 under 002)
+            written, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no .pyc in the runfiles for this one
+            try:
+                from treemat.trustpath import trusted_path
+            finally:
+                sys.dont_write_bytecode = written
+            real, refused = trusted_path(ours)
+            if not refused:  # else anyone who can swap a dir on its way could plant compiled modules we would run
+                sys.pycache_prefix = os.path.join(real, "pycache")
 
 
 if __name__ == "__main__":

@@ -267,13 +267,14 @@ class ActionExecutor:
         """Run the tool in the sandbox, then (if it succeeded) copy its outputs out of its view."""
         spec = request.spec
         base_env = os.environ if request.base_env is None else request.base_env
+        path = spec.env.get("PATH", base_env.get("PATH")) or os.defpath  # the tool's (a service's is its first relay's)
+        cache = self.tool_caches.for_argv(spec.argv, self.sandbox, path)
         if run_dir is not None:
             argv = spec.argv_in(str(exec_dir), str(run_dir.cache))
             env = environment(base_env, spec.env, exec_root=str(exec_dir), tmp=str(run_dir.tmp))
         else:
             argv = spec.argv_in(EXEC_ROOT, TOOL_CACHE)
             env = environment(base_env, spec.env)
-        cache = self.tool_caches.for_argv(spec.argv, self.sandbox, env.get("PATH", os.defpath))
         plan = ToolPlan(argv, env, exec_dir, run_dir, overlay=self.sandbox.overlay, cache=cache)
         outcome = self.runner.run(request.request_id, plan)
         result = ActionResult(

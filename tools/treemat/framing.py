@@ -10,7 +10,7 @@ from typing import IO, Protocol, TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from treemat.errors import ProtocolError
-from treemat.relaywire import MAX_FRAME, encode_varint
+from treemat.relaywire import MAX_FRAME, encode_varint, scan_fields, skim
 
 MAX_MESSAGE_BYTES = MAX_FRAME  # one limit for the relay's frames and the worker's messages
 
@@ -28,6 +28,15 @@ class Readable(Protocol):
 
 class TruncatedStream(ProtocolError):
     """The stream ended inside a message: nothing more can be read from it."""
+
+
+class MessageTooBig(ProtocolError):
+    """A message this process cannot hold or parse (MemoryError), read through: the next one is framed. `fields`:
+    its varint fields 3 and 4 (a WorkRequest's id and cancel flag)."""
+
+    def __init__(self, size: int, fields: dict[int, int]) -> None:
+        super().__init__(f"a message of {size} bytes does not fit in this process's memory: it did not run")
+        self.fields = fields
 
 
 def encode_delimited(message: Message) -> bytes:
@@ -73,13 +82,20 @@ def read_delimited_payload(stream: Readable, *, max_size: int = MAX_MESSAGE_BYTE
         raise ProtocolError(f"message of {size} bytes exceeds the {max_size}-byte limit")
     chunks: list[bytes] = []
     got = 0
-    while got < size:
-        chunk = stream.read(size - got)
-        if not chunk:
-            raise TruncatedStream(f"truncated message: got {got} of {size} bytes")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
+    try:
+        while got < size:
+            chunk = stream.read(min(size - got, 1 << 20))
+            if not chunk:
+                raise TruncatedStream(f"truncated message: got {got} of {size} bytes")
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+    except MemoryError:  # read through, holding none of it
+        try:
+            fields = skim(chunks, stream.read, size - got)
+        except EOFError as exc:
+            raise TruncatedStream(str(exc)) from None
+        raise MessageTooBig(size, fields) from None
 
 
 def parse_message(payload: bytes, cls: type[M]) -> M:
@@ -89,4 +105,7 @@ def parse_message(payload: bytes, cls: type[M]) -> M:
         message.ParseFromString(payload)
     except DecodeError as exc:
         raise ProtocolError(f"undecodable {cls.__name__}: {exc}") from None
+    except MemoryError:
+        del message
+        raise MessageTooBig(len(payload), scan_fields(payload, (3, 4))) from None
     return message

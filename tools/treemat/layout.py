@@ -21,6 +21,7 @@ import stat
 from pathlib import Path
 
 from treemat.errors import CasError
+from treemat.trustpath import trusted_path
 
 PRIVATE_DIR_MODE = 0o700
 SHARED_DIR_MODE = 0o750
@@ -32,12 +33,14 @@ Everything here can be deleted while no build runs; a running treemat makes what
 
 
 def user_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME`, else `~/.cache` (where treemat keeps its root and compiled modules by default).
+    """`$XDG_CACHE_HOME`, else `~/.cache` (where treemat keeps its root and compiled modules by default). A relative
+    `$XDG_CACHE_HOME` is ignored, as the XDG spec says: resolved against the cwd (Bazel's execroot) it would put
+    the root and the service's package copy where `bazel clean` deletes them.
 
     (__main__ spells the same rule for its bytecode cache: it runs before any treemat module may be imported.)
     """
     cache = os.environ.get("XDG_CACHE_HOME")
-    if cache:
+    if cache and os.path.isabs(cache):
         return Path(cache)
     home = os.path.expanduser("~")
     if not os.path.isabs(home):  # no $HOME and no passwd entry (an unmapped uid in a user namespace)
@@ -58,6 +61,15 @@ def check_private_dir(path: Path) -> None:
             f"{path} is uid {info.st_uid}'s, mode {stat.S_IMODE(info.st_mode):o}: refused (it must be yours and "
             f"writable by you alone)"
         )
+
+
+def check_trusted_path(path: Path) -> Path:
+    """`path`'s real path; CasError unless it and every directory above it is owned by us or root and writable by
+    no one else (trustpath.py)."""
+    real, reason = trusted_path(path)
+    if reason:
+        raise CasError(reason)
+    return Path(real)
 
 
 def default_root_path() -> Path:

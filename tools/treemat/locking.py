@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,22 +16,31 @@ class LockBusy(Exception):
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, *, shared: bool = False, blocking: bool = True) -> Iterator[None]:
+def file_lock(
+    path: Path, *, shared: bool = False, blocking: bool = True, timeout: float | None = None
+) -> Iterator[None]:
     """Hold a flock on `path` (created if missing) for the duration of the `with` block.
 
     `shared=True` takes a reader lock; several processes may hold it at once. With `blocking=False`
-    a held lock raises LockBusy instead of waiting.
+    a held lock raises LockBusy instead of waiting; with a `timeout`, once it held that many seconds.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         operation = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-        if not blocking:
+        if not blocking or timeout is not None:
             operation |= fcntl.LOCK_NB
-        try:
-            fcntl.flock(fd, operation)
-        except BlockingIOError as exc:
-            raise LockBusy(str(path)) from exc
+        deadline = time.monotonic() + (timeout or 0.0)
+        pause = 0.001
+        while True:
+            try:
+                fcntl.flock(fd, operation)
+                break
+            except BlockingIOError as exc:
+                if not blocking or time.monotonic() >= deadline:
+                    raise LockBusy(str(path)) from exc
+            time.sleep(pause)  # polled: flock has no timeout (a holder that hangs must not hang us)
+            pause = min(pause * 2, 0.05)
         yield
     finally:
         os.close(fd)

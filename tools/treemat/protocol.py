@@ -19,8 +19,16 @@ from typing import Any, Literal
 
 from treemat import protos
 from treemat.errors import DigestError, ProtocolError
-from treemat.framing import Readable, TruncatedStream, encode_delimited, parse_message, read_delimited_payload
+from treemat.framing import (
+    MessageTooBig,
+    Readable,
+    TruncatedStream,
+    encode_delimited,
+    parse_message,
+    read_delimited_payload,
+)
 from treemat.manifest import InputManifest, decode_digest
+from treemat.relaywire import as_int32
 
 Wire = Literal["json", "proto"]
 
@@ -244,10 +252,18 @@ def read_proto_requests(stream: Readable) -> Iterator[WorkItem | Malformed]:
         except TruncatedStream as exc:
             yield Malformed(exc)
             return
+        except MessageTooBig as exc:  # read through: the next request is framed
+            if not exc.fields.get(4):
+                yield Malformed(exc, as_int32(exc.fields.get(3, 0)))
+            continue
         except ProtocolError as exc:
             yield Malformed(exc)
             continue
-        yield item_from_proto(message, payload)
+        try:
+            item: WorkItem | Malformed = item_from_proto(message, payload)
+        except MemoryError:  # the message was read whole: the next one is framed
+            item = Malformed(MessageTooBig(len(payload), {}), message.request_id)
+        yield item
 
 
 def read_requests(

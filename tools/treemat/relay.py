@@ -25,37 +25,21 @@ from pathlib import Path
 
 from treemat.errors import TreematError
 from treemat.layout import Root
-from treemat.locking import file_lock
-from treemat.relaywire import as_int32, encode_varint, failure_frame, payload_of, read_frame, scan_fields
-from treemat.servicespawn import ServeHere, ServiceUnavailable, start_service, wait_seconds
+from treemat.locking import LockBusy, file_lock
+from treemat.relaywire import FrameTooBig, as_int32, encode_varint, failure_frame, frame_fields, payload_of, read_frame
+from treemat.servicespawn import ServeHere, ServiceUnavailable, package_hash, start_service, wait_seconds
 
 WIRE_VERSION = 1
 HELLO_MAGIC = b"treemat-relay"
 SUN_PATH_MAX = 107
-INHERITED = ("Uid:", "Gid:", "Groups:", "Cap", "NoNewPrivs:", "Seccomp")  # /proc/self/status lines a tool inherits
+# /proc/self/status lines a tool inherits: its rights, its mitigations, its CPUs and memory nodes (taskset)
+INHERITED = ("Uid:", "Gid:", "Groups:", "Cap", "NoNewPrivs:", "Seccomp", "Speculation", "Cpus_allowed:", "Mems_allowed")
 DEFAULT_IDLE_MINUTES = 15.0
 DIED = "treemat: error: the stager service ended while this request ran ({}); the next request starts a new one\n"
+TOO_BIG = "treemat: error: this work request did not run: {} (the worker's address space is limited)\n"
 UNREACHED = (
     "treemat: error: the stager service could not be reached ({}): this request did not run; the next tries again\n"
 )
-
-
-def package_hash() -> str:
-    """A content hash of every module of the treemat package (a changed file means another service)."""
-    from _blake2 import blake2b  # CPython's builtin: 1 ms to import, hashlib's OpenSSL binding 3 ms
-
-    digest = blake2b(digest_size=16)
-    package = os.path.dirname(os.path.abspath(__file__))
-    for folder in ("", "bot", "commands"):
-        base = os.path.join(package, folder)
-        try:
-            names = sorted(name for name in os.listdir(base) if name.endswith(".py"))
-        except OSError:
-            continue
-        for name in names:
-            with open(os.path.join(base, name), "rb") as handle:
-                digest.update(f"{folder}/{name}\0".encode() + handle.read())
-    return digest.hexdigest()
 
 
 @functools.cache
@@ -66,15 +50,20 @@ def service_version() -> str:
 
 def service_name(version: str, isolation: str) -> str:
     """The socket's file name: a digest of the version, isolation, namespaces, root directory and what the service's
-    tools inherit (uid, gid, groups, capabilities, no_new_privs, seccomp, resource limits, the LSM's label)."""
+    tools inherit (uid, gid, groups, capabilities, no_new_privs, seccomp, resource limits, cgroups, CPUs,
+    priority, OOM score, personality, the LSM's label; not the I/O priority: reading it takes ctypes)."""
     from _blake2 import blake2b
 
     facts = [version, isolation, str(os.geteuid()), str(os.getegid()), *map(str, sorted(os.getgroups()))]
     with contextlib.suppress(OSError):  # a relay lacking a group or confined otherwise never shares its tools' rights
         facts += [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(INHERITED)]
         facts.append(Path("/proc/self/limits").read_text())  # file size, memory, processes, descriptors...
+        facts.append(Path("/proc/self/cgroup").read_text())  # the cgroups' limits (Bazel's per-worker memory limit)
+        facts.append(Path("/proc/self/personality").read_text())  # `setarch i686`: what uname says, ASLR
+        facts.append(Path("/proc/self/oom_score_adj").read_text())  # `choom`: whose tools the OOM killer takes first
+        facts.append(f"nice:{os.getpriority(os.PRIO_PROCESS, 0)}:{os.sched_getscheduler(0)}")  # `nice bazel build`
         facts.append(Path("/proc/self/attr/current").read_text())
-    for name in ("mnt", "net", "user"):
+    for name in ("mnt", "net", "user", "uts", "ipc", "pid", "cgroup", "time"):  # a tool is in the service's
         with contextlib.suppress(OSError):
             facts.append(f"{name}:{os.stat(f'/proc/self/ns/{name}').st_ino}")
         facts.append(name)  # a namespace that cannot be read leaves its name alone
@@ -138,12 +127,15 @@ def reach_service(
     with contextlib.suppress(FileNotFoundError, ConnectionError):
         return connect(path, hello)[0]
     for _attempt in range(3):  # a service that exits while we connect is replaced on the next attempt
-        with file_lock(layout.service_file(name, "lock")):
-            with contextlib.suppress(FileNotFoundError, ConnectionError):
-                return connect(path, hello)[0]
-            start_service(layout, name, service_version(), isolation, idle_minutes, serve_here)
-            with contextlib.suppress(FileNotFoundError, ConnectionError):
-                return connect(path, hello)[0]
+        try:
+            with file_lock(layout.service_file(name, "lock"), timeout=wait_seconds()):  # its holder may hang
+                with contextlib.suppress(FileNotFoundError, ConnectionError):
+                    return connect(path, hello)[0]
+                start_service(layout, name, service_version(), isolation, idle_minutes, serve_here)
+                with contextlib.suppress(FileNotFoundError, ConnectionError):
+                    return connect(path, hello)[0]
+        except LockBusy:
+            raise ServiceUnavailable(f"another relay held the service lock for {wait_seconds():g} s") from None
     raise ServiceUnavailable("the service kept closing its socket")
 
 
@@ -164,15 +156,25 @@ class Relay:
             try:
                 if (frame := read_frame(0)) is None:
                     break
+            except FrameTooBig as exc:  # read through: the next request is framed
+                if not exc.fields.get(4):
+                    self._write(failure_frame(as_int32(exc.fields.get(3, 0)), TOO_BIG.format(exc)))
+                continue
             except EOFError as exc:  # cut or garbled framing: no later request can be framed; answer, then end
                 self._write(failure_frame(0, f"treemat: malformed work request: {exc}\n"))
                 break
-            fields = scan_fields(payload_of(frame), (3, 4))
+            fields = frame_fields(frame, (3, 4))
             request_id, cancel = as_int32(fields.get(3, 0)), bool(fields.get(4, 0))
             if self._sock is None:
                 try:
                     self._attach()
-                except (ServiceUnavailable, TreematError, OSError) as exc:  # its dir made unusable, say
+                except (
+                    ServiceUnavailable,
+                    TreematError,
+                    OSError,
+                    EOFError,
+                    FrameTooBig,
+                ) as exc:  # its dir unusable, say
                     if not cancel:
                         self._write(failure_frame(request_id, UNREACHED.format(exc)))
                     continue
@@ -211,8 +213,14 @@ class Relay:
         """Responses from the service to stdout, until it closes the connection."""
         reason = "the connection closed"
         try:
-            while (frame := read_frame(sock)) is not None:
-                request_id = as_int32(scan_fields(payload_of(frame), (3,)).get(3, 0))
+            while True:
+                try:
+                    frame = read_frame(sock)
+                except FrameTooBig as exc:  # an answer this relay cannot hold: that request fails, the others go on
+                    frame = failure_frame(as_int32(exc.fields.get(3, 0)), TOO_BIG.format(f"its answer: {exc}"))
+                if frame is None:
+                    break
+                request_id = as_int32(frame_fields(frame, (3,)).get(3, 0))
                 with self._lock:
                     count = self._inflight.pop(request_id, 0)
                     if count > 1:

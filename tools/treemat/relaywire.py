@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 
 MAX_FRAME = 256 << 20
 
@@ -24,7 +25,7 @@ def encode_varint(value: int) -> bytes:
         out.append(byte | 0x80)
 
 
-def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+def read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
     """The varint at `pos` and the position after it (IndexError if it is cut short)."""
     result = shift = 0
     while True:
@@ -42,7 +43,7 @@ def as_int32(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-def scan_fields(payload: bytes, wanted: tuple[int, ...]) -> dict[int, int]:
+def scan_fields(payload: bytes | memoryview, wanted: tuple[int, ...]) -> dict[int, int]:
     """The varint fields `wanted` of a protobuf message, as sent (WorkRequest: 3 request_id, read it with
     `as_int32`; 4 cancel, true if not 0; WorkResponse: 3), the last of each as protobuf keeps it."""
     found: dict[int, int] = {}
@@ -96,16 +97,92 @@ def read_frame(fd_or_sock: int | socket.socket) -> bytes | None:
         shift += 7
     if size > MAX_FRAME:
         raise EOFError(f"a message of {size} bytes")
-    chunks = [bytes(prefix)]
-    while size:
-        chunk = receive(min(size, 1 << 20))
-        if not chunk:
-            raise EOFError("the stream ended inside a message")
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
+    chunks, left = [bytes(prefix)], size
+    try:
+        while left:
+            chunk = receive(min(left, 1 << 20))
+            if not chunk:
+                raise EOFError("the stream ended inside a message")
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except MemoryError:  # out of address space: read the rest once, holding none of it; the stream stays framed
+        del chunks[0]
+        raise FrameTooBig(size, skim(chunks, receive, left)) from None
+
+
+class FrameTooBig(Exception):
+    """A frame this process cannot hold (MemoryError), read through: its size and its varint fields 3 and 4."""
+
+    def __init__(self, size: int, fields: dict[int, int]) -> None:
+        super().__init__(f"a message of {size} bytes does not fit in memory")
+        self.size, self.fields = size, fields
+
+
+def skim(held: list[bytes], receive: Callable[[int], bytes], left: int) -> dict[int, int]:
+    """The varint fields 3 and 4 of a message whose first bytes are `held` (dropped as read) and whose other
+    `left` bytes are still to be received; every byte is consumed, none kept."""
+    buffer, pos, found = b"", 0, {}
+
+    def fill() -> bool:  # the next piece of the message; False at its end
+        nonlocal buffer, pos, left
+        if held:
+            buffer = held.pop(0)
+        elif left:
+            buffer = receive(min(left, 1 << 16))
+            if not buffer:
+                raise EOFError("the stream ended inside a message")
+            left -= len(buffer)
+        else:
+            return False
+        pos = 0
+        return True
+
+    def skip(count: int) -> bool:  # False if the message ended first
+        nonlocal pos
+        while count:
+            while pos == len(buffer):
+                if not fill():
+                    return False
+            step = min(count, len(buffer) - pos)
+            pos, count = pos + step, count - step
+        return True
+
+    def varint() -> int | None:
+        nonlocal pos
+        result = shift = 0
+        while True:
+            while pos == len(buffer):
+                if not fill():
+                    return None
+            byte = buffer[pos]
+            pos += 1
+            result |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return result
+            shift += 7
+
+    while (key := varint()) is not None:
+        field, kind = key >> 3, key & 7
+        if kind == 0:
+            if (value := varint()) is None:
+                break
+            if field in (3, 4):
+                found[field] = value
+        elif kind == 2:
+            if (length := varint()) is None or not skip(length):
+                break
+        elif kind not in (1, 5) or not skip(8 if kind == 1 else 4):
+            break  # garbage: what follows is consumed all the same
+    skip(MAX_FRAME)
+    return found
 
 
 def payload_of(frame: bytes) -> bytes:
     """A frame's message, without its length prefix."""
     return frame[read_varint(frame, 0)[1] :]
+
+
+def frame_fields(frame: bytes, wanted: tuple[int, ...]) -> dict[int, int]:
+    """scan_fields of a frame's message, read in place (a copy of a big one may not fit in memory)."""
+    return scan_fields(memoryview(frame)[read_varint(frame, 0)[1] :], wanted)

@@ -15,6 +15,7 @@ import marshal
 import os
 import signal
 import socket
+import sys
 
 TYPE_CHECKING = False  # (typing costs the helper 3 ms to import)
 if TYPE_CHECKING:
@@ -25,16 +26,14 @@ TOOL_CACHE = "/tmp/treemat/cache"
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID = 0x00020000, 0x08000000, 0x10000000, 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE, MS_SLAVE = 0x20, 0x1000, 0x4000, 0x40000, 0x80000
-AT_FDCWD, AT_RECURSIVE = -100, 0x8000
-MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
+AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = -100, 0x8000, 0x1, 0x2
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 1, 24, 28, 38, 47
-PR_SET_DUMPABLE = 4
-PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_DUMPABLE, PR_CAP_AMBIENT_CLEAR_ALL = 4, 4
 # NOROOT, NO_SETUID_FIXUP and NO_CAP_AMBIENT_RAISE, each locked; KEEP_CAPS off and locked
 SECUREBITS_NO_PRIVILEGE = 0xEF
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
-_SYSCALLS = {  # (clone, mount_setattr, capset, open_tree) per architecture
-    "x86_64": (56, 442, 126, 428),
+_SYSCALLS = {  # (clone, mount_setattr, capset, open_tree) per architecture: the interpreter's (uname follows the
+    "x86_64": (56, 442, 126, 428),  # personality: under `setarch i686` it says i686, and no number was known)
     "aarch64": (220, 442, 91, 428),
 }
 OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC, AT_EMPTY_PATH = 0x1, 0o2000000, 0x1000
@@ -68,7 +67,8 @@ class Kernel:
     def __init__(self) -> None:
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.libc.syscall.restype = ctypes.c_long
-        self.numbers = _SYSCALLS.get(os.uname().machine)
+        machine = getattr(sys.implementation, "_multiarch", "").partition("-")[0]  # x86_64-linux-gnu
+        self.numbers = _SYSCALLS.get(machine or os.uname().machine)
 
     def _check(self, result: int, what: str) -> None:
         if result < 0 or (result != 0 and what not in ("clone", "open_tree")):

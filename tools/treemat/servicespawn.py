@@ -17,7 +17,9 @@ when that cache cannot be used): `bazel clean` deletes the runfiles of the relay
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import stat
 import sys
 import threading
 import time
@@ -25,10 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from treemat.errors import CasError
-from treemat.layout import Root, check_private_dir
+from treemat.layout import Root, check_private_dir, check_trusted_path
+from treemat.locking import LockBusy, file_lock
 
 ServeHere = Callable[[list[str]], int]  # runs the service in this process (__main__.run_service); its status
 STALE_COPY_DAYS = 14  # a package copy no service started from for this long is removed when another is made
+LEFTOVER_SECONDS = 600.0  # a temp dir of a copy this old is a killed relay's (an older version copies unlocked)
 PROCESS_NAME = "treemat-service"  # /proc/PID/comm of every service (at most 15 bytes)
 WAIT_SECONDS = 60.0  # for a service to start, or to answer a hello (TREEMAT_SERVICE_WAIT_SECONDS)
 
@@ -49,14 +53,46 @@ class ServiceUnavailable(Exception):
     """No service could be reached or started: the caller serves in-process."""
 
 
+def package_hash(package: str | None = None) -> str:
+    """A content hash of every module of a treemat package (this one by default): a changed file means another
+    service, and a copy whose hash is not its version's is not imported from."""
+    from _blake2 import blake2b  # CPython's builtin: 1 ms to import, hashlib's OpenSSL binding 3 ms
+
+    digest = blake2b(digest_size=16)
+    package = package or os.path.dirname(os.path.abspath(__file__))
+    for folder in ("", "bot", "commands"):
+        base = os.path.join(package, folder)
+        try:
+            names = sorted(name for name in os.listdir(base) if name.endswith(".py"))
+        except OSError:
+            continue
+        for name in names:
+            with open(os.path.join(base, name), "rb") as handle:
+                digest.update(f"{folder}/{name}\0".encode() + handle.read())
+    return digest.hexdigest()
+
+
 def package_copy(layout: Root, version: str) -> str:
     """The directory holding this version's copy of the treemat package (made once, atomically)."""
-    for parent in layout.service_package_parents():
-        with contextlib.suppress(OSError, CasError):  # not ours alone (the modules there would run): the next
-            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for wanted in layout.service_package_parents():
+        with contextlib.suppress(OSError, CasError, LockBusy):  # not ours alone (its modules would run), held: the next
+            _make_private(wanted)
+            parent = check_trusted_path(wanted)  # by its real path from now on: no symlink above it is followed again
             check_private_dir(parent)
-            return _copy_into(parent, f"pkg-{version}")
+            with file_lock(parent / ".lock", timeout=wait_seconds()):  # one relay checks, replaces, removes at a time
+                return _copy_into(parent, f"pkg-{version}")
     raise ServiceUnavailable("no directory of ours to copy the treemat package into")
+
+
+def _make_private(directory: Path) -> None:
+    """mkdir -p, each directory made 0700 (Path.mkdir makes the parents with the umask's mode: 0775 under 002)."""
+    missing: list[Path] = []
+    while not os.path.lexists(directory) and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
 
 
 def _copy_into(parent: Path, name: str) -> str:
@@ -64,25 +100,66 @@ def _copy_into(parent: Path, name: str) -> str:
     import tempfile
 
     target = parent / name
-    if target.is_dir():
+    for leftover in [*parent.glob(".pkg-*"), *parent.glob(".old-*")]:  # of a relay killed while it copied
         with contextlib.suppress(OSError):
-            os.utime(target)  # in use: not stale
-        return str(target)
+            if leftover.lstat().st_mtime < time.time() - LEFTOVER_SECONDS:  # (not one an older version copies now)
+                _remove(leftover)
+    if os.path.lexists(target):
+        if not target.is_symlink() and target.is_dir() and _same_modules(str(target / "treemat")):
+            with contextlib.suppress(OSError):
+                os.utime(target)  # in use: not stale
+            return str(target)
+        _remove(target)  # a copy cut short, emptied or edited, a symlink: its modules are not this version's
     temp = tempfile.mkdtemp(prefix=".pkg-", dir=parent)
     package = os.path.dirname(os.path.abspath(__file__))
     try:
         shutil.copytree(package, os.path.join(temp, "treemat"), ignore=shutil.ignore_patterns("__pycache__"))
+        for folder, _dirs, files in os.walk(temp):  # the package's modes (0664 under umask 002): ours alone
+            for path in (folder, *(os.path.join(folder, name) for name in files)):
+                os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) & ~0o022)
         os.rename(temp, target)
     except OSError:
         shutil.rmtree(temp, ignore_errors=True)
-        if not target.is_dir():  # a full disk, say (else another relay's copy is there)
-            raise
+        raise  # a full disk, say: the next place is tried
     cutoff = time.time() - STALE_COPY_DAYS * 86400
     for old in parent.glob("pkg-*"):
         with contextlib.suppress(OSError):
             if old != target and old.lstat().st_mtime < cutoff:
-                shutil.rmtree(old)
+                _remove(old)
     return str(target)
+
+
+def _same_modules(copy: str) -> bool:
+    """The copy holds this version's modules, in files and dirs only we can change: ours, written by no one else,
+    no symlink and no file with another link (whoever holds a link to a module could edit it after this check)."""
+    try:
+        for folder, dirs, files in os.walk(copy):
+            for name in (folder, *(os.path.join(folder, entry) for entry in (*dirs, *files))):
+                info = os.lstat(name)
+                if not (stat.S_ISDIR(info.st_mode) or (stat.S_ISREG(info.st_mode) and info.st_nlink == 1)):
+                    return False
+                if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                    return False
+        return package_hash(copy) == _own_hash()
+    except OSError:
+        return False
+
+
+@functools.cache
+def _own_hash() -> str:
+    return package_hash()
+
+
+def _remove(entry: Path) -> None:
+    """Renamed aside first, then deleted: a removal cut short never leaves part of a copy under a `pkg-` name."""
+    import shutil
+
+    aside = entry if entry.name.startswith(".") else entry.with_name(f".old-{entry.name}")
+    os.rename(entry, aside)
+    if aside.is_symlink() or not aside.is_dir():
+        aside.unlink()
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def start_service(
@@ -160,7 +237,7 @@ def _fork(
     if pid:
         os.waitpid(pid, 0)  # the child exits as soon as it forked the service: no child of any relay
         return
-    status = 1
+    status, pipe = 1, os.fstat(write_end).st_ino
     try:
         os.close(read_end)
         os.setsid()
@@ -170,9 +247,12 @@ def _fork(
         _detach(log, keep=write_end)
         _import_from_copy(package_parent, relay_cwd)
         status = serve_here([*args, f"--ready-fd={write_end}"])
-    except BaseException as exc:  # a line in the log; the relay reads no "ok" and says so
+    except BaseException as exc:  # a line in the log, and the reason the relay gives (it reads no "ok")
         with contextlib.suppress(Exception):
             print(f"treemat service: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        with contextlib.suppress(Exception):
+            if os.fstat(write_end).st_ino == pipe:  # not yet closed by the service's ready (nor the number reused)
+                os.write(write_end, f"{type(exc).__name__}: {exc}".encode(errors="replace"))
     finally:
         os._exit(status)
 
