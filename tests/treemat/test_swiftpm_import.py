@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from treemat.cli import cli
 from treemat.swiftpm import PackageImportError, parse_manifest
 from treemat.swiftpm_import import MARK, plan_import, repo_name, starlark_string, write_import
-from treemat.swiftpm_rules import label_safe
+from treemat.swiftpm_layout import label_safe
 
 from ..support.swiftpm_dumps import build_text, dump, rule_of, setting, target, tree
 
