@@ -101,13 +101,15 @@ def _in_bazel_package(path: str, package_dir: Path) -> str | None:
 
 def layout_target(package_dir: Path, target: Target, report: list[str]) -> TargetLayout | None:
     """Classify a target from its files (None: not translatable; the reasons appended to `report`)."""
-    if target.type not in ("regular", "executable", "test"):
+    if target.type not in ("regular", "executable", "test", "system"):
         report.append(f"{target.type} target not translated")
         return None
     if not label_safe(target.name) or "/" in target.name or " " in target.name:  # no space in an output's name
         report.append(f"target name {target.name!r} is not a valid Bazel target name: not translated")
         return None
     sources, resources = target_files(package_dir, target)
+    if target.type == "system":
+        return _system_layout(package_dir, target, sources, report)
     for path in sources + resources:
         if not label_safe(path, runfile=path in resources):
             report.append(f"file {path!r}: not expressible as a Bazel label: left out")
@@ -130,6 +132,12 @@ def layout_target(package_dir: Path, target: Target, report: list[str]) -> Targe
         kept_test_files = tuple(
             p for p in test_files if label_safe(p, runfile=True) and _in_bazel_package(p, package_dir) is None
         )
+        if left_out := [p for p in test_files if p not in kept_test_files]:
+            report.append(
+                f"excluded file {left_out[0]!r}"
+                + (f" and {len(left_out) - 1} more" if len(left_out) > 1 else "")
+                + ": not expressible as a runfile (or in a Bazel package of its own): not in the test's data"
+            )
         bundle = tuple((p, b) for p in kept_resources if (b := bundle_path(package_dir, target, p)) is not None)
         return TargetLayout("swift", tuple(swift), resources=kept_resources, bundle=bundle, test_files=kept_test_files)
     if not c_family:
@@ -163,3 +171,17 @@ def layout_package(info: PackageInfo, report: list[Untranslated]) -> None:
         report.extend(Untranslated(info.identity, target.name, reason) for reason in reasons)
         if layout is not None:
             info.layouts[target.name] = layout
+
+
+def _system_layout(package_dir: Path, target: Target, files: list[str], report: list[str]) -> TargetLayout | None:
+    """A system library target: its directory's module map over its headers (a `swift_c_module`), as SwiftPM
+    hands it to the compiler; the headers it includes from the system are found on the default include path."""
+    directory = target_dir(package_dir, target).relative_to(package_dir).as_posix()
+    module_map = f"{directory}/{MODULE_MAP}"
+    if module_map not in files:
+        report.append(f"system library target without {module_map}: not translated")
+        return None
+    if target.pkg_config:
+        report.append(f"pkgConfig {target.pkg_config!r}: its flags not translated (the system's default paths used)")
+    headers = tuple(p for p in files if Path(p).suffix in HEADER_SUFFIXES and label_safe(p))
+    return TargetLayout("c_module_map", headers=headers, include_dir=directory, module_map=module_map)
