@@ -476,3 +476,17 @@ def test_a_test_file_left_out_of_data_is_reported(tmp_path: Path) -> None:
         "p/T: excluded file 'Tests/T/Test Data/a.txt' and 1 more: not expressible as a runfile (or in a Bazel "
         "package of its own): not in the test's data"
     ]
+
+
+def test_a_resource_with_a_space_is_in_the_bundle_not_in_the_runfiles(tmp_path: Path) -> None:
+    # swift-certificates' X509Tests: `.copy("CSR Vectors/")` read through Bundle.module
+    root = tree(tmp_path / "p", {"Package.swift": "", "Tests/T/t.swift": "", "Tests/T/CSR Vectors/a.pem": ""})
+    resources = [{"path": "CSR Vectors", "rule": {"copy": {}}}]
+    result = plan_import(root, root_data=dump("P", [target("T", "test", resources=resources)]))
+    rule = rule_of(build_text(result, root), "T")
+    assert 'resources = {\n        "Tests/T/CSR Vectors/a.pem": "CSR Vectors/a.pem",\n    },' in rule
+    assert "data" not in rule
+    assert [u.line() for u in result.untranslated] == [
+        "p/T: resource 'Tests/T/CSR Vectors/a.pem': in the bundle only, not in the runfiles (`data`): Bazel 4's "
+        "runfiles manifest cannot hold a space"
+    ]

@@ -24,8 +24,8 @@ from treemat.swiftpm import (
 
 # Characters a Bazel 4.x label's target name may hold (no quote, backslash or colon). A space is one of them
 # (swift-collections, swift-argument-parser and swift-atomics have sources like `Unmanaged extensions.swift`),
-# except at either end of a path segment; runfiles (resources) take none: Bazel 4's runfiles manifest is
-# split at spaces.
+# except at either end of a path segment; runfiles (`data`) take none: Bazel 4's runfiles manifest is
+# split at spaces (a resource bundle can: it is one directory there).
 _LABEL_SAFE = re.compile(r"[A-Za-z0-9!%\-@^_#$&'()*+,;<=>?\[\]{|}~/. ]+")
 CC_SUFFIX = "_cc"  # the cc_library behind a swift_c_module
 
@@ -111,13 +111,21 @@ def layout_target(package_dir: Path, target: Target, report: list[str]) -> Targe
     if target.type == "system":
         return _system_layout(package_dir, target, sources, report)
     for path in sources + resources:
-        if not label_safe(path, runfile=path in resources):
+        if not label_safe(path):
             report.append(f"file {path!r}: not expressible as a Bazel label: left out")
         elif (nested := _in_bazel_package(path, package_dir)) is not None:
             report.append(f"{nested} has a BUILD file (a Bazel package of its own): target not translated")
             return None
     sources = [p for p in sources if label_safe(p)]
-    kept_resources = tuple(p for p in resources if label_safe(p, runfile=True))
+    # A resource path with a space can be in the bundle (one directory in the runfiles), not a runfile itself.
+    labelled_resources = [p for p in resources if label_safe(p)]
+    kept_resources = tuple(p for p in labelled_resources if label_safe(p, runfile=True))
+    if spaced := [p for p in labelled_resources if p not in kept_resources]:
+        report.append(
+            f"resource {spaced[0]!r}"
+            + (f" and {len(spaced) - 1} more" if len(spaced) > 1 else "")
+            + ": in the bundle only, not in the runfiles (`data`): Bazel 4's runfiles manifest cannot hold a space"
+        )
     suffix = {p: Path(p).suffix for p in sources}
     swift = [p for p in sources if suffix[p] in SWIFT_SUFFIXES]
     objc = [p for p in sources if suffix[p] in OBJC_SUFFIXES]
@@ -138,7 +146,7 @@ def layout_target(package_dir: Path, target: Target, report: list[str]) -> Targe
                 + (f" and {len(left_out) - 1} more" if len(left_out) > 1 else "")
                 + ": not expressible as a runfile (or in a Bazel package of its own): not in the test's data"
             )
-        bundle = tuple((p, b) for p in kept_resources if (b := bundle_path(package_dir, target, p)) is not None)
+        bundle = tuple((p, b) for p in labelled_resources if (b := bundle_path(package_dir, target, p)) is not None)
         return TargetLayout("swift", tuple(swift), resources=kept_resources, bundle=bundle, test_files=kept_test_files)
     if not c_family:
         report.append("no Swift or C sources: not translated")

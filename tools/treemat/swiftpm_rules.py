@@ -160,11 +160,9 @@ def translate(package: PackageInfo, deps: Mapping[str, PackageInfo], report: lis
             attrs["deps"] += [label for label in labels if label not in attrs["deps"]]
             if why:
                 reasons.append(why)
-        if len(layout.bundle) < len(layout.resources) and not is_c:
-            reasons.append(
-                f"resources ({len(layout.resources) - len(layout.bundle)} files) not in a bundle "
-                "(.embedInCode): runfiles (`data`) only"
-            )
+        in_bundle = {resource for resource, _ in layout.bundle}
+        if (unbundled := [p for p in layout.resources if p not in in_bundle]) and not is_c:
+            reasons.append(f"resources ({len(unbundled)} files) not in a bundle (.embedInCode): runfiles (`data`) only")
         elif layout.resources and is_c:
             reasons.append(f"resources ({len(layout.resources)} files) of a C target: not translated")
         report.extend(Untranslated(package.identity, target.name, reason) for reason in dict.fromkeys(reasons))
