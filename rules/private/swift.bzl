@@ -276,7 +276,7 @@ swift_test = rule(
 tests (`@Test`, `@Suite`). The module is compiled with `-enable-testing` and its symbol graph; a generated
 `@main` runner runs the Swift Testing tests (found at run time) and then the XCTest cases (found in the symbol
 graph, since Linux XCTest has no runtime discovery). The test fails if any test of either library fails.
-`--test_filter` is passed to both libraries. The `srcs` are runfiles too (but for a path with a space, which
-Bazel 4's runfiles cannot hold), so a test reading its own source beside `#filePath` finds it as under
-`swift test`.""",
+`--test_filter` is passed to both libraries, a regex as `swift test --filter`'s (`Class/testMethod` works).
+The `srcs` are runfiles too (but for a path with a space, which Bazel 4's runfiles cannot hold), so a test
+reading its own source beside `#filePath` finds it as under `swift test`.""",
 )
