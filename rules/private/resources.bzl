@@ -1,7 +1,8 @@
 """Resource bundles: SwiftPM's `Bundle.module` for a Swift target's `resources`.
 
-A target with `resources` gets a bundle directory `<name>.resources/` beside its outputs (each file a symlink
-to the resource, at the path inside the bundle that `resources` gives it) and a generated Swift source,
+A target with `resources` gets a bundle directory `<name>.resources/` beside its outputs (a tree artifact: one
+action copies each resource to the path inside the bundle that `resources` gives it, so a path may hold spaces,
+which Bazel 4's runfiles manifest cannot, swift-certificates' `CSR Vectors/`) and a generated Swift source,
 compiled into the module, that declares `Bundle.module` (internal, as SwiftPM's) finding that directory at run
 time: beside the executable (where a deployed program keeps its bundles), else in the runfiles (`RUNFILES_DIR`,
 `TEST_SRCDIR`, or `<executable>.runfiles`). No absolute build path is compiled in, so outputs stay the same
@@ -53,14 +54,17 @@ def resource_bundle(ctx, module_name):
       module_name: the Swift module the accessor is compiled into.
 
     Returns:
-      A struct: `accessor` (the generated .swift File, or None without resources) and `files` (the bundle's
-      Files, runfiles of the target and of whatever depends on it).
+      A struct: `accessor` (the generated .swift File, or None without resources) and `files` (the bundle
+      directory, a runfile of the target and of whatever depends on it).
     """
     if not ctx.attr.resources:
         return struct(accessor = None, files = [])
     bundle = "{}.resources".format(ctx.label.name)
-    files = []
-    runfiles_dir = None
+    directory = ctx.actions.declare_directory(bundle)
+    args = ctx.actions.args()
+    args.add(directory.path)
+    inputs = []
+    placed = {}
     for target, path in ctx.attr.resources.items():
         sources = target.files.to_list()
         if len(sources) != 1:
@@ -70,13 +74,30 @@ def resource_bundle(ctx, module_name):
                 target.label,
                 path,
             ))
-        placed = ctx.actions.declare_file("{}/{}".format(bundle, path))
-        ctx.actions.symlink(output = placed, target_file = sources[0])
-        files.append(placed)
-        runfiles_dir = _runfiles_path(ctx, placed)[:-len("/" + path)]  # the bundle directory's, in runfiles
+        if not path or path.startswith("/") or ".." in path.split("/"):
+            fail("resources: {} goes to \"{}\": a path inside the bundle, relative, without ..".format(target.label, path))
+        if path in placed:
+            fail("resources: {} and {} both go to \"{}\"".format(placed[path], target.label, path))
+        placed[path] = target.label
+        inputs.append(sources[0])
+        args.add_all([sources[0], path])
+    ctx.actions.run_shell(
+        mnemonic = "SwiftResourceBundle",
+        progress_message = "Placing the resource bundle of {}".format(ctx.label),
+        inputs = inputs,
+        outputs = [directory],
+        arguments = [args],
+        # each pair: a resource and its path in the bundle (cp -L: the bundle holds files, never links)
+        command = 'out="$1"; shift; while [ "$#" -gt 0 ]; do mkdir -p "$out/$(dirname "$2")" && ' +
+                  'cp -L "$1" "$out/$2" && chmod 0644 "$out/$2" || exit 1; shift 2; done',
+    )
     accessor = ctx.actions.declare_file("{}_resources/resource_bundle_accessor.swift".format(ctx.label.name))
-    ctx.actions.write(accessor, _ACCESSOR.format(module = module_name, bundle = bundle, runfiles_path = runfiles_dir))
-    return struct(accessor = accessor, files = files)
+    ctx.actions.write(accessor, _ACCESSOR.format(
+        module = module_name,
+        bundle = bundle,
+        runfiles_path = _runfiles_path(ctx, directory),
+    ))
+    return struct(accessor = accessor, files = [directory])
 
 RESOURCE_ATTRS = {
     "resources": attr.label_keyed_string_dict(

@@ -95,9 +95,15 @@ def _swift_library_impl(ctx):
         ),
     ]
 
-def _executable_runfiles(ctx, c_libraries, bundle):
+def _executable_runfiles(ctx, c_libraries, bundle, extra_files = []):
     # Shared C libraries are loaded at run time.
-    return _runfiles(ctx, extra_files = c_libraries.shared_libraries + bundle.files)
+    return _runfiles(ctx, extra_files = c_libraries.shared_libraries + bundle.files + extra_files)
+
+def _own_sources(ctx):
+    # A test's own sources, which its tests read beside `#filePath` as under `swift test` (swift-nio's
+    # NIOFSIntegrationTests open their own .swift file): `#filePath` is execroot-relative here and a test runs at
+    # the root of its runfiles. Bazel 4's runfiles manifest cannot hold a path with a space: those stay out.
+    return [f for f in ctx.files.srcs if " " not in f.short_path]
 
 def _swift_binary_impl(ctx):
     swift = _toolchain(ctx)
@@ -174,7 +180,7 @@ def _swift_test_impl(ctx):
         DefaultInfo(
             executable = executable,
             files = depset([executable]),
-            runfiles = _executable_runfiles(ctx, c_libraries, bundle),
+            runfiles = _executable_runfiles(ctx, c_libraries, bundle, extra_files = _own_sources(ctx)),
         ),
         testing.TestEnvironment(ctx.attr.env),
     ]
@@ -270,5 +276,7 @@ swift_test = rule(
 tests (`@Test`, `@Suite`). The module is compiled with `-enable-testing` and its symbol graph; a generated
 `@main` runner runs the Swift Testing tests (found at run time) and then the XCTest cases (found in the symbol
 graph, since Linux XCTest has no runtime discovery). The test fails if any test of either library fails.
-`--test_filter` is passed to both libraries.""",
+`--test_filter` is passed to both libraries, a regex as `swift test --filter`'s (`Class/testMethod` works).
+The `srcs` are runfiles too (but for a path with a space, which Bazel 4's runfiles cannot hold), so a test
+reading its own source beside `#filePath` finds it as under `swift test`.""",
 )

@@ -121,7 +121,8 @@ struct TreematTestRunner {{
     // From an async main they would wait for it forever.
     static func main() {{
         let program = CommandLine.arguments.first ?? "test"
-        // Bazel's --test_filter: "Class" or "Class/testMethod" for XCTest, a regex for Swift Testing.
+        // Bazel's --test_filter, as `swift test --filter`: a regex, searched for in each test's
+        // `Module.Class/testMethod` (XCTest) or Swift Testing ID, so `Class` and `Class/testMethod` work too.
         let filter = ProcessInfo.processInfo.environment["TESTBRIDGE_TEST_ONLY"] ?? ""
         if !filter.isEmpty {{
             CommandLine.arguments = [program, "--filter", filter]
@@ -148,7 +149,22 @@ struct TreematTestRunner {{
             }}
         }}
         {binding} entries: [XCTestCaseEntry] = [{entries}]
-{maybe}        XCTMain(entries, arguments: filter.isEmpty ? [program] : [program, filter]) as Never
+{maybe}        // Selected here: XCTMain's own filter takes `Module.Class[/testMethod]` only, so `Class/testMethod`
+        // ran nothing, and passed.
+        XCTMain(filter.isEmpty ? entries : __treematSelect(entries, filter), arguments: [program]) as Never
+    }}
+}}
+
+private func __treematSelect(_ entries: [XCTestCaseEntry], _ filter: String) -> [XCTestCaseEntry] {{
+    let pattern = (try? NSRegularExpression(pattern: filter))
+        ?? (try! NSRegularExpression(pattern: NSRegularExpression.escapedPattern(for: filter)))
+    return entries.compactMap {{ entry in
+        let name = String(reflecting: entry.testCaseClass)
+        let tests = entry.allTests.filter {{ test in
+            let id = name + "/" + test.0
+            return pattern.firstMatch(in: id, range: NSRange(id.startIndex..., in: id)) != nil
+        }}
+        return tests.isEmpty ? nil : (testCaseClass: entry.testCaseClass, allTests: tests)
     }}
 }}
 """

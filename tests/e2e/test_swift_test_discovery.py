@@ -112,6 +112,18 @@ def test_generated_runner_runs_both_libraries_and_fails_when_either_fails(tmp_pa
     assert ("Test Case 'Cases.testTwo' failed" in output) == (failing == "xctest")
     assert "Test swiftTesting()" in output, "Swift Testing ran"
     assert (run.returncode != 0) == (failing != "none"), output
+    if failing != "xctest":
+        return
+    # Bazel's --test_filter, as `swift test --filter`: `Class/testMethod` runs that case (it ran none, and passed)
+    for selection, ran in (("Cases/testOne", ["testOne"]), ("T.Cases/testT", ["testTwo"]), ("Cases", None)):
+        env = {**os.environ, "TESTBRIDGE_TEST_ONLY": selection}
+        run = subprocess.run([str(tmp_path / "t")], capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
+        output = run.stdout + run.stderr
+        expected = ran or ["testOne", "testOnMain", "testTwo"]
+        assert [
+            m for m in ("testOne", "testOnMain", "testTwo") if f"Test Case 'Cases.{m}' started" in output
+        ] == expected
+        assert (run.returncode != 0) == ("testTwo" in expected), output
 
 
 @pytest.mark.swift

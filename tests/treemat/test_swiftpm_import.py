@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from treemat.cli import cli
 from treemat.swiftpm import PackageImportError, parse_manifest
 from treemat.swiftpm_import import MARK, plan_import, repo_name, starlark_string, write_import
-from treemat.swiftpm_rules import label_safe
+from treemat.swiftpm_layout import label_safe
 
 from ..support.swiftpm_dumps import build_text, dump, rule_of, setting, target, tree
 
@@ -423,3 +423,70 @@ def test_resources_land_in_the_bundle_as_swiftpm_puts_them(tmp_path: Path) -> No
     assert bundle_path(package, target, "Sources/M/Assets/x/y.png") == "x/y.png"  # .copy keeps the directory
     assert bundle_path(package, target, "Sources/M/one.txt") == "one.txt"
     assert bundle_path(package, target, "Sources/M/inline.bin") is None  # no bundle: code
+
+
+def test_a_system_library_target_is_its_module_map_over_its_headers(tmp_path: Path) -> None:
+    # swift-async-algorithms' _CAsyncSequenceValidationSupport: `.systemLibrary` as a header-only C module
+    root = tree(
+        tmp_path / "p",
+        {
+            "Package.swift": "",
+            "Sources/CSys/module.modulemap": 'module CSys [system] {\n  header "CSys.h"\n}\n',
+            "Sources/CSys/CSys.h": "",
+            "Sources/CXml/module.modulemap": "",
+            "Sources/CXml/shim.h": "",
+            "Sources/CNoMap/x.h": "",
+            "Sources/S/s.swift": "",
+        },
+    )
+    deps = [{"byName": [n, None]} for n in ("CSys", "CXml", "CNoMap")]
+    data = dump(
+        "P",
+        [
+            target("CSys", "system"),
+            target("CXml", "system", pkgConfig="libxml-2.0"),
+            target("CNoMap", "system"),
+            target("S", deps=deps),
+        ],
+    )
+    result = plan_import(root, root_data=data)
+    text = build_text(result, root)
+    module = rule_of(text, "CSys")
+    assert module.startswith("swift_c_module(") and 'module_map = "Sources/CSys/module.modulemap"' in module
+    assert 'deps = [":CSys_cc"]' in module
+    library = rule_of(text, "CSys_cc")
+    assert 'hdrs = ["Sources/CSys/CSys.h"]' in library and "srcs" not in library
+    assert 'deps = [\n        ":CSys",\n        ":CXml",\n    ]' in rule_of(text, "S")
+    assert [u.line() for u in result.untranslated] == [
+        "p/CXml: pkgConfig 'libxml-2.0': its flags not translated (the system's default paths used)",
+        "p/CNoMap: system library target without Sources/CNoMap/module.modulemap: not translated",
+        "p/S: dependency on CNoMap, which is not translated: dropped",
+    ]
+
+
+def test_a_test_file_left_out_of_data_is_reported(tmp_path: Path) -> None:
+    # swift-nio's NIOFSIntegrationTests exclude "Test Data", which Bazel 4's runfiles cannot carry
+    root = tree(
+        tmp_path / "p",
+        {"Package.swift": "", "Tests/T/t.swift": "", "Tests/T/Test Data/a.txt": "", "Tests/T/Test Data/b.txt": ""},
+    )
+    result = plan_import(root, root_data=dump("P", [target("T", "test", exclude=["Test Data"])]))
+    assert "data" not in rule_of(build_text(result, root), "T")
+    assert [u.line() for u in result.untranslated] == [
+        "p/T: excluded file 'Tests/T/Test Data/a.txt' and 1 more: not expressible as a runfile (or in a Bazel "
+        "package of its own): not in the test's data"
+    ]
+
+
+def test_a_resource_with_a_space_is_in_the_bundle_not_in_the_runfiles(tmp_path: Path) -> None:
+    # swift-certificates' X509Tests: `.copy("CSR Vectors/")` read through Bundle.module
+    root = tree(tmp_path / "p", {"Package.swift": "", "Tests/T/t.swift": "", "Tests/T/CSR Vectors/a.pem": ""})
+    resources = [{"path": "CSR Vectors", "rule": {"copy": {}}}]
+    result = plan_import(root, root_data=dump("P", [target("T", "test", resources=resources)]))
+    rule = rule_of(build_text(result, root), "T")
+    assert 'resources = {\n        "Tests/T/CSR Vectors/a.pem": "CSR Vectors/a.pem",\n    },' in rule
+    assert "data" not in rule
+    assert [u.line() for u in result.untranslated] == [
+        "p/T: resource 'Tests/T/CSR Vectors/a.pem': in the bundle only, not in the runfiles (`data`): Bazel 4's "
+        "runfiles manifest cannot hold a space"
+    ]

@@ -11,9 +11,10 @@ from treemat.swiftpm_import import plan_import, starlark_string
 from ..support.swiftpm_dumps import build_text, dump, rule_of, setting, target, tree
 
 
-def test_sources_with_spaces_are_kept_and_resources_with_spaces_reported(tmp_path: Path) -> None:
+def test_sources_with_spaces_are_kept_and_resources_with_spaces_bundled_not_runfiles(tmp_path: Path) -> None:
     # swift-argument-parser: `Sources/ArgumentParser/Parsable Properties/Flag.swift`; swift-collections:
-    # `BitSet+SetAlgebra union.swift`. Bazel labels take a space; Bazel 4's runfiles manifest does not.
+    # `BitSet+SetAlgebra union.swift`. Bazel labels take a space; Bazel 4's runfiles manifest does not, but the
+    # resource bundle is one directory there.
     root = tree(
         tmp_path / "pkg",
         {
@@ -28,7 +29,7 @@ def test_sources_with_spaces_are_kept_and_resources_with_spaces_reported(tmp_pat
     rule = rule_of(build_text(result, root), "A")
     assert starlark_string("Sources/A/Parsable Properties/Flag.swift") in rule
     assert starlark_string("Sources/A/Unmanaged extensions.swift") in rule
-    assert "a b.txt" not in rule
+    assert '"Sources/A/Resources/a b.txt": "a b.txt"' in rule and "data" not in rule
     assert [u.item for u in result.untranslated if "a b.txt" in u.item]
 
 

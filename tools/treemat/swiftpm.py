@@ -72,6 +72,7 @@ class Target:
     resources: tuple[tuple[str, str], ...] = ()  # (rule, path)
     dependencies: tuple[TargetDependency, ...] = ()
     settings: tuple[Setting, ...] = ()
+    pkg_config: str | None = None  # a system library's pkg-config name
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ def _target(raw: Mapping[str, Any]) -> Target:
         resources=tuple(resources),
         dependencies=tuple(_dependency(d) for d in raw.get("dependencies") or ()),
         settings=tuple(_setting(s) for s in raw.get("settings") or ()),
+        pkg_config=raw.get("pkgConfig"),
     )
 
 

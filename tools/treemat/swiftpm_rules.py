@@ -1,30 +1,22 @@
-"""One SwiftPM package -> Bazel rule calls: treemat's swift rules for Swift targets; `cc_library` (tagged
-`swift_module=NAME`, the rules generate its module map) for C targets, wrapped in `swift_c_module` when the target
-ships its own `include/module.modulemap`. Everything it cannot translate becomes one `Untranslated` line."""
+"""One SwiftPM package (laid out: swiftpm_layout) -> Bazel rule calls:
+treemat's swift rules for Swift targets; `cc_library` (tagged `swift_module=NAME`, the rules generate its module
+map) for C targets, wrapped in `swift_c_module` when the target ships its own module map.
+Everything it cannot translate becomes one `Untranslated` line."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from treemat.swiftpm import (
-    C_SUFFIXES,
-    HEADER_SUFFIXES,
-    MODULE_MAP,
-    OBJC_SUFFIXES,
-    SWIFT_SUFFIXES,
     Manifest,
-    PackageImportError,
     Target,
     TargetDependency,
-    bundle_path,
     c99name,
-    excluded_files,
     target_dir,
-    target_files,
 )
+from treemat.swiftpm_layout import CC_SUFFIX, PackageInfo, TargetLayout, Untranslated, label_safe
 from treemat.swiftpm_settings import (
     AttrValue,
     Keyed,
@@ -37,11 +29,6 @@ from treemat.swiftpm_settings import (
     swift_setting,
 )
 
-# Characters a Bazel 4.x label's target name may hold (no quote, backslash or colon). A space is one of them
-# (swift-collections, swift-argument-parser and swift-atomics have sources like `Unmanaged extensions.swift`),
-# except at either end of a path segment; runfiles (resources) take none: Bazel 4's runfiles manifest is
-# split at spaces.
-_LABEL_SAFE = re.compile(r"[A-Za-z0-9!%\-@^_#$&'()*+,;<=>?\[\]{|}~/. ]+")
 RELEASE_SETTING = "swiftpm_release"  # config_setting: -c opt is SwiftPM's release, fastbuild and dbg its debug
 
 
@@ -74,20 +61,6 @@ class _Attrs:
 SWIFTPM_SWIFT_DEFINES = ("SWIFT_PACKAGE",)
 NO_BUNDLE_DEFINE = "SWIFT_MODULE_RESOURCE_BUNDLE_UNAVAILABLE"  # with a bundle the rules define ..._AVAILABLE
 SWIFTPM_C_DEFINES = ("SWIFT_PACKAGE=1",)
-CC_SUFFIX = "_cc"  # the cc_library behind a swift_c_module
-
-
-@dataclass(frozen=True)
-class Untranslated:
-    """One item `treemat import` could not translate (or translated with a stated loss)."""
-
-    package: str
-    target: str
-    item: str
-
-    def line(self) -> str:
-        """`package/target: item`."""
-        return f"{self.package}/{self.target}: {self.item}" if self.target else f"{self.package}: {self.item}"
 
 
 @dataclass(frozen=True)
@@ -97,128 +70,6 @@ class Rule:
     kind: str
     name: str
     attrs: tuple[tuple[str, AttrValue], ...] = ()
-
-
-@dataclass(frozen=True)
-class TargetLayout:
-    """What a target is made of on disk, classified."""
-
-    kind: str  # swift | c | c_module_map
-    sources: tuple[str, ...] = ()  # package-relative; C: sources and private headers
-    headers: tuple[str, ...] = ()  # C: public headers
-    include_dir: str | None = None  # C: the public headers directory, package-relative, if it exists
-    module_map: str | None = None
-    resources: tuple[str, ...] = ()
-    bundle: tuple[tuple[str, str], ...] = ()  # (resource, its path in the bundle): Bundle.module (resources.bzl)
-    textual: tuple[str, ...] = ()  # C: the target's other files (`textual_hdrs`: included, never compiled)
-    # A test's excluded files (swift-argument-parser's Snapshots/), which its tests read beside `#filePath`
-    # as under `swift test`: runfiles too (`#filePath` is execroot-relative, the test runs in its runfiles).
-    test_files: tuple[str, ...] = ()
-
-
-@dataclass
-class PackageInfo:
-    """A package as the translation sees it: identity, repository name ("" = the main one), manifest, layouts."""
-
-    identity: str
-    repo: str
-    manifest: Manifest | None
-    directory: Path | None = None
-    layouts: dict[str, TargetLayout] = field(default_factory=dict)
-
-    def label(self, target: str, *, cc: bool = False, local: bool = False) -> str:
-        """The label of `target` (from its own package if `local`); `cc=True`: the cc_library behind a C module."""
-        layout = self.layouts.get(target)
-        name = target + CC_SUFFIX if cc and layout is not None and layout.kind == "c_module_map" else target
-        return f"@{self.repo}//:{name}" if self.repo and not local else f":{name}"
-
-
-def label_safe(path: str, *, runfile: bool = False) -> bool:
-    """Whether a package-relative file path can be written as a Bazel label (4.x rules); `runfile`: and be in
-    a runfiles tree."""
-    parts = path.split("/")
-    return (
-        bool(_LABEL_SAFE.fullmatch(path))
-        and not path.startswith("@")
-        and all(p not in ("", ".", "..") and p == p.strip(" ") for p in parts)
-        and not (runfile and " " in path)
-    )
-
-
-def _in_bazel_package(path: str, package_dir: Path) -> str | None:
-    """The nested Bazel package (a directory with a BUILD file) `path` lies in, if any."""
-    parent = Path(path).parent
-    while parent != Path("."):
-        if (package_dir / parent / "BUILD").exists() or (package_dir / parent / "BUILD.bazel").exists():
-            return parent.as_posix()
-        parent = parent.parent
-    return None
-
-
-def layout_target(package_dir: Path, target: Target, report: list[str]) -> TargetLayout | None:
-    """Classify a target from its files (None: not translatable; the reasons appended to `report`)."""
-    if target.type not in ("regular", "executable", "test"):
-        report.append(f"{target.type} target not translated")
-        return None
-    if not label_safe(target.name) or "/" in target.name or " " in target.name:  # no space in an output's name
-        report.append(f"target name {target.name!r} is not a valid Bazel target name: not translated")
-        return None
-    sources, resources = target_files(package_dir, target)
-    for path in sources + resources:
-        if not label_safe(path, runfile=path in resources):
-            report.append(f"file {path!r}: not expressible as a Bazel label: left out")
-        elif (nested := _in_bazel_package(path, package_dir)) is not None:
-            report.append(f"{nested} has a BUILD file (a Bazel package of its own): target not translated")
-            return None
-    sources = [p for p in sources if label_safe(p)]
-    kept_resources = tuple(p for p in resources if label_safe(p, runfile=True))
-    suffix = {p: Path(p).suffix for p in sources}
-    swift = [p for p in sources if suffix[p] in SWIFT_SUFFIXES]
-    objc = [p for p in sources if suffix[p] in OBJC_SUFFIXES]
-    c_family = [p for p in sources if suffix[p] in C_SUFFIXES | HEADER_SUFFIXES]
-    if objc:
-        report.append(f"Objective-C sources ({len(objc)}) left out: no Objective-C runtime on Linux")
-    if swift and c_family and any(suffix[p] in C_SUFFIXES for p in c_family):
-        report.append("mixed Swift and C sources in one target: not translated")
-        return None
-    if swift:
-        test_files = excluded_files(package_dir, target) if target.type == "test" else []
-        kept_test_files = tuple(
-            p for p in test_files if label_safe(p, runfile=True) and _in_bazel_package(p, package_dir) is None
-        )
-        bundle = tuple((p, b) for p in kept_resources if (b := bundle_path(package_dir, target, p)) is not None)
-        return TargetLayout("swift", tuple(swift), resources=kept_resources, bundle=bundle, test_files=kept_test_files)
-    if not c_family:
-        report.append("no Swift or C sources: not translated")
-        return None
-    if target.type != "regular":
-        report.append(f"C {target.type} target not translated (only C library targets are)")
-        return None
-    public = target_dir(package_dir, target) / (target.public_headers_path or "include")
-    public_rel = public.relative_to(package_dir).as_posix()
-    headers = tuple(p for p in c_family if suffix[p] in HEADER_SUFFIXES and p.startswith(public_rel + "/"))
-    private = tuple(p for p in c_family if p not in headers)
-    module_map = f"{public_rel}/{MODULE_MAP}" if (public / MODULE_MAP).is_file() else None
-    known = C_SUFFIXES | HEADER_SUFFIXES | OBJC_SUFFIXES | SWIFT_SUFFIXES
-    # anything else of the target's (`#include "x.macros"`): on disk under SwiftPM, declared here
-    textual = tuple(p for p in sources if suffix[p] not in known and Path(p).name != MODULE_MAP)
-    include_dir = public_rel if public.is_dir() else None
-    kind = "c_module_map" if module_map else "c"
-    return TargetLayout(kind, private, headers, include_dir, module_map, kept_resources, textual=textual)
-
-
-def layout_package(info: PackageInfo, report: list[Untranslated]) -> None:
-    """Fill `info.layouts` from its directory; untranslatable targets reported and left out."""
-    assert info.manifest is not None and info.directory is not None
-    for target in info.manifest.targets:
-        reasons: list[str] = []
-        try:
-            layout = layout_target(info.directory, target, reasons)
-        except PackageImportError as exc:
-            layout, reasons = None, [str(exc)]
-        report.extend(Untranslated(info.identity, target.name, reason) for reason in reasons)
-        if layout is not None:
-            info.layouts[target.name] = layout
 
 
 def _find_dependency(deps: Mapping[str, PackageInfo], package: str) -> PackageInfo | None:
@@ -309,11 +160,9 @@ def translate(package: PackageInfo, deps: Mapping[str, PackageInfo], report: lis
             attrs["deps"] += [label for label in labels if label not in attrs["deps"]]
             if why:
                 reasons.append(why)
-        if len(layout.bundle) < len(layout.resources) and not is_c:
-            reasons.append(
-                f"resources ({len(layout.resources) - len(layout.bundle)} files) not in a bundle "
-                "(.embedInCode): runfiles (`data`) only"
-            )
+        in_bundle = {resource for resource, _ in layout.bundle}
+        if (unbundled := [p for p in layout.resources if p not in in_bundle]) and not is_c:
+            reasons.append(f"resources ({len(unbundled)} files) not in a bundle (.embedInCode): runfiles (`data`) only")
         elif layout.resources and is_c:
             reasons.append(f"resources ({len(layout.resources)} files) of a C target: not translated")
         report.extend(Untranslated(package.identity, target.name, reason) for reason in dict.fromkeys(reasons))

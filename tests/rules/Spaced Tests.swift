@@ -1,0 +1,2 @@
+import XCTest
+final class SpacedTests: XCTestCase { func testNothing() {} }
