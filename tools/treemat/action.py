@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from treemat.flagfile import ActionSpec
@@ -14,16 +13,10 @@ from treemat.staging import StageReport
 __all__ = ["ActionRequest", "ActionResult", "RequestInput"]
 
 
-@dataclass(slots=True, init=False)
 class ActionRequest:
     """Everything needed to run one action."""
 
-    spec: ActionSpec
-    inputs: InputManifest
-    execroot: Path
-    request_id: int
-    base_env: Mapping[str, str] | None  # the tool's environment before the action's own; None: this process's
-    output_root: Path | None  # where outputs are copied to, if not `execroot` (the service: the relay's descriptor)
+    __slots__ = ("base_env", "execroot", "inputs", "output_root", "request_id", "spec")
 
     def __init__(
         self,
@@ -42,17 +35,31 @@ class ActionRequest:
         self.output_root = output_root
 
 
-@dataclass(slots=True)
 class ActionResult:
     """Exit status and combined output to hand back to Bazel, plus what staging did."""
 
-    exit_code: int
-    output: str
-    stage: StageReport | None = None
-    stage_seconds: float = 0.0
-    tool_seconds: float = 0.0
-    cancelled: bool = False
-    quarantined: list[str] = field(default_factory=list)
+    __slots__ = ("cancelled", "exit_code", "output", "quarantined", "stage", "stage_seconds", "tool_seconds")
+
+    def __init__(
+        self,
+        exit_code: int,
+        output: str,
+        stage: StageReport | None = None,
+        stage_seconds: float = 0.0,
+        tool_seconds: float = 0.0,
+        cancelled: bool = False,
+        quarantined: list[str] | None = None,
+    ) -> None:
+        self.exit_code = exit_code
+        self.output = output
+        self.stage = stage
+        self.stage_seconds = stage_seconds
+        self.tool_seconds = tool_seconds
+        self.cancelled = cancelled
+        self.quarantined: list[str] = [] if quarantined is None else quarantined
+
+    def __repr__(self) -> str:
+        return f"ActionResult(exit_code={self.exit_code}, output={self.output!r}, cancelled={self.cancelled})"
 
     def summary(self, tool: str, inputs: int) -> dict[str, object]:
         """A small JSON-able record for `treemat stats`."""

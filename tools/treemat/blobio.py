@@ -9,7 +9,6 @@ import errno
 import fcntl
 import hashlib
 import os
-from dataclasses import dataclass
 
 from treemat.digest import Digest
 from treemat.errors import CasError, CorruptBlobError
@@ -19,12 +18,14 @@ _CHUNK = 1 << 20
 _INGEST_CHUNK = 1 << 18  # read, hashed and written while still in the CPU's cache
 
 
-@dataclass(slots=True)
 class TempBlob:
     """A temp file being written: its descriptor, and its name when it is not an unnamed O_TMPFILE."""
 
-    fd: int
-    name: str | None
+    __slots__ = ("fd", "name")
+
+    def __init__(self, fd: int, name: str | None) -> None:
+        self.fd = fd
+        self.name = name
 
     def seal(self) -> None:
         """Swap the writable descriptor for a read-only one (the write one's close event happens now)."""

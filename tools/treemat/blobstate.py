@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from treemat.fsprims import BLOB_MTIME_NS, blob_mode
 
@@ -23,16 +23,14 @@ EXEC_FILE_MODE = stat.S_IFREG | blob_mode(True)
 BlobKey = tuple[str, bool]  # (hash, executable)
 
 
-@dataclass(frozen=True, slots=True)
-class BlobIdentity:
+class BlobIdentity(NamedTuple):
     """The inode a verified blob lives in."""
 
     device: int
     inode: int
 
 
-@dataclass(frozen=True, slots=True)
-class GuardMark:
+class GuardMark(NamedTuple):
     """Where the guard stood when an action began: a different mark later means taints or lost trust since."""
 
     taint_generation: int
@@ -42,14 +40,16 @@ class GuardMark:
 StagedBlobs = dict[BlobIdentity, tuple[str, BlobKey]]  # inode -> (a path it is staged at, its key)
 
 
-@dataclass(slots=True)
 class Recheck:
     """What the guard found after an action: blobs written since (quarantined: the stager forgets them), staged
     paths it could not hash again, and staged paths whose inode was written, with why (by path)."""
 
-    hit: list[BlobKey]
-    missing: list[str]
-    tainted: list[tuple[str, str]]
+    __slots__ = ("hit", "missing", "tainted")
+
+    def __init__(self, hit: list[BlobKey], missing: list[str], tainted: list[tuple[str, str]]) -> None:
+        self.hit = hit
+        self.missing = missing
+        self.tainted = tainted
 
 
 def stat_problem(info: os.stat_result, executable: bool, size: int) -> str | None:
@@ -92,13 +92,15 @@ def hash_inode(identity: BlobIdentity, candidates: tuple[str, ...]) -> tuple[str
 NO_BLOB = BlobIdentity(-1, -1)  # what a staged empty file links: no blob inode
 
 
-@dataclass(slots=True)
 class StagedFile:
     """One input file in an exec dir: which blob it is a hardlink to."""
 
-    hash: str
-    executable: bool
-    identity: BlobIdentity
+    __slots__ = ("executable", "hash", "identity")
+
+    def __init__(self, hash: str, executable: bool, identity: BlobIdentity) -> None:
+        self.hash = hash
+        self.executable = executable
+        self.identity = identity
 
     def key(self) -> BlobKey:
         """What the file must be: (hash, executable)."""

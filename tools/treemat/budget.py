@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from treemat.cas import ContentStore
 from treemat.casmaint import GcReport
@@ -44,8 +44,7 @@ def default_budget(root: os.PathLike[str] | str) -> int:
     return max(MIN_DEFAULT_BYTES, int(info.f_blocks * info.f_frsize * DEFAULT_SHARE))
 
 
-@dataclass(slots=True)
-class BudgetState:
+class BudgetState(NamedTuple):
     """What `treemat stats` shows."""
 
     max_bytes: int

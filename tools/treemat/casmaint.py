@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from treemat.fsprims import sweep_unlocked_files
 from treemat.locking import file_lock
@@ -18,8 +18,7 @@ from treemat.locking import file_lock
 TEMP_GRACE_NS = 10 * 1_000_000_000  # a named temp file younger than this may still be about to be locked
 
 
-@dataclass(frozen=True, slots=True)
-class CasStats:
+class CasStats(NamedTuple):
     """Size of the store."""
 
     blobs: int
@@ -28,25 +27,44 @@ class CasStats:
     quarantined: int
 
 
-@dataclass(slots=True)
 class VerifyReport:
     """Outcome of rehashing every blob."""
 
-    checked: int = 0
-    ok: int = 0
-    corrupt: int = 0
-    corrupt_blobs: list[str] = field(default_factory=list)
+    __slots__ = ("checked", "corrupt", "corrupt_blobs", "ok")
+
+    def __init__(self, checked: int = 0, ok: int = 0, corrupt: int = 0, corrupt_blobs: list[str] | None = None) -> None:
+        self.checked = checked
+        self.ok = ok
+        self.corrupt = corrupt
+        self.corrupt_blobs: list[str] = [] if corrupt_blobs is None else corrupt_blobs
+
+    def to_json(self) -> dict[str, object]:
+        """For `--json`."""
+        return {"checked": self.checked, "ok": self.ok, "corrupt": self.corrupt, "corrupt_blobs": self.corrupt_blobs}
 
 
-@dataclass(slots=True)
 class GcReport:
     """Outcome of a garbage collection."""
 
-    before_bytes: int = 0
-    after_bytes: int = 0
-    deleted_blobs: int = 0
-    deleted_bytes: int = 0
-    kept_in_use: int = 0
+    __slots__ = ("after_bytes", "before_bytes", "deleted_blobs", "deleted_bytes", "kept_in_use")
+
+    def __init__(
+        self,
+        before_bytes: int = 0,
+        after_bytes: int = 0,
+        deleted_blobs: int = 0,
+        deleted_bytes: int = 0,
+        kept_in_use: int = 0,
+    ) -> None:
+        self.before_bytes = before_bytes
+        self.after_bytes = after_bytes
+        self.deleted_blobs = deleted_blobs
+        self.deleted_bytes = deleted_bytes
+        self.kept_in_use = kept_in_use
+
+    def to_json(self) -> dict[str, object]:
+        """For `--json`."""
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class StoreMaintenance:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from treemat.errors import DigestError
 
@@ -27,18 +27,22 @@ def check_hash(text: str) -> str:
     return lowered
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Digest:
-    """A blob's identity: lowercase SHA-256 hex and size in bytes."""
-
+class _DigestFields(NamedTuple):
     hash: str
     size: int
 
-    def __post_init__(self) -> None:
-        if not _HEX64.match(self.hash):
-            raise DigestError(f"not a sha256 hex digest: {self.hash[:80]!r}")
-        if self.size < 0:
-            raise DigestError(f"negative size in digest {self.hash}/{self.size}")
+
+class Digest(_DigestFields):
+    """A blob's identity: lowercase SHA-256 hex and size in bytes (immutable, ordered by hash then size)."""
+
+    __slots__ = ()
+
+    def __new__(cls, hash: str, size: int) -> Digest:
+        if not _HEX64.match(hash):
+            raise DigestError(f"not a sha256 hex digest: {hash[:80]!r}")
+        if size < 0:
+            raise DigestError(f"negative size in digest {hash}/{size}")
+        return super().__new__(cls, hash, size)
 
     def __str__(self) -> str:
         return f"{self.hash}/{self.size}"

@@ -28,8 +28,8 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from treemat.counters import Counters
 from treemat.fsprims import (
@@ -64,8 +64,7 @@ _INDEX = ".index"
 _INDEX_LOCK = ".index.lock"
 
 
-@dataclass(frozen=True, slots=True)
-class DirCacheStats:
+class DirCacheStats(NamedTuple):
     """Size of the directory cache (as recorded), and the choices it runs with."""
 
     entries: int

@@ -26,79 +26,19 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from treemat.blobguard import BlobGuard
-from treemat.blobstate import NO_BLOB, BlobIdentity, BlobKey, GuardMark, StagedFile
+from treemat.blobstate import NO_BLOB, BlobKey, GuardMark, StagedFile
 from treemat.cas import ContentStore
 from treemat.errors import ExecutionError
 from treemat.fsprims import blob_mode, remove_tree
 from treemat.manifest import InputManifest
+from treemat.pooleddir import PatchReport, PooledDir, parent_of
 from treemat.staging import StageReport
 from treemat.writewatch import WriteWatch
 
 DEFAULT_POOL_SIZE = 8
-
-DirSignature = tuple[int, int, int]  # (inode, mtime_ns, ctime_ns)
-
-
-@dataclass(slots=True)
-class PooledDir:
-    """A finished exec dir and exactly what it holds."""
-
-    path: Path
-    key: str
-    files: dict[str, StagedFile] = field(default_factory=dict)
-    dirs: dict[str, DirSignature] = field(default_factory=dict)  # "" is the exec dir itself
-    children: dict[str, int] = field(default_factory=dict)  # entries directly inside each dir ("" included)
-    pinned: set[str] = field(default_factory=set)  # declared output dirs / output parents (kept even if empty)
-    manifest: InputManifest | None = None  # the inputs of the request it was last staged for
-    mark: GuardMark | None = None  # the guard's mark before the dir was last staged (None: check everything)
-    exec_bits_seen: int | None = None  # the execroot watch's generation when its inputs' exec bits were last read
-    watches: dict[str, int] = field(default_factory=dict)  # dir -> inotify watch descriptor
-    patching: bool = False  # events now are our own doing
-    dirty: bool = False  # something changed a directory while we were not patching it
-    unwatched: bool = False  # some directory could not be watched: verified by lstat signatures instead
-
-    def on_directory_event(self, lost: bool = False) -> None:
-        """A watched directory changed: unless we are patching it ourselves, the dir can no longer be trusted;
-        a lost watch (`lost`: queue overflow, IN_IGNORED) makes it dirty even while we patch."""
-        if lost or not self.patching:
-            self.dirty = True
-
-    def count_children(self) -> None:
-        """Compute `children` from `files`, `dirs` and `pinned` (for a freshly staged dir)."""
-        counts: dict[str, int] = dict.fromkeys(self.dirs, 0)
-        for path in self.files:
-            parent = _parent(path)
-            counts[parent] = counts.get(parent, 0) + 1
-        for rel in self.dirs:
-            if rel:
-                counts[_parent(rel)] += 1
-        for rel in self.pinned:
-            counts[rel] = counts.get(rel, 0) + 1
-        self.children = counts
-
-    def keys(self) -> list[tuple[str, bool]]:
-        """Every blob (hash, executable) the dir links."""
-        return [staged.key() for staged in self.files.values() if staged.identity != NO_BLOB]
-
-    def identities(self) -> set[BlobIdentity]:
-        """Every blob inode the dir holds."""
-        return {staged.identity for staged in self.files.values()}
-
-
-@dataclass(slots=True)
-class PatchReport:
-    """What a patch did; `relinked` are the blobs whose link count (and so ctime) it changed."""
-
-    relinked: list[tuple[str, bool]] = field(default_factory=list)
-    linked: int = 0
-    unlinked: int = 0
-    made_dirs: int = 0
-    removed_dirs: int = 0
-
 
 Dispose = Callable[[Path, Iterable[BlobKey]], None]  # remove a dir (in the background); its blobs' ledger refreshed
 
@@ -316,17 +256,17 @@ class ExecDirPool:
             if files[path].identity != NO_BLOB:
                 report.relinked.append(files[path].key())
             del files[path]
-            parent = _parent(path)
+            parent = parent_of(path)
             children[parent] -= 1
             touched.add(parent)
         report.unlinked = len(gone)
         for path in gone:
             if path not in changes:
-                self._prune(entry, _parent(path), touched, report)
+                self._prune(entry, parent_of(path), touched, report)
         for path, want in changes.items():
             if path in files:
                 continue
-            parent = _parent(path)
+            parent = parent_of(path)
             if parent not in entry.dirs:
                 self._make_dirs(entry, parent, touched, report)
             hash_hex, executable = want.key()
@@ -351,11 +291,11 @@ class ExecDirPool:
         missing = []
         while rel and rel not in entry.dirs:
             missing.append(rel)
-            rel = _parent(rel)
+            rel = parent_of(rel)
         for path in reversed(missing):
             os.mkdir(f"{entry.path}/{path}", 0o755)
             entry.dirs[path] = (0, 0, 0)
-            parent = _parent(path)
+            parent = parent_of(path)
             entry.children[parent] = entry.children.get(parent, 0) + 1
             touched.update((path, parent))
             report.made_dirs += 1
@@ -370,7 +310,7 @@ class ExecDirPool:
                 self.watch.unwatch_directory(wd)
             entry.children.pop(rel, None)
             touched.discard(rel)
-            parent = _parent(rel)
+            parent = parent_of(rel)
             entry.children[parent] -= 1
             touched.add(parent)
             report.removed_dirs += 1
@@ -383,10 +323,6 @@ class ExecDirPool:
             if rel in entry.dirs or rel == "":
                 info = os.lstat(f"{base}/{rel}" if rel else base)
                 entry.dirs[rel] = (info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
-
-
-def _parent(path: str) -> str:
-    return path.rpartition("/")[0]
 
 
 def directories_for(paths: Iterable[str], extra: Iterable[str]) -> set[str]:

@@ -29,7 +29,8 @@ import os
 import select
 import stat
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Set as AbstractSet
+from typing import NamedTuple
 
 from treemat.fsprims import filesystem_type
 from treemat.writewatch import INotify, inotify_flags, open_inotify
@@ -40,13 +41,12 @@ LOCAL_FILESYSTEMS = {0xEF53, 0x58465342, 0x9123683E, 0x01021994, 0xF2F52010, 0x2
 MAX_MARKS = 100_000  # more marked inputs than this: forget them and mark everything
 
 
-@dataclass(slots=True)
-class CheckPlan:
+class CheckPlan(NamedTuple):
     """What to `stat` now: every input (`everything`), else `paths` (marked since, or never vouched for)."""
 
     generation: int
     everything: bool
-    paths: set[str] = field(default_factory=set)
+    paths: AbstractSet[str] = frozenset()
 
 
 class ExecrootWatch:

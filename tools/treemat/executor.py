@@ -18,7 +18,6 @@ import collections
 import functools
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from treemat.action import ActionRequest, ActionResult, RequestInput
@@ -29,12 +28,13 @@ from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.dircache import DirectoryCache
 from treemat.errors import ExecutionError, MissingBlobError, TreematError
-from treemat.execpool import ExecDirPool, PooledDir
+from treemat.execpool import ExecDirPool
 from treemat.fsprims import remove_tree
 from treemat.housekeeping import Housekeeper
 from treemat.inputs import InputStager
 from treemat.layout import Root
 from treemat.outputs import OutputView, collect_outputs
+from treemat.pooleddir import PooledDir
 from treemat.sandbox import EXEC_ROOT, TOOL_CACHE, RunDir, Sandbox, ToolPlan, environment
 from treemat.staging import StageReport
 from treemat.toolcache import ToolCaches
@@ -44,7 +44,6 @@ from treemat.tree import normalize_path
 __all__ = ["ActionExecutor", "ActionRequest", "ActionResult", "PreparedDir", "RequestInput"]
 
 
-@dataclass(slots=True)
 class PreparedDir:
     """An exec dir ready for the tool: where it is, what it links, how it was staged.
 
@@ -53,12 +52,22 @@ class PreparedDir:
     from before staging (a different mark later: check what it links).
     """
 
-    path: Path
-    report: StageReport
-    mark: GuardMark
-    staged: StagedBlobs = field(default_factory=dict)
-    pooled: PooledDir | None = None
-    seconds: float = 0.0
+    __slots__ = ("mark", "path", "pooled", "report", "seconds", "staged")
+
+    def __init__(
+        self,
+        path: Path,
+        report: StageReport,
+        mark: GuardMark,
+        staged: StagedBlobs | None = None,
+        pooled: PooledDir | None = None,
+    ) -> None:
+        self.path = path
+        self.report = report
+        self.mark = mark
+        self.staged: StagedBlobs = {} if staged is None else staged
+        self.pooled = pooled
+        self.seconds = 0.0
 
     def blobs(self) -> StagedBlobs:
         """Every blob inode the dir links."""

@@ -26,7 +26,6 @@ import os
 import stat
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from treemat.errors import ProtocolError
@@ -36,14 +35,25 @@ EXEC_ROOT_PLACEHOLDER = "{EXEC_ROOT}"
 TOOL_CACHE_PLACEHOLDER = "{TOOL_CACHE}"
 
 
-@dataclass(slots=True)
 class ActionSpec:
     """What one action asks for: its tool command line, declared outputs and environment."""
 
-    argv: list[str]
-    outputs: list[str] = field(default_factory=list)
-    output_dirs: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
+    __slots__ = ("argv", "env", "output_dirs", "outputs")
+
+    def __init__(
+        self,
+        argv: list[str],
+        outputs: list[str] | None = None,
+        output_dirs: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.argv = argv
+        self.outputs: list[str] = [] if outputs is None else outputs
+        self.output_dirs: list[str] = [] if output_dirs is None else output_dirs
+        self.env: dict[str, str] = {} if env is None else env
+
+    def __repr__(self) -> str:
+        return f"ActionSpec(argv={self.argv!r}, outputs={self.outputs!r}, output_dirs={self.output_dirs!r})"
 
     def argv_in(self, exec_dir: str, tool_cache: str | None = None) -> list[str]:
         """The tool argv with `{EXEC_ROOT}` -> `exec_dir` and `{TOOL_CACHE}` -> `tool_cache`."""

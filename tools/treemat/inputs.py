@@ -19,11 +19,11 @@ from treemat.cas import ContentStore
 from treemat.counters import Counters
 from treemat.digest import check_hash
 from treemat.errors import ExecutionError
-from treemat.execpool import PooledDir
 from treemat.execrootwatch import ExecrootWatch
 from treemat.fsprims import file_kind
 from treemat.inputfiles import InputFiles, stat_input
 from treemat.inputmemo import InputMemo, KnownInput
+from treemat.pooleddir import PooledDir
 from treemat.tree import FileNode, InputTree, check_symlinks, normalize_path
 
 

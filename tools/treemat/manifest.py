@@ -17,7 +17,6 @@ from __future__ import annotations
 import bisect
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple, overload
 
 from google.protobuf.message import DecodeError
@@ -39,8 +38,7 @@ class RequestInput(NamedTuple):
     hash: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class InputDelta:
+class InputDelta(NamedTuple):
     """Two input lists agree but for one run: `earlier` (of the old list) is replaced by `later` (in the new)."""
 
     earlier: list[RequestInput]

@@ -11,7 +11,6 @@ import errno
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from treemat.backends import BackendProbe, Method, place_file
@@ -34,17 +33,19 @@ _FALLBACK_ERRNOS = {
 }
 
 
-@dataclass(slots=True)
 class MaterializeReport:
     """What building (part of) a tree did: counts per method, sizes, time, and the hardlinked blobs."""
 
-    files: int = 0
-    bytes: int = 0
-    directories: int = 0
-    symlinks: int = 0
-    methods: dict[str, int] = field(default_factory=dict)
-    hardlinked: list[tuple[str, bool]] = field(default_factory=list)
-    seconds: float = 0.0
+    __slots__ = ("bytes", "directories", "files", "hardlinked", "methods", "seconds", "symlinks")
+
+    def __init__(self) -> None:
+        self.files = 0
+        self.bytes = 0
+        self.directories = 0
+        self.symlinks = 0
+        self.methods: dict[str, int] = {}
+        self.hardlinked: list[tuple[str, bool]] = []
+        self.seconds = 0.0
 
     def count(self, method: str, amount: int = 1) -> None:
         """Record `amount` files placed with `method`."""

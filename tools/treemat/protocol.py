@@ -14,8 +14,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from treemat import protos
 from treemat.errors import DigestError, ProtocolError
@@ -45,19 +44,26 @@ _WHITESPACE = re.compile(r"\s*")
 _READ_SIZE = 1 << 16
 
 
-@dataclass(slots=True)
 class WorkItem:
     """A decoded WorkRequest (its inputs are decoded when first used: see manifest.py)."""
 
-    request_id: int
-    arguments: list[str]
-    inputs: InputManifest
-    cancel: bool = False
-    sandbox_dir: str = ""  # Bazel 7's multiplex sandboxing; the worker refuses it (treemat sandboxes itself)
+    __slots__ = ("arguments", "cancel", "inputs", "request_id", "sandbox_dir")
+
+    def __init__(
+        self, request_id: int, arguments: list[str], inputs: InputManifest, cancel: bool = False, sandbox_dir: str = ""
+    ) -> None:
+        self.request_id = request_id
+        self.arguments = arguments
+        self.inputs = inputs
+        self.cancel = cancel
+        self.sandbox_dir = sandbox_dir  # Bazel 7's multiplex sandboxing; refused (treemat sandboxes itself)
+
+    def with_id(self, request_id: int) -> WorkItem:
+        """The same request under another id (the service's own, across relays)."""
+        return WorkItem(request_id, self.arguments, self.inputs, self.cancel, self.sandbox_dir)
 
 
-@dataclass(slots=True)
-class WorkReply:
+class WorkReply(NamedTuple):
     """What goes back to Bazel."""
 
     request_id: int
@@ -66,8 +72,7 @@ class WorkReply:
     was_cancelled: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Malformed:
+class Malformed(NamedTuple):
     """A request that could not be decoded; answered with exit code 1 and the reason."""
 
     error: ProtocolError

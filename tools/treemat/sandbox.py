@@ -24,8 +24,8 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from treemat import sandbox_darwin
 from treemat.errors import ExecutionError
@@ -44,8 +44,7 @@ ISOLATION_UNAVAILABLE = "unavailable"  # no sandbox works and `none` was not ask
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-@dataclass(frozen=True, slots=True)
-class RunDir:
+class RunDir(NamedTuple):
     """The scratch beside an exec dir of a tool that runs in place (`none`, macOS): its /tmp and its cache.
 
     (A tool in a mount namespace gets both in a tmpfs of its own: nothing on disk.)
@@ -72,28 +71,41 @@ class RunDir:
         remove_tree(self.path)
 
 
-@dataclass(frozen=True, slots=True)
-class CacheView:
+class CacheView(NamedTuple):
     """What the tool sees at TOOL_CACHE: a trusted seed through a private overlay, or the seed itself, writable."""
 
     seed: Path
     writable: bool = False  # only for the run that builds the seed (toolcache.py), never for a user's action
 
 
-@dataclass(slots=True)
 class ToolPlan:
     """One tool run: what to exec, where, and the filesystem it sees."""
 
-    argv: list[str]
-    env: dict[str, str]
-    exec_dir: Path
-    run_dir: RunDir | None  # only for a tool that runs in place (Sandbox.in_place)
-    overlay: bool
-    cache: CacheView | None = None  # None: a private empty cache
-    cwd: str = ""  # relative to the exec dir (REAPI working_directory)
-    masks: Sequence[str] = field(default_factory=tuple)
-    stdout: int = -1  # a descriptor of the caller's (a file) for the tool's stdout; -1: the outcome's output pipe
-    stderr: int = -1  # likewise for stderr; -1: wherever stdout goes
+    __slots__ = ("argv", "cache", "cwd", "env", "exec_dir", "masks", "overlay", "run_dir", "stderr", "stdout")
+
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        exec_dir: Path,
+        run_dir: RunDir | None,
+        overlay: bool,
+        cache: CacheView | None = None,
+        cwd: str = "",
+        masks: Sequence[str] = (),
+        stdout: int = -1,
+        stderr: int = -1,
+    ) -> None:
+        self.argv = argv
+        self.env = env
+        self.exec_dir = exec_dir
+        self.run_dir = run_dir  # only for a tool that runs in place (Sandbox.in_place)
+        self.overlay = overlay
+        self.cache = cache  # None: a private empty cache
+        self.cwd = cwd  # relative to the exec dir (REAPI working_directory)
+        self.masks = masks
+        self.stdout = stdout  # a descriptor of the caller's (a file) for the tool's stdout; -1: the output pipe
+        self.stderr = stderr  # likewise for stderr; -1: wherever stdout goes
 
 
 class SandboxProcess:

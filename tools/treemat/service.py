@@ -28,7 +28,6 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 from treemat.errors import TreematError, describe_error
@@ -136,7 +135,7 @@ class Session:
             self.respond(WorkReply(local, 1, DUPLICATE_REFUSED.format(local)))
             return
         try:
-            self._pool.submit(self._run_and_respond, replace(item, request_id=service_id), local)
+            self._pool.submit(self._run_and_respond, item.with_id(service_id), local)
         except RuntimeError as exc:  # no thread to be had (RLIMIT_NPROC): answered now, never run by a later one
             with self._lock:
                 self._refused.add(service_id)
@@ -160,7 +159,7 @@ class Session:
             if self._wake >= 0:
                 with contextlib.suppress(OSError):
                     os.write(self._wake, b".")
-        self.respond(replace(reply, request_id=local))
+        self.respond(reply._replace(request_id=local))
 
     def respond(self, reply: WorkReply) -> None:
         """Send one response; a relay that went away is not an error (its session ends)."""

@@ -7,7 +7,6 @@ cloning repeated subtrees whole and handing the rest of the tree to the stager i
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -16,18 +15,39 @@ from treemat.tree import DirectoryNode, InputTree
 Progress = Callable[[int], None]
 
 
-@dataclass(slots=True)
 class StageReport:
     """What staging one tree did: files placed per method, plus subtree cache figures."""
 
-    files: int = 0
-    bytes: int = 0
-    methods: dict[str, int] = field(default_factory=dict)
-    hardlinked: list[tuple[str, bool]] = field(default_factory=list)
-    subtree_hits: int = 0
-    subtree_misses: int = 0
-    subtree_files: int = 0
-    seconds: float = 0.0
+    __slots__ = (
+        "bytes",
+        "files",
+        "hardlinked",
+        "methods",
+        "seconds",
+        "subtree_files",
+        "subtree_hits",
+        "subtree_misses",
+    )
+
+    def __init__(
+        self,
+        files: int = 0,
+        bytes: int = 0,
+        methods: dict[str, int] | None = None,
+        hardlinked: list[tuple[str, bool]] | None = None,
+        subtree_hits: int = 0,
+        subtree_misses: int = 0,
+        subtree_files: int = 0,
+        seconds: float = 0.0,
+    ) -> None:
+        self.files = files
+        self.bytes = bytes
+        self.methods: dict[str, int] = {} if methods is None else methods
+        self.hardlinked: list[tuple[str, bool]] = [] if hardlinked is None else hardlinked
+        self.subtree_hits = subtree_hits
+        self.subtree_misses = subtree_misses
+        self.subtree_files = subtree_files
+        self.seconds = seconds
 
     def count(self, method: str, amount: int) -> None:
         """Record `amount` files placed with `method`."""

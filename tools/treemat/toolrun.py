@@ -16,7 +16,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from treemat.errors import ExecutionError
 from treemat.locking import ForkGate
@@ -26,15 +25,19 @@ KILL_GRACE_SECONDS = 0.5  # unsandboxed only: after the tool exits, its process 
 MAX_OUTPUT_BYTES = 16 << 20  # tool stdout+stderr kept for Bazel; the rest is counted, not stored
 
 
-@dataclass(slots=True)
 class ToolOutcome:
     """How one tool run ended; `view_fd` (the tool's view of its exec dir) is the caller's to close."""
 
-    exit_code: int
-    output: str
-    seconds: float = 0.0
-    cancelled: bool = False
-    view_fd: int = -1
+    __slots__ = ("cancelled", "exit_code", "output", "seconds", "view_fd")
+
+    def __init__(
+        self, exit_code: int, output: str, seconds: float = 0.0, cancelled: bool = False, view_fd: int = -1
+    ) -> None:
+        self.exit_code = exit_code
+        self.output = output
+        self.seconds = seconds
+        self.cancelled = cancelled
+        self.view_fd = view_fd
 
 
 class ToolRunner:

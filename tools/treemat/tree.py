@@ -10,37 +10,67 @@ from __future__ import annotations
 import os
 import posixpath
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from treemat.digest import Digest
 from treemat.errors import DigestError, ManifestError
 
 
-@dataclass(frozen=True, slots=True)
 class FileNode:
-    """A regular file: its content digest and exec bit; `source` is where to ingest it from if needed."""
+    """A regular file: its content digest and exec bit; `source` is where to ingest it from if needed (not part
+    of what the file is: two nodes of one digest and bit are equal)."""
 
-    digest: Digest
-    executable: bool = False
-    source: str | os.PathLike[str] | None = field(default=None, compare=False)
+    __slots__ = ("digest", "executable", "source")
+
+    def __init__(self, digest: Digest, executable: bool = False, source: str | os.PathLike[str] | None = None) -> None:
+        self.digest = digest
+        self.executable = executable
+        self.source = source
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FileNode) and self.digest == other.digest and self.executable == other.executable
+
+    def __hash__(self) -> int:
+        return hash((self.digest, self.executable))
+
+    def __repr__(self) -> str:
+        return f"FileNode({self.digest!r}, executable={self.executable})"
 
 
-@dataclass(frozen=True, slots=True)
-class SymlinkNode:
+class SymlinkNode(NamedTuple):
     """A relative symlink that stays inside the tree."""
 
     target: str
 
 
-@dataclass(slots=True)
 class DirectoryNode:
     """A directory: named files, symlinks and subdirectories (names are single path components)."""
 
-    files: dict[str, FileNode] = field(default_factory=dict)
-    symlinks: dict[str, SymlinkNode] = field(default_factory=dict)
-    dirs: dict[str, DirectoryNode] = field(default_factory=dict)
+    __slots__ = ("dirs", "files", "symlinks")
+
+    def __init__(
+        self,
+        files: dict[str, FileNode] | None = None,
+        symlinks: dict[str, SymlinkNode] | None = None,
+        dirs: dict[str, DirectoryNode] | None = None,
+    ) -> None:
+        self.files: dict[str, FileNode] = {} if files is None else files
+        self.symlinks: dict[str, SymlinkNode] = {} if symlinks is None else symlinks
+        self.dirs: dict[str, DirectoryNode] = {} if dirs is None else dirs
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, DirectoryNode)
+            and self.files == other.files
+            and self.symlinks == other.symlinks
+            and self.dirs == other.dirs
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable: not a dict key
+
+    def __repr__(self) -> str:
+        return f"DirectoryNode(files={self.files!r}, symlinks={self.symlinks!r}, dirs={self.dirs!r})"
 
     def walk(self, prefix: str = "") -> Iterator[tuple[str, DirectoryNode]]:
         """Yield `(relative path, node)` for this directory and every descendant, parents first."""

@@ -92,11 +92,13 @@ def human_bytes(count: float) -> str:
 
 
 def to_jsonable(value: Any) -> Any:
-    """Dataclasses, enums, paths and mappings -> plain JSON types."""
+    """Records (a `to_json` method, dataclasses, NamedTuples), enums, paths and mappings -> plain JSON types."""
     if hasattr(value, "to_json") and callable(value.to_json):
         return value.to_json()
     if is_dataclass(value) and not isinstance(value, type):
         return to_jsonable(asdict(value))
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):  # a NamedTuple record (CasStats, DirCacheStats)
+        return to_jsonable(value._asdict())
     if isinstance(value, Mapping):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
