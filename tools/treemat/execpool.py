@@ -139,9 +139,8 @@ class ExecDirPool:
     def retire(self, entry: PooledDir, *, intact: bool = True) -> None:
         """A dir leaves the pool (evicted, dirty, or failed half patched): unwatched and removed; the ledger is
         refreshed for its blobs when it is `intact` (holds what `files` says)."""
-        keys = entry.keys() if intact else []
         self._forget(entry)
-        self._dispose(entry.path, keys)
+        self._dispose(entry.path, entry.keys() if intact else [])
 
     def _discard(self, entry: PooledDir) -> None:
         """Drop a dir that cannot be trusted."""
