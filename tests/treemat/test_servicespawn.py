@@ -17,6 +17,7 @@ from treemat.servicespawn import PROCESS_NAME, STALE_COPY_DAYS
 
 from ..support import services as support_services
 from ..support.harness import TOOLS_DIR
+from ..support.markers import give_to_another_user
 from ..support.relays import READ_TIMEOUT, RelayProcess, answered_within, execroot, root, the_service
 
 __all__ = ["execroot", "root"]
@@ -279,10 +280,8 @@ def test_no_package_copy_under_a_cache_dir_another_user_could_swap(
         cache.mkdir(mode=0o700)
         if hostile == "others can write it":
             cache.chmod(0o777)
-        elif os.geteuid() != 0:
-            pytest.skip("needs root to give a dir to another user")
         else:
-            os.chown(cache, 1000, 1000)
+            give_to_another_user(cache)
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     made = Path(servicespawn.package_copy(Root(root), "1-test"))
     assert made.parent == (root / "service").resolve()
@@ -361,12 +360,10 @@ def test_a_copy_with_the_right_bytes_but_a_module_another_could_change_is_replac
         os.link(outside, module)
     elif planted == "a module symlinked":
         module.symlink_to(outside)
-    elif os.geteuid() != 0:
-        pytest.skip("needs root to give a file to another user")
     else:
         os.link(outside, module)
         outside.unlink()
-        os.chown(module, 1000, 1000)
+        give_to_another_user(module)
     relay = RelayProcess(execroot, root, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     try:
         assert relay.touch().exit_code == 0, relay.stderr
