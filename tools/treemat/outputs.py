@@ -152,7 +152,16 @@ def collect_outputs(outputs: Sequence[str], view: OutputView, execroot_fd: int) 
         try:
             with _destination_parent(execroot_fd, rel) as (dst_parent, dst_name):
                 _clear(dst_parent, dst_name, rel)
-                walk_entry(view, parent, name, info, sink, dst_parent, dst_name, rel)
+                try:
+                    walk_entry(view, parent, name, info, sink, dst_parent, dst_name, rel)
+                except BaseException as exc:
+                    with contextlib.suppress(OSError):  # no partial output left behind (it would fill the disk)
+                        _clear(dst_parent, dst_name, rel)
+                    if isinstance(exc, OSError):
+                        raise ExecutionError(
+                            f"output {rel!r} not copied to the execroot: {exc.strerror or exc}"
+                        ) from None
+                    raise
         finally:
             os.close(parent)
     return missing
