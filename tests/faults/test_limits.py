@@ -4,8 +4,10 @@ serves the next request."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
+from base64 import b64encode
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,3 +59,50 @@ def test_an_output_that_fills_the_execroot_leaves_no_partial_copy(
     assert fine["exitCode"] == 0 and (execroot / "out/ok").read_text() == "small\n", fine
     assert report.corrupt == 0
     assert worker.close() == 0
+
+
+def _deep_file(execroot: Path, levels: int) -> str:
+    """A file `levels` directories deep in the execroot (made by descriptor: its path is past PATH_MAX)."""
+    fd = os.open(execroot, os.O_RDONLY | os.O_DIRECTORY)
+    for _level in range(levels):
+        os.mkdir("d", dir_fd=fd)
+        inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    out = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+    os.write(out, b"deep\n")
+    os.close(out)
+    os.close(fd)
+    return "/".join(["d"] * levels + ["f"])
+
+
+def test_paths_too_deep_or_long_are_one_line_refusals_and_the_worker_serves_on(tmp_path: Path) -> None:
+    """An input 1,500 directories deep (3,002 bytes: under PATH_MAX) or an output of 10,000 components came back
+    as `internal error: RecursionError` (the input tree's walk, os.makedirs of the output's parent)."""
+    execroot = tmp_path / "execroot"
+    execroot.mkdir()
+    (execroot / "small.txt").write_text("small\n")
+    deep = _deep_file(execroot, 1500)
+    digest = b64encode(hashlib.sha256(b"deep\n").hexdigest().encode()).decode()
+    worker = Worker(execroot, tmp_path / "root")
+    deep_input = {"arguments": ["--output=out/x", "--", "true"], "inputs": [{"path": deep, "digest": digest}]}
+    cases = {
+        "input 1,500 deep": deep_input,
+        "output of 10,000 components": request(execroot, [], ["/".join(["o"] * 10000)], ["true"]),
+        "output 1,500 deep, 3,000 bytes": request(execroot, [], ["/".join(["o"] * 1500)], ["true"]),
+        "output of 5,000 bytes": request(execroot, [], ["/".join(["o" * 200] * 25)], ["true"]),
+    }
+    try:
+        for what, body in cases.items():
+            worker.send(body)
+            reply = worker.read()
+            print(f"\n[{what}] {reply['output'][:120]!r}")
+            assert reply["exitCode"] == 1, (what, reply)
+            assert reply["output"].count("\n") == 1 and len(reply["output"]) < 1000, (what, reply["output"][:300])
+            assert "internal error" not in reply["output"] and "refused" in reply["output"], (what, reply)
+        worker.send(request(execroot, ["small.txt"], ["out/ok"], ["cp", "small.txt", "out/ok"]))
+        fine = worker.read()
+        assert fine["exitCode"] == 0 and (execroot / "out/ok").read_text() == "small\n", fine
+        assert worker.close() == 0
+    finally:
+        subprocess.run(["rm", "-rf", str(execroot / "d")], check=True)  # (pytest's own removal recurses)
