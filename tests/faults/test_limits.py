@@ -42,10 +42,11 @@ def test_an_output_that_fills_the_execroot_leaves_no_partial_copy(
     (execroot / "small.txt").write_text("small\n")
     root = tmp_path / "root"
     worker = Worker(execroot, root)
-    write = "head -c 5000000 /dev/urandom > out/big"
+    body = request(execroot, ["small.txt"], ["out/big"], ["sh", "-c", "head -c 5000000 /dev/urandom > out/big"])
     if shape == "directory":
-        write = "mkdir out/big && echo a > out/big/a && head -c 5000000 /dev/urandom > out/big/b"
-    worker.send(request(execroot, ["small.txt"], ["out/big"], ["sh", "-c", write]))
+        write = "echo a > out/big/a && head -c 5000000 /dev/urandom > out/big/b"
+        body["arguments"] = ["--output-dir=out/big", "--", "sh", "-c", write]
+    worker.send(body)
     full = worker.read()
     left = sorted(os.listdir(execroot / "out")) if (execroot / "out").exists() else []
     worker.send(request(execroot, ["small.txt"], ["out/ok"], ["cp", "small.txt", "out/ok"]))
@@ -106,3 +107,26 @@ def test_paths_too_deep_or_long_are_one_line_refusals_and_the_worker_serves_on(t
         assert worker.close() == 0
     finally:
         subprocess.run(["rm", "-rf", str(execroot / "d")], check=True)  # (pytest's own removal recurses)
+
+
+def test_an_output_of_the_wrong_kind_is_refused(tmp_path: Path) -> None:
+    """A directory where a file was declared (and a file where a directory was) was copied back as it was: the
+    action succeeded and Bazel, which only warns about a directory file artifact, went on with it."""
+    execroot = tmp_path / "execroot"
+    execroot.mkdir()
+    (execroot / "small.txt").write_text("small\n")
+    worker = Worker(execroot, tmp_path / "root")
+    as_dir = request(execroot, ["small.txt"], ["out/x"], ["sh", "-c", "mkdir out/x && echo hi > out/x/y"])
+    as_file = {"arguments": ["--output-dir=out/d", "--", "sh", "-c", "rmdir out/d && echo f > out/d"], "inputs": []}
+    for body, word in (
+        (as_dir, "is a directory, declared a file"),
+        (as_file, "is a regular file, declared a directory"),
+    ):
+        worker.send(body)
+        reply = worker.read()
+        assert reply["exitCode"] == 1 and word in reply["output"], reply
+        assert reply["output"].count("\n") == 1, reply
+    assert not (execroot / "out/x").exists() and not (execroot / "out/d").exists()
+    worker.send(request(execroot, ["small.txt"], ["out/ok"], ["cp", "small.txt", "out/ok"]))
+    assert worker.read()["exitCode"] == 0
+    assert worker.close() == 0

@@ -138,10 +138,11 @@ def find_output(view: OutputView, output: str) -> tuple[int, str, os.stat_result
         raise
 
 
-def collect_outputs(outputs: Sequence[str], view: OutputView, execroot_fd: int) -> list[str]:
-    """Copy each declared output (file or directory) from the view into the execroot; returns the missing ones."""
+def collect_outputs(outputs: Sequence[str], view: OutputView, execroot_fd: int, dirs: Sequence[str] = ()) -> list[str]:
+    """Copy each declared output (file, or directory if in `dirs`) from the view into the execroot; returns the
+    missing ones. A directory where a file was declared (or the reverse) is refused: Bazel only warns."""
     missing: list[str] = []
-    sink = _CopySink()
+    sink, declared_dirs = _CopySink(), {normalize_path(path) for path in dirs}
     for output in outputs:
         rel = normalize_path(output)
         found = find_output(view, rel)
@@ -150,6 +151,9 @@ def collect_outputs(outputs: Sequence[str], view: OutputView, execroot_fd: int) 
             continue
         parent, name, info = found
         try:
+            if stat.S_ISDIR(info.st_mode) != (rel in declared_dirs) and not stat.S_ISLNK(info.st_mode):
+                declared = "directory" if rel in declared_dirs else "file"
+                raise ExecutionError(f"output {rel!r} is a {file_kind(info.st_mode)}, declared a {declared}: refused")
             with _destination_parent(execroot_fd, rel) as (dst_parent, dst_name):
                 _clear(dst_parent, dst_name, rel)
                 try:
