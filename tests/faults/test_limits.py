@@ -130,3 +130,27 @@ def test_an_output_of_the_wrong_kind_is_refused(tmp_path: Path) -> None:
     worker.send(request(execroot, ["small.txt"], ["out/ok"], ["cp", "small.txt", "out/ok"]))
     assert worker.read()["exitCode"] == 0
     assert worker.close() == 0
+
+
+def test_outputs_hardlinked_by_the_tool_are_not_multiplied_in_the_execroot(tmp_path: Path) -> None:
+    """10 MB linked 100 times by the tool (no cost in its view) became 1 GB in the execroot, one copy a link:
+    a tool could fill Bazel's disk. Now one copy, the other names linked to it."""
+    execroot = tmp_path / "execroot"
+    execroot.mkdir()
+    worker = Worker(execroot, tmp_path / "root")
+    script = (
+        "head -c 1000000 /dev/urandom > out/d/a && i=0; while [ $i -lt 100 ]; do ln out/d/a out/d/l$i; "
+        "i=$((i+1)); done; ln out/d/a out/f; echo other > out/d/b"
+    )
+    worker.send({"arguments": ["--output=out/f", "--output-dir=out/d", "--", "sh", "-c", script], "inputs": []})
+    reply = worker.read()
+    assert reply["exitCode"] == 0, reply
+    names = [execroot / "out/f", *sorted((execroot / "out/d").iterdir())]
+    data = (execroot / "out/d/a").read_bytes()
+    inodes = {path.stat().st_ino for path in names if path.name != "b"}
+    blocks = sum(path.stat().st_blocks for path in names)
+    print(f"\n[hardlinked outputs] {len(names)} names, {len(inodes)} inode(s), {blocks * 512 >> 20} MiB counted")
+    assert len(data) == 1000000 and all(p.read_bytes() == data for p in names if p.name != "b")
+    assert (execroot / "out/d/b").read_text() == "other\n"
+    assert len(inodes) == 1, "each link was copied on its own"
+    assert worker.close() == 0

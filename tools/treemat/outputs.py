@@ -5,7 +5,8 @@ or the staged copy); the destination is a descriptor of Bazel's execroot. Every 
 opened with `O_NOFOLLOW` relative to its parent's descriptor, so a symlink planted anywhere (an output's parent
 replaced by a link into TREEMAT_ROOT, say) is a refusal, never a redirected write, delete or rename.
 
-- Every output is copied, never moved: a copy is a new inode (never a CAS blob, whatever links the tool made),
+- Every output is copied (outputcopy.py), never moved: a copy is a new inode (never a CAS blob; links the tool
+  made among its outputs are kept among the copies),
   sparse-aware (only data extents are copied) and bounded by the size the file had when opened.
 - A relative symlink that stays inside the exec dir is kept; an absolute one into the exec dir is resolved to
   its content (inside the view, hop by hop); a link leaving the exec dir, or a device, FIFO or socket, is refused.
@@ -29,6 +30,7 @@ from typing import Protocol, TypeVar
 
 from treemat.errors import ExecutionError
 from treemat.fsprims import file_kind
+from treemat.outputcopy import CopySink
 from treemat.tree import normalize_path
 
 _SYMLINK_HOPS = 40
@@ -36,7 +38,6 @@ MAX_OUTPUT_DEPTH = 128  # directories nested in one output dir: the walk recurse
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_COPY_CHUNK = 1 << 30
 H = TypeVar("H")
 
 
@@ -104,23 +105,6 @@ class OutputSink(Protocol[H]):
         """The directory `directory` returned is done (`complete` False when the walk failed inside it)."""
 
 
-class _CopySink:
-    """The worker's sink: new files, directories and links under a destination directory descriptor."""
-
-    def file(self, fd: int, info: os.stat_result, into: int, name: str, rel: str) -> None:
-        copy_open_file(fd, info, into, name)
-
-    def symlink(self, target: str, into: int, name: str, rel: str) -> None:
-        os.symlink(target, name, dir_fd=into)
-
-    def directory(self, into: int, name: str, rel: str) -> int:
-        os.mkdir(name, 0o755, dir_fd=into)
-        return os.open(name, _DIR_PATH, dir_fd=into)
-
-    def close(self, directory: int, *, complete: bool) -> None:
-        os.close(directory)
-
-
 def find_output(view: OutputView, output: str) -> tuple[int, str, os.stat_result] | None:
     """(parent descriptor, name, lstat) of a declared output in the view, following no link; None if absent."""
     rel = normalize_path(output)
@@ -142,7 +126,7 @@ def collect_outputs(outputs: Sequence[str], view: OutputView, execroot_fd: int, 
     """Copy each declared output (file, or directory if in `dirs`) from the view into the execroot; returns the
     missing ones. A directory where a file was declared (or the reverse) is refused: Bazel only warns."""
     missing: list[str] = []
-    sink, declared_dirs = _CopySink(), {normalize_path(path) for path in dirs}
+    sink, declared_dirs = CopySink(execroot_fd), {normalize_path(path) for path in dirs}
     for output in outputs:
         rel = normalize_path(output)
         found = find_output(view, rel)
@@ -267,59 +251,6 @@ def _walk_directory(
         raise ExecutionError(f"output directory {rel!r} has an entry that cannot be read: {exc.strerror}") from None
     finally:
         os.close(src)
-
-
-def copy_open_file(fd: int, info: os.stat_result, dst_parent: int, dst_name: str) -> None:
-    """Copy the regular file open at `fd` to a new file, mode 0o755 or 0o644.
-
-    Sparse-aware: only the data extents are copied (a huge hole costs nothing); never more than the size the
-    file had when it was opened.
-    """
-    mode = 0o755 if info.st_mode & 0o111 else 0o644
-    out = os.open(
-        dst_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dst_parent
-    )
-    try:
-        for start, end in _data_extents(fd, info.st_size):
-            _copy_range(fd, out, start, end)
-        os.ftruncate(out, info.st_size)
-        os.fchmod(out, mode)
-    finally:
-        os.close(out)
-
-
-def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """The (start, end) ranges of `fd` that hold data, up to `size` (the whole file where holes are unknown)."""
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return  # only a hole is left
-            yield offset, size  # no SEEK_DATA here: copy everything
-            return
-        if start >= size:
-            return
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        yield start, end
-        offset = end
-
-
-def _copy_range(src: int, dst: int, start: int, end: int) -> None:
-    offset = start
-    while offset < end:
-        length = min(end - offset, _COPY_CHUNK)
-        try:
-            copied = os.copy_file_range(src, dst, length, offset, offset)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
-            os.lseek(dst, offset, os.SEEK_SET)
-            copied = os.sendfile(dst, src, offset, length)
-        if copied == 0:
-            return  # the file shrank while copied: the copy holds what was there
-        offset += copied
 
 
 @contextlib.contextmanager
