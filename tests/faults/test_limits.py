@@ -132,15 +132,17 @@ def test_an_output_of_the_wrong_kind_is_refused(tmp_path: Path) -> None:
     assert worker.close() == 0
 
 
-def test_outputs_hardlinked_by_the_tool_are_not_multiplied_in_the_execroot(tmp_path: Path) -> None:
-    """10 MB linked 100 times by the tool (no cost in its view) became 1 GB in the execroot, one copy a link:
-    a tool could fill Bazel's disk. Now one copy, the other names linked to it."""
+@pytest.mark.parametrize("link", ["ln out/d/a", 'ln -s "$PWD/out/d/a"'])
+def test_outputs_linked_by_the_tool_are_not_multiplied_in_the_execroot(tmp_path: Path, link: str) -> None:
+    """10 MB linked 100 times by the tool (hard, or by absolute symlinks, resolved to their content; no cost
+    in its view) became 1 GB in the execroot, one copy a link: a tool could fill Bazel's disk. Now one copy,
+    the other names linked to it."""
     execroot = tmp_path / "execroot"
     execroot.mkdir()
     worker = Worker(execroot, tmp_path / "root")
     script = (
-        "head -c 1000000 /dev/urandom > out/d/a && i=0; while [ $i -lt 100 ]; do ln out/d/a out/d/l$i; "
-        "i=$((i+1)); done; ln out/d/a out/f; echo other > out/d/b"
+        f"head -c 1000000 /dev/urandom > out/d/a && i=0; while [ $i -lt 100 ]; do {link} out/d/l$i; "
+        f"i=$((i+1)); done; {link} out/f; echo other > out/d/b"
     )
     worker.send({"arguments": ["--output=out/f", "--output-dir=out/d", "--", "sh", "-c", script], "inputs": []})
     reply = worker.read()
@@ -149,7 +151,7 @@ def test_outputs_hardlinked_by_the_tool_are_not_multiplied_in_the_execroot(tmp_p
     data = (execroot / "out/d/a").read_bytes()
     inodes = {path.stat().st_ino for path in names if path.name != "b"}
     blocks = sum(path.stat().st_blocks for path in names)
-    print(f"\n[hardlinked outputs] {len(names)} names, {len(inodes)} inode(s), {blocks * 512 >> 20} MiB counted")
+    print(f"\n[{link} outputs] {len(names)} names, {len(inodes)} inode(s), {blocks * 512 >> 20} MiB summed")
     assert len(data) == 1000000 and all(p.read_bytes() == data for p in names if p.name != "b")
     assert (execroot / "out/d/b").read_text() == "other\n"
     assert len(inodes) == 1, "each link was copied on its own"

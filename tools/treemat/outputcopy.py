@@ -2,9 +2,9 @@
 
 - a copy is a new file, mode 0o755 or 0o644, sparse-aware (only data extents are copied, a huge hole costs
   nothing) and never more than the size the file had when it was opened;
-- files that are one inode in the tool's view (hardlinks) are one inode in the execroot too: the first is
-  copied, the others linked to that copy. Copied one by one, 10 MB linked 100 times by the tool (at no cost in
-  its tmpfs) were 1 GB in the execroot: a tool could fill Bazel's disk with links.
+- a file reached again (a hardlink, an absolute symlink resolved to its content) is linked to its first copy:
+  copied one by one, 10 MB linked 100 times by the tool (at no cost in its tmpfs) were 1 GB in the execroot,
+  a tool could fill Bazel's disk with links.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class CopySink:
 
     def file(self, fd: int, info: os.stat_result, into: int, name: str, rel: str) -> None:
         key = (info.st_dev, info.st_ino)
-        first = self._copies.get(key) if info.st_nlink > 1 else None
+        first = self._copies.get(key)
         if first is not None:
             try:
                 os.link(first, name, src_dir_fd=self.root_fd, dst_dir_fd=into, follow_symlinks=False)
@@ -36,8 +36,7 @@ class CopySink:
                 if exc.errno not in (errno.EMLINK, errno.ENOENT, errno.EXDEV, errno.EPERM):
                     raise
         copy_open_file(fd, info, into, name)
-        if info.st_nlink > 1:
-            self._copies[key] = rel
+        self._copies[key] = rel
 
     def symlink(self, target: str, into: int, name: str, rel: str) -> None:
         os.symlink(target, name, dir_fd=into)
