@@ -156,3 +156,24 @@ def test_outputs_linked_by_the_tool_are_not_multiplied_in_the_execroot(tmp_path:
     assert (execroot / "out/d/b").read_text() == "other\n"
     assert len(inodes) == 1, "each link was copied on its own"
     assert worker.close() == 0
+
+
+def test_symlinks_fanning_out_level_after_level_do_not_copy_exponentially(tmp_path: Path) -> None:
+    """Each level holding two absolute links to the next, resolved to their content: 40 entries made by the tool
+    were 2**14 copies of the last level at 14 levels (7 s), and never ended at 40."""
+    execroot = tmp_path / "execroot"
+    execroot.mkdir()
+    worker = Worker(execroot, tmp_path / "root")
+    script = (
+        "cd out/d && mkdir l40 && echo leaf > l40/f && i=40; while [ $i -gt 0 ]; do j=$((i-1)); mkdir l$j; "
+        'ln -s "$PWD/l$i" l$j/a; ln -s "$PWD/l$i" l$j/b; i=$j; done'
+    )
+    worker.send({"arguments": ["--output-dir=out/d", "--", "sh", "-c", script], "inputs": []})
+    reply = worker.read(timeout=60)
+    assert reply["exitCode"] == 1 and "reaches a directory copied 16 times already: refused" in reply["output"], reply
+    assert reply["output"].count("\n") == 1 and not (execroot / "out/d").exists()
+    once = 'mkdir out/d/real && echo x > out/d/real/f && ln -s "$PWD/out/d/real" out/d/alias'  # twice is fine
+    worker.send({"arguments": ["--output-dir=out/d", "--", "sh", "-c", once], "inputs": []})
+    assert worker.read()["exitCode"] == 0
+    assert (execroot / "out/d/alias/f").read_text() == "x\n" and not (execroot / "out/d/alias").is_symlink()
+    assert worker.close() == 0

@@ -12,7 +12,8 @@ replaced by a link into TREEMAT_ROOT, say) is a refusal, never a redirected writ
   its content (inside the view, hop by hop); a link leaving the exec dir, or a device, FIFO or socket, is refused.
 - Inside an output directory every entry is checked the same way; an entry that cannot be read is an error, and
   a link back into a directory being walked (a loop) is refused, and so is a tree nested deeper than
-  MAX_OUTPUT_DEPTH directories.
+  MAX_OUTPUT_DEPTH directories, and a directory reached more than MAX_DIRECTORY_VISITS times (absolute links
+  to it, fanning out level after level, would copy it exponentially often).
 
 One walker (`walk_entry`) applies these rules for every consumer; what becomes of an entry is its `OutputSink`'s
 business: the worker's copies it into Bazel's execroot, the bot's (bot/outputs.py) stores it and builds REAPI
@@ -34,6 +35,7 @@ from treemat.outputcopy import CopySink
 from treemat.tree import normalize_path
 
 _SYMLINK_HOPS = 40
+MAX_DIRECTORY_VISITS = 16  # walks of one directory in one action (absolute symlinks to it resolved to content)
 MAX_OUTPUT_DEPTH = 128  # directories nested in one output dir: the walk recurses and holds two descriptors a level
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -47,6 +49,7 @@ class OutputView:
     def __init__(self, view_fd: int, prefixes: Sequence[str]) -> None:
         self.fd = view_fd
         self.prefixes = tuple(prefix.rstrip("/") for prefix in prefixes)
+        self.visits: dict[tuple[int, int], int] = {}  # directory -> times walked (bounds symlinks fanning out)
 
     def inside(self, link_dir: str, target: str, what: str) -> str:
         """The view-relative path a symlink in `link_dir` to `target` names; refused if it leaves the view."""
@@ -237,6 +240,11 @@ def _walk_directory(
             )
         if key in ancestors:
             raise ExecutionError(f"output {rel!r} leads back into a directory that contains it (a loop): refused")
+        view.visits[key] = visits = view.visits.get(key, 0) + 1
+        if visits > MAX_DIRECTORY_VISITS:  # links fanning out level after level: the copy would grow exponentially
+            raise ExecutionError(
+                f"output {rel[:200]!r} reaches a directory copied {MAX_DIRECTORY_VISITS} times already: refused"
+            )
         directory = sink.directory(into, dst_name, rel)
         complete = False
         try:
