@@ -4,9 +4,12 @@ serves the next request."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import subprocess
+import tempfile
 from base64 import b64encode
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +20,7 @@ from treemat.counters import Counters
 from treemat.layout import Root
 
 from ..support.harness import Worker, request
+from ..support.mounts import mount_image
 
 
 @pytest.fixture
@@ -177,3 +181,38 @@ def test_symlinks_fanning_out_level_after_level_do_not_copy_exponentially(tmp_pa
     assert worker.read()["exitCode"] == 0
     assert (execroot / "out/d/alias/f").read_text() == "x\n" and not (execroot / "out/d/alias").is_symlink()
     assert worker.close() == 0
+
+
+def test_a_blob_at_the_filesystems_link_limit_is_staged_by_copy(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """ext4 allows 65,000 links to an inode: a blob there (a popular header) can be linked into neither a pooled
+    exec dir (its patch fails: retired) nor a fresh one (the materializer falls back to a copy). (Held.)"""
+    base = Path(tempfile.mkdtemp(prefix="treemat-test-emlink-", dir="/var/tmp"))  # no mount below the host's /tmp
+    try:
+        mnt = mount_image(base, "ext4", 64)
+        try:
+            execroot = base / "execroot"
+            execroot.mkdir()
+            (execroot / "a.txt").write_text("AAA\n")
+            (execroot / "b.txt").write_text("BBB\n")
+            worker = Worker(execroot, mnt / "root")
+            for name in ("a.txt", "b.txt"):  # a pooled dir holding a.txt's blob, and b.txt's blob in the CAS
+                worker.send(request(execroot, [name], ["out/x"], ["cp", name, "out/x"]))
+                assert worker.read()["exitCode"] == 0
+            blob = next((mnt / "root" / "cas").glob(f"*/{hashlib.sha256(b'BBB' + bytes([10])).hexdigest()}"))
+            links = mnt / "links"
+            links.mkdir()
+            with pytest.raises(OSError) as full:
+                for n in range(70000):
+                    os.link(blob, links / str(n))
+            assert full.value.errno == errno.EMLINK
+            (execroot / "a.txt").write_text("BBB\n")  # the pooled dir's shape, now needing the full blob
+            for name in ("a.txt", "b.txt"):
+                worker.send(request(execroot, [name], ["out/x"], ["cp", name, "out/x"]))
+                reply = worker.read()
+                assert reply["exitCode"] == 0 and (execroot / "out/x").read_text() == "BBB\n", reply
+            assert ContentStore(Root(mnt / "root"), counters=Counters()).verify_all().corrupt == 0
+            assert worker.close() == 0
+        finally:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
