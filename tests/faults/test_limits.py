@@ -122,9 +122,12 @@ def test_an_output_of_the_wrong_kind_is_refused(tmp_path: Path) -> None:
     worker = Worker(execroot, tmp_path / "root")
     as_dir = request(execroot, ["small.txt"], ["out/x"], ["sh", "-c", "mkdir out/x && echo hi > out/x/y"])
     as_file = {"arguments": ["--output-dir=out/d", "--", "sh", "-c", "rmdir out/d && echo f > out/d"], "inputs": []}
+    linked = 'mkdir out/real && echo hi > out/real/y && ln -s "$PWD/out/real" out/x'
+    as_link = request(execroot, ["small.txt"], ["out/x"], ["sh", "-c", linked])
     for body, word in (
         (as_dir, "is a directory, declared a file"),
         (as_file, "is a regular file, declared a directory"),
+        (as_link, "'out/x' is a directory, declared a file"),
     ):
         worker.send(body)
         reply = worker.read()

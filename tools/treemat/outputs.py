@@ -138,9 +138,7 @@ def collect_outputs(outputs: Sequence[str], view: OutputView, execroot_fd: int, 
             continue
         parent, name, info = found
         try:
-            if stat.S_ISDIR(info.st_mode) != (rel in declared_dirs) and not stat.S_ISLNK(info.st_mode):
-                declared = "directory" if rel in declared_dirs else "file"
-                raise ExecutionError(f"output {rel!r} is a {file_kind(info.st_mode)}, declared a {declared}: refused")
+            _check_kind(view, rel, info, rel in declared_dirs)
             with _destination_parent(execroot_fd, rel) as (dst_parent, dst_name):
                 _clear(dst_parent, dst_name, rel)
                 try:
@@ -156,6 +154,19 @@ def collect_outputs(outputs: Sequence[str], view: OutputView, execroot_fd: int, 
         finally:
             os.close(parent)
     return missing
+
+
+def _check_kind(view: OutputView, rel: str, info: os.stat_result, is_dir: bool) -> None:
+    """A directory where a file was declared, or the reverse, is refused (a symlink: by what it leads to)."""
+    if stat.S_ISLNK(info.st_mode):
+        resolved = view.resolve(rel, rel)
+        if resolved is None:
+            return  # dangling: the walk says so
+        os.close(resolved[0])
+        info = resolved[2]
+    if stat.S_ISDIR(info.st_mode) != is_dir:
+        declared = "directory" if is_dir else "file"
+        raise ExecutionError(f"output {rel!r} is a {file_kind(info.st_mode)}, declared a {declared}: refused")
 
 
 def walk_entry(
