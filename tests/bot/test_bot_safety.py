@@ -189,3 +189,21 @@ def test_the_bot_builds_no_action_executor(tmp_path: Path) -> None:
         assert stager.stack._executor is None
     finally:
         stager.close()
+
+
+@pytest.mark.parametrize(
+    ("script", "files", "dirs", "refusal"),
+    [
+        ("mkdir -p out/x && echo hi > out/x/y\n", ["out/x"], [], "output 'out/x' is a directory, declared a file"),
+        ("echo hi > out\n", [], ["out"], "output 'out' is a regular file, declared a directory"),
+    ],
+)
+def test_an_output_of_the_wrong_kind_is_refused(
+    bot: Any, script: str, files: list[str], dirs: list[str], refusal: str
+) -> None:
+    """REAPI v2.0: a directory at an output_files path (or a file at an output_directories one) is a failed
+    precondition; the bot reported it as what it found, an output_directories entry for a declared file."""
+    outcome = run_script(bot, script, outputs=files, output_dirs=dirs)
+    assert outcome.result.exit_code != 0
+    assert not outcome.result.output_directories and not outcome.result.output_files
+    assert refusal in stderr_of(outcome, bot[1])

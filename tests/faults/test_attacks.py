@@ -343,9 +343,9 @@ def test_symlinks_inside_directory_inputs_are_staged_or_refused(execroot: Path, 
     ],
 )
 def test_hostile_outputs_are_refused(name: str, script: str, execroot: Path, stack_root: Path, tally: Tally) -> None:
-    executor = make_executor(stack_root)
-    outputs = ["out/x"]
-    result = _run(executor, execroot, script, outputs)
+    dirs = ["out/x"] if name.startswith("output dir") else []  # declared a directory: its entries are walked
+    spec = ActionSpec(argv=["sh", "-c", script], outputs=[] if dirs else ["out/x"], output_dirs=dirs)
+    result = _run_request(make_executor(stack_root), execroot, spec, _inputs(execroot))
     assert result.exit_code != 0 and "refused" in result.output, result.output
     assert not (execroot / "out/x").exists() or (execroot / "out/x").is_symlink() is False
     tally.record(name, "detected")

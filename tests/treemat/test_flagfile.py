@@ -106,3 +106,13 @@ def test_flagfile_lines_split_only_at_newline(tmp_path: Path) -> None:
     path = tmp_path / "args.params"
     path.write_bytes(("\n".join(["--", *awkward]) + "\r\n").encode())
     assert read_flagfile(str(path)) == ["--", *awkward]
+
+
+@pytest.mark.parametrize("output", ["/".join(["o" * 200] * 30), "/".join(["o"] * 3000)])
+def test_oneshot_output_paths_too_long_or_deep_are_one_line_errors(tmp_path: Path, output: str) -> None:
+    """One-shot mode made an output's parent with a traceback (ENAMETOOLONG; RecursionError in makedirs)."""
+    flagfile = tmp_path / "long.params"
+    flagfile.write_text(f"--output-dir={output}\n--\ntrue\n")
+    run = [sys.executable, "-m", "treemat", f"@{flagfile}"]
+    bad = subprocess.run(run, cwd=tmp_path, env=worker_env(), capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("treemat: error:") and bad.stderr.count("\n") == 1, bad

@@ -167,3 +167,22 @@ def test_a_request_too_big_for_memory_fails_alone_and_the_next_is_read() -> None
     assert [type(item) for item in items] == [Malformed, WorkItem], items
     assert items[0].request_id == 5 and "does not fit in this process's memory" in str(items[0].error)
     assert items[1].request_id == 6
+
+
+def test_an_undecodable_proto_request_is_answered_under_its_id_and_a_cancel_not_at_all() -> None:
+    """A WorkRequest protobuf refuses to parse (a path that is not UTF-8) was answered with request id 0: a
+    multiplex Bazel waits for its id forever. An undecodable cancel gets no reply, as a decodable one."""
+    from treemat.framing import encode_delimited
+    from treemat.protocol import Malformed, WorkItem, read_requests
+    from treemat.relaywire import encode_varint
+
+    def raw(body: bytes) -> bytes:
+        return encode_varint(len(body)) + body
+
+    bad_input = b"\x12\x05\x0a\x03a\xff\x00"  # inputs { path: "a\xff\x00" }: not UTF-8
+    data = raw(bad_input + b"\x18\x07") + raw(bad_input + b"\x18\x08\x20\x01")  # id 7; a cancel of id 8
+    data += encode_delimited(protos.WorkRequest(arguments=["--", "true"], request_id=9))
+    items = list(read_requests(io.BytesIO(data), "proto"))
+    assert [type(item) for item in items] == [Malformed, WorkItem], items
+    assert items[0].request_id == 7 and "UTF-8" in str(items[0].error)
+    assert items[1].request_id == 9

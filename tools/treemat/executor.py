@@ -306,7 +306,7 @@ class ActionExecutor:
         outputs = [*request.spec.outputs, *request.spec.output_dirs]
         execroot_fd = os.open(request.output_root or request.execroot, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            missing = collect_outputs(outputs, view, execroot_fd)
+            missing = collect_outputs(outputs, view, execroot_fd, request.spec.output_dirs)
         finally:
             os.close(execroot_fd)
         if missing:

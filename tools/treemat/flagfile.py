@@ -159,10 +159,15 @@ def run_oneshot(arguments: list[str]) -> int:
         return 2
     env = dict(os.environ)
     env.update(spec.env)
-    for output in spec.outputs:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-    for output_dir in spec.output_dirs:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        for output in spec.outputs:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+        for output_dir in spec.output_dirs:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+    except (OSError, RecursionError) as exc:  # a path too long or too deep: one line, never a traceback
+        what = exc.strerror if isinstance(exc, OSError) else "nested too deeply"
+        print(f"treemat: error: cannot make an output's directory: {what}", file=sys.stderr)
+        return 2
     try:
         return subprocess.run(spec.argv_in(os.getcwd()), env=env, check=False).returncode
     except OSError as exc:

@@ -5,13 +5,15 @@ or the staged copy); the destination is a descriptor of Bazel's execroot. Every 
 opened with `O_NOFOLLOW` relative to its parent's descriptor, so a symlink planted anywhere (an output's parent
 replaced by a link into TREEMAT_ROOT, say) is a refusal, never a redirected write, delete or rename.
 
-- Every output is copied, never moved: a copy is a new inode (never a CAS blob, whatever links the tool made),
+- Every output is copied (outputcopy.py), never moved: a copy is a new inode (never a CAS blob; links the tool
+  made among its outputs are kept among the copies),
   sparse-aware (only data extents are copied) and bounded by the size the file had when opened.
 - A relative symlink that stays inside the exec dir is kept; an absolute one into the exec dir is resolved to
   its content (inside the view, hop by hop); a link leaving the exec dir, or a device, FIFO or socket, is refused.
 - Inside an output directory every entry is checked the same way; an entry that cannot be read is an error, and
   a link back into a directory being walked (a loop) is refused, and so is a tree nested deeper than
-  MAX_OUTPUT_DEPTH directories.
+  MAX_OUTPUT_DEPTH directories, and a directory reached more than MAX_DIRECTORY_VISITS times (absolute links
+  to it, fanning out level after level, would copy it exponentially often).
 
 One walker (`walk_entry`) applies these rules for every consumer; what becomes of an entry is its `OutputSink`'s
 business: the worker's copies it into Bazel's execroot, the bot's (bot/outputs.py) stores it and builds REAPI
@@ -29,14 +31,15 @@ from typing import Protocol, TypeVar
 
 from treemat.errors import ExecutionError
 from treemat.fsprims import file_kind
+from treemat.outputcopy import CopySink
 from treemat.tree import normalize_path
 
 _SYMLINK_HOPS = 40
+MAX_DIRECTORY_VISITS = 16  # walks of one directory in one action (absolute symlinks to it resolved to content)
 MAX_OUTPUT_DEPTH = 128  # directories nested in one output dir: the walk recurses and holds two descriptors a level
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_COPY_CHUNK = 1 << 30
 H = TypeVar("H")
 
 
@@ -46,6 +49,7 @@ class OutputView:
     def __init__(self, view_fd: int, prefixes: Sequence[str]) -> None:
         self.fd = view_fd
         self.prefixes = tuple(prefix.rstrip("/") for prefix in prefixes)
+        self.visits: dict[tuple[int, int], int] = {}  # directory -> times walked (bounds symlinks fanning out)
 
     def inside(self, link_dir: str, target: str, what: str) -> str:
         """The view-relative path a symlink in `link_dir` to `target` names; refused if it leaves the view."""
@@ -104,23 +108,6 @@ class OutputSink(Protocol[H]):
         """The directory `directory` returned is done (`complete` False when the walk failed inside it)."""
 
 
-class _CopySink:
-    """The worker's sink: new files, directories and links under a destination directory descriptor."""
-
-    def file(self, fd: int, info: os.stat_result, into: int, name: str, rel: str) -> None:
-        copy_open_file(fd, info, into, name)
-
-    def symlink(self, target: str, into: int, name: str, rel: str) -> None:
-        os.symlink(target, name, dir_fd=into)
-
-    def directory(self, into: int, name: str, rel: str) -> int:
-        os.mkdir(name, 0o755, dir_fd=into)
-        return os.open(name, _DIR_PATH, dir_fd=into)
-
-    def close(self, directory: int, *, complete: bool) -> None:
-        os.close(directory)
-
-
 def find_output(view: OutputView, output: str) -> tuple[int, str, os.stat_result] | None:
     """(parent descriptor, name, lstat) of a declared output in the view, following no link; None if absent."""
     rel = normalize_path(output)
@@ -138,10 +125,11 @@ def find_output(view: OutputView, output: str) -> tuple[int, str, os.stat_result
         raise
 
 
-def collect_outputs(outputs: Sequence[str], view: OutputView, execroot_fd: int) -> list[str]:
-    """Copy each declared output (file or directory) from the view into the execroot; returns the missing ones."""
+def collect_outputs(outputs: Sequence[str], view: OutputView, execroot_fd: int, dirs: Sequence[str] = ()) -> list[str]:
+    """Copy each declared output (file, or directory if in `dirs`) from the view into the execroot; returns the
+    missing ones. A directory where a file was declared (or the reverse) is refused: Bazel only warns."""
     missing: list[str] = []
-    sink = _CopySink()
+    sink, declared_dirs = CopySink(execroot_fd), {normalize_path(path) for path in dirs}
     for output in outputs:
         rel = normalize_path(output)
         found = find_output(view, rel)
@@ -150,12 +138,35 @@ def collect_outputs(outputs: Sequence[str], view: OutputView, execroot_fd: int) 
             continue
         parent, name, info = found
         try:
+            _check_kind(view, rel, info, rel in declared_dirs)
             with _destination_parent(execroot_fd, rel) as (dst_parent, dst_name):
                 _clear(dst_parent, dst_name, rel)
-                walk_entry(view, parent, name, info, sink, dst_parent, dst_name, rel)
+                try:
+                    walk_entry(view, parent, name, info, sink, dst_parent, dst_name, rel)
+                except BaseException as exc:
+                    with contextlib.suppress(OSError):  # no partial output left behind (it would fill the disk)
+                        _clear(dst_parent, dst_name, rel)
+                    if isinstance(exc, OSError):
+                        raise ExecutionError(
+                            f"output {rel!r} not copied to the execroot: {exc.strerror or exc}"
+                        ) from None
+                    raise
         finally:
             os.close(parent)
     return missing
+
+
+def _check_kind(view: OutputView, rel: str, info: os.stat_result, is_dir: bool) -> None:
+    """A directory where a file was declared, or the reverse, is refused (a symlink: by what it leads to)."""
+    if stat.S_ISLNK(info.st_mode):
+        resolved = view.resolve(rel, rel)
+        if resolved is None:
+            return  # dangling: the walk says so
+        os.close(resolved[0])
+        info = resolved[2]
+    if stat.S_ISDIR(info.st_mode) != is_dir:
+        declared = "directory" if is_dir else "file"
+        raise ExecutionError(f"output {rel!r} is a {file_kind(info.st_mode)}, declared a {declared}: refused")
 
 
 def walk_entry(
@@ -240,6 +251,11 @@ def _walk_directory(
             )
         if key in ancestors:
             raise ExecutionError(f"output {rel!r} leads back into a directory that contains it (a loop): refused")
+        view.visits[key] = visits = view.visits.get(key, 0) + 1
+        if visits > MAX_DIRECTORY_VISITS:  # links fanning out level after level: the copy would grow exponentially
+            raise ExecutionError(
+                f"output {rel[:200]!r} reaches a directory copied {MAX_DIRECTORY_VISITS} times already: refused"
+            )
         directory = sink.directory(into, dst_name, rel)
         complete = False
         try:
@@ -254,59 +270,6 @@ def _walk_directory(
         raise ExecutionError(f"output directory {rel!r} has an entry that cannot be read: {exc.strerror}") from None
     finally:
         os.close(src)
-
-
-def copy_open_file(fd: int, info: os.stat_result, dst_parent: int, dst_name: str) -> None:
-    """Copy the regular file open at `fd` to a new file, mode 0o755 or 0o644.
-
-    Sparse-aware: only the data extents are copied (a huge hole costs nothing); never more than the size the
-    file had when it was opened.
-    """
-    mode = 0o755 if info.st_mode & 0o111 else 0o644
-    out = os.open(
-        dst_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dst_parent
-    )
-    try:
-        for start, end in _data_extents(fd, info.st_size):
-            _copy_range(fd, out, start, end)
-        os.ftruncate(out, info.st_size)
-        os.fchmod(out, mode)
-    finally:
-        os.close(out)
-
-
-def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """The (start, end) ranges of `fd` that hold data, up to `size` (the whole file where holes are unknown)."""
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return  # only a hole is left
-            yield offset, size  # no SEEK_DATA here: copy everything
-            return
-        if start >= size:
-            return
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        yield start, end
-        offset = end
-
-
-def _copy_range(src: int, dst: int, start: int, end: int) -> None:
-    offset = start
-    while offset < end:
-        length = min(end - offset, _COPY_CHUNK)
-        try:
-            copied = os.copy_file_range(src, dst, length, offset, offset)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
-            os.lseek(dst, offset, os.SEEK_SET)
-            copied = os.sendfile(dst, src, offset, length)
-        if copied == 0:
-            return  # the file shrank while copied: the copy holds what was there
-        offset += copied
 
 
 @contextlib.contextmanager

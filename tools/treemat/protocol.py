@@ -27,7 +27,7 @@ from treemat.framing import (
     read_delimited_payload,
 )
 from treemat.manifest import InputManifest, decode_digest
-from treemat.relaywire import as_int32
+from treemat.relaywire import as_int32, scan_fields
 
 Wire = Literal["json", "proto"]
 
@@ -249,6 +249,7 @@ def read_json_requests(
 def read_proto_requests(stream: Readable) -> Iterator[WorkItem | Malformed]:
     """Every varint-delimited WorkRequest until EOF (or a truncated message); undecodable ones as Malformed."""
     while True:
+        payload: bytes | None = None
         try:
             payload = read_delimited_payload(stream)
             if payload is None:
@@ -261,8 +262,10 @@ def read_proto_requests(stream: Readable) -> Iterator[WorkItem | Malformed]:
             if not exc.fields.get(4):
                 yield Malformed(exc, as_int32(exc.fields.get(3, 0)))
             continue
-        except ProtocolError as exc:
-            yield Malformed(exc)
+        except ProtocolError as exc:  # answered under its id (a multiplex Bazel waits for that), a cancel not at all
+            fields = scan_fields(payload, (3, 4)) if payload is not None else {}
+            if not fields.get(4):
+                yield Malformed(exc, as_int32(fields.get(3, 0)))
             continue
         try:
             item: WorkItem | Malformed = item_from_proto(message, payload)

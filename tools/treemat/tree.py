@@ -16,6 +16,9 @@ from typing import Any, NamedTuple
 from treemat.digest import Digest
 from treemat.errors import DigestError, ManifestError
 
+MAX_PATH_BYTES = 4096  # PATH_MAX: no longer path can be opened by name, in the execroot or an exec dir
+MAX_PATH_DEPTH = 512  # components: trees, walks and makedirs recurse a level per component
+
 
 class FileNode:
     """A regular file: its content digest and exec bit; `source` is where to ingest it from if needed (not part
@@ -112,6 +115,10 @@ def normalize_path(raw: str) -> str:
             raise ManifestError(f"path is not a file name (a lone surrogate: not valid UTF-8): {raw!r}") from None
     if raw.startswith("/"):
         raise ManifestError(f"absolute path not allowed in an input tree: {raw!r}")
+    if len(raw) > MAX_PATH_BYTES or raw.count("/") >= MAX_PATH_DEPTH:
+        raise ManifestError(
+            f"path longer than {MAX_PATH_BYTES} bytes or {MAX_PATH_DEPTH} components: refused: {raw[:200]!r}..."
+        )
     parts = [part for part in raw.split("/") if part not in ("",)]
     if not parts:
         raise ManifestError(f"path names the tree root: {raw!r}")

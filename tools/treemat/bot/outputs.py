@@ -16,7 +16,7 @@ from typing import Any
 
 from treemat.bot.remote_cas import to_proto
 from treemat.bot.rpc import re_pb2
-from treemat.bot.stager import Digest, LocalStager, StagedAction, digest_bytes, normalize_path
+from treemat.bot.stager import Digest, ExecutionError, LocalStager, StagedAction, digest_bytes, normalize_path
 
 Blobs = dict[str, tuple[Digest, "Path | bytes"]]
 
@@ -76,6 +76,9 @@ def collect(staged: StagedAction, command: Any, result: Any, blobs: Blobs) -> No
         if not staged.walk_output(in_root(workdir, rel), sink, top, "out"):
             continue  # not created: omitted (the client decides)
         message = top.message
+        if not v21 and not message.symlinks and bool(top.subdirs) != (rel in dirs):  # REAPI: FAILED_PRECONDITION
+            kind, declared = ("directory", "file") if top.subdirs else ("regular file", "directory")
+            raise ExecutionError(f"output {rel!r} is a {kind}, declared a {declared}: refused")
         if message.files:
             (node,) = message.files
             result.output_files.add(path=rel, digest=node.digest, is_executable=node.is_executable)
