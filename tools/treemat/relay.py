@@ -15,7 +15,6 @@ in flight with one line; where no service can be had, `relay` returns None (afte
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import socket
 import sys
@@ -27,7 +26,7 @@ from treemat.errors import TreematError
 from treemat.layout import Root
 from treemat.locking import LockBusy, file_lock
 from treemat.relaywire import FrameTooBig, as_int32, encode_varint, failure_frame, frame_fields, payload_of, read_frame
-from treemat.servicespawn import ServeHere, ServiceUnavailable, package_hash, start_service, wait_seconds
+from treemat.servicespawn import ServeHere, ServiceUnavailable, own_package_hash, start_service, wait_seconds
 
 WIRE_VERSION = 1
 HELLO_MAGIC = b"treemat-relay"
@@ -42,10 +41,9 @@ UNREACHED = (
 )
 
 
-@functools.cache
 def service_version() -> str:
     """What relay and service must agree on: the wire version and the package's content hash (read once)."""
-    return f"{WIRE_VERSION}-{package_hash()}"
+    return f"{WIRE_VERSION}-{own_package_hash()}"
 
 
 def service_name(version: str, isolation: str) -> str:

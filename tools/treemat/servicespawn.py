@@ -140,13 +140,14 @@ def _same_modules(copy: str) -> bool:
                     return False
                 if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
                     return False
-        return package_hash(copy) == _own_hash()
+        return package_hash(copy) == own_package_hash()
     except OSError:
         return False
 
 
 @functools.cache
-def _own_hash() -> str:
+def own_package_hash() -> str:
+    """This package's content hash, read once per process (the relay's version and the copy's check share it)."""
     return package_hash()
 
 
