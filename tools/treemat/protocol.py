@@ -27,7 +27,7 @@ from treemat.framing import (
     read_delimited_payload,
 )
 from treemat.manifest import InputManifest, decode_digest
-from treemat.relaywire import as_int32, scan_fields
+from treemat.relaywire import request_id_of, scan_fields
 
 Wire = Literal["json", "proto"]
 
@@ -260,12 +260,12 @@ def read_proto_requests(stream: Readable) -> Iterator[WorkItem | Malformed]:
             return
         except MessageTooBig as exc:  # read through: the next request is framed
             if not exc.fields.get(4):
-                yield Malformed(exc, as_int32(exc.fields.get(3, 0)))
+                yield Malformed(exc, request_id_of(exc.fields))
             continue
         except ProtocolError as exc:  # answered under its id (a multiplex Bazel waits for that), a cancel not at all
             fields = scan_fields(payload, (3, 4)) if payload is not None else {}
             if not fields.get(4):
-                yield Malformed(exc, as_int32(fields.get(3, 0)))
+                yield Malformed(exc, request_id_of(fields))
             continue
         try:
             item: WorkItem | Malformed = item_from_proto(message, payload)

@@ -25,7 +25,15 @@ from pathlib import Path
 from treemat.errors import TreematError
 from treemat.layout import Root
 from treemat.locking import LockBusy, file_lock
-from treemat.relaywire import FrameTooBig, as_int32, encode_varint, failure_frame, frame_fields, payload_of, read_frame
+from treemat.relaywire import (
+    FrameTooBig,
+    encode_varint,
+    failure_frame,
+    frame_fields,
+    payload_of,
+    read_frame,
+    request_id_of,
+)
 from treemat.servicespawn import ServeHere, ServiceUnavailable, own_package_hash, start_service, wait_seconds
 
 WIRE_VERSION = 1
@@ -156,13 +164,13 @@ class Relay:
                     break
             except FrameTooBig as exc:  # read through: the next request is framed
                 if not exc.fields.get(4):
-                    self._write(failure_frame(as_int32(exc.fields.get(3, 0)), TOO_BIG.format(exc)))
+                    self._write(failure_frame(request_id_of(exc.fields), TOO_BIG.format(exc)))
                 continue
             except EOFError as exc:  # cut or garbled framing: no later request can be framed; answer, then end
                 self._write(failure_frame(0, f"treemat: malformed work request: {exc}\n"))
                 break
             fields = frame_fields(frame, (3, 4))
-            request_id, cancel = as_int32(fields.get(3, 0)), bool(fields.get(4, 0))
+            request_id, cancel = request_id_of(fields), bool(fields.get(4, 0))
             if self._sock is None:
                 try:
                     self._attach()
@@ -215,10 +223,10 @@ class Relay:
                 try:
                     frame = read_frame(sock)
                 except FrameTooBig as exc:  # an answer this relay cannot hold: that request fails, the others go on
-                    frame = failure_frame(as_int32(exc.fields.get(3, 0)), TOO_BIG.format(f"its answer: {exc}"))
+                    frame = failure_frame(request_id_of(exc.fields), TOO_BIG.format(f"its answer: {exc}"))
                 if frame is None:
                     break
-                request_id = as_int32(frame_fields(frame, (3,)).get(3, 0))
+                request_id = request_id_of(frame_fields(frame, (3,)))
                 with self._lock:
                     count = self._inflight.pop(request_id, 0)
                     if count > 1:

@@ -43,6 +43,11 @@ def as_int32(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
+def request_id_of(fields: dict[int, int]) -> int:
+    """The request id of a message's scanned fields (`scan_fields`, `skim`), as protobuf reads field 3."""
+    return as_int32(fields.get(3, 0))
+
+
 def scan_fields(payload: bytes | memoryview, wanted: tuple[int, ...]) -> dict[int, int]:
     """The varint fields `wanted` of a protobuf message, as sent (WorkRequest: 3 request_id, read it with
     `as_int32`; 4 cancel, true if not 0; WorkResponse: 3), the last of each as protobuf keeps it."""
