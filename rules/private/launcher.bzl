@@ -37,7 +37,8 @@ def _rlocation(ctx, file):
     return ctx.workspace_name + "/" + file.short_path
 
 def _inside_double_quotes(text):
-    """`text` as it may stand inside a double-quoted shell word (runfiles paths never need more)."""
+    """`text` as it may stand inside a double-quoted shell word (runfiles paths never need more); every runfiles
+    path the script writes between double quotes goes through here."""
     for special in ['"', "$", "`", "\\"]:
         if special in text:
             fail("treemat_launcher: cannot write the path {} into the launcher".format(text))
@@ -52,9 +53,9 @@ def _treemat_launcher_impl(ctx):
     if runtime.interpreter_path:
         interpreter = _shell_quote(runtime.interpreter_path)
     else:  # an interpreter built or fetched by Bazel: it is in the runfiles
-        interpreter = '"$runfiles/{}"'.format(_rlocation(ctx, runtime.interpreter))
+        interpreter = '"$runfiles/{}"'.format(_inside_double_quotes(_rlocation(ctx, runtime.interpreter)))
         runfiles = runfiles.merge(ctx.runfiles(transitive_files = runtime.files))
-    main = _rlocation(ctx, ctx.file.main)
+    main = _inside_double_quotes(_rlocation(ctx, ctx.file.main))
     main_dir = main.rpartition("/")[0]
     imports = ctx.attr.binary[PyInfo].imports.to_list()  # runfiles-relative, as the stub's python_imports
     script = ctx.actions.declare_file(ctx.label.name)
