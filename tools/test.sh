@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
 # Runs every check: lint + types, the pytest suites (unit, property, fault, end-to-end through real Bazel and
-# swiftc), then `bazel test //tests/...`. Exits non-zero if anything fails.
+# swiftc), then `bazel test //tests/...`. Exits non-zero if anything fails. This is what CI runs; the long suites
+# (pytest marker `heavy`: Bazel on BuildGrid + bots, the network-namespace cluster, BuildGrid and PostgreSQL
+# restarted mid-action) run with `tools/test.sh --heavy` instead (CI keeps their fast slice, tests/bot's others).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in
+  "") ;;
+  --heavy)
+    tools/setup.sh
+    echo "== pytest, the heavy suites (marker heavy)"
+    exec python3 -m pytest -q -ra --durations=10 -m heavy tests ;;
+  *) echo "usage: tools/test.sh [--heavy]" >&2; exit 2 ;;
+esac
 tools/setup.sh
 
 echo "== ruff + mypy + import contract"
@@ -13,8 +23,8 @@ python3 -m mypy benchmarks  # the benchmarks, held to the same strictness
 # the layer order of docs/architecture.md (pyproject.toml [tool.importlinter]), on this tree's package
 PYTHONPATH="tools${PYTHONPATH:+:$PYTHONPATH}" lint-imports --no-cache
 
-echo "== pytest (unit, property, faults, e2e)"
-python3 -m pytest -q -ra --durations=20 tests
+echo "== pytest (unit, property, faults, e2e; the heavy suites: tools/test.sh --heavy)"
+python3 -m pytest -q -ra --durations=20 -m "not heavy" tests
 
 # CI runs as root; users do not. The isolation, cleanup and permission suites run again as an ordinary user (uid
 # 1000 in a user namespace of their own: no capability, owning the files), then with no inotify instance left

@@ -36,6 +36,7 @@ CHAIN = ("//tests/bot/chain:RemoteChain", "//tests/bot/chain:CChainBase")  # man
 CHAIN_SWIFT_MODULES = 31
 PACKAGE = "tests/bot/chain"
 pytestmark = [
+    pytest.mark.heavy,
     pytest.mark.bazel,
     pytest.mark.bazel7,
     pytest.mark.bazel_remote,

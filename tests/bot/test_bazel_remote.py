@@ -39,6 +39,7 @@ LOCAL = [
 ]
 
 pytestmark = [
+    pytest.mark.heavy,
     pytest.mark.bazel,
     pytest.mark.remote,
     pytest.mark.bazel_remote,

@@ -34,6 +34,7 @@ from .test_remote_slice import _ancestors, _processes_with, _token
 WORKSPACE = Path(__file__).resolve().parents[2]
 NO_NETNS = netns_unavailable_reason()
 pytestmark = [
+    pytest.mark.heavy,
     pytest.mark.remote,
     pytest.mark.root,
     pytest.mark.skipif(NO_NETNS is not None, reason=f"netns cluster: {NO_NETNS}"),

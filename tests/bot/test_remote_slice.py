@@ -254,6 +254,7 @@ def _bot_entry(command: list[str], env: dict[str, str], bot_id: str) -> dict[str
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_killed_bot_loses_no_action(cluster: Cluster, client: Client, tmp_path: Path) -> None:
     token = _token(3)
     action = client.build_action(

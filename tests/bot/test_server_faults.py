@@ -26,6 +26,7 @@ from .test_remote_slice import _processes_with, _token
 
 WORKSPACE = Path(__file__).resolve().parents[2]
 pytestmark = [
+    pytest.mark.heavy,
     pytest.mark.remote,
     requires_postgresql,
 ]
