@@ -27,7 +27,7 @@ else
 fi
 export RUNFILES_DIR="$runfiles"
 export PYTHONPATH="{python_path}$runfiles${{PYTHONPATH:+:$PYTHONPATH}}"
-exec {interpreter} "$runfiles/{main}" "$@"
+exec {interpreter}{flags} "$runfiles/{main}" "$@"
 """
 
 def _rlocation(ctx, file):
@@ -66,6 +66,7 @@ def _treemat_launcher_impl(ctx):
         binary = str(ctx.attr.binary.label),
         binary_name = ctx.executable.binary.basename,
         interpreter = interpreter,
+        flags = " -S" if ctx.attr.no_site else "",
     ), is_executable = True)
     return [DefaultInfo(executable = script, runfiles = runfiles)]
 
@@ -83,6 +84,12 @@ treemat_launcher = rule(
             mandatory = True,
             allow_single_file = [".py"],
             doc = "The py_binary's main file (its `main`); the import roots come from the binary's PyInfo.",
+        ),
+        "no_site": attr.bool(
+            default = False,
+            doc = "Run the interpreter with `-S` (no `site`: no site-packages on sys.path, no .pth file run). " +
+                  "Only for a main module that imports the standard library and its runfiles alone until it " +
+                  "calls `site.main()` itself: `site` can cost more than the rest of the interpreter's start.",
         ),
     },
     toolchains = [_PY_TOOLCHAIN],

@@ -23,13 +23,14 @@ def _launcher(where: Path) -> Path:
         binary="//tools/treemat:treemat",
         binary_name="treemat",
         interpreter="'/usr/bin/env' 'python3'",
+        flags=" -S",
     )
     launcher = where / "launcher"
     launcher.write_text(script)
     launcher.chmod(0o755)
     main = where / "launcher.runfiles" / MAIN
     main.parent.mkdir(parents=True)
-    main.write_text("import sys\nprint('GOOD', *sys.argv[1:])\n")
+    main.write_text("import sys\nprint('GOOD' if sys.flags.no_site else 'SITE', *sys.argv[1:])\n")
     return launcher
 
 

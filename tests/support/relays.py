@@ -51,9 +51,10 @@ class RelayProcess:
         env: dict[str, str] | None = None,
         extra: tuple[str, ...] = (),
         wrapper: list[str] | None = None,
+        python_flags: tuple[str, ...] = (),
     ):
-        command = [sys.executable, "-m", "treemat", "--persistent_worker", "--protocol=proto", f"--root={root}"]
-        command = [*(wrapper or []), *command]
+        worker = ["-m", "treemat", "--persistent_worker", "--protocol=proto", f"--root={root}"]
+        command = [*(wrapper or []), sys.executable, *python_flags, *worker]
         environment = {**worker_env(), "TREEMAT_SERVICE": "1", **(env or {})}
         self.execroot = execroot
         self.proc = subprocess.Popen(

@@ -141,6 +141,26 @@ def test_the_services_death_fails_in_flight_requests_with_one_line_and_the_next_
     assert relay.close() == 0
 
 
+@pytest.mark.parametrize("service", ["1", "0"])
+def test_a_relay_started_without_site_as_the_launcher_starts_it_serves(
+    execroot: Path, root: Path, service: str
+) -> None:
+    """The launcher runs `python -S` (site-packages and .pth files skipped for the relay's start): the service it
+    forks, the one it spawns once that one died, and an in-process worker add the site-packages protobuf is in."""
+    relay = RelayProcess(execroot, root, env={"TREEMAT_SERVICE": service}, python_flags=("-S",))
+    assert relay.touch().exit_code == 0, relay.stderr
+    if service == "1":
+        first = the_service(root)
+        relay.send(["sh", "-c", "exec sleep 44.75"], [], ["in/a"], 3)
+        wait_for(lambda: tool_running("44.75"), what="the tool to start")
+        os.kill(first, signal.SIGKILL)
+        assert "stager service ended" in relay.read().output
+        assert relay.touch("out/after", 4).exit_code == 0, relay.stderr  # a spawned service, its threads running
+        assert the_service(root) != first
+    assert relay.close() == 0, relay.stderr
+    assert "Traceback" not in relay.stderr and "serving in this process" not in relay.stderr, relay.stderr
+
+
 def test_a_relays_death_cancels_its_requests_and_the_service_serves_others(execroot: Path, root: Path) -> None:
     doomed = RelayProcess(execroot, root)
     doomed.send(["sh", "-c", "exec sleep 42.25"], [], ["in/a"], 5)

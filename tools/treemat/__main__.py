@@ -36,14 +36,17 @@ def main(argv: list[str] | None = None) -> int:
                 status = relay(options, os.environ, serve_here=run_service)
                 if status is not None:
                     return status
+            add_site_packages()
             return serve_worker(options)
+        add_site_packages()
         from treemat.cli import main as cli_main
 
         return cli_main(["worker", *args])
     if any(arg.startswith("@") for arg in args):
         from treemat.flagfile import run_oneshot
 
-        return run_oneshot(args)
+        return run_oneshot(args)  # the standard library and treemat only: no site-packages needed
+    add_site_packages()
     from treemat.cli import main as cli_main
 
     return cli_main(args)
@@ -132,6 +135,16 @@ def run_service(args: list[str]) -> int:
     from treemat.service import main as service_main
 
     return service_main(args, forked=True)
+
+
+def add_site_packages() -> None:
+    """What `site` adds to sys.path (site-packages, .pth files), if the interpreter started without it: treemat's
+    launcher starts Python with `-S` (rules/private/launcher.bzl), since a relay and a one-shot action need only
+    the standard library and this package, and `site` can cost as much as the rest of the interpreter's start.
+    Every path that imports protobuf or click runs this first (servicespawn does, before it starts a service)."""
+    from treemat.servicespawn import add_site_packages as add
+
+    add()
 
 
 def keep_bytecode_across_bazel_clean() -> None:

@@ -163,10 +163,20 @@ def _remove(entry: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def add_site_packages() -> None:
+    """Run `site` now if the interpreter started without it (`-S`, as treemat's launcher starts a relay, whose
+    start `site` can double: .pth files): what follows needs the site-packages (protobuf, click)."""
+    if sys.flags.no_site and "site" not in sys.modules:
+        import site
+
+        site.main()
+
+
 def start_service(
     layout: Root, name: str, version: str, isolation: str, idle_minutes: float, serve_here: ServeHere | None
 ) -> None:
     """Start the service (detached) and wait until it listens or fails; ServiceUnavailable with its reason."""
+    add_site_packages()  # the service imports protobuf; a spawned one gets this process's sys.path
     package_parent = package_copy(layout, version)
     args = [f"--root={layout.path}", f"--name={name}", f"--isolation={isolation}", f"--idle-minutes={idle_minutes}"]
     log = layout.service_file(name, "log")
