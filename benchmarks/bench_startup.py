@@ -7,6 +7,7 @@
 Each round times, in alternating order (wall clock, from this process):
 
 - `python3 -c pass`: spawn -> exit of a bare interpreter (the floor the CI-speed issue's target is stated against);
+  `python3 -S -c pass` the same without `site` (site-packages and their .pth files: what the launcher skips);
 - `fork+exec touch`: the tool alone, as a plain child (the part of a first request no worker can avoid);
 - `worker (in-process)`: spawn `python3 -m treemat --persistent_worker --root=R` (Bazel's command line) with
   TREEMAT_SERVICE=0, write one varint-delimited WorkRequest proto on its stdin (real bytes: 1 input,
@@ -18,7 +19,7 @@ Each round times, in alternating order (wall clock, from this process):
   starts it (a fresh machine, a reboot, or after the service exited idle);
 - `py_binary stub, ...` and `shell launcher, ...` (`--bazel-bin`): a warm-service relay started as Bazel starts the
   worker, through the py_binary's Python stub (one more interpreter start) or the rules' shell launcher
-  (rules/private/launcher.bzl, what the rules run);
+  (rules/private/launcher.bzl, what the rules run, `python -S`), and that launcher with `site` (no `-S`);
 - `NAME worker (in-process)`, `NAME relay, cold service` (each `--baseline NAME=DIR`): the same through another
   checkout's package (a worktree of main), side by side with this one's.
 
@@ -115,6 +116,19 @@ def end_services(root: Path) -> None:
         pid_file.unlink(missing_ok=True)
 
 
+def launcher_with_site(launcher: Path, work: Path) -> Path:
+    """A copy of the built launcher without `-S` (the interpreter runs `site` first), beside a link to its
+    runfiles: the launcher as it was before it skipped `site`, timed side by side with it."""
+    text = launcher.read_text()
+    if ' -S "$runfiles/' not in text:
+        raise SystemExit(f"{launcher} does not start Python with -S: bazel build //tools/treemat:launcher")
+    copy = work / "launcher-with-site"
+    copy.write_text(text.replace(' -S "$runfiles/', ' "$runfiles/'))
+    copy.chmod(0o755)
+    (work / "launcher-with-site.runfiles").symlink_to(launcher.with_name("launcher.runfiles"))
+    return copy
+
+
 def request_bytes(execroot: Path) -> bytes:
     """One WorkRequest as Bazel writes it: the flagfile contract's arguments, one input with its hex digest."""
     message = protos.WorkRequest()
@@ -157,6 +171,7 @@ def main() -> int:
         (execroot / "in/a").write_bytes(b"input\n")
         rows: dict[str, Callable[[], object]] = {
             "python3 -c pass": lambda: subprocess.run([sys.executable, "-c", "pass"], check=True),
+            "python3 -S -c pass": lambda: subprocess.run([sys.executable, "-S", "-c", "pass"], check=True),
             "fork+exec touch": lambda: subprocess.run(["touch", "out/x"], cwd=execroot, check=True),
         }
         baselines = [(name, Path(tools)) for name, _, tools in (b.partition("=") for b in args.baseline)]
@@ -171,8 +186,11 @@ def main() -> int:
             ]
         programs: dict[str, list[str]] = {}
         if args.bazel_bin:  # what Bazel starts: the py_binary's Python stub, or the rules' shell launcher
-            for label, name in (("py_binary stub", "treemat"), ("shell launcher", "launcher")):
-                programs[f"{label}, relay, warm service"] = [str(args.bazel_bin.resolve() / "tools/treemat" / name)]
+            built = args.bazel_bin.resolve() / "tools/treemat"
+            launchers = [("py_binary stub", built / "treemat"), ("shell launcher", built / "launcher")]
+            launchers.append(("shell launcher with site", launcher_with_site(built / "launcher", work)))
+            for label, program in launchers:
+                programs[f"{label}, relay, warm service"] = [str(program)]
                 modes.append((f"{label}, relay, warm service", TOOLS, "1", False))
         for number, (name, tools, service, cold) in enumerate(modes):
             root = work / f"root-{number}"
