@@ -20,6 +20,9 @@ Each round times, in alternating order (wall clock, from this process):
 - `py_binary stub, ...` and `shell launcher, ...` (`--bazel-bin`): a warm-service relay started as Bazel starts the
   worker, through the py_binary's Python stub (one more interpreter start) or the rules' shell launcher
   (rules/private/launcher.bzl, what the rules run, `python -S`), and that launcher with `site` (no `-S`);
+  `shell launcher, new output base`: that launcher and its runfiles tree copied to a new path before each start
+  (outside the timing), as every CI build (a new output base) has them; `path-keyed bytecode`: the same with
+  PYTHONPYCACHEPREFIX set (Python's path-keyed cache, as treemat ran before bytecode.py);
 - `NAME worker (in-process)`, `NAME relay, cold service` (each `--baseline NAME=DIR`): the same through another
   checkout's package (a worktree of main), side by side with this one's.
 
@@ -36,6 +39,7 @@ import argparse
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -66,6 +70,7 @@ class FreshWorker:
         cold: bool = False,
         fresh_root: bool = False,
         program: list[str] | None = None,
+        moving_launcher: Path | None = None,
     ) -> None:
         self.execroot = execroot
         self.base_root = self.root = root
@@ -79,6 +84,21 @@ class FreshWorker:
         self.payload = request_bytes(execroot)
         self.running: list[subprocess.Popen[bytes]] = []
         self.program = program or [sys.executable, "-m", "treemat"]
+        self.moving_launcher = moving_launcher
+        self.moves = 0
+        if moving_launcher:
+            self.move_launcher()
+
+    def move_launcher(self) -> None:
+        """A copy of the built launcher and its runfiles tree at a new path, as every new output base has it."""
+        assert self.moving_launcher is not None
+        self.moves += 1
+        where = self.base_root.parent / f"{self.base_root.name}-output-base-{self.moves}"
+        where.mkdir(parents=True)
+        shutil.copy2(self.moving_launcher, where / "launcher")
+        runfiles = self.moving_launcher.with_name("launcher.runfiles")
+        shutil.copytree(runfiles, where / "launcher.runfiles", symlinks=True)
+        self.program = [str(where / "launcher")]
 
     def __call__(self) -> None:
         if self.fresh_root:  # a new root for every start, as a test harness's temp dir or a fresh CI machine
@@ -103,6 +123,8 @@ class FreshWorker:
             end_services(self.root)
         if self.fresh_root and self.root.exists():
             remove_tree(self.root)
+        if self.moving_launcher:  # outside the timing: the next start is from another output base
+            self.move_launcher()
 
 
 def end_services(root: Path) -> None:
@@ -177,7 +199,7 @@ def main() -> int:
         baselines = [(name, Path(tools)) for name, _, tools in (b.partition("=") for b in args.baseline)]
         modes = [("worker (in-process)", TOOLS, "0", False), ("relay, warm service", TOOLS, "1", False)]
         modes.append(("relay, cold service", TOOLS, "1", True))
-        if args.fresh_root:
+        if args.fresh_root:  # (a new root: nothing in its CAS or service/)
             modes += [("worker (in-process), new root", TOOLS, "0", False), ("relay, new root", TOOLS, "1", True)]
         for name, tools in baselines:  # another checkout's in-process worker and its relay starting the service
             modes += [
@@ -192,6 +214,8 @@ def main() -> int:
             for label, program in launchers:
                 programs[f"{label}, relay, warm service"] = [str(program)]
                 modes.append((f"{label}, relay, warm service", TOOLS, "1", False))
+            modes.append(("shell launcher, new output base, warm service", TOOLS, "1", False))
+            modes.append(("shell launcher, new output base, path-keyed bytecode", TOOLS, "1", False))
         for number, (name, tools, service, cold) in enumerate(modes):
             root = work / f"root-{number}"
             worker = FreshWorker(
@@ -203,7 +227,10 @@ def main() -> int:
                 cold=cold,
                 fresh_root=name.endswith("new root"),
                 program=programs.get(name),
+                moving_launcher=built / "launcher" if "new output base" in name else None,
             )
+            if name.endswith("path-keyed bytecode"):  # as before bytecode.py: an explicit prefix wins over it
+                worker.env["PYTHONPYCACHEPREFIX"] = str(work / "pycache-by-path")
             workers.append(worker)
             rows[name] = workers[-1]
         times: dict[str, list[float]] = {name: [] for name in rows}

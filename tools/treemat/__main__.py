@@ -148,30 +148,41 @@ def add_site_packages() -> None:
 
 
 def keep_bytecode_across_bazel_clean() -> None:
-    """Compile imported modules into the user's cache, not next to them in Bazel's runfiles.
+    """Run from a Bazel runfiles tree: its modules' compiled code goes to the user's cache, keyed by content.
 
-    `bazel clean` deletes the runfiles tree and the `__pycache__` in it, so every new worker (and every one-shot
-    action) would compile all of treemat, click and protobuf again: ~140 ms on a worker's first action. An
-    explicit PYTHONPYCACHEPREFIX or -B wins.
+    A runfiles tree is deleted by `bazel clean` and has a new path in every output base (every CI build), so
+    Python's path-keyed caches compiled treemat again for every new worker (~15 ms of a relay's start) and, under
+    a `sys.pycache_prefix`, kept a mirrored tree per output base for good. bytecode.py keys them by the source's
+    content instead. Only where the cache's whole path is ours; an explicit PYTHONPYCACHEPREFIX or -B wins.
     """
-    if sys.pycache_prefix is None and not sys.flags.dont_write_bytecode:
-        # layout.user_cache_dir's rule, spelled here: importing any treemat module first would compile it in place
-        cache = os.environ.get("XDG_CACHE_HOME") or ""
-        if not os.path.isabs(cache):  # unset or relative (the XDG spec: ignored)
-            cache = os.path.join(os.path.expanduser("~"), ".cache")
-        if os.path.isabs(cache):  # no home ("~" unexpanded): never a relative prefix, under Bazel's execroot
-            ours = os.path.join(cache, "treemat")
-            with contextlib.suppress(OSError):
-                os.makedirs(cache, 0o700, exist_ok=True)
-                os.mkdir(ours, 0o700)  # (importlib would make it with the umask's mode: 0775 under 002)
-            written, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no .pyc in the runfiles for this one
-            try:
-                from treemat.trustpath import trusted_path
-            finally:
-                sys.dont_write_bytecode = written
-            real, refused = trusted_path(ours)
-            if not refused:  # else anyone who can swap a dir on its way could plant compiled modules we would run
-                sys.pycache_prefix = os.path.join(real, "pycache")
+    if sys.pycache_prefix is not None or sys.flags.dont_write_bytecode:
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    runfiles = here
+    while not runfiles.endswith(".runfiles") and os.path.dirname(runfiles) != runfiles:
+        runfiles = os.path.dirname(runfiles)
+    if not runfiles.endswith(".runfiles"):
+        return  # a checkout or an installed package: Python's own __pycache__ next to the modules
+    # layout.user_cache_dir's rule, spelled here: importing any treemat module first would compile it in place
+    cache = os.environ.get("XDG_CACHE_HOME") or ""
+    if not os.path.isabs(cache):  # unset or relative (the XDG spec: ignored)
+        cache = os.path.join(os.path.expanduser("~"), ".cache")
+    if not os.path.isabs(cache):  # no home ("~" unexpanded): never a relative cache, under Bazel's execroot
+        return
+    ours = os.path.join(cache, "treemat")
+    with contextlib.suppress(OSError):
+        os.makedirs(cache, 0o700, exist_ok=True)
+        os.mkdir(ours, 0o700)  # (importlib would make it with the umask's mode: 0775 under 002)
+    written, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no .pyc in the runfiles for these two
+    try:
+        from treemat.bytecode import keep_compiled_by_content
+        from treemat.trustpath import trusted_path
+    finally:
+        sys.dont_write_bytecode = written
+    real, refused = trusted_path(ours)
+    if not refused:  # else anyone who can swap a dir on its way could plant compiled modules we would run
+        with contextlib.suppress(OSError):
+            keep_compiled_by_content(runfiles, os.path.join(real, "bytecode"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,102 @@
+"""Compiled modules of a runfiles tree kept by content (treemat/bytecode.py): a new output base compiles nothing
+again and leaves nothing behind; an edited module runs as edited; a damaged stored module is compiled again."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from ..support.harness import TOOLS_DIR
+
+PROBE = """
+import sys
+from treemat.bytecode import keep_compiled_by_content
+keep_compiled_by_content(sys.argv[1], sys.argv[2])
+import probe
+print(probe.VALUE, probe.__file__)
+probe.fail()
+"""
+
+
+def _runfiles_tree(where: Path, package: Path) -> Path:
+    """A copy of treemat's modules as Bazel lays out a runfiles tree (`X.runfiles/<workspace>/tools`)."""
+    tools = where / "bin/tools/treemat/launcher.runfiles/treemat/tools"
+    shutil.copytree(package, tools / "treemat", ignore=shutil.ignore_patterns("__pycache__"))
+    return tools
+
+
+def _run_main(tools: Path, cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """treemat's __main__ run as the launcher runs it: `python -S`, the runfiles' tools dir on PYTHONPATH."""
+    env = {
+        key: value for key, value in os.environ.items() if key not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")
+    }
+    env.update(PYTHONPATH=str(tools), XDG_CACHE_HOME=str(cache))
+    return subprocess.run(
+        [sys.executable, "-S", str(tools / "treemat/__main__.py"), *args],
+        env=env,
+        cwd=tools.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _files(directory: Path) -> set[str]:
+    return {str(path.relative_to(directory)) for path in directory.rglob("*") if path.is_file()}
+
+
+def test_a_new_output_base_compiles_no_module_again_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Python keyed compiled modules by path: each output base (each CI build) compiled the worker again and kept
+    another tree of them in the user's cache for good."""
+    cache = tmp_path / "cache"
+    first = _runfiles_tree(tmp_path / "output_base-1", TOOLS_DIR / "treemat")
+    ran = _run_main(first, cache, "stats", "--help")
+    assert ran.returncode == 0 and "Usage:" in ran.stdout, ran.stderr
+    kept = _files(cache / "treemat")
+    stored = {name for name in kept if name.startswith("bytecode/")}
+    assert len(stored) >= 5, kept  # __init__, cli, commands...: every treemat module it imported
+    assert not list(first.rglob("__pycache__")), "compiled modules written into Bazel's runfiles tree"
+    second = _runfiles_tree(tmp_path / "output_base-2", TOOLS_DIR / "treemat")
+    ran = _run_main(second, cache, "stats", "--help")
+    assert ran.returncode == 0 and "Usage:" in ran.stdout, ran.stderr
+    assert _files(cache / "treemat") == kept  # nothing compiled again, nothing added for the new path
+
+
+def _probe(tmp_path: Path, name: str, body: str) -> tuple[Path, Path]:
+    runfiles = tmp_path / name / "x.runfiles"
+    (runfiles / "lib").mkdir(parents=True)
+    (runfiles / "lib/probe.py").write_text(body)
+    return runfiles, runfiles / "lib"
+
+
+def _run_probe(runfiles: Path, lib: Path, store: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(lib), str(TOOLS_DIR)])}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return subprocess.run(
+        [sys.executable, "-c", PROBE, str(runfiles), str(store)], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_edited_moved_and_damaged_modules_run_as_their_source_says(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    body = "VALUE = {}\n\ndef fail():\n    raise SystemExit(__import__('traceback').format_stack()[-1])\n"
+    runfiles, lib = _probe(tmp_path, "a", body.format(1))
+    ran = _run_probe(runfiles, lib, store)
+    assert ran.stdout.split() == ["1", str(lib / "probe.py")], ran.stderr
+    assert len(os.listdir(store)) == 1
+    moved_runfiles, moved_lib = _probe(tmp_path, "b", body.format(1))  # the same source elsewhere: one entry
+    ran = _run_probe(moved_runfiles, moved_lib, store)
+    assert ran.stdout.split() == ["1", str(moved_lib / "probe.py")], ran.stderr
+    assert str(moved_lib / "probe.py") in ran.stderr, ran.stderr  # the code's file is this copy's, nested too
+    assert len(os.listdir(store)) == 1
+    (moved_lib / "probe.py").write_text(body.format(2))  # edited: its own entry, never the old code
+    assert _run_probe(moved_runfiles, moved_lib, store).stdout.split()[0] == "2"
+    for entry in store.iterdir():  # cut short or replaced by garbage: compiled again and stored again
+        entry.write_bytes(b"\xe3\x00garbage")
+    assert _run_probe(moved_runfiles, moved_lib, store).stdout.split()[0] == "2"
+    entries = [entry.read_bytes() for entry in store.iterdir()]  # 1's and 2's: 2's is compiled code again
+    assert len(entries) == 2 and sorted(b"garbage" in entry for entry in entries) == [False, True]
+    assert not list(tmp_path.rglob("__pycache__")), "compiled modules written next to the runfiles' sources"
