@@ -103,6 +103,24 @@ def test_a_copy_unused_for_weeks_goes_when_another_is_made(execroot: Path, root:
     assert len(list(shared.glob("pkg-*"))) == 2
 
 
+def test_the_path_keyed_compiled_modules_of_older_versions_go_when_a_service_starts(
+    execroot: Path, root: Path, tmp_path: Path
+) -> None:
+    """Before bytecode.py every output base left a tree of compiled modules in `<cache>/treemat/pycache` for good
+    (hundreds of MB on a machine that builds often); nothing else of the user's cache goes with it."""
+    ours = tmp_path / "cache/treemat"
+    old = ours / "pycache/tmp/output_base-1/execroot/treemat/tools/treemat/__pycache__"
+    old.mkdir(parents=True)
+    (old / "relay.cpython-311.pyc").write_bytes(b"old")
+    (ours / "bytecode").mkdir()
+    (ours / "bytecode/kept.pyc").write_bytes(b"kept")
+    relay = RelayProcess(execroot, root, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert relay.touch().exit_code == 0, relay.stderr
+    assert relay.close() == 0
+    assert not (ours / "pycache").exists() and not list(ours.glob(".old-*"))
+    assert (ours / "bytecode/kept.pyc").read_bytes() == b"kept" and list(ours.glob("service-packages/pkg-*"))
+
+
 def test_the_service_keeps_serving_after_the_relays_package_is_deleted(
     execroot: Path, root: Path, tmp_path: Path
 ) -> None:

@@ -34,6 +34,7 @@ ServeHere = Callable[[list[str]], int]  # runs the service in this process (__ma
 STALE_COPY_DAYS = 14  # a package copy no service started from for this long is removed when another is made
 LEFTOVER_SECONDS = 600.0  # a temp dir of a copy this old is a killed relay's (an older version copies unlocked)
 PROCESS_NAME = "treemat-service"  # /proc/PID/comm of every service (at most 15 bytes)
+OLD_BYTECODE_DIR = "pycache"  # the user cache's path-keyed compiled modules of versions before bytecode.py
 WAIT_SECONDS = 60.0  # for a service to start, or to answer a hello (TREEMAT_SERVICE_WAIT_SECONDS)
 
 
@@ -80,7 +81,12 @@ def package_copy(layout: Root, version: str) -> str:
             parent = check_trusted_path(wanted)  # by its real path from now on: no symlink above it is followed again
             check_private_dir(parent)
             with file_lock(parent / ".lock", timeout=wait_seconds()):  # one relay checks, replaces, removes at a time
-                return _copy_into(parent, f"pkg-{version}")
+                made = _copy_into(parent, f"pkg-{version}")
+                old_bytecode = parent.parent / OLD_BYTECODE_DIR
+                if parent.name == "service-packages" and os.path.lexists(old_bytecode):  # the user cache's
+                    with contextlib.suppress(OSError):
+                        _remove(old_bytecode)
+                return made
     raise ServiceUnavailable("no directory of ours to copy the treemat package into")
 
 
