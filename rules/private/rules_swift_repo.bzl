@@ -18,6 +18,10 @@ if __name__ == "__main__":
         # one-shot (sandboxed/local strategies, SwiftModuleWrap, SwiftAutolinkExtract): the real worker, before
         # any treemat import
         os.execv(REAL_WORKER, [REAL_WORKER, *sys.argv[1:]])
+    if sys.flags.no_site:  # the launcher skips `site` (python -S) for the one-shot path above; protobuf is there
+        import site
+
+        site.main()
     if {root!r}:
         os.environ.setdefault("TREEMAT_ROOT", {root!r})
     from treemat.rswift_worker import main
@@ -43,6 +47,7 @@ treemat_launcher(
     name = "worker",
     binary = ":worker_py",
     main = "treemat_worker.py",
+    no_site = True,
     visibility = ["//visibility:public"],
 )
 """
