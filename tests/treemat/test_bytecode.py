@@ -100,3 +100,22 @@ def test_edited_moved_and_damaged_modules_run_as_their_source_says(tmp_path: Pat
     entries = [entry.read_bytes() for entry in store.iterdir()]  # 1's and 2's: 2's is compiled code again
     assert len(entries) == 2 and sorted(b"garbage" in entry for entry in entries) == [False, True]
     assert not list(tmp_path.rglob("__pycache__")), "compiled modules written next to the runfiles' sources"
+
+
+def test_a_store_on_a_full_disk_keeps_nothing_and_the_module_still_runs(tmp_path: Path) -> None:
+    """A write cut short (here: a 1-byte file size limit, as a disk filling up) left a short file under the final
+    name; nothing is kept unless all of it was written."""
+    store = tmp_path / "store"
+    runfiles, lib = _probe(tmp_path, "a", "VALUE = 7\n\ndef fail():\n    pass\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(lib), str(TOOLS_DIR)])}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    limited = "import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (1, 1)); exec(sys.argv[3])"
+    ran = subprocess.run(
+        [sys.executable, "-c", limited, str(runfiles), str(store), PROBE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.stdout.split()[0] == "7", ran.stderr
+    assert list(store.iterdir()) == []

@@ -66,7 +66,9 @@ def _publish(path: str, data: bytes) -> None:
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(fd, data)  # a short write fails marshal.loads later: compiled again, never trusted
+            view = memoryview(data)
+            while view:  # all of it, or OSError (a full disk): never a short file under the final name
+                view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
         os.rename(temp, path)
