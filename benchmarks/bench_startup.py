@@ -19,7 +19,8 @@ Each round times, in alternating order (wall clock, from this process):
   starts it (a fresh machine, a reboot, or after the service exited idle);
 - `py_binary stub, ...` and `shell launcher, ...` (`--bazel-bin`): a warm-service relay started as Bazel starts the
   worker, through the py_binary's Python stub (one more interpreter start) or the rules' shell launcher
-  (rules/private/launcher.bzl, what the rules run, `python -S`), and that launcher with `site` (no `-S`);
+  (rules/private/launcher.bzl, what the rules run, `python -S`), and that launcher with `site` (no `-S`); the
+  launcher with a cold service (it starts the service, as on a fresh CI machine);
   `shell launcher, new output base`: that launcher and its runfiles tree copied to a new path before each start
   (outside the timing), as every CI build (a new output base) has them; `path-keyed bytecode`: the same with
   PYTHONPYCACHEPREFIX set (Python's path-keyed cache, as treemat ran before bytecode.py);
@@ -214,6 +215,8 @@ def main() -> int:
             for label, program in launchers:
                 programs[f"{label}, relay, warm service"] = [str(program)]
                 modes.append((f"{label}, relay, warm service", TOOLS, "1", False))
+            programs["shell launcher, relay, cold service"] = [str(built / "launcher")]
+            modes.append(("shell launcher, relay, cold service", TOOLS, "1", True))
             modes.append(("shell launcher, new output base, warm service", TOOLS, "1", False))
             modes.append(("shell launcher, new output base, path-keyed bytecode", TOOLS, "1", False))
         for number, (name, tools, service, cold) in enumerate(modes):

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
             if options["service"] == "1" and options["protocol"] == "proto":
                 from treemat.relay import relay
 
-                status = relay(options, os.environ, serve_here=run_service)
+                status = relay(options, os.environ, serve_here=run_forked_service)
                 if status is not None:
                     return status
             add_site_packages()
@@ -116,10 +116,15 @@ def start_service(args: list[str]) -> int:
     return run_service(args)
 
 
-def run_service(args: list[str]) -> int:
+def run_forked_service(args: list[str]) -> int:
+    """run_service in a process a relay forked (servicespawn.py): where the relay started without `site` (-S), it
+    runs here, while the sandbox helper boots (a spawned service gets the site-packages on its PYTHONPATH)."""
+    return run_service(args, add_site=True)
+
+
+def run_service(args: list[str], *, add_site: bool = False) -> int:
     """The service in this (detached) process: the sandbox helper spawned and the sandbox opened (its probe) in a
-    thread before the stack's modules are imported, so that both overlap. A relay that starts a service forks into
-    this (servicespawn.py)."""
+    thread before the stack's modules are imported, so that both overlap."""
     os.umask(0o077)
     flags = dict(arg.removeprefix("--").partition("=")[::2] for arg in args)
     root, isolation = flags.get("root", ""), flags.get("isolation", "auto")
@@ -132,6 +137,8 @@ def run_service(args: list[str]) -> int:
         from treemat.sandbox import open_early
 
         open_early(Path(root), isolation)
+    if add_site:
+        add_site_packages()
     from treemat.service import main as service_main
 
     return service_main(args, forked=True)
@@ -141,7 +148,7 @@ def add_site_packages() -> None:
     """What `site` adds to sys.path (site-packages, .pth files), if the interpreter started without it: treemat's
     launcher starts Python with `-S` (rules/private/launcher.bzl), since a relay and a one-shot action need only
     the standard library and this package, and `site` can cost as much as the rest of the interpreter's start.
-    Every path that imports protobuf or click runs this first (servicespawn does, before it starts a service)."""
+    Every path that imports protobuf or click runs this first (a service once its sandbox helper is booting)."""
     from treemat.servicespawn import add_site_packages as add
 
     add()

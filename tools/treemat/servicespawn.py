@@ -30,7 +30,7 @@ from treemat.errors import CasError
 from treemat.layout import Root, check_private_dir, check_trusted_path
 from treemat.locking import LockBusy, file_lock
 
-ServeHere = Callable[[list[str]], int]  # runs the service in this process (__main__.run_service); its status
+ServeHere = Callable[[list[str]], int]  # runs the service in this process (__main__.run_forked_service); its status
 STALE_COPY_DAYS = 14  # a package copy no service started from for this long is removed when another is made
 LEFTOVER_SECONDS = 600.0  # a temp dir of a copy this old is a killed relay's (an older version copies unlocked)
 PROCESS_NAME = "treemat-service"  # /proc/PID/comm of every service (at most 15 bytes)
@@ -182,7 +182,6 @@ def start_service(
     layout: Root, name: str, version: str, isolation: str, idle_minutes: float, serve_here: ServeHere | None
 ) -> None:
     """Start the service (detached) and wait until it listens or fails; ServiceUnavailable with its reason."""
-    add_site_packages()  # the service imports protobuf; a spawned one gets this process's sys.path
     package_parent = package_copy(layout, version)
     args = [f"--root={layout.path}", f"--name={name}", f"--isolation={isolation}", f"--idle-minutes={idle_minutes}"]
     log = layout.service_file(name, "log")
@@ -227,6 +226,7 @@ def _spawn(package_parent: str, args: list[str], log: Path, write_end: int) -> N
     (no .pth file runs again), the directories that exist, never the cwd (Bazel's execroot, first with -m)."""
     import subprocess
 
+    add_site_packages()  # the service imports protobuf from there; it gets this process's sys.path (-S, no .pth again)
     path = [package_parent] + [entry for entry in sys.path if entry != os.getcwd() and os.path.isdir(entry)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(path))}
     with open(log, "ab") as log_file:
