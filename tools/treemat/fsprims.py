@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import shutil
 import stat
@@ -131,16 +132,26 @@ def filesystem_type(path: StrPath) -> int | None:
 
     Through the process's own libc symbols (no subprocess, no library search: cheap enough for a store's start).
     """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        statfs = ctypes.CDLL(None, use_errno=True).statfs
-    except (OSError, AttributeError):
+    statfs = _statfs()
+    if statfs is None:
         return None
     buf = ctypes.create_string_buffer(512)  # struct statfs is 120 bytes on 64-bit Linux; f_type comes first
     if statfs(os.fsencode(path), buf) != 0:
         return None
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+@functools.cache
+def _statfs() -> Callable[..., int] | None:
+    """The process's own libc's statfs on Linux, looked up once (a CDLL and its symbol per call cost ~50 us: a
+    new execroot's watch asks for every directory it watches); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function: Callable[..., int] = ctypes.CDLL(None, use_errno=True).statfs
+    except (OSError, AttributeError):
+        return None
+    return function
 
 
 def is_btrfs(path: StrPath) -> bool:
