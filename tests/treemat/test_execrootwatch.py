@@ -297,3 +297,34 @@ def test_a_chmod_through_a_bind_mount_in_another_mount_namespace_is_seen(tmp_pat
     assert (Path(execroot) / "a/b/one").stat().st_mode & 0o100, "the chmod went through"
     plan = watch.plan(execroot, seen)
     assert plan.everything or "a/b/one" in plan.paths
+
+
+def test_a_check_that_spans_a_restart_never_vouches_in_the_new_watch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thread A placed an input's watches, then the watch started afresh (a lost event, read by another request)
+    before A's lstat; another request (C) checked the input in the new watch but could not watch it (out of
+    watches): unsure. A then took it off the unsure list on the strength of a watch the restart had dropped, and
+    a chmod after that was never seen by a request planned after the restart (a wrong exec bit, exit 0)."""
+    watch = ExecrootWatch()
+    execroot = _execroot(tmp_path, FILES)
+    _checked(watch, execroot, FILES)
+    target = f"{execroot}/a/b/one"
+    real_lstat, real_watch_input = os.lstat, watch._watch_input
+    late: list[int] = []
+
+    def lstat_after_a_restart(path: str, *args: object, **kwargs: object) -> os.stat_result:
+        if path == target and not late:  # thread A, between its watch and its lstat
+            watch._start(execroot)  # another request read a lost event: afresh
+            plan = watch.plan(execroot, None)
+            late.append(plan.generation)
+            monkeypatch.setattr(watch, "_watch_input", lambda _execroot, _path: None)  # C: out of watches
+            watch.check(execroot, "a/b/one")  # C's check: unsure in the new watch
+            monkeypatch.setattr(watch, "_watch_input", real_watch_input)
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(execrootwatch.os, "lstat", lstat_after_a_restart)
+    watch.check(execroot, "a/b/one")  # A's check, its watch placed before the restart
+    monkeypatch.setattr(execrootwatch.os, "lstat", real_lstat)
+    os.chmod(target, 0o755)
+    assert "a/b/one" in watch.plan(execroot, late[0]).paths, "vouched for with no watch on it"

@@ -61,6 +61,7 @@ class ExecrootWatch:
         self._restart = False  # a lost event or directory watch: start afresh once the queue is read
         self._usable = False  # the execroot resolves without symlinks and it and its ancestors are watched
         self._generation = 1
+        self._epoch = 0  # one per start afresh: a watch placed in an earlier one vouches for nothing now
         self._blanket = 1  # the generation of the last "anything may have changed"
         self._marks: dict[str, int] = {}  # input path -> the generation it was last marked in
         self._unsure: set[str] = set()  # inputs checked but not vouched for: checked on every request
@@ -91,19 +92,19 @@ class ExecrootWatch:
         """The input's `st_mode` now (0: gone or unreadable), read after its watches were placed (none while
         another execroot is watched)."""
         full = f"{execroot}/{path}"
-        watched = execroot == self._execroot and self._watch_input(path)
+        epoch = self._watch_input(execroot, path)
         try:
             mode = os.lstat(full).st_mode
         except OSError:
             mode = 0
-        sure = watched and stat.S_ISREG(mode)
+        sure = epoch is not None and stat.S_ISREG(mode)
         if stat.S_ISLNK(mode):
             try:
                 mode = os.stat(full).st_mode
             except OSError:
                 mode = 0
         with self._lock:
-            if sure:
+            if sure and epoch == self._epoch:  # (a start afresh since dropped the watch it was placed in)
                 self._unsure.discard(path)
             elif execroot == self._execroot:
                 self._unsure.add(path)
@@ -159,6 +160,7 @@ class ExecrootWatch:
         self._unsure.clear()
         self._links.clear()
         self._blanket = self._generation
+        self._epoch += 1
 
     def _add_dir_watch(self, path: str, *, local: bool = False) -> int | None:
         """A directory watch; None if it cannot be placed (or, with `local`, the directory is not on a local
@@ -182,11 +184,12 @@ class ExecrootWatch:
         except OSError:
             return None
 
-    def _watch_input(self, path: str) -> bool:
-        """Watch each directory from the execroot down to `path`, then its inode; False if any cannot be."""
+    def _watch_input(self, execroot: str, path: str) -> int | None:
+        """Watch each directory from `execroot` (the watched one, else None) down to `path`, then its inode: the
+        epoch they were placed in; None if any cannot be."""
         with self._lock:
-            if not self._usable or self._inotify is None:
-                return False
+            if not self._usable or self._inotify is None or execroot != self._execroot:
+                return None
             parent = ""
             for part in path.split("/")[:-1]:
                 above, parent = parent, f"{parent}/{part}" if parent else part
@@ -197,7 +200,7 @@ class ExecrootWatch:
                     if wd is not None:
                         self._dirs.setdefault(wd, set()).add(parent)
                 if wd == -1 or wd is None:
-                    return False
+                    return None
             # its inode: chmod (through any name), link count, utimes; removed; renamed (a symlink: never vouched for)
             mask = (
                 inotify_flags.ATTRIB | inotify_flags.DELETE_SELF | inotify_flags.MOVE_SELF | inotify_flags.DONT_FOLLOW
@@ -205,9 +208,9 @@ class ExecrootWatch:
             try:
                 wd = int(self._inotify.add_watch(f"{self._execroot}/{path}", mask))
             except OSError:
-                return False
+                return None
             self._files.setdefault(wd, set()).add(path)
-            return True
+            return self._epoch
 
     def _watch_dir(self, rel: str, name: str, parent_wd: int) -> int | None:
         """Watch the directory at `rel` (its parent, `parent_wd`, is watched): a directory, or an absolute symlink
