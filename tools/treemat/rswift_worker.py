@@ -22,7 +22,7 @@ from treemat.errors import ProtocolError, TreematError, describe_error
 from treemat.layout import Root, default_root_path
 from treemat.protocol import WorkItem, WorkReply, read_requests
 from treemat.rswift import PERSISTENT_FLAG, action_spec, outputs_over_inputs
-from treemat.stack import Stack, open_stack
+from treemat.stack import Stack, favour_syscall_threads, open_stack
 from treemat.worker import Handler, WorkerServer
 
 EXEC_ROOT_PREFIX = "{EXEC_ROOT}/"
@@ -73,6 +73,7 @@ def make_rswift_handler(stack: Stack, execroot: Path, real_worker: str, startup:
 
 def serve(real_worker: str, startup: Sequence[str], root: Path, isolation: str = "auto") -> int:
     """Serve rules_swift's JSON requests on stdin/stdout until EOF (stdout carries protocol bytes only)."""
+    favour_syscall_threads()
     protocol_out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
     sys.stdout = sys.stderr

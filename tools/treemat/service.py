@@ -37,7 +37,7 @@ from treemat.protocol import Malformed, WorkItem, WorkReply, encode_reply, read_
 from treemat.relay import HELLO_MAGIC, service_version, socket_address
 from treemat.servicepeer import answer, execroot_path, foreign_namespace, receive_hello, spare_descriptor
 from treemat.servicespawn import PROCESS_NAME, name_process
-from treemat.stack import Stack, open_stack
+from treemat.stack import Stack, favour_syscall_threads, open_stack
 from treemat.worker import DUPLICATE_REFUSED, SANDBOX_DIR_REFUSED, Canceller, Handler, make_handler
 
 HELLO_SECONDS = 10.0  # a peer that has not said hello by then is dropped (it would pin the service)
@@ -361,6 +361,7 @@ def main(argv: list[str], *, forked: bool = False) -> int:
         os._exit(0)  # the starting relay reaps this; the service is no child of any relay
     os.umask(0o077)
     name_process(PROCESS_NAME)
+    favour_syscall_threads()
     try:
         layout = Root(Path(options["root"]))
         import_first_request()  # while the sandbox opens in its thread (__main__.start_service)

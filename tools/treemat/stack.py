@@ -17,6 +17,7 @@ kernel's reason.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -184,6 +185,17 @@ def _sandbox_for(layout: Root, want: str) -> Sandbox:
         if want != "auto":
             raise
         return refusing_sandbox(str(exc))
+
+
+GIL_SWITCH_SECONDS = 0.0005  # a serving process's thread switch interval (Python's default: 0.005)
+
+
+def favour_syscall_threads() -> None:
+    """Switch threads every 0.5 ms, not every 5 ms: a request whose staging is syscalls (inotify watches, lstat,
+    links: each releases the GIL) beside a request doing Python work waited up to 5 ms for the GIL after every
+    call (a new execroot's 64-input first check: 0.9 ms alone, 170-290 ms beside one busy thread, 19-26 ms at 0.5
+    ms). For the processes that serve concurrent requests: the service, the in-process worker, the bot."""
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
 
 
 def open_stack(

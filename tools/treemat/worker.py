@@ -24,7 +24,7 @@ from treemat.errors import ProtocolError, TreematError, describe_error
 from treemat.flagfile import parse_action_args, request_arguments
 from treemat.layout import Root
 from treemat.protocol import Malformed, Wire, WorkItem, WorkReply, encode_reply, read_requests, sniff_protocol
-from treemat.stack import Stack, open_stack
+from treemat.stack import Stack, favour_syscall_threads, open_stack
 
 Handler = Callable[[WorkItem], WorkReply]
 SANDBOX_DIR_REFUSED = (
@@ -192,6 +192,7 @@ def serve_stdio(root: Path, *, protocol: Wire | None, max_workers: int, isolatio
     stdout becomes the protocol channel only: fd 1 is pointed at stderr, so a stray print cannot corrupt it.
     Raises TreematError when the stack cannot be opened.
     """
+    favour_syscall_threads()
     protocol_out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
     sys.stdout = sys.stderr

@@ -31,7 +31,7 @@ from treemat.fsprims import remove_tree
 from treemat.layout import Root
 from treemat.outputs import H, OutputSink, OutputView, find_output, walk_entry
 from treemat.sandbox import EXEC_ROOT, RunDir, ToolPlan
-from treemat.stack import DEFAULT_DIRCACHE_MIN_FILES, open_stack
+from treemat.stack import DEFAULT_DIRCACHE_MIN_FILES, favour_syscall_threads, open_stack
 from treemat.staging import StageReport
 from treemat.toolrun import ToolOutcome
 from treemat.tree import FileNode, InputTree, check_symlinks, normalize_path
@@ -155,6 +155,7 @@ class LocalStager:
     def __init__(
         self, root: Path, *, concurrency: int | None = None, dircache: bool = True, isolation: str = "auto"
     ) -> None:
+        favour_syscall_threads()  # the bot's process serves its leases' commands concurrently
         stack = open_stack(
             Root(root),
             isolation=isolation,
