@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ..support.harness import TOOLS_DIR
 
 PROBE = """
@@ -119,3 +121,36 @@ def test_a_store_on_a_full_disk_keeps_nothing_and_the_module_still_runs(tmp_path
     )
     assert ran.stdout.split()[0] == "7", ran.stderr
     assert list(store.iterdir()) == []
+
+
+def _damaged_so_that_marshal_raises(data: bytes, kind: type[BaseException]) -> bytes | None:
+    """`data` with one byte changed such that marshal.loads raises `kind` (None if no such byte is found)."""
+    import marshal
+
+    for index in range(len(data)):
+        for value in range(256):
+            damaged = data[:index] + bytes([value]) + data[index + 1 :]
+            try:
+                marshal.loads(damaged)
+            except kind:
+                return damaged
+            except Exception:  # another error: look on
+                continue
+    return None
+
+
+def test_a_stored_module_that_marshal_rejects_with_a_system_error_is_compiled_again(tmp_path: Path) -> None:
+    """A flipped bit in a stored module can make marshal raise SystemError (a code object's fields not as the
+    interpreter's constructor wants them), not ValueError/EOFError: the import failed, and with it every start of
+    the worker until someone deleted the file by hand."""
+    store = tmp_path / "store"
+    runfiles, lib = _probe(tmp_path, "a", "VALUE = 7\n\ndef fail():\n    pass\n")
+    assert _run_probe(runfiles, lib, store).stdout.split()[0] == "7"
+    [entry] = store.iterdir()
+    damaged = _damaged_so_that_marshal_raises(entry.read_bytes(), SystemError)
+    if damaged is None:
+        pytest.skip("no one-byte change of this interpreter's marshal data raises SystemError")
+    entry.write_bytes(damaged)
+    ran = _run_probe(runfiles, lib, store)
+    assert ran.stdout.split()[:1] == ["7"], ran.stderr
+    assert entry.read_bytes() != damaged  # compiled again and replaced
