@@ -3,6 +3,7 @@ again and leaves nothing behind; an edited module runs as edited; a damaged stor
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -154,3 +155,32 @@ def test_a_stored_module_that_marshal_rejects_with_a_system_error_is_compiled_ag
     ran = _run_probe(runfiles, lib, store)
     assert ran.stdout.split()[:1] == ["7"], ran.stderr
     assert entry.read_bytes() != damaged  # compiled again and replaced
+
+
+@pytest.mark.parametrize("hostile", ["others can write it", "it is a symlink to a dir others can write"])
+def test_no_compiled_module_is_loaded_from_a_store_dir_another_user_could_write(tmp_path: Path, hostile: str) -> None:
+    """Only the cache's `treemat` dir and those above it were checked, not its `bytecode` dir: one others can
+    write (a chmod, a cache restored with its modes) or a symlink to a shared scratch dir let another user plant
+    the compiled code of a treemat module (its name is the digest of the public source), run inside the worker."""
+    import marshal
+
+    cache = tmp_path / "cache"
+    (cache / "treemat").mkdir(parents=True, mode=0o700)
+    store = cache / "treemat/bytecode"
+    if hostile == "others can write it":
+        store.mkdir()
+        store.chmod(0o777)
+        writable = store
+    else:
+        writable = tmp_path / "shared"
+        writable.mkdir()
+        writable.chmod(0o777)
+        store.symlink_to(writable)
+    tools = _runfiles_tree(tmp_path / "output_base", TOOLS_DIR / "treemat")
+    source = (tools / "treemat/cli.py").read_bytes()
+    tag = f"{sys.implementation.cache_tag} {sys.hexversion} 0\0".encode()
+    planted = writable / (hashlib.blake2b(tag + source, digest_size=16).hexdigest() + ".pyc")
+    planted.write_bytes(marshal.dumps(compile("raise SystemExit('planted code ran')", "cli.py", "exec")))
+    ran = _run_main(tools, cache, "stats", "--help")
+    assert "planted" not in ran.stderr and ran.returncode == 0 and "Usage:" in ran.stdout, ran.stderr
+    assert [entry.name for entry in writable.iterdir()] == [planted.name]  # nothing stored where others write
