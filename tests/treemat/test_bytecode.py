@@ -75,11 +75,15 @@ def _probe(tmp_path: Path, name: str, body: str) -> tuple[Path, Path]:
     return runfiles, runfiles / "lib"
 
 
-def _run_probe(runfiles: Path, lib: Path, store: Path) -> subprocess.CompletedProcess[str]:
+def _run_probe(runfiles: Path, lib: Path, store: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(lib), str(TOOLS_DIR)])}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     return subprocess.run(
-        [sys.executable, "-c", PROBE, str(runfiles), str(store)], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", PROBE, str(runfiles), str(store)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -184,3 +188,26 @@ def test_no_compiled_module_is_loaded_from_a_store_dir_another_user_could_write(
     ran = _run_main(tools, cache, "stats", "--help")
     assert "planted" not in ran.stderr and ran.returncode == 0 and "Usage:" in ran.stdout, ran.stderr
     assert [entry.name for entry in writable.iterdir()] == [planted.name]  # nothing stored where others write
+
+
+@pytest.mark.parametrize("entry_kind", ["a FIFO", "a symlink to /dev/zero"])
+def test_a_stored_module_that_is_no_regular_file_is_compiled_again_not_waited_on(
+    tmp_path: Path, entry_kind: str
+) -> None:
+    """The stored module was opened and read as it was: a FIFO (no writer) blocked the import for good, a symlink
+    to /dev/zero read until memory ran out: the worker never started."""
+    store = tmp_path / "store"
+    runfiles, lib = _probe(tmp_path, "a", "VALUE = 7\n\ndef fail():\n    pass\n")
+    assert _run_probe(runfiles, lib, store).stdout.split()[0] == "7"
+    [entry] = store.iterdir()
+    entry.unlink()
+    if entry_kind == "a FIFO":
+        os.mkfifo(entry)
+    else:
+        entry.symlink_to("/dev/zero")
+    try:
+        ran = _run_probe(runfiles, lib, store, timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the import waited on {entry_kind} in the store")
+    assert ran.stdout.split()[:1] == ["7"], ran.stderr
+    assert entry.is_file() and not entry.is_symlink()  # compiled again and replaced

@@ -19,6 +19,7 @@ import os
 import sys
 from _blake2 import blake2b
 from importlib.machinery import ModuleSpec, PathFinder, SourceFileLoader
+from stat import S_ISREG
 from types import CodeType
 
 TYPE_CHECKING = False  # typing itself costs ~12 ms of a start; mypy reads this name as always true
@@ -42,7 +43,10 @@ class ContentKeyedLoader(SourceFileLoader):
         tag = f"{sys.implementation.cache_tag} {sys.hexversion} {sys.flags.optimize}\0".encode()
         compiled = os.path.join(self.store, blake2b(tag + source, digest_size=KEY_BYTES).hexdigest() + ".pyc")
         try:
-            with open(compiled, "rb") as stored:
+            fd = os.open(compiled, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with open(fd, "rb") as stored:  # a FIFO or a symlink to /dev/zero hung the import (the worker's start)
+                if not S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError(f"{compiled}: not a regular file")
                 code = marshal.loads(stored.read())
             if isinstance(code, CodeType):
                 return code if code.co_filename == path else _named(code, path)
