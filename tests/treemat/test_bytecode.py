@@ -211,3 +211,44 @@ def test_a_stored_module_that_is_no_regular_file_is_compiled_again_not_waited_on
         pytest.fail(f"the import waited on {entry_kind} in the store")
     assert ran.stdout.split()[:1] == ["7"], ran.stderr
     assert entry.is_file() and not entry.is_symlink()  # compiled again and replaced
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root (chown) and unshare")
+def test_no_compiled_module_is_loaded_from_a_store_dir_another_user_made_seen_from_a_user_namespace(
+    tmp_path: Path,
+) -> None:
+    """In a user namespace that does not map root, another user's dir shows as the overflow uid, which trustpath
+    accepts as root's (/, /home, /tmp): a store dir another user made where ours would go (a cache under a
+    sticky /tmp: XDG_CACHE_HOME or HOME=/tmp) passed, and the code planted in it ran inside the worker."""
+    import marshal
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o1777)
+    store = cache / "treemat/bytecode"
+    store.mkdir(parents=True)
+    tools = _runfiles_tree(tmp_path / "output_base", TOOLS_DIR / "treemat")
+    source = (tools / "treemat/cli.py").read_bytes()
+    tag = f"{sys.implementation.cache_tag} {sys.hexversion} 0\0".encode()
+    planted = store / (hashlib.blake2b(tag + source, digest_size=16).hexdigest() + ".pyc")
+    planted.write_bytes(marshal.dumps(compile("raise SystemExit('planted code ran')", "cli.py", "exec")))
+    for path in (cache / "treemat", store, planted):
+        os.chown(path, 1001, 1001)
+    (cache / "treemat").chmod(0o755)
+    store.chmod(0o755)
+    env = {
+        key: value for key, value in os.environ.items() if key not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")
+    }
+    env.update(PYTHONPATH=str(tools), XDG_CACHE_HOME=str(cache))
+    namespaced = ["unshare", "--user", "--map-user=1000", "--map-group=1000"]
+    ran = subprocess.run(
+        [*namespaced, sys.executable, "-S", str(tools / "treemat/__main__.py"), "stats", "--help"],
+        env=env,
+        cwd=tools.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if "unshare:" in ran.stderr:
+        pytest.skip(f"no user namespace here: {ran.stderr.strip()}")
+    assert "planted" not in ran.stderr and ran.returncode == 0 and "Usage:" in ran.stdout, ran.stderr

@@ -190,6 +190,8 @@ def keep_bytecode_across_bazel_clean() -> None:
     finally:
         sys.dont_write_bytecode = written
     real, refused = trusted_path(store)  # the store itself too: one others can write, or a symlink to such a dir
+    with contextlib.suppress(OSError):  # and made by us: in a user namespace not mapping root, another user's dir
+        refused = refused or ("" if os.lstat(real).st_uid == os.geteuid() else "not ours")  # passes as root's
     if not refused:  # else anyone who can swap a dir on its way could plant compiled modules we would run
         with contextlib.suppress(OSError):
             keep_compiled_by_content(runfiles, real)
