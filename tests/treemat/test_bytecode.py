@@ -3,11 +3,14 @@ again and leaves nothing behind; an edited module runs as edited; a damaged stor
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from ..support.harness import TOOLS_DIR
 
@@ -72,11 +75,15 @@ def _probe(tmp_path: Path, name: str, body: str) -> tuple[Path, Path]:
     return runfiles, runfiles / "lib"
 
 
-def _run_probe(runfiles: Path, lib: Path, store: Path) -> subprocess.CompletedProcess[str]:
+def _run_probe(runfiles: Path, lib: Path, store: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(lib), str(TOOLS_DIR)])}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     return subprocess.run(
-        [sys.executable, "-c", PROBE, str(runfiles), str(store)], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", PROBE, str(runfiles), str(store)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -119,3 +126,129 @@ def test_a_store_on_a_full_disk_keeps_nothing_and_the_module_still_runs(tmp_path
     )
     assert ran.stdout.split()[0] == "7", ran.stderr
     assert list(store.iterdir()) == []
+
+
+def _damaged_so_that_marshal_raises(data: bytes, kind: type[BaseException]) -> bytes | None:
+    """`data` with one byte changed such that marshal.loads raises `kind` (None if no such byte is found)."""
+    import marshal
+
+    for index in range(len(data)):
+        for value in range(256):
+            damaged = data[:index] + bytes([value]) + data[index + 1 :]
+            try:
+                marshal.loads(damaged)
+            except kind:
+                return damaged
+            except Exception:  # another error: look on
+                continue
+    return None
+
+
+def test_a_stored_module_that_marshal_rejects_with_a_system_error_is_compiled_again(tmp_path: Path) -> None:
+    """A flipped bit in a stored module can make marshal raise SystemError (a code object's fields not as the
+    interpreter's constructor wants them), not ValueError/EOFError: the import failed, and with it every start of
+    the worker until someone deleted the file by hand."""
+    store = tmp_path / "store"
+    runfiles, lib = _probe(tmp_path, "a", "VALUE = 7\n\ndef fail():\n    pass\n")
+    assert _run_probe(runfiles, lib, store).stdout.split()[0] == "7"
+    [entry] = store.iterdir()
+    damaged = _damaged_so_that_marshal_raises(entry.read_bytes(), SystemError)
+    if damaged is None:
+        pytest.skip("no one-byte change of this interpreter's marshal data raises SystemError")
+    entry.write_bytes(damaged)
+    ran = _run_probe(runfiles, lib, store)
+    assert ran.stdout.split()[:1] == ["7"], ran.stderr
+    assert entry.read_bytes() != damaged  # compiled again and replaced
+
+
+@pytest.mark.parametrize("hostile", ["others can write it", "it is a symlink to a dir others can write"])
+def test_no_compiled_module_is_loaded_from_a_store_dir_another_user_could_write(tmp_path: Path, hostile: str) -> None:
+    """Only the cache's `treemat` dir and those above it were checked, not its `bytecode` dir: one others can
+    write (a chmod, a cache restored with its modes) or a symlink to a shared scratch dir let another user plant
+    the compiled code of a treemat module (its name is the digest of the public source), run inside the worker."""
+    import marshal
+
+    cache = tmp_path / "cache"
+    (cache / "treemat").mkdir(parents=True, mode=0o700)
+    store = cache / "treemat/bytecode"
+    if hostile == "others can write it":
+        store.mkdir()
+        store.chmod(0o777)
+        writable = store
+    else:
+        writable = tmp_path / "shared"
+        writable.mkdir()
+        writable.chmod(0o777)
+        store.symlink_to(writable)
+    tools = _runfiles_tree(tmp_path / "output_base", TOOLS_DIR / "treemat")
+    source = (tools / "treemat/cli.py").read_bytes()
+    tag = f"{sys.implementation.cache_tag} {sys.hexversion} 0\0".encode()
+    planted = writable / (hashlib.blake2b(tag + source, digest_size=16).hexdigest() + ".pyc")
+    planted.write_bytes(marshal.dumps(compile("raise SystemExit('planted code ran')", "cli.py", "exec")))
+    ran = _run_main(tools, cache, "stats", "--help")
+    assert "planted" not in ran.stderr and ran.returncode == 0 and "Usage:" in ran.stdout, ran.stderr
+    assert [entry.name for entry in writable.iterdir()] == [planted.name]  # nothing stored where others write
+
+
+@pytest.mark.parametrize("entry_kind", ["a FIFO", "a symlink to /dev/zero"])
+def test_a_stored_module_that_is_no_regular_file_is_compiled_again_not_waited_on(
+    tmp_path: Path, entry_kind: str
+) -> None:
+    """The stored module was opened and read as it was: a FIFO (no writer) blocked the import for good, a symlink
+    to /dev/zero read until memory ran out: the worker never started."""
+    store = tmp_path / "store"
+    runfiles, lib = _probe(tmp_path, "a", "VALUE = 7\n\ndef fail():\n    pass\n")
+    assert _run_probe(runfiles, lib, store).stdout.split()[0] == "7"
+    [entry] = store.iterdir()
+    entry.unlink()
+    if entry_kind == "a FIFO":
+        os.mkfifo(entry)
+    else:
+        entry.symlink_to("/dev/zero")
+    try:
+        ran = _run_probe(runfiles, lib, store, timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the import waited on {entry_kind} in the store")
+    assert ran.stdout.split()[:1] == ["7"], ran.stderr
+    assert entry.is_file() and not entry.is_symlink()  # compiled again and replaced
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root (chown) and unshare")
+def test_no_compiled_module_is_loaded_from_a_store_dir_another_user_made_seen_from_a_user_namespace(
+    tmp_path: Path,
+) -> None:
+    """In a user namespace that does not map root, another user's dir shows as the overflow uid, which trustpath
+    accepts as root's (/, /home, /tmp): a store dir another user made where ours would go (a cache under a
+    sticky /tmp: XDG_CACHE_HOME or HOME=/tmp) passed, and the code planted in it ran inside the worker."""
+    import marshal
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o1777)
+    store = cache / "treemat/bytecode"
+    store.mkdir(parents=True)
+    tools = _runfiles_tree(tmp_path / "output_base", TOOLS_DIR / "treemat")
+    source = (tools / "treemat/cli.py").read_bytes()
+    tag = f"{sys.implementation.cache_tag} {sys.hexversion} 0\0".encode()
+    planted = store / (hashlib.blake2b(tag + source, digest_size=16).hexdigest() + ".pyc")
+    planted.write_bytes(marshal.dumps(compile("raise SystemExit('planted code ran')", "cli.py", "exec")))
+    for path in (cache / "treemat", store, planted):
+        os.chown(path, 1001, 1001)
+    (cache / "treemat").chmod(0o755)
+    store.chmod(0o755)
+    env = {
+        key: value for key, value in os.environ.items() if key not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")
+    }
+    env.update(PYTHONPATH=str(tools), XDG_CACHE_HOME=str(cache))
+    namespaced = ["unshare", "--user", "--map-user=1000", "--map-group=1000"]
+    ran = subprocess.run(
+        [*namespaced, sys.executable, "-S", str(tools / "treemat/__main__.py"), "stats", "--help"],
+        env=env,
+        cwd=tools.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if "unshare:" in ran.stderr:
+        pytest.skip(f"no user namespace here: {ran.stderr.strip()}")
+    assert "planted" not in ran.stderr and ran.returncode == 0 and "Usage:" in ran.stdout, ran.stderr

@@ -177,19 +177,24 @@ def keep_bytecode_across_bazel_clean() -> None:
     if not os.path.isabs(cache):  # no home ("~" unexpanded): never a relative cache, under Bazel's execroot
         return
     ours = os.path.join(cache, "treemat")
+    store = os.path.join(ours, "bytecode")
     with contextlib.suppress(OSError):
         os.makedirs(cache, 0o700, exist_ok=True)
         os.mkdir(ours, 0o700)  # (importlib would make it with the umask's mode: 0775 under 002)
+    with contextlib.suppress(OSError):
+        os.mkdir(store, 0o700)
     written, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no .pyc in the runfiles for these two
     try:
         from treemat.bytecode import keep_compiled_by_content
         from treemat.trustpath import trusted_path
     finally:
         sys.dont_write_bytecode = written
-    real, refused = trusted_path(ours)
+    real, refused = trusted_path(store)  # the store itself too: one others can write, or a symlink to such a dir
+    with contextlib.suppress(OSError):  # and made by us: in a user namespace not mapping root, another user's dir
+        refused = refused or ("" if os.lstat(real).st_uid == os.geteuid() else "not ours")  # passes as root's
     if not refused:  # else anyone who can swap a dir on its way could plant compiled modules we would run
         with contextlib.suppress(OSError):
-            keep_compiled_by_content(runfiles, os.path.join(real, "bytecode"))
+            keep_compiled_by_content(runfiles, real)
 
 
 if __name__ == "__main__":

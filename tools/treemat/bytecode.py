@@ -7,9 +7,9 @@ has it at a new path. Python keys its compiled modules by path (next to the sour
 Here a module found in the runfiles tree is compiled once per source content: its code object is stored (marshal)
 under a digest of the source, the interpreter's version and the optimization level, written atomically
 (temp file + rename). Another output base, a `bazel clean`, the service's package copy: the same source, the same
-file. A file that does not load (cut short, another format) is compiled again and replaced. Modules elsewhere
-(the standard library, site-packages, a checkout) load as Python loads them. Standard library only: it runs
-before any other treemat module is imported.
+file. A file that does not load (cut short, damaged, another format: whatever marshal raises) is compiled again
+and replaced. Modules elsewhere (the standard library, site-packages, a checkout) load as Python loads them.
+Standard library only: it runs before any other treemat module is imported.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import os
 import sys
 from _blake2 import blake2b
 from importlib.machinery import ModuleSpec, PathFinder, SourceFileLoader
+from stat import S_ISREG
 from types import CodeType
 
 TYPE_CHECKING = False  # typing itself costs ~12 ms of a start; mypy reads this name as always true
@@ -42,12 +43,15 @@ class ContentKeyedLoader(SourceFileLoader):
         tag = f"{sys.implementation.cache_tag} {sys.hexversion} {sys.flags.optimize}\0".encode()
         compiled = os.path.join(self.store, blake2b(tag + source, digest_size=KEY_BYTES).hexdigest() + ".pyc")
         try:
-            with open(compiled, "rb") as stored:
+            fd = os.open(compiled, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with open(fd, "rb") as stored:  # a FIFO or a symlink to /dev/zero hung the import (the worker's start)
+                if not S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError(f"{compiled}: not a regular file")
                 code = marshal.loads(stored.read())
             if isinstance(code, CodeType):
                 return code if code.co_filename == path else _named(code, path)
-        except (OSError, ValueError, EOFError, TypeError):
-            pass  # none yet, or not one that loads: compiled (again) and stored
+        except Exception:  # none yet, or not one that loads (cut short: EOFError; a damaged byte: SystemError too)
+            pass  # compiled (again) and stored
         code = self.source_to_code(source, path)
         if not sys.dont_write_bytecode:
             _publish(compiled, marshal.dumps(code))
