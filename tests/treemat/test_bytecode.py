@@ -4,10 +4,12 @@ again and leaves nothing behind; an edited module runs as edited; a damaged stor
 from __future__ import annotations
 
 import hashlib
+import marshal
 import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -128,10 +130,14 @@ def test_a_store_on_a_full_disk_keeps_nothing_and_the_module_still_runs(tmp_path
     assert list(store.iterdir()) == []
 
 
+def _stored(code: types.CodeType) -> bytes:
+    """A stored module as bytecode.py writes it (its digest, then marshal): what anyone can compute."""
+    payload = marshal.dumps(code)
+    return hashlib.blake2b(payload, digest_size=16).digest() + payload
+
+
 def _damaged_so_that_marshal_raises(data: bytes, kind: type[BaseException]) -> bytes | None:
     """`data` with one byte changed such that marshal.loads raises `kind` (None if no such byte is found)."""
-    import marshal
-
     for index in range(len(data)):
         for value in range(256):
             damaged = data[:index] + bytes([value]) + data[index + 1 :]
@@ -152,9 +158,11 @@ def test_a_stored_module_that_marshal_rejects_with_a_system_error_is_compiled_ag
     runfiles, lib = _probe(tmp_path, "a", "VALUE = 7\n\ndef fail():\n    pass\n")
     assert _run_probe(runfiles, lib, store).stdout.split()[0] == "7"
     [entry] = store.iterdir()
-    damaged = _damaged_so_that_marshal_raises(entry.read_bytes(), SystemError)
-    if damaged is None:
+    payload = entry.read_bytes()[16:]  # after its digest (bytecode.KEY_BYTES)
+    damaged_payload = _damaged_so_that_marshal_raises(payload, SystemError)
+    if damaged_payload is None:
         pytest.skip("no one-byte change of this interpreter's marshal data raises SystemError")
+    damaged = hashlib.blake2b(damaged_payload, digest_size=16).digest() + damaged_payload  # its digest matches
     entry.write_bytes(damaged)
     ran = _run_probe(runfiles, lib, store)
     assert ran.stdout.split()[:1] == ["7"], ran.stderr
@@ -166,8 +174,6 @@ def test_no_compiled_module_is_loaded_from_a_store_dir_another_user_could_write(
     """Only the cache's `treemat` dir and those above it were checked, not its `bytecode` dir: one others can
     write (a chmod, a cache restored with its modes) or a symlink to a shared scratch dir let another user plant
     the compiled code of a treemat module (its name is the digest of the public source), run inside the worker."""
-    import marshal
-
     cache = tmp_path / "cache"
     (cache / "treemat").mkdir(parents=True, mode=0o700)
     store = cache / "treemat/bytecode"
@@ -184,7 +190,7 @@ def test_no_compiled_module_is_loaded_from_a_store_dir_another_user_could_write(
     source = (tools / "treemat/cli.py").read_bytes()
     tag = f"{sys.implementation.cache_tag} {sys.hexversion} 0\0".encode()
     planted = writable / (hashlib.blake2b(tag + source, digest_size=16).hexdigest() + ".pyc")
-    planted.write_bytes(marshal.dumps(compile("raise SystemExit('planted code ran')", "cli.py", "exec")))
+    planted.write_bytes(_stored(compile("raise SystemExit('planted code ran')", "cli.py", "exec")))
     ran = _run_main(tools, cache, "stats", "--help")
     assert "planted" not in ran.stderr and ran.returncode == 0 and "Usage:" in ran.stdout, ran.stderr
     assert [entry.name for entry in writable.iterdir()] == [planted.name]  # nothing stored where others write
@@ -220,8 +226,6 @@ def test_no_compiled_module_is_loaded_from_a_store_dir_another_user_made_seen_fr
     """In a user namespace that does not map root, another user's dir shows as the overflow uid, which trustpath
     accepts as root's (/, /home, /tmp): a store dir another user made where ours would go (a cache under a
     sticky /tmp: XDG_CACHE_HOME or HOME=/tmp) passed, and the code planted in it ran inside the worker."""
-    import marshal
-
     cache = tmp_path / "cache"
     cache.mkdir()
     cache.chmod(0o1777)
@@ -231,7 +235,7 @@ def test_no_compiled_module_is_loaded_from_a_store_dir_another_user_made_seen_fr
     source = (tools / "treemat/cli.py").read_bytes()
     tag = f"{sys.implementation.cache_tag} {sys.hexversion} 0\0".encode()
     planted = store / (hashlib.blake2b(tag + source, digest_size=16).hexdigest() + ".pyc")
-    planted.write_bytes(marshal.dumps(compile("raise SystemExit('planted code ran')", "cli.py", "exec")))
+    planted.write_bytes(_stored(compile("raise SystemExit('planted code ran')", "cli.py", "exec")))
     for path in (cache / "treemat", store, planted):
         os.chown(path, 1001, 1001)
     (cache / "treemat").chmod(0o755)
@@ -252,3 +256,18 @@ def test_no_compiled_module_is_loaded_from_a_store_dir_another_user_made_seen_fr
     if "unshare:" in ran.stderr:
         pytest.skip(f"no user namespace here: {ran.stderr.strip()}")
     assert "planted" not in ran.stderr and ran.returncode == 0 and "Usage:" in ran.stdout, ran.stderr
+
+
+def test_a_stored_module_damaged_into_other_valid_code_is_compiled_again(tmp_path: Path) -> None:
+    """marshal has no checksum: a changed byte can decode into other, valid code (here the constant 1 became 2)
+    that ran as the module; a stored module is loaded only if its digest matches."""
+    store = tmp_path / "store"
+    runfiles, lib = _probe(tmp_path, "a", "VALUE = 1\n\ndef fail():\n    pass\n")
+    assert _run_probe(runfiles, lib, store).stdout.split()[0] == "1"
+    (entry,) = store.iterdir()
+    data = entry.read_bytes()
+    one, two = marshal.dumps(1), marshal.dumps(2)
+    assert one in data
+    entry.write_bytes(data.replace(one, two))
+    ran = _run_probe(runfiles, lib, store)
+    assert ran.stdout.split()[0] == "1", ran.stdout + ran.stderr

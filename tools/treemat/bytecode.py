@@ -4,12 +4,13 @@ A runfiles tree lives under Bazel's output base: `bazel clean` deletes it, and e
 has it at a new path. Python keys its compiled modules by path (next to the source, or under
 `sys.pycache_prefix` mirroring the absolute path), so every new output base compiled the worker's modules again
 (~15 ms of a relay's start, more for the in-process worker) and left another mirrored tree in the cache for good.
-Here a module found in the runfiles tree is compiled once per source content: its code object is stored (marshal)
-under a digest of the source, the interpreter's version and the optimization level, written atomically
-(temp file + rename). Another output base, a `bazel clean`, the service's package copy: the same source, the same
-file. A file that does not load (cut short, damaged, another format: whatever marshal raises) is compiled again
-and replaced. Modules elsewhere (the standard library, site-packages, a checkout) load as Python loads them.
-Standard library only: it runs before any other treemat module is imported.
+Here a module found in the runfiles tree is compiled once per source content: its code object is stored
+(marshal, after a digest of it, checked before it is loaded) under a digest of the source, the interpreter's
+version and the optimization level, written atomically (temp file + rename). Another output base, a `bazel
+clean`, the service's package copy: the same source, the same file. A file that does not load (cut short,
+damaged, another format, not a regular file) is compiled again and replaced. Modules elsewhere (the standard
+library, site-packages, a checkout) load as Python loads them. Standard library only: it runs before any other
+treemat module is imported.
 """
 
 from __future__ import annotations
@@ -47,14 +48,19 @@ class ContentKeyedLoader(SourceFileLoader):
             with open(fd, "rb") as stored:  # a FIFO or a symlink to /dev/zero hung the import (the worker's start)
                 if not S_ISREG(os.fstat(fd).st_mode):
                     raise OSError(f"{compiled}: not a regular file")
-                code = marshal.loads(stored.read())
+                data = stored.read()
+            payload = data[KEY_BYTES:]  # a damaged byte can unmarshal into other, valid code: never run unchecked
+            if data[:KEY_BYTES] != blake2b(payload, digest_size=KEY_BYTES).digest():
+                raise ValueError(f"{compiled}: its digest does not match")
+            code = marshal.loads(payload)
             if isinstance(code, CodeType):
                 return code if code.co_filename == path else _named(code, path)
         except Exception:  # none yet, or not one that loads (cut short: EOFError; a damaged byte: SystemError too)
             pass  # compiled (again) and stored
         code = self.source_to_code(source, path)
         if not sys.dont_write_bytecode:
-            _publish(compiled, marshal.dumps(code))
+            payload = marshal.dumps(code)
+            _publish(compiled, blake2b(payload, digest_size=KEY_BYTES).digest() + payload)
         return code
 
 
