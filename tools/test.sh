@@ -31,7 +31,8 @@ python3 -m pytest -q -ra --durations=20 -m "not heavy" tests
 # (the limit lowered inside a user namespace of the test's own, never on the host): the guard must fail closed.
 AS_USER=(unshare --user --map-user=1000 --map-group=1000)
 ISOLATION_SUITES=(tests/faults tests/treemat/test_executor.py tests/treemat/test_worker.py tests/treemat/test_service.py tests/treemat/test_servicespawn.py tests/treemat/test_execpool.py
-  tests/treemat/test_blobguard.py tests/treemat/test_cli.py tests/treemat/test_layout.py tests/treemat/test_rswift.py)
+  tests/treemat/test_blobguard.py tests/treemat/test_cli.py tests/treemat/test_layout.py tests/treemat/test_rswift.py
+  tests/treemat/test_bytecode.py tests/treemat/test_execrootwatch.py)
 echo "== pytest as an unprivileged user: ${ISOLATION_SUITES[*]}"
 "${AS_USER[@]}" python3 -m pytest -q -ra -p no:cacheprovider "${ISOLATION_SUITES[@]}"
 echo "== pytest as an unprivileged user with no inotify instance left: faults"
