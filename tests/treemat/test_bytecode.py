@@ -4,21 +4,21 @@ again and leaves nothing behind; an edited module runs as edited; a damaged stor
 from __future__ import annotations
 
 import errno
-import hashlib
 import marshal
 import os
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
+from treemat.bytecode import KEY_BYTES, entry_name, seal
 
 from ..support.harness import TOOLS_DIR
 
 PROBE = """
-import sys
+import os, sys
+os.makedirs(sys.argv[2], 0o700, exist_ok=True)
 from treemat.bytecode import keep_compiled_by_content
 keep_compiled_by_content(sys.argv[1], sys.argv[2])
 import probe
@@ -34,14 +34,15 @@ def _runfiles_tree(where: Path, package: Path) -> Path:
     return tools
 
 
-def _run_main(tools: Path, cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """treemat's __main__ run as the launcher runs it: `python -S`, the runfiles' tools dir on PYTHONPATH."""
+def _run_main(tools: Path, cache: Path, *args: str, wrapper: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """treemat's __main__ run as the launcher runs it (`python -S`, the runfiles' tools dir on PYTHONPATH), under
+    `wrapper` (e.g. `unshare ...`)."""
     env = {
         key: value for key, value in os.environ.items() if key not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")
     }
     env.update(PYTHONPATH=str(tools), XDG_CACHE_HOME=str(cache))
     return subprocess.run(
-        [sys.executable, "-S", str(tools / "treemat/__main__.py"), *args],
+        [*wrapper, sys.executable, "-S", str(tools / "treemat/__main__.py"), *args],
         env=env,
         cwd=tools.parent,
         capture_output=True,
@@ -78,11 +79,14 @@ def _probe(tmp_path: Path, name: str, body: str) -> tuple[Path, Path]:
     return runfiles, runfiles / "lib"
 
 
-def _run_probe(runfiles: Path, lib: Path, store: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def _run_probe(
+    runfiles: Path, lib: Path, store: Path, timeout: float = 60, first: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """PROBE in a new interpreter (`first`: code run before it), the probe module in `lib`."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(lib), str(TOOLS_DIR)])}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     return subprocess.run(
-        [sys.executable, "-c", PROBE, str(runfiles), str(store)],
+        [sys.executable, "-c", first + PROBE, str(runfiles), str(store)],
         env=env,
         capture_output=True,
         text=True,
@@ -117,24 +121,18 @@ def test_a_store_on_a_full_disk_keeps_nothing_and_the_module_still_runs(tmp_path
     name; nothing is kept unless all of it was written."""
     store = tmp_path / "store"
     runfiles, lib = _probe(tmp_path, "a", "VALUE = 7\n\ndef fail():\n    pass\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(lib), str(TOOLS_DIR)])}
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    limited = "import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (1, 1)); exec(sys.argv[3])"
-    ran = subprocess.run(
-        [sys.executable, "-c", limited, str(runfiles), str(store), PROBE],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    store.mkdir()
+    ran = _run_probe(runfiles, lib, store, first="import resource\nresource.setrlimit(resource.RLIMIT_FSIZE, (1, 1))\n")
     assert ran.stdout.split()[0] == "7", ran.stderr
     assert list(store.iterdir()) == []
 
 
-def _stored(code: types.CodeType) -> bytes:
-    """A stored module as bytecode.py writes it (its digest, then marshal): what anyone can compute."""
-    payload = marshal.dumps(code)
-    return hashlib.blake2b(payload, digest_size=16).digest() + payload
+def _plant_cli(tools: Path, where: Path) -> Path:
+    """In `where`, the stored module of `tools`' treemat/cli.py replaced by code that says it ran: its name and
+    digest are what anyone can compute from the public source."""
+    planted = where / entry_name((tools / "treemat/cli.py").read_bytes())
+    planted.write_bytes(seal(marshal.dumps(compile("raise SystemExit('planted code ran')", "cli.py", "exec"))))
+    return planted
 
 
 def _damaged_so_that_marshal_raises(data: bytes, kind: type[BaseException]) -> bytes | None:
@@ -159,11 +157,11 @@ def test_a_stored_module_that_marshal_rejects_with_a_system_error_is_compiled_ag
     runfiles, lib = _probe(tmp_path, "a", "VALUE = 7\n\ndef fail():\n    pass\n")
     assert _run_probe(runfiles, lib, store).stdout.split()[0] == "7"
     [entry] = store.iterdir()
-    payload = entry.read_bytes()[16:]  # after its digest (bytecode.KEY_BYTES)
+    payload = entry.read_bytes()[KEY_BYTES:]  # after its digest
     damaged_payload = _damaged_so_that_marshal_raises(payload, SystemError)
     if damaged_payload is None:
         pytest.skip("no one-byte change of this interpreter's marshal data raises SystemError")
-    damaged = hashlib.blake2b(damaged_payload, digest_size=16).digest() + damaged_payload  # its digest matches
+    damaged = seal(damaged_payload)  # its digest matches
     entry.write_bytes(damaged)
     ran = _run_probe(runfiles, lib, store)
     assert ran.stdout.split()[:1] == ["7"], ran.stderr
@@ -188,10 +186,7 @@ def test_no_compiled_module_is_loaded_from_a_store_dir_another_user_could_write(
         writable.chmod(0o777)
         store.symlink_to(writable)
     tools = _runfiles_tree(tmp_path / "output_base", TOOLS_DIR / "treemat")
-    source = (tools / "treemat/cli.py").read_bytes()
-    tag = f"{sys.implementation.cache_tag} {sys.hexversion} 0\0".encode()
-    planted = writable / (hashlib.blake2b(tag + source, digest_size=16).hexdigest() + ".pyc")
-    planted.write_bytes(_stored(compile("raise SystemExit('planted code ran')", "cli.py", "exec")))
+    planted = _plant_cli(tools, writable)
     ran = _run_main(tools, cache, "stats", "--help")
     assert "planted" not in ran.stderr and ran.returncode == 0 and "Usage:" in ran.stdout, ran.stderr
     assert [entry.name for entry in writable.iterdir()] == [planted.name]  # nothing stored where others write
@@ -233,10 +228,7 @@ def test_no_compiled_module_is_loaded_from_a_store_dir_another_user_made_seen_fr
     store = cache / "treemat/bytecode"
     store.mkdir(parents=True)
     tools = _runfiles_tree(tmp_path / "output_base", TOOLS_DIR / "treemat")
-    source = (tools / "treemat/cli.py").read_bytes()
-    tag = f"{sys.implementation.cache_tag} {sys.hexversion} 0\0".encode()
-    planted = store / (hashlib.blake2b(tag + source, digest_size=16).hexdigest() + ".pyc")
-    planted.write_bytes(_stored(compile("raise SystemExit('planted code ran')", "cli.py", "exec")))
+    planted = _plant_cli(tools, store)
     for path in (cache / "treemat", store, planted):
         try:
             os.chown(path, 1001, 1001)
@@ -246,19 +238,8 @@ def test_no_compiled_module_is_loaded_from_a_store_dir_another_user_made_seen_fr
             pytest.skip(f"uid 1001 is not mapped here: {exc}")
     (cache / "treemat").chmod(0o755)
     store.chmod(0o755)
-    env = {
-        key: value for key, value in os.environ.items() if key not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")
-    }
-    env.update(PYTHONPATH=str(tools), XDG_CACHE_HOME=str(cache))
-    namespaced = ["unshare", "--user", "--map-user=1000", "--map-group=1000"]
-    ran = subprocess.run(
-        [*namespaced, sys.executable, "-S", str(tools / "treemat/__main__.py"), "stats", "--help"],
-        env=env,
-        cwd=tools.parent,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    namespaced = ("unshare", "--user", "--map-user=1000", "--map-group=1000")
+    ran = _run_main(tools, cache, "stats", "--help", wrapper=namespaced)
     if "unshare:" in ran.stderr:
         pytest.skip(f"no user namespace here: {ran.stderr.strip()}")
     assert "planted" not in ran.stderr and ran.returncode == 0 and "Usage:" in ran.stdout, ran.stderr

@@ -164,8 +164,7 @@ def keep_bytecode_across_bazel_clean() -> None:
     """
     if sys.pycache_prefix is not None or sys.flags.dont_write_bytecode:
         return
-    here = os.path.dirname(os.path.abspath(__file__))
-    runfiles = here
+    runfiles = os.path.dirname(os.path.abspath(__file__))
     while not runfiles.endswith(".runfiles") and os.path.dirname(runfiles) != runfiles:
         runfiles = os.path.dirname(runfiles)
     if not runfiles.endswith(".runfiles"):
@@ -189,12 +188,16 @@ def keep_bytecode_across_bazel_clean() -> None:
         from treemat.trustpath import trusted_path
     finally:
         sys.dont_write_bytecode = written
-    real, refused = trusted_path(store)  # the store itself too: one others can write, or a symlink to such a dir
-    with contextlib.suppress(OSError):  # and made by us: in a user namespace not mapping root, another user's dir
-        refused = refused or ("" if os.lstat(real).st_uid == os.geteuid() else "not ours")  # passes as root's
-    if not refused:  # else anyone who can swap a dir on its way could plant compiled modules we would run
-        with contextlib.suppress(OSError):
-            keep_compiled_by_content(runfiles, real)
+    # only a store whose whole path is ours (anyone who can swap a dir on its way could plant compiled modules we
+    # would run), the store itself too (one others can write, a symlink to such a dir), and made by us (in a user
+    # namespace not mapping root another user's dir passes as root's): layout.check_private_dir's rule, spelled here
+    real, refused = trusted_path(store)
+    try:
+        private = not refused and os.lstat(real).st_uid == os.geteuid()
+    except OSError:
+        private = False
+    if private:
+        keep_compiled_by_content(runfiles, real)
 
 
 if __name__ == "__main__":

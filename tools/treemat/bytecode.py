@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from types import ModuleType
 
 KEY_BYTES = 16
+# what a module's compiled code depends on besides its source: the interpreter and the optimization level
+SOURCE_TAG = f"{sys.implementation.cache_tag} {sys.hexversion} {sys.flags.optimize}\0".encode()
 
 
 class ContentKeyedLoader(SourceFileLoader):
@@ -41,27 +43,34 @@ class ContentKeyedLoader(SourceFileLoader):
     def get_code(self, fullname: str) -> CodeType:
         path = self.get_filename(fullname)
         source = self.get_data(path)
-        tag = f"{sys.implementation.cache_tag} {sys.hexversion} {sys.flags.optimize}\0".encode()
-        compiled = os.path.join(self.store, blake2b(tag + source, digest_size=KEY_BYTES).hexdigest() + ".pyc")
+        compiled = os.path.join(self.store, entry_name(source))
         try:
             fd = os.open(compiled, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             with open(fd, "rb") as stored:  # a FIFO or a symlink to /dev/zero hung the import (the worker's start)
                 if not S_ISREG(os.fstat(fd).st_mode):
                     raise OSError(f"{compiled}: not a regular file")
                 data = stored.read()
-            payload = data[KEY_BYTES:]  # a damaged byte can unmarshal into other, valid code: never run unchecked
-            if data[:KEY_BYTES] != blake2b(payload, digest_size=KEY_BYTES).digest():
+            if seal(data[KEY_BYTES:]) != data:  # a damaged byte can unmarshal into other, valid code
                 raise ValueError(f"{compiled}: its digest does not match")
-            code = marshal.loads(payload)
+            code = marshal.loads(data[KEY_BYTES:])
             if isinstance(code, CodeType):
                 return code if code.co_filename == path else _named(code, path)
         except Exception:  # none yet, or not one that loads (cut short: EOFError; a damaged byte: SystemError too)
             pass  # compiled (again) and stored
         code = self.source_to_code(source, path)
         if not sys.dont_write_bytecode:
-            payload = marshal.dumps(code)
-            _publish(compiled, blake2b(payload, digest_size=KEY_BYTES).digest() + payload)
+            _publish(compiled, seal(marshal.dumps(code)))
         return code
+
+
+def entry_name(source: bytes) -> str:
+    """The store's file name for a module of this source."""
+    return blake2b(SOURCE_TAG + source, digest_size=KEY_BYTES).hexdigest() + ".pyc"
+
+
+def seal(payload: bytes) -> bytes:
+    """A stored module's bytes: a digest of its marshal data, then the data (checked before it is loaded)."""
+    return blake2b(payload, digest_size=KEY_BYTES).digest() + payload
 
 
 def _named(code: CodeType, path: str) -> CodeType:
@@ -110,9 +119,8 @@ class RunfilesFinder:
 
 
 def keep_compiled_by_content(runfiles: str, store: str) -> None:
-    """Load the modules of `runfiles` (absolute) through `store` (a directory only we can write) from now on:
-    the finder goes just before PathFinder (built-in and frozen modules stay theirs)."""
-    os.makedirs(store, 0o700, exist_ok=True)
+    """Load the modules of `runfiles` (absolute) through `store` (an existing directory only we can write, as the
+    caller checked) from now on: the finder goes just before PathFinder (built-in and frozen modules stay theirs)."""
     finders = sys.meta_path
     where = next((i for i, finder in enumerate(finders) if finder is PathFinder), len(finders))
     finders.insert(where, RunfilesFinder(runfiles, store))
