@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -328,3 +329,47 @@ def test_a_check_that_spans_a_restart_never_vouches_in_the_new_watch(
     monkeypatch.setattr(execrootwatch.os, "lstat", real_lstat)
     os.chmod(target, 0o755)
     assert "a/b/one" in watch.plan(execroot, late[0]).paths, "vouched for with no watch on it"
+
+
+def test_a_new_execroot_never_waits_for_the_old_watch_to_close(tmp_path: Path) -> None:
+    """Closing an inotify instance waits for the kernel to free its watches (0-20 ms): a new output base's first
+    request took that wait on its staging path. The old instance is closed on another thread, and it is closed."""
+    watch = ExecrootWatch()
+    first = _execroot(tmp_path / "one", FILES)
+    _checked(watch, first, FILES)
+    old = watch._inotify
+    assert old is not None
+    closed_on: list[str] = []
+    real_close = old.close
+
+    def close() -> None:
+        closed_on.append(threading.current_thread().name)
+        real_close()
+
+    old.close = close  # type: ignore[method-assign]
+    second = _execroot(tmp_path / "two", FILES)
+    assert _checked(watch, second, FILES)
+    for _ in range(1000):  # polled: the closing thread runs on its own
+        if old.closed:
+            break
+        threading.Event().wait(0.01)
+    assert old.closed and closed_on and closed_on[0] != threading.current_thread().name
+    watch.close()
+    assert watch._inotify is None
+
+
+def test_the_old_watch_is_closed_inline_when_no_thread_can_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watch = ExecrootWatch()
+    _checked(watch, _execroot(tmp_path / "one", FILES), FILES)
+    old = watch._inotify
+    assert old is not None
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    _checked(watch, _execroot(tmp_path / "two", FILES), FILES)
+    assert old.closed
+    watch.close()

@@ -33,7 +33,7 @@ from collections.abc import Set as AbstractSet
 from typing import NamedTuple
 
 from treemat.fsprims import filesystem_type
-from treemat.writewatch import INotify, inotify_flags, open_inotify
+from treemat.writewatch import INotify, close_in_background, inotify_flags, open_inotify
 
 # local filesystems whose every change goes through this kernel's inotify (ext2/3/4, xfs, btrfs, tmpfs, f2fs, zfs,
 # bcachefs): not NFS, FUSE or a network filesystem, where another machine's change raises no event
@@ -113,7 +113,7 @@ class ExecrootWatch:
     def close(self) -> None:
         """Drop every watch."""
         with self._lock:
-            self._reset()
+            self._reset(wait=True)
             self._execroot = None
 
     # ----------------------------------------------------------------------------------------------- inside
@@ -149,9 +149,11 @@ class ExecrootWatch:
             self._ancestors.setdefault(wd, set()).add(name)
         return self._add_dir_watch(real, local=True)
 
-    def _reset(self) -> None:
-        if self._inotify is not None:
+    def _reset(self, *, wait: bool = False) -> None:
+        if self._inotify is not None and wait:
             self._inotify.close()
+        elif self._inotify is not None:
+            close_in_background(self._inotify)  # a request must not wait for the kernel to free its watches
         if self._mounts is not None:
             self._mounts.close()
         self._inotify, self._mounts, self._mounts_poll, self._usable = None, None, None, False
