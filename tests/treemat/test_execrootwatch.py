@@ -122,6 +122,19 @@ def test_an_ancestor_of_the_execroot_renamed_means_everything(tmp_path: Path) ->
         os.rename(tmp_path.with_name(tmp_path.name + "-moved"), tmp_path)
 
 
+def test_a_chmod_of_an_ancestor_checks_nothing_again(tmp_path: Path) -> None:
+    """A directory's mode changes no input's type or exec bit; asking the kernel for an ancestor's attribute
+    changes cost 10 ms a new execroot (/tmp: it marks every cached entry of the directory)."""
+    watch = ExecrootWatch()
+    execroot = _execroot(tmp_path, FILES)
+    seen = _checked(watch, execroot, FILES)
+    os.chmod(tmp_path, 0o750)
+    plan = watch.plan(execroot, seen)
+    assert not plan.everything and plan.paths == set()
+    os.chmod(Path(execroot) / "a/b/one", 0o755)  # still watched
+    assert watch.plan(execroot, plan.generation).paths == {"a/b/one"}
+
+
 def test_an_input_under_a_relative_or_file_symlink_is_checked_every_time(tmp_path: Path) -> None:
     watch = ExecrootWatch()
     execroot = _execroot(tmp_path, FILES)

@@ -5,8 +5,9 @@ of one `stat` per unchanged input per request, the stager asks this watch what t
 
 - an input is vouched for once it was `lstat`ed as a regular file after watches were in place on its inode
   (IN_ATTRIB: a chmod through any of its names, a link count change; IN_DELETE_SELF, IN_MOVE_SELF) and on every
-  directory its path is resolved through: the execroot's ancestors from `/` and each directory between the
-  execroot and the file (entries created, removed, renamed or chmodded; the directory itself removed or moved).
+  directory its path is resolved through: the execroot's ancestors from `/` (entries created, removed or
+  renamed; the directory itself removed or moved) and each directory between the execroot and the file (the
+  same, and chmodded).
   A directory on the way may be an absolute symlink to a directory whose path has no symlink in it (Bazel plants
   sources so): its target and the target's ancestors are watched too, and a change of the link starts afresh;
 - an event on a file's inode, or on its name in its directory, marks that input; an event on a subdirectory's
@@ -143,7 +144,7 @@ class ExecrootWatch:
         it (from `/`); None if any cannot be watched or it is not on a local filesystem."""
         parts = [part for part in real.split("/") if part]
         for depth, name in enumerate(parts):
-            wd = self._add_dir_watch("/" + "/".join(parts[:depth]))
+            wd = self._add_dir_watch("/" + "/".join(parts[:depth]), ancestor=True)
             if wd is None:
                 return None
             self._ancestors.setdefault(wd, set()).add(name)
@@ -164,9 +165,11 @@ class ExecrootWatch:
         self._blanket = self._generation
         self._epoch += 1
 
-    def _add_dir_watch(self, path: str, *, local: bool = False) -> int | None:
+    def _add_dir_watch(self, path: str, *, local: bool = False, ancestor: bool = False) -> int | None:
         """A directory watch; None if it cannot be placed (or, with `local`, the directory is not on a local
-        filesystem)."""
+        filesystem). An `ancestor`'s (a directory above a watched one) leaves out attribute changes: a directory's
+        mode or owner changes no input's bytes, type or exec bit, and asking for them makes the kernel mark every
+        cached entry of the directory (10 ms for this machine's /tmp, on every new execroot)."""
         assert self._inotify is not None
         if local and filesystem_type(path) not in LOCAL_FILESYSTEMS:
             return None
@@ -175,12 +178,14 @@ class ExecrootWatch:
             | inotify_flags.DELETE
             | inotify_flags.MOVED_FROM
             | inotify_flags.MOVED_TO
-            | inotify_flags.ATTRIB
             | inotify_flags.DELETE_SELF
             | inotify_flags.MOVE_SELF
             | inotify_flags.ONLYDIR
             | inotify_flags.DONT_FOLLOW  # a symlink is refused (ENOTDIR): what lies under it is never vouched for
         )
+        # an ancestor that is also a watched directory (a source symlink's target below the execroot) keeps the
+        # directory's mask: added to, never narrowed
+        mask |= inotify_flags.MASK_ADD if ancestor else inotify_flags.ATTRIB
         try:
             return int(self._inotify.add_watch(path, mask))
         except OSError:
