@@ -146,8 +146,15 @@ def test_a_relay_started_without_site_as_the_launcher_starts_it_serves(
     execroot: Path, root: Path, service: str
 ) -> None:
     """The launcher runs `python -S` (site-packages and .pth files skipped for the relay's start): the service it
-    forks, the one it spawns once that one died, and an in-process worker add the site-packages protobuf is in."""
-    relay = RelayProcess(execroot, root, env={"TREEMAT_SERVICE": service}, python_flags=("-S",))
+    forks, the one it spawns once that one died, and an in-process worker add the site-packages protobuf is in,
+    and none runs a .pth file's hook (10 ms of a service's start on a test machine)."""
+    user_base = execroot.parent / "user-base"
+    site_dir = user_base / f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
+    site_dir.mkdir(parents=True)
+    hooked = execroot.parent / "hook-ran"
+    (site_dir / "hook.pth").write_text(f"import os; open({str(hooked)!r}, 'a').write(str(os.getpid()) + chr(10))\n")
+    env = {"TREEMAT_SERVICE": service, "PYTHONUSERBASE": str(user_base)}
+    relay = RelayProcess(execroot, root, env=env, python_flags=("-S",))
     assert relay.touch().exit_code == 0, relay.stderr
     if service == "1":
         first = the_service(root)
@@ -159,6 +166,7 @@ def test_a_relay_started_without_site_as_the_launcher_starts_it_serves(
         assert the_service(root) != first
     assert relay.close() == 0, relay.stderr
     assert "Traceback" not in relay.stderr and "serving in this process" not in relay.stderr, relay.stderr
+    assert not hooked.exists()
 
 
 def test_a_relays_death_cancels_its_requests_and_the_service_serves_others(execroot: Path, root: Path) -> None:

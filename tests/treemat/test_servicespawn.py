@@ -422,3 +422,31 @@ def test_a_service_that_fails_before_it_is_ready_gives_the_relay_its_reason(exec
     assert relay.close() == 0
     said = [line for line in relay.stderr.splitlines() if "stager service is unavailable" in line]
     assert len(said) == 1 and "/dev/null" in said[0], relay.stderr
+
+
+@pytest.mark.parametrize("served_through_pth", [False, True])
+def test_site_packages_without_pth_files_and_site_in_full_where_a_module_needs_one(
+    tmp_path: Path, served_through_pth: bool
+) -> None:
+    """A service adds the site-packages directories but runs none of their .pth files, unless a module it imports
+    is found only through one: then `site` runs in full."""
+    site_dir = tmp_path / f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
+    elsewhere = tmp_path / "elsewhere"
+    for directory in (site_dir, elsewhere):
+        directory.mkdir(parents=True)
+    (site_dir / "in_site.py").write_text("")
+    (elsewhere / "through_pth.py").write_text("")
+    hooked = tmp_path / "hook-ran"
+    (site_dir / "a.pth").write_text(f"{elsewhere}\nimport os; open({str(hooked)!r}, 'a').write('ran')\n")
+    needed = "('in_site', 'through_pth')" if served_through_pth else "('in_site', 'google.protobuf')"
+    probe = (
+        "import treemat.servicespawn as spawn\n"
+        f"spawn.SERVED_FROM_SITE = {needed}\n"
+        "spawn.add_site_packages(pth_files=False)\n"
+        "import in_site, google.protobuf\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(TOOLS_DIR), "PYTHONUSERBASE": str(tmp_path)}
+    env.pop("PYTHONNOUSERSITE", None)
+    done = subprocess.run([sys.executable, "-S", "-c", probe], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert hooked.exists() == served_through_pth

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                 status = relay(options, os.environ, serve_here=run_forked_service)
                 if status is not None:
                     return status
-            add_site_packages()
+            add_site_packages(pth_files=False)
             return serve_worker(options)
         add_site_packages()
         from treemat.cli import main as cli_main
@@ -138,20 +138,21 @@ def run_service(args: list[str], *, add_site: bool = False) -> int:
 
         open_early(Path(root), isolation)
     if add_site:
-        add_site_packages()
+        add_site_packages(pth_files=False)
     from treemat.service import main as service_main
 
     return service_main(args, forked=True)
 
 
-def add_site_packages() -> None:
-    """What `site` adds to sys.path (site-packages, .pth files), if the interpreter started without it: treemat's
-    launcher starts Python with `-S` (rules/private/launcher.bzl), since a relay and a one-shot action need only
-    the standard library and this package, and `site` can cost as much as the rest of the interpreter's start.
-    Every path that imports protobuf or click runs this first (a service once its sandbox helper is booting)."""
+def add_site_packages(*, pth_files: bool = True) -> None:
+    """What `site` adds to sys.path (site-packages; .pth files unless `pth_files` is False: a service and an
+    in-process worker need none), if the interpreter started without it: treemat's launcher starts Python with
+    `-S` (rules/private/launcher.bzl), since a relay and a one-shot action need only the standard library and this
+    package, and `site` can cost as much as the rest of the interpreter's start. Every path that imports protobuf
+    or click runs this first (a service once its sandbox helper is booting)."""
     from treemat.servicespawn import add_site_packages as add
 
-    add()
+    add(pth_files=pth_files)
 
 
 def keep_bytecode_across_bazel_clean() -> None:

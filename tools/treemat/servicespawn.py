@@ -169,13 +169,33 @@ def _remove(entry: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def add_site_packages() -> None:
-    """Run `site` now if the interpreter started without it (`-S`, as treemat's launcher starts a relay, whose
-    start `site` can double: .pth files): what follows needs the site-packages (protobuf, click)."""
-    if sys.flags.no_site and "site" not in sys.modules:
-        import site
+SERVED_FROM_SITE = ("google.protobuf", "inotify_simple") if sys.platform == "linux" else ("google.protobuf",)
 
-        site.main()
+
+def add_site_packages(*, pth_files: bool = True) -> None:
+    """Make the site-packages importable now if the interpreter started without `site` (`-S`, as treemat's
+    launcher starts a relay, whose start `site` can double): what follows needs protobuf (and click).
+
+    `pth_files=False` (a service, an in-process worker): only the directories `site` would add, their .pth files
+    not run. Those hold whatever other software hooks into every interpreter (an editable install's finder, a CA
+    bundle patch: 10 ms of a service's start on a test machine) and the stager imports nothing through them;
+    where protobuf or inotify_simple is then not found (installed through a .pth file), `site` runs in full."""
+    if not sys.flags.no_site:
+        return
+    import site
+
+    if site.ENABLE_USER_SITE is not None:  # site.main() ran already (it decides this first)
+        return
+    if not pth_files:
+        directories = site.getsitepackages()
+        if site.check_enableusersite():
+            directories.insert(0, site.getusersitepackages())  # the user's site first, as site.main() orders them
+        sys.path.extend(d for d in directories if d not in sys.path and os.path.isdir(d))
+        from importlib.util import find_spec
+
+        if all(find_spec(name) is not None for name in SERVED_FROM_SITE):
+            return
+    site.main()
 
 
 def start_service(
@@ -226,7 +246,7 @@ def _spawn(package_parent: str, args: list[str], log: Path, write_end: int) -> N
     (no .pth file runs again), the directories that exist, never the cwd (Bazel's execroot, first with -m)."""
     import subprocess
 
-    add_site_packages()  # the service imports protobuf from there; it gets this process's sys.path (-S, no .pth again)
+    add_site_packages(pth_files=False)  # it imports protobuf from there; it gets this process's sys.path (no .pth)
     path = [package_parent] + [entry for entry in sys.path if entry != os.getcwd() and os.path.isdir(entry)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(path))}
     with open(log, "ab") as log_file:
