@@ -169,6 +169,31 @@ def test_a_relay_started_without_site_as_the_launcher_starts_it_serves(
     assert not hooked.exists()
 
 
+def test_a_relay_whose_service_answers_imports_no_more_than_it_needs(execroot: Path, root: Path) -> None:
+    """Every fresh worker is a relay: one whose service runs imports neither the code that starts a service
+    (servicespawn, locking, the root's layout as paths) nor pathlib, socket or typing (with the enums and regular
+    expressions they bring: a third of its start)."""
+    assert RelayProcess(execroot, root).close() == 0  # a service runs
+    probe = (
+        "import os, sys\n"
+        "from treemat.relay import relay\n"
+        "status = relay({'root': sys.argv[1], 'isolation': 'auto', 'max_workers': ''}, os.environ)\n"
+        "print(status, sorted(set(sys.argv[2:]) & set(sys.modules)))\n"
+    )
+    heavy = ["pathlib", "socket", "typing", "re", "enum", "treemat.servicespawn", "treemat.locking"]
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", probe, str(root), *heavy],
+        cwd=execroot,
+        env=worker_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=READ_TIMEOUT,
+        check=False,
+    )
+    assert done.stdout == "0 []\n", (done.stdout, done.stderr)
+
+
 def test_a_relays_death_cancels_its_requests_and_the_service_serves_others(execroot: Path, root: Path) -> None:
     doomed = RelayProcess(execroot, root)
     doomed.send(["sh", "-c", "exec sleep 42.25"], [], ["in/a"], 5)
@@ -368,16 +393,16 @@ def test_the_socket_name_depends_on_the_version_and_isolation() -> None:
 def test_a_relay_in_another_cgroup_gets_a_service_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tool runs in the service's cgroup, which is the first relay's: a relay Bazel put in a cgroup of its own
     (a per-worker memory limit) had its tools escape that limit in a service outside it, as a lower rlimit did."""
+    from treemat import relay
+
     version = service_version()
     ours = service_name(version, "auto")
-    real_read_text = Path.read_text
+    real_read = relay._read
 
-    def in_another_cgroup(path: Path, *args: object, **kwargs: object) -> str:
-        if str(path) == "/proc/self/cgroup":
-            return "0::/bazel-worker-7\n"
-        return real_read_text(path, *args, **kwargs)  # type: ignore[arg-type]
+    def in_another_cgroup(path: str) -> str:
+        return "0::/bazel-worker-7\n" if path == "/proc/self/cgroup" else real_read(path)
 
-    monkeypatch.setattr(Path, "read_text", in_another_cgroup)
+    monkeypatch.setattr(relay, "_read", in_another_cgroup)
     assert service_name(version, "auto") != ours
 
 

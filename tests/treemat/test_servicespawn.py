@@ -164,11 +164,12 @@ def test_a_copy_that_cannot_be_made_leaves_no_temp_dir_and_the_next_place_is_tri
 
 def test_a_service_that_never_says_ready_is_given_up_on(tmp_path: Path) -> None:
     from treemat import servicespawn
+    from treemat.serviceid import ServiceUnavailable
 
     read_end, write_end = os.pipe()
     try:
         os.write(write_end, b"o")  # half an answer, then nothing: a stopped or stuck service
-        with pytest.raises(servicespawn.ServiceUnavailable, match=r"did not start within 0.2 s; see .*svc\.log"):
+        with pytest.raises(ServiceUnavailable, match=r"did not start within 0.2 s; see .*svc\.log"):
             servicespawn.read_until_closed(read_end, 0.2, tmp_path / "svc.log")
         os.write(write_end, b"k\n")
         os.close(write_end)

@@ -18,11 +18,16 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from pathlib import Path
 
 from treemat.errors import CasError
 from treemat.trustpath import trusted_path
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re): the relay imports this
+if TYPE_CHECKING:
+    from pathlib import Path  # imported where a Path is made: a relay finding its service imports no pathlib
+
+SERVICE_DIR = "service"
+SERVICE_FILE_KINDS = ("sock", "lock", "pid", "log")
 PRIVATE_DIR_MODE = 0o700
 SHARED_DIR_MODE = 0o750
 README_TEXT = """\
@@ -39,16 +44,23 @@ def user_cache_dir() -> Path:
 
     (__main__ spells the same rule for its bytecode cache: it runs before any treemat module may be imported.)
     """
+    from pathlib import Path
+
+    return Path(user_cache_text())
+
+
+def user_cache_text() -> str:
+    """user_cache_dir as text."""
     cache = os.environ.get("XDG_CACHE_HOME")
     if cache and os.path.isabs(cache):
-        return Path(cache)
+        return cache
     home = os.path.expanduser("~")
     if not os.path.isabs(home):  # no $HOME and no passwd entry (an unmapped uid in a user namespace)
         raise CasError("no home directory for treemat's default root: set TREEMAT_ROOT or pass --root")
-    return Path(home) / ".cache"
+    return os.path.join(home, ".cache")
 
 
-def check_private_dir(path: Path) -> None:
+def check_private_dir(path: str | os.PathLike[str]) -> None:
     """CasError unless `path` is a directory of ours (not a symlink) that neither group nor others can write."""
     try:
         info = os.lstat(path)
@@ -66,6 +78,8 @@ def check_private_dir(path: Path) -> None:
 def check_trusted_path(path: Path) -> Path:
     """`path`'s real path; CasError unless it and every directory above it is owned by us or root and writable by
     no one else (trustpath.py)."""
+    from pathlib import Path
+
     real, reason = trusted_path(path)
     if reason:
         raise CasError(reason)
@@ -74,10 +88,24 @@ def check_trusted_path(path: Path) -> Path:
 
 def default_root_path() -> Path:
     """`$TREEMAT_ROOT`, else `<user cache dir>/treemat`, absolute."""
-    explicit = os.environ.get("TREEMAT_ROOT")
-    if explicit:
-        return Path(explicit).expanduser().absolute()
-    return (user_cache_dir() / "treemat").absolute()
+    from pathlib import Path
+
+    return Path(root_text(None))
+
+
+def root_text(path: str | None) -> str:
+    """The root's absolute path as text, as Root names it: `path` (`~` expanded), else default_root_path."""
+    if not path:
+        path = os.environ.get("TREEMAT_ROOT") or os.path.join(user_cache_text(), "treemat")
+    path = os.path.expanduser(path)  # not normalized: `link/..` is where the kernel resolves it, as with a Path
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+
+
+def service_file_text(root: str, name: str, kind: str) -> str:
+    """`<root>/service/<name>.<kind>` (Root.service_file) as text: a relay's path to its service's socket."""
+    if kind not in SERVICE_FILE_KINDS:
+        raise ValueError(f"no service file of kind {kind!r}")
+    return os.path.join(root, SERVICE_DIR, f"{name}.{kind}")
 
 
 class Root:
@@ -86,6 +114,8 @@ class Root:
     SUBDIRS = ("cas", "tmp", "quarantine", "exec", "verified", "stats", "dircache", "tool-cache", "service")
 
     def __init__(self, path: Path | str | None = None, *, group_shared: bool = False) -> None:
+        from pathlib import Path
+
         self.path = Path(path).expanduser().absolute() if path is not None else default_root_path()
         self.group_shared = group_shared
         self.dir_mode = SHARED_DIR_MODE if group_shared else PRIVATE_DIR_MODE
@@ -152,7 +182,7 @@ class Root:
     @property
     def service(self) -> Path:
         """The stager service's `<name>.sock` (0600 in this 0700 dir), `.lock`, `.pid` and `.log` (service.py)."""
-        return self.path / "service"
+        return self.path / SERVICE_DIR
 
     def check_service(self) -> None:
         """CasError unless `service/` is ours alone (check_private_dir): whoever could plant a socket there would
@@ -171,7 +201,7 @@ class Root:
 
     def service_file(self, name: str, kind: str) -> Path:
         """`service/<name>.<kind>`: the service's `sock` (0600), `lock` (held to start or retire it), `pid`, `log`."""
-        if kind not in ("sock", "lock", "pid", "log"):
+        if kind not in SERVICE_FILE_KINDS:
             raise ValueError(f"no service file of kind {kind!r}")
         return self.service / f"{name}.{kind}"
 

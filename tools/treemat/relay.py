@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import sys
 import threading
-from collections.abc import Callable, Mapping
-from pathlib import Path
 
-from treemat.errors import TreematError
-from treemat.layout import Root
-from treemat.locking import LockBusy, file_lock
+# The socket module's C core: `socket` adds enums, selectors and a file wrapper this relay never uses (its import
+# was a fifth of the relay's); a service whose relay finds it running imports neither it nor pathlib.
+from _socket import AF_UNIX, SCM_RIGHTS, SHUT_WR, SO_PEERCRED, SOCK_CLOEXEC, SOCK_STREAM, SOL_SOCKET
+from _socket import socket as Socket
+from collections.abc import Callable, Mapping
+
+from treemat.errors import CasError, TreematError
+from treemat.layout import check_private_dir, root_text, service_file_text
 from treemat.relaywire import (
     FrameTooBig,
     encode_varint,
@@ -34,7 +36,7 @@ from treemat.relaywire import (
     read_frame,
     request_id_of,
 )
-from treemat.servicespawn import ServeHere, ServiceUnavailable, own_package_hash, start_service, wait_seconds
+from treemat.serviceid import ServeHere, ServiceUnavailable, own_package_hash, wait_seconds
 
 WIRE_VERSION = 1
 HELLO_MAGIC = b"treemat-relay"
@@ -62,13 +64,13 @@ def service_name(version: str, isolation: str) -> str:
 
     facts = [version, isolation, str(os.geteuid()), str(os.getegid()), *map(str, sorted(os.getgroups()))]
     with contextlib.suppress(OSError):  # a relay lacking a group or confined otherwise never shares its tools' rights
-        facts += [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(INHERITED)]
-        facts.append(Path("/proc/self/limits").read_text())  # file size, memory, processes, descriptors...
-        facts.append(Path("/proc/self/cgroup").read_text())  # the cgroups' limits (Bazel's per-worker memory limit)
-        facts.append(Path("/proc/self/personality").read_text())  # `setarch i686`: what uname says, ASLR
-        facts.append(Path("/proc/self/oom_score_adj").read_text())  # `choom`: whose tools the OOM killer takes first
+        facts += [line for line in _read("/proc/self/status").splitlines() if line.startswith(INHERITED)]
+        facts.append(_read("/proc/self/limits"))  # file size, memory, processes, descriptors...
+        facts.append(_read("/proc/self/cgroup"))  # the cgroups' limits (Bazel's per-worker memory limit)
+        facts.append(_read("/proc/self/personality"))  # `setarch i686`: what uname says, ASLR
+        facts.append(_read("/proc/self/oom_score_adj"))  # `choom`: whose tools the OOM killer takes first
         facts.append(f"nice:{os.getpriority(os.PRIO_PROCESS, 0)}:{os.sched_getscheduler(0)}")  # `nice bazel build`
-        facts.append(Path("/proc/self/attr/current").read_text())
+        facts.append(_read("/proc/self/attr/current"))
     for name in ("mnt", "net", "user", "uts", "ipc", "pid", "cgroup", "time"):  # a tool is in the service's
         with contextlib.suppress(OSError):
             facts.append(f"{name}:{os.stat(f'/proc/self/ns/{name}').st_ino}")
@@ -77,12 +79,18 @@ def service_name(version: str, isolation: str) -> str:
     return blake2b("\0".join(facts).encode(), digest_size=8).hexdigest()
 
 
-def socket_address(path: Path) -> tuple[str, int]:
+def _read(path: str) -> str:
+    with open(path) as handle:
+        return handle.read()
+
+
+def socket_address(path: str | os.PathLike[str]) -> tuple[str, int]:
     """(address, dir fd or -1): the path, or `/proc/self/fd/N/<name>` when it is too long for sun_path."""
-    if len(bytes(path)) <= SUN_PATH_MAX:
-        return str(path), -1
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    return f"/proc/self/fd/{fd}/{path.name}", fd
+    text = os.fspath(path)
+    if len(os.fsencode(text)) <= SUN_PATH_MAX:
+        return text, -1
+    fd = os.open(os.path.dirname(text), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    return f"/proc/self/fd/{fd}/{os.path.basename(text)}", fd
 
 
 def hello_payload(version: str, max_workers: int, env: Mapping[str, str]) -> bytes:
@@ -91,10 +99,10 @@ def hello_payload(version: str, max_workers: int, env: Mapping[str, str]) -> byt
     return encode_varint(len(body := b"\0".join(fields))) + body
 
 
-def connect(socket_path: Path, hello: bytes) -> tuple[socket.socket, str]:
+def connect(socket_path: str | os.PathLike[str], hello: bytes) -> tuple[Socket, str]:
     """Connect, send the hello with the cwd's descriptor, read the answer; (socket, the service's pid)."""
     address, dir_fd = socket_address(socket_path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = Socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC)
     sock.settimeout(wait_seconds())  # a service stopped or hung never holds the relay: TimeoutError, then in-process
     try:
         try:
@@ -102,13 +110,13 @@ def connect(socket_path: Path, hello: bytes) -> tuple[socket.socket, str]:
         finally:
             if dir_fd >= 0:
                 os.close(dir_fd)
-        uid = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)[4:8], sys.byteorder)
+        uid = int.from_bytes(sock.getsockopt(SOL_SOCKET, SO_PEERCRED, 12)[4:8], sys.byteorder)
         if uid != os.geteuid():  # the hello carries the environment and the execroot: only to our own service
             raise ServiceUnavailable(f"the socket {socket_path} is served by uid {uid}, not by this relay's")
         cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:  # refused before the hello was read (out of descriptors or threads): its answer says why
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                sock.sendmsg([hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, cwd.to_bytes(4, sys.byteorder))])
+                sock.sendmsg([hello], [(SOL_SOCKET, SCM_RIGHTS, cwd.to_bytes(4, sys.byteorder))])
         finally:
             os.close(cwd)
         if (frame := read_frame(sock)) is None:
@@ -125,9 +133,21 @@ def connect(socket_path: Path, hello: bytes) -> tuple[socket.socket, str]:
 
 
 def reach_service(
-    layout: Root, name: str, hello: bytes, isolation: str, idle_minutes: float, serve_here: ServeHere | None = None
-) -> socket.socket:
-    """A connection to the root's service, starting it (under the service lock) if none answers."""
+    root: str, name: str, hello: bytes, isolation: str, idle_minutes: float, serve_here: ServeHere | None = None
+) -> Socket:
+    """A connection to the root's service (`root`: root_text's), starting it (under the service lock) if none
+    answers. Where one answers, only its dir is checked (ours alone) and nothing else is imported: the root is made
+    and checked whole, and servicespawn imported, when a service must be started."""
+    try:
+        check_private_dir(os.path.dirname(service_file_text(root, name, "sock")))
+        return connect(service_file_text(root, name, "sock"), hello)[0]
+    except (CasError, FileNotFoundError, ConnectionError):
+        pass  # no service dir of ours yet, no socket, a stale one: as a first relay would
+    from treemat.layout import Root
+    from treemat.locking import LockBusy, file_lock
+    from treemat.servicespawn import start_service
+
+    layout = Root(root)
     layout.check_service()
     path = layout.service_file(name, "sock")
     with contextlib.suppress(FileNotFoundError, ConnectionError):
@@ -148,13 +168,13 @@ def reach_service(
 class Relay:
     """Forwards stdin's requests to the service and its responses to stdout; fails in-flight ones if it dies."""
 
-    def __init__(self, connect_service: Callable[[], socket.socket], stdout_fd: int = 1) -> None:
+    def __init__(self, connect_service: Callable[[], Socket], stdout_fd: int = 1) -> None:
         self._connect = connect_service
         self._stdout = stdout_fd
         self._lock = threading.Condition()
         self._write_lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # request id -> how many (singleplex requests all have id 0)
-        self._sock: socket.socket | None = None
+        self._sock: Socket | None = None
 
     def run(self) -> int:
         """Relay until stdin ends and every request is answered; the exit status."""
@@ -199,7 +219,7 @@ class Relay:
         sock = self._sock
         if sock is not None:  # no more requests: the service answers what it has, then closes
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_WR)
+                sock.shutdown(SHUT_WR)
             with self._lock:
                 while self._sock is sock:
                     self._lock.wait()
@@ -215,7 +235,7 @@ class Relay:
             self._fail_all(sock, str(exc))
             raise ServiceUnavailable(f"no thread to read its answers: {exc}") from None
 
-    def _pump(self, sock: socket.socket) -> None:
+    def _pump(self, sock: Socket) -> None:
         """Responses from the service to stdout, until it closes the connection."""
         reason = "the connection closed"
         try:
@@ -237,7 +257,7 @@ class Relay:
             reason = str(exc)
         self._fail_all(sock, reason)
 
-    def _fail_all(self, sock: socket.socket, reason: str) -> None:
+    def _fail_all(self, sock: Socket, reason: str) -> None:
         """The service is gone: answer every request in flight with one line; the next request reconnects."""
         with self._lock:
             if self._sock is not sock:
@@ -260,19 +280,19 @@ def relay(options: Mapping[str, str], env: Mapping[str, str], serve_here: ServeH
     """Serve Bazel through the root's service; None (after one line on stderr) where it cannot be used.
     `serve_here` runs a service in this process: a relay that must start one forks into it (servicespawn.py)."""
     try:
-        layout = Root(Path(options["root"]).expanduser().absolute() if options["root"] else None)
+        root = root_text(options["root"])
         isolation, max_workers = options["isolation"], int(options["max_workers"] or max(2, os.cpu_count() or 2))
         idle = float(env.get("TREEMAT_SERVICE_IDLE_MINUTES") or DEFAULT_IDLE_MINUTES)
         version = service_version()
         name = service_name(version, isolation)
         hello = hello_payload(version, max_workers, env)
-        first = reach_service(layout, name, hello, isolation, idle, serve_here)
+        first = reach_service(root, name, hello, isolation, idle, serve_here)
     except Exception as exc:  # whatever it is, the in-process worker still serves (and says so)
         print(f"treemat worker: the stager service is unavailable ({exc}): serving in this process", file=sys.stderr)
         return None
     pending = [first]
 
-    def connect_service() -> socket.socket:
-        return pending.pop() if pending else reach_service(layout, name, hello, isolation, idle)
+    def connect_service() -> Socket:
+        return pending.pop() if pending else reach_service(root, name, hello, isolation, idle)
 
     return Relay(connect_service).run()

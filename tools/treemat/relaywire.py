@@ -4,8 +4,11 @@ answered with a failure, without importing protobuf (the relay stays import-ligh
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (and re): the relay imports this
+if TYPE_CHECKING:
+    from _socket import socket
 
 MAX_FRAME = 256 << 20
 
@@ -82,7 +85,7 @@ def failure_frame(request_id: int, text: str) -> bytes:
     return encode_varint(len(body)) + body
 
 
-def read_frame(fd_or_sock: int | socket.socket) -> bytes | None:
+def read_frame(fd_or_sock: int | socket) -> bytes | None:
     """One varint-delimited frame (prefix included) from a descriptor or socket; None at EOF."""
     receive = (lambda n: os.read(fd_or_sock, n)) if isinstance(fd_or_sock, int) else fd_or_sock.recv
     prefix = bytearray()

@@ -17,60 +17,28 @@ when that cache cannot be used): `bazel clean` deletes the runfiles of the relay
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import stat
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from treemat.errors import CasError
 from treemat.layout import Root, check_private_dir, check_trusted_path
 from treemat.locking import LockBusy, file_lock
+from treemat.serviceid import ServeHere, ServiceUnavailable, own_package_hash, package_hash, wait_seconds
 
-ServeHere = Callable[[list[str]], int]  # runs the service in this process (__main__.run_forked_service); its status
 STALE_COPY_DAYS = 14  # a package copy no service started from for this long is removed when another is made
 LEFTOVER_SECONDS = 600.0  # a temp dir of a copy this old is a killed relay's (an older version copies unlocked)
 PROCESS_NAME = "treemat-service"  # /proc/PID/comm of every service (at most 15 bytes)
 OLD_BYTECODE_DIR = "pycache"  # the user cache's path-keyed compiled modules of versions before bytecode.py
-WAIT_SECONDS = 60.0  # for a service to start, or to answer a hello (TREEMAT_SERVICE_WAIT_SECONDS)
-
-
-def wait_seconds() -> float:
-    """How long a relay waits for a service to start or to answer its hello: one stopped or hung (a hung
-    filesystem) must not hold the relay, and every relay of the root queued on the service lock behind it."""
-    return float(os.environ.get("TREEMAT_SERVICE_WAIT_SECONDS") or WAIT_SECONDS)
 
 
 def name_process(name: str) -> None:
     """What `ps`, `top` and /proc/PID/comm show (a service forked from a relay keeps the relay's command line)."""
     with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
         comm.write(name)
-
-
-class ServiceUnavailable(Exception):
-    """No service could be reached or started: the caller serves in-process."""
-
-
-def package_hash(package: str | None = None) -> str:
-    """A content hash of every module of a treemat package (this one by default): a changed file means another
-    service, and a copy whose hash is not its version's is not imported from."""
-    from _blake2 import blake2b  # CPython's builtin: 1 ms to import, hashlib's OpenSSL binding 3 ms
-
-    digest = blake2b(digest_size=16)
-    package = package or os.path.dirname(os.path.abspath(__file__))
-    for folder in ("", "bot", "commands"):
-        base = os.path.join(package, folder)
-        try:
-            names = sorted(name for name in os.listdir(base) if name.endswith(".py"))
-        except OSError:
-            continue
-        for name in names:
-            with open(os.path.join(base, name), "rb") as handle:
-                digest.update(f"{folder}/{name}\0".encode() + handle.read())
-    return digest.hexdigest()
 
 
 def package_copy(layout: Root, version: str) -> str:
@@ -149,12 +117,6 @@ def _same_modules(copy: str) -> bool:
         return package_hash(copy) == own_package_hash()
     except OSError:
         return False
-
-
-@functools.cache
-def own_package_hash() -> str:
-    """This package's content hash, read once per process (the relay's version and the copy's check share it)."""
-    return package_hash()
 
 
 def _remove(entry: Path) -> None:
