@@ -450,3 +450,24 @@ def test_site_packages_without_pth_files_and_site_in_full_where_a_module_needs_o
     done = subprocess.run([sys.executable, "-S", "-c", probe], env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert hooked.exists() == served_through_pth
+
+
+def test_a_module_whose_parent_package_is_found_only_through_a_pth_file_runs_site_in_full(tmp_path: Path) -> None:
+    """protobuf installed in a directory a .pth file names: its parent package (`google`) is not found either, which
+    importlib.util.find_spec raises for instead of saying "not found"; `site` runs in full, the service starts."""
+    site_dir = tmp_path / f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
+    package = tmp_path / "elsewhere/outer_ns/inner"
+    for directory in (site_dir, package):
+        directory.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (site_dir / "a.pth").write_text(f"{tmp_path / 'elsewhere'}\n")
+    probe = (
+        "import treemat.servicespawn as spawn\n"
+        "spawn.SERVED_FROM_SITE = ('outer_ns.inner',)\n"
+        "spawn.add_site_packages(pth_files=False)\n"
+        "import outer_ns.inner\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(TOOLS_DIR), "PYTHONUSERBASE": str(tmp_path)}
+    env.pop("PYTHONNOUSERSITE", None)
+    done = subprocess.run([sys.executable, "-S", "-c", probe], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr

@@ -191,11 +191,20 @@ def add_site_packages(*, pth_files: bool = True) -> None:
         if site.check_enableusersite():
             directories.insert(0, site.getusersitepackages())  # the user's site first, as site.main() orders them
         sys.path.extend(d for d in directories if d not in sys.path and os.path.isdir(d))
-        from importlib.util import find_spec
-
-        if all(find_spec(name) is not None for name in SERVED_FROM_SITE):
+        if all(_found(name) for name in SERVED_FROM_SITE):
             return
     site.main()
+
+
+def _found(name: str) -> bool:
+    """Whether a module is found on sys.path; find_spec raises (not None) where its parent package is not found
+    (`google` of google.protobuf installed through a .pth file)."""
+    from importlib.util import find_spec
+
+    try:
+        return find_spec(name) is not None
+    except ImportError:
+        return False
 
 
 def start_service(
