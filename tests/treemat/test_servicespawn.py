@@ -451,3 +451,47 @@ def test_site_packages_without_pth_files_and_site_in_full_where_a_module_needs_o
     done = subprocess.run([sys.executable, "-S", "-c", probe], env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert hooked.exists() == served_through_pth
+
+
+def test_a_module_whose_parent_package_is_found_only_through_a_pth_file_runs_site_in_full(tmp_path: Path) -> None:
+    """protobuf installed in a directory a .pth file names: its parent package (`google`) is not found either, which
+    importlib.util.find_spec raises for instead of saying "not found"; `site` runs in full, the service starts."""
+    site_dir = tmp_path / f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
+    package = tmp_path / "elsewhere/outer_ns/inner"
+    for directory in (site_dir, package):
+        directory.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (site_dir / "a.pth").write_text(f"{tmp_path / 'elsewhere'}\n")
+    probe = (
+        "import treemat.servicespawn as spawn\n"
+        "spawn.SERVED_FROM_SITE = ('outer_ns.inner',)\n"
+        "spawn.add_site_packages(pth_files=False)\n"
+        "import outer_ns.inner\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(TOOLS_DIR), "PYTHONUSERBASE": str(tmp_path)}
+    env.pop("PYTHONNOUSERSITE", None)
+    done = subprocess.run([sys.executable, "-S", "-c", probe], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_venvs_interpreter_gets_the_venvs_site_packages_and_not_the_users(tmp_path: Path) -> None:
+    """Under `-S` a venv's interpreter still has the base install's prefix (site.main() reads pyvenv.cfg): the
+    directories `site` would add are the venv's, and no user site (a venv leaves it out), not the base install's."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    (venv / "lib" / version / "site-packages/in_venv.py").write_text("")
+    user_site = tmp_path / "user-base/lib" / version / "site-packages"
+    user_site.mkdir(parents=True)
+    (user_site / "in_user_site.py").write_text("")
+    probe = (
+        "import importlib.util, treemat.servicespawn as spawn\n"
+        "spawn.add_site_packages(pth_files=False)\n"
+        "import in_venv\n"
+        "assert importlib.util.find_spec('in_user_site') is None, 'the user site of a venv'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(TOOLS_DIR), "PYTHONUSERBASE": str(tmp_path / "user-base")}
+    env.pop("PYTHONNOUSERSITE", None)
+    python = str(venv / "bin/python")
+    done = subprocess.run([python, "-S", "-c", probe], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr

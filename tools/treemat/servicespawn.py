@@ -148,16 +148,34 @@ def add_site_packages(*, pth_files: bool = True) -> None:
 
     if site.ENABLE_USER_SITE is not None:  # site.main() ran already (it decides this first)
         return
-    if not pth_files:
+    if not pth_files and not _in_venv():
         directories = site.getsitepackages()
         if site.check_enableusersite():
             directories.insert(0, site.getusersitepackages())  # the user's site first, as site.main() orders them
         sys.path.extend(d for d in directories if d not in sys.path and os.path.isdir(d))
-        from importlib.util import find_spec
-
-        if all(find_spec(name) is not None for name in SERVED_FROM_SITE):
+        if all(_found(name) for name in SERVED_FROM_SITE):
             return
     site.main()
+
+
+def _in_venv() -> bool:
+    """A venv's interpreter (pyvenv.cfg next to or above it, as site.venv() looks): until site.main() reads that
+    file, sys.prefix is the base install's, so getsitepackages() names its site-packages, not the venv's, and a
+    user site the venv leaves out; `site` then runs in full."""
+    launcher = os.environ.get("__PYVENV_LAUNCHER__") if sys.platform == "darwin" else None
+    exe_dir = os.path.dirname(os.path.abspath(launcher or sys.executable))
+    return any(os.path.isfile(os.path.join(d, "pyvenv.cfg")) for d in (exe_dir, os.path.dirname(exe_dir)))
+
+
+def _found(name: str) -> bool:
+    """Whether a module is found on sys.path; find_spec raises (not None) where its parent package is not found
+    (`google` of google.protobuf installed through a .pth file)."""
+    from importlib.util import find_spec
+
+    try:
+        return find_spec(name) is not None
+    except ImportError:
+        return False
 
 
 def start_service(
