@@ -135,6 +135,28 @@ def test_a_chmod_of_an_ancestor_checks_nothing_again(tmp_path: Path) -> None:
     assert watch.plan(execroot, plan.generation).paths == {"a/b/one"}
 
 
+@pytest.mark.parametrize("order", ["directories first", "file first"])
+def test_a_directory_listed_as_an_input_keeps_its_directory_watch(tmp_path: Path, order: str) -> None:
+    """A request that lists a directory as a file input (or one that replaced a file): its check put a file's
+    watch on the directory, which narrowed the directory's own watch (a new directory swapped in below it went
+    unseen) or filed its events as a file's (they marked that path only): an executable swapped in kept its
+    stale exec bit."""
+    watch = ExecrootWatch()
+    execroot = _execroot(tmp_path, ["a/b/one"])
+    plan = watch.plan(execroot, None)
+    checks = ["a", "a/b", "a/b/one"] if order == "directories first" else ["a/b/one", "a", "a/b"]
+    for rel in checks:
+        watch.check(execroot, rel)
+    replacement = Path(execroot) / "a/new"
+    replacement.mkdir()
+    (replacement / "one").write_bytes(b"a/b/one")
+    (replacement / "one").chmod(0o755)
+    os.rename(Path(execroot) / "a/b", Path(execroot) / "a/old")
+    os.rename(replacement, Path(execroot) / "a/b")
+    again = watch.plan(execroot, plan.generation)
+    assert again.everything or "a/b/one" in again.paths
+
+
 def test_an_input_under_a_relative_or_file_symlink_is_checked_every_time(tmp_path: Path) -> None:
     watch = ExecrootWatch()
     execroot = _execroot(tmp_path, FILES)

@@ -187,9 +187,11 @@ class ExecrootWatch:
         # directory's mask: added to, never narrowed
         mask |= inotify_flags.MASK_ADD if ancestor else inotify_flags.ATTRIB
         try:
-            return int(self._inotify.add_watch(path, mask))
+            wd = int(self._inotify.add_watch(path, mask))
         except OSError:
             return None
+        self._files.pop(wd, None)  # a directory first checked as an input (never vouched for): a directory now
+        return wd
 
     def _watch_input(self, execroot: str, path: str) -> int | None:
         """Watch each directory from `execroot` (the watched one, else None) down to `path`, then its inode: the
@@ -208,14 +210,22 @@ class ExecrootWatch:
                         self._dirs.setdefault(wd, set()).add(parent)
                 if wd == -1 or wd is None:
                     return None
-            # its inode: chmod (through any name), link count, utimes; removed; renamed (a symlink: never vouched for)
+            # its inode: chmod (through any name), link count, utimes; removed; renamed (a symlink: never vouched for);
+            # added to: a directory listed as an input keeps its directory watch's mask (else a change below it went
+            # unseen) and is never vouched for
             mask = (
-                inotify_flags.ATTRIB | inotify_flags.DELETE_SELF | inotify_flags.MOVE_SELF | inotify_flags.DONT_FOLLOW
+                inotify_flags.ATTRIB
+                | inotify_flags.DELETE_SELF
+                | inotify_flags.MOVE_SELF
+                | inotify_flags.DONT_FOLLOW
+                | inotify_flags.MASK_ADD
             )
             try:
                 wd = int(self._inotify.add_watch(f"{self._execroot}/{path}", mask))
             except OSError:
                 return None
+            if wd in self._dirs or wd in self._ancestors:
+                return None  # a directory watched as one: its events must start afresh, not mark this path
             self._files.setdefault(wd, set()).add(path)
             return self._epoch
 
