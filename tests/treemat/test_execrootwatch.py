@@ -157,6 +157,19 @@ def test_a_directory_listed_as_an_input_keeps_its_directory_watch(tmp_path: Path
     assert again.everything or "a/b/one" in again.paths
 
 
+def test_a_watch_that_could_not_start_is_tried_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of inotify instances once (the old execroot's still closing, say): every input is checked on that
+    request, and the next one starts the watch, instead of checking everything until another execroot comes."""
+    real_open = execrootwatch.open_inotify
+    failures = [(None, "no inotify instance (EMFILE: the inotify instance limit)")]
+    monkeypatch.setattr(execrootwatch, "open_inotify", lambda: failures.pop() if failures else real_open())
+    watch = ExecrootWatch()
+    execroot = _execroot(tmp_path, FILES)
+    seen = _checked(watch, execroot, FILES)  # no watch: everything checked
+    seen = _checked(watch, execroot, FILES)  # the watch placed
+    assert watch.plan(execroot, seen) == (seen + 1, False, set())
+
+
 def test_an_input_under_a_relative_or_file_symlink_is_checked_every_time(tmp_path: Path) -> None:
     watch = ExecrootWatch()
     execroot = _execroot(tmp_path, FILES)

@@ -61,6 +61,7 @@ class ExecrootWatch:
         self._execroot: str | None = None
         self._restart = False  # a lost event or directory watch: start afresh once the queue is read
         self._usable = False  # the execroot resolves without symlinks and it and its ancestors are watched
+        self._crosses_symlink = False  # the execroot's path does: never watched (every input checked every time)
         self._generation = 1
         self._epoch = 0  # one per start afresh: a watch placed in an earlier one vouches for nothing now
         self._blanket = 1  # the generation of the last "anything may have changed"
@@ -75,8 +76,8 @@ class ExecrootWatch:
     def plan(self, execroot: str, since: int | None) -> CheckPlan:
         """Read the events so far: what a caller that last checked at generation `since` must check now."""
         with self._lock:
-            if execroot != self._execroot or (self._inotify is not None and not self._usable):
-                self._start(execroot)  # another execroot, or this one could not be watched whole last time
+            if execroot != self._execroot or (not self._usable and not self._crosses_symlink):
+                self._start(execroot)  # another execroot, or this one could not be watched (whole) last time
             self._drain()
             generation = self._generation
             self._generation += 1  # what is read from here on is newer than what the caller now checks
@@ -124,8 +125,9 @@ class ExecrootWatch:
         self._restart = False
         self._execroot = execroot
         self._inotify, _why_not = open_inotify()
-        if self._inotify is None or os.path.realpath(execroot) != execroot:
-            return  # no inotify, or the execroot's path crosses a symlink: everything is checked every time
+        self._crosses_symlink = os.path.realpath(execroot) != execroot
+        if self._inotify is None or self._crosses_symlink:
+            return  # no inotify (tried again next time: out of instances while old ones close), or a symlink
         try:
             self._mounts = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 (kept open: poll tells a change)
             self._mounts.read()
