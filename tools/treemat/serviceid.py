@@ -1,7 +1,7 @@
 """What a relay needs before it knows whether the root's service runs: the package's identity (its content hash),
 how long to wait for a service, and the error that sends the relay to serve in-process.
 
-Cheap to import (the standard library's os and sys): a relay whose service answers imports nothing of
+Cheap to import (os and functools): a relay whose service answers imports nothing of
 servicespawn.py, which starts one (and imports pathlib, the root's layout and the locks to do it).
 """
 
