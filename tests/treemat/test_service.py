@@ -939,8 +939,8 @@ def test_a_service_that_cannot_start_a_thread_refuses_the_relay_with_its_reason_
 
 
 def test_a_request_no_thread_can_be_started_for_is_answered_once_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The pool's thread refused: the request is answered at once, and never run (nor answered again) by a thread
-    started for a later request, which picks it from the pool's queue."""
+    """The request's thread refused: the request is answered at once, and never run (nor answered again) by the
+    thread started for a later request (a pool's would pick it from the queue)."""
     ours, theirs = socket.socketpair()
     ran: list[int] = []
 
@@ -966,6 +966,48 @@ def test_a_request_no_thread_can_be_started_for_is_answered_once_with_one_line(m
     assert read_delimited(replies, protos.WorkResponse) is None  # nor was it answered twice
     replies.close()
     theirs.close()
+
+
+def test_a_session_runs_at_most_its_relays_pool_size_at_once_and_answers_every_request() -> None:
+    ours, theirs = socket.socketpair()
+    lock, release = threading.Lock(), threading.Event()
+    running, most = [0], [0]
+
+    def handler(item: WorkItem) -> WorkReply:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        release.wait(READ_TIMEOUT)
+        with lock:
+            running[0] -= 1
+        return WorkReply(item.request_id, 0, "")
+
+    session = Session(ours, handler, lambda _service_id: True, count(1), 2)
+    for request_id in range(1, 5):
+        session.dispatch(WorkItem(request_id, ["--", "true"], InputManifest.of([])))
+    wait_for(lambda: running[0] == 2, what="two requests to run")
+    release.set()
+    theirs.shutdown(socket.SHUT_WR)
+    session.run()
+    ours.close()
+    replies = theirs.makefile("rb")
+    answered = [read_delimited(replies, protos.WorkResponse) for _ in range(4)]
+    assert sorted(reply.request_id for reply in answered if reply is not None) == [1, 2, 3, 4]
+    assert most[0] == 2
+    replies.close()
+    theirs.close()
+
+
+def test_a_service_imports_no_thread_pool_module() -> None:
+    """concurrent.futures brings logging, traceback and tokenize: ~6 ms of a cold service's start (a fresh CI
+    machine's first action); a session runs a thread per request instead."""
+    probe = (
+        "import sys, treemat.servicespawn as spawn; spawn.add_site_packages(pth_files=False); import treemat.service;"
+        " print(sorted({'concurrent.futures', 'logging'} & set(sys.modules)))"
+    )
+    command = [sys.executable, "-S", "-c", probe]  # as a service starts (no .pth file's hook imports anything)
+    done = subprocess.run(command, env=worker_env(), capture_output=True, text=True, check=False)
+    assert done.stdout == "[]\n", (done.stdout, done.stderr)
 
 
 def test_a_peer_whose_pid_another_process_took_after_it_connected_is_refused(

@@ -27,7 +27,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from treemat.errors import TreematError, describe_error
@@ -41,6 +40,7 @@ from treemat.stack import Stack, favour_syscall_threads, open_stack
 from treemat.worker import DUPLICATE_REFUSED, SANDBOX_DIR_REFUSED, Canceller, Handler, make_handler
 
 HELLO_SECONDS = 10.0  # a peer that has not said hello by then is dropped (it would pin the service)
+RUNNER = "treemat-service"  # the name of a request's thread
 ORPHAN_CHECK_SECONDS = 2.0  # how often an idle-waiting service checks its socket is still the one it bound
 
 
@@ -54,12 +54,12 @@ class Session:
         self.handler = handler
         self.canceller = canceller
         self.ids = ids
-        self._pool = ThreadPoolExecutor(max_workers=max(1, max_workers), thread_name_prefix="treemat-service")
+        self._slots = threading.BoundedSemaphore(max(1, max_workers))  # a thread per request, this many running
+        self._threads: list[threading.Thread] = []  # (a pool: concurrent.futures, ~6 ms of a cold service's start)
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # the relay's request id -> the service's (0: its singleplex one)
         self._wake = -1  # a pipe's write end while the session waits for its last requests (_finish_or_cancel)
-        self._refused: set[int] = set()  # service ids answered when no thread could be started to run them
 
     def run(self) -> None:
         """Serve until the relay closes the connection (or dies); cancel whatever is then still in flight."""
@@ -67,16 +67,16 @@ class Session:
         try:
             for request in read_requests(reader, "proto"):
                 if isinstance(request, Malformed):
-                    self.respond(
-                        WorkReply(request.request_id, 1, f"treemat: malformed work request: {request.error}\n")
-                    )
+                    malformed = f"treemat: malformed work request: {request.error}\n"
+                    self.respond(WorkReply(request.request_id, 1, malformed))
                 else:
                     self.dispatch(request)
         except (OSError, ValueError):
             pass  # the relay went away mid-message
         finally:
             self._finish_or_cancel()
-            self._pool.shutdown(wait=True)
+            for thread in self._threads:
+                thread.join()
             reader.close()
 
     def _finish_or_cancel(self) -> None:
@@ -134,21 +134,21 @@ class Session:
         if duplicate:
             self.respond(WorkReply(local, 1, DUPLICATE_REFUSED.format(local)))
             return
+        self._threads = [thread for thread in self._threads if thread.is_alive()]
+        thread = threading.Thread(target=self._run_and_respond, args=(item.with_id(service_id), local), name=RUNNER)
         try:
-            self._pool.submit(self._run_and_respond, item.with_id(service_id), local)
-        except RuntimeError as exc:  # no thread to be had (RLIMIT_NPROC): answered now, never run by a later one
+            thread.start()
+            self._threads.append(thread)
+        except RuntimeError as exc:  # no thread to be had (RLIMIT_NPROC): answered now, never run
             with self._lock:
-                self._refused.add(service_id)
                 if self._inflight.get(local) == service_id:
                     del self._inflight[local]
             self.respond(WorkReply(local, 1, f"treemat: error: the service cannot start a thread to run it ({exc})\n"))
 
     def _run_and_respond(self, item: WorkItem, local: int) -> None:
-        with self._lock:
-            if item.request_id in self._refused:  # queued by the submit that failed (above): already answered
-                return
         try:
-            reply = self.handler(item)
+            with self._slots:
+                reply = self.handler(item)
         except (TreematError, OSError) as exc:
             reply = WorkReply(item.request_id, 1, f"treemat: error: {describe_error(exc)}\n")
         except Exception as exc:  # the service must keep serving whatever one request does

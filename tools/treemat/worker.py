@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, BinaryIO
 
@@ -54,6 +53,8 @@ class WorkerServer:
         self.protocol: Wire = protocol
         self.on_cancel = on_cancel
         self._write_lock = threading.Lock()
+        from concurrent.futures import ThreadPoolExecutor  # here: the service imports this module, not its pool
+
         self._pool = ThreadPoolExecutor(max_workers=max(1, max_workers), thread_name_prefix="treemat-action")
         self._inflight: set[int] = set()
         self._inflight_lock = threading.Lock()
