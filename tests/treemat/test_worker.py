@@ -245,3 +245,40 @@ def test_undeclared_inputs_are_invisible(execroot: Path, tmp_path: Path) -> None
     reply = worker.read()
     assert reply["exitCode"] != 0 and "undeclared.txt" in reply["output"], "hermetic: only declared inputs exist"
     worker.close()
+
+
+def test_the_reply_goes_out_before_the_stats_file_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rewriting `<root>/stats/<pid>.json` (~0.5 ms of JSON and a rename per request) is nothing Bazel waits for."""
+    import threading
+
+    from treemat.counters import StatsStore
+    from treemat.layout import Root
+    from treemat.manifest import InputManifest
+    from treemat.protocol import WorkItem
+    from treemat.stack import open_stack
+    from treemat.worker import WorkerServer, make_handler
+
+    release, published = threading.Event(), threading.Event()
+    real_publish = StatsStore.publish
+
+    def slow_publish(self: StatsStore, *args: object, **kwargs: object) -> Path:
+        release.wait(10)
+        path = real_publish(self, *args, **kwargs)  # type: ignore[arg-type]
+        published.set()
+        return path
+
+    monkeypatch.setattr(StatsStore, "publish", slow_publish)
+    read_end, write_end = os.pipe()
+    with open_stack(Root(tmp_path / "root"), isolation="none") as stack, os.fdopen(write_end, "wb") as out:
+        handler, canceller = make_handler(stack, tmp_path)
+        server = WorkerServer(out, handler, protocol="proto", on_cancel=canceller)
+        item = WorkItem(0, ["--", "true"], InputManifest.of([]))
+        running = threading.Thread(target=server.dispatch, args=(item,))
+        running.start()
+        with os.fdopen(read_end, "rb") as replies:
+            reply = framing.read_delimited(replies, protos.WorkResponse)
+            assert reply is not None and reply.exit_code == 0, reply
+            assert not published.is_set()  # the reply came while the stats were still being written
+            release.set()
+            running.join()
+    assert published.is_set() and (tmp_path / "root/stats" / f"{os.getpid()}.json").is_file()

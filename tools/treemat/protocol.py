@@ -64,12 +64,13 @@ class WorkItem:
 
 
 class WorkReply(NamedTuple):
-    """What goes back to Bazel."""
+    """What goes back to Bazel; `then`: what the worker does once it is sent (the stats file: Bazel does not wait)."""
 
     request_id: int
     exit_code: int
     output: str
     was_cancelled: bool = False
+    then: Callable[[], None] | None = None
 
 
 class Malformed(NamedTuple):

@@ -55,9 +55,6 @@ def make_rswift_handler(stack: Stack, execroot: Path, real_worker: str, startup:
             return WorkReply(item.request_id, 1, f"treemat: cannot read this rules_swift request: {exc}\n")
         started = time.perf_counter()
         result = executor.execute(ActionRequest(spec=spec, inputs=item.inputs, execroot=execroot))
-        with contextlib.suppress(OSError):  # what `treemat stats` shows (singleplex: no other request runs)
-            extra = {"recent_actions": list(executor.recent), **stack.describe()}
-            stats.publish(stack.counters, role="rules_swift worker", extra=extra)
         if verbose:
             print(
                 f"treemat rules_swift worker: {len(item.inputs)} inputs, {len(spec.outputs)} outputs, "
@@ -66,7 +63,12 @@ def make_rswift_handler(stack: Stack, execroot: Path, real_worker: str, startup:
                 file=sys.stderr,
                 flush=True,
             )
-        return WorkReply(item.request_id, result.exit_code, result.output, result.cancelled)
+        return WorkReply(item.request_id, result.exit_code, result.output, result.cancelled, then=publish)
+
+    def publish() -> None:  # what `treemat stats` shows, once the reply is sent (singleplex: no other request runs)
+        with contextlib.suppress(OSError):
+            extra = {"recent_actions": list(executor.recent), **stack.describe()}
+            stats.publish(stack.counters, role="rules_swift worker", extra=extra)
 
     return handle
 

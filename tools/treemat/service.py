@@ -3,14 +3,14 @@ caches) for every relay (relay.py), across Bazel servers, `bazel clean`, mnemoni
 
     python3 -m treemat --service --root=R --name=N --isolation=I --idle-minutes=M --ready-fd=FD
 
-A relay starts it (under the root's service lock) and waits on FD for `ok <pid>` or the reason it failed. It
-forks itself away at once (the relay reaps the first process), listens on `<root>/service/N.sock` (0600 in the
-0700 dir), refuses a peer of another uid (SO_PEERCRED) or of another version, and serves each relay's requests
-relative to the directory descriptor the relay passed (its execroot), with the relay's environment as the tools'
-base environment. Request ids are mapped to ids unique in the service, so relays' multiplex ids never meet;
-a relay that goes away has its requests in flight cancelled. With no relay connected for M minutes the
-service removes its socket (under the lock, so a relay starting meanwhile starts a new one) and exits; one whose
-socket went (its root deleted) exits within ORPHAN_CHECK_SECONDS.
+A relay starts it (under the root's service lock) and waits on FD for `ok <pid>` or the reason it failed. It forks
+itself away at once (the relay reaps the first process), listens on `<root>/service/N.sock` (0600 in the 0700 dir),
+refuses a peer of another uid (SO_PEERCRED) or of another version, and serves each relay's requests relative to the
+directory descriptor the relay passed (its execroot), with the relay's environment as the tools' base environment.
+Request ids are mapped to ids unique in the service, so relays' multiplex ids never meet; a relay that goes away has
+its requests in flight cancelled. With no relay connected for M minutes the service removes its socket (under the
+lock, so a relay starting meanwhile starts a new one) and exits; one whose socket went (its root deleted) exits
+within ORPHAN_CHECK_SECONDS.
 """
 
 from __future__ import annotations
@@ -162,10 +162,11 @@ class Session:
         self.respond(reply._replace(request_id=local))
 
     def respond(self, reply: WorkReply) -> None:
-        """Send one response; a relay that went away is not an error (its session ends)."""
-        data = encode_reply(reply, "proto")
+        """Send one response, then its follow-up; a relay that went away is not an error (its session ends)."""
         with self._write_lock, contextlib.suppress(OSError):
-            self.conn.sendall(data)
+            self.conn.sendall(encode_reply(reply, "proto"))
+        if reply.then is not None:
+            reply.then()
 
 
 class Service:
@@ -265,10 +266,9 @@ class Service:
                     return False
             finally:
                 self.listener.setblocking(True)
-            with contextlib.suppress(OSError):
-                os.unlink(layout.service_file(self.name, "sock"))
-            with contextlib.suppress(OSError):
-                os.unlink(layout.service_file(self.name, "pid"))
+            for kind in ("sock", "pid"):
+                with contextlib.suppress(OSError):
+                    os.unlink(layout.service_file(self.name, kind))
             self.listener.close()
         print(f"treemat service {os.getpid()}: idle for {self.idle_seconds:.0f} s: exiting", file=sys.stderr)
         return True
