@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import resource
@@ -192,6 +193,46 @@ def test_a_relay_whose_service_answers_imports_no_more_than_it_needs(execroot: P
         check=False,
     )
     assert done.stdout == "0 []\n", (done.stdout, done.stderr)
+
+
+def test_a_relay_forwards_a_request_before_reading_its_id_and_answers_it_once() -> None:
+    """The relay sends a request on, then scans it for its id (a 10,000-input request: ~1-3 ms the service need
+    not wait for). An answer that comes before that scan is not counted in flight: when the service then dies,
+    the relay fails nothing twice (a second answer to one id)."""
+    script = """
+import socket, sys, threading
+from treemat import protos
+from treemat.framing import encode_delimited
+from treemat.relay import Relay
+from treemat.relaywire import read_frame
+ours, theirs = socket.socketpair()
+answered, registered = threading.Event(), threading.Event()
+write, register = Relay._write, Relay._register
+def write_then_mark(self, data):
+    write(self, data)
+    answered.set()
+def register_once_answered(self, sock, frame):
+    answered.wait(30)
+    register(self, sock, frame)
+    registered.set()
+Relay._write, Relay._register = write_then_mark, register_once_answered
+def service():
+    read_frame(theirs)
+    theirs.sendall(encode_delimited(protos.WorkResponse(request_id=5, output="done")))
+    registered.wait(30)
+    theirs.close()  # the service dies after the relay registered the request it answered
+threading.Thread(target=service, daemon=True).start()
+sys.exit(Relay(lambda: ours).run())
+"""
+    request = encode_delimited(protos.WorkRequest(arguments=["--", "true"], request_id=5))
+    done = subprocess.run(
+        [sys.executable, "-c", script], input=request, env=worker_env(), capture_output=True, timeout=READ_TIMEOUT
+    )
+    assert done.returncode == 0, done.stderr
+    replies = io.BytesIO(done.stdout)
+    first = read_delimited(replies, protos.WorkResponse)
+    assert first is not None and (first.request_id, first.output) == (5, "done"), first
+    assert read_delimited(replies, protos.WorkResponse) is None, "a second answer to request 5"
 
 
 def test_a_relays_death_cancels_its_requests_and_the_service_serves_others(execroot: Path, root: Path) -> None:

@@ -174,6 +174,7 @@ class Relay:
         self._lock = threading.Condition()
         self._write_lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # request id -> how many (singleplex requests all have id 0)
+        self._early: dict[int, int] = {}  # request id -> answers that came before the relay read the request's id
         self._sock: Socket | None = None
 
     def run(self) -> int:
@@ -189,33 +190,24 @@ class Relay:
             except EOFError as exc:  # cut or garbled framing: no later request can be framed; answer, then end
                 self._write(failure_frame(0, f"treemat: malformed work request: {exc}\n"))
                 break
-            fields = frame_fields(frame, (3, 4))
-            request_id, cancel = request_id_of(fields), bool(fields.get(4, 0))
             if self._sock is None:
                 try:
                     self._attach()
-                except (
-                    ServiceUnavailable,
-                    TreematError,
-                    OSError,
-                    EOFError,
-                    FrameTooBig,
-                ) as exc:  # its dir unusable, say
-                    if not cancel:
-                        self._write(failure_frame(request_id, UNREACHED.format(exc)))
+                except (ServiceUnavailable, TreematError, OSError, EOFError, FrameTooBig) as exc:  # its dir unusable
+                    self._answer(frame, UNREACHED.format(exc))
                     continue
             with self._lock:
                 sock = self._sock
-                if sock is not None and not cancel:
-                    self._inflight[request_id] = self._inflight.get(request_id, 0) + 1
             if sock is None:  # it died between the check and now
-                if not cancel:
-                    self._write(failure_frame(request_id, DIED.format("the connection closed")))
+                self._answer(frame, DIED.format("the connection closed"))
                 continue
-            try:
+            try:  # sent first, its id read after: the scan of a big request (10,000 inputs: 3-5 ms) runs meanwhile
                 sock.sendall(frame)
             except OSError as exc:
+                self._register(sock, frame)
                 self._fail_all(sock, f"sending failed: {exc.strerror or exc}")
+                continue
+            self._register(sock, frame)
         sock = self._sock
         if sock is not None:  # no more requests: the service answers what it has, then closes
             with contextlib.suppress(OSError):
@@ -224,6 +216,29 @@ class Relay:
                 while self._sock is sock:
                     self._lock.wait()
         return 0
+
+    def _answer(self, frame: bytes, text: str) -> None:
+        """Fail a request that never reached the service (a cancel gets no answer)."""
+        fields = frame_fields(frame, (3, 4))
+        if not fields.get(4):
+            self._write(failure_frame(request_id_of(fields), text))
+
+    def _register(self, sock: Socket, frame: bytes) -> None:
+        """A request sent on `sock` is in flight until answered; answered already if its answer came first; failed
+        here if the service died before the request was registered (its _fail_all did not know it)."""
+        fields = frame_fields(frame, (3, 4))
+        if fields.get(4):
+            return  # a cancel: no answer of its own
+        request_id = request_id_of(fields)
+        with self._lock:
+            if early := self._early.pop(request_id, 0):
+                if early > 1:
+                    self._early[request_id] = early - 1
+                return
+            if self._sock is sock:
+                self._inflight[request_id] = self._inflight.get(request_id, 0) + 1
+                return
+        self._write(failure_frame(request_id, DIED.format("the connection closed")))
 
     def _attach(self) -> None:
         sock = self._connect()
@@ -251,6 +266,8 @@ class Relay:
                     count = self._inflight.pop(request_id, 0)
                     if count > 1:
                         self._inflight[request_id] = count - 1
+                    elif not count:  # answered before the relay read its id (_register)
+                        self._early[request_id] = self._early.get(request_id, 0) + 1
                     self._lock.notify_all()
                 self._write(frame)
         except (OSError, EOFError) as exc:

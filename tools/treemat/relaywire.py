@@ -58,6 +58,17 @@ def scan_fields(payload: bytes | memoryview, wanted: tuple[int, ...]) -> dict[in
     pos, end = 0, len(payload)
     try:
         while pos < end:
+            key = payload[pos]
+            if key & 7 == 2 and not key & 0x80:  # length-delimited, 1-byte key: a request's inputs, inlined (3x)
+                size = payload[pos + 1]
+                if not size & 0x80:
+                    pos += 2 + size
+                elif not (high := payload[pos + 2]) & 0x80:  # 128 bytes to 16 KiB: an input with a long path
+                    pos += 3 + (size & 0x7F | high << 7)
+                else:
+                    size, pos = read_varint(payload, pos + 1)
+                    pos += size
+                continue
             key, pos = read_varint(payload, pos)
             field, kind = key >> 3, key & 7
             if kind == 0:
