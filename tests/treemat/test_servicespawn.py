@@ -439,18 +439,24 @@ def test_site_packages_without_pth_files_and_site_in_full_where_a_module_needs_o
     (elsewhere / "through_pth.py").write_text("")
     hooked = tmp_path / "hook-ran"
     (site_dir / "a.pth").write_text(f"{elsewhere}\nimport os; open({str(hooked)!r}, 'a').write('ran')\n")
-    needed = "('in_site', 'through_pth')" if served_through_pth else "('in_site', 'google.protobuf')"
-    probe = (
-        "import treemat.servicespawn as spawn\n"
-        f"spawn.SERVED_FROM_SITE = {needed}\n"
-        "spawn.add_site_packages(pth_files=False)\n"
-        "import in_site, google.protobuf\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(TOOLS_DIR), "PYTHONUSERBASE": str(tmp_path)}
-    env.pop("PYTHONNOUSERSITE", None)
-    done = subprocess.run([sys.executable, "-S", "-c", probe], env=env, capture_output=True, text=True, check=False)
+    needed = ("in_site", "through_pth") if served_through_pth else ("in_site", "google.protobuf")
+    done = _site_probe(tmp_path, needed, "in_site, google.protobuf")
     assert done.returncode == 0, done.stderr
     assert hooked.exists() == served_through_pth
+
+
+def _site_probe(user_base: Path, served: tuple[str, ...], imports: str) -> subprocess.CompletedProcess[str]:
+    """`python -S`: add_site_packages(pth_files=False) with `served` as what the service needs from the site-packages
+    (the user's site under `user_base`), then import `imports`."""
+    probe = (
+        "import treemat.servicespawn as spawn\n"
+        f"spawn.SERVED_FROM_SITE = {served!r}\n"
+        "spawn.add_site_packages(pth_files=False)\n"
+        f"import {imports}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(TOOLS_DIR), "PYTHONUSERBASE": str(user_base)}
+    env.pop("PYTHONNOUSERSITE", None)
+    return subprocess.run([sys.executable, "-S", "-c", probe], env=env, capture_output=True, text=True, check=False)
 
 
 def test_a_module_whose_parent_package_is_found_only_through_a_pth_file_runs_site_in_full(tmp_path: Path) -> None:
@@ -462,15 +468,7 @@ def test_a_module_whose_parent_package_is_found_only_through_a_pth_file_runs_sit
         directory.mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (site_dir / "a.pth").write_text(f"{tmp_path / 'elsewhere'}\n")
-    probe = (
-        "import treemat.servicespawn as spawn\n"
-        "spawn.SERVED_FROM_SITE = ('outer_ns.inner',)\n"
-        "spawn.add_site_packages(pth_files=False)\n"
-        "import outer_ns.inner\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(TOOLS_DIR), "PYTHONUSERBASE": str(tmp_path)}
-    env.pop("PYTHONNOUSERSITE", None)
-    done = subprocess.run([sys.executable, "-S", "-c", probe], env=env, capture_output=True, text=True, check=False)
+    done = _site_probe(tmp_path, ("outer_ns.inner",), "outer_ns.inner")
     assert done.returncode == 0, done.stderr
 
 
