@@ -235,6 +235,38 @@ sys.exit(Relay(lambda: ours).run())
     assert read_delimited(replies, protos.WorkResponse) is None, "a second answer to request 5"
 
 
+def test_a_service_that_dies_after_stdin_ended_has_its_requests_failed_before_the_relay_exits() -> None:
+    """At stdin's end the relay waits for the service to answer what it has; the service's death then fails what
+    is in flight, and those failures are written before the relay exits (it once exited as the connection was
+    dropped, its reader thread still to write them: requests never answered)."""
+    script = """
+import socket, sys, time
+from treemat.relay import Relay
+from treemat.relaywire import read_frame
+ours, theirs = socket.socketpair()
+write = Relay._write
+def slow_write(self, data):
+    time.sleep(0.5)  # a pipe Bazel drains slowly
+    write(self, data)
+Relay._write = slow_write
+def service():
+    read_frame(theirs)
+    theirs.recv(1)  # the relay's half-close at stdin's end
+    theirs.close()  # the service dies with request 5 in flight
+import threading
+threading.Thread(target=service, daemon=True).start()
+sys.exit(Relay(lambda: ours).run())
+"""
+    request = encode_delimited(protos.WorkRequest(arguments=["--", "true"], request_id=5))
+    done = subprocess.run(
+        [sys.executable, "-c", script], input=request, env=worker_env(), capture_output=True, timeout=READ_TIMEOUT
+    )
+    assert done.returncode == 0, done.stderr
+    reply = read_delimited(io.BytesIO(done.stdout), protos.WorkResponse)
+    assert reply is not None and (reply.request_id, reply.exit_code) == (5, 1), done.stdout
+    assert reply.output.startswith("treemat: error: the stager service ended"), reply.output
+
+
 def test_a_relays_death_cancels_its_requests_and_the_service_serves_others(execroot: Path, root: Path) -> None:
     doomed = RelayProcess(execroot, root)
     doomed.send(["sh", "-c", "exec sleep 42.25"], [], ["in/a"], 5)

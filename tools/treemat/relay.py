@@ -276,15 +276,15 @@ class Relay:
 
     def _fail_all(self, sock: Socket, reason: str) -> None:
         """The service is gone: answer every request in flight with one line; the next request reconnects."""
-        with self._lock:
+        with self._lock:  # written before `_sock` changes: `run` returns (the process exits) once it has
             if self._sock is not sock:
                 return
-            failed, self._inflight = self._inflight, {}
-            self._sock = None
+            for request_id, count in self._inflight.items():
+                for _ in range(count):
+                    self._write(failure_frame(request_id, DIED.format(reason)))
+            self._inflight, self._sock = {}, None
             self._lock.notify_all()
         sock.close()
-        for request_id in [request_id for request_id, count in failed.items() for _ in range(count)]:
-            self._write(failure_frame(request_id, DIED.format(reason)))
 
     def _write(self, data: bytes) -> None:
         with self._write_lock:
