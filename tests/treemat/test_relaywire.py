@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from treemat import protos
 from treemat.protocol import parse_message
-from treemat.relaywire import as_int32, encode_varint, failure_frame, payload_of, scan_fields
+from treemat.relaywire import as_int32, encode_varint, failure_frame, payload_of, scan_fields, skim
 
 UINT64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
 
@@ -50,3 +50,30 @@ def test_the_relay_skips_inputs_of_any_size_to_the_id_protobuf_reads(
     payload = message.SerializeToString()
     fields = scan_fields(payload, (3, 4))
     assert (as_int32(fields.get(3, 0)), bool(fields.get(4, 0))) == (request_id, cancel)
+
+
+def group(field: int, body: bytes) -> bytes:
+    """A group (wire types 3 and 4): protobuf reads one on a field it does not know as that field, to its end."""
+    return encode_varint(field << 3 | 3) + body + encode_varint(field << 3 | 4)
+
+
+@given(
+    st.sampled_from([1, 2, 3, 4, 5, 6, 7, 2047, (1 << 29) - 1]),
+    st.lists(st.sampled_from([b"\x18\x09", b"\x20\x01", b"\x0a\x01x", b"\x1d\x00\x00\x00\x00"]), max_size=4),
+    st.booleans(),
+    UINT64,
+    UINT64,
+)
+def test_the_relay_reads_the_id_and_cancel_around_a_group_as_protobuf_does(
+    field: int, inside: list[bytes], nested: bool, raw_id: int, raw_cancel: int
+) -> None:
+    """A request whose id follows a group was read as id 0 (the scan stopped at the group) while the service,
+    which parses it, answered it under its id: the relay counted an answer to an id it never registered, and the
+    next request of that id went unanswered when the service died (another id's failure written instead)."""
+    body = b"".join(inside)
+    if nested:
+        body = group(9, body) + body
+    payload = b"\x18" + encode_varint(raw_id ^ 1) + group(field, body) + request_with(raw_id, raw_cancel)
+    expected = parse_message(payload, protos.WorkRequest)
+    for fields in (scan_fields(payload, (3, 4)), skim([payload[:3], payload[3:]], lambda _n: b"", 0)):
+        assert (as_int32(fields.get(3, 0)), bool(fields.get(4, 0))) == (expected.request_id, expected.cancel)

@@ -235,6 +235,42 @@ sys.exit(Relay(lambda: ours).run())
     assert read_delimited(replies, protos.WorkResponse) is None, "a second answer to request 5"
 
 
+def test_a_request_whose_id_follows_a_group_is_answered_once_under_its_id_when_the_service_dies() -> None:
+    """A group (an unknown field's, which protobuf reads through) once stopped the relay's scan: it counted request
+    7 as id 0, the service's answer to 7 as one that came early, and so left the next request 7 out of those in
+    flight: the service's death failed an id 0 Bazel never sent, and request 7 was never answered."""
+    script = """
+import socket, sys, threading
+from treemat.framing import encode_delimited
+from treemat import protos
+from treemat.relay import Relay
+from treemat.relaywire import read_frame
+ours, theirs = socket.socketpair()
+def service():
+    read_frame(theirs)
+    theirs.sendall(encode_delimited(protos.WorkResponse(request_id=7, output="done")))
+    read_frame(theirs)
+    theirs.close()  # the service dies with the second request 7 in flight
+threading.Thread(target=service, daemon=True).start()
+sys.exit(Relay(lambda: ours).run())
+"""
+    grouped = b"\x0a\x04true" + b"\x2b\x2c" + b"\x18\x07"  # arguments, a group of field 5, request_id 7
+    request = encode_delimited(protos.WorkRequest(arguments=["--", "true"], request_id=7))
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        input=bytes([len(grouped)]) + grouped + request,
+        env=worker_env(),
+        capture_output=True,
+        timeout=READ_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    replies = io.BytesIO(done.stdout)
+    answers = []
+    while (reply := read_delimited(replies, protos.WorkResponse)) is not None:
+        answers.append((reply.request_id, reply.exit_code))
+    assert answers == [(7, 0), (7, 1)], answers
+
+
 def test_a_service_that_dies_after_stdin_ended_has_its_requests_failed_before_the_relay_exits() -> None:
     """At stdin's end the relay waits for the service to answer what it has; the service's death then fails what
     is in flight, and those failures are written before the relay exits (it once exited as the connection was

@@ -55,6 +55,7 @@ def scan_fields(payload: bytes | memoryview, wanted: tuple[int, ...]) -> dict[in
     """The varint fields `wanted` of a protobuf message, as sent (WorkRequest: 3 request_id, read it with
     `as_int32`; 4 cancel, true if not 0; WorkResponse: 3), the last of each as protobuf keeps it."""
     found: dict[int, int] = {}
+    groups: list[int] = []  # the open groups' field numbers: what is inside one is not the message's own
     pos, end = 0, len(payload)
     try:
         while pos < end:
@@ -73,13 +74,17 @@ def scan_fields(payload: bytes | memoryview, wanted: tuple[int, ...]) -> dict[in
             field, kind = key >> 3, key & 7
             if kind == 0:
                 value, pos = read_varint(payload, pos)
-                if field in wanted:
+                if field in wanted and not groups:
                     found[field] = value
             elif kind == 2:
                 size, pos = read_varint(payload, pos)
                 pos += size
             elif kind in (1, 5):
                 pos += 8 if kind == 1 else 4
+            elif kind == 3:  # an unknown field's group, which protobuf reads through (to the fields after it)
+                groups.append(field)
+            elif kind == 4 and groups and groups[-1] == field:
+                groups.pop()
             else:
                 break  # garbage: the service answers it as malformed
     except IndexError:
@@ -142,6 +147,7 @@ def skim(held: list[bytes], receive: Callable[[int], bytes], left: int) -> dict[
     """The varint fields 3 and 4 of a message whose first bytes are `held` (dropped as read) and whose other
     `left` bytes are still to be received; every byte is consumed, none kept."""
     buffer, pos, found = b"", 0, {}
+    groups: list[int] = []  # as scan_fields keeps them
 
     def fill() -> bool:  # the next piece of the message; False at its end
         nonlocal buffer, pos, left
@@ -186,11 +192,15 @@ def skim(held: list[bytes], receive: Callable[[int], bytes], left: int) -> dict[
         if kind == 0:
             if (value := varint()) is None:
                 break
-            if field in (3, 4):
+            if field in (3, 4) and not groups:
                 found[field] = value
         elif kind == 2:
             if (length := varint()) is None or not skip(length):
                 break
+        elif kind == 3:  # a group, read through as scan_fields does
+            groups.append(field)
+        elif kind == 4 and groups and groups[-1] == field:
+            groups.pop()
         elif kind not in (1, 5) or not skip(8 if kind == 1 else 4):
             break  # garbage: what follows is consumed all the same
     skip(MAX_FRAME)
