@@ -224,15 +224,20 @@ def service():
 threading.Thread(target=service, daemon=True).start()
 sys.exit(Relay(lambda: ours).run())
 """
-    request = encode_delimited(protos.WorkRequest(arguments=["--", "true"], request_id=5))
+    replies = _relay_answers(script, encode_delimited(protos.WorkRequest(arguments=["--", "true"], request_id=5)))
+    assert [(reply.request_id, reply.output) for reply in replies] == [(5, "done")]  # no second answer
+
+
+def _relay_answers(script: str, stdin: bytes) -> list[protos.WorkResponse]:
+    """Every answer a Relay that `script` runs (against a service it fakes) writes for `stdin`'s requests."""
     done = subprocess.run(
-        [sys.executable, "-c", script], input=request, env=worker_env(), capture_output=True, timeout=READ_TIMEOUT
+        [sys.executable, "-c", script], input=stdin, env=worker_env(), capture_output=True, timeout=READ_TIMEOUT
     )
     assert done.returncode == 0, done.stderr
-    replies = io.BytesIO(done.stdout)
-    first = read_delimited(replies, protos.WorkResponse)
-    assert first is not None and (first.request_id, first.output) == (5, "done"), first
-    assert read_delimited(replies, protos.WorkResponse) is None, "a second answer to request 5"
+    replies, answers = io.BytesIO(done.stdout), []
+    while (reply := read_delimited(replies, protos.WorkResponse)) is not None:
+        answers.append(reply)
+    return answers
 
 
 def test_a_request_whose_id_follows_a_group_is_answered_once_under_its_id_when_the_service_dies() -> None:
@@ -256,19 +261,8 @@ sys.exit(Relay(lambda: ours).run())
 """
     grouped = b"\x0a\x04true" + b"\x2b\x2c" + b"\x18\x07"  # arguments, a group of field 5, request_id 7
     request = encode_delimited(protos.WorkRequest(arguments=["--", "true"], request_id=7))
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        input=bytes([len(grouped)]) + grouped + request,
-        env=worker_env(),
-        capture_output=True,
-        timeout=READ_TIMEOUT,
-    )
-    assert done.returncode == 0, done.stderr
-    replies = io.BytesIO(done.stdout)
-    answers = []
-    while (reply := read_delimited(replies, protos.WorkResponse)) is not None:
-        answers.append((reply.request_id, reply.exit_code))
-    assert answers == [(7, 0), (7, 1)], answers
+    replies = _relay_answers(script, bytes([len(grouped)]) + grouped + request)
+    assert [(reply.request_id, reply.exit_code) for reply in replies] == [(7, 0), (7, 1)]
 
 
 def test_a_service_that_dies_after_stdin_ended_has_its_requests_failed_before_the_relay_exits() -> None:
@@ -293,13 +287,8 @@ import threading
 threading.Thread(target=service, daemon=True).start()
 sys.exit(Relay(lambda: ours).run())
 """
-    request = encode_delimited(protos.WorkRequest(arguments=["--", "true"], request_id=5))
-    done = subprocess.run(
-        [sys.executable, "-c", script], input=request, env=worker_env(), capture_output=True, timeout=READ_TIMEOUT
-    )
-    assert done.returncode == 0, done.stderr
-    reply = read_delimited(io.BytesIO(done.stdout), protos.WorkResponse)
-    assert reply is not None and (reply.request_id, reply.exit_code) == (5, 1), done.stdout
+    (reply,) = _relay_answers(script, encode_delimited(protos.WorkRequest(arguments=["--", "true"], request_id=5)))
+    assert (reply.request_id, reply.exit_code) == (5, 1), reply
     assert reply.output.startswith("treemat: error: the stager service ended"), reply.output
 
 
