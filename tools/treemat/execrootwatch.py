@@ -124,10 +124,12 @@ class ExecrootWatch:
         self._reset()
         self._restart = False
         self._execroot = execroot
-        self._inotify, _why_not = open_inotify()
         self._crosses_symlink = os.path.realpath(execroot) != execroot
-        if self._inotify is None or self._crosses_symlink:
-            return  # no inotify (tried again next time: out of instances while old ones close), or a symlink
+        if self._crosses_symlink:
+            return  # never watched: every input is checked every time
+        self._inotify, _why_not = open_inotify()
+        if self._inotify is None:
+            return  # no inotify instance (tried again next time: out of instances while old ones close)
         try:
             self._mounts = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 (kept open: poll tells a change)
             self._mounts.read()

@@ -103,9 +103,13 @@ def root_text(path: str | None) -> str:
 
 def service_file_text(root: str, name: str, kind: str) -> str:
     """`<root>/service/<name>.<kind>` (Root.service_file) as text: a relay's path to its service's socket."""
+    return os.path.join(root, SERVICE_DIR, _service_file_name(name, kind))
+
+
+def _service_file_name(name: str, kind: str) -> str:
     if kind not in SERVICE_FILE_KINDS:
         raise ValueError(f"no service file of kind {kind!r}")
-    return os.path.join(root, SERVICE_DIR, f"{name}.{kind}")
+    return f"{name}.{kind}"
 
 
 class Root:
@@ -201,9 +205,7 @@ class Root:
 
     def service_file(self, name: str, kind: str) -> Path:
         """`service/<name>.<kind>`: the service's `sock` (0600), `lock` (held to start or retire it), `pid`, `log`."""
-        if kind not in SERVICE_FILE_KINDS:
-            raise ValueError(f"no service file of kind {kind!r}")
-        return self.service / f"{name}.{kind}"
+        return self.service / _service_file_name(name, kind)
 
     @property
     def replay(self) -> Path:

@@ -138,9 +138,10 @@ def reach_service(
     """A connection to the root's service (`root`: root_text's), starting it (under the service lock) if none
     answers. Where one answers, only its dir is checked (ours alone) and nothing else is imported: the root is made
     and checked whole, and servicespawn imported, when a service must be started."""
+    path = service_file_text(root, name, "sock")
     try:
-        check_private_dir(os.path.dirname(service_file_text(root, name, "sock")))
-        return connect(service_file_text(root, name, "sock"), hello)[0]
+        check_private_dir(os.path.dirname(path))
+        return connect(path, hello)[0]
     except (CasError, FileNotFoundError, ConnectionError):
         pass  # no service dir of ours yet, no socket, a stale one: as a first relay would
     from treemat.layout import Root
@@ -149,9 +150,6 @@ def reach_service(
 
     layout = Root(root)
     layout.check_service()
-    path = layout.service_file(name, "sock")
-    with contextlib.suppress(FileNotFoundError, ConnectionError):
-        return connect(path, hello)[0]
     for _attempt in range(3):  # a service that exits while we connect is replaced on the next attempt
         try:
             with file_lock(layout.service_file(name, "lock"), timeout=wait_seconds()):  # its holder may hang
