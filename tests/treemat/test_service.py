@@ -292,6 +292,93 @@ sys.exit(Relay(lambda: ours).run())
     assert reply.output.startswith("treemat: error: the stager service ended"), reply.output
 
 
+def test_a_request_read_while_the_dead_services_failures_are_written_goes_to_a_new_service() -> None:
+    """The relay writes the dead service's failures before it drops the connection: a request read meanwhile
+    (Bazel sends the next once it has the failure) waited for that and then failed too ("the service ended while
+    this request ran") though no service ever had it; it goes to a new service."""
+    script = """
+import socket, sys, threading, time
+from treemat import protos
+from treemat.framing import encode_delimited
+from treemat.relay import Relay
+from treemat.relaywire import read_frame
+first, first_theirs = socket.socketpair()
+second, second_theirs = socket.socketpair()
+failing = threading.Event()
+write = Relay._write
+def slow_failure(self, data):
+    if not failing.is_set() and b"stager service ended" in data:
+        failing.set()
+        time.sleep(0.5)  # a pipe Bazel drains slowly: the next request is read meanwhile
+    write(self, data)
+Relay._write = slow_failure
+def died():
+    read_frame(first_theirs)
+    first_theirs.close()
+def serves():
+    read_frame(second_theirs)
+    second_theirs.sendall(encode_delimited(protos.WorkResponse(request_id=2, output="served")))
+    second_theirs.close()
+import treemat.relay as relay_module
+read = relay_module.read_frame
+def staged_read(source):
+    if source == 0 and relay_module.__dict__.setdefault("_reads", 0) == 1:
+        failing.wait(30)
+    if source == 0:
+        relay_module._reads += 1
+    return read(source)
+relay_module.read_frame = staged_read
+for target in (died, serves):
+    threading.Thread(target=target, daemon=True).start()
+services = [second, first]
+sys.exit(Relay(services.pop).run())
+"""
+    requests = [protos.WorkRequest(arguments=["--", "true"], request_id=n) for n in (1, 2)]
+    replies = _relay_answers(script, b"".join(map(encode_delimited, requests)))
+    assert [(reply.request_id, reply.exit_code, reply.output[:29]) for reply in replies] == [
+        (1, 1, "treemat: error: the stager se"),
+        (2, 0, "served"),
+    ]
+
+
+def test_a_request_the_dead_service_could_not_take_goes_to_a_new_service() -> None:
+    """A service that died before the relay's reader saw it: sending the next request fails (EPIPE). That request
+    reached no service, so it is sent to a new one, not failed as one the service ended while it ran."""
+    script = """
+import socket, sys, threading
+from treemat import protos
+from treemat.framing import encode_delimited
+from treemat.relay import Relay
+from treemat.relaywire import read_frame
+first, first_theirs = socket.socketpair()
+second, second_theirs = socket.socketpair()
+first_theirs.close()  # dead before the first request
+sent = threading.Event()
+pump = Relay._pump
+def late_pump(self, sock):
+    if sock is first:
+        sent.wait(30)  # the reader has not yet seen the connection close
+    pump(self, sock)
+Relay._pump = late_pump
+fail_all = Relay._fail_all
+def mark(self, sock, reason):
+    sent.set()
+    fail_all(self, sock, reason)
+Relay._fail_all = mark
+def serves():
+    read_frame(second_theirs)
+    second_theirs.sendall(encode_delimited(protos.WorkResponse(request_id=3, output="served")))
+    second_theirs.close()
+threading.Thread(target=serves, daemon=True).start()
+services = [second, first]
+sys.exit(Relay(services.pop).run())
+"""
+    request = encode_delimited(protos.WorkRequest(arguments=["--", "true"], request_id=3))
+    assert [(reply.request_id, reply.exit_code, reply.output) for reply in _relay_answers(script, request)] == [
+        (3, 0, "served")
+    ]
+
+
 def test_a_relays_death_cancels_its_requests_and_the_service_serves_others(execroot: Path, root: Path) -> None:
     doomed = RelayProcess(execroot, root)
     doomed.send(["sh", "-c", "exec sleep 42.25"], [], ["in/a"], 5)

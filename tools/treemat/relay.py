@@ -188,25 +188,9 @@ class Relay:
             except EOFError as exc:  # cut or garbled framing: no later request can be framed; answer, then end
                 self._write(failure_frame(0, f"treemat: malformed work request: {exc}\n"))
                 break
-            if self._sock is None:
-                try:
-                    self._attach()
-                except (ServiceUnavailable, TreematError, OSError, EOFError, FrameTooBig) as exc:  # its dir unusable
-                    self._answer(frame, UNREACHED.format(exc))
-                    continue
-            with self._lock:
-                sock = self._sock
-            if sock is None:  # it died between the check and now
-                self._answer(frame, DIED.format("the connection closed"))
-                continue
-            try:  # sent first, its id read after: the scan of a big request (10,000 inputs: 3-5 ms) runs meanwhile
-                sock.sendall(frame)
-            except OSError as exc:
-                self._register(sock, frame)
-                self._fail_all(sock, f"sending failed: {exc.strerror or exc}")
-                continue
-            self._register(sock, frame)
-        sock = self._sock
+            self._forward(frame)
+        with self._lock:
+            sock = self._sock
         if sock is not None:  # no more requests: the service answers what it has, then closes
             with contextlib.suppress(OSError):
                 sock.shutdown(SHUT_WR)
@@ -214,6 +198,29 @@ class Relay:
                 while self._sock is sock:
                     self._lock.wait()
         return 0
+
+    def _forward(self, frame: bytes) -> None:
+        """Send one request to the service, connecting first where there is none (the last one died: its failures
+        are written, under the lock, before it is dropped). A send that fails reached no service: the dead one's
+        requests in flight are failed and one new service gets this request."""
+        for attempt in range(2):
+            with self._lock:
+                sock = self._sock
+            if sock is None:
+                try:
+                    sock = self._attach()
+                except (ServiceUnavailable, TreematError, OSError, EOFError, FrameTooBig) as exc:  # its dir unusable
+                    self._answer(frame, UNREACHED.format(exc))
+                    return
+            try:  # sent first, its id read after: the scan of a big request (10,000 inputs: 3-5 ms) runs meanwhile
+                sock.sendall(frame)
+            except OSError as exc:
+                self._fail_all(sock, reason := f"sending failed: {exc.strerror or exc}")
+                if attempt:
+                    self._answer(frame, DIED.format(reason))
+                continue
+            self._register(sock, frame)
+            return
 
     def _answer(self, frame: bytes, text: str) -> None:
         """Fail a request that never reached the service (a cancel gets no answer)."""
@@ -238,7 +245,8 @@ class Relay:
                 return
         self._write(failure_frame(request_id, DIED.format("the connection closed")))
 
-    def _attach(self) -> None:
+    def _attach(self) -> Socket:
+        """Connect (or start) a service and read its answers on a thread of their own."""
         sock = self._connect()
         with self._lock:
             self._sock = sock
@@ -247,6 +255,7 @@ class Relay:
         except RuntimeError as exc:  # no thread to be had (RLIMIT_NPROC): this request fails, the next tries again
             self._fail_all(sock, str(exc))
             raise ServiceUnavailable(f"no thread to read its answers: {exc}") from None
+        return sock
 
     def _pump(self, sock: Socket) -> None:
         """Responses from the service to stdout, until it closes the connection."""
