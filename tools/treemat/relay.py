@@ -21,7 +21,7 @@ import threading
 
 # The socket module's C core: `socket` adds enums, selectors and a file wrapper this relay never uses (its import
 # was a fifth of the relay's); a service whose relay finds it running imports neither it nor pathlib.
-from _socket import AF_UNIX, SCM_RIGHTS, SHUT_WR, SO_PEERCRED, SOCK_CLOEXEC, SOCK_STREAM, SOL_SOCKET
+from _socket import AF_UNIX, SCM_RIGHTS, SHUT_RDWR, SHUT_WR, SO_PEERCRED, SOCK_CLOEXEC, SOCK_STREAM, SOL_SOCKET
 from _socket import socket as Socket
 from collections.abc import Callable, Mapping
 
@@ -254,6 +254,7 @@ class Relay:
             threading.Thread(target=self._pump, args=(sock,), name="treemat-relay", daemon=True).start()
         except RuntimeError as exc:  # no thread to be had (RLIMIT_NPROC): this request fails, the next tries again
             self._fail_all(sock, str(exc))
+            sock.close()
             raise ServiceUnavailable(f"no thread to read its answers: {exc}") from None
         return sock
 
@@ -280,6 +281,7 @@ class Relay:
         except (OSError, EOFError) as exc:
             reason = str(exc)
         self._fail_all(sock, reason)
+        sock.close()  # only here: a descriptor closed under a reading thread could be reused for the next service's
 
     def _fail_all(self, sock: Socket, reason: str) -> None:
         """The service is gone: answer every request in flight with one line; the next request reconnects."""
@@ -291,7 +293,8 @@ class Relay:
                     self._write(failure_frame(request_id, DIED.format(reason)))
             self._inflight, self._sock = {}, None
             self._lock.notify_all()
-        sock.close()
+        with contextlib.suppress(OSError):
+            sock.shutdown(SHUT_RDWR)  # wakes its reader, which closes it
 
     def _write(self, data: bytes) -> None:
         with self._write_lock:
