@@ -12,10 +12,18 @@ is in protocol.py; tests/treemat/test_schemas.py holds these declarations agains
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import Message
+
+try:  # protobuf's C core (upb, protobuf >= 4.21): its pool and classes without descriptor_pool / message_factory,
+    # which import the pure-Python implementation and text_format whatever runs (~15-35 ms of a worker's start)
+    from google._upb import _message as _upb_found
+
+    _upb_message: Any = _upb_found
+except ImportError:  # pragma: no cover - a protobuf without upb: the public API
+    _upb_message = None
 
 # FieldDescriptorProto's Type and Label values (descriptor.proto)
 TYPE_MESSAGE = 11
@@ -156,18 +164,41 @@ def file_descriptor(name: str, package: str, messages: list[MessageSpec], depend
     return out + _field(12, "proto3")
 
 
+def upb_direct() -> bool:
+    """Whether classes are made by upb's own metaclass: upb is there and no other implementation was asked for
+    (PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION, or one protobuf chose already in this process)."""
+    import sys
+
+    chosen = sys.modules.get("google.protobuf.internal.api_implementation")
+    if chosen is not None and chosen.Type() != "upb":
+        return False
+    return _upb_message is not None and os.environ.get("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "upb") == "upb"
+
+
 def build_messages(
     serialized: bytes, package: str, messages: list[MessageSpec], *, duration: bool = False
 ) -> dict[str, type[Message]]:
     """Message classes for every message of a serialized file descriptor, in a private descriptor pool."""
-    pool = descriptor_pool.DescriptorPool()
-    if duration:  # the well-known Duration type, so proto3 JSON reads Bazel's "1.5s" strings
+    if upb_direct() and not duration:  # what message_factory does for upb, minus its imports
+        pool = _upb_message.DescriptorPool()
+        pool.AddSerializedFile(serialized)
+        return {
+            name: _upb_message.MessageMeta(
+                name, (Message,), {"DESCRIPTOR": pool.FindMessageTypeByName(f"{package}.{name}"), "__module__": None}
+            )
+            for name, _ in messages
+        }
+    from google.protobuf import descriptor_pool, message_factory
+
+    public_pool = descriptor_pool.DescriptorPool()
+    if duration:  # the well-known Duration type (its JSON helpers), so proto3 JSON reads Bazel's "1.5s" strings
         from google.protobuf import duration_pb2
 
-        pool.AddSerializedFile(duration_pb2.DESCRIPTOR.serialized_pb)
-    pool.AddSerializedFile(serialized)
+        public_pool.AddSerializedFile(duration_pb2.DESCRIPTOR.serialized_pb)
+    public_pool.AddSerializedFile(serialized)
     return {
-        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.{name}")) for name, _ in messages
+        name: message_factory.GetMessageClass(public_pool.FindMessageTypeByName(f"{package}.{name}"))
+        for name, _ in messages
     }
 
 
