@@ -360,11 +360,11 @@ def late_pump(self, sock):
         sent.wait(30)  # the reader has not yet seen the connection close
     pump(self, sock)
 Relay._pump = late_pump
-fail_all = Relay._fail_all
-def mark(self, sock, reason):
-    sent.set()
-    fail_all(self, sock, reason)
-Relay._fail_all = mark
+end = Relay._end
+def mark(self, sock):
+    sent.set()  # its send failed
+    end(self, sock)
+Relay._end = mark
 def serves():
     read_frame(second_theirs)
     second_theirs.sendall(encode_delimited(protos.WorkResponse(request_id=3, output="served")))
@@ -376,6 +376,66 @@ sys.exit(Relay(services.pop).run())
     request = encode_delimited(protos.WorkRequest(arguments=["--", "true"], request_id=3))
     assert [(reply.request_id, reply.exit_code, reply.output) for reply in _relay_answers(script, request)] == [
         (3, 0, "served")
+    ]
+
+
+def test_an_answer_the_dead_service_sent_before_a_send_failed_is_relayed_once() -> None:
+    """A service that answered request 1 and died before the relay's reader read that answer: sending request 2
+    fails (EPIPE). The relay failed request 1 then, as in flight, and its reader then relayed the real answer
+    too: two answers to one id (the first one wrong). The relay lets its reader read what the service sent
+    before it ends the connection."""
+    script = """
+import socket, sys, threading
+from treemat import protos
+from treemat.framing import encode_delimited
+from treemat.relay import Relay
+from treemat.relaywire import read_frame
+import treemat.relay as relay_module
+send_failed, closed = threading.Event(), threading.Event()
+class Watched(socket.socket):
+    def sendall(self, data):
+        try:
+            return super().sendall(data)
+        except OSError:
+            send_failed.set()
+            raise
+first_plain, first_theirs = socket.socketpair()
+first = Watched(fileno=first_plain.detach())
+second, second_theirs = socket.socketpair()
+pump = Relay._pump
+def late_pump(self, sock):
+    if sock is first:
+        send_failed.wait(30)  # the reader has not yet read the answer when request 2's send fails
+    pump(self, sock)
+Relay._pump = late_pump
+read = relay_module.read_frame
+reads = []
+def staged_read(source):
+    if source == 0:
+        reads.append(source)
+        if len(reads) == 2:
+            closed.wait(30)  # request 2 is read once the first service answered 1 and died
+    return read(source)
+relay_module.read_frame = staged_read
+def answers_then_dies():
+    read_frame(first_theirs)
+    first_theirs.sendall(encode_delimited(protos.WorkResponse(request_id=1, output="done")))
+    first_theirs.close()
+    closed.set()
+def serves():
+    read_frame(second_theirs)
+    second_theirs.sendall(encode_delimited(protos.WorkResponse(request_id=2, output="served")))
+    second_theirs.close()
+for target in (answers_then_dies, serves):
+    threading.Thread(target=target, daemon=True).start()
+services = [second, first]
+sys.exit(Relay(services.pop).run())
+"""
+    requests = [protos.WorkRequest(arguments=["--", "true"], request_id=n) for n in (1, 2)]
+    replies = _relay_answers(script, b"".join(map(encode_delimited, requests)))
+    assert sorted((reply.request_id, reply.exit_code, reply.output) for reply in replies) == [
+        (1, 0, "done"),
+        (2, 0, "served"),
     ]
 
 

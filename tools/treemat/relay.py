@@ -201,8 +201,8 @@ class Relay:
 
     def _forward(self, frame: bytes) -> None:
         """Send one request to the service, connecting first where there is none (the last one died: its failures
-        are written, under the lock, before it is dropped). A send that fails reached no service: the dead one's
-        requests in flight are failed and one new service gets this request."""
+        are written, under the lock, before it is dropped). A send that fails reached no service: the connection
+        ends once its reader has relayed what the dead service sent (`_end`), and one new service gets this request."""
         for attempt in range(2):
             with self._lock:
                 sock = self._sock
@@ -215,9 +215,9 @@ class Relay:
             try:  # sent first, its id read after: the scan of a big request (10,000 inputs: 3-5 ms) runs meanwhile
                 sock.sendall(frame)
             except OSError as exc:
-                self._fail_all(sock, reason := f"sending failed: {exc.strerror or exc}")
+                self._end(sock)
                 if attempt:
-                    self._answer(frame, DIED.format(reason))
+                    self._answer(frame, DIED.format(f"sending failed: {exc.strerror or exc}"))
                 continue
             self._register(sock, frame)
             return
@@ -282,6 +282,16 @@ class Relay:
             reason = str(exc)
         self._fail_all(sock, reason)
         sock.close()  # only here: a descriptor closed under a reading thread could be reused for the next service's
+
+    def _end(self, sock: Socket) -> None:
+        """End a connection whose send failed and wait until its reader let it go: it reads what the service sent
+        before (a Unix socket shut down still yields what it holds), then fails the rest (failing them here raced
+        it: an answer read after its request's failure was a second answer to one id)."""
+        with contextlib.suppress(OSError):
+            sock.shutdown(SHUT_RDWR)
+        with self._lock:
+            while self._sock is sock:
+                self._lock.wait()
 
     def _fail_all(self, sock: Socket, reason: str) -> None:
         """The service is gone: answer every request in flight with one line; the next request reconnects."""
