@@ -28,6 +28,7 @@ from treemat.layout import Root
 from treemat.manifest import InputManifest
 from treemat.protocol import WorkItem, WorkReply
 from treemat.relay import ServiceUnavailable, connect, hello_payload, service_name, service_version
+from treemat.relaywire import read_varint
 from treemat.service import Service, Session
 from treemat.stack import Stack
 
@@ -985,7 +986,9 @@ def test_a_relay_sends_no_hello_to_a_socket_served_by_another_uid(
         planted.wait()
 
 
-@pytest.mark.parametrize("attack", ["garbage", "no-fd", "file-fd", "five-fds", "forged-version", "huge-workers"])
+@pytest.mark.parametrize(
+    "attack", ["garbage", "long-garbage", "no-fd", "file-fd", "five-fds", "forged-version", "huge-workers"]
+)
 def test_a_malformed_hello_is_refused_with_its_reason_and_the_service_keeps_serving(
     execroot: Path, root: Path, attack: str
 ) -> None:
@@ -997,6 +1000,8 @@ def test_a_malformed_hello_is_refused_with_its_reason_and_the_service_keeps_serv
     hello = hello_payload("1-forged" if attack == "forged-version" else version, 1, {})
     if attack == "garbage":
         hello = b"\x20" + os.urandom(32)
+    if attack == "long-garbage":  # its "version" comes back as 30 U+FFFD: an answer of more than 127 bytes
+        hello = b"\x20" + b"x\0" + b"\xff" * 30
     if attack == "huge-workers":
         hello = hello_payload(version, 10**12, {})
     directory = os.open(execroot, os.O_RDONLY | os.O_DIRECTORY)
@@ -1007,7 +1012,8 @@ def test_a_malformed_hello_is_refused_with_its_reason_and_the_service_keeps_serv
         sock.connect(str(path))
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))]
         sock.sendmsg([hello], rights if fds else [])
-        said = sock.recv(1 << 16)[1:].decode(errors="replace")
+        answer = sock.recv(1 << 16)
+        said = answer[read_varint(answer, 0)[1] :].decode(errors="replace")  # 2 bytes of length past 127 bytes
     finally:
         sock.close()
         os.close(directory)
