@@ -164,3 +164,32 @@ def test_a_blob_of_an_older_version_is_upgraded_in_place_and_hashed(tmp_path: Pa
     assert not path.exists()
     assert cas.lookup(good.hash, executable) == good
     guard.close()
+
+
+def test_a_compaction_that_cannot_be_written_leaves_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk (or a file-size limit) cut the compacted log short: its temp file stayed, never loaded and never
+    removed. The logs stay as they were and the records are still read."""
+    cas, guard = _guard(tmp_path / "root")
+    digest = cas.ingest_bytes(b"y" * 100, executable=False)
+    assert guard.admit(digest.hash, False, digest.size) is not None
+    guard.close()
+    ledger_dir = tmp_path / "root" / "verified"
+    for index in range(VerifiedLedger.COMPACT_AFTER_FILES + 2):
+        (ledger_dir / f"{index}-old.log").write_text("")
+    write_text = Path.write_text
+
+    def disk_full(path: Path, data: str) -> int:
+        if path.name.startswith(".compact-"):
+            write_text(path, data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+        return write_text(path, data)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    _, again = _guard(tmp_path / "root")
+    assert again.admit(digest.hash, False, digest.size) is not None
+    assert again.counters.get("guard_ledger_trusted") == 1
+    assert not [path.name for path in ledger_dir.iterdir() if path.name.startswith(".compact-")]
+    assert len(list(ledger_dir.glob("*-old.log"))) == VerifiedLedger.COMPACT_AFTER_FILES + 2, "no log was removed"
+    again.close()

@@ -99,17 +99,21 @@ class VerifiedLedger:
         """Write the merged records to one log, then remove the logs no live process holds."""
         lines = [f"{h}{'+x' if x else ''} {ino} {ctime} {size}\n" for (h, x), (ino, ctime, size) in records.items()]
         temp = self.directory / f".compact-{os.getpid()}-{os.urandom(4).hex()}"
-        with contextlib.suppress(OSError):
+        try:
             temp.write_text("".join(lines))
             os.chmod(temp, 0o600)
             os.replace(temp, self.directory / f"0-compact-{os.urandom(4).hex()}.log")
-            for log in logs:
-                with contextlib.suppress(OSError):
-                    fd = os.open(log, os.O_RDONLY | os.O_CLOEXEC)
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        log.unlink()
-                    except OSError:
-                        pass  # a live writer's log
-                    finally:
-                        os.close(fd)
+        except OSError:  # a full disk, a file-size limit: the logs stay as they were, no partial file is left
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            return
+        for log in logs:
+            with contextlib.suppress(OSError):
+                fd = os.open(log, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    log.unlink()
+                except OSError:
+                    pass  # a live writer's log
+                finally:
+                    os.close(fd)
