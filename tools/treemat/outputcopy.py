@@ -1,7 +1,8 @@
 """Copying the tool's outputs into Bazel's execroot: the worker's sink for the output walker (outputs.py).
 
 - a copy is a new file, mode 0o755 or 0o644, sparse-aware (only data extents are copied, a huge hole costs
-  nothing) and never more than the size the file had when it was opened;
+  nothing) and never more than the size the file had when it was opened; a file that changes while it is copied
+  (size, modification or change time) fails the copy: the action fails, never gets mixed or zero-padded bytes;
 - a file reached again (a hardlink, an absolute symlink resolved to its content) is linked to its first copy:
   copied one by one, 10 MB linked 100 times by the tool (at no cost in its tmpfs) were 1 GB in the execroot,
   a tool could fill Bazel's disk with links.
@@ -12,6 +13,8 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterator
+
+from treemat.errors import ExecutionError
 
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _COPY_CHUNK = 1 << 30
@@ -35,7 +38,7 @@ class CopySink:
             except OSError as exc:  # EMLINK, or the first copy is gone: a copy of its own
                 if exc.errno not in (errno.EMLINK, errno.ENOENT, errno.EXDEV, errno.EPERM):
                     raise
-        copy_open_file(fd, info, into, name)
+        copy_open_file(fd, info, into, name, rel)
         self._copies[key] = rel
 
     def symlink(self, target: str, into: int, name: str, rel: str) -> None:
@@ -49,11 +52,11 @@ class CopySink:
         os.close(directory)
 
 
-def copy_open_file(fd: int, info: os.stat_result, dst_parent: int, dst_name: str) -> None:
-    """Copy the regular file open at `fd` to a new file, mode 0o755 or 0o644.
+def copy_open_file(fd: int, info: os.stat_result, dst_parent: int, dst_name: str, what: str = "") -> None:
+    """Copy the regular file open at `fd` (`info`: its fstat when opened) to a new file, mode 0o755 or 0o644.
 
     Sparse-aware: only the data extents are copied (a huge hole costs nothing); never more than the size the
-    file had when it was opened.
+    file had when it was opened; ExecutionError (naming `what`) if it changed meanwhile.
     """
     mode = 0o755 if info.st_mode & 0o111 else 0o644
     out = os.open(
@@ -62,6 +65,9 @@ def copy_open_file(fd: int, info: os.stat_result, dst_parent: int, dst_name: str
     try:
         for start, end in _data_extents(fd, info.st_size):
             _copy_range(fd, out, start, end)
+        after = os.fstat(fd)
+        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (info.st_size, info.st_mtime_ns, info.st_ctime_ns):
+            raise ExecutionError(f"output {what or dst_name!r} changed while it was copied (a process still writes it)")
         os.ftruncate(out, info.st_size)
         os.fchmod(out, mode)
     finally:
@@ -97,6 +103,6 @@ def _copy_range(src: int, dst: int, start: int, end: int) -> None:
                 raise
             os.lseek(dst, offset, os.SEEK_SET)
             copied = os.sendfile(dst, src, offset, length)
-        if copied == 0:
-            return  # the file shrank while copied: the copy holds what was there
+        if copied == 0:  # the file shrank while copied: the size check after the copy refuses it
+            return
         offset += copied
