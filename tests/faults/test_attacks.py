@@ -389,6 +389,32 @@ def test_root_is_private_and_unsafe_roots_are_refused(tmp_path: Path, tally: Tal
     tally.record("foreign-owned or world-writable TREEMAT_ROOT", "detected")
 
 
+def test_a_root_below_a_directory_others_can_write_is_refused(tmp_path: Path, tally: Tally) -> None:
+    """Whoever can rename an entry of a directory above the root can swap the root's path to a tree of theirs after
+    the check: every later path through it reaches their blobs (served as verified). A sticky dir (/tmp) is
+    fine: there only the owner renames. A symlinked root is held to both its link's directory and its target's."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(CasError, match="another user could swap what is under it"):
+        Root(shared / "team" / "root")
+    os.chmod(shared, 0o777 | 0o1000)
+    assert Root(shared / "sticky-root").path.is_dir()
+    os.chmod(shared, 0o777)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "link").symlink_to(shared / "team" / "root")
+    with pytest.raises(CasError, match="another user could swap what is under it"):
+        Root(private / "link")
+    (private / "target").mkdir(mode=0o700)
+    (shared / "link").symlink_to(private / "target")
+    with pytest.raises(CasError, match="another user could swap what is under it"):
+        Root(shared / "link")
+    os.chmod(shared, 0o755)
+    assert Root(private / "link").path.is_dir()
+    tally.record("a TREEMAT_ROOT below a directory others can write", "detected")
+
+
 def test_isolation_in_use_is_overlay_where_the_kernel_allows(stack_root: Path) -> None:
     """This machine class allows user namespaces + overlayfs: hardlinks are only used under the overlay."""
     if shutil.which("unshare") is None:

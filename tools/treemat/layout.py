@@ -263,7 +263,9 @@ def check_root(root: Path, *, group_shared: bool = False) -> None:
     """Create (0o700, or 0o750 when shared with the group) or check a treemat root; CasError if unsafe.
 
     A root owned by another user, or writable by others (or by the group, unless shared), would let someone
-    else plant blobs that treemat then serves: it is refused rather than used.
+    else plant blobs that treemat then serves: it is refused rather than used. So is one below a directory someone
+    else can write (without the sticky bit, as /tmp has): they could swap the path to a tree of theirs after this
+    check, and every later path through it would reach their blobs.
     """
     dir_mode = SHARED_DIR_MODE if group_shared else PRIVATE_DIR_MODE
     try:
@@ -277,6 +279,9 @@ def check_root(root: Path, *, group_shared: bool = False) -> None:
         info = os.stat(root)
     if not stat.S_ISDIR(info.st_mode):
         raise CasError(f"treemat root {root} is not a directory")
+    for above in {os.path.dirname(os.path.abspath(root)), os.path.dirname(os.path.realpath(root))}:
+        if reason := trusted_path(above)[1]:  # the symlink's own directory too, where the root is one
+            raise CasError(f"treemat root {root}: {reason}")
     if info.st_uid != os.geteuid():
         raise CasError(f"treemat root {root} belongs to uid {info.st_uid}, not to you (uid {os.geteuid()}): refused")
     forbidden = stat.S_IWOTH | (0 if group_shared else stat.S_IWGRP)
