@@ -889,15 +889,16 @@ def test_a_tool_cannot_use_another_roots_service(tmp_path: Path) -> None:
 
 
 def test_a_peer_that_never_says_hello_does_not_keep_an_idle_service_alive(execroot: Path, root: Path) -> None:
-    """A connection that sends nothing (or half a hello) is dropped after a while: the service still retires."""
+    """A connection that sends nothing (or half a hello) is dropped after a while: the service still retires.
+    The peers connect while the relay is served: once it closes, the service may retire 0.3 s later."""
     relay = RelayProcess(execroot, root, env={"TREEMAT_SERVICE_IDLE_MINUTES": "0.005"})  # 0.3 s
     assert relay.touch().exit_code == 0
-    assert relay.close() == 0
     path = Root(root).service_file(service_name(service_version(), "auto"), "sock")
     silent, partial = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
     silent.connect(str(path))
     partial.connect(str(path))
     partial.sendall(b"\xff\xff\xff\x7f" + b"x" * 100)  # a hello announcing 256 MiB, then silence
+    assert relay.close() == 0
     wait_for(lambda: not services(root), what="the idle service to exit")
     assert silent.recv(1) == b"" and partial.recv(1) == b""
     silent.close()
@@ -905,10 +906,10 @@ def test_a_peer_that_never_says_hello_does_not_keep_an_idle_service_alive(execro
 
 
 def test_a_peer_trickling_its_hello_is_dropped_once_the_whole_hello_is_late(execroot: Path, root: Path) -> None:
-    """A byte every half second never trips a per-read timeout: the deadline is for the whole hello."""
+    """A byte every half second never trips a per-read timeout: the deadline is for the whole hello. The peer
+    connects while the relay is served: once it closes, the service may retire 0.3 s later."""
     relay = RelayProcess(execroot, root, env={"TREEMAT_SERVICE_IDLE_MINUTES": "0.005"})  # hello within 2 s
     assert relay.touch().exit_code == 0
-    assert relay.close() == 0
     path = Root(root).service_file(service_name(service_version(), "auto"), "sock")
     peer = socket.socket(socket.AF_UNIX)
     peer.connect(str(path))
@@ -922,6 +923,7 @@ def test_a_peer_trickling_its_hello_is_dropped_once_the_whole_hello_is_late(exec
 
     sender = threading.Thread(target=trickle, daemon=True)
     sender.start()
+    assert relay.close() == 0
     try:
         wait_for(lambda: not services(root), what="the idle service to drop the trickling peer and exit")
     finally:
