@@ -346,7 +346,9 @@ def test_a_relay_stuck_holding_a_start_lock_never_hangs_the_next_relay(
     try:
         for fd in held:
             fcntl.flock(fd, fcntl.LOCK_EX)
-        relay = RelayProcess(execroot, root, env={"XDG_CACHE_HOME": str(cache), "TREEMAT_SERVICE_WAIT_SECONDS": "1"})
+        # the wait bounds the lock and the service's start alike: a start takes 0.3-0.6 s on a loaded 2-core machine
+        wait = "1" if lock.startswith("the root") else "3"
+        relay = RelayProcess(execroot, root, env={"XDG_CACHE_HOME": str(cache), "TREEMAT_SERVICE_WAIT_SECONDS": wait})
         relay.send(["touch", "out/y"], ["out/y"], ["in/a"], 1)
         reply = answered_within(relay, 30)
         assert reply.exit_code == 0, reply.output
