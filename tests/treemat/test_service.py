@@ -329,17 +329,25 @@ def staged_read(source):
         relay_module._reads += 1
     return read(source)
 relay_module.read_frame = staged_read
-for target in (died, serves):
+"""
+    replies = _two_services_answer(script, "died, serves")
+    assert [(reply.request_id, reply.exit_code, reply.output[:29]) for reply in replies] == [
+        (1, 1, "treemat: error: the stager se"),
+        (2, 0, "served"),
+    ]
+
+
+def _two_services_answer(script: str, threads: str) -> list[protos.WorkResponse]:
+    """What a Relay answers for requests 1 and 2 when `script` fakes a `first` and a `second` service (connected to
+    in that order) and starts `threads` (its fakes' functions) before the relay runs."""
+    tail = f"""
+for target in ({threads}):
     threading.Thread(target=target, daemon=True).start()
 services = [second, first]
 sys.exit(Relay(services.pop).run())
 """
     requests = [protos.WorkRequest(arguments=["--", "true"], request_id=n) for n in (1, 2)]
-    replies = _relay_answers(script, b"".join(map(encode_delimited, requests)))
-    assert [(reply.request_id, reply.exit_code, reply.output[:29]) for reply in replies] == [
-        (1, 1, "treemat: error: the stager se"),
-        (2, 0, "served"),
-    ]
+    return _relay_answers(script + tail, b"".join(map(encode_delimited, requests)))
 
 
 def test_a_request_the_dead_service_could_not_take_goes_to_a_new_service() -> None:
@@ -427,13 +435,8 @@ def serves():
     read_frame(second_theirs)
     second_theirs.sendall(encode_delimited(protos.WorkResponse(request_id=2, output="served")))
     second_theirs.close()
-for target in (answers_then_dies, serves):
-    threading.Thread(target=target, daemon=True).start()
-services = [second, first]
-sys.exit(Relay(services.pop).run())
 """
-    requests = [protos.WorkRequest(arguments=["--", "true"], request_id=n) for n in (1, 2)]
-    replies = _relay_answers(script, b"".join(map(encode_delimited, requests)))
+    replies = _two_services_answer(script, "answers_then_dies, serves")
     assert sorted((reply.request_id, reply.exit_code, reply.output) for reply in replies) == [
         (1, 0, "done"),
         (2, 0, "served"),
