@@ -10,20 +10,18 @@ as a worker: SwiftModuleWrap, SwiftAutolinkExtract), it becomes the real worker 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from treemat.counters import StatsStore
 from treemat.errors import ProtocolError, TreematError, describe_error
 from treemat.layout import Root, default_root_path
 from treemat.protocol import WorkItem, WorkReply, read_requests
 from treemat.rswift import PERSISTENT_FLAG, action_spec, outputs_over_inputs
 from treemat.stack import Stack, favour_syscall_threads, open_stack
-from treemat.worker import Handler, WorkerServer
+from treemat.worker import Handler, WorkerServer, stats_publisher
 
 EXEC_ROOT_PREFIX = "{EXEC_ROOT}/"
 
@@ -42,7 +40,7 @@ def make_rswift_handler(stack: Stack, execroot: Path, real_worker: str, startup:
 
     executor = stack.executor
     verbose = bool(os.environ.get("TREEMAT_VERBOSE"))
-    stats = StatsStore(stack.layout.stats)
+    publish = stats_publisher(stack, "rules_swift worker")
 
     def handle(item: WorkItem) -> WorkReply:
         staged = {entry.path for entry in item.inputs}
@@ -64,11 +62,6 @@ def make_rswift_handler(stack: Stack, execroot: Path, real_worker: str, startup:
                 flush=True,
             )
         return WorkReply(item.request_id, result.exit_code, result.output, result.cancelled, then=publish)
-
-    def publish() -> None:  # what `treemat stats` shows, once the reply is sent (singleplex: no other request runs)
-        with contextlib.suppress(OSError):
-            extra = {"recent_actions": list(executor.recent), **stack.describe()}
-            stats.publish(stack.counters, role="rules_swift worker", extra=extra)
 
     return handle
 

@@ -143,8 +143,7 @@ def make_handler(
     from treemat.action import ActionRequest
 
     counters, executor = stack.counters, stack.executor
-    stats = StatsStore(stack.layout.stats)
-    stats_lock = threading.Lock()
+    publish = stats_publisher(stack, role)
     verbose = bool(os.environ.get("TREEMAT_VERBOSE"))
 
     def handle(item: WorkItem) -> WorkReply:
@@ -175,11 +174,20 @@ def make_handler(
             )
         return WorkReply(item.request_id, result.exit_code, result.output, result.cancelled, then=publish)
 
-    def publish() -> None:  # once the reply is sent (~0.5 ms of JSON and a rename Bazel need not wait for)
-        with stats_lock, contextlib.suppress(OSError):
-            stats.publish(counters, role=role, extra={"recent_actions": list(executor.recent), **stack.describe()})
-
     return handle, executor.cancel
+
+
+def stats_publisher(stack: Stack, role: str) -> Callable[[], None]:
+    """What rewrites the stats file `treemat stats` reads (counters, recent actions), one call at a time: a reply's
+    follow-up (`WorkReply.then`), run once the reply is sent (~0.5 ms of JSON and a rename Bazel need not wait for)."""
+    stats, lock = StatsStore(stack.layout.stats), threading.Lock()
+
+    def publish() -> None:
+        with lock, contextlib.suppress(OSError):
+            extra = {"recent_actions": list(stack.executor.recent), **stack.describe()}
+            stats.publish(stack.counters, role=role, extra=extra)
+
+    return publish
 
 
 def names_directory(path: Path, fd: int) -> bool:
