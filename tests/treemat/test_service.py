@@ -370,9 +370,9 @@ def late_pump(self, sock):
     pump(self, sock)
 Relay._pump = late_pump
 end = Relay._end
-def mark(self, sock):
+def mark(self, sock, how):
     sent.set()  # its send failed
-    end(self, sock)
+    end(self, sock, how)
 Relay._end = mark
 def serves():
     read_frame(second_theirs)

@@ -192,11 +192,7 @@ class Relay:
         with self._lock:
             sock = self._sock
         if sock is not None:  # no more requests: the service answers what it has, then closes
-            with contextlib.suppress(OSError):
-                sock.shutdown(SHUT_WR)
-            with self._lock:
-                while self._sock is sock:
-                    self._lock.wait()
+            self._end(sock, SHUT_WR)
         return 0
 
     def _forward(self, frame: bytes) -> None:
@@ -215,7 +211,7 @@ class Relay:
             try:  # sent first, its id read after: the scan of a big request (10,000 inputs: 3-5 ms) runs meanwhile
                 sock.sendall(frame)
             except OSError as exc:
-                self._end(sock)
+                self._end(sock, SHUT_RDWR)
                 if attempt:
                     self._answer(frame, DIED.format(f"sending failed: {exc.strerror or exc}"))
                 continue
@@ -283,12 +279,13 @@ class Relay:
         self._fail_all(sock, reason)
         sock.close()  # only here: a descriptor closed under a reading thread could be reused for the next service's
 
-    def _end(self, sock: Socket) -> None:
-        """End a connection whose send failed and wait until its reader let it go: it reads what the service sent
-        before (a Unix socket shut down still yields what it holds), then fails the rest (failing them here raced
-        it: an answer read after its request's failure was a second answer to one id)."""
+    def _end(self, sock: Socket, how: int) -> None:
+        """Shut a connection down (`how`: SHUT_WR at stdin's end, SHUT_RDWR after a failed send) and wait until its
+        reader let it go: it reads what the service sent before (a Unix socket shut down still yields what it
+        holds), then fails the rest (failing them elsewhere raced it: an answer read after its request's failure
+        was a second answer to one id)."""
         with contextlib.suppress(OSError):
-            sock.shutdown(SHUT_RDWR)
+            sock.shutdown(how)
         with self._lock:
             while self._sock is sock:
                 self._lock.wait()
