@@ -26,6 +26,11 @@ def wait_for(condition: Callable[[], T], timeout: float = 30.0, what: str = "the
 
 def running_below(ancestor: int, argv: list[str]) -> bool:
     """True if a process with exactly `argv` runs anywhere below process `ancestor` (read from /proc)."""
+    return bool(processes_below(ancestor, argv))
+
+
+def processes_below(ancestor: int, argv: list[str]) -> list[int]:
+    """The pids of the processes with exactly `argv` anywhere below process `ancestor` (read from /proc)."""
     wanted = "\0".join(argv).encode() + b"\0"
     parents: dict[int, int] = {}
     matches: list[int] = []
@@ -42,11 +47,13 @@ def running_below(ancestor: int, argv: list[str]) -> bool:
         parents[int(entry)] = int(fields[1])
         if cmdline == wanted:
             matches.append(int(entry))
-    for pid in matches:
-        seen = set()
+    below = []
+    for match in matches:
+        pid, seen = match, set()
         while pid in parents and pid not in seen:
             seen.add(pid)
             pid = parents[pid]
             if pid == ancestor:
-                return True
-    return False
+                below.append(match)
+                break
+    return below

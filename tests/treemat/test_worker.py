@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from treemat.protocol import JsonRequestDecoder, item_from_json
 from treemat.sandbox import EXEC_ROOT
 
 from ..support.harness import Worker, request, worker_env
-from ..support.waiting import running_below, wait_for
+from ..support.waiting import processes_below, running_below, wait_for
 
 HELLO_HASH = hashlib.sha256(b"hello input\n").hexdigest()
 
@@ -53,21 +54,26 @@ def test_back_to_back_json_requests(execroot: Path, tmp_path: Path) -> None:
 
 
 def test_multiplex_requests_run_concurrently(execroot: Path, tmp_path: Path) -> None:
-    """All four tools run at one moment (seen from outside, whatever the machine's load: each sleeps until it is
-    cancelled); serialized execution would never have two at once."""
+    """All four tools run at one moment (seen from outside, whatever the machine's load: each sleeps until the
+    test ends its sleep, then writes its output); serialized execution would never have two at once."""
     worker = Worker(execroot, tmp_path / "root", extra=["--max-workers=4"])
+    sleep_then_write = 'sleep "41.${1}5"; echo "$1" > "out/s$1"'
     sleepers = [
-        request(execroot, ["src/in.txt"], [f"out/s{i}"], ["sh", "-c", f"exec sleep 41.{i}5"], i + 1) for i in range(4)
+        request(execroot, ["src/in.txt"], [f"out/s{i}"], ["sh", "-c", sleep_then_write, "sh", str(i)], i + 1)
+        for i in range(4)
     ]
     worker.send(*sleepers)
-    wait_for(
-        lambda: all(running_below(worker.proc.pid, ["sleep", f"41.{i}5"]) for i in range(4)),
-        what="all four tools to run at once",
-    )
-    worker.send(*({"requestId": i + 1, "cancel": True} for i in range(4)))
+
+    def all_sleeping() -> list[int]:  # each tool's sleep, once all four run
+        found = [processes_below(worker.proc.pid, ["sleep", f"41.{i}5"]) for i in range(4)]
+        return [pid for pids in found for pid in pids] if all(found) else []
+
+    for pid in wait_for(all_sleeping, what="all four tools to run at once"):
+        os.kill(pid, signal.SIGTERM)
     replies = {r["requestId"]: r for r in (worker.read() for _ in sleepers)}
     assert sorted(replies) == [1, 2, 3, 4]
-    assert all(r.get("wasCancelled") is True for r in replies.values()), replies
+    assert all(r["exitCode"] == 0 for r in replies.values()), replies
+    assert [(execroot / f"out/s{i}").read_text() for i in range(4)] == ["0\n", "1\n", "2\n", "3\n"]
     worker.close()
 
 
