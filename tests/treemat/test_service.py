@@ -320,21 +320,28 @@ def serves():
     read_frame(second_theirs)
     second_theirs.sendall(encode_delimited(protos.WorkResponse(request_id=2, output="served")))
     second_theirs.close()
-import treemat.relay as relay_module
-read = relay_module.read_frame
-def staged_read(source):
-    if source == 0 and relay_module.__dict__.setdefault("_reads", 0) == 1:
-        failing.wait(30)
-    if source == 0:
-        relay_module._reads += 1
-    return read(source)
-relay_module.read_frame = staged_read
 """
-    replies = _two_services_answer(script, "died, serves")
+    replies = _two_services_answer(script + _second_request_read_after("failing"), "died, serves")
     assert [(reply.request_id, reply.exit_code, reply.output[:29]) for reply in replies] == [
         (1, 1, "treemat: error: the stager se"),
         (2, 0, "served"),
     ]
+
+
+def _second_request_read_after(event: str) -> str:
+    """Script lines making the relay read its second request from stdin only once `event` (a threading.Event of
+    the script's) is set."""
+    return f"""
+import treemat.relay as relay_module
+read, reads = relay_module.read_frame, []
+def staged_read(source):
+    if source == 0:
+        reads.append(source)
+        if len(reads) == 2:
+            {event}.wait(30)
+    return read(source)
+relay_module.read_frame = staged_read
+"""
 
 
 def _two_services_answer(script: str, threads: str) -> list[protos.WorkResponse]:
@@ -399,7 +406,6 @@ from treemat import protos
 from treemat.framing import encode_delimited
 from treemat.relay import Relay
 from treemat.relaywire import read_frame
-import treemat.relay as relay_module
 send_failed, closed = threading.Event(), threading.Event()
 class Watched(socket.socket):
     def sendall(self, data):
@@ -417,15 +423,6 @@ def late_pump(self, sock):
         send_failed.wait(30)  # the reader has not yet read the answer when request 2's send fails
     pump(self, sock)
 Relay._pump = late_pump
-read = relay_module.read_frame
-reads = []
-def staged_read(source):
-    if source == 0:
-        reads.append(source)
-        if len(reads) == 2:
-            closed.wait(30)  # request 2 is read once the first service answered 1 and died
-    return read(source)
-relay_module.read_frame = staged_read
 def answers_then_dies():
     read_frame(first_theirs)
     first_theirs.sendall(encode_delimited(protos.WorkResponse(request_id=1, output="done")))
@@ -436,7 +433,7 @@ def serves():
     second_theirs.sendall(encode_delimited(protos.WorkResponse(request_id=2, output="served")))
     second_theirs.close()
 """
-    replies = _two_services_answer(script, "answers_then_dies, serves")
+    replies = _two_services_answer(script + _second_request_read_after("closed"), "answers_then_dies, serves")
     assert sorted((reply.request_id, reply.exit_code, reply.output) for reply in replies) == [
         (1, 0, "done"),
         (2, 0, "served"),
