@@ -376,22 +376,23 @@ def _spawn(argv: list[str], env: dict[str, str]) -> int:
 
 def _reap_all(tool: int) -> int:
     """Reap until the tool ends, then kill every process left in the namespace (pid 1 is spared by kill(-1))
-    and reap them all; the tool's exit status, shell style."""
+    and reap them all; the tool's exit status, shell style. What is left is killed before the tool is reaped: while
+    it is a zombie (`kill -0`, /proc still find it), nothing it left can see it end and write an output first."""
     code = 126
     while True:
         try:
-            pid, status = os.waitpid(-1, 0)
+            if (waited := os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)) is None:  # ended, not reaped yet
+                continue
+            ended = waited.si_pid
+            if ended == tool or tool == 0:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(-1, signal.SIGKILL)
+            status = os.waitpid(ended, 0)[1]
         except ChildProcessError:
             return code
-        except InterruptedError:
-            continue
-        if pid == tool:
+        if ended == tool:
             exited = os.waitstatus_to_exitcode(status)
-            code = 128 - exited if exited < 0 else exited
-            tool = 0
-        if tool == 0:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(-1, signal.SIGKILL)
+            code, tool = (128 - exited if exited < 0 else exited), 0
 
 
 def report(status: int, message: dict[str, Any]) -> None:
