@@ -194,9 +194,13 @@ def test_a_blob_corrupted_in_a_bots_cas_is_never_served(cluster: Cluster, client
             continue
         info = blob.stat()
         os.chmod(blob, 0o640)
-        blob.write_bytes(b"HELLO FROM THE INPUT ROOT\n")
-        os.chmod(blob, info.st_mode & 0o777)
-        os.utime(blob, ns=(info.st_atime_ns, info.st_mtime_ns))
+        fd = os.open(blob, os.O_WRONLY | os.O_TRUNC)  # by descriptor: the bot's guard may quarantine it at the write
+        try:
+            os.write(fd, b"HELLO FROM THE INPUT ROOT\n")
+            os.fchmod(fd, info.st_mode & 0o777)
+            os.utime(fd, ns=(info.st_atime_ns, info.st_mtime_ns))
+        finally:
+            os.close(fd)
         corrupted += 1
     assert corrupted, "an earlier test ran the action on some bot"
     for round_ in range(2):  # whichever bot leases it
